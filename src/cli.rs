@@ -1,0 +1,376 @@
+//! The command line: argument parsing (clap), dispatch, rendering (human or `--json`), and
+//! the mapping of outcomes to the exit statuses of SPEC §6.
+
+use crate::config::{Config, ConfigSource};
+use crate::driver::{self, InstallOptions, Outcome, RecoverReport, RollbackTo, TxReport, Updater};
+use crate::error::{Error, ErrorCode, Result};
+use crate::journal::Journal;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Exit statuses (SPEC §6).
+pub mod exit {
+    pub const DONE: u8 = 0;
+    pub const OTHER: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const REJECTED: u8 = 3;
+    pub const ROLLED_BACK: u8 = 4;
+    pub const NEEDS_OPERATOR: u8 = 5;
+    pub const BUSY: u8 = 6;
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "tope-updater", version, about = "Transactional over-the-air updates for embedded Linux", after_help = EXAMPLES)]
+pub struct Cli {
+    /// Configuration file (default: $TOPE_UPDATER_CONFIG, else /etc/tope-updater/config.toml if it exists).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Machine-readable output on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log level on stderr (error, warn, info, debug, trace); default from config.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+const EXAMPLES: &str = "Examples:
+  tope-updater demo                       install and roll back a demo app in a temporary root
+  tope-updater install app-1.2.3.zip      install a package (all or nothing)
+  tope-updater rollback --to factory      restore every file to its state before the first update
+  tope-updater recover                    finish or undo an interrupted transaction (run at boot)";
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Install a package: validate it completely, then deploy all modules or none.
+    Install {
+        package: PathBuf,
+        /// Refuse unless the package has exactly this version.
+        #[arg(long)]
+        version: Option<String>,
+        /// Allow a version lower than the installed one.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Install a package whose earlier install was rolled back.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Finish or roll back an interrupted transaction (run at boot, before the applications).
+    Recover {
+        /// Retry a rollback that failed and waits for an operator.
+        #[arg(long)]
+        retry: bool,
+    },
+    /// Restore an earlier generation: previous, factory, or a kept VERSION.
+    Rollback {
+        #[arg(long, default_value = "previous", value_name = "previous|factory|VERSION")]
+        to: String,
+    },
+    /// Current, previous and factory versions; the transaction in flight.
+    Status,
+    /// Past transactions, newest first.
+    History {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Re-hash the live files against the current generation.
+    Verify,
+    /// Dump every journal record.
+    Journal,
+    /// Remove backups that no kept generation needs.
+    Gc,
+    /// Print the effective configuration.
+    Config,
+    /// Build a package from DIR (holding manifest.json and the sources), filling in hashes.
+    Pack {
+        dir: PathBuf,
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Install a demo app into a temporary root, show status, roll back, verify.
+    Demo {
+        /// Keep the temporary root afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+/// Runs the CLI; returns the exit status.
+pub fn run(cli: Cli) -> u8 {
+    let json = cli.json;
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}: {}", e.code, e.message);
+            if json {
+                println!("{}", serde_json::json!({ "error": e }));
+            }
+            exit_for_error(&e)
+        }
+    }
+}
+
+pub fn exit_for_error(e: &Error) -> u8 {
+    match e.code {
+        ErrorCode::OperationInProgress => exit::BUSY,
+        ErrorCode::RollbackFailed => exit::NEEDS_OPERATOR,
+        c if c.is_rejection() => exit::REJECTED,
+        _ => exit::OTHER,
+    }
+}
+
+pub fn exit_for_report(r: &TxReport) -> u8 {
+    match &r.outcome {
+        Outcome::Committed => exit::DONE,
+        Outcome::RollbackFailed { .. } => exit::NEEDS_OPERATOR,
+        // A rollback command that had to be undone did not restore what was asked for.
+        Outcome::RolledBack { .. } if r.kind == "rollback" => exit::NEEDS_OPERATOR,
+        Outcome::RolledBack { error, touched: false } if error.code.is_rejection() => exit::REJECTED,
+        Outcome::RolledBack { .. } => exit::ROLLED_BACK,
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter: tracing::level_filters::LevelFilter = level.parse().unwrap_or(tracing::level_filters::LevelFilter::INFO);
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(filter).with_target(false).try_init();
+}
+
+fn dispatch(cli: Cli) -> Result<u8> {
+    let (cfg, source) = Config::load(cli.config.as_deref())?;
+    // The demo is for reading: only warnings and errors on stderr unless asked.
+    let default_level = if matches!(cli.cmd, Cmd::Demo { .. }) { "warn" } else { cfg.log.level.as_str() };
+    init_logging(cli.log_level.as_deref().unwrap_or(default_level));
+    let out = Output { json: cli.json };
+    match cli.cmd {
+        Cmd::Install { package, version, allow_downgrade, force } => {
+            let mut up = Updater::open(cfg)?;
+            let r = up.install(&package, &InstallOptions { version, allow_downgrade, force })?;
+            out.tx_report(&r);
+            Ok(exit_for_report(&r))
+        }
+        Cmd::Recover { retry } => {
+            let (mut up, lost) = Updater::open_for_recovery(cfg)?;
+            let r = up.recover(retry)?;
+            let r = match (r, lost) {
+                (RecoverReport::Finished { report, .. }, Some(l)) => RecoverReport::Finished { report, journal_lost: Some(l) },
+                (RecoverReport::Nothing, Some(l)) => return Err(Error::new(ErrorCode::JournalCorrupt, format!("{}; a fresh journal was started, nothing was in flight", l.message))),
+                (other, _) => other,
+            };
+            out.recover(&r);
+            Ok(match &r {
+                RecoverReport::Nothing => exit::DONE,
+                RecoverReport::NeedsOperator { .. } => exit::NEEDS_OPERATOR,
+                RecoverReport::Finished { report, .. } => match &report.outcome {
+                    Outcome::Committed => exit::DONE,
+                    Outcome::RolledBack { .. } => exit::ROLLED_BACK,
+                    Outcome::RollbackFailed { .. } => exit::NEEDS_OPERATOR,
+                },
+            })
+        }
+        Cmd::Rollback { to } => {
+            let to = match to.as_str() {
+                "previous" => RollbackTo::Previous,
+                "factory" => RollbackTo::Factory,
+                v => {
+                    crate::version::Version::parse(v).map_err(|_| Error::new(ErrorCode::ValidationError, format!("--to {v:?}: expected previous, factory or MAJOR.MINOR.PATCH")))?;
+                    RollbackTo::Version(v.to_string())
+                }
+            };
+            let mut up = Updater::open(cfg)?;
+            let r = up.rollback(&to)?;
+            out.tx_report(&r);
+            Ok(exit_for_report(&r))
+        }
+        Cmd::Status => {
+            let s = match read_journal(&cfg)? {
+                Some(j) => driver::status(&j)?,
+                None => driver::StatusReport { current: None, generations: vec![], factory_paths: 0, in_flight: None, last: None },
+            };
+            out.status(&s);
+            Ok(exit::DONE)
+        }
+        Cmd::History { limit } => {
+            let h = match read_journal(&cfg)? {
+                Some(j) => j.history(limit)?,
+                None => vec![],
+            };
+            out.history(&h);
+            Ok(exit::DONE)
+        }
+        Cmd::Verify => {
+            let r = match read_journal(&cfg)? {
+                Some(j) => driver::verify_live(&j)?,
+                None => driver::VerifyReport { version: None, checked: 0, mismatches: vec![] },
+            };
+            out.verify(&r);
+            if r.mismatches.is_empty() {
+                Ok(exit::DONE)
+            } else {
+                Err(Error::new(ErrorCode::HashMismatch, format!("{} of {} managed paths differ from the recorded state", r.mismatches.len(), r.checked)))
+            }
+        }
+        Cmd::Journal => {
+            let j = read_journal(&cfg)?.ok_or_else(|| Error::new(ErrorCode::ValidationError, format!("no journal in {}", cfg.state_dir.display())))?;
+            let dump = j.dump()?;
+            // The dump is structured data; pretty JSON is its readable form too.
+            println!("{}", serde_json::to_string_pretty(&dump).map_err(|e| Error::internal(e.to_string()))?);
+            Ok(exit::DONE)
+        }
+        Cmd::Gc => {
+            let mut up = Updater::open(cfg)?;
+            let s = up.gc()?;
+            out.emit(&s, || format!("gc: removed {} backups ({} bytes), kept {}", s.removed, s.removed_bytes, s.kept));
+            Ok(exit::DONE)
+        }
+        Cmd::Config => {
+            let src = match &source {
+                ConfigSource::Defaults => "built-in defaults (no config file)".to_string(),
+                ConfigSource::File(p) => p.display().to_string(),
+            };
+            if out.json {
+                println!("{}", serde_json::json!({ "source": src, "config": cfg }));
+            } else {
+                println!("# effective configuration, from {src}\n{}", cfg.to_toml());
+            }
+            Ok(exit::DONE)
+        }
+        Cmd::Pack { dir, output, version } => {
+            let r = crate::pack::pack(&dir, &output, version.as_deref())?;
+            out.emit(&r, || format!("packed {} files ({} bytes), version {}, into {}", r.files, r.bytes, r.version, r.output));
+            Ok(exit::DONE)
+        }
+        Cmd::Demo { keep } => crate::demo::run(keep, out.json),
+    }
+}
+
+/// Opens the journal for reading. Read-only first, so reporting works beside a running
+/// transaction's lock; if the file needs repair after a crash, repairs it under the lock.
+fn read_journal(cfg: &Config) -> Result<Option<Journal>> {
+    match Journal::open_read_only(&cfg.state_dir) {
+        Ok(j) => Ok(j),
+        Err(e) if e.code == ErrorCode::OperationInProgress => Err(e),
+        Err(_) => {
+            let _lock = driver::lock_state_dir(&cfg.state_dir)?;
+            Journal::open(&cfg.state_dir).map(Some)
+        }
+    }
+}
+
+pub struct Output {
+    pub json: bool,
+}
+
+impl Output {
+    pub fn emit<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
+        if self.json {
+            println!("{}", serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+        } else {
+            println!("{}", human());
+        }
+    }
+
+    pub fn tx_report(&self, r: &TxReport) {
+        self.emit(r, || render_tx(r));
+    }
+
+    pub fn recover(&self, r: &RecoverReport) {
+        self.emit(r, || match r {
+            RecoverReport::Nothing => "recover: nothing in flight".into(),
+            RecoverReport::NeedsOperator { tx, error } => format!(
+                "recover: transaction {tx} NEEDS AN OPERATOR: {}\n  fix the cause, then run `tope-updater recover --retry`",
+                error.as_ref().map(|e| e.to_string()).unwrap_or_default()
+            ),
+            RecoverReport::Finished { report, journal_lost } => {
+                let lost = journal_lost.as_ref().map(|e| format!("recover: {e}\n")).unwrap_or_default();
+                format!("{lost}recover: {}", render_tx(report))
+            }
+        });
+    }
+
+    pub fn status(&self, s: &driver::StatusReport) {
+        self.emit(s, || {
+            let mut o = String::new();
+            match &s.current {
+                Some(g) => o += &format!("current:     {} (generation {}, {} files)\n", g.version, g.id, g.files),
+                None => o += "current:     factory baseline (nothing installed)\n",
+            }
+            let kept: Vec<String> = s.generations.iter().map(|g| format!("{} (gen {})", g.version, g.id)).collect();
+            o += &format!("generations: {}\n", if kept.is_empty() { "none".into() } else { kept.join(", ") });
+            o += &format!("factory:     {} paths recorded\n", s.factory_paths);
+            match &s.in_flight {
+                Some(f) => o += &format!("in flight:   tx {} {} -> {} in phase {}{}\n", f.tx, f.kind, f.to_version.as_deref().unwrap_or("factory"), f.phase, f.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()),
+                None => o += "in flight:   none\n",
+            }
+            if let Some(l) = &s.last {
+                o += &format!("last:        tx {} {} -> {}: {}{}", l.id, kind_of(l), l.to_version.as_deref().unwrap_or("factory"), l.phase, l.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default());
+            }
+            o.trim_end().to_string()
+        });
+    }
+
+    pub fn history(&self, h: &[crate::journal::records::TxRecord]) {
+        self.emit(&h, || {
+            if h.is_empty() {
+                return "no transactions".into();
+            }
+            h.iter()
+                .map(|r| {
+                    format!(
+                        "tx {:>4}  {:<8} {:>8} -> {:<8} {:<15} {} files, {} commits{}",
+                        r.id,
+                        kind_of(r),
+                        r.from_version.as_deref().unwrap_or("factory"),
+                        r.to_version.as_deref().unwrap_or("factory"),
+                        r.phase.name(),
+                        r.targets,
+                        r.commits,
+                        r.error.as_ref().map(|e| format!("  [{e}]")).unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+    }
+
+    pub fn verify(&self, r: &driver::VerifyReport) {
+        self.emit(r, || {
+            let head = format!("verify: {} managed paths against {}", r.checked, r.version.as_deref().unwrap_or("the factory baseline"));
+            if r.mismatches.is_empty() {
+                format!("{head}: all match")
+            } else {
+                format!("{head}:\n  {}", r.mismatches.join("\n  "))
+            }
+        });
+    }
+}
+
+fn kind_of(r: &crate::journal::records::TxRecord) -> &'static str {
+    match r.kind {
+        crate::engine::TxKind::Install { .. } => "install",
+        crate::engine::TxKind::Rollback { .. } => "rollback",
+    }
+}
+
+fn render_tx(r: &TxReport) -> String {
+    let from = r.from_version.as_deref().unwrap_or("factory");
+    let to = r.to_version.as_deref().unwrap_or("factory");
+    match &r.outcome {
+        Outcome::Committed => format!("{} {from} -> {to}: committed (tx {}, {} files, {} journal commits)", r.kind, r.tx, r.targets, r.commits),
+        Outcome::RolledBack { error, touched } => format!(
+            "{} {from} -> {to}: FAILED and rolled back (tx {}): {error}{}",
+            r.kind,
+            r.tx,
+            if *touched { "" } else { "; no target file was changed" }
+        ),
+        Outcome::RollbackFailed { error } => format!("{} {from} -> {to}: ROLLBACK FAILED (tx {}), an operator is needed: {error}", r.kind, r.tx),
+    }
+}
+
+/// For `demo`: a path relative to the demo root, for readable output.
+pub fn short(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root).map(|r| format!("/{}", r.display())).unwrap_or_else(|_| p.display().to_string())
+}

@@ -1,0 +1,53 @@
+//! Named crash points (SPEC §8). With the `failpoints` feature, `hit("name")` consults the
+//! `FAILPOINTS` environment variable (the `fail` crate's syntax, e.g.
+//! `FAILPOINTS='swap.file=2*off->return'` for the third hit) and, when armed, kills the
+//! process with SIGKILL: no destructor, no flush, no cleanup, like a crash. Without the
+//! feature, `hit` compiles to nothing.
+
+/// Every crash point this build can reach. The crash test arms each in turn and fails if one
+/// is never reached.
+pub const CRASH_POINTS: &[&str] = &[
+    "plan.copy_written",
+    "enter.Planned",
+    "enter.Staged",
+    "stage.file",
+    "stage.synced",
+    "enter.BackedUp",
+    "backup.file",
+    "backup.synced",
+    "enter.Swapped",
+    "swap.file",
+    "swap.synced",
+    "enter.Verified",
+    "verify.file",
+    "enter.Committed",
+    "commit.cleaned",
+    "enter.RollingBack",
+    "rollback.file",
+    "rollback.synced",
+    "enter.RolledBack",
+    "recover.attempt",
+];
+
+#[cfg(feature = "failpoints")]
+pub fn hit(name: &str) {
+    debug_assert!(CRASH_POINTS.contains(&name) || name.starts_with("enter."), "unregistered crash point {name}");
+    if fail::eval(name, |_| ()).is_some() {
+        eprintln!("crash point {name}: SIGKILL");
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+        // SIGKILL cannot be caught; this only waits for it to land.
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &str) {}
+
+/// Reads `FAILPOINTS` once at start-up (no-op without the feature).
+pub fn setup() {
+    #[cfg(feature = "failpoints")]
+    std::mem::forget(fail::FailScenario::setup());
+}

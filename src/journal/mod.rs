@@ -1,0 +1,413 @@
+//! The journal: a redb database in `<state_dir>/journal.redb`.
+//!
+//! **Architecture invariant:** only this module knows redb. Every method that writes is one
+//! redb write transaction committed with `Durability::Immediate` (one fdatasync): when it
+//! returns, the change survives a power cut. The on-disk format is specified in
+//! `journal-format.md`, which changes in the same commit as this file.
+
+pub mod records;
+
+use crate::engine::generation::{Factory, Generation};
+use crate::engine::{Hash, PathState, Phase, Plan};
+use crate::error::{Error, ErrorCode, Result};
+use crate::fsutil;
+use crate::limits::HISTORY_TX_MAX;
+use records::{Size, TxRecord, decode, encode};
+use redb::{Database, Durability, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Bumped on any incompatible change of tables, keys or records (see journal-format.md).
+pub const FORMAT_VERSION: u32 = 1;
+pub const JOURNAL_FILE: &str = "journal.redb";
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const TRANSACTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("transactions");
+const PLANS: TableDefinition<u64, &[u8]> = TableDefinition::new("plans");
+const GENERATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("generations");
+const FACTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("factory");
+const FAILED_PACKAGES: TableDefinition<&[u8], u64> = TableDefinition::new("failed_packages");
+
+/// Keys of the `counters` table.
+const NEXT_TX_ID: &str = "next_tx_id";
+const NEXT_GENERATION_ID: &str = "next_generation_id";
+const ACTIVE_TX: &str = "active_tx";
+const CURRENT_GENERATION: &str = "current_generation";
+
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(ReadOnlyDatabase),
+}
+
+pub struct Journal {
+    db: Db,
+    path: PathBuf,
+}
+
+/// What the `Committed` commit changes besides the transaction record.
+pub struct CommitEffects {
+    pub new_generation: Option<Generation>,
+    /// The generation current afterwards (`None`: the factory baseline).
+    pub current: Option<u64>,
+    pub remove_generations: Vec<u64>,
+    pub factory_additions: Vec<(String, PathState)>,
+    /// A package that now installed successfully is no longer "failed".
+    pub clear_failed_package: Option<Hash>,
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorCode::JournalCorrupt, format!("journal {}: {e}", path.display()))
+}
+
+fn map_open_error(path: &Path, e: redb::DatabaseError) -> Error {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => Error::new(ErrorCode::OperationInProgress, "the journal is open in another tope-updater process"),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            Error::io(ErrorCode::InternalError, "open journal", path, &io)
+        }
+        other => corrupt(path, other),
+    }
+}
+
+impl Journal {
+    pub fn path_in(state_dir: &Path) -> PathBuf {
+        state_dir.join(JOURNAL_FILE)
+    }
+
+    /// Opens the journal for writing, creating it atomically if it does not exist. Integrity
+    /// is checked on open: a damaged file is `JOURNAL_CORRUPT`, never trusted.
+    pub fn open(state_dir: &Path) -> Result<Journal> {
+        let path = Journal::path_in(state_dir);
+        if !path.exists() {
+            Journal::create_atomically(state_dir, &path)?;
+        }
+        let db = redb::Builder::new().set_check_integrity_on_open(true).open(&path).map_err(|e| map_open_error(&path, e))?;
+        let j = Journal { db: Db::ReadWrite(db), path };
+        j.check_format()?;
+        Ok(j)
+    }
+
+    /// Opens an existing journal read-only (for `status`, `history`, `journal`, `verify`).
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<Journal>> {
+        let path = Journal::path_in(state_dir);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = redb::Builder::new().open_read_only(&path).map_err(|e| map_open_error(&path, e))?;
+        let j = Journal { db: Db::ReadOnly(db), path };
+        j.check_format()?;
+        Ok(Some(j))
+    }
+
+    /// A crash inside `Database::create` leaves a file redb cannot open. So the journal is
+    /// built under a temporary name, committed (fdatasync), renamed into place, and the
+    /// directory fsynced (the rename survives a power cut): `journal.redb` is either absent
+    /// or complete.
+    fn create_atomically(state_dir: &Path, path: &Path) -> Result<()> {
+        let tmp = state_dir.join(format!("{JOURNAL_FILE}.tmp"));
+        fsutil::remove_if_present(&tmp)?;
+        let db = redb::Builder::new().create(&tmp).map_err(|e| map_open_error(&tmp, e))?;
+        let wt = db.begin_write().map_err(|e| corrupt(&tmp, e))?;
+        {
+            let mut meta = wt.open_table(META).map_err(|e| corrupt(&tmp, e))?;
+            meta.insert("format_version", FORMAT_VERSION.to_le_bytes().as_slice()).map_err(|e| corrupt(&tmp, e))?;
+            meta.insert("created_by", concat!("tope-updater ", env!("CARGO_PKG_VERSION")).as_bytes()).map_err(|e| corrupt(&tmp, e))?;
+            let mut c = wt.open_table(COUNTERS).map_err(|e| corrupt(&tmp, e))?;
+            c.insert(NEXT_TX_ID, 1).map_err(|e| corrupt(&tmp, e))?;
+            c.insert(NEXT_GENERATION_ID, 1).map_err(|e| corrupt(&tmp, e))?;
+            wt.open_table(TRANSACTIONS).map_err(|e| corrupt(&tmp, e))?;
+            wt.open_table(PLANS).map_err(|e| corrupt(&tmp, e))?;
+            wt.open_table(GENERATIONS).map_err(|e| corrupt(&tmp, e))?;
+            wt.open_table(FACTORY).map_err(|e| corrupt(&tmp, e))?;
+            wt.open_table(FAILED_PACKAGES).map_err(|e| corrupt(&tmp, e))?;
+        }
+        wt.commit().map_err(|e| corrupt(&tmp, e))?;
+        drop(db);
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(ErrorCode::InternalError, "rename", path, &e))?;
+        fsutil::fsync_dir(state_dir)
+    }
+
+    fn check_format(&self) -> Result<()> {
+        let rt = self.read()?;
+        let meta = rt.open_table(META).map_err(|e| self.corrupt(e))?;
+        let v = meta.get("format_version").map_err(|e| self.corrupt(e))?.ok_or_else(|| self.corrupt("no format_version"))?;
+        let bytes: [u8; 4] = v.value().try_into().map_err(|_| self.corrupt("format_version is not 4 bytes"))?;
+        match u32::from_le_bytes(bytes) {
+            FORMAT_VERSION => Ok(()),
+            other => Err(self.corrupt(format!("format version {other}; this tope-updater reads version {FORMAT_VERSION}"))),
+        }
+    }
+
+    fn corrupt(&self, e: impl std::fmt::Display) -> Error {
+        corrupt(&self.path, e)
+    }
+
+    fn read(&self) -> Result<ReadTransaction> {
+        match &self.db {
+            Db::ReadWrite(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+        .map_err(|e| self.corrupt(e))
+    }
+
+    fn write(&self) -> Result<WriteTransaction> {
+        let Db::ReadWrite(db) = &self.db else {
+            return Err(Error::internal("journal opened read-only"));
+        };
+        let mut wt = db.begin_write().map_err(|e| self.corrupt(e))?;
+        // The default, stated: the commit is durable (one fdatasync) when it returns.
+        wt.set_durability(Durability::Immediate).map_err(|e| self.corrupt(e))?;
+        Ok(wt)
+    }
+
+    fn commit(&self, wt: WriteTransaction) -> Result<()> {
+        // A failed commit is not retried: storage errors stop the engine (STYLE rule 7).
+        wt.commit().map_err(|e| Error::new(ErrorCode::InternalError, format!("journal commit failed: {e}")))
+    }
+
+    // ---- reads ----
+
+    fn counter(&self, rt: &ReadTransaction, key: &str) -> Result<Option<u64>> {
+        let t = rt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?;
+        Ok(t.get(key).map_err(|e| self.corrupt(e))?.map(|v| v.value()))
+    }
+
+    pub fn next_tx_id(&self) -> Result<u64> {
+        let rt = self.read()?;
+        self.counter(&rt, NEXT_TX_ID)?.ok_or_else(|| self.corrupt("no next_tx_id"))
+    }
+
+    pub fn current_generation_id(&self) -> Result<Option<u64>> {
+        self.counter(&self.read()?, CURRENT_GENERATION)
+    }
+
+    pub fn tx(&self, id: u64) -> Result<Option<TxRecord>> {
+        let rt = self.read()?;
+        let t = rt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
+        t.get(id).map_err(|e| self.corrupt(e))?.map(|v| decode(v.value(), Size::Small, "transaction")).transpose()
+    }
+
+    /// The transaction in flight (or waiting for an operator) with its plan.
+    pub fn active(&self) -> Result<Option<(TxRecord, Plan)>> {
+        let rt = self.read()?;
+        let Some(id) = self.counter(&rt, ACTIVE_TX)? else { return Ok(None) };
+        let txs = rt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
+        let plans = rt.open_table(PLANS).map_err(|e| self.corrupt(e))?;
+        let rec: TxRecord = decode(txs.get(id).map_err(|e| self.corrupt(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no record")))?.value(), Size::Small, "transaction")?;
+        let plan: Plan = decode(plans.get(id).map_err(|e| self.corrupt(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no plan")))?.value(), Size::Large, "plan")?;
+        Ok(Some((rec, plan)))
+    }
+
+    /// Finished and in-flight transactions, newest first.
+    pub fn history(&self, limit: usize) -> Result<Vec<TxRecord>> {
+        let rt = self.read()?;
+        let t = rt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.corrupt(e))?.rev().take(limit) {
+            let (_, v) = item.map_err(|e| self.corrupt(e))?;
+            out.push(decode(v.value(), Size::Small, "transaction")?);
+        }
+        Ok(out)
+    }
+
+    /// Kept generations, oldest first.
+    pub fn generations(&self) -> Result<Vec<Generation>> {
+        let rt = self.read()?;
+        let t = rt.open_table(GENERATIONS).map_err(|e| self.corrupt(e))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.corrupt(e))? {
+            let (_, v) = item.map_err(|e| self.corrupt(e))?;
+            out.push(decode(v.value(), Size::Large, "generation")?);
+        }
+        Ok(out)
+    }
+
+    pub fn factory(&self) -> Result<Factory> {
+        let rt = self.read()?;
+        let t = rt.open_table(FACTORY).map_err(|e| self.corrupt(e))?;
+        let mut out = Factory::new();
+        for item in t.iter().map_err(|e| self.corrupt(e))? {
+            let (k, v) = item.map_err(|e| self.corrupt(e))?;
+            out.insert(k.value().to_string(), decode(v.value(), Size::Small, "factory")?);
+        }
+        Ok(out)
+    }
+
+    /// The transaction whose rollback made this package "failed", if any.
+    pub fn failed_package(&self, hash: &Hash) -> Result<Option<u64>> {
+        let rt = self.read()?;
+        let t = rt.open_table(FAILED_PACKAGES).map_err(|e| self.corrupt(e))?;
+        Ok(t.get(hash.0.as_slice()).map_err(|e| self.corrupt(e))?.map(|v| v.value()))
+    }
+
+    // ---- writes: each is exactly one durable commit ----
+
+    fn put_tx(&self, wt: &WriteTransaction, rec: &mut TxRecord) -> Result<()> {
+        rec.commits += 1;
+        let bytes = encode(rec, Size::Small)?;
+        let mut t = wt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
+        t.insert(rec.id, bytes.as_slice()).map_err(|e| self.corrupt(e))?;
+        Ok(())
+    }
+
+    fn put_plan(&self, wt: &WriteTransaction, plan: &Plan) -> Result<()> {
+        let bytes = encode(plan, Size::Large)?;
+        let mut t = wt.open_table(PLANS).map_err(|e| self.corrupt(e))?;
+        t.insert(plan.tx_id, bytes.as_slice()).map_err(|e| self.corrupt(e))?;
+        Ok(())
+    }
+
+    /// The `Planned` commit: record, plan, active pointer, id counter.
+    pub fn begin(&self, rec: &mut TxRecord, plan: &Plan) -> Result<()> {
+        let wt = self.write()?;
+        self.put_tx(&wt, rec)?;
+        self.put_plan(&wt, plan)?;
+        {
+            let mut c = wt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?;
+            c.insert(ACTIVE_TX, rec.id).map_err(|e| self.corrupt(e))?;
+            c.insert(NEXT_TX_ID, rec.id + 1).map_err(|e| self.corrupt(e))?;
+        }
+        self.commit(wt)
+    }
+
+    /// Enters `rec.phase` (already set by the caller), rewriting the plan when staging has
+    /// filled in new hashes.
+    pub fn enter_phase(&self, rec: &mut TxRecord, plan: Option<&Plan>) -> Result<()> {
+        let wt = self.write()?;
+        self.put_tx(&wt, rec)?;
+        if let Some(p) = plan {
+            self.put_plan(&wt, p)?;
+        }
+        self.commit(wt)
+    }
+
+    /// The `Committed` commit: the transaction ends, the generation moves.
+    pub fn finish_committed(&self, rec: &mut TxRecord, fx: CommitEffects) -> Result<()> {
+        let wt = self.write()?;
+        self.put_tx(&wt, rec)?;
+        {
+            let mut gens = wt.open_table(GENERATIONS).map_err(|e| self.corrupt(e))?;
+            let mut c = wt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?;
+            if let Some(g) = &fx.new_generation {
+                gens.insert(g.id, encode(g, Size::Large)?.as_slice()).map_err(|e| self.corrupt(e))?;
+                c.insert(NEXT_GENERATION_ID, g.id + 1).map_err(|e| self.corrupt(e))?;
+            }
+            for id in &fx.remove_generations {
+                gens.remove(id).map_err(|e| self.corrupt(e))?;
+            }
+            match fx.current {
+                Some(id) => c.insert(CURRENT_GENERATION, id).map_err(|e| self.corrupt(e))?,
+                None => c.remove(CURRENT_GENERATION).map_err(|e| self.corrupt(e))?,
+            };
+            c.remove(ACTIVE_TX).map_err(|e| self.corrupt(e))?;
+            let mut f = wt.open_table(FACTORY).map_err(|e| self.corrupt(e))?;
+            for (path, state) in &fx.factory_additions {
+                f.insert(path.as_str(), encode(state, Size::Small)?.as_slice()).map_err(|e| self.corrupt(e))?;
+            }
+            if let Some(h) = fx.clear_failed_package {
+                let mut fp = wt.open_table(FAILED_PACKAGES).map_err(|e| self.corrupt(e))?;
+                fp.remove(h.0.as_slice()).map_err(|e| self.corrupt(e))?;
+            }
+        }
+        self.end(&wt, rec.id)?;
+        self.commit(wt)
+    }
+
+    /// The `RolledBack` commit: the transaction ends; an install's package is remembered as
+    /// failed so it is not retried in a loop.
+    pub fn finish_rolled_back(&self, rec: &mut TxRecord, failed_package: Option<Hash>) -> Result<()> {
+        let wt = self.write()?;
+        self.put_tx(&wt, rec)?;
+        {
+            let mut c = wt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?;
+            c.remove(ACTIVE_TX).map_err(|e| self.corrupt(e))?;
+            if let Some(h) = failed_package {
+                let mut fp = wt.open_table(FAILED_PACKAGES).map_err(|e| self.corrupt(e))?;
+                fp.insert(h.0.as_slice(), rec.id).map_err(|e| self.corrupt(e))?;
+            }
+        }
+        self.end(&wt, rec.id)?;
+        self.commit(wt)
+    }
+
+    /// Drops the finished transaction's plan and old history beyond the limit.
+    fn end(&self, wt: &WriteTransaction, id: u64) -> Result<()> {
+        let mut plans = wt.open_table(PLANS).map_err(|e| self.corrupt(e))?;
+        plans.remove(id).map_err(|e| self.corrupt(e))?;
+        let mut txs = wt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
+        let excess = (txs.len().map_err(|e| self.corrupt(e))? as usize).saturating_sub(HISTORY_TX_MAX);
+        if excess > 0 {
+            let old: Vec<u64> = txs.iter().map_err(|e| self.corrupt(e))?.take(excess).filter_map(|r| r.ok().map(|(k, _)| k.value())).collect();
+            for k in old {
+                txs.remove(k).map_err(|e| self.corrupt(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After journal loss: put the transaction described by the plan copy back in flight, so
+    /// the ordinary recovery path rolls it back.
+    pub fn import_in_flight(&self, rec: &mut TxRecord, plan: &Plan) -> Result<()> {
+        let wt = self.write()?;
+        self.put_tx(&wt, rec)?;
+        self.put_plan(&wt, plan)?;
+        {
+            let mut c = wt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?;
+            c.insert(ACTIVE_TX, rec.id).map_err(|e| self.corrupt(e))?;
+            let next = c.get(NEXT_TX_ID).map_err(|e| self.corrupt(e))?.map(|v| v.value()).unwrap_or(1);
+            c.insert(NEXT_TX_ID, next.max(rec.id + 1)).map_err(|e| self.corrupt(e))?;
+        }
+        self.commit(wt)
+    }
+
+    /// Everything, decoded, for `tope-updater journal`.
+    pub fn dump(&self) -> Result<JournalDump> {
+        let rt = self.read()?;
+        let mut counters = Vec::new();
+        for item in rt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?.iter().map_err(|e| self.corrupt(e))? {
+            let (k, v) = item.map_err(|e| self.corrupt(e))?;
+            counters.push((k.value().to_string(), v.value()));
+        }
+        let mut plans = Vec::new();
+        for item in rt.open_table(PLANS).map_err(|e| self.corrupt(e))?.iter().map_err(|e| self.corrupt(e))? {
+            let (_, v) = item.map_err(|e| self.corrupt(e))?;
+            plans.push(decode(v.value(), Size::Large, "plan")?);
+        }
+        let mut failed_packages = Vec::new();
+        for item in rt.open_table(FAILED_PACKAGES).map_err(|e| self.corrupt(e))?.iter().map_err(|e| self.corrupt(e))? {
+            let (k, v) = item.map_err(|e| self.corrupt(e))?;
+            let h: [u8; 32] = k.value().try_into().map_err(|_| self.corrupt("failed_packages key is not 32 bytes"))?;
+            failed_packages.push((Hash(h), v.value()));
+        }
+        let mut transactions = self.history(usize::MAX)?;
+        transactions.reverse();
+        Ok(JournalDump {
+            path: self.path.display().to_string(),
+            format_version: FORMAT_VERSION,
+            counters,
+            transactions,
+            plans,
+            generations: self.generations()?,
+            factory: self.factory()?.into_iter().collect(),
+            failed_packages,
+        })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct JournalDump {
+    pub path: String,
+    pub format_version: u32,
+    pub counters: Vec<(String, u64)>,
+    pub transactions: Vec<TxRecord>,
+    pub plans: Vec<Plan>,
+    pub generations: Vec<Generation>,
+    pub factory: Vec<(String, PathState)>,
+    pub failed_packages: Vec<(Hash, u64)>,
+}
+
+/// True for the phases a transaction can be left in between runs.
+pub fn is_in_flight(phase: Phase) -> bool {
+    !phase.is_terminal() || phase == Phase::RollbackFailed
+}

@@ -1,0 +1,21 @@
+//! tope-updater: a transactional over-the-air update engine for embedded Linux devices.
+//! See ARCHITECTURE.md for the map and journal-format.md for the on-disk format.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod driver;
+pub mod engine;
+pub mod error;
+pub mod failpoint;
+pub mod fsutil;
+pub mod journal;
+pub mod limits;
+pub mod manifest;
+pub mod pack;
+pub mod package;
+pub mod paths;
+pub mod plancopy;
+pub mod store;
+pub mod version;

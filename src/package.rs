@@ -1,0 +1,221 @@
+//! Opening a package: the ZIP container and the manifest, validated completely before
+//! anything on disk is touched (SPEC §2). Never `ZipArchive::extract`: entries are read one
+//! at a time, by name, with their declared size enforced.
+
+use crate::config::Config;
+use crate::engine::Hash;
+use crate::error::{Error, ErrorCode, Result};
+use crate::fsutil;
+use crate::limits::*;
+use crate::manifest::{Manifest, ModuleSrc, check_relative};
+use crate::paths::AllowedRoots;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use zip::ZipArchive;
+
+pub const MANIFEST_NAME: &str = "manifest.json";
+
+/// Entries this small are exempt from the compression-ratio limit: a few KiB of zeros
+/// legitimately compress 1000:1 and cannot hurt.
+const RATIO_EXEMPT_BYTES: u64 = 64 * 1024;
+
+/// One file the package deploys.
+#[derive(Debug, Clone)]
+pub struct DeployFile {
+    /// Index into `Manifest::modules`.
+    pub module: u32,
+    pub entry: String,
+    /// Resolved, checked destination.
+    pub dst: PathBuf,
+    /// Declared uncompressed size; reading enforces it.
+    pub size: u64,
+    pub expected: Option<Hash>,
+    /// Permission bits from the ZIP entry, if it carries Unix attributes.
+    pub zip_mode: Option<u32>,
+}
+
+pub struct Package {
+    pub path: PathBuf,
+    pub size: u64,
+    pub blake3: Hash,
+    pub manifest: Manifest,
+    pub files: Vec<DeployFile>,
+    archive: ZipArchive<BufReader<File>>,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(ErrorCode::InvalidPackage, msg)
+}
+
+struct EntryInfo {
+    index: usize,
+    size: u64,
+    zip_mode: Option<u32>,
+}
+
+impl Package {
+    pub fn open(path: &Path, cfg: &Config, roots: &AllowedRoots) -> Result<Package> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::new(ErrorCode::ValidationError, format!("package {}: {e}", path.display())))?;
+        if !meta.is_file() {
+            return Err(Error::new(ErrorCode::ValidationError, format!("package {} is not a regular file", path.display())));
+        }
+        if meta.len() > cfg.max_package_bytes {
+            return Err(invalid(format!("package is {} bytes, more than max_package_bytes = {}", meta.len(), cfg.max_package_bytes)));
+        }
+        let (blake3, size) = fsutil::hash_file(path).map_err(|e| Error::io(ErrorCode::InvalidPackage, "read package", path, &e))?;
+        let file = File::open(path).map_err(|e| Error::io(ErrorCode::InvalidPackage, "open package", path, &e))?;
+        let mut archive = ZipArchive::new(BufReader::new(file)).map_err(|e| invalid(format!("not a readable ZIP archive: {e}")))?;
+        if archive.len() > ZIP_ENTRIES_MAX {
+            return Err(invalid(format!("{} entries, more than {ZIP_ENTRIES_MAX}", archive.len())));
+        }
+        // Duplicate names, overlapping entries (quoted zip bombs), local headers that disagree
+        // with the central directory or are missing from it.
+        archive.validate_header_consistency().map_err(|e| invalid(e.to_string()))?;
+        let entries = scan_entries(&mut archive, cfg)?;
+        let manifest = read_manifest(&mut archive, &entries)?;
+        let files = resolve_files(&manifest, &entries, roots)?;
+        Ok(Package { path: path.to_path_buf(), size, blake3, manifest, files, archive })
+    }
+
+    /// A reader over one entry that fails unless exactly the declared size comes out (the
+    /// zip crate itself refuses more than declared, and checks the CRC at the end).
+    pub fn entry_reader(&mut self, name: &str, size: u64) -> Result<impl Read + '_> {
+        let f = self.archive.by_name(name).map_err(|e| invalid(format!("entry {name:?}: {e}")))?;
+        Ok(ExactReader { inner: f, remaining: size, name: name.to_string() })
+    }
+}
+
+/// Checks every entry's name, type and size; returns the files by name.
+fn scan_entries(archive: &mut ZipArchive<BufReader<File>>, cfg: &Config) -> Result<BTreeMap<String, EntryInfo>> {
+    let mut out = BTreeMap::new();
+    let mut total: u64 = 0;
+    for index in 0..archive.len() {
+        let e = archive.by_index_data(index).map_err(|e| invalid(format!("entry {index}: {e}")))?;
+        let name = e.name().map_err(|e| invalid(format!("entry {index}: name is not valid UTF-8: {e}")))?.to_string();
+        if e.enclosed_name().is_none() {
+            return Err(invalid(format!("entry {name:?} escapes the archive (absolute, '..' or NUL)")));
+        }
+        check_relative("entry", &name, true).map_err(|e| invalid(e.message))?;
+        if e.is_symlink() {
+            return Err(invalid(format!("entry {name:?} is a symlink")));
+        }
+        if e.encrypted() {
+            return Err(invalid(format!("entry {name:?} is encrypted")));
+        }
+        if e.is_dir() {
+            continue;
+        }
+        if !matches!(e.compression(), zip::CompressionMethod::Stored | zip::CompressionMethod::Deflated) {
+            return Err(invalid(format!("entry {name:?} uses {:?}; only stored and deflate are supported", e.compression())));
+        }
+        let size = e.size();
+        total = total.checked_add(size).ok_or_else(|| invalid("declared sizes overflow"))?;
+        if total > cfg.max_unpacked_bytes {
+            return Err(invalid(format!("unpacked size exceeds max_unpacked_bytes = {}", cfg.max_unpacked_bytes)));
+        }
+        if size > RATIO_EXEMPT_BYTES && size / e.compressed_size().max(1) > cfg.max_compression_ratio {
+            return Err(invalid(format!(
+                "entry {name:?} expands {} bytes to {size} (ratio above max_compression_ratio = {})",
+                e.compressed_size(),
+                cfg.max_compression_ratio
+            )));
+        }
+        let zip_mode = e.unix_mode().map(|m| m & 0o7777).filter(|m| *m != 0);
+        if out.insert(name.clone(), EntryInfo { index, size, zip_mode }).is_some() {
+            return Err(invalid(format!("entry {name:?} appears twice")));
+        }
+    }
+    Ok(out)
+}
+
+fn read_manifest(archive: &mut ZipArchive<BufReader<File>>, entries: &BTreeMap<String, EntryInfo>) -> Result<Manifest> {
+    let info = entries.get(MANIFEST_NAME).ok_or_else(|| Error::new(ErrorCode::InvalidManifest, "package has no manifest.json"))?;
+    if info.size > MANIFEST_BYTES_MAX {
+        return Err(Error::new(ErrorCode::InvalidManifest, format!("manifest.json is larger than {MANIFEST_BYTES_MAX} bytes")));
+    }
+    let f = archive.by_index(info.index).map_err(|e| invalid(format!("manifest.json: {e}")))?;
+    let mut bytes = Vec::with_capacity(info.size as usize);
+    ExactReader { inner: f, remaining: info.size, name: MANIFEST_NAME.into() }
+        .read_to_end(&mut bytes)
+        .map_err(|e| invalid(format!("manifest.json: {e}")))?;
+    Manifest::parse(&bytes)
+}
+
+/// Expands modules into deploy files, checking every destination.
+fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roots: &AllowedRoots) -> Result<Vec<DeployFile>> {
+    let mut files = Vec::new();
+    let mut seen_dst = BTreeSet::new();
+    for (mi, m) in manifest.modules.iter().enumerate() {
+        let missing = |what: &str| Error::new(ErrorCode::InvalidPackage, format!("module {:?}: {what}", m.name));
+        match &m.src {
+            ModuleSrc::File(src) => {
+                let info = entries.get(src).ok_or_else(|| missing(&format!("src {src:?} is not a file in the package")))?;
+                let dst = roots.check(&m.dst)?;
+                files.push(DeployFile { module: mi as u32, entry: src.clone(), dst, size: info.size, expected: m.blake3, zip_mode: info.zip_mode });
+            }
+            ModuleSrc::Dir(prefix) => {
+                let dst_dir = crate::paths::check_absolute(&m.dst)?;
+                let mut count = 0usize;
+                for (name, info) in entries.range::<String, _>(prefix.clone()..).take_while(|(n, _)| n.starts_with(prefix.as_str())) {
+                    let rel = &name[prefix.len()..];
+                    let dst_str = format!("{}/{rel}", dst_dir.display());
+                    let dst = roots.check(&dst_str)?;
+                    let expected = match &m.files {
+                        Some(map) => Some(*map.get(rel).ok_or_else(|| {
+                            Error::new(ErrorCode::InvalidManifest, format!("module {:?}: files has no hash for {rel:?}", m.name))
+                        })?),
+                        None => None,
+                    };
+                    files.push(DeployFile { module: mi as u32, entry: name.clone(), dst, size: info.size, expected, zip_mode: info.zip_mode });
+                    count += 1;
+                }
+                if count == 0 {
+                    return Err(missing(&format!("src {prefix:?} holds no files")));
+                }
+                if let Some(map) = &m.files {
+                    if let Some(extra) = map.keys().find(|rel| !entries.contains_key(&format!("{prefix}{rel}"))) {
+                        return Err(Error::new(ErrorCode::InvalidManifest, format!("module {:?}: files names {extra:?}, which is not in the package", m.name)));
+                    }
+                }
+            }
+        }
+        if files.len() > TARGETS_MAX {
+            return Err(invalid(format!("more than {TARGETS_MAX} files")));
+        }
+    }
+    for f in &files {
+        if !seen_dst.insert(f.dst.clone()) {
+            return Err(Error::new(ErrorCode::InvalidManifest, format!("two files deploy to {}", f.dst.display())));
+        }
+    }
+    Ok(files)
+}
+
+/// Yields exactly `remaining` bytes or fails: a short entry is an error, not a short file.
+struct ExactReader<R> {
+    inner: R,
+    remaining: u64,
+    name: String,
+}
+
+impl<R: Read> Read for ExactReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.remaining == 0 {
+            // Anything left means the entry is longer than declared.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("entry {:?} is longer than declared", self.name))),
+            };
+        }
+        let want = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("entry {:?} is shorter than declared", self.name)));
+        }
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}

@@ -1,0 +1,148 @@
+//! The destination policy (SPEC §2): absolute, normalised, under an allowed root, and not
+//! reachable only through a symlink that leaves the allowed roots.
+//!
+//! Checked paths are returned *resolved* (symlinks in existing ancestors replaced by their
+//! targets), so two spellings of one file are one target and the journal holds no symlinks.
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::limits::{PATH_BYTES_MAX, PATH_COMPONENT_BYTES_MAX};
+use std::path::{Component, Path, PathBuf};
+
+fn not_allowed(path: &str, why: &str) -> Error {
+    Error::new(ErrorCode::PathNotAllowed, format!("destination {path:?} {why}"))
+}
+
+/// Lexical checks on an absolute destination: `/`-rooted, no `.`, `..` or empty components,
+/// no NUL, no trailing slash, bounded length.
+pub fn check_absolute(s: &str) -> Result<PathBuf> {
+    if s.len() > PATH_BYTES_MAX {
+        return Err(not_allowed(s, "is too long"));
+    }
+    if s.contains('\0') {
+        return Err(not_allowed(s, "contains NUL"));
+    }
+    let Some(body) = s.strip_prefix('/') else {
+        return Err(not_allowed(s, "is not absolute"));
+    };
+    if body.is_empty() {
+        return Err(not_allowed(s, "is the root directory"));
+    }
+    for c in body.split('/') {
+        if c.is_empty() {
+            return Err(not_allowed(s, "has an empty component"));
+        }
+        if c == "." || c == ".." {
+            return Err(not_allowed(s, "has a '.' or '..' component"));
+        }
+        if c.len() > PATH_COMPONENT_BYTES_MAX {
+            return Err(not_allowed(s, "has a component longer than 255 bytes"));
+        }
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// The configured allowed roots, each with its resolved form when it exists.
+#[derive(Debug, Clone)]
+pub struct AllowedRoots {
+    roots: Vec<(PathBuf, PathBuf)>,
+}
+
+impl AllowedRoots {
+    pub fn new(configured: &[PathBuf]) -> AllowedRoots {
+        let roots = configured
+            .iter()
+            .map(|r| {
+                // A root may itself be a symlink (/opt/tope -> /data/tope): resolve it fully.
+                let resolved = std::fs::canonicalize(r).or_else(|_| resolve_existing_prefix(r)).unwrap_or_else(|_| r.clone());
+                (r.clone(), resolved)
+            })
+            .collect();
+        AllowedRoots { roots }
+    }
+
+    /// Checks `dst` and returns its resolved form.
+    pub fn check(&self, dst: &str) -> Result<PathBuf> {
+        let path = check_absolute(dst)?;
+        let lexically_inside = self.roots.iter().any(|(root, _)| is_strictly_under(&path, root));
+        if !lexically_inside {
+            return Err(not_allowed(dst, "is not under an allowed root"));
+        }
+        let resolved = resolve_existing_prefix(&path).map_err(|e| not_allowed(dst, &format!("cannot be resolved: {e}")))?;
+        if !self.roots.iter().any(|(_, root)| is_strictly_under(&resolved, root)) {
+            return Err(not_allowed(dst, &format!("resolves through a symlink to {} outside the allowed roots", resolved.display())));
+        }
+        match std::fs::symlink_metadata(&resolved) {
+            Ok(m) if m.file_type().is_file() => Ok(resolved),
+            Ok(m) if m.file_type().is_symlink() => Err(not_allowed(dst, "is a symlink")),
+            Ok(_) => Err(not_allowed(dst, "exists and is not a regular file")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(resolved),
+            Err(e) => Err(not_allowed(dst, &e.to_string())),
+        }
+    }
+}
+
+fn is_strictly_under(path: &Path, root: &Path) -> bool {
+    path != root && path.starts_with(root)
+}
+
+/// Resolves symlinks in the longest existing proper prefix of `path` (the last component is
+/// kept as is, so a symlink *at* the destination is seen by the caller, not followed), then
+/// appends the missing components. An existing non-directory ancestor is an error.
+fn resolve_existing_prefix(path: &Path) -> std::io::Result<PathBuf> {
+    let comps: Vec<Component> = path.components().collect();
+    let mut existing = PathBuf::from("/");
+    let mut rest = Vec::new();
+    for (i, c) in comps.iter().enumerate().skip(1) {
+        let candidate = existing.join(c);
+        let is_last = i + 1 == comps.len();
+        if rest.is_empty() && !is_last && candidate.exists() {
+            existing = candidate;
+        } else {
+            rest.push(c.as_os_str().to_owned());
+        }
+    }
+    let mut resolved = std::fs::canonicalize(&existing)?;
+    if !resolved.is_dir() {
+        return Err(std::io::Error::other(format!("{} is not a directory", existing.display())));
+    }
+    for r in rest {
+        resolved.push(r);
+    }
+    Ok(resolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lexical_rules() {
+        for bad in ["opt/tope/a", "/opt/tope/../etc/passwd", "/opt/tope//a", "/opt/tope/./a", "/opt/tope/a/", "/", "/opt/tope/a\0b"] {
+            assert_eq!(check_absolute(bad).unwrap_err().code, ErrorCode::PathNotAllowed, "{bad:?}");
+        }
+        assert!(check_absolute("/opt/tope/a").is_ok());
+    }
+
+    #[test]
+    fn outside_roots_and_symlink_escapes_are_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+        std::os::unix::fs::symlink(root.join("inner"), root.join("alias")).unwrap();
+        std::fs::create_dir_all(root.join("inner")).unwrap();
+        let roots = AllowedRoots::new(std::slice::from_ref(&root));
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        assert!(roots.check(&s(&root.join("a/b"))).is_ok());
+        assert_eq!(roots.check(&s(&root)).unwrap_err().code, ErrorCode::PathNotAllowed);
+        assert_eq!(roots.check(&s(&outside.join("x"))).unwrap_err().code, ErrorCode::PathNotAllowed);
+        assert_eq!(roots.check(&s(&root.join("escape/x"))).unwrap_err().code, ErrorCode::PathNotAllowed);
+        // A symlink that stays inside the root resolves to the real path.
+        assert_eq!(roots.check(&s(&root.join("alias/x"))).unwrap(), std::fs::canonicalize(root.join("inner")).unwrap().join("x"));
+        // A symlink at the destination itself is refused, not followed.
+        std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
+        assert_eq!(roots.check(&s(&root.join("link"))).unwrap_err().code, ErrorCode::PathNotAllowed);
+    }
+}

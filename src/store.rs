@@ -1,0 +1,131 @@
+//! The backup store: old contents, content-addressed by blake3, under `<state_dir>/backups/`.
+//!
+//! A blob enters by hard link when the target is on the same filesystem (no bytes copied;
+//! the swap renames a new inode over the target, so the blob keeps the old inode) and by a
+//! verified copy otherwise. A blob is verified by hash before it is ever restored. Durability
+//! comes from the driver's batched `syncfs`, not from per-blob fsyncs.
+
+use crate::engine::{FileMeta, Hash};
+use crate::error::{Error, ErrorCode, Result};
+use crate::fsutil::{self, TEMP_PREFIX};
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+pub struct BackupStore {
+    dir: PathBuf,
+}
+
+/// How a blob came to be in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    AlreadyThere,
+    Linked,
+    Copied,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct GcStats {
+    pub kept: u64,
+    pub removed: u64,
+    pub removed_bytes: u64,
+}
+
+impl BackupStore {
+    pub fn open(state_dir: &Path) -> Result<BackupStore> {
+        let dir = state_dir.join("backups");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", &dir, &e))?;
+        Ok(BackupStore { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn blob_path(&self, hash: &Hash) -> PathBuf {
+        self.dir.join(hash.to_hex())
+    }
+
+    pub fn has(&self, hash: &Hash) -> bool {
+        self.blob_path(hash).is_file()
+    }
+
+    /// Ensures the blob `hash` exists, taking it from `src`, which holds that content.
+    pub fn put(&self, src: &Path, hash: &Hash) -> Result<Put> {
+        let blob = self.blob_path(hash);
+        if blob.is_file() {
+            return Ok(Put::AlreadyThere);
+        }
+        match std::fs::hard_link(src, &blob) {
+            Ok(()) => return Ok(Put::Linked),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(Put::AlreadyThere),
+            // EXDEV: another filesystem. EPERM: protected_hardlinks for a file we do not own.
+            Err(e) if matches!(e.raw_os_error(), Some(nix::libc::EXDEV | nix::libc::EPERM | nix::libc::EMLINK)) => {}
+            Err(e) => return Err(Error::io(ErrorCode::DeploymentFailed, "link backup", &blob, &e)),
+        }
+        // Copy under a temporary name and rename, so a blob name only ever holds whole content.
+        let tmp = self.dir.join(format!("{TEMP_PREFIX}{}.tmp", hash.to_hex()));
+        fsutil::remove_if_present(&tmp)?;
+        let out = fsutil::create_exclusive(&tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", &tmp, &e))?;
+        let input = File::open(src).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open", src, &e))?;
+        let (got, _) = fsutil::copy_hashed(input, &out).map_err(|e| match e {
+            fsutil::CopyError::Read(e) => Error::io(ErrorCode::DeploymentFailed, "read", src, &e),
+            fsutil::CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write backup", &tmp, &e),
+        })?;
+        if got != *hash {
+            fsutil::remove_if_present(&tmp)?;
+            return Err(Error::new(ErrorCode::HashMismatch, format!("{} changed while being backed up (expected {hash}, read {got})", src.display())));
+        }
+        std::fs::rename(&tmp, &blob).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", &blob, &e))?;
+        Ok(Put::Copied)
+    }
+
+    /// Writes blob `meta.hash` to the new file `dst` (which must not exist) with `meta`'s mode
+    /// and owner, verifying the content on the way. A blob that does not verify is never
+    /// restored.
+    pub fn restore_to(&self, meta: &FileMeta, dst: &Path) -> Result<()> {
+        let blob = self.blob_path(&meta.hash);
+        let input = File::open(&blob).map_err(|e| Error::io(ErrorCode::RollbackFailed, "open backup", &blob, &e))?;
+        fsutil::remove_if_present(dst)?;
+        let out = fsutil::create_exclusive(dst).map_err(|e| Error::io(ErrorCode::RollbackFailed, "create", dst, &e))?;
+        let (got, _) = fsutil::copy_hashed(input, &out).map_err(|e| match e {
+            fsutil::CopyError::Read(e) => Error::io(ErrorCode::RollbackFailed, "read backup", &blob, &e),
+            fsutil::CopyError::Write(e) => Error::io(ErrorCode::RollbackFailed, "write", dst, &e),
+        })?;
+        if got != meta.hash {
+            drop(out);
+            fsutil::remove_if_present(dst)?;
+            return Err(Error::new(ErrorCode::HashMismatch, format!("backup blob {} is damaged (read {got})", blob.display())));
+        }
+        fsutil::apply_meta(&out, dst, meta.mode, meta.uid, meta.gid)
+    }
+
+    /// Opens a blob for reading (staging a rollback's new content).
+    pub fn open_blob(&self, hash: &Hash) -> Result<File> {
+        let blob = self.blob_path(hash);
+        File::open(&blob).map_err(|e| Error::io(ErrorCode::RollbackFailed, "open backup", &blob, &e))
+    }
+
+    /// Removes every blob not in `keep` (and stray temporaries), then fsyncs the directory so
+    /// the removals are durable before `gc` reports them.
+    pub fn gc(&self, keep: &BTreeSet<Hash>) -> Result<GcStats> {
+        let mut stats = GcStats::default();
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
+            let name = entry.file_name();
+            let keep_it = name.to_str().and_then(Hash::from_hex).is_some_and(|h| keep.contains(&h));
+            if keep_it {
+                stats.kept += 1;
+                continue;
+            }
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            if fsutil::remove_if_present(&entry.path())? {
+                stats.removed += 1;
+                stats.removed_bytes += len;
+            }
+        }
+        fsutil::fsync_dir(&self.dir)?;
+        Ok(stats)
+    }
+}
