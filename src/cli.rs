@@ -157,7 +157,12 @@ fn dispatch(cli: Cli) -> Result<u8> {
             let r = up.recover(retry)?;
             let r = match (r, lost) {
                 (RecoverReport::Finished { report, .. }, Some(l)) => RecoverReport::Finished { report, journal_lost: Some(l) },
-                (RecoverReport::Nothing, Some(l)) => return Err(Error::new(ErrorCode::JournalCorrupt, format!("{}; a fresh journal was started, nothing was in flight", l.message))),
+                (RecoverReport::Nothing, Some(l)) => {
+                    return Err(Error::new(
+                        ErrorCode::JournalCorrupt,
+                        format!("{}; a fresh journal was started, nothing was in flight", l.message),
+                    ));
+                }
                 (other, _) => other,
             };
             out.recover(&r);
@@ -176,7 +181,9 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 "previous" => RollbackTo::Previous,
                 "factory" => RollbackTo::Factory,
                 v => {
-                    crate::version::Version::parse(v).map_err(|_| Error::new(ErrorCode::ValidationError, format!("--to {v:?}: expected previous, factory or MAJOR.MINOR.PATCH")))?;
+                    crate::version::Version::parse(v).map_err(|_| {
+                        Error::new(ErrorCode::ValidationError, format!("--to {v:?}: expected previous, factory or MAJOR.MINOR.PATCH"))
+                    })?;
                     RollbackTo::Version(v.to_string())
                 }
             };
@@ -210,11 +217,15 @@ fn dispatch(cli: Cli) -> Result<u8> {
             if r.mismatches.is_empty() {
                 Ok(exit::DONE)
             } else {
-                Err(Error::new(ErrorCode::HashMismatch, format!("{} of {} managed paths differ from the recorded state", r.mismatches.len(), r.checked)))
+                Err(Error::new(
+                    ErrorCode::HashMismatch,
+                    format!("{} of {} managed paths differ from the recorded state", r.mismatches.len(), r.checked),
+                ))
             }
         }
         Cmd::Journal => {
-            let j = read_journal(&cfg)?.ok_or_else(|| Error::new(ErrorCode::ValidationError, format!("no journal in {}", cfg.state_dir.display())))?;
+            let j = read_journal(&cfg)?
+                .ok_or_else(|| Error::new(ErrorCode::ValidationError, format!("no journal in {}", cfg.state_dir.display())))?;
             let dump = j.dump()?;
             // The dump is structured data; pretty JSON is its readable form too.
             println!("{}", serde_json::to_string_pretty(&dump).map_err(|e| Error::internal(e.to_string()))?);
@@ -302,11 +313,27 @@ impl Output {
             o += &format!("generations: {}\n", if kept.is_empty() { "none".into() } else { kept.join(", ") });
             o += &format!("factory:     {} paths recorded\n", s.factory_paths);
             match &s.in_flight {
-                Some(f) => o += &format!("in flight:   tx {} {} -> {} in phase {}{}\n", f.tx, f.kind, f.to_version.as_deref().unwrap_or("factory"), f.phase, f.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()),
+                Some(f) => {
+                    o += &format!(
+                        "in flight:   tx {} {} -> {} in phase {}{}\n",
+                        f.tx,
+                        f.kind,
+                        f.to_version.as_deref().unwrap_or("factory"),
+                        f.phase,
+                        f.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+                    )
+                }
                 None => o += "in flight:   none\n",
             }
             if let Some(l) = &s.last {
-                o += &format!("last:        tx {} {} -> {}: {}{}", l.id, kind_of(l), l.to_version.as_deref().unwrap_or("factory"), l.phase, l.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default());
+                o += &format!(
+                    "last:        tx {} {} -> {}: {}{}",
+                    l.id,
+                    kind_of(l),
+                    l.to_version.as_deref().unwrap_or("factory"),
+                    l.phase,
+                    l.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+                );
             }
             o.trim_end().to_string()
         });
@@ -339,11 +366,7 @@ impl Output {
     pub fn verify(&self, r: &driver::VerifyReport) {
         self.emit(r, || {
             let head = format!("verify: {} managed paths against {}", r.checked, r.version.as_deref().unwrap_or("the factory baseline"));
-            if r.mismatches.is_empty() {
-                format!("{head}: all match")
-            } else {
-                format!("{head}:\n  {}", r.mismatches.join("\n  "))
-            }
+            if r.mismatches.is_empty() { format!("{head}: all match") } else { format!("{head}:\n  {}", r.mismatches.join("\n  ")) }
         });
     }
 }
@@ -359,14 +382,18 @@ fn render_tx(r: &TxReport) -> String {
     let from = r.from_version.as_deref().unwrap_or("factory");
     let to = r.to_version.as_deref().unwrap_or("factory");
     match &r.outcome {
-        Outcome::Committed => format!("{} {from} -> {to}: committed (tx {}, {} files, {} journal commits)", r.kind, r.tx, r.targets, r.commits),
+        Outcome::Committed => {
+            format!("{} {from} -> {to}: committed (tx {}, {} files, {} journal commits)", r.kind, r.tx, r.targets, r.commits)
+        }
         Outcome::RolledBack { error, touched } => format!(
             "{} {from} -> {to}: FAILED and rolled back (tx {}): {error}{}",
             r.kind,
             r.tx,
             if *touched { "" } else { "; no target file was changed" }
         ),
-        Outcome::RollbackFailed { error } => format!("{} {from} -> {to}: ROLLBACK FAILED (tx {}), an operator is needed: {error}", r.kind, r.tx),
+        Outcome::RollbackFailed { error } => {
+            format!("{} {from} -> {to}: ROLLBACK FAILED (tx {}), an operator is needed: {error}", r.kind, r.tx)
+        }
     }
 }
 

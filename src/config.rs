@@ -114,7 +114,7 @@ impl Default for Config {
             compatible: None,
             max_package_bytes: 2 * 1024 * 1024 * 1024,
             max_unpacked_bytes: 4 * 1024 * 1024 * 1024,
-            max_compression_ratio: 1100,
+            max_compression_ratio: 250,
             max_recovery_attempts: 5,
             api: ApiConfig::default(),
             reporter: ReporterConfig::default(),

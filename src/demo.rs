@@ -115,12 +115,11 @@ fn run_in(root: &Path, json: bool) -> Result<u8> {
     let after = snapshot(&app)?;
     show_tree("\n8. the device after the rollback:", &after);
     let identical = after == v1;
-    println!("\n   byte-identical to version 1 (content and modes, created files and directories gone): {}", if identical { "yes" } else { "NO" });
-    if identical && v.mismatches.is_empty() {
-        Ok(0)
-    } else {
-        Err(Error::internal("the demo's rollback did not restore version 1 exactly"))
-    }
+    println!(
+        "\n   byte-identical to version 1 (content and modes, created files and directories gone): {}",
+        if identical { "yes" } else { "NO" }
+    );
+    if identical && v.mismatches.is_empty() { Ok(0) } else { Err(Error::internal("the demo's rollback did not restore version 1 exactly")) }
 }
 
 /// The package manifest; destinations live under the demo root, the demo's stand-in for `/`.
@@ -137,4 +136,3 @@ fn manifest(root: &Path) -> String {
     })
     .to_string()
 }
-

@@ -48,9 +48,14 @@ pub enum RollbackTo {
 pub enum Outcome {
     Committed,
     /// Undone; `touched` says whether any target had been swapped before the rollback.
-    RolledBack { error: Error, touched: bool },
+    RolledBack {
+        error: Error,
+        touched: bool,
+    },
     /// Could not be undone: an operator is needed.
-    RollbackFailed { error: Error },
+    RollbackFailed {
+        error: Error,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -80,7 +85,12 @@ pub enum RecoverReport {
 pub fn lock_state_dir(state_dir: &Path) -> Result<Flock<File>> {
     std::fs::create_dir_all(state_dir).map_err(|e| Error::io(ErrorCode::InternalError, "create state dir", state_dir, &e))?;
     let path = state_dir.join("lock");
-    let f = File::options().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(ErrorCode::InternalError, "open", &path, &e))?;
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(ErrorCode::InternalError, "open", &path, &e))?;
     Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
         nix::errno::Errno::EWOULDBLOCK => Error::new(ErrorCode::OperationInProgress, "another tope-updater transaction is running"),
         other => Error::io(ErrorCode::InternalError, "flock", &path, &other.into()),
@@ -150,14 +160,18 @@ impl Updater {
                     let mut rec = new_record(&plan);
                     rec.phase = Phase::RollingBack;
                     rec.phases.push(Phase::RollingBack);
-                    rec.error = Some(Error::new(ErrorCode::JournalCorrupt, format!("{}; rolled back from the plan copy", lost_err.message)));
+                    rec.error =
+                        Some(Error::new(ErrorCode::JournalCorrupt, format!("{}; rolled back from the plan copy", lost_err.message)));
                     journal.import_in_flight(&mut rec, &plan)?;
                 }
                 Ok(None) => {}
                 Err(copy_err) => {
                     return Err(Error::new(
                         ErrorCode::RollbackFailed,
-                        format!("journal lost ({}) and the plan copy is unusable ({}): an operator must check the target files", lost_err.message, copy_err.message),
+                        format!(
+                            "journal lost ({}) and the plan copy is unusable ({}): an operator must check the target files",
+                            lost_err.message, copy_err.message
+                        ),
                     ));
                 }
             }
@@ -167,7 +181,8 @@ impl Updater {
 
     fn assemble(cfg: Config, journal: Journal, lock: Flock<File>) -> Result<Updater> {
         let store = BackupStore::open(&cfg.state_dir)?;
-        let up = Updater { roots: AllowedRoots::new(&cfg.allowed_roots), state_dir: cfg.state_dir.clone(), cfg, journal, store, _lock: lock };
+        let up =
+            Updater { roots: AllowedRoots::new(&cfg.allowed_roots), state_dir: cfg.state_dir.clone(), cfg, journal, store, _lock: lock };
         up.reconcile_plan_copy()?;
         Ok(up)
     }
@@ -199,7 +214,10 @@ impl Updater {
             None => Ok(()),
             Some((rec, _)) if rec.phase == Phase::RollbackFailed => Err(Error::new(
                 ErrorCode::RollbackFailed,
-                format!("transaction {} could not be rolled back and needs an operator; fix the cause, then run `tope-updater recover --retry`", rec.id),
+                format!(
+                    "transaction {} could not be rolled back and needs an operator; fix the cause, then run `tope-updater recover --retry`",
+                    rec.id
+                ),
             )),
             Some((rec, _)) => Err(Error::new(
                 ErrorCode::OperationInProgress,
@@ -225,7 +243,9 @@ impl Updater {
         let m = &pkg.manifest;
         let uses_services = m.modules.iter().any(|m| m.process_name.is_some());
         if uses_services && self.cfg.service_manager != ServiceManager::None {
-            tracing::warn!("this build does not control services: process_name is recorded in the plan, but no service is stopped or started");
+            tracing::warn!(
+                "this build does not control services: process_name is recorded in the plan, but no service is stopped or started"
+            );
         }
         if m.modules.iter().any(|m| !m.post_cmds.is_empty()) {
             tracing::warn!("this build does not run post_cmds: they are recorded in the plan only");
@@ -246,7 +266,13 @@ impl Updater {
                 uid: module.uid.or(old_meta.map(|o| o.uid)).unwrap_or(euid),
                 gid: module.gid.or(old_meta.map(|o| o.gid)).unwrap_or(egid),
             };
-            targets.push(Target { path: path_string(&f.dst)?, module: f.module, old, new: NewState::File(new), source: Source::Package { entry: f.entry.clone() } });
+            targets.push(Target {
+                path: path_string(&f.dst)?,
+                module: f.module,
+                old,
+                new: NewState::File(new),
+                source: Source::Package { entry: f.entry.clone() },
+            });
         }
         targets.sort_by(|a, b| a.path.cmp(&b.path));
         let plan = Plan {
@@ -254,7 +280,16 @@ impl Updater {
             kind: TxKind::Install { package: PackageRef { path: path_string(&pkg.path)?, blake3: pkg.blake3, size: pkg.size } },
             from_version: current.as_ref().map(|g| g.version.clone()),
             to_version: Some(m.version.to_string()),
-            modules: m.modules.iter().map(|m| ModulePlan { name: m.name.clone(), process_name: m.process_name.clone(), restart_order: m.restart_order, post_cmds: m.post_cmds.clone() }).collect(),
+            modules: m
+                .modules
+                .iter()
+                .map(|m| ModulePlan {
+                    name: m.name.clone(),
+                    process_name: m.process_name.clone(),
+                    restart_order: m.restart_order,
+                    post_cmds: m.post_cmds.clone(),
+                })
+                .collect(),
             created_dirs: missing_dirs(&targets),
             targets,
             removed_dirs: Vec::new(),
@@ -277,17 +312,28 @@ impl Updater {
             match &self.cfg.compatible {
                 Some(mine) if mine == c => {}
                 Some(mine) => return Err(Error::new(ErrorCode::Incompatible, format!("package is for {c:?}, this device is {mine:?}"))),
-                None => return Err(Error::new(ErrorCode::Incompatible, format!("package is for {c:?}, and this device has no `compatible` configured"))),
+                None => {
+                    return Err(Error::new(
+                        ErrorCode::Incompatible,
+                        format!("package is for {c:?}, and this device has no `compatible` configured"),
+                    ));
+                }
             }
         }
         if let Some(cur) = current {
             let cur_v = crate::version::Version::parse(&cur.version)?;
             if m.version < cur_v && !opts.allow_downgrade {
-                return Err(Error::new(ErrorCode::VersionMismatch, format!("package {} is older than installed {}; use --allow-downgrade", m.version, cur.version)));
+                return Err(Error::new(
+                    ErrorCode::VersionMismatch,
+                    format!("package {} is older than installed {}; use --allow-downgrade", m.version, cur.version),
+                ));
             }
             if let Some(min) = m.min_from_version {
                 if cur_v < min {
-                    return Err(Error::new(ErrorCode::VersionMismatch, format!("package needs at least {min} installed, found {}", cur.version)));
+                    return Err(Error::new(
+                        ErrorCode::VersionMismatch,
+                        format!("package needs at least {min} installed, found {}", cur.version),
+                    ));
                 }
             }
         } else if let Some(min) = m.min_from_version {
@@ -322,7 +368,10 @@ impl Updater {
         for (bytes, anchor) in need.values() {
             let avail = fsutil::available_bytes(anchor)?;
             if avail < bytes + crate::limits::FREE_SPACE_RESERVE_BYTES {
-                return Err(Error::new(ErrorCode::DiskFull, format!("{} needs {bytes} bytes, {avail} available", fsutil::existing_ancestor(anchor).display())));
+                return Err(Error::new(
+                    ErrorCode::DiskFull,
+                    format!("{} needs {bytes} bytes, {avail} available", fsutil::existing_ancestor(anchor).display()),
+                ));
             }
         }
         Ok(())
@@ -341,7 +390,10 @@ impl Updater {
                 match cur.parent {
                     None => (None, RollbackTarget::Factory),
                     Some(p) => {
-                        let g = gens.iter().find(|g| g.id == p).ok_or_else(|| nothing(format!("the previous generation ({p}) is no longer kept; use --to factory")))?;
+                        let g = gens
+                            .iter()
+                            .find(|g| g.id == p)
+                            .ok_or_else(|| nothing(format!("the previous generation ({p}) is no longer kept; use --to factory")))?;
                         (Some(g), RollbackTarget::Generation(g.id))
                     }
                 }
@@ -372,7 +424,10 @@ impl Updater {
                 PathState::Absent => (NewState::Absent, Source::Nothing),
                 PathState::File(m) => {
                     if !self.store.has(&m.hash) {
-                        return Err(Error::new(ErrorCode::RollbackFailed, format!("the backup of {path} ({}) is missing; nothing was changed", m.hash)));
+                        return Err(Error::new(
+                            ErrorCode::RollbackFailed,
+                            format!("the backup of {path} ({}) is missing; nothing was changed", m.hash),
+                        ));
                     }
                     (NewState::File(NewFile { hash: Some(m.hash), size: m.size, mode: m.mode, uid: m.uid, gid: m.gid }), Source::Blob)
                 }
@@ -507,7 +562,10 @@ impl Updater {
             }
             if let Some(expected) = nf.hash {
                 if expected != hash {
-                    return Err(Error::new(ErrorCode::HashMismatch, format!("content for {} hashes to {hash}, expected {expected}", t.path)));
+                    return Err(Error::new(
+                        ErrorCode::HashMismatch,
+                        format!("content for {} hashes to {hash}, expected {expected}", t.path),
+                    ));
                 }
             }
             fsutil::apply_meta(&file, &tmp, nf.mode, nf.uid, nf.gid)?;
@@ -545,7 +603,9 @@ impl Updater {
                 _ => Some(fsutil::observe(target)?),
             };
             match swap_action(&t.new, staged, current.as_ref()) {
-                SwapAction::Rename => std::fs::rename(&tmp, target).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", target, &e))?,
+                SwapAction::Rename => {
+                    std::fs::rename(&tmp, target).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", target, &e))?
+                }
                 SwapAction::Remove => {
                     fsutil::remove_if_present(target)?;
                 }
@@ -581,7 +641,8 @@ impl Updater {
             TxKind::Install { package } => {
                 let id = gens.last().map(|g| g.id + 1).unwrap_or(1).max(plan.tx_id);
                 let version = plan.to_version.clone().unwrap_or_default();
-                let g = generation::after_install(current.as_ref(), id, plan, &version).ok_or_else(|| Error::internal("new hashes unknown at commit"))?;
+                let g = generation::after_install(current.as_ref(), id, plan, &version)
+                    .ok_or_else(|| Error::internal("new hashes unknown at commit"))?;
                 let factory = self.journal.factory()?;
                 let mut ids: Vec<u64> = gens.iter().map(|g| g.id).collect();
                 ids.push(id);
@@ -706,7 +767,10 @@ impl Updater {
                 self.roll_back(rec, plan)?
             }
             Decision::GiveUp { reason } => {
-                let err = Error::new(ErrorCode::RollbackFailed, format!("{reason}; last error: {}", rec.error.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "none".into())));
+                let err = Error::new(
+                    ErrorCode::RollbackFailed,
+                    format!("{reason}; last error: {}", rec.error.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "none".into())),
+                );
                 rec.phase = Phase::RollbackFailed;
                 rec.phases.push(Phase::RollbackFailed);
                 rec.error = Some(err.clone());
@@ -881,7 +945,13 @@ pub fn status(journal: &Journal) -> Result<StatusReport> {
     let gens = journal.generations()?;
     let id = journal.current_generation_id()?;
     let summary = |g: &Generation| GenerationSummary { id: g.id, version: g.version.clone(), tx: g.tx_id, files: g.files.len() };
-    let in_flight = journal.active()?.map(|(rec, plan)| InFlight { tx: rec.id, kind: kind_name(&plan.kind), phase: rec.phase, to_version: rec.to_version, error: rec.error });
+    let in_flight = journal.active()?.map(|(rec, plan)| InFlight {
+        tx: rec.id,
+        kind: kind_name(&plan.kind),
+        phase: rec.phase,
+        to_version: rec.to_version,
+        error: rec.error,
+    });
     let last = journal.history(usize::MAX)?.into_iter().find(|r| r.phase.is_terminal() && r.phase != Phase::RollbackFailed);
     Ok(StatusReport {
         current: gens.iter().find(|g| Some(g.id) == id).map(summary),

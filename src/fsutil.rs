@@ -82,12 +82,7 @@ pub fn observe(path: &Path) -> Result<PathState> {
 
 /// Creates a new file for writing, refusing to follow or reuse anything already there.
 pub fn create_exclusive(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .open(path)
+    OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC).open(path)
 }
 
 /// Applies owner then mode (chown clears set-id bits, so mode goes last). chown only when the
@@ -98,8 +93,7 @@ pub fn apply_meta(file: &File, path: &Path, mode: u32, uid: u32, gid: u32) -> Re
         nix::unistd::fchown(file, Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)))
             .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fchown", path, &e.into()))?;
     }
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fchmod", path, &e))
+    file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fchmod", path, &e))
 }
 
 /// Removes a file; absent is fine (every effect must be idempotent).

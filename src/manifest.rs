@@ -202,7 +202,19 @@ fn validate_module(m: RawModule) -> Result<Module> {
         _ => {}
     }
     let mode = m.mode.as_deref().map(parse_mode).transpose()?;
-    Ok(Module { name: m.name, src, dst: m.dst, process_name: m.process_name, restart_order: m.restart_order, post_cmds, blake3, files, mode, uid: m.uid, gid: m.gid })
+    Ok(Module {
+        name: m.name,
+        src,
+        dst: m.dst,
+        process_name: m.process_name,
+        restart_order: m.restart_order,
+        post_cmds,
+        blake3,
+        files,
+        mode,
+        uid: m.uid,
+        gid: m.gid,
+    })
 }
 
 fn parse_mode(s: &str) -> Result<u32> {
@@ -227,9 +239,11 @@ mod tests {
 
     #[test]
     fn legacy_manifest_is_accepted_unchanged() {
-        let m = parse(r#"{ "version": "1.2.3", "modules": [ { "name": "device-api", "src": "modules/device-api/device-api",
+        let m = parse(
+            r#"{ "version": "1.2.3", "modules": [ { "name": "device-api", "src": "modules/device-api/device-api",
             "dst": "/opt/tope/device-api/device-api", "process_name": "device-api", "restart_order": 1,
-            "post_cmds": ["systemctl daemon-reload"] } ] }"#)
+            "post_cmds": ["systemctl daemon-reload"] } ] }"#,
+        )
         .unwrap();
         assert_eq!(m.version.to_string(), "1.2.3");
         assert_eq!(m.modules[0].post_cmds, vec!["systemctl daemon-reload"]);

@@ -42,7 +42,8 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>) -> Result<PackRepo
             let base = dir.join(prefix);
             let mut files = Map::new();
             for rel in walk_files(&base)? {
-                let (hash, _) = fsutil::hash_file(&base.join(&rel)).map_err(|e| Error::io(ErrorCode::ValidationError, "read", &base.join(&rel), &e))?;
+                let (hash, _) =
+                    fsutil::hash_file(&base.join(&rel)).map_err(|e| Error::io(ErrorCode::ValidationError, "read", &base.join(&rel), &e))?;
                 files.insert(rel.clone(), Value::String(hash.to_hex()));
                 entries.push((format!("{src}{rel}"), base.join(&rel)));
             }
@@ -73,7 +74,11 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>) -> Result<PackRepo
         bytes += n;
     }
     let writer = zip.finish().map_err(zerr)?;
-    writer.into_inner().map_err(|e| Error::internal(format!("flush {}: {e}", tmp.display())))?.sync_all().map_err(|e| Error::io(ErrorCode::InternalError, "fsync", &tmp, &e))?;
+    writer
+        .into_inner()
+        .map_err(|e| Error::internal(format!("flush {}: {e}", tmp.display())))?
+        .sync_all()
+        .map_err(|e| Error::io(ErrorCode::InternalError, "fsync", &tmp, &e))?;
     std::fs::rename(&tmp, output).map_err(|e| Error::io(ErrorCode::InternalError, "rename", output, &e))?;
     Ok(PackReport { output: output.display().to_string(), version: manifest.version.to_string(), files: entries.len(), bytes })
 }

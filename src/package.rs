@@ -57,7 +57,8 @@ struct EntryInfo {
 
 impl Package {
     pub fn open(path: &Path, cfg: &Config, roots: &AllowedRoots) -> Result<Package> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::new(ErrorCode::ValidationError, format!("package {}: {e}", path.display())))?;
+        let meta =
+            std::fs::metadata(path).map_err(|e| Error::new(ErrorCode::ValidationError, format!("package {}: {e}", path.display())))?;
         if !meta.is_file() {
             return Err(Error::new(ErrorCode::ValidationError, format!("package {} is not a regular file", path.display())));
         }
@@ -153,7 +154,14 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
             ModuleSrc::File(src) => {
                 let info = entries.get(src).ok_or_else(|| missing(&format!("src {src:?} is not a file in the package")))?;
                 let dst = roots.check(&m.dst)?;
-                files.push(DeployFile { module: mi as u32, entry: src.clone(), dst, size: info.size, expected: m.blake3, zip_mode: info.zip_mode });
+                files.push(DeployFile {
+                    module: mi as u32,
+                    entry: src.clone(),
+                    dst,
+                    size: info.size,
+                    expected: m.blake3,
+                    zip_mode: info.zip_mode,
+                });
             }
             ModuleSrc::Dir(prefix) => {
                 let dst_dir = crate::paths::check_absolute(&m.dst)?;
@@ -168,7 +176,14 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
                         })?),
                         None => None,
                     };
-                    files.push(DeployFile { module: mi as u32, entry: name.clone(), dst, size: info.size, expected, zip_mode: info.zip_mode });
+                    files.push(DeployFile {
+                        module: mi as u32,
+                        entry: name.clone(),
+                        dst,
+                        size: info.size,
+                        expected,
+                        zip_mode: info.zip_mode,
+                    });
                     count += 1;
                 }
                 if count == 0 {
@@ -176,7 +191,10 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
                 }
                 if let Some(map) = &m.files {
                     if let Some(extra) = map.keys().find(|rel| !entries.contains_key(&format!("{prefix}{rel}"))) {
-                        return Err(Error::new(ErrorCode::InvalidManifest, format!("module {:?}: files names {extra:?}, which is not in the package", m.name)));
+                        return Err(Error::new(
+                            ErrorCode::InvalidManifest,
+                            format!("module {:?}: files names {extra:?}, which is not in the package", m.name),
+                        ));
                     }
                 }
             }

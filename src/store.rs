@@ -74,7 +74,10 @@ impl BackupStore {
         })?;
         if got != *hash {
             fsutil::remove_if_present(&tmp)?;
-            return Err(Error::new(ErrorCode::HashMismatch, format!("{} changed while being backed up (expected {hash}, read {got})", src.display())));
+            return Err(Error::new(
+                ErrorCode::HashMismatch,
+                format!("{} changed while being backed up (expected {hash}, read {got})", src.display()),
+            ));
         }
         std::fs::rename(&tmp, &blob).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", &blob, &e))?;
         Ok(Put::Copied)

@@ -53,11 +53,7 @@ pub fn after_install(previous: Option<&Generation>, id: u64, plan: &Plan, versio
 
 /// Paths an install touches for the first time, with their state before it.
 pub fn factory_additions(factory: &Factory, plan: &Plan) -> Vec<(String, PathState)> {
-    plan.targets
-        .iter()
-        .filter(|t| !factory.contains_key(&t.path))
-        .map(|t| (t.path.clone(), t.old))
-        .collect()
+    plan.targets.iter().filter(|t| !factory.contains_key(&t.path)).map(|t| (t.path.clone(), t.old)).collect()
 }
 
 /// Every path whose state is recorded anywhere: a rollback considers all of them.
@@ -111,7 +107,7 @@ pub fn prune(ids: &[u64], keep: usize) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::plan::{NewFile, Source, Target, TxKind, PackageRef};
+    use crate::engine::plan::{NewFile, PackageRef, Source, Target, TxKind};
 
     fn meta(h: u8) -> FileMeta {
         FileMeta { hash: Hash([h; 32]), size: 1, mode: 0o644, uid: 0, gid: 0 }
@@ -171,7 +167,14 @@ mod tests {
 
     #[test]
     fn removable_dirs_are_deepest_first() {
-        let g = Generation { id: 1, version: "1.0.0".into(), tx_id: 1, parent: None, files: BTreeMap::new(), dirs: ["/r/a", "/r/a/b/c", "/r/a/b"].iter().map(|s| s.to_string()).collect() };
+        let g = Generation {
+            id: 1,
+            version: "1.0.0".into(),
+            tx_id: 1,
+            parent: None,
+            files: BTreeMap::new(),
+            dirs: ["/r/a", "/r/a/b/c", "/r/a/b"].iter().map(|s| s.to_string()).collect(),
+        };
         assert_eq!(dirs_to_remove(Some(&g), None), vec!["/r/a/b/c", "/r/a/b", "/r/a"]);
     }
 

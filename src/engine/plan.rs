@@ -54,9 +54,7 @@ impl NewState {
     pub fn settled(&self) -> Option<PathState> {
         match self {
             NewState::Absent => Some(PathState::Absent),
-            NewState::File(f) => f.hash.map(|hash| {
-                PathState::File(FileMeta { hash, size: f.size, mode: f.mode, uid: f.uid, gid: f.gid })
-            }),
+            NewState::File(f) => f.hash.map(|hash| PathState::File(FileMeta { hash, size: f.size, mode: f.mode, uid: f.uid, gid: f.gid })),
         }
     }
 }

@@ -55,9 +55,7 @@ pub fn decide(phase: Phase, attempts: u32, max_attempts: u32, policy: RecoveryPo
         return Decision::Nothing;
     }
     if attempts > max_attempts {
-        return Decision::GiveUp {
-            reason: format!("recovery attempted {} times (max_recovery_attempts = {max_attempts})", attempts - 1),
-        };
+        return Decision::GiveUp { reason: format!("recovery attempted {} times (max_recovery_attempts = {max_attempts})", attempts - 1) };
     }
     if phase == Phase::RollingBack {
         return Decision::RollBack { reason: "a rollback was in progress".into() };

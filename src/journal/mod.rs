@@ -13,7 +13,10 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::limits::HISTORY_TX_MAX;
 use records::{Size, TxRecord, decode, encode};
-use redb::{Database, Durability, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -62,7 +65,9 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
 
 fn map_open_error(path: &Path, e: redb::DatabaseError) -> Error {
     match e {
-        redb::DatabaseError::DatabaseAlreadyOpen => Error::new(ErrorCode::OperationInProgress, "the journal is open in another tope-updater process"),
+        redb::DatabaseError::DatabaseAlreadyOpen => {
+            Error::new(ErrorCode::OperationInProgress, "the journal is open in another tope-updater process")
+        }
         redb::DatabaseError::Storage(redb::StorageError::Io(io)) if io.kind() == std::io::ErrorKind::PermissionDenied => {
             Error::io(ErrorCode::InternalError, "open journal", path, &io)
         }
@@ -194,8 +199,16 @@ impl Journal {
         let Some(id) = self.counter(&rt, ACTIVE_TX)? else { return Ok(None) };
         let txs = rt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
         let plans = rt.open_table(PLANS).map_err(|e| self.corrupt(e))?;
-        let rec: TxRecord = decode(txs.get(id).map_err(|e| self.corrupt(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no record")))?.value(), Size::Small, "transaction")?;
-        let plan: Plan = decode(plans.get(id).map_err(|e| self.corrupt(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no plan")))?.value(), Size::Large, "plan")?;
+        let rec: TxRecord = decode(
+            txs.get(id).map_err(|e| self.corrupt(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no record")))?.value(),
+            Size::Small,
+            "transaction",
+        )?;
+        let plan: Plan = decode(
+            plans.get(id).map_err(|e| self.corrupt(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no plan")))?.value(),
+            Size::Large,
+            "plan",
+        )?;
         Ok(Some((rec, plan)))
     }
 
@@ -338,7 +351,8 @@ impl Journal {
         let mut txs = wt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
         let excess = (txs.len().map_err(|e| self.corrupt(e))? as usize).saturating_sub(HISTORY_TX_MAX);
         if excess > 0 {
-            let old: Vec<u64> = txs.iter().map_err(|e| self.corrupt(e))?.take(excess).filter_map(|r| r.ok().map(|(k, _)| k.value())).collect();
+            let old: Vec<u64> =
+                txs.iter().map_err(|e| self.corrupt(e))?.take(excess).filter_map(|r| r.ok().map(|(k, _)| k.value())).collect();
             for k in old {
                 txs.remove(k).map_err(|e| self.corrupt(e))?;
             }

@@ -38,11 +38,17 @@ pub struct TxRecord {
 }
 
 /// Limit for ordinary records.
-const SMALL: bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Varint, bincode::config::Limit<{ crate::limits::RECORD_BYTES_MAX }>> =
-    bincode::config::standard().with_limit::<{ crate::limits::RECORD_BYTES_MAX }>();
+const SMALL: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<{ crate::limits::RECORD_BYTES_MAX }>,
+> = bincode::config::standard().with_limit::<{ crate::limits::RECORD_BYTES_MAX }>();
 /// Limit for plans and generations (thousands of paths).
-const LARGE: bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Varint, bincode::config::Limit<{ crate::limits::PLAN_BYTES_MAX }>> =
-    bincode::config::standard().with_limit::<{ crate::limits::PLAN_BYTES_MAX }>();
+const LARGE: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<{ crate::limits::PLAN_BYTES_MAX }>,
+> = bincode::config::standard().with_limit::<{ crate::limits::PLAN_BYTES_MAX }>();
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Size {

@@ -1,0 +1,202 @@
+//! Shared helpers for the integration tests: a temporary device (allowed root + state dir +
+//! config), the real binary, packages built in the test, and tree snapshots.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tope-updater");
+
+/// A device in a temporary directory: `root` is the only allowed root, `state` the state dir.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub root: PathBuf,
+    pub state: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env::with_config("")
+    }
+
+    /// `extra` is appended to the generated config.toml (top-level keys only).
+    pub fn with_config(extra: &str) -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let state = tmp.path().join("state");
+        std::fs::create_dir_all(&root).unwrap();
+        let config = tmp.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {:?}\nallowed_roots = [{:?}]\nservice_manager = \"none\"\n{extra}\n",
+                state.to_str().unwrap(),
+                root.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        Env { tmp, root, state, config }
+    }
+
+    /// Absolute path of `rel` under the allowed root.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// Destination string for a manifest.
+    pub fn dst(&self, rel: &str) -> String {
+        self.path(rel).to_str().unwrap().to_string()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--config").arg(&self.config).args(args).env_remove("FAILPOINTS").env("NO_COLOR", "1");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.command(args).output().unwrap())
+    }
+
+    /// Runs and asserts exit status 0, returning stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert_eq!(r.code, Some(0), "{args:?} failed:\n{}", r.describe());
+        r.stdout
+    }
+
+    /// Writes a file under the root with a mode.
+    pub fn put(&self, rel: &str, content: &[u8], mode: u32) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    pub fn read(&self, rel: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.path(rel)).ok()
+    }
+
+    /// A package file path inside the temp dir (outside the allowed root).
+    pub fn pkg_path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+}
+
+pub struct Run {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        use std::os::unix::process::ExitStatusExt;
+        Run {
+            code: o.status.code(),
+            signal: o.status.signal(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// The stable code from the `error: CODE: message` line on stderr.
+    pub fn error_code(&self) -> Option<String> {
+        self.stderr.lines().find_map(|l| l.strip_prefix("error: ")).and_then(|rest| rest.split(':').next()).map(str::to_string)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.describe()))
+    }
+
+    pub fn describe(&self) -> String {
+        format!("exit {:?} signal {:?}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.signal, self.stdout, self.stderr)
+    }
+}
+
+/// One ZIP entry for `zip_with`.
+pub enum Entry<'a> {
+    File(&'a str, &'a [u8]),
+    FileMode(&'a str, &'a [u8], u32),
+    Dir(&'a str),
+    Symlink(&'a str, &'a str),
+}
+
+/// Builds a ZIP in memory with the zip crate (deflate).
+pub fn zip_with(entries: &[Entry]) -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut buf);
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        for e in entries {
+            match e {
+                Entry::File(name, data) => {
+                    z.start_file(*name, opts.unix_permissions(0o644)).unwrap();
+                    z.write_all(data).unwrap();
+                }
+                Entry::FileMode(name, data, mode) => {
+                    z.start_file(*name, opts.unix_permissions(*mode)).unwrap();
+                    z.write_all(data).unwrap();
+                }
+                Entry::Dir(name) => z.add_directory(*name, opts).unwrap(),
+                Entry::Symlink(name, target) => z.add_symlink(*name, *target, opts).unwrap(),
+            }
+        }
+        z.finish().unwrap();
+    }
+    buf.into_inner()
+}
+
+/// A manifest with file modules `(name, src, dst)`.
+pub fn manifest(version: &str, modules: &[(&str, &str, &str)]) -> String {
+    let mods: Vec<serde_json::Value> = modules.iter().map(|(n, s, d)| serde_json::json!({"name": n, "src": s, "dst": d})).collect();
+    serde_json::json!({"version": version, "modules": mods}).to_string()
+}
+
+/// Writes a package made of a manifest and files (`src` name → content) to `path`.
+pub fn write_package(path: &Path, manifest: &str, files: &[(&str, &[u8])]) {
+    let mut entries = vec![Entry::File("manifest.json", manifest.as_bytes())];
+    entries.extend(files.iter().map(|(n, d)| Entry::File(n, d)));
+    std::fs::write(path, zip_with(&entries)).unwrap();
+}
+
+/// Everything under `dir`: relative path → "dir <mode>" or "file <mode> <blake3>". Two equal
+/// snapshots mean the trees are byte-identical in content, type and mode.
+pub fn tree(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(dir).unwrap().to_str().unwrap().to_string();
+            let mode = m.permissions().mode() & 0o7777;
+            if m.is_dir() {
+                out.insert(rel, format!("dir {mode:o}"));
+                stack.push(p);
+            } else if m.file_type().is_symlink() {
+                out.insert(rel, format!("symlink {}", std::fs::read_link(&p).unwrap().display()));
+            } else {
+                out.insert(rel, format!("file {mode:o} {}", blake3::hash(&std::fs::read(&p).unwrap()).to_hex()));
+            }
+        }
+    }
+    out
+}
+
+/// Names of leftover temporary files (the engine's `.tope-` prefix) under `dir`.
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    tree(dir).into_keys().filter(|k| k.rsplit('/').next().unwrap_or("").starts_with(".tope-")).collect()
+}
+
+pub fn blake3_hex(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
