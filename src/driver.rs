@@ -126,6 +126,15 @@ impl Updater {
     /// `recover` (see `open_for_recovery`) replaces it.
     pub fn open(cfg: Config) -> Result<Updater> {
         let lock = lock_state_dir(&cfg.state_dir)?;
+        // A plan copy without a journal means the journal was lost mid-transaction: creating a
+        // fresh journal here would make the copy look stale and delete the only record of
+        // what to undo. Only `recover` may handle that.
+        if !Journal::path_in(&cfg.state_dir).exists() && plancopy::path_in(&cfg.state_dir).exists() {
+            return Err(Error::new(
+                ErrorCode::JournalCorrupt,
+                "the journal is missing but a transaction was in flight; run `tope-updater recover`",
+            ));
+        }
         let journal = Journal::open(&cfg.state_dir)?;
         Updater::assemble(cfg, journal, lock)
     }
@@ -639,7 +648,8 @@ impl Updater {
         let (gens, current) = self.current_generation()?;
         match &plan.kind {
             TxKind::Install { package } => {
-                let id = gens.last().map(|g| g.id + 1).unwrap_or(1).max(plan.tx_id);
+                // A generation is named after the install that made it: unique and increasing.
+                let id = plan.tx_id;
                 let version = plan.to_version.clone().unwrap_or_default();
                 let g = generation::after_install(current.as_ref(), id, plan, &version)
                     .ok_or_else(|| Error::internal("new hashes unknown at commit"))?;

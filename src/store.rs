@@ -53,7 +53,7 @@ impl BackupStore {
     /// Ensures the blob `hash` exists, taking it from `src`, which holds that content.
     pub fn put(&self, src: &Path, hash: &Hash) -> Result<Put> {
         let blob = self.blob_path(hash);
-        if blob.is_file() {
+        if self.existing_blob_is_sound(&blob, src, hash)? {
             return Ok(Put::AlreadyThere);
         }
         match std::fs::hard_link(src, &blob) {
@@ -81,6 +81,27 @@ impl BackupStore {
         }
         std::fs::rename(&tmp, &blob).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", &blob, &e))?;
         Ok(Put::Copied)
+    }
+
+    /// An existing blob can be trusted without reading it when it is `src` itself (a link of
+    /// the file just observed) or has no other link (only this store can change it). A blob
+    /// that shares its inode with some other live file may have been modified in place
+    /// through that file: it is re-hashed, and replaced when it no longer matches.
+    fn existing_blob_is_sound(&self, blob: &Path, src: &Path, hash: &Hash) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(b) = std::fs::symlink_metadata(blob) else { return Ok(false) };
+        let s = std::fs::metadata(src).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", src, &e))?;
+        if (b.dev() == s.dev() && b.ino() == s.ino()) || b.nlink() == 1 {
+            return Ok(true);
+        }
+        match fsutil::hash_file(blob) {
+            Ok((h, _)) if h == *hash => Ok(true),
+            _ => {
+                tracing::warn!(blob = %blob.display(), "backup blob no longer matches its name; replacing it");
+                fsutil::remove_if_present(blob)?;
+                Ok(false)
+            }
+        }
     }
 
     /// Writes blob `meta.hash` to the new file `dst` (which must not exist) with `meta`'s mode
