@@ -102,24 +102,49 @@ pub enum Cmd {
 /// Runs the CLI; returns the exit status.
 pub fn run(cli: Cli) -> u8 {
     let json = cli.json;
+    let installs = matches!(cli.cmd, Cmd::Install { .. });
     match dispatch(cli) {
         Ok(code) => code,
-        Err(e) => {
+        Err(Failure::Usage(e)) => {
+            eprintln!("error: {}: {}", e.code, e.message);
+            exit::USAGE
+        }
+        Err(failure @ (Failure::Error(_) | Failure::Setup(_))) => {
+            let (e, installing) = match failure {
+                Failure::Error(e) => (e, installs),
+                Failure::Setup(e) | Failure::Usage(e) => (e, false),
+            };
             eprintln!("error: {}: {}", e.code, e.message);
             if json {
                 println!("{}", serde_json::json!({ "error": e }));
             }
-            exit_for_error(&e)
+            exit_for_error(&e, installing)
         }
     }
 }
 
-pub fn exit_for_error(e: &Error) -> u8 {
+/// Exit 3 means "package rejected, nothing touched", so rejection codes map to it only for
+/// `install`; elsewhere (a bad config file, a `verify` mismatch) they are plain failures.
+pub fn exit_for_error(e: &Error, installing: bool) -> u8 {
     match e.code {
         ErrorCode::OperationInProgress => exit::BUSY,
         ErrorCode::RollbackFailed => exit::NEEDS_OPERATOR,
-        c if c.is_rejection() => exit::REJECTED,
+        c if c.is_rejection() && installing => exit::REJECTED,
         _ => exit::OTHER,
+    }
+}
+
+/// Why a command failed: bad arguments (exit 2), an unusable configuration (never "package
+/// rejected"), or an operating error.
+enum Failure {
+    Usage(Error),
+    Setup(Error),
+    Error(Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Error(e)
     }
 }
 
@@ -139,8 +164,8 @@ fn init_logging(level: &str) {
     let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(filter).with_target(false).try_init();
 }
 
-fn dispatch(cli: Cli) -> Result<u8> {
-    let (cfg, source) = Config::load(cli.config.as_deref())?;
+fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
+    let (cfg, source) = Config::load(cli.config.as_deref()).map_err(Failure::Setup)?;
     // The demo is for reading: only warnings and errors on stderr unless asked.
     let default_level = if matches!(cli.cmd, Cmd::Demo { .. }) { "warn" } else { cfg.log.level.as_str() };
     init_logging(cli.log_level.as_deref().unwrap_or(default_level));
@@ -161,7 +186,8 @@ fn dispatch(cli: Cli) -> Result<u8> {
                     return Err(Error::new(
                         ErrorCode::JournalCorrupt,
                         format!("{}; a fresh journal was started, nothing was in flight", l.message),
-                    ));
+                    )
+                    .into());
                 }
                 (other, _) => other,
             };
@@ -182,7 +208,10 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 "factory" => RollbackTo::Factory,
                 v => {
                     crate::version::Version::parse(v).map_err(|_| {
-                        Error::new(ErrorCode::ValidationError, format!("--to {v:?}: expected previous, factory or MAJOR.MINOR.PATCH"))
+                        Failure::Usage(Error::new(
+                            ErrorCode::ValidationError,
+                            format!("--to {v:?}: expected previous, factory or MAJOR.MINOR.PATCH"),
+                        ))
                     })?;
                     RollbackTo::Version(v.to_string())
                 }
@@ -220,7 +249,8 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 Err(Error::new(
                     ErrorCode::HashMismatch,
                     format!("{} of {} managed paths differ from the recorded state", r.mismatches.len(), r.checked),
-                ))
+                )
+                .into())
             }
         }
         Cmd::Journal => {
@@ -254,7 +284,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             out.emit(&r, || format!("packed {} files ({} bytes), version {}, into {}", r.files, r.bytes, r.version, r.output));
             Ok(exit::DONE)
         }
-        Cmd::Demo { keep } => crate::demo::run(keep, out.json),
+        Cmd::Demo { keep } => Ok(crate::demo::run(keep, out.json)?),
     }
 }
 
@@ -286,6 +316,10 @@ impl Output {
 
     pub fn tx_report(&self, r: &TxReport) {
         self.emit(r, || render_tx(r));
+        // A failed transaction is an error like any other: the stable code goes to stderr.
+        if let Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } = &r.outcome {
+            eprintln!("error: {}: {}", error.code, error.message);
+        }
     }
 
     pub fn recover(&self, r: &RecoverReport) {

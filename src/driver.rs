@@ -312,10 +312,10 @@ impl Updater {
     /// Version, compatibility and no-loop rules (SPEC §2, §3).
     fn check_acceptable(&self, pkg: &Package, current: Option<&Generation>, opts: &InstallOptions) -> Result<()> {
         let m = &pkg.manifest;
-        if let Some(want) = &opts.version {
-            if *want != m.version.to_string() {
-                return Err(Error::new(ErrorCode::VersionMismatch, format!("package is version {}, caller asked for {want}", m.version)));
-            }
+        if let Some(want) = &opts.version
+            && *want != m.version.to_string()
+        {
+            return Err(Error::new(ErrorCode::VersionMismatch, format!("package is version {}, caller asked for {want}", m.version)));
         }
         if let Some(c) = &m.compatible {
             match &self.cfg.compatible {
@@ -337,24 +337,24 @@ impl Updater {
                     format!("package {} is older than installed {}; use --allow-downgrade", m.version, cur.version),
                 ));
             }
-            if let Some(min) = m.min_from_version {
-                if cur_v < min {
-                    return Err(Error::new(
-                        ErrorCode::VersionMismatch,
-                        format!("package needs at least {min} installed, found {}", cur.version),
-                    ));
-                }
+            if let Some(min) = m.min_from_version
+                && cur_v < min
+            {
+                return Err(Error::new(
+                    ErrorCode::VersionMismatch,
+                    format!("package needs at least {min} installed, found {}", cur.version),
+                ));
             }
         } else if let Some(min) = m.min_from_version {
             tracing::warn!(%min, "min_from_version set but no installed version is recorded (factory baseline); accepting");
         }
-        if let Some(tx) = self.journal.failed_package(&pkg.blake3)? {
-            if !opts.force {
-                return Err(Error::new(
-                    ErrorCode::ValidationError,
-                    format!("this package ({}) was installed by transaction {tx} and rolled back; use --force to try it again", pkg.blake3),
-                ));
-            }
+        if let Some(tx) = self.journal.failed_package(&pkg.blake3)?
+            && !opts.force
+        {
+            return Err(Error::new(
+                ErrorCode::ValidationError,
+                format!("this package ({}) was installed by transaction {tx} and rolled back; use --force to try it again", pkg.blake3),
+            ));
         }
         Ok(())
     }
@@ -569,13 +569,10 @@ impl Updater {
             if size != nf.size {
                 return Err(Error::new(ErrorCode::InvalidPackage, format!("{}: {size} bytes staged, {} declared", t.path, nf.size)));
             }
-            if let Some(expected) = nf.hash {
-                if expected != hash {
-                    return Err(Error::new(
-                        ErrorCode::HashMismatch,
-                        format!("content for {} hashes to {hash}, expected {expected}", t.path),
-                    ));
-                }
+            if let Some(expected) = nf.hash
+                && expected != hash
+            {
+                return Err(Error::new(ErrorCode::HashMismatch, format!("content for {} hashes to {hash}, expected {expected}", t.path)));
             }
             fsutil::apply_meta(&file, &tmp, nf.mode, nf.uid, nf.gid)?;
             nf.hash = Some(hash);
@@ -822,7 +819,7 @@ impl Updater {
                     }
                     let target = Path::new(&t.path);
                     let staged_ok = fsutil::observe(&temp_path(target, plan.tx_id)).is_ok_and(|s| s == want);
-                    if !staged_ok && fsutil::observe(target).map_or(true, |s| s != want) {
+                    if !staged_ok && (fsutil::observe(target) != Ok(want)) {
                         return (Inputs::Missing(format!("{}: neither the staged nor the live file holds the new content", t.path)), None);
                     }
                 }
@@ -882,7 +879,7 @@ fn missing_dirs(targets: &[Target]) -> Vec<String> {
     for t in targets.iter().filter(|t| matches!(t.new, NewState::File(_))) {
         let mut p = Path::new(&t.path).parent();
         while let Some(dir) = p {
-            if dir.exists() {
+            if std::fs::symlink_metadata(dir).is_ok() {
                 break;
             }
             if let Some(s) = dir.to_str() {

@@ -105,11 +105,14 @@ pub fn remove_if_present(path: &Path) -> Result<bool> {
     }
 }
 
-/// Removes a directory if it is empty; absent or non-empty is fine.
+/// Removes a directory if it is empty; absent, non-empty, or no longer a directory is fine
+/// (whatever is there now is not ours to remove).
 pub fn remove_dir_if_empty(path: &Path) -> Result<()> {
     match std::fs::remove_dir(path) {
         Ok(()) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(nix::libc::ENOENT | nix::libc::ENOTEMPTY | nix::libc::EEXIST)) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(nix::libc::ENOENT | nix::libc::ENOTEMPTY | nix::libc::EEXIST | nix::libc::ENOTDIR)) => {
+            Ok(())
+        }
         Err(e) => Err(Error::io(ErrorCode::DeploymentFailed, "rmdir", path, &e)),
     }
 }

@@ -189,13 +189,13 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
                 if count == 0 {
                     return Err(missing(&format!("src {prefix:?} holds no files")));
                 }
-                if let Some(map) = &m.files {
-                    if let Some(extra) = map.keys().find(|rel| !entries.contains_key(&format!("{prefix}{rel}"))) {
-                        return Err(Error::new(
-                            ErrorCode::InvalidManifest,
-                            format!("module {:?}: files names {extra:?}, which is not in the package", m.name),
-                        ));
-                    }
+                if let Some(map) = &m.files
+                    && let Some(extra) = map.keys().find(|rel| !entries.contains_key(&format!("{prefix}{rel}")))
+                {
+                    return Err(Error::new(
+                        ErrorCode::InvalidManifest,
+                        format!("module {:?}: files names {extra:?}, which is not in the package", m.name),
+                    ));
                 }
             }
         }

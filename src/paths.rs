@@ -95,7 +95,9 @@ fn resolve_existing_prefix(path: &Path) -> std::io::Result<PathBuf> {
     for (i, c) in comps.iter().enumerate().skip(1) {
         let candidate = existing.join(c);
         let is_last = i + 1 == comps.len();
-        if rest.is_empty() && !is_last && candidate.exists() {
+        // symlink_metadata, not exists(): a dangling symlink exists too, and must be
+        // resolved (and fail) rather than be taken for a directory still to be created.
+        if rest.is_empty() && !is_last && std::fs::symlink_metadata(&candidate).is_ok() {
             existing = candidate;
         } else {
             rest.push(c.as_os_str().to_owned());
@@ -141,6 +143,9 @@ mod tests {
         assert_eq!(roots.check(&s(&root.join("escape/x"))).unwrap_err().code, ErrorCode::PathNotAllowed);
         // A symlink that stays inside the root resolves to the real path.
         assert_eq!(roots.check(&s(&root.join("alias/x"))).unwrap(), std::fs::canonicalize(root.join("inner")).unwrap().join("x"));
+        // A dangling symlink on the way is refused, not taken for a directory to create.
+        std::os::unix::fs::symlink(outside.join("nowhere"), root.join("dangling")).unwrap();
+        assert_eq!(roots.check(&s(&root.join("dangling/x"))).unwrap_err().code, ErrorCode::PathNotAllowed);
         // A symlink at the destination itself is refused, not followed.
         std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
         assert_eq!(roots.check(&s(&root.join("link"))).unwrap_err().code, ErrorCode::PathNotAllowed);
