@@ -65,6 +65,9 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>) -> Result<PackRepo
     let zerr = |e: zip::result::ZipError| Error::internal(format!("write {}: {e}", output.display()));
     zip.start_file(MANIFEST_NAME, opts.unix_permissions(0o644)).map_err(zerr)?;
     zip.write_all(&manifest_bytes).map_err(|e| Error::io(ErrorCode::InternalError, "write", &tmp, &e))?;
+    // Two modules may deploy the same source: the archive holds it once.
+    let mut seen = std::collections::BTreeSet::new();
+    entries.retain(|(name, _)| seen.insert(name.clone()));
     let mut bytes = 0u64;
     for (name, path) in &entries {
         let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);

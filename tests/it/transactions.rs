@@ -858,3 +858,33 @@ fn exit_statuses_distinguish_usage_mismatch_and_rejection() {
     std::fs::write(env.path("app/a"), b"tampered").unwrap();
     assert_code(&env.run(&["verify"]), 1, "HASH_MISMATCH");
 }
+
+/// `tests/fixtures/journal-v1.redb` was written by format version 1 (install 1.0.0, install
+/// 2.0.0, rollback to 1.0.0). Every later release must keep reading it (journal-format.md §7).
+#[test]
+fn a_journal_written_by_format_version_1_still_opens_and_reads() {
+    let env = Env::new();
+    std::fs::create_dir_all(&env.state).unwrap();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/journal-v1.redb");
+    std::fs::copy(fixture, env.state.join("journal.redb")).unwrap();
+
+    let s = env.run(&["status", "--json"]).json();
+    assert_eq!(s["current"]["version"], "1.0.0", "{s}");
+    assert_eq!(s["generations"].as_array().unwrap().len(), 1, "{s}");
+    assert_eq!(s["factory_paths"], 2, "{s}");
+    assert_eq!(s["in_flight"], serde_json::Value::Null, "{s}");
+
+    let h = env.run(&["history", "--json"]).json();
+    let kinds: Vec<&str> = h.as_array().unwrap().iter().map(|r| r["kind"].as_object().unwrap().keys().next().unwrap().as_str()).collect();
+    assert_eq!(kinds, ["Rollback", "Install", "Install"], "{h}");
+    assert!(h.as_array().unwrap().iter().all(|r| r["phase"] == "Committed" && r["commits"] == 6), "{h}");
+
+    let dump: serde_json::Value = serde_json::from_str(&env.ok(&["journal"])).unwrap();
+    assert_eq!(dump["format_version"], 1);
+    assert_eq!(dump["generations"][0]["files"].as_object().unwrap().len(), 2, "{dump}");
+
+    // Opening it for writing (integrity check, repair) works too.
+    let r = env.run(&["recover", "--json"]);
+    assert_eq!(r.code, Some(0), "{}", r.describe());
+    assert_eq!(r.json()["result"], "nothing");
+}
