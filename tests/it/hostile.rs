@@ -237,7 +237,8 @@ fn hand_package(manifest: &str, payload: &[u8]) -> Vec<u8> {
 
 #[test]
 fn untampered_packages_from_the_same_builders_install() {
-    let builders: [(&str, fn(&str, &[u8]) -> Vec<u8>); 3] = [
+    type Builder = fn(&str, &[u8]) -> Vec<u8>;
+    let builders: [(&str, Builder); 3] = [
         ("deflate", |m, p| zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", p)])),
         ("stored", |m, p| stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", p)])),
         ("by hand", hand_package),
