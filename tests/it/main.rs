@@ -3,5 +3,7 @@
 mod support;
 
 mod crash;
+mod diskfull;
 mod hostile;
+mod journal_loss;
 mod transactions;
