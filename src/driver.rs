@@ -246,7 +246,9 @@ impl Updater {
 
     pub fn install(&mut self, package: &Path, opts: &InstallOptions) -> Result<TxReport> {
         self.refuse_if_in_flight()?;
+        let started = std::time::Instant::now();
         let pkg = Package::open(package, &self.cfg, &self.roots)?;
+        tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, files = pkg.files.len(), "package validated");
         let (_, current) = self.current_generation()?;
         self.check_acceptable(&pkg, current.as_ref(), opts)?;
         let m = &pkg.manifest;
@@ -260,9 +262,9 @@ impl Updater {
             tracing::warn!("this build does not run post_cmds: they are recorded in the plan only");
         }
         let (euid, egid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+        let olds = crate::parallel::try_map(&pkg.files, |f| fsutil::observe(&f.dst))?;
         let mut targets = Vec::with_capacity(pkg.files.len());
-        for f in &pkg.files {
-            let old = fsutil::observe(&f.dst)?;
+        for (f, old) in pkg.files.iter().zip(olds) {
             let module = &m.modules[f.module as usize];
             let old_meta = match old {
                 PathState::File(o) => Some(o),
@@ -306,6 +308,7 @@ impl Updater {
             runs_post_cmds: false,
         };
         self.check_free_space(&plan)?;
+        tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "planned");
         self.start(plan, Some(pkg))
     }
 
@@ -364,9 +367,14 @@ impl Updater {
     fn check_free_space(&self, plan: &Plan) -> Result<()> {
         let store_dev = fsutil::device_of(self.store.dir())?;
         let mut need: BTreeMap<u64, (u64, PathBuf)> = BTreeMap::new();
+        let mut dev_of_parent: BTreeMap<&Path, u64> = BTreeMap::new();
         for t in &plan.targets {
             let p = Path::new(&t.path);
-            let dev = fsutil::device_of(p)?;
+            let parent = p.parent().unwrap_or(p);
+            let dev = match dev_of_parent.get(parent) {
+                Some(d) => *d,
+                None => *dev_of_parent.entry(parent).or_insert(fsutil::device_of(p)?),
+            };
             if let NewState::File(f) = t.new {
                 need.entry(dev).or_insert((0, p.to_path_buf())).0 += f.size;
             }
@@ -422,10 +430,11 @@ impl Updater {
                 (Some(g), RollbackTarget::Generation(g.id))
             }
         };
+        let managed: Vec<&str> = generation::managed_paths(current.as_ref(), &factory).into_iter().collect();
+        let observed = crate::parallel::try_map(&managed, |p| fsutil::observe(Path::new(p)))?;
         let mut targets = Vec::new();
-        for path in generation::managed_paths(current.as_ref(), &factory) {
+        for (path, have) in managed.into_iter().zip(observed) {
             let want = generation::desired_state(path, target, &factory);
-            let have = fsutil::observe(Path::new(path))?;
             if have == want {
                 continue;
             }
@@ -474,12 +483,15 @@ impl Updater {
     }
 
     /// Runs the transaction from its journaled phase to a terminal phase.
-    fn drive(&mut self, mut rec: TxRecord, mut plan: Plan, mut pkg: Option<Package>) -> Result<TxReport> {
+    fn drive(&mut self, mut rec: TxRecord, mut plan: Plan, pkg: Option<Package>) -> Result<TxReport> {
         loop {
             if rec.phase == Phase::RollingBack {
                 return self.roll_back(rec, plan);
             }
-            match self.perform(rec.phase, &mut plan, pkg.as_mut()) {
+            let started = std::time::Instant::now();
+            let performed = self.perform(rec.phase, &mut plan, pkg.as_ref());
+            tracing::debug!(tx = rec.id, phase = %rec.phase, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "phase effects done");
+            match performed {
                 Ok(plan_changed) if rec.phase == Phase::Committed => {
                     let _ = plan_changed;
                     tracing::info!(tx = rec.id, to = ?plan.to_version, commits = rec.commits, "transaction committed");
@@ -515,7 +527,7 @@ impl Updater {
     }
 
     /// The effects of one phase. Returns whether the plan changed (new hashes learnt).
-    fn perform(&mut self, phase: Phase, plan: &mut Plan, pkg: Option<&mut Package>) -> Result<bool> {
+    fn perform(&mut self, phase: Phase, plan: &mut Plan, pkg: Option<&Package>) -> Result<bool> {
         match phase {
             Phase::Planned => Ok(false),
             Phase::Staged => self.stage(plan, pkg).map(|()| true),
@@ -534,49 +546,22 @@ impl Updater {
         }
     }
 
-    /// Writes every new file beside its target, hashing while writing, then one syncfs per
-    /// filesystem. Idempotent: staged files are recreated from scratch.
-    fn stage(&mut self, plan: &mut Plan, mut pkg: Option<&mut Package>) -> Result<()> {
+    /// Writes every new file beside its target, hashing while writing (on every core), then
+    /// one syncfs per filesystem. Idempotent: staged files are recreated from scratch.
+    fn stage(&mut self, plan: &mut Plan, pkg: Option<&Package>) -> Result<()> {
         for d in &plan.created_dirs {
             fsutil::make_dir(Path::new(d))?;
         }
-        let tx = plan.tx_id;
-        for t in plan.targets.iter_mut() {
-            let NewState::File(nf) = &mut t.new else { continue };
-            let target = Path::new(&t.path);
-            let tmp = temp_path(target, tx);
-            fsutil::remove_if_present(&tmp)?;
-            let file = fsutil::create_exclusive(&tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", &tmp, &e))?;
-            let copied = match &t.source {
-                Source::Package { entry } => {
-                    let p = pkg.as_deref_mut().ok_or_else(|| Error::internal("staging from a package that is not open"))?;
-                    let reader = p.entry_reader(entry, nf.size)?;
-                    fsutil::copy_hashed(reader, &file).map_err(|e| match e {
-                        CopyError::Read(e) => Error::new(ErrorCode::InvalidPackage, format!("entry {entry:?}: {e}")),
-                        CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
-                    })
-                }
-                Source::Blob => {
-                    let hash = nf.hash.ok_or_else(|| Error::internal("blob source without a hash"))?;
-                    fsutil::copy_hashed(self.store.open_blob(&hash)?, &file).map_err(|e| match e {
-                        CopyError::Read(e) => Error::io(ErrorCode::RollbackFailed, "read backup", &self.store.blob_path(&hash), &e),
-                        CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
-                    })
-                }
-                Source::Nothing => Err(Error::internal(format!("{} has new content but no source", t.path))),
-            };
-            let (hash, size) = copied?;
-            if size != nf.size {
-                return Err(Error::new(ErrorCode::InvalidPackage, format!("{}: {size} bytes staged, {} declared", t.path, nf.size)));
+        let (tx, store) = (plan.tx_id, &self.store);
+        let hashes = crate::parallel::try_map_with(
+            &plan.targets,
+            || Ok(pkg.map(Package::archive)),
+            |archive, t| stage_one(t, tx, archive.as_mut(), store),
+        )?;
+        for (t, hash) in plan.targets.iter_mut().zip(hashes) {
+            if let (NewState::File(nf), Some(h)) = (&mut t.new, hash) {
+                nf.hash = Some(h);
             }
-            if let Some(expected) = nf.hash
-                && expected != hash
-            {
-                return Err(Error::new(ErrorCode::HashMismatch, format!("content for {} hashes to {hash}, expected {expected}", t.path)));
-            }
-            fsutil::apply_meta(&file, &tmp, nf.mode, nf.uid, nf.gid)?;
-            nf.hash = Some(hash);
-            hit("stage.file");
         }
         #[cfg(not(feature = "powercut-negative-control"))]
         fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
@@ -631,14 +616,15 @@ impl Updater {
 
     /// Re-reads every target and compares it with the plan.
     fn verify(&mut self, plan: &Plan) -> Result<()> {
-        for t in &plan.targets {
+        crate::parallel::try_map(&plan.targets, |t| {
             let want = t.new.settled().ok_or_else(|| Error::internal(format!("{}: new hash unknown at verification", t.path)))?;
             let got = fsutil::observe(Path::new(&t.path))?;
             if got != want {
                 return Err(Error::new(ErrorCode::HashMismatch, format!("{} does not hold its new content after the swap", t.path)));
             }
             hit("verify.file");
-        }
+            Ok(())
+        })?;
         Ok(())
     }
 
@@ -713,27 +699,8 @@ impl Updater {
     /// Puts every target back to its old state, judged by what it holds now (idempotent:
     /// a second run after a crash finds less to do), then one syncfs per filesystem.
     fn undo(&mut self, plan: &Plan) -> Result<()> {
-        for t in plan.targets.iter().rev() {
-            let target = Path::new(&t.path);
-            let tmp = temp_path(target, plan.tx_id);
-            fsutil::remove_if_present(&tmp)?;
-            let current = fsutil::observe(target)?;
-            match restore_action(&t.old, &current) {
-                RestoreAction::Nothing => {}
-                RestoreAction::Remove => {
-                    fsutil::remove_if_present(target)?;
-                }
-                RestoreAction::Restore => {
-                    let PathState::File(meta) = t.old else { unreachable!("restore_action returns Restore only for old files") };
-                    if let Some(parent) = target.parent() {
-                        std::fs::create_dir_all(parent).map_err(|e| Error::io(ErrorCode::RollbackFailed, "create", parent, &e))?;
-                    }
-                    self.store.restore_to(&meta, &tmp)?;
-                    std::fs::rename(&tmp, target).map_err(|e| Error::io(ErrorCode::RollbackFailed, "rename", target, &e))?;
-                }
-            }
-            hit("rollback.file");
-        }
+        let (tx, store) = (plan.tx_id, &self.store);
+        crate::parallel::try_map(&plan.targets, |t| undo_one(t, tx, store))?;
         for d in plan.created_dirs.iter().rev() {
             fsutil::remove_dir_if_empty(Path::new(d))?;
         }
@@ -811,20 +778,23 @@ impl Updater {
                 }
             },
             ResumeNeeds::StagedContent => {
-                for t in &plan.targets {
-                    let Some(want) = t.new.settled() else {
-                        return (Inputs::Missing(format!("{}: new hash was never recorded", t.path)), None);
-                    };
+                let checked = crate::parallel::try_map(&plan.targets, |t| {
+                    let missing = |why: &str| Error::new(ErrorCode::DeploymentFailed, format!("{}: {why}", t.path));
+                    let want = t.new.settled().ok_or_else(|| missing("new hash was never recorded"))?;
                     if want == PathState::Absent {
-                        continue;
+                        return Ok(());
                     }
                     let target = Path::new(&t.path);
                     let staged_ok = fsutil::observe(&temp_path(target, plan.tx_id)).is_ok_and(|s| s == want);
                     if !staged_ok && (fsutil::observe(target) != Ok(want)) {
-                        return (Inputs::Missing(format!("{}: neither the staged nor the live file holds the new content", t.path)), None);
+                        return Err(missing("neither the staged nor the live file holds the new content"));
                     }
+                    Ok(())
+                });
+                match checked {
+                    Ok(_) => (Inputs::Available, None),
+                    Err(e) => (Inputs::Missing(e.message), None),
                 }
-                (Inputs::Available, None)
             }
         }
     }
@@ -837,6 +807,75 @@ impl Updater {
         let keep = generation::referenced_blobs(&self.journal.generations()?, &self.journal.factory()?);
         self.store.gc(&keep)
     }
+}
+
+/// Stages one target: its new content to `.tope-N-h.new`, checked against the plan, with its
+/// mode and owner. Returns the content hash (`None` for a target whose new state is absent).
+fn stage_one(
+    t: &Target,
+    tx: u64,
+    archive: Option<&mut crate::package::Archive>,
+    store: &BackupStore,
+) -> Result<Option<crate::engine::Hash>> {
+    let NewState::File(nf) = &t.new else { return Ok(None) };
+    let target = Path::new(&t.path);
+    let tmp = temp_path(target, tx);
+    fsutil::remove_if_present(&tmp)?;
+    let file = fsutil::create_exclusive(&tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", &tmp, &e))?;
+    let copied = match &t.source {
+        Source::Package { entry } => {
+            let archive = archive.ok_or_else(|| Error::internal("staging from a package that is not open"))?;
+            let reader = crate::package::entry_reader(archive, entry, nf.size)?;
+            fsutil::copy_hashed(reader, &file).map_err(|e| match e {
+                CopyError::Read(e) => Error::new(ErrorCode::InvalidPackage, format!("entry {entry:?}: {e}")),
+                CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
+            })
+        }
+        Source::Blob => {
+            let hash = nf.hash.ok_or_else(|| Error::internal("blob source without a hash"))?;
+            fsutil::copy_hashed(store.open_blob(&hash)?, &file).map_err(|e| match e {
+                CopyError::Read(e) => Error::io(ErrorCode::RollbackFailed, "read backup", &store.blob_path(&hash), &e),
+                CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
+            })
+        }
+        Source::Nothing => Err(Error::internal(format!("{} has new content but no source", t.path))),
+    };
+    let (hash, size) = copied?;
+    if size != nf.size {
+        return Err(Error::new(ErrorCode::InvalidPackage, format!("{}: {size} bytes staged, {} declared", t.path, nf.size)));
+    }
+    if let Some(expected) = nf.hash
+        && expected != hash
+    {
+        return Err(Error::new(ErrorCode::HashMismatch, format!("content for {} hashes to {hash}, expected {expected}", t.path)));
+    }
+    fsutil::apply_meta(&file, &tmp, nf.mode, nf.uid, nf.gid)?;
+    hit("stage.file");
+    Ok(Some(hash))
+}
+
+/// Puts one target back to its old state, judged by what it holds now.
+fn undo_one(t: &Target, tx: u64, store: &BackupStore) -> Result<()> {
+    let target = Path::new(&t.path);
+    let tmp = temp_path(target, tx);
+    fsutil::remove_if_present(&tmp)?;
+    let current = fsutil::observe(target)?;
+    match restore_action(&t.old, &current) {
+        RestoreAction::Nothing => {}
+        RestoreAction::Remove => {
+            fsutil::remove_if_present(target)?;
+        }
+        RestoreAction::Restore => {
+            let PathState::File(meta) = t.old else { unreachable!("restore_action returns Restore only for old files") };
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(ErrorCode::RollbackFailed, "create", parent, &e))?;
+            }
+            store.restore_to(&meta, &tmp)?;
+            std::fs::rename(&tmp, target).map_err(|e| Error::io(ErrorCode::RollbackFailed, "rename", target, &e))?;
+        }
+    }
+    hit("rollback.file");
+    Ok(())
 }
 
 fn new_record(plan: &Plan) -> TxRecord {

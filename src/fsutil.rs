@@ -28,6 +28,23 @@ pub fn hash_file(path: &Path) -> std::io::Result<(Hash, u64)> {
     hash_reader(File::open(path)?)
 }
 
+/// blake3 and length of an open file, read with pread (the descriptor's offset is left alone,
+/// so other threads can read the same descriptor).
+pub fn hash_file_at(file: &File) -> std::io::Result<(Hash, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; IO_BUFFER_BYTES];
+    let mut total = 0u64;
+    loop {
+        let n = file.read_at(&mut buf, total)?;
+        if n == 0 {
+            return Ok((hasher.finalize().into(), total));
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
 pub fn hash_reader(mut r: impl Read) -> std::io::Result<(Hash, u64)> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; IO_BUFFER_BYTES];

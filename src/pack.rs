@@ -71,7 +71,9 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>) -> Result<PackRepo
     let mut bytes = 0u64;
     for (name, path) in &entries {
         let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
-        zip.start_file(name.as_str(), opts.unix_permissions(mode).large_file(true)).map_err(zerr)?;
+        let entry_opts =
+            if compresses(path)? { opts } else { opts.compression_method(zip::CompressionMethod::Stored).compression_level(None) };
+        zip.start_file(name.as_str(), entry_opts.unix_permissions(mode).large_file(true)).map_err(zerr)?;
         let f = File::open(path).map_err(|e| Error::io(ErrorCode::ValidationError, "open", path, &e))?;
         let (_, n) = fsutil::copy_hashed(f, &mut zip).map_err(|e| Error::internal(format!("pack {}: {e:?}", path.display())))?;
         bytes += n;
@@ -84,6 +86,25 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>) -> Result<PackRepo
         .map_err(|e| Error::io(ErrorCode::InternalError, "fsync", &tmp, &e))?;
     std::fs::rename(&tmp, output).map_err(|e| Error::io(ErrorCode::InternalError, "rename", output, &e))?;
     Ok(PackReport { output: output.display().to_string(), version: manifest.version.to_string(), files: entries.len(), bytes })
+}
+
+/// Whether deflate is worth it for this file, judged on its first MiB: already-compressed or
+/// random content is stored, so installing it costs no inflate and reads it straight through.
+fn compresses(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    const SAMPLE_BYTES: u64 = 1024 * 1024;
+    let mut sample = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(SAMPLE_BYTES).read_to_end(&mut sample))
+        .map_err(|e| Error::io(ErrorCode::ValidationError, "read", path, &e))?;
+    if sample.len() < 256 {
+        return Ok(false);
+    }
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(&sample)
+        .and_then(|_| enc.finish())
+        .map(|out| out.len() * 10 < sample.len() * 9)
+        .map_err(|e| Error::internal(format!("deflate sample: {e}")))
 }
 
 /// Regular files under `base`, as sorted relative `/`-separated paths.

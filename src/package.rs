@@ -9,11 +9,17 @@ use crate::fsutil;
 use crate::limits::*;
 use crate::manifest::{Manifest, ModuleSrc, check_relative};
 use crate::paths::AllowedRoots;
+use crate::posreader::PosReader;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use zip::ZipArchive;
+
+/// The archive type every reader of a package uses: positional reads on the one descriptor
+/// that was validated.
+pub type Archive = ZipArchive<PosReader>;
 
 pub const MANIFEST_NAME: &str = "manifest.json";
 
@@ -42,7 +48,7 @@ pub struct Package {
     pub blake3: Hash,
     pub manifest: Manifest,
     pub files: Vec<DeployFile>,
-    archive: ZipArchive<BufReader<File>>,
+    archive: Archive,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -57,39 +63,59 @@ struct EntryInfo {
 
 impl Package {
     pub fn open(path: &Path, cfg: &Config, roots: &AllowedRoots) -> Result<Package> {
-        let meta =
-            std::fs::metadata(path).map_err(|e| Error::new(ErrorCode::ValidationError, format!("package {}: {e}", path.display())))?;
+        let file = File::open(path).map_err(|e| Error::new(ErrorCode::ValidationError, format!("package {}: {e}", path.display())))?;
+        // Checked on the descriptor that is then read: the path could be replaced meanwhile.
+        let meta = file.metadata().map_err(|e| Error::io(ErrorCode::InvalidPackage, "fstat package", path, &e))?;
         if !meta.is_file() {
             return Err(Error::new(ErrorCode::ValidationError, format!("package {} is not a regular file", path.display())));
         }
         if meta.len() > cfg.max_package_bytes {
             return Err(invalid(format!("package is {} bytes, more than max_package_bytes = {}", meta.len(), cfg.max_package_bytes)));
         }
-        let (blake3, size) = fsutil::hash_file(path).map_err(|e| Error::io(ErrorCode::InvalidPackage, "read package", path, &e))?;
-        let file = File::open(path).map_err(|e| Error::io(ErrorCode::InvalidPackage, "open package", path, &e))?;
-        let mut archive = ZipArchive::new(BufReader::new(file)).map_err(|e| invalid(format!("not a readable ZIP archive: {e}")))?;
-        if archive.len() > ZIP_ENTRIES_MAX {
-            return Err(invalid(format!("{} entries, more than {ZIP_ENTRIES_MAX}", archive.len())));
-        }
-        // Duplicate names, overlapping entries (quoted zip bombs), local headers that disagree
-        // with the central directory or are missing from it.
-        archive.validate_header_consistency().map_err(|e| invalid(e.to_string()))?;
-        let entries = scan_entries(&mut archive, cfg)?;
-        let manifest = read_manifest(&mut archive, &entries)?;
-        let files = resolve_files(&manifest, &entries, roots)?;
+        let file = Arc::new(file);
+        // The package hash (for the no-loop rule and for recovery) is computed on another core
+        // while this one validates the archive.
+        let (hashed, validated) = std::thread::scope(|s| {
+            let hasher = s.spawn(|| fsutil::hash_file_at(&file));
+            let validated = validate(&file, cfg, roots);
+            (hasher.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), validated)
+        });
+        let (archive, manifest, files) = validated?;
+        let (blake3, size) = hashed.map_err(|e| Error::io(ErrorCode::InvalidPackage, "read package", path, &e))?;
         Ok(Package { path: path.to_path_buf(), size, blake3, manifest, files, archive })
     }
 
-    /// A reader over one entry that fails unless exactly the declared size comes out (the
-    /// zip crate itself refuses more than declared, and checks the CRC at the end).
-    pub fn entry_reader(&mut self, name: &str, size: u64) -> Result<impl Read + '_> {
-        let f = self.archive.by_name(name).map_err(|e| invalid(format!("entry {name:?}: {e}")))?;
-        Ok(ExactReader { inner: f, remaining: size, name: name.to_string() })
+    /// Another reader of the same archive, for a worker thread (shares the central directory
+    /// and the descriptor, not the position).
+    pub fn archive(&self) -> Archive {
+        self.archive.clone()
     }
 }
 
+/// A reader over one entry that fails unless exactly the declared size comes out (the zip
+/// crate itself refuses more than declared, and checks the CRC at the end).
+pub fn entry_reader<'a>(archive: &'a mut Archive, name: &str, size: u64) -> Result<impl Read + 'a> {
+    let f = archive.by_name(name).map_err(|e| invalid(format!("entry {name:?}: {e}")))?;
+    Ok(ExactReader { inner: f, remaining: size, name: name.to_string() })
+}
+
+/// Everything but the hash: container, entries, manifest, destinations.
+fn validate(file: &Arc<File>, cfg: &Config, roots: &AllowedRoots) -> Result<(Archive, Manifest, Vec<DeployFile>)> {
+    let mut archive = ZipArchive::new(PosReader::new(file.clone())).map_err(|e| invalid(format!("not a readable ZIP archive: {e}")))?;
+    if archive.len() > ZIP_ENTRIES_MAX {
+        return Err(invalid(format!("{} entries, more than {ZIP_ENTRIES_MAX}", archive.len())));
+    }
+    // Duplicate names, overlapping entries (quoted zip bombs), local headers that disagree
+    // with the central directory or are missing from it.
+    archive.validate_header_consistency().map_err(|e| invalid(e.to_string()))?;
+    let entries = scan_entries(&mut archive, cfg)?;
+    let manifest = read_manifest(&mut archive, &entries)?;
+    let files = resolve_files(&manifest, &entries, roots)?;
+    Ok((archive, manifest, files))
+}
+
 /// Checks every entry's name, type and size; returns the files by name.
-fn scan_entries(archive: &mut ZipArchive<BufReader<File>>, cfg: &Config) -> Result<BTreeMap<String, EntryInfo>> {
+fn scan_entries(archive: &mut Archive, cfg: &Config) -> Result<BTreeMap<String, EntryInfo>> {
     let mut out = BTreeMap::new();
     let mut total: u64 = 0;
     for index in 0..archive.len() {
@@ -131,7 +157,7 @@ fn scan_entries(archive: &mut ZipArchive<BufReader<File>>, cfg: &Config) -> Resu
     Ok(out)
 }
 
-fn read_manifest(archive: &mut ZipArchive<BufReader<File>>, entries: &BTreeMap<String, EntryInfo>) -> Result<Manifest> {
+fn read_manifest(archive: &mut Archive, entries: &BTreeMap<String, EntryInfo>) -> Result<Manifest> {
     let info = entries.get(MANIFEST_NAME).ok_or_else(|| Error::new(ErrorCode::InvalidManifest, "package has no manifest.json"))?;
     if info.size > MANIFEST_BYTES_MAX {
         return Err(Error::new(ErrorCode::InvalidManifest, format!("manifest.json is larger than {MANIFEST_BYTES_MAX} bytes")));
@@ -147,6 +173,8 @@ fn read_manifest(archive: &mut ZipArchive<BufReader<File>>, entries: &BTreeMap<S
 /// Expands modules into deploy files, checking every destination.
 fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roots: &AllowedRoots) -> Result<Vec<DeployFile>> {
     let mut files = Vec::new();
+    // Files of a directory module share their parents: resolve each directory once.
+    let mut cache = crate::paths::ResolveCache::default();
     let mut seen_dst = BTreeSet::new();
     for (mi, m) in manifest.modules.iter().enumerate() {
         let missing = |what: &str| Error::new(ErrorCode::InvalidPackage, format!("module {:?}: {what}", m.name));
@@ -169,7 +197,7 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
                 for (name, info) in entries.range::<String, _>(prefix.clone()..).take_while(|(n, _)| n.starts_with(prefix.as_str())) {
                     let rel = &name[prefix.len()..];
                     let dst_str = format!("{}/{rel}", dst_dir.display());
-                    let dst = roots.check(&dst_str)?;
+                    let dst = roots.check_cached(&dst_str, &mut cache)?;
                     let expected = match &m.files {
                         Some(map) => Some(*map.get(rel).ok_or_else(|| {
                             Error::new(ErrorCode::InvalidManifest, format!("module {:?}: files has no hash for {rel:?}", m.name))

@@ -41,6 +41,12 @@ pub fn check_absolute(s: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(s))
 }
 
+/// Resolved parent directories, by their lexical form.
+#[derive(Debug, Default)]
+pub struct ResolveCache {
+    parents: std::collections::HashMap<PathBuf, PathBuf>,
+}
+
 /// The configured allowed roots, each with its resolved form when it exists.
 #[derive(Debug, Clone)]
 pub struct AllowedRoots {
@@ -62,12 +68,31 @@ impl AllowedRoots {
 
     /// Checks `dst` and returns its resolved form.
     pub fn check(&self, dst: &str) -> Result<PathBuf> {
+        self.check_cached(dst, &mut ResolveCache::default())
+    }
+
+    /// `check`, resolving each parent directory once per cache (thousands of files of one
+    /// directory module share a handful of parents).
+    pub fn check_cached(&self, dst: &str, cache: &mut ResolveCache) -> Result<PathBuf> {
         let path = check_absolute(dst)?;
         let lexically_inside = self.roots.iter().any(|(root, _)| is_strictly_under(&path, root));
         if !lexically_inside {
             return Err(not_allowed(dst, "is not under an allowed root"));
         }
-        let resolved = resolve_existing_prefix(&path).map_err(|e| not_allowed(dst, &format!("cannot be resolved: {e}")))?;
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(not_allowed(dst, "has no parent directory"));
+        };
+        let resolved_parent = match cache.parents.get(parent) {
+            Some(r) => r.clone(),
+            None => {
+                let r = resolve_existing_prefix(&path)
+                    .map(|p| p.parent().map(Path::to_path_buf).unwrap_or(p))
+                    .map_err(|e| not_allowed(dst, &format!("cannot be resolved: {e}")))?;
+                cache.parents.insert(parent.to_path_buf(), r.clone());
+                r
+            }
+        };
+        let resolved = resolved_parent.join(name);
         if !self.roots.iter().any(|(_, root)| is_strictly_under(&resolved, root)) {
             return Err(not_allowed(dst, &format!("resolves through a symlink to {} outside the allowed roots", resolved.display())));
         }
