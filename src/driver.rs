@@ -584,28 +584,16 @@ impl Updater {
     }
 
     /// Renames every staged file over its target (or removes the target), removes the
-    /// directories a rollback empties, then one syncfs per filesystem.
+    /// directories a rollback empties, then one syncfs per filesystem. Directories are
+    /// worked on in parallel (renames in one directory serialise on its lock anyway).
     fn swap(&mut self, plan: &Plan) -> Result<()> {
+        let mut by_dir: BTreeMap<&Path, Vec<&Target>> = BTreeMap::new();
         for t in &plan.targets {
-            let target = Path::new(&t.path);
-            let tmp = temp_path(target, plan.tx_id);
-            let staged = std::fs::symlink_metadata(&tmp).is_ok();
-            let current = match (&t.new, staged) {
-                (NewState::File(_), true) => None,
-                _ => Some(fsutil::observe(target)?),
-            };
-            match swap_action(&t.new, staged, current.as_ref()) {
-                SwapAction::Rename => {
-                    std::fs::rename(&tmp, target).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", target, &e))?
-                }
-                SwapAction::Remove => {
-                    fsutil::remove_if_present(target)?;
-                }
-                SwapAction::Done => {}
-                SwapAction::Lost => return Err(Error::new(ErrorCode::DeploymentFailed, format!("{}: staged content is missing", t.path))),
-            }
-            hit("swap.file");
+            let p = Path::new(&t.path);
+            by_dir.entry(p.parent().unwrap_or(p)).or_default().push(t);
         }
+        let groups: Vec<Vec<&Target>> = by_dir.into_values().collect();
+        crate::parallel::try_map(&groups, |group| group.iter().try_for_each(|t| swap_one(t, plan.tx_id)))?;
         for d in &plan.removed_dirs {
             fsutil::remove_dir_if_empty(Path::new(d))?;
         }
@@ -820,8 +808,7 @@ fn stage_one(
     let NewState::File(nf) = &t.new else { return Ok(None) };
     let target = Path::new(&t.path);
     let tmp = temp_path(target, tx);
-    fsutil::remove_if_present(&tmp)?;
-    let file = fsutil::create_exclusive(&tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", &tmp, &e))?;
+    let file = fsutil::create_replacing(&tmp)?;
     let copied = match &t.source {
         Source::Package { entry } => {
             let archive = archive.ok_or_else(|| Error::internal("staging from a package that is not open"))?;
@@ -852,6 +839,27 @@ fn stage_one(
     fsutil::apply_meta(&file, &tmp, nf.mode, nf.uid, nf.gid)?;
     hit("stage.file");
     Ok(Some(hash))
+}
+
+/// Swaps one target: the staged file renamed over it, or the target removed.
+fn swap_one(t: &Target, tx: u64) -> Result<()> {
+    let target = Path::new(&t.path);
+    let tmp = temp_path(target, tx);
+    let staged = std::fs::symlink_metadata(&tmp).is_ok();
+    let current = match (&t.new, staged) {
+        (NewState::File(_), true) => None,
+        _ => Some(fsutil::observe(target)?),
+    };
+    match swap_action(&t.new, staged, current.as_ref()) {
+        SwapAction::Rename => std::fs::rename(&tmp, target).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", target, &e))?,
+        SwapAction::Remove => {
+            fsutil::remove_if_present(target)?;
+        }
+        SwapAction::Done => {}
+        SwapAction::Lost => return Err(Error::new(ErrorCode::DeploymentFailed, format!("{}: staged content is missing", t.path))),
+    }
+    hit("swap.file");
+    Ok(())
 }
 
 /// Puts one target back to its old state, judged by what it holds now.

@@ -102,6 +102,19 @@ pub fn create_exclusive(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC).open(path)
 }
 
+/// `create_exclusive` for one of the engine's own temporary names: a leftover from an
+/// interrupted attempt is removed and the creation retried (no unlink in the common case).
+pub fn create_replacing(path: &Path) -> Result<File> {
+    match create_exclusive(path) {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            remove_if_present(path)?;
+            create_exclusive(path).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", path, &e))
+        }
+        Err(e) => Err(Error::io(ErrorCode::DeploymentFailed, "create", path, &e)),
+    }
+}
+
 /// Applies owner then mode (chown clears set-id bits, so mode goes last). chown only when the
 /// owner differs, so unprivileged runs work for files they own.
 pub fn apply_meta(file: &File, path: &Path, mode: u32, uid: u32, gid: u32) -> Result<()> {
@@ -171,8 +184,10 @@ pub fn existing_ancestor(path: &Path) -> &Path {
 /// Caveat (documented in journal-format.md): before Linux 5.8 syncfs did not report
 /// writeback errors; the verification phase re-reads content for that reason.
 pub fn sync_filesystems<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<usize> {
+    // Thousands of targets share a few parent directories: stat each directory once.
+    let parents: std::collections::BTreeSet<&Path> = paths.into_iter().map(|p| p.parent().unwrap_or(p)).collect();
     let mut by_dev: BTreeMap<u64, &Path> = BTreeMap::new();
-    for p in paths {
+    for p in parents {
         let anchor = existing_ancestor(p);
         let dev = std::fs::metadata(anchor).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", anchor, &e))?.dev();
         by_dev.entry(dev).or_insert(anchor);
