@@ -1,0 +1,237 @@
+"""The benchmark behind bench/run.sh. See the README's Performance section.
+
+Every timed run starts from the same state: the target holds the old version, the page
+cache is warm, and nothing is dirty (a `sync` before the clock starts). Each timing includes
+a final `sync`, as the peers' numbers in ../shared/research/peers.md do. Ratios are taken
+against `cp` + `sync` measured in the same invocation, on the same filesystem.
+"""
+
+import argparse, json, os, random, re, shutil, statistics, subprocess, tempfile, time
+
+MiB = 1024 * 1024
+
+
+def sh(cmd):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def timed(cmd):
+    """Wall time of `cmd` followed by `sync`, starting with nothing dirty."""
+    sh("sync")
+    t = time.perf_counter()
+    sh(cmd)
+    sh("sync")
+    return time.perf_counter() - t
+
+
+class Workspace:
+    """A loop-mounted ext4 (root) or a temporary directory."""
+
+    def __init__(self, size_gib):
+        self.base = tempfile.mkdtemp(prefix="tope-bench.")
+        self.mount = None
+        if os.geteuid() == 0 and shutil.which("mkfs.ext4"):
+            img = os.path.join(self.base, "fs.img")
+            sh(["truncate", "-s", f"{size_gib}G", img])
+            sh(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", img])
+            self.dir = os.path.join(self.base, "mnt")
+            os.mkdir(self.dir)
+            sh(["mount", "-o", "loop", img, self.dir])
+            self.mount = self.dir
+            self.kind = f"ext4 on a loop device ({size_gib} GiB image)"
+        else:
+            self.dir = os.path.join(self.base, "dir")
+            os.mkdir(self.dir)
+            self.kind = "temporary directory (not root: no loop mount)"
+
+    def close(self):
+        if self.mount:
+            subprocess.run(["umount", self.mount])
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def gen_many(dirpath, n, seed):
+    r = random.Random(seed)
+    for i in range(n):
+        p = os.path.join(dirpath, f"d{i % 10}", f"e{(i // 10) % 10}", f"f{i}.bin")
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(r.randbytes(r.randint(4096, 65536)))
+
+
+def gen_big(dirpath, count, size):
+    os.makedirs(dirpath, exist_ok=True)
+    for i in range(count):
+        with open(os.path.join(dirpath, f"img{i}"), "wb") as f, open("/dev/urandom", "rb") as u:
+            left = size
+            while left:
+                chunk = u.read(min(left, 8 * MiB))
+                f.write(chunk)
+                left -= len(chunk)
+
+
+class Profile:
+    """One payload: old and new versions at the same paths, a package, a device config."""
+
+    def __init__(self, ws, binary, name, make_old, make_new, layout="dir-module"):
+        self.bin, self.name = binary, name
+        self.root = os.path.join(ws.dir, name)
+        self.old = os.path.join(self.root, "old")  # pristine copy of the old version
+        self.src = os.path.join(self.root, "src")  # pack input: manifest + modules/app/...
+        self.target = os.path.join(self.root, "device", "app")
+        self.baseline = os.path.join(self.root, "baseline", "app")
+        self.unzip_dir = os.path.join(self.root, "unzipdir")
+        self.pkg = os.path.join(self.root, "pkg.zip")
+        self.cfg = os.path.join(self.root, "config.toml")
+        make_old(self.old)
+        make_new(os.path.join(self.src, "modules", "app"))
+        if layout == "dir-module":
+            mods = [{"name": "app", "src": "modules/app/", "dst": self.target}]
+        else:
+            mods = []
+            base = os.path.join(self.src, "modules", "app")
+            for d, _, files in os.walk(base):
+                for f in files:
+                    rel = os.path.relpath(os.path.join(d, f), base)
+                    mods.append({"name": rel, "src": "modules/app/" + rel, "dst": os.path.join(self.target, rel)})
+        with open(os.path.join(self.src, "manifest.json"), "w") as f:
+            json.dump({"version": "2.0.0", "modules": mods}, f)
+        with open(self.cfg, "w") as f:
+            f.write(f'state_dir = "{self.root}/state"\nallowed_roots = ["{self.root}/device"]\nservice_manager = "none"\n')
+        sh([binary, "pack", self.src, "-o", self.pkg])
+        self.reset_copy(self.target)
+        self.tu("recover")  # creates the journal: a one-time cost, not part of an install
+
+    def tu(self, *args):
+        return sh([self.bin, "--config", self.cfg, "--log-level", "warn", *args])
+
+    def reset_copy(self, dest):
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(self.old, dest)
+
+    def run_cp(self):
+        self.reset_copy(self.baseline)
+        return timed(f"cp -r '{self.src}/modules/app/.' '{self.baseline}/'")
+
+    def run_unzip(self):
+        self.reset_copy(os.path.join(self.unzip_dir, "modules", "app"))
+        return timed(f"unzip -o -q '{self.pkg}' -d '{self.unzip_dir}'")
+
+    def reset_device(self):
+        """The device back at the old version, the store emptied."""
+        st = json.loads(self.tu("status", "--json").stdout)
+        if st["current"] is not None:
+            self.tu("rollback", "--to", "factory")
+        self.tu("gc")
+
+    def run_install(self):
+        self.reset_device()
+        return timed([self.bin, "--config", self.cfg, "--log-level", "warn", "install", self.pkg])
+
+    def run_rollback(self):
+        """Rollback of the install, timed (the install itself is not)."""
+        self.reset_device()
+        self.tu("install", self.pkg)
+        return timed([self.bin, "--config", self.cfg, "--log-level", "warn", "rollback"])
+
+    def syscalls(self):
+        self.reset_device()
+        sh("sync")
+        trace = os.path.join(self.root, "strace.txt")
+        sh(["strace", "-f", "-c", "-o", trace, "-e", "trace=fsync,fdatasync,syncfs,sync,sync_file_range,rename,renameat,renameat2,link,linkat",
+            self.bin, "--config", self.cfg, "--log-level", "warn", "install", self.pkg])
+        counts = {}
+        for line in open(trace):
+            parts = line.split()
+            if len(parts) >= 5 and parts[-1].isidentifier() and parts[3].isdigit():
+                counts[parts[-1]] = int(parts[3])
+        hist = json.loads(self.tu("history", "--json").stdout)
+        return {
+            "fsync": counts.get("fsync", 0),
+            "fdatasync": counts.get("fdatasync", 0),
+            "syncfs": counts.get("syncfs", 0) + counts.get("sync", 0),
+            "rename": sum(counts.get(k, 0) for k in ("rename", "renameat", "renameat2")),
+            "link": sum(counts.get(k, 0) for k in ("link", "linkat")),
+            "commits": hist[0]["commits"],
+        }
+
+
+def fmt_s(xs):
+    return f"{statistics.median(xs):.3f} s ({min(xs):.3f}–{max(xs):.3f})"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--md", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    runs = 2 if a.quick else a.runs
+    big = 8 * MiB if a.quick else 64 * MiB
+    many = 200 if a.quick else 2000
+    rss_bytes = 64 * MiB if a.quick else 1024 * MiB
+    ws = Workspace(8)
+    rows = []
+    try:
+        fw = Profile(ws, a.bin, "firmware", lambda d: gen_big(d, 3, big), lambda d: gen_big(d, 3, big))
+        sm = Profile(ws, a.bin, "many-small", lambda d: gen_many(d, many, 1), lambda d: gen_many(d, many, 2))
+        for prof, label in ((fw, f"3 × {big // MiB} MiB"), (sm, f"{many} files of 4–64 KiB")):
+            cp, unz, ins = [], [], []
+            for _ in range(runs):  # interleaved, so drift hits all three alike
+                cp.append(prof.run_cp())
+                unz.append(prof.run_unzip())
+                ins.append(prof.run_install())
+            base = statistics.median(cp)
+            rows.append((f"{label}: cp + sync (baseline)", fmt_s(cp), "1.00 ×"))
+            rows.append((f"{label}: unzip -o + sync", fmt_s(unz), f"{statistics.median(unz) / base:.2f} ×"))
+            rows.append((f"{label}: tope-updater install", fmt_s(ins), f"{statistics.median(ins) / base:.2f} × (runs {min(ins) / base:.2f}–{max(ins) / base:.2f})"))
+        rb = [sm.run_rollback() for _ in range(runs)]
+        rows.append((f"rollback of the {many}-file install", fmt_s(rb), "target < 2 s"))
+
+        if shutil.which("strace"):
+            profiles = [
+                (Profile(ws, a.bin, "sys-200", lambda d: gen_many(d, 200, 3), lambda d: gen_many(d, 200, 4)), "200 files, 1 dir module"),
+                (sm, f"{many} files, 1 dir module"),
+                (Profile(ws, a.bin, "sys-200-mods", lambda d: gen_many(d, 200, 3), lambda d: gen_many(d, 200, 4), layout="file-modules"), "200 single-file modules"),
+                (Profile(ws, a.bin, "sys-many-mods", lambda d: gen_many(d, many, 3), lambda d: gen_many(d, many, 4), layout="file-modules"), f"{many} single-file modules"),
+            ]
+            for prof, label in profiles:
+                c = prof.syscalls()
+                rows.append((f"per install, {label}", f"fsync {c['fsync']}, fdatasync {c['fdatasync']}, syncfs {c['syncfs']}, commits {c['commits']}", f"renames {c['rename']}, links {c['link']}"))
+        else:
+            rows.append(("syscalls per install", "n/a (strace not installed)", ""))
+
+        rec = []
+        for _ in range(max(runs, 20)):
+            t = time.perf_counter()
+            sm.tu("recover")
+            rec.append((time.perf_counter() - t) * 1000)
+        rows.append(("recover, nothing in flight", f"{statistics.median(rec):.1f} ms ({min(rec):.1f}–{max(rec):.1f})", "target < 20 ms"))
+
+        if os.path.exists("/usr/bin/time"):
+            mem = Profile(ws, a.bin, "rss", lambda d: os.makedirs(d, exist_ok=True), lambda d: gen_big(d, 4, rss_bytes // 4))
+            shutil.rmtree(mem.target, ignore_errors=True)
+            out = subprocess.run(["/usr/bin/time", "-v", a.bin, "--config", mem.cfg, "--log-level", "warn", "install", mem.pkg], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, check=True)
+            kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
+            rows.append((f"peak RSS installing a {rss_bytes // MiB} MiB package", f"{kib / 1024:.1f} MiB", "target < 32 MiB"))
+        else:
+            rows.append(("peak RSS", "n/a (/usr/bin/time not installed)", ""))
+        rows.append(("release binary (stripped by the profile)", f"{os.path.getsize(a.bin) / MiB:.2f} MiB", "target < 10 MiB"))
+        rows.append(("GET /progress p50/p99 under load", "n/a: the daemon is not part of this build", ""))
+    finally:
+        ws.close()
+
+    print(f"\nfilesystem: {ws.kind}; {runs} runs per timing; median (min–max); every timing ends with sync")
+    if a.md:
+        print("\n| what | measured | ratio / target |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    else:
+        w = max(len(r[0]) for r in rows)
+        for r in rows:
+            print(f"{r[0]:<{w}}  {r[1]:<50}  {r[2]}")
+
+
+if __name__ == "__main__":
+    main()

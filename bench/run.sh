@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Benchmark: tope-updater install against `cp` + `sync` and `unzip -o` + `sync`, on the same
+# filesystem in the same run (a loop-mounted ext4 image when run as root, a temporary
+# directory otherwise). Prints one table; `--md` prints it as Markdown.
+#   bench/run.sh [--md] [--runs N] [--quick]
+# --quick: smaller payloads and fewer runs (a smoke test of the script itself).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need() { command -v "$1" >/dev/null 2>&1; }
+if [ "$(id -u)" = 0 ]; then
+  missing=()
+  need strace || missing+=(strace)
+  need unzip || missing+=(unzip)
+  [ -x /usr/bin/time ] || missing+=(time)
+  need mkfs.ext4 || missing+=(e2fsprogs)
+  if [ ${#missing[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; fi
+fi
+cargo build --release --quiet
+exec python3 bench/bench.py --bin "$PWD/target/release/tope-updater" "$@"
