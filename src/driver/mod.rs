@@ -1,0 +1,296 @@
+//! The driver: the one place where a transition is journaled and then performed.
+//!
+//! Write-ahead rule (STYLE rule 1): for every phase, `run::enter` commits the phase durably
+//! *before* `run::perform` starts its effects, and a phase's effects are made durable (batched
+//! `syncfs`) before the next phase is entered. Recovery therefore knows, from the journaled
+//! phase alone, which effects are complete and which may be partial.
+//!
+//! - `mod.rs`: opening the state dir (lock, journal, plan-copy reconciliation), shared types;
+//! - `planning.rs`: package or generation → `Plan`, with every check before the journal;
+//! - `run.rs`: the phase loop, commit effects, rollback;
+//! - `effects.rs`: the idempotent per-file effects (stage, swap, undo);
+//! - `recovery.rs`: `recover`;
+//! - `reports.rs`: `status` and `verify` (read-only).
+
+use crate::config::Config;
+use crate::engine::generation::{self, Generation};
+use crate::engine::phase::Shape;
+use crate::engine::{Phase, Plan, TxKind};
+use crate::error::{Error, ErrorCode, Result};
+use crate::fsutil;
+use crate::journal::Journal;
+use crate::journal::records::TxRecord;
+use crate::paths::AllowedRoots;
+use crate::plancopy;
+use crate::store::{BackupStore, GcStats};
+use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+mod effects;
+mod planning;
+mod recovery;
+pub mod reports;
+mod run;
+
+pub use reports::{GenerationSummary, InFlight, StatusReport, VerifyReport, status, verify_live};
+
+#[derive(Debug, Clone, Default)]
+pub struct InstallOptions {
+    /// The version the caller expects the package to be.
+    pub version: Option<String>,
+    pub allow_downgrade: bool,
+    /// Install a package even though an earlier install of the same bytes was rolled back.
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RollbackTo {
+    Previous,
+    Factory,
+    Version(String),
+}
+
+/// How a transaction ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Committed,
+    /// Undone; `touched` says whether any target had been swapped before the rollback.
+    RolledBack {
+        error: Error,
+        touched: bool,
+    },
+    /// Could not be undone: an operator is needed.
+    RollbackFailed {
+        error: Error,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TxReport {
+    pub tx: u64,
+    pub kind: &'static str,
+    pub from_version: Option<String>,
+    pub to_version: Option<String>,
+    pub targets: u32,
+    pub commits: u32,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum RecoverReport {
+    /// No transaction in flight.
+    Nothing,
+    /// A transaction was finished (forward or back).
+    Finished { report: TxReport, journal_lost: Option<Error> },
+    /// A transaction waits for an operator (`recover --retry` after fixing the cause).
+    NeedsOperator { tx: u64, error: Option<Error> },
+}
+
+/// Exclusive lock on `<state_dir>/lock`: one transaction at a time, across processes.
+pub fn lock_state_dir(state_dir: &Path) -> Result<Flock<File>> {
+    std::fs::create_dir_all(state_dir).map_err(|e| Error::io(ErrorCode::InternalError, "create state dir", state_dir, &e))?;
+    let path = state_dir.join("lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(ErrorCode::InternalError, "open", &path, &e))?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
+        nix::errno::Errno::EWOULDBLOCK => Error::new(ErrorCode::OperationInProgress, "another tope-updater transaction is running"),
+        other => Error::io(ErrorCode::InternalError, "flock", &path, &other.into()),
+    })
+}
+
+pub(super) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub(super) fn shape(plan: &Plan) -> Shape {
+    Shape { controls_services: plan.controls_services, runs_post_cmds: plan.runs_post_cmds }
+}
+
+pub(super) fn kind_name(kind: &TxKind) -> &'static str {
+    match kind {
+        TxKind::Install { .. } => "install",
+        TxKind::Rollback { .. } => "rollback",
+    }
+}
+
+pub struct Updater {
+    cfg: Config,
+    roots: AllowedRoots,
+    state_dir: PathBuf,
+    journal: Journal,
+    store: BackupStore,
+    _lock: Flock<File>,
+}
+
+impl Updater {
+    /// Takes the lock and opens the journal. A damaged journal is `JOURNAL_CORRUPT`: only
+    /// `recover` (see `open_for_recovery`) replaces it.
+    pub fn open(cfg: Config) -> Result<Updater> {
+        let lock = lock_state_dir(&cfg.state_dir)?;
+        // A plan copy without a journal means the journal was lost mid-transaction: creating a
+        // fresh journal here would make the copy look stale and delete the only record of
+        // what to undo. Only `recover` may handle that.
+        if !Journal::path_in(&cfg.state_dir).exists() && plancopy::path_in(&cfg.state_dir).exists() {
+            return Err(Error::new(
+                ErrorCode::JournalCorrupt,
+                "the journal is missing but a transaction was in flight; run `tope-updater recover`",
+            ));
+        }
+        let journal = Journal::open(&cfg.state_dir)?;
+        Updater::assemble(cfg, journal, lock)
+    }
+
+    /// Like `open`, but a damaged or missing journal does not stop recovery: the damaged
+    /// file is moved aside, a fresh journal is started, and the transaction described by
+    /// the redundant plan copy is put back in flight as a rollback. Returns the
+    /// `JOURNAL_CORRUPT` error that was survived, if any.
+    pub fn open_for_recovery(cfg: Config) -> Result<(Updater, Option<Error>)> {
+        let lock = lock_state_dir(&cfg.state_dir)?;
+        let path = Journal::path_in(&cfg.state_dir);
+        let copy_exists = plancopy::path_in(&cfg.state_dir).exists();
+        let (journal, lost) = if !path.exists() && copy_exists {
+            let e = Error::new(ErrorCode::JournalCorrupt, format!("{} is missing but a transaction was in flight", path.display()));
+            (Journal::open(&cfg.state_dir)?, Some(e))
+        } else {
+            match Journal::open(&cfg.state_dir) {
+                Ok(j) => (j, None),
+                Err(e) if e.code == ErrorCode::JournalCorrupt => {
+                    let aside = cfg.state_dir.join(format!("journal.redb.corrupt-{}", now_ms()));
+                    tracing::error!(error = %e, moved_to = %aside.display(), "journal unreadable; starting a fresh one");
+                    std::fs::rename(&path, &aside).map_err(|io| Error::io(ErrorCode::JournalCorrupt, "move aside", &path, &io))?;
+                    fsutil::fsync_dir(&cfg.state_dir)?;
+                    (Journal::open(&cfg.state_dir)?, Some(e))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if let Some(lost_err) = &lost {
+            match plancopy::read(&cfg.state_dir) {
+                Ok(Some(plan)) => {
+                    let mut rec = new_record(&plan);
+                    rec.phase = Phase::RollingBack;
+                    rec.phases.push(Phase::RollingBack);
+                    rec.error =
+                        Some(Error::new(ErrorCode::JournalCorrupt, format!("{}; rolled back from the plan copy", lost_err.message)));
+                    journal.import_in_flight(&mut rec, &plan)?;
+                }
+                Ok(None) => {}
+                Err(copy_err) => {
+                    return Err(Error::new(
+                        ErrorCode::RollbackFailed,
+                        format!(
+                            "journal lost ({}) and the plan copy is unusable ({}): an operator must check the target files",
+                            lost_err.message, copy_err.message
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok((Updater::assemble(cfg, journal, lock)?, lost))
+    }
+
+    fn assemble(cfg: Config, journal: Journal, lock: Flock<File>) -> Result<Updater> {
+        let store = BackupStore::open(&cfg.state_dir)?;
+        let up =
+            Updater { roots: AllowedRoots::new(&cfg.allowed_roots), state_dir: cfg.state_dir.clone(), cfg, journal, store, _lock: lock };
+        up.reconcile_plan_copy()?;
+        Ok(up)
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// A plan copy whose transaction is not in flight is stale (a crash between the final
+    /// commit and its removal, or before the `Planned` commit): remove it.
+    fn reconcile_plan_copy(&self) -> Result<()> {
+        let active = self.journal.active()?.map(|(rec, _)| rec.id);
+        let copy_id = match plancopy::read(&self.state_dir) {
+            Ok(None) => return Ok(()),
+            Ok(Some(p)) => Some(p.tx_id),
+            Err(e) => {
+                tracing::warn!(error = %e, "removing an unreadable plan copy (the journal holds the plan)");
+                None
+            }
+        };
+        if copy_id.is_none() || copy_id != active {
+            plancopy::remove(&self.state_dir)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn refuse_if_in_flight(&self) -> Result<()> {
+        match self.journal.active()? {
+            None => Ok(()),
+            Some((rec, _)) if rec.phase == Phase::RollbackFailed => Err(Error::new(
+                ErrorCode::RollbackFailed,
+                format!(
+                    "transaction {} could not be rolled back and needs an operator; fix the cause, then run `tope-updater recover --retry`",
+                    rec.id
+                ),
+            )),
+            Some((rec, _)) => Err(Error::new(
+                ErrorCode::OperationInProgress,
+                format!("transaction {} was interrupted in phase {}; run `tope-updater recover` first", rec.id, rec.phase),
+            )),
+        }
+    }
+
+    pub(super) fn current_generation(&self) -> Result<(Vec<Generation>, Option<Generation>)> {
+        let gens = self.journal.generations()?;
+        let id = self.journal.current_generation_id()?;
+        let current = gens.iter().find(|g| Some(g.id) == id).cloned();
+        Ok((gens, current))
+    }
+
+    /// Removes blobs that no kept generation and no factory entry references.
+    pub fn gc(&mut self) -> Result<GcStats> {
+        self.refuse_if_in_flight()?;
+        let keep = generation::referenced_blobs(&self.journal.generations()?, &self.journal.factory()?);
+        self.store.gc(&keep)
+    }
+}
+
+pub(super) fn new_record(plan: &Plan) -> TxRecord {
+    let now = now_ms();
+    TxRecord {
+        id: plan.tx_id,
+        kind: plan.kind.clone(),
+        from_version: plan.from_version.clone(),
+        to_version: plan.to_version.clone(),
+        phase: Phase::Planned,
+        phases: vec![Phase::Planned],
+        attempts: 0,
+        error: None,
+        targets: plan.targets.len() as u32,
+        new_bytes: plan.new_bytes(),
+        commits: 0,
+        started_unix_ms: now,
+        updated_unix_ms: now,
+    }
+}
+
+pub(super) fn report(rec: &TxRecord, plan: &Plan, outcome: Outcome) -> TxReport {
+    TxReport {
+        tx: rec.id,
+        kind: kind_name(&plan.kind),
+        from_version: rec.from_version.clone(),
+        to_version: rec.to_version.clone(),
+        targets: rec.targets,
+        commits: rec.commits,
+        outcome,
+    }
+}
+
+pub(super) fn path_string(p: &Path) -> Result<String> {
+    p.to_str().map(str::to_string).ok_or_else(|| Error::new(ErrorCode::PathNotAllowed, format!("{} is not UTF-8", p.display())))
+}

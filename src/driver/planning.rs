@@ -1,0 +1,258 @@
+//! Planning: from a package (install) or a kept generation (rollback) to a `Plan`, with every
+//! check that must pass before anything is journaled.
+
+use crate::config::ServiceManager;
+use crate::engine::generation::{self, Generation};
+use crate::engine::plan::{ModulePlan, PackageRef};
+use crate::engine::{NewFile, NewState, PathState, Plan, RollbackTarget, Source, Target, TxKind};
+use crate::error::{Error, ErrorCode, Result};
+use crate::fsutil;
+use crate::package::Package;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+impl Updater {
+    pub fn install(&mut self, package: &Path, opts: &InstallOptions) -> Result<TxReport> {
+        self.refuse_if_in_flight()?;
+        let started = std::time::Instant::now();
+        let pkg = Package::open(package, &self.cfg, &self.roots)?;
+        tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, files = pkg.files.len(), "package validated");
+        let (_, current) = self.current_generation()?;
+        self.check_acceptable(&pkg, current.as_ref(), opts)?;
+        let m = &pkg.manifest;
+        let uses_services = m.modules.iter().any(|m| m.process_name.is_some());
+        if uses_services && self.cfg.service_manager != ServiceManager::None {
+            tracing::warn!(
+                "this build does not control services: process_name is recorded in the plan, but no service is stopped or started"
+            );
+        }
+        if m.modules.iter().any(|m| !m.post_cmds.is_empty()) {
+            tracing::warn!("this build does not run post_cmds: they are recorded in the plan only");
+        }
+        let (euid, egid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+        let olds = crate::parallel::try_map(&pkg.files, |f| fsutil::observe(&f.dst))?;
+        let mut targets = Vec::with_capacity(pkg.files.len());
+        for (f, old) in pkg.files.iter().zip(olds) {
+            let module = &m.modules[f.module as usize];
+            let old_meta = match old {
+                PathState::File(o) => Some(o),
+                PathState::Absent => None,
+            };
+            let new = NewFile {
+                hash: f.expected,
+                size: f.size,
+                mode: module.mode.or(old_meta.map(|o| o.mode)).or(f.zip_mode).unwrap_or(0o644),
+                uid: module.uid.or(old_meta.map(|o| o.uid)).unwrap_or(euid),
+                gid: module.gid.or(old_meta.map(|o| o.gid)).unwrap_or(egid),
+            };
+            targets.push(Target {
+                path: path_string(&f.dst)?,
+                module: f.module,
+                old,
+                new: NewState::File(new),
+                source: Source::Package { entry: f.entry.clone() },
+            });
+        }
+        targets.sort_by(|a, b| a.path.cmp(&b.path));
+        let plan = Plan {
+            tx_id: self.journal.next_tx_id()?,
+            kind: TxKind::Install { package: PackageRef { path: path_string(&pkg.path)?, blake3: pkg.blake3, size: pkg.size } },
+            from_version: current.as_ref().map(|g| g.version.clone()),
+            to_version: Some(m.version.to_string()),
+            modules: m
+                .modules
+                .iter()
+                .map(|m| ModulePlan {
+                    name: m.name.clone(),
+                    process_name: m.process_name.clone(),
+                    restart_order: m.restart_order,
+                    post_cmds: m.post_cmds.clone(),
+                })
+                .collect(),
+            created_dirs: missing_dirs(&targets),
+            targets,
+            removed_dirs: Vec::new(),
+            controls_services: false,
+            runs_post_cmds: false,
+        };
+        self.check_free_space(&plan)?;
+        tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "planned");
+        self.start(plan, Some(pkg))
+    }
+
+    /// Version, compatibility and no-loop rules (SPEC §2, §3).
+    pub(super) fn check_acceptable(&self, pkg: &Package, current: Option<&Generation>, opts: &InstallOptions) -> Result<()> {
+        let m = &pkg.manifest;
+        if let Some(want) = &opts.version
+            && *want != m.version.to_string()
+        {
+            return Err(Error::new(ErrorCode::VersionMismatch, format!("package is version {}, caller asked for {want}", m.version)));
+        }
+        if let Some(c) = &m.compatible {
+            match &self.cfg.compatible {
+                Some(mine) if mine == c => {}
+                Some(mine) => return Err(Error::new(ErrorCode::Incompatible, format!("package is for {c:?}, this device is {mine:?}"))),
+                None => {
+                    return Err(Error::new(
+                        ErrorCode::Incompatible,
+                        format!("package is for {c:?}, and this device has no `compatible` configured"),
+                    ));
+                }
+            }
+        }
+        if let Some(cur) = current {
+            let cur_v = crate::version::Version::parse(&cur.version)?;
+            if m.version < cur_v && !opts.allow_downgrade {
+                return Err(Error::new(
+                    ErrorCode::VersionMismatch,
+                    format!("package {} is older than installed {}; use --allow-downgrade", m.version, cur.version),
+                ));
+            }
+            if let Some(min) = m.min_from_version
+                && cur_v < min
+            {
+                return Err(Error::new(
+                    ErrorCode::VersionMismatch,
+                    format!("package needs at least {min} installed, found {}", cur.version),
+                ));
+            }
+        } else if let Some(min) = m.min_from_version {
+            tracing::warn!(%min, "min_from_version set but no installed version is recorded (factory baseline); accepting");
+        }
+        if let Some(tx) = self.journal.failed_package(&pkg.blake3)?
+            && !opts.force
+        {
+            return Err(Error::new(
+                ErrorCode::ValidationError,
+                format!("this package ({}) was installed by transaction {tx} and rolled back; use --force to try it again", pkg.blake3),
+            ));
+        }
+        Ok(())
+    }
+
+    /// statvfs preflight: new content beside every target, plus copies of old content when
+    /// the backup store is on another filesystem (hard links cost nothing).
+    pub(super) fn check_free_space(&self, plan: &Plan) -> Result<()> {
+        let store_dev = fsutil::device_of(self.store.dir())?;
+        let mut need: BTreeMap<u64, (u64, PathBuf)> = BTreeMap::new();
+        let mut dev_of_parent: BTreeMap<&Path, u64> = BTreeMap::new();
+        for t in &plan.targets {
+            let p = Path::new(&t.path);
+            let parent = p.parent().unwrap_or(p);
+            let dev = match dev_of_parent.get(parent) {
+                Some(d) => *d,
+                None => *dev_of_parent.entry(parent).or_insert(fsutil::device_of(p)?),
+            };
+            if let NewState::File(f) = t.new {
+                need.entry(dev).or_insert((0, p.to_path_buf())).0 += f.size;
+            }
+            if let (PathState::File(o), true) = (t.old, dev != store_dev) {
+                need.entry(store_dev).or_insert((0, self.store.dir().to_path_buf())).0 += o.size;
+            }
+        }
+        for (bytes, anchor) in need.values() {
+            let avail = fsutil::available_bytes(anchor)?;
+            if avail < bytes + crate::limits::FREE_SPACE_RESERVE_BYTES {
+                return Err(Error::new(
+                    ErrorCode::DiskFull,
+                    format!("{} needs {bytes} bytes, {avail} available", fsutil::existing_ancestor(anchor).display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn rollback(&mut self, to: &RollbackTo) -> Result<TxReport> {
+        self.refuse_if_in_flight()?;
+        let (gens, current) = self.current_generation()?;
+        let factory = self.journal.factory()?;
+        let nothing = |m: String| Error::new(ErrorCode::NothingToRollBack, m);
+        let (target, rollback_to): (Option<&Generation>, RollbackTarget) = match to {
+            RollbackTo::Previous => {
+                let cur = current.as_ref().ok_or_else(|| nothing("nothing installed: already at the factory baseline".into()))?;
+                match cur.parent {
+                    None => (None, RollbackTarget::Factory),
+                    Some(p) => {
+                        let g = gens
+                            .iter()
+                            .find(|g| g.id == p)
+                            .ok_or_else(|| nothing(format!("the previous generation ({p}) is no longer kept; use --to factory")))?;
+                        (Some(g), RollbackTarget::Generation(g.id))
+                    }
+                }
+            }
+            RollbackTo::Factory => {
+                if current.is_none() {
+                    return Err(nothing("already at the factory baseline".into()));
+                }
+                (None, RollbackTarget::Factory)
+            }
+            RollbackTo::Version(v) => {
+                let g = gens
+                    .iter()
+                    .rev()
+                    .find(|g| g.version == *v && Some(g.id) != current.as_ref().map(|c| c.id))
+                    .ok_or_else(|| nothing(format!("no kept generation other than the current one has version {v}")))?;
+                (Some(g), RollbackTarget::Generation(g.id))
+            }
+        };
+        let managed: Vec<&str> = generation::managed_paths(current.as_ref(), &factory).into_iter().collect();
+        let observed = crate::parallel::try_map(&managed, |p| fsutil::observe(Path::new(p)))?;
+        let mut targets = Vec::new();
+        for (path, have) in managed.into_iter().zip(observed) {
+            let want = generation::desired_state(path, target, &factory);
+            if have == want {
+                continue;
+            }
+            let (new, source) = match want {
+                PathState::Absent => (NewState::Absent, Source::Nothing),
+                PathState::File(m) => {
+                    if !self.store.has(&m.hash) {
+                        return Err(Error::new(
+                            ErrorCode::RollbackFailed,
+                            format!("the backup of {path} ({}) is missing; nothing was changed", m.hash),
+                        ));
+                    }
+                    (NewState::File(NewFile { hash: Some(m.hash), size: m.size, mode: m.mode, uid: m.uid, gid: m.gid }), Source::Blob)
+                }
+            };
+            targets.push(Target { path: path.to_string(), module: 0, old: have, new, source });
+        }
+        let plan = Plan {
+            tx_id: self.journal.next_tx_id()?,
+            kind: TxKind::Rollback { to: rollback_to },
+            from_version: current.as_ref().map(|g| g.version.clone()),
+            to_version: target.map(|g| g.version.clone()),
+            modules: Vec::new(),
+            created_dirs: missing_dirs(&targets),
+            removed_dirs: generation::dirs_to_remove(current.as_ref(), target),
+            targets,
+            controls_services: false,
+            runs_post_cmds: false,
+        };
+        self.check_free_space(&plan)?;
+        self.start(plan, None)
+    }
+}
+
+/// Ancestors of new files that do not exist yet, parents first.
+pub(super) fn missing_dirs(targets: &[Target]) -> Vec<String> {
+    let mut dirs = BTreeSet::new();
+    for t in targets.iter().filter(|t| matches!(t.new, NewState::File(_))) {
+        let mut p = Path::new(&t.path).parent();
+        while let Some(dir) = p {
+            if std::fs::symlink_metadata(dir).is_ok() {
+                break;
+            }
+            if let Some(s) = dir.to_str() {
+                dirs.insert(s.to_string());
+            }
+            p = dir.parent();
+        }
+    }
+    let mut out: Vec<String> = dirs.into_iter().collect();
+    out.sort_by_key(|d| (d.matches('/').count(), d.clone()));
+    out
+}

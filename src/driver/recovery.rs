@@ -1,0 +1,101 @@
+//! `recover`: find the transaction in flight and resume it or roll it back (SPEC §3).
+
+use crate::engine::phase::{Event, transition};
+use crate::engine::recovery::{Decision, Inputs, ResumeNeeds, decide, resume_needs};
+use crate::engine::{NewFile, NewState, PathState, Phase, Plan, TxKind};
+use crate::error::{Error, ErrorCode, Result};
+use crate::failpoint::hit;
+use crate::fsutil::{self, temp_path};
+use crate::package::Package;
+use std::path::Path;
+
+use super::*;
+
+impl Updater {
+    /// Finishes or rolls back the transaction in flight, if any (SPEC §3).
+    pub fn recover(&mut self, retry: bool) -> Result<RecoverReport> {
+        let Some((mut rec, plan)) = self.journal.active()? else { return Ok(RecoverReport::Nothing) };
+        if rec.phase == Phase::RollbackFailed {
+            if !retry {
+                return Ok(RecoverReport::NeedsOperator { tx: rec.id, error: rec.error });
+            }
+            let next = transition(rec.phase, Event::OperatorRetry, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
+            rec.attempts = 0;
+            self.enter(&mut rec, next, &plan, false)?;
+        }
+        rec.attempts += 1;
+        rec.updated_unix_ms = now_ms();
+        self.journal.enter_phase(&mut rec, None)?;
+        hit("recover.attempt");
+        let (inputs, pkg) = self.check_inputs(resume_needs(rec.phase), &plan);
+        let decision = decide(rec.phase, rec.attempts, self.cfg.max_recovery_attempts, self.cfg.recovery, &inputs);
+        tracing::info!(tx = rec.id, phase = %rec.phase, attempt = rec.attempts, ?decision, "recovering");
+        let report = match decision {
+            Decision::Nothing => return Ok(RecoverReport::Nothing),
+            Decision::Resume => self.drive(rec, plan, pkg)?,
+            Decision::RollBack { reason } => {
+                if rec.phase != Phase::RollingBack {
+                    rec.error = Some(Error::new(ErrorCode::DeploymentFailed, format!("interrupted in phase {}; {reason}", rec.phase)));
+                    let next = transition(rec.phase, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
+                    self.enter(&mut rec, next, &plan, false)?;
+                }
+                self.roll_back(rec, plan)?
+            }
+            Decision::GiveUp { reason } => {
+                let err = Error::new(
+                    ErrorCode::RollbackFailed,
+                    format!("{reason}; last error: {}", rec.error.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "none".into())),
+                );
+                rec.phase = Phase::RollbackFailed;
+                rec.phases.push(Phase::RollbackFailed);
+                rec.error = Some(err.clone());
+                self.journal.enter_phase(&mut rec, None)?;
+                report(&rec, &plan, Outcome::RollbackFailed { error: err })
+            }
+        };
+        Ok(RecoverReport::Finished { report, journal_lost: None })
+    }
+
+    /// Whether what resuming needs is there (`ResumeNeeds`), and the reopened package.
+    pub(super) fn check_inputs(&self, needs: ResumeNeeds, plan: &Plan) -> (Inputs, Option<Package>) {
+        match needs {
+            ResumeNeeds::Nothing => (Inputs::Available, None),
+            ResumeNeeds::Source => match &plan.kind {
+                TxKind::Install { package } => match Package::open(Path::new(&package.path), &self.cfg, &self.roots) {
+                    Ok(p) if p.blake3 == package.blake3 => (Inputs::Available, Some(p)),
+                    Ok(_) => (Inputs::Missing(format!("package {} has changed", package.path)), None),
+                    Err(e) => (Inputs::Missing(format!("package {}: {e}", package.path)), None),
+                },
+                TxKind::Rollback { .. } => {
+                    let missing = plan.targets.iter().find_map(|t| match t.new {
+                        NewState::File(NewFile { hash: Some(h), .. }) if !self.store.has(&h) => Some(t.path.clone()),
+                        _ => None,
+                    });
+                    match missing {
+                        None => (Inputs::Available, None),
+                        Some(p) => (Inputs::Missing(format!("backup for {p} is missing")), None),
+                    }
+                }
+            },
+            ResumeNeeds::StagedContent => {
+                let checked = crate::parallel::try_map(&plan.targets, |t| {
+                    let missing = |why: &str| Error::new(ErrorCode::DeploymentFailed, format!("{}: {why}", t.path));
+                    let want = t.new.settled().ok_or_else(|| missing("new hash was never recorded"))?;
+                    if want == PathState::Absent {
+                        return Ok(());
+                    }
+                    let target = Path::new(&t.path);
+                    let staged_ok = fsutil::observe(&temp_path(target, plan.tx_id)).is_ok_and(|s| s == want);
+                    if !staged_ok && (fsutil::observe(target) != Ok(want)) {
+                        return Err(missing("neither the staged nor the live file holds the new content"));
+                    }
+                    Ok(())
+                });
+                match checked {
+                    Ok(_) => (Inputs::Available, None),
+                    Err(e) => (Inputs::Missing(e.message), None),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The transaction loop: journal a phase, perform its effects, make them durable, ask the
+//! engine for the next phase; on failure, undo.
+
+use crate::engine::generation;
+use crate::engine::phase::{Event, transition};
+use crate::engine::{NewState, PathState, Phase, Plan, RollbackTarget, Target, TxKind};
+use crate::error::{Error, ErrorCode, Result};
+use crate::failpoint::hit;
+use crate::fsutil;
+use crate::journal::CommitEffects;
+use crate::journal::records::TxRecord;
+use crate::package::Package;
+use crate::plancopy;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::*;
+
+use super::effects::{stage_one, swap_one, undo_one};
+
+impl Updater {
+    pub(super) fn start(&mut self, plan: Plan, pkg: Option<Package>) -> Result<TxReport> {
+        let mut rec = new_record(&plan);
+        // The redundant copy first: if the journal is destroyed later, this is what recovery
+        // rolls back from.
+        plancopy::write(&self.state_dir, &plan)?;
+        hit("plan.copy_written");
+        self.journal.begin(&mut rec, &plan)?;
+        hit("enter.Planned");
+        tracing::info!(tx = rec.id, kind = kind_name(&plan.kind), targets = plan.targets.len(), to = ?plan.to_version, "transaction planned");
+        self.drive(rec, plan, pkg)
+    }
+
+    /// Runs the transaction from its journaled phase to a terminal phase.
+    pub(super) fn drive(&mut self, mut rec: TxRecord, mut plan: Plan, pkg: Option<Package>) -> Result<TxReport> {
+        loop {
+            if rec.phase == Phase::RollingBack {
+                return self.roll_back(rec, plan);
+            }
+            let started = std::time::Instant::now();
+            let performed = self.perform(rec.phase, &mut plan, pkg.as_ref());
+            tracing::debug!(tx = rec.id, phase = %rec.phase, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "phase effects done");
+            match performed {
+                Ok(plan_changed) if rec.phase == Phase::Committed => {
+                    let _ = plan_changed;
+                    tracing::info!(tx = rec.id, to = ?plan.to_version, commits = rec.commits, "transaction committed");
+                    return Ok(report(&rec, &plan, Outcome::Committed));
+                }
+                Ok(plan_changed) => {
+                    let next = transition(rec.phase, Event::Done, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
+                    self.enter(&mut rec, next, &plan, plan_changed)?;
+                }
+                Err(e) => {
+                    tracing::error!(tx = rec.id, phase = %rec.phase, error = %e, "phase failed; rolling back");
+                    let next = transition(rec.phase, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
+                    rec.error = Some(e);
+                    self.enter(&mut rec, next, &plan, false)?;
+                }
+            }
+        }
+    }
+
+    /// Journals `next` durably, then fires its crash point. Nothing of `next` has happened yet.
+    pub(super) fn enter(&mut self, rec: &mut TxRecord, next: Phase, plan: &Plan, plan_changed: bool) -> Result<()> {
+        rec.phase = next;
+        rec.phases.push(next);
+        rec.updated_unix_ms = now_ms();
+        if next == Phase::Committed {
+            let fx = self.commit_effects(plan)?;
+            self.journal.finish_committed(rec, fx)?;
+        } else {
+            self.journal.enter_phase(rec, plan_changed.then_some(plan))?;
+        }
+        hit(&format!("enter.{}", next.name()));
+        Ok(())
+    }
+
+    /// The effects of one phase. Returns whether the plan changed (new hashes learnt).
+    pub(super) fn perform(&mut self, phase: Phase, plan: &mut Plan, pkg: Option<&Package>) -> Result<bool> {
+        match phase {
+            Phase::Planned => Ok(false),
+            Phase::Staged => self.stage(plan, pkg).map(|()| true),
+            Phase::BackedUp => self.back_up(plan).map(|()| false),
+            Phase::Swapped => self.swap(plan).map(|()| false),
+            Phase::Verified => self.verify(plan).map(|()| false),
+            Phase::Committed => {
+                plancopy::remove(&self.state_dir)?;
+                hit("commit.cleaned");
+                Ok(false)
+            }
+            Phase::ServicesStopped | Phase::PostCommands | Phase::ServicesStarted => {
+                Err(Error::internal(format!("phase {phase} has no implementation in this build, and no plan of this build enters it")))
+            }
+            Phase::RollingBack | Phase::RolledBack | Phase::RollbackFailed => Err(Error::internal(format!("perform called for {phase}"))),
+        }
+    }
+
+    /// Writes every new file beside its target, hashing while writing (on every core), then
+    /// one syncfs per filesystem. Idempotent: staged files are recreated from scratch.
+    pub(super) fn stage(&mut self, plan: &mut Plan, pkg: Option<&Package>) -> Result<()> {
+        for d in &plan.created_dirs {
+            fsutil::make_dir(Path::new(d))?;
+        }
+        let (tx, store) = (plan.tx_id, &self.store);
+        let hashes = crate::parallel::try_map_with(
+            &plan.targets,
+            || Ok(pkg.map(Package::archive)),
+            |archive, t| stage_one(t, tx, archive.as_mut(), store),
+        )?;
+        for (t, hash) in plan.targets.iter_mut().zip(hashes) {
+            if let (NewState::File(nf), Some(h)) = (&mut t.new, hash) {
+                nf.hash = Some(h);
+            }
+        }
+        #[cfg(not(feature = "powercut-negative-control"))]
+        fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
+        hit("stage.synced");
+        Ok(())
+    }
+
+    /// Puts every old file into the backup store (hard link or verified copy), then one
+    /// syncfs of the store's filesystem.
+    pub(super) fn back_up(&mut self, plan: &Plan) -> Result<()> {
+        for t in &plan.targets {
+            if let PathState::File(m) = t.old {
+                self.store.put(Path::new(&t.path), &m.hash)?;
+                hit("backup.file");
+            }
+        }
+        fsutil::sync_filesystems([self.store.dir()])?;
+        hit("backup.synced");
+        Ok(())
+    }
+
+    /// Renames every staged file over its target (or removes the target), removes the
+    /// directories a rollback empties, then one syncfs per filesystem. Directories are
+    /// worked on in parallel (renames in one directory serialise on its lock anyway).
+    pub(super) fn swap(&mut self, plan: &Plan) -> Result<()> {
+        let mut by_dir: BTreeMap<&Path, Vec<&Target>> = BTreeMap::new();
+        for t in &plan.targets {
+            let p = Path::new(&t.path);
+            by_dir.entry(p.parent().unwrap_or(p)).or_default().push(t);
+        }
+        let groups: Vec<Vec<&Target>> = by_dir.into_values().collect();
+        crate::parallel::try_map(&groups, |group| group.iter().try_for_each(|t| swap_one(t, plan.tx_id)))?;
+        for d in &plan.removed_dirs {
+            fsutil::remove_dir_if_empty(Path::new(d))?;
+        }
+        fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
+        hit("swap.synced");
+        Ok(())
+    }
+
+    /// Re-reads every target and compares it with the plan.
+    pub(super) fn verify(&mut self, plan: &Plan) -> Result<()> {
+        crate::parallel::try_map(&plan.targets, |t| {
+            let want = t.new.settled().ok_or_else(|| Error::internal(format!("{}: new hash unknown at verification", t.path)))?;
+            let got = fsutil::observe(Path::new(&t.path))?;
+            if got != want {
+                return Err(Error::new(ErrorCode::HashMismatch, format!("{} does not hold its new content after the swap", t.path)));
+            }
+            hit("verify.file");
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    pub(super) fn commit_effects(&self, plan: &Plan) -> Result<CommitEffects> {
+        let (gens, current) = self.current_generation()?;
+        match &plan.kind {
+            TxKind::Install { package } => {
+                // A generation is named after the install that made it: unique and increasing.
+                let id = plan.tx_id;
+                let version = plan.to_version.clone().unwrap_or_default();
+                let g = generation::after_install(current.as_ref(), id, plan, &version)
+                    .ok_or_else(|| Error::internal("new hashes unknown at commit"))?;
+                let factory = self.journal.factory()?;
+                let mut ids: Vec<u64> = gens.iter().map(|g| g.id).collect();
+                ids.push(id);
+                Ok(CommitEffects {
+                    factory_additions: generation::factory_additions(&factory, plan),
+                    remove_generations: generation::prune(&ids, self.cfg.keep_generations as usize),
+                    current: Some(id),
+                    new_generation: Some(g),
+                    clear_failed_package: Some(package.blake3),
+                })
+            }
+            TxKind::Rollback { to } => {
+                let keep_upto = match to {
+                    RollbackTarget::Generation(id) => Some(*id),
+                    RollbackTarget::Factory => None,
+                };
+                Ok(CommitEffects {
+                    new_generation: None,
+                    current: keep_upto,
+                    remove_generations: gens.iter().map(|g| g.id).filter(|id| keep_upto.is_none_or(|k| *id > k)).collect(),
+                    factory_additions: Vec::new(),
+                    clear_failed_package: None,
+                })
+            }
+        }
+    }
+
+    /// Undoes a transaction from whatever its targets hold now, then ends it.
+    pub(super) fn roll_back(&mut self, mut rec: TxRecord, plan: Plan) -> Result<TxReport> {
+        let error = rec.error.clone().unwrap_or_else(|| Error::new(ErrorCode::DeploymentFailed, "rolled back"));
+        match self.undo(&plan) {
+            Ok(()) => {
+                rec.phase = transition(Phase::RollingBack, Event::Done, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
+                rec.phases.push(rec.phase);
+                rec.updated_unix_ms = now_ms();
+                let failed_package = match &plan.kind {
+                    TxKind::Install { package } => Some(package.blake3),
+                    TxKind::Rollback { .. } => None,
+                };
+                self.journal.finish_rolled_back(&mut rec, failed_package)?;
+                hit("enter.RolledBack");
+                plancopy::remove(&self.state_dir)?;
+                tracing::warn!(tx = rec.id, error = %error, "transaction rolled back");
+                let touched = rec.phases.iter().any(|p| p.has_swapped());
+                Ok(report(&rec, &plan, Outcome::RolledBack { error, touched }))
+            }
+            Err(e) => {
+                rec.phase = transition(Phase::RollingBack, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
+                rec.phases.push(rec.phase);
+                rec.updated_unix_ms = now_ms();
+                let err = Error::new(ErrorCode::RollbackFailed, format!("{}; it was rolling back because of {error}", e));
+                rec.error = Some(err.clone());
+                self.journal.enter_phase(&mut rec, None)?;
+                tracing::error!(tx = rec.id, error = %err, "ROLLBACK FAILED: an operator is needed");
+                Ok(report(&rec, &plan, Outcome::RollbackFailed { error: err }))
+            }
+        }
+    }
+
+    /// Puts every target back to its old state, judged by what it holds now (idempotent:
+    /// a second run after a crash finds less to do), then one syncfs per filesystem.
+    pub(super) fn undo(&mut self, plan: &Plan) -> Result<()> {
+        let (tx, store) = (plan.tx_id, &self.store);
+        crate::parallel::try_map(&plan.targets, |t| undo_one(t, tx, store))?;
+        for d in plan.created_dirs.iter().rev() {
+            fsutil::remove_dir_if_empty(Path::new(d))?;
+        }
+        let anchors: Vec<&Path> = plan.targets.iter().map(|t| Path::new(&t.path)).collect();
+        fsutil::sync_filesystems(anchors)?;
+        hit("rollback.synced");
+        Ok(())
+    }
+}
