@@ -156,6 +156,7 @@ pub fn exit_for_report(r: &TxReport) -> u8 {
         Outcome::RolledBack { .. } if r.kind == "rollback" => exit::NEEDS_OPERATOR,
         Outcome::RolledBack { error, touched: false } if error.code.is_rejection() => exit::REJECTED,
         Outcome::RolledBack { .. } => exit::ROLLED_BACK,
+        Outcome::Interrupted { .. } => exit::OTHER,
     }
 }
 
@@ -199,6 +200,7 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
                     Outcome::Committed => exit::DONE,
                     Outcome::RolledBack { .. } => exit::ROLLED_BACK,
                     Outcome::RollbackFailed { .. } => exit::NEEDS_OPERATOR,
+                    Outcome::Interrupted { .. } => exit::OTHER,
                 },
             })
         }
@@ -317,7 +319,7 @@ impl Output {
     pub fn tx_report(&self, r: &TxReport) {
         self.emit(r, || render_tx(r));
         // A failed transaction is an error like any other: the stable code goes to stderr.
-        if let Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } = &r.outcome {
+        if let Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } | Outcome::Interrupted { error } = &r.outcome {
             eprintln!("error: {}: {}", error.code, error.message);
         }
     }
@@ -428,6 +430,10 @@ fn render_tx(r: &TxReport) -> String {
         Outcome::RollbackFailed { error } => {
             format!("{} {from} -> {to}: ROLLBACK FAILED (tx {}), an operator is needed: {error}", r.kind, r.tx)
         }
+        Outcome::Interrupted { error } => format!(
+            "{} {from} -> {to}: INTERRUPTED (tx {}), still in flight: fix the cause, then run `tope-updater recover`: {error}",
+            r.kind, r.tx
+        ),
     }
 }
 

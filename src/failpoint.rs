@@ -1,8 +1,10 @@
 //! Named crash points (SPEC §8). With the `failpoints` feature, `hit("name")` consults the
 //! `FAILPOINTS` environment variable (the `fail` crate's syntax, e.g.
 //! `FAILPOINTS='swap.file=2*off->return'` for the third hit) and, when armed, kills the
-//! process with SIGKILL: no destructor, no flush, no cleanup, like a crash. Without the
-//! feature, `hit` compiles to nothing.
+//! process with SIGKILL: no destructor, no flush, no cleanup, like a crash. The fail crate's
+//! `sleep(ms)` action pauses the process at the point instead (tests use it to change the
+//! world mid-transaction, e.g. fill the disk after the preflight). Without the feature, `hit`
+//! compiles to nothing.
 
 /// Every crash point this build can reach. The crash test arms each in turn and fails if one
 /// is never reached.

@@ -214,11 +214,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fsync_dir(dir)
 }
 
-/// Bytes available to unprivileged writers on the filesystem holding `path`.
-pub fn available_bytes(path: &Path) -> Result<u64> {
+/// Bytes available to unprivileged writers on the filesystem holding `path`, and its block
+/// size.
+pub fn available_bytes_and_block(path: &Path) -> Result<(u64, u64)> {
     let anchor = existing_ancestor(path);
     let st = nix::sys::statvfs::statvfs(anchor).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "statvfs", anchor, &e.into()))?;
-    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+    let block = st.fragment_size() as u64;
+    Ok(((st.blocks_available() as u64).saturating_mul(block), block))
 }
 
 /// st_dev of the filesystem holding `path` (or its nearest existing ancestor).

@@ -66,21 +66,31 @@ impl BackupStore {
         // Copy under a temporary name and rename, so a blob name only ever holds whole content.
         let tmp = self.dir.join(format!("{TEMP_PREFIX}{}.tmp", hash.to_hex()));
         fsutil::remove_if_present(&tmp)?;
-        let out = fsutil::create_exclusive(&tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", &tmp, &e))?;
+        let copied = self.copy_in(src, hash, &tmp);
+        if copied.is_err() {
+            // A partial copy must not keep the space a full disk needs for the rollback.
+            let _ = fsutil::remove_if_present(&tmp);
+        }
+        copied?;
+        std::fs::rename(&tmp, &blob).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", &blob, &e))?;
+        Ok(Put::Copied)
+    }
+
+    /// Copies `src` to `tmp`, verifying that it still has content `hash`.
+    fn copy_in(&self, src: &Path, hash: &Hash, tmp: &Path) -> Result<()> {
+        let out = fsutil::create_exclusive(tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", tmp, &e))?;
         let input = File::open(src).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open", src, &e))?;
         let (got, _) = fsutil::copy_hashed(input, &out).map_err(|e| match e {
             fsutil::CopyError::Read(e) => Error::io(ErrorCode::DeploymentFailed, "read", src, &e),
-            fsutil::CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write backup", &tmp, &e),
+            fsutil::CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write backup", tmp, &e),
         })?;
         if got != *hash {
-            fsutil::remove_if_present(&tmp)?;
             return Err(Error::new(
                 ErrorCode::HashMismatch,
                 format!("{} changed while being backed up (expected {hash}, read {got})", src.display()),
             ));
         }
-        std::fs::rename(&tmp, &blob).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", &blob, &e))?;
-        Ok(Put::Copied)
+        Ok(())
     }
 
     /// An existing blob can be trusted without reading it when it is `src` itself (a link of
@@ -111,14 +121,20 @@ impl BackupStore {
         let blob = self.blob_path(&meta.hash);
         let input = File::open(&blob).map_err(|e| Error::io(ErrorCode::RollbackFailed, "open backup", &blob, &e))?;
         fsutil::remove_if_present(dst)?;
+        let restored = Self::copy_verified(input, &blob, meta, dst);
+        if restored.is_err() {
+            let _ = fsutil::remove_if_present(dst);
+        }
+        restored
+    }
+
+    fn copy_verified(input: File, blob: &Path, meta: &FileMeta, dst: &Path) -> Result<()> {
         let out = fsutil::create_exclusive(dst).map_err(|e| Error::io(ErrorCode::RollbackFailed, "create", dst, &e))?;
         let (got, _) = fsutil::copy_hashed(input, &out).map_err(|e| match e {
-            fsutil::CopyError::Read(e) => Error::io(ErrorCode::RollbackFailed, "read backup", &blob, &e),
+            fsutil::CopyError::Read(e) => Error::io(ErrorCode::RollbackFailed, "read backup", blob, &e),
             fsutil::CopyError::Write(e) => Error::io(ErrorCode::RollbackFailed, "write", dst, &e),
         })?;
         if got != meta.hash {
-            drop(out);
-            fsutil::remove_if_present(dst)?;
             return Err(Error::new(ErrorCode::HashMismatch, format!("backup blob {} is damaged (read {got})", blob.display())));
         }
         fsutil::apply_meta(&out, dst, meta.mode, meta.uid, meta.gid)

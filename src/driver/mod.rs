@@ -66,6 +66,11 @@ pub enum Outcome {
     RollbackFailed {
         error: Error,
     },
+    /// Stopped part-way because the journal itself could not be written (a full disk, a
+    /// failing device): the transaction stays in flight and `recover` finishes it.
+    Interrupted {
+        error: Error,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -157,45 +162,41 @@ impl Updater {
         let lock = lock_state_dir(&cfg.state_dir)?;
         let path = Journal::path_in(&cfg.state_dir);
         let copy_exists = plancopy::path_in(&cfg.state_dir).exists();
-        let (journal, lost) = if !path.exists() && copy_exists {
-            let e = Error::new(ErrorCode::JournalCorrupt, format!("{} is missing but a transaction was in flight", path.display()));
-            (Journal::open(&cfg.state_dir)?, Some(e))
+        let lost = if !path.exists() && copy_exists {
+            Error::new(ErrorCode::JournalCorrupt, format!("{} is missing but a transaction was in flight", path.display()))
         } else {
             match Journal::open(&cfg.state_dir) {
-                Ok(j) => (j, None),
-                Err(e) if e.code == ErrorCode::JournalCorrupt => {
-                    let aside = cfg.state_dir.join(format!("journal.redb.corrupt-{}", now_ms()));
-                    tracing::error!(error = %e, moved_to = %aside.display(), "journal unreadable; starting a fresh one");
-                    std::fs::rename(&path, &aside).map_err(|io| Error::io(ErrorCode::JournalCorrupt, "move aside", &path, &io))?;
-                    fsutil::fsync_dir(&cfg.state_dir)?;
-                    (Journal::open(&cfg.state_dir)?, Some(e))
-                }
+                Ok(journal) => return Ok((Updater::assemble(cfg, journal, lock)?, None)),
+                Err(e) if e.code == ErrorCode::JournalCorrupt => e,
                 Err(e) => return Err(e),
             }
         };
-        if let Some(lost_err) = &lost {
-            match plancopy::read(&cfg.state_dir) {
-                Ok(Some(plan)) => {
-                    let mut rec = new_record(&plan);
-                    rec.phase = Phase::RollingBack;
-                    rec.phases.push(Phase::RollingBack);
-                    rec.error =
-                        Some(Error::new(ErrorCode::JournalCorrupt, format!("{}; rolled back from the plan copy", lost_err.message)));
-                    journal.import_in_flight(&mut rec, &plan)?;
-                }
-                Ok(None) => {}
-                Err(copy_err) => {
-                    return Err(Error::new(
-                        ErrorCode::RollbackFailed,
-                        format!(
-                            "journal lost ({}) and the plan copy is unusable ({}): an operator must check the target files",
-                            lost_err.message, copy_err.message
-                        ),
-                    ));
-                }
-            }
+        // Read the plan copy before touching anything: if it is unusable too, everything stays
+        // as it is (every later command keeps saying so) until an operator steps in.
+        let plan = plancopy::read(&cfg.state_dir).map_err(|copy_err| {
+            Error::new(
+                ErrorCode::RollbackFailed,
+                format!(
+                    "journal lost ({}) and the plan copy is unusable ({}): an operator must check the target files",
+                    lost.message, copy_err.message
+                ),
+            )
+        })?;
+        if path.exists() {
+            let aside = cfg.state_dir.join(format!("journal.redb.corrupt-{}", now_ms()));
+            tracing::error!(error = %lost, moved_to = %aside.display(), "journal unreadable; starting a fresh one");
+            std::fs::rename(&path, &aside).map_err(|io| Error::io(ErrorCode::JournalCorrupt, "move aside", &path, &io))?;
+            fsutil::fsync_dir(&cfg.state_dir)?;
         }
-        Ok((Updater::assemble(cfg, journal, lock)?, lost))
+        let journal = Journal::open(&cfg.state_dir)?;
+        if let Some(plan) = plan {
+            let mut rec = new_record(&plan);
+            rec.phase = Phase::RollingBack;
+            rec.phases.push(Phase::RollingBack);
+            rec.error = Some(Error::new(ErrorCode::JournalCorrupt, format!("{}; rolled back from the plan copy", lost.message)));
+            journal.import_in_flight(&mut rec, &plan)?;
+        }
+        Ok((Updater::assemble(cfg, journal, lock)?, Some(lost)))
     }
 
     fn assemble(cfg: Config, journal: Journal, lock: Flock<File>) -> Result<Updater> {

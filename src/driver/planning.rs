@@ -136,8 +136,13 @@ impl Updater {
     /// the backup store is on another filesystem (hard links cost nothing).
     pub(super) fn check_free_space(&self, plan: &Plan) -> Result<()> {
         let store_dev = fsutil::device_of(self.store.dir())?;
-        let mut need: BTreeMap<u64, (u64, PathBuf)> = BTreeMap::new();
+        // Space is allocated in blocks, and thousands of small files waste most of their last
+        // block: count whole blocks, or the preflight passes and staging hits ENOSPC.
+        let mut need: BTreeMap<u64, Need> = BTreeMap::new();
         let mut dev_of_parent: BTreeMap<&Path, u64> = BTreeMap::new();
+        // The state filesystem also takes the plan twice (journal and plan copy) and the
+        // journal's growth; a generous per-target estimate plus the fixed reserve.
+        need.entry(store_dev).or_insert_with(|| Need::at(self.store.dir())).bytes += plan.targets.len() as u64 * PLAN_BYTES_PER_TARGET;
         for t in &plan.targets {
             let p = Path::new(&t.path);
             let parent = p.parent().unwrap_or(p);
@@ -146,18 +151,20 @@ impl Updater {
                 None => *dev_of_parent.entry(parent).or_insert(fsutil::device_of(p)?),
             };
             if let NewState::File(f) = t.new {
-                need.entry(dev).or_insert((0, p.to_path_buf())).0 += f.size;
+                need.entry(dev).or_insert_with(|| Need::at(p)).add_file(f.size);
             }
             if let (PathState::File(o), true) = (t.old, dev != store_dev) {
-                need.entry(store_dev).or_insert((0, self.store.dir().to_path_buf())).0 += o.size;
+                need.entry(store_dev).or_insert_with(|| Need::at(self.store.dir())).add_file(o.size);
             }
         }
-        for (bytes, anchor) in need.values() {
-            let avail = fsutil::available_bytes(anchor)?;
-            if avail < bytes + crate::limits::FREE_SPACE_RESERVE_BYTES {
+        for n in need.values() {
+            let (avail, block) = fsutil::available_bytes_and_block(&n.anchor)?;
+            let bytes = n.bytes + n.files * block.saturating_sub(1) + crate::limits::FREE_SPACE_RESERVE_BYTES;
+            let bytes = bytes.next_multiple_of(block.max(1));
+            if avail < bytes {
                 return Err(Error::new(
                     ErrorCode::DiskFull,
-                    format!("{} needs {bytes} bytes, {avail} available", fsutil::existing_ancestor(anchor).display()),
+                    format!("{} needs {bytes} bytes (whole blocks), {avail} available", fsutil::existing_ancestor(&n.anchor).display()),
                 ));
             }
         }
@@ -255,4 +262,26 @@ pub(super) fn missing_dirs(targets: &[Target]) -> Vec<String> {
     let mut out: Vec<String> = dirs.into_iter().collect();
     out.sort_by_key(|d| (d.matches('/').count(), d.clone()));
     out
+}
+
+/// Journal and plan-copy bytes reserved per target by the free-space preflight (a target
+/// encodes to about 150 bytes; redb's copy-on-write pages and the copy double it, twice).
+const PLAN_BYTES_PER_TARGET: u64 = 1024;
+
+/// Space one filesystem needs: bytes of content plus one partial block per file.
+struct Need {
+    anchor: PathBuf,
+    bytes: u64,
+    files: u64,
+}
+
+impl Need {
+    fn at(anchor: &Path) -> Need {
+        Need { anchor: anchor.to_path_buf(), bytes: 0, files: 0 }
+    }
+
+    fn add_file(&mut self, size: u64) {
+        self.bytes += size;
+        self.files += 1;
+    }
 }

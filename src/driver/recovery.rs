@@ -35,6 +35,7 @@ impl Updater {
             Decision::Resume => self.drive(rec, plan, pkg)?,
             Decision::RollBack { reason } => {
                 if rec.phase != Phase::RollingBack {
+                    super::run::discard_staged(&plan);
                     rec.error = Some(Error::new(ErrorCode::DeploymentFailed, format!("interrupted in phase {}; {reason}", rec.phase)));
                     let next = transition(rec.phase, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
                     self.enter(&mut rec, next, &plan, false)?;

@@ -28,7 +28,8 @@ impl Updater {
         self.journal.begin(&mut rec, &plan)?;
         hit("enter.Planned");
         tracing::info!(tx = rec.id, kind = kind_name(&plan.kind), targets = plan.targets.len(), to = ?plan.to_version, "transaction planned");
-        self.drive(rec, plan, pkg)
+        let summary = interrupted_summary(&rec, &plan);
+        self.drive(rec, plan, pkg).or_else(|error| Ok(summary.with(error)))
     }
 
     /// Runs the transaction from its journaled phase to a terminal phase.
@@ -52,6 +53,10 @@ impl Updater {
                 }
                 Err(e) => {
                     tracing::error!(tx = rec.id, phase = %rec.phase, error = %e, "phase failed; rolling back");
+                    // Staged files are never the only copy of anything (the package or the
+                    // blobs are): dropping them first frees the space a full disk needs for
+                    // the RollingBack commit. A crash right here is recovered like any other.
+                    discard_staged(&plan);
                     let next = transition(rec.phase, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
                     rec.error = Some(e);
                     self.enter(&mut rec, next, &plan, false)?;
@@ -245,5 +250,29 @@ impl Updater {
         fsutil::sync_filesystems(anchors)?;
         hit("rollback.synced");
         Ok(())
+    }
+}
+
+/// Removes every staged file of the plan, best effort (the undo removes any left over).
+pub(super) fn discard_staged(plan: &Plan) {
+    let _ = crate::parallel::try_map(&plan.targets, |t| {
+        let _ = fsutil::remove_if_present(&fsutil::temp_path(Path::new(&t.path), plan.tx_id));
+        Ok(())
+    });
+}
+
+/// What to report if the loop stops with an error after the transaction was journaled.
+pub(super) struct InterruptedSummary(TxReport);
+
+pub(super) fn interrupted_summary(rec: &TxRecord, plan: &Plan) -> InterruptedSummary {
+    InterruptedSummary(report(rec, plan, Outcome::Committed))
+}
+
+impl InterruptedSummary {
+    /// The journal (or the disk under it) failed: the transaction stays in flight.
+    pub(super) fn with(mut self, error: Error) -> TxReport {
+        tracing::error!(tx = self.0.tx, error = %error, "transaction interrupted; `tope-updater recover` will finish it");
+        self.0.outcome = Outcome::Interrupted { error };
+        self.0
     }
 }

@@ -135,8 +135,8 @@ impl Journal {
 
     fn check_format(&self) -> Result<()> {
         let rt = self.read()?;
-        let meta = rt.open_table(META).map_err(|e| self.corrupt(e))?;
-        let v = meta.get("format_version").map_err(|e| self.corrupt(e))?.ok_or_else(|| self.corrupt("no format_version"))?;
+        let meta = rt.open_table(META).map_err(|e| self.storage(e))?;
+        let v = meta.get("format_version").map_err(|e| self.storage(e))?.ok_or_else(|| self.corrupt("no format_version"))?;
         let bytes: [u8; 4] = v.value().try_into().map_err(|_| self.corrupt("format_version is not 4 bytes"))?;
         match u32::from_le_bytes(bytes) {
             FORMAT_VERSION => Ok(()),
@@ -148,34 +148,47 @@ impl Journal {
         corrupt(&self.path, e)
     }
 
+    /// A redb error while using an open journal: I/O errors keep their errno (ENOSPC is
+    /// `DISK_FULL`: a full disk is not a damaged journal); anything else means the file does
+    /// not hold what this format says it must.
+    fn storage(&self, e: impl Into<redb::Error>) -> Error {
+        match e.into() {
+            redb::Error::Io(io) => Error::io(ErrorCode::InternalError, "journal", &self.path, &io),
+            other => self.corrupt(other),
+        }
+    }
+
     fn read(&self) -> Result<ReadTransaction> {
         match &self.db {
             Db::ReadWrite(db) => db.begin_read(),
             Db::ReadOnly(db) => db.begin_read(),
         }
-        .map_err(|e| self.corrupt(e))
+        .map_err(|e| self.storage(e))
     }
 
     fn write(&self) -> Result<WriteTransaction> {
         let Db::ReadWrite(db) = &self.db else {
             return Err(Error::internal("journal opened read-only"));
         };
-        let mut wt = db.begin_write().map_err(|e| self.corrupt(e))?;
+        let mut wt = db.begin_write().map_err(|e| self.storage(e))?;
         // The default, stated: the commit is durable (one fdatasync) when it returns.
-        wt.set_durability(Durability::Immediate).map_err(|e| self.corrupt(e))?;
+        wt.set_durability(Durability::Immediate).map_err(|e| self.storage(e))?;
         Ok(wt)
     }
 
     fn commit(&self, wt: WriteTransaction) -> Result<()> {
         // A failed commit is not retried: storage errors stop the engine (STYLE rule 7).
-        wt.commit().map_err(|e| Error::new(ErrorCode::InternalError, format!("journal commit failed: {e}")))
+        wt.commit().map_err(|e| match redb::Error::from(e) {
+            redb::Error::Io(io) => Error::io(ErrorCode::InternalError, "journal commit", &self.path, &io),
+            other => Error::new(ErrorCode::InternalError, format!("journal commit failed: {other}")),
+        })
     }
 
     // ---- reads ----
 
     fn counter(&self, rt: &ReadTransaction, key: &str) -> Result<Option<u64>> {
-        let t = rt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?;
-        Ok(t.get(key).map_err(|e| self.corrupt(e))?.map(|v| v.value()))
+        let t = rt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
+        Ok(t.get(key).map_err(|e| self.storage(e))?.map(|v| v.value()))
     }
 
     pub fn next_tx_id(&self) -> Result<u64> {
@@ -189,23 +202,23 @@ impl Journal {
 
     pub fn tx(&self, id: u64) -> Result<Option<TxRecord>> {
         let rt = self.read()?;
-        let t = rt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
-        t.get(id).map_err(|e| self.corrupt(e))?.map(|v| decode(v.value(), Size::Small, "transaction")).transpose()
+        let t = rt.open_table(TRANSACTIONS).map_err(|e| self.storage(e))?;
+        t.get(id).map_err(|e| self.storage(e))?.map(|v| decode(v.value(), Size::Small, "transaction")).transpose()
     }
 
     /// The transaction in flight (or waiting for an operator) with its plan.
     pub fn active(&self) -> Result<Option<(TxRecord, Plan)>> {
         let rt = self.read()?;
         let Some(id) = self.counter(&rt, ACTIVE_TX)? else { return Ok(None) };
-        let txs = rt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
-        let plans = rt.open_table(PLANS).map_err(|e| self.corrupt(e))?;
+        let txs = rt.open_table(TRANSACTIONS).map_err(|e| self.storage(e))?;
+        let plans = rt.open_table(PLANS).map_err(|e| self.storage(e))?;
         let rec: TxRecord = decode(
-            txs.get(id).map_err(|e| self.corrupt(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no record")))?.value(),
+            txs.get(id).map_err(|e| self.storage(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no record")))?.value(),
             Size::Small,
             "transaction",
         )?;
         let plan: Plan = decode(
-            plans.get(id).map_err(|e| self.corrupt(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no plan")))?.value(),
+            plans.get(id).map_err(|e| self.storage(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no plan")))?.value(),
             Size::Large,
             "plan",
         )?;
@@ -215,10 +228,10 @@ impl Journal {
     /// Finished and in-flight transactions, newest first.
     pub fn history(&self, limit: usize) -> Result<Vec<TxRecord>> {
         let rt = self.read()?;
-        let t = rt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
+        let t = rt.open_table(TRANSACTIONS).map_err(|e| self.storage(e))?;
         let mut out = Vec::new();
-        for item in t.iter().map_err(|e| self.corrupt(e))?.rev().take(limit) {
-            let (_, v) = item.map_err(|e| self.corrupt(e))?;
+        for item in t.iter().map_err(|e| self.storage(e))?.rev().take(limit) {
+            let (_, v) = item.map_err(|e| self.storage(e))?;
             out.push(decode(v.value(), Size::Small, "transaction")?);
         }
         Ok(out)
@@ -227,10 +240,10 @@ impl Journal {
     /// Kept generations, oldest first.
     pub fn generations(&self) -> Result<Vec<Generation>> {
         let rt = self.read()?;
-        let t = rt.open_table(GENERATIONS).map_err(|e| self.corrupt(e))?;
+        let t = rt.open_table(GENERATIONS).map_err(|e| self.storage(e))?;
         let mut out = Vec::new();
-        for item in t.iter().map_err(|e| self.corrupt(e))? {
-            let (_, v) = item.map_err(|e| self.corrupt(e))?;
+        for item in t.iter().map_err(|e| self.storage(e))? {
+            let (_, v) = item.map_err(|e| self.storage(e))?;
             out.push(decode(v.value(), Size::Large, "generation")?);
         }
         Ok(out)
@@ -238,10 +251,10 @@ impl Journal {
 
     pub fn factory(&self) -> Result<Factory> {
         let rt = self.read()?;
-        let t = rt.open_table(FACTORY).map_err(|e| self.corrupt(e))?;
+        let t = rt.open_table(FACTORY).map_err(|e| self.storage(e))?;
         let mut out = Factory::new();
-        for item in t.iter().map_err(|e| self.corrupt(e))? {
-            let (k, v) = item.map_err(|e| self.corrupt(e))?;
+        for item in t.iter().map_err(|e| self.storage(e))? {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
             out.insert(k.value().to_string(), decode(v.value(), Size::Small, "factory")?);
         }
         Ok(out)
@@ -250,8 +263,8 @@ impl Journal {
     /// The transaction whose rollback made this package "failed", if any.
     pub fn failed_package(&self, hash: &Hash) -> Result<Option<u64>> {
         let rt = self.read()?;
-        let t = rt.open_table(FAILED_PACKAGES).map_err(|e| self.corrupt(e))?;
-        Ok(t.get(hash.0.as_slice()).map_err(|e| self.corrupt(e))?.map(|v| v.value()))
+        let t = rt.open_table(FAILED_PACKAGES).map_err(|e| self.storage(e))?;
+        Ok(t.get(hash.0.as_slice()).map_err(|e| self.storage(e))?.map(|v| v.value()))
     }
 
     // ---- writes: each is exactly one durable commit ----
@@ -259,15 +272,15 @@ impl Journal {
     fn put_tx(&self, wt: &WriteTransaction, rec: &mut TxRecord) -> Result<()> {
         rec.commits += 1;
         let bytes = encode(rec, Size::Small)?;
-        let mut t = wt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
-        t.insert(rec.id, bytes.as_slice()).map_err(|e| self.corrupt(e))?;
+        let mut t = wt.open_table(TRANSACTIONS).map_err(|e| self.storage(e))?;
+        t.insert(rec.id, bytes.as_slice()).map_err(|e| self.storage(e))?;
         Ok(())
     }
 
     fn put_plan(&self, wt: &WriteTransaction, plan: &Plan) -> Result<()> {
         let bytes = encode(plan, Size::Large)?;
-        let mut t = wt.open_table(PLANS).map_err(|e| self.corrupt(e))?;
-        t.insert(plan.tx_id, bytes.as_slice()).map_err(|e| self.corrupt(e))?;
+        let mut t = wt.open_table(PLANS).map_err(|e| self.storage(e))?;
+        t.insert(plan.tx_id, bytes.as_slice()).map_err(|e| self.storage(e))?;
         Ok(())
     }
 
@@ -277,9 +290,9 @@ impl Journal {
         self.put_tx(&wt, rec)?;
         self.put_plan(&wt, plan)?;
         {
-            let mut c = wt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?;
-            c.insert(ACTIVE_TX, rec.id).map_err(|e| self.corrupt(e))?;
-            c.insert(NEXT_TX_ID, rec.id + 1).map_err(|e| self.corrupt(e))?;
+            let mut c = wt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
+            c.insert(ACTIVE_TX, rec.id).map_err(|e| self.storage(e))?;
+            c.insert(NEXT_TX_ID, rec.id + 1).map_err(|e| self.storage(e))?;
         }
         self.commit(wt)
     }
@@ -300,27 +313,27 @@ impl Journal {
         let wt = self.write()?;
         self.put_tx(&wt, rec)?;
         {
-            let mut gens = wt.open_table(GENERATIONS).map_err(|e| self.corrupt(e))?;
-            let mut c = wt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?;
+            let mut gens = wt.open_table(GENERATIONS).map_err(|e| self.storage(e))?;
+            let mut c = wt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
             if let Some(g) = &fx.new_generation {
-                gens.insert(g.id, encode(g, Size::Large)?.as_slice()).map_err(|e| self.corrupt(e))?;
-                c.insert(NEXT_GENERATION_ID, g.id + 1).map_err(|e| self.corrupt(e))?;
+                gens.insert(g.id, encode(g, Size::Large)?.as_slice()).map_err(|e| self.storage(e))?;
+                c.insert(NEXT_GENERATION_ID, g.id + 1).map_err(|e| self.storage(e))?;
             }
             for id in &fx.remove_generations {
-                gens.remove(id).map_err(|e| self.corrupt(e))?;
+                gens.remove(id).map_err(|e| self.storage(e))?;
             }
             match fx.current {
-                Some(id) => c.insert(CURRENT_GENERATION, id).map_err(|e| self.corrupt(e))?,
-                None => c.remove(CURRENT_GENERATION).map_err(|e| self.corrupt(e))?,
+                Some(id) => c.insert(CURRENT_GENERATION, id).map_err(|e| self.storage(e))?,
+                None => c.remove(CURRENT_GENERATION).map_err(|e| self.storage(e))?,
             };
-            c.remove(ACTIVE_TX).map_err(|e| self.corrupt(e))?;
-            let mut f = wt.open_table(FACTORY).map_err(|e| self.corrupt(e))?;
+            c.remove(ACTIVE_TX).map_err(|e| self.storage(e))?;
+            let mut f = wt.open_table(FACTORY).map_err(|e| self.storage(e))?;
             for (path, state) in &fx.factory_additions {
-                f.insert(path.as_str(), encode(state, Size::Small)?.as_slice()).map_err(|e| self.corrupt(e))?;
+                f.insert(path.as_str(), encode(state, Size::Small)?.as_slice()).map_err(|e| self.storage(e))?;
             }
             if let Some(h) = fx.clear_failed_package {
-                let mut fp = wt.open_table(FAILED_PACKAGES).map_err(|e| self.corrupt(e))?;
-                fp.remove(h.0.as_slice()).map_err(|e| self.corrupt(e))?;
+                let mut fp = wt.open_table(FAILED_PACKAGES).map_err(|e| self.storage(e))?;
+                fp.remove(h.0.as_slice()).map_err(|e| self.storage(e))?;
             }
         }
         self.end(&wt, rec.id)?;
@@ -333,11 +346,11 @@ impl Journal {
         let wt = self.write()?;
         self.put_tx(&wt, rec)?;
         {
-            let mut c = wt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?;
-            c.remove(ACTIVE_TX).map_err(|e| self.corrupt(e))?;
+            let mut c = wt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
+            c.remove(ACTIVE_TX).map_err(|e| self.storage(e))?;
             if let Some(h) = failed_package {
-                let mut fp = wt.open_table(FAILED_PACKAGES).map_err(|e| self.corrupt(e))?;
-                fp.insert(h.0.as_slice(), rec.id).map_err(|e| self.corrupt(e))?;
+                let mut fp = wt.open_table(FAILED_PACKAGES).map_err(|e| self.storage(e))?;
+                fp.insert(h.0.as_slice(), rec.id).map_err(|e| self.storage(e))?;
             }
         }
         self.end(&wt, rec.id)?;
@@ -346,15 +359,15 @@ impl Journal {
 
     /// Drops the finished transaction's plan and old history beyond the limit.
     fn end(&self, wt: &WriteTransaction, id: u64) -> Result<()> {
-        let mut plans = wt.open_table(PLANS).map_err(|e| self.corrupt(e))?;
-        plans.remove(id).map_err(|e| self.corrupt(e))?;
-        let mut txs = wt.open_table(TRANSACTIONS).map_err(|e| self.corrupt(e))?;
-        let excess = (txs.len().map_err(|e| self.corrupt(e))? as usize).saturating_sub(HISTORY_TX_MAX);
+        let mut plans = wt.open_table(PLANS).map_err(|e| self.storage(e))?;
+        plans.remove(id).map_err(|e| self.storage(e))?;
+        let mut txs = wt.open_table(TRANSACTIONS).map_err(|e| self.storage(e))?;
+        let excess = (txs.len().map_err(|e| self.storage(e))? as usize).saturating_sub(HISTORY_TX_MAX);
         if excess > 0 {
             let old: Vec<u64> =
-                txs.iter().map_err(|e| self.corrupt(e))?.take(excess).filter_map(|r| r.ok().map(|(k, _)| k.value())).collect();
+                txs.iter().map_err(|e| self.storage(e))?.take(excess).filter_map(|r| r.ok().map(|(k, _)| k.value())).collect();
             for k in old {
-                txs.remove(k).map_err(|e| self.corrupt(e))?;
+                txs.remove(k).map_err(|e| self.storage(e))?;
             }
         }
         Ok(())
@@ -367,10 +380,10 @@ impl Journal {
         self.put_tx(&wt, rec)?;
         self.put_plan(&wt, plan)?;
         {
-            let mut c = wt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?;
-            c.insert(ACTIVE_TX, rec.id).map_err(|e| self.corrupt(e))?;
-            let next = c.get(NEXT_TX_ID).map_err(|e| self.corrupt(e))?.map(|v| v.value()).unwrap_or(1);
-            c.insert(NEXT_TX_ID, next.max(rec.id + 1)).map_err(|e| self.corrupt(e))?;
+            let mut c = wt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
+            c.insert(ACTIVE_TX, rec.id).map_err(|e| self.storage(e))?;
+            let next = c.get(NEXT_TX_ID).map_err(|e| self.storage(e))?.map(|v| v.value()).unwrap_or(1);
+            c.insert(NEXT_TX_ID, next.max(rec.id + 1)).map_err(|e| self.storage(e))?;
         }
         self.commit(wt)
     }
@@ -379,18 +392,18 @@ impl Journal {
     pub fn dump(&self) -> Result<JournalDump> {
         let rt = self.read()?;
         let mut counters = Vec::new();
-        for item in rt.open_table(COUNTERS).map_err(|e| self.corrupt(e))?.iter().map_err(|e| self.corrupt(e))? {
-            let (k, v) = item.map_err(|e| self.corrupt(e))?;
+        for item in rt.open_table(COUNTERS).map_err(|e| self.storage(e))?.iter().map_err(|e| self.storage(e))? {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
             counters.push((k.value().to_string(), v.value()));
         }
         let mut plans = Vec::new();
-        for item in rt.open_table(PLANS).map_err(|e| self.corrupt(e))?.iter().map_err(|e| self.corrupt(e))? {
-            let (_, v) = item.map_err(|e| self.corrupt(e))?;
+        for item in rt.open_table(PLANS).map_err(|e| self.storage(e))?.iter().map_err(|e| self.storage(e))? {
+            let (_, v) = item.map_err(|e| self.storage(e))?;
             plans.push(decode(v.value(), Size::Large, "plan")?);
         }
         let mut failed_packages = Vec::new();
-        for item in rt.open_table(FAILED_PACKAGES).map_err(|e| self.corrupt(e))?.iter().map_err(|e| self.corrupt(e))? {
-            let (k, v) = item.map_err(|e| self.corrupt(e))?;
+        for item in rt.open_table(FAILED_PACKAGES).map_err(|e| self.storage(e))?.iter().map_err(|e| self.storage(e))? {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
             let h: [u8; 32] = k.value().try_into().map_err(|_| self.corrupt("failed_packages key is not 32 bytes"))?;
             failed_packages.push((Hash(h), v.value()));
         }
