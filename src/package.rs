@@ -45,10 +45,17 @@ pub struct DeployFile {
 pub struct Package {
     pub path: PathBuf,
     pub size: u64,
-    pub blake3: Hash,
+    blake3: PendingHash,
     pub manifest: Manifest,
     pub files: Vec<DeployFile>,
     archive: Archive,
+}
+
+/// The package hash, computed on a thread of its own.
+enum PendingHash {
+    Running(std::thread::JoinHandle<std::io::Result<(Hash, u64)>>),
+    Done(Hash),
+    Failed,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -74,15 +81,32 @@ impl Package {
         }
         let file = Arc::new(file);
         // The package hash (for the no-loop rule and for recovery) is computed on another core
-        // while this one validates the archive.
-        let (hashed, validated) = std::thread::scope(|s| {
-            let hasher = s.spawn(|| fsutil::hash_file_at(&file));
-            let validated = validate(&file, cfg, roots);
-            (hasher.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), validated)
-        });
-        let (archive, manifest, files) = validated?;
-        let (blake3, size) = hashed.map_err(|e| Error::io(ErrorCode::InvalidPackage, "read package", path, &e))?;
-        Ok(Package { path: path.to_path_buf(), size, blake3, manifest, files, archive })
+        // while this one validates the archive and the caller observes the old files.
+        let hasher = {
+            let file = file.clone();
+            std::thread::spawn(move || fsutil::hash_file_at(&file))
+        };
+        let (archive, manifest, files) = validate(&file, cfg, roots)?;
+        Ok(Package { path: path.to_path_buf(), size: meta.len(), blake3: PendingHash::Running(hasher), manifest, files, archive })
+    }
+
+    /// The blake3 of the package file (waits for the hashing thread the first time).
+    pub fn blake3(&mut self) -> Result<Hash> {
+        if let PendingHash::Running(_) = self.blake3 {
+            let PendingHash::Running(h) = std::mem::replace(&mut self.blake3, PendingHash::Failed) else { unreachable!() };
+            let (hash, size) = h
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+                .map_err(|e| Error::io(ErrorCode::InvalidPackage, "read package", &self.path, &e))?;
+            if size != self.size {
+                return Err(invalid(format!("package changed size while being read ({} then {size} bytes)", self.size)));
+            }
+            self.blake3 = PendingHash::Done(hash);
+        }
+        match self.blake3 {
+            PendingHash::Done(h) => Ok(h),
+            PendingHash::Running(_) | PendingHash::Failed => Err(invalid("package hash unavailable after a read error")),
+        }
     }
 
     /// Another reader of the same archive, for a worker thread (shares the central directory

@@ -17,10 +17,14 @@ impl Updater {
     pub fn install(&mut self, package: &Path, opts: &InstallOptions) -> Result<TxReport> {
         self.refuse_if_in_flight()?;
         let started = std::time::Instant::now();
-        let pkg = Package::open(package, &self.cfg, &self.roots)?;
+        let mut pkg = Package::open(package, &self.cfg, &self.roots)?;
         tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, files = pkg.files.len(), "package validated");
         let (_, current) = self.current_generation()?;
         self.check_acceptable(&pkg, current.as_ref(), opts)?;
+        // Old files are hashed on every core while the package hash finishes on its thread.
+        let olds = crate::parallel::try_map(&pkg.files, |f| fsutil::observe(&f.dst))?;
+        let blake3 = pkg.blake3()?;
+        self.check_not_failed_before(&blake3, opts)?;
         let m = &pkg.manifest;
         let uses_services = m.modules.iter().any(|m| m.process_name.is_some());
         if uses_services && self.cfg.service_manager != ServiceManager::None {
@@ -32,7 +36,6 @@ impl Updater {
             tracing::warn!("this build does not run post_cmds: they are recorded in the plan only");
         }
         let (euid, egid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
-        let olds = crate::parallel::try_map(&pkg.files, |f| fsutil::observe(&f.dst))?;
         let mut targets = Vec::with_capacity(pkg.files.len());
         for (f, old) in pkg.files.iter().zip(olds) {
             let module = &m.modules[f.module as usize];
@@ -58,7 +61,7 @@ impl Updater {
         targets.sort_by(|a, b| a.path.cmp(&b.path));
         let plan = Plan {
             tx_id: self.journal.next_tx_id()?,
-            kind: TxKind::Install { package: PackageRef { path: path_string(&pkg.path)?, blake3: pkg.blake3, size: pkg.size } },
+            kind: TxKind::Install { package: PackageRef { path: path_string(&pkg.path)?, blake3, size: pkg.size } },
             from_version: current.as_ref().map(|g| g.version.clone()),
             to_version: Some(m.version.to_string()),
             modules: m
@@ -121,12 +124,17 @@ impl Updater {
         } else if let Some(min) = m.min_from_version {
             tracing::warn!(%min, "min_from_version set but no installed version is recorded (factory baseline); accepting");
         }
-        if let Some(tx) = self.journal.failed_package(&pkg.blake3)?
+        Ok(())
+    }
+
+    /// The no-loop rule (SPEC §3): a package whose install was rolled back needs `--force`.
+    pub(super) fn check_not_failed_before(&self, blake3: &crate::engine::Hash, opts: &InstallOptions) -> Result<()> {
+        if let Some(tx) = self.journal.failed_package(blake3)?
             && !opts.force
         {
             return Err(Error::new(
                 ErrorCode::ValidationError,
-                format!("this package ({}) was installed by transaction {tx} and rolled back; use --force to try it again", pkg.blake3),
+                format!("this package ({}) was installed by transaction {tx} and rolled back; use --force to try it again", blake3),
             ));
         }
         Ok(())

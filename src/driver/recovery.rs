@@ -63,8 +63,11 @@ impl Updater {
             ResumeNeeds::Nothing => (Inputs::Available, None),
             ResumeNeeds::Source => match &plan.kind {
                 TxKind::Install { package } => match Package::open(Path::new(&package.path), &self.cfg, &self.roots) {
-                    Ok(p) if p.blake3 == package.blake3 => (Inputs::Available, Some(p)),
-                    Ok(_) => (Inputs::Missing(format!("package {} has changed", package.path)), None),
+                    Ok(mut p) => match p.blake3() {
+                        Ok(h) if h == package.blake3 => (Inputs::Available, Some(p)),
+                        Ok(_) => (Inputs::Missing(format!("package {} has changed", package.path)), None),
+                        Err(e) => (Inputs::Missing(format!("package {}: {e}", package.path)), None),
+                    },
                     Err(e) => (Inputs::Missing(format!("package {}: {e}", package.path)), None),
                 },
                 TxKind::Rollback { .. } => {
