@@ -42,9 +42,14 @@ impl Updater {
             let performed = self.perform(rec.phase, &mut plan, pkg.as_ref());
             tracing::debug!(tx = rec.id, phase = %rec.phase, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "phase effects done");
             match performed {
-                Ok(plan_changed) if rec.phase == Phase::Committed => {
-                    let _ = plan_changed;
+                Ok(_) if rec.phase == Phase::Committed => {
                     tracing::info!(tx = rec.id, to = ?plan.to_version, commits = rec.commits, "transaction committed");
+                    return Ok(report(&rec, &plan, Outcome::Committed));
+                }
+                Err(e) if rec.phase == Phase::Committed => {
+                    // The commit is durable; only the plan copy's removal failed. The next
+                    // open removes the stale copy (it names a transaction not in flight).
+                    tracing::warn!(tx = rec.id, error = %e, "committed, but the plan copy could not be removed yet");
                     return Ok(report(&rec, &plan, Outcome::Committed));
                 }
                 Ok(plan_changed) => {
@@ -220,7 +225,10 @@ impl Updater {
                 };
                 self.journal.finish_rolled_back(&mut rec, failed_package)?;
                 hit("enter.RolledBack");
-                plancopy::remove(&self.state_dir)?;
+                if let Err(e) = plancopy::remove(&self.state_dir) {
+                    // The end is durable; the next open removes the stale copy.
+                    tracing::warn!(tx = rec.id, error = %e, "rolled back, but the plan copy could not be removed yet");
+                }
                 tracing::warn!(tx = rec.id, error = %error, "transaction rolled back");
                 let touched = rec.phases.iter().any(|p| p.has_swapped());
                 Ok(report(&rec, &plan, Outcome::RolledBack { error, touched }))
