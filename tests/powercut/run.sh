@@ -558,7 +558,7 @@ judge() {
     [ ${#reasons[@]} -eq 0 ] || verdict=FAIL
     local why
     why=$(printf '%s; ' "${reasons[@]}")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$id" "${LABEL:-$scn}" "$fs" "$policy" "$acked" "$side" "$verdict" "$rcs" "$mcs" "${why%; }" "${DURING:--}" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$id" "${LABEL:-$scn}" "$fs" "$policy" "$acked" "$side" "$verdict" "$rcs" "$mcs" "${why%; }" "${DURING:--}" "${WHEN:--}" >>"$RESULTS"
     if [ $verdict = PASS ]; then
         log "cut $id [$kind ${LABEL:-$scn} $fs $policy] PASS: $side (acked $acked, recover ${rcs}0 ms)"
     else
@@ -601,6 +601,27 @@ learn() { # learn ARRAY SEEN_ARRAY SCENARIO MS
     seen[$3]=1
 }
 
+# When to cut: sets WHEN to "MS" (ms after the action started, uniform over the scenario's
+# window) or, half of the time, "PHASE+MS" (MS in 0..599 after the engine logged that the
+# effects of PHASE are done, i.e. while the next phase is journaled and performed). Random
+# times mostly land in the longest phase (staging); phase triggers spread the cuts over every
+# phase boundary. PC_TRIGGER=PHASE forces the trigger.
+TRIG_PHASES=(Planned Staged BackedUp Swapped Verified)
+pick_when() { # pick_when WINDOW_MS
+    local w=$1
+    if [ -n "${PC_TRIGGER:-}" ]; then
+        rnd 600; WHEN=$PC_TRIGGER+$R
+        return
+    fi
+    rnd 2
+    if [ $R = 0 ]; then
+        rnd $((w + w / 8)); WHEN=$R
+    else
+        rnd ${#TRIG_PHASES[@]}; local ph=${TRIG_PHASES[$R]}
+        rnd 600; WHEN=$ph+$R
+    fi
+}
+
 # ------------------------------------------------------------------ kind 1: QEMU kill
 
 # kill_run N FS... : N cuts, one boot each (plus a last boot that only checks).
@@ -609,7 +630,7 @@ kill_run() {
     shift
     local fslist=("$@")
     KIND=kill
-    local prev='' prev_during='' prev_img='' prev_scn='' prev_label='' prev_fs='' prev_pol='' prev_acked='' prev_same=''
+    local prev='' prev_during='' prev_when='' cut_when='' prev_img='' prev_scn='' prev_label='' prev_fs='' prev_pol='' prev_acked='' prev_same=''
     local i mods=''
     printf '%s\n' "${fslist[@]}" | grep -qx xfs && mods=xfs
     local sides_file=$RUN/kill-sides
@@ -661,17 +682,27 @@ kill_run() {
                 keep "$id-boot" "$logf" "$ctl"
                 FAILS=$((FAILS + 1))
             else
-                local ts delay
+                local ts delay trig=''
                 ts=$(now_ms)
-                local w=${DUR[$scn]}
-                rnd $((w + w / 8)); delay=$R
-                # Cut at the chosen moment, or soon after the action ended if that came first.
-                local extra=-1
+                pick_when "${DUR[$scn]}"
+                cut_when=$WHEN
+                delay=${WHEN#*+}
+                [[ $WHEN == *+* ]] && trig=${WHEN%+*}
+                # Cut at the chosen moment, or soon after the action ended if that came first
+                # (drawn now, so the plan does not depend on timing).
+                local extra=-1 extra_ms
+                rnd 400; extra_ms=$R
                 while :; do
                     local el=$(($(now_ms) - ts))
-                    [ $el -ge $delay ] && break
+                    if [ -n "$trig" ]; then
+                        # The moment counts from the engine's "effects of PHASE done" line.
+                        if grep -q "^@@OUT $id action: .*phase effects done.*$trig" "$logf"; then
+                            ts=$(now_ms) el=0 trig=''
+                        fi
+                    fi
+                    [ -z "$trig" ] && [ $el -ge $delay ] && break
                     if [ $extra -lt 0 ] && grep -q "^@@ACTION-EXIT $id" "$logf"; then
-                        rnd 400; extra=$((el + R))
+                        extra=$((el + extra_ms))
                         local d
                         d=$(sed -n "s/^@@ACTION-EXIT $id cs=\([0-9]*\).*/\1/p" "$logf" | head -1)
                         [ -n "$d" ] && learn DUR DUR_SEEN "$scn" $((d * 10))
@@ -687,7 +718,7 @@ kill_run() {
         if [ -n "$prev" ]; then
             # Its action's output (its own boot) and its check (this boot).
             cat "$RUN/$prev.log" "$logf" | tr -d "\r" | grep "^@@[A-Z-]* $prev " >"$RUN/$prev.result" || true
-            KIND=kill POLICY=$prev_pol LABEL=$prev_label DURING=$prev_during
+            KIND=kill POLICY=$prev_pol LABEL=$prev_label DURING=$prev_during WHEN=$prev_when
             if judge "$prev" "$RUN/$prev.result" "$prev_scn" "$prev_fs" "$prev_acked" "$prev_same"; then
                 [ -n "${PC_KEEP_ALL:-}" ] || rm -f "$prev_img"
             else
@@ -695,7 +726,7 @@ kill_run() {
                 keep "$prev" "$prev_img" "$RUN/$prev.log" "$RUN/$prev.ctl" "$logf" "$RUN/$prev.result"
             fi
             echo "$prev $SIDE" >>"$sides_file"
-            LABEL= DURING=
+            LABEL= DURING= WHEN=
         fi
         [ $last = 1 ] && break
         # This boot's action: was its success printed before the cut?
@@ -711,10 +742,10 @@ kill_run() {
         else
             prev_scn=$scn prev_label=$scn
         fi
-        log "cut $id [kill $scn $fs $pol] power cut at ${CUT_AT:-?} ms after the action started (window ${DUR[$scn]} ms), acked=$acked, boot+cut $((($(now_ms) - t0) / 100))ds"
+        log "cut $id [kill $scn $fs $pol] power cut at $cut_when (${CUT_AT:-?} ms), acked=$acked, boot+cut $((($(now_ms) - t0) / 100))ds"
         local during=yes
         grep -q "^@@ACTION-EXIT $id" "$logf" && during=no
-        prev=$id prev_img=$img prev_fs=$fs prev_pol=$pol prev_acked=$acked prev_same=$same prev_during=$during
+        prev=$id prev_img=$img prev_fs=$fs prev_pol=$pol prev_acked=$acked prev_same=$same prev_during=$during prev_when=$cut_when
         CUTS=$((CUTS + 1))
     done
 }
@@ -741,8 +772,8 @@ flakey_run() {
             rnd ${#CUT_SCENARIOS[@]}; scn=${CUT_SCENARIOS[$R]}
             rnd 2; pol=$([ $R = 0 ] && echo resume || echo rollback)
             base=/dev/vdc; [ "$(scenario_base "$scn")" = v3 ] && base=/dev/vdd
-            local w=${FDUR[$scn]}
-            rnd $((w + w / 8)); delay=$R
+            pick_when "${FDUR[$scn]}"
+            delay=$WHEN
             if [ $two = 1 ]; then
                 local d2
                 rnd ${FDUR[recover]}; d2=$R
@@ -783,12 +814,13 @@ flakey_run() {
         # Was the engine still running when the (last) cut came?
         local during=no
         grep -q "^@@CUT $id .*running=1" "$RUN/$id.result" && during=yes
-        KIND=flakey POLICY=$pol LABEL=$label DURING=$during
+        grep -q "^@@NOTRIGGER $id" "$RUN/$id.result" && log "cut $id: the engine never logged the trigger phase ($delay) before it exited"
+        KIND=flakey POLICY=$pol LABEL=$label DURING=$during WHEN=$delay
         if ! judge "$id" "$RUN/$id.result" "$scn" "$fs" "$acked"; then
             FAILS=$((FAILS + 1))
             keep "$id" "$logf" "$ctl" "$RUN/$id.result"
         fi
-        LABEL= DURING=
+        LABEL= DURING= WHEN=
         CUTS=$((CUTS + 1 + two))
     done <"$plan"
     log "flakey batch on $fs: $n scenarios in ${secs}s (including the boot)"
