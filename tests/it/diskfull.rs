@@ -1050,21 +1050,12 @@ mod starved {
                     .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "non-string panic".into());
                 failures.push(msg.clone());
-                // The failed check, without the context the table already shows.
-                let first = msg.lines().next().unwrap_or("");
-                let why = first.rsplit_once("]: ").map_or(first, |(_, w)| w);
+                // The failed check is at the end of the message (the context comes first).
+                let first: Vec<char> = msg.lines().next().unwrap_or("").chars().collect();
+                let why: String = first[first.len().saturating_sub(150)..].iter().collect();
                 let (free, exit, code, outcome, place) =
                     self.seen.borrow_mut().take().unwrap_or((level, None, String::new(), String::new(), String::new()));
-                Row {
-                    free,
-                    exit,
-                    code,
-                    outcome,
-                    place,
-                    end: format!("FAILED: {}", why.chars().take(140).collect::<String>()),
-                    committed: false,
-                    findings: Vec::new(),
-                }
+                Row { free, exit, code, outcome, place, end: format!("FAILED: ...{why}"), committed: false, findings: Vec::new() }
             })
         }
 
