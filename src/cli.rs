@@ -325,6 +325,17 @@ impl Output {
     }
 
     pub fn recover(&self, r: &RecoverReport) {
+        let failed = match r {
+            RecoverReport::Finished { report, .. } => match &report.outcome {
+                Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } | Outcome::Interrupted { error } => Some(error),
+                Outcome::Committed => None,
+            },
+            RecoverReport::NeedsOperator { error, .. } => error.as_ref(),
+            RecoverReport::Nothing => None,
+        };
+        if let Some(error) = failed {
+            eprintln!("error: {}: {}", error.code, error.message);
+        }
         self.emit(r, || match r {
             RecoverReport::Nothing => "recover: nothing in flight".into(),
             RecoverReport::NeedsOperator { tx, error } => format!(

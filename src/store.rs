@@ -66,14 +66,15 @@ impl BackupStore {
         // Copy under a temporary name and rename, so a blob name only ever holds whole content.
         let tmp = self.dir.join(format!("{TEMP_PREFIX}{}.tmp", hash.to_hex()));
         fsutil::remove_if_present(&tmp)?;
-        let copied = self.copy_in(src, hash, &tmp);
+        let copied = self
+            .copy_in(src, hash, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &blob).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", &blob, &e)));
         if copied.is_err() {
-            // A partial copy must not keep the space a full disk needs for the rollback.
+            // A partial (or unnamed) copy must not keep the space a full disk needs for the
+            // rollback.
             let _ = fsutil::remove_if_present(&tmp);
         }
-        copied?;
-        std::fs::rename(&tmp, &blob).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", &blob, &e))?;
-        Ok(Put::Copied)
+        copied.map(|()| Put::Copied)
     }
 
     /// Copies `src` to `tmp`, verifying that it still has content `hash`.
