@@ -168,6 +168,8 @@ impl Tx {
         let r = transition(from, ev, self.shape);
         match (from, ev) {
             (Phase::Committed | Phase::RolledBack, _) => assert!(r.is_err(), "transition out of {from:?} on {ev:?}: {r:?}"),
+            (Phase::RollbackFailed, Event::GaveUp) => assert!(r.is_err(), "gave up twice: {r:?}"),
+            (_, Event::GaveUp) => assert_eq!(r, Ok(Phase::RollbackFailed), "giving up in {from:?}"),
             (Phase::RollbackFailed, Event::OperatorRetry) => assert_eq!(r, Ok(Phase::RollingBack)),
             (Phase::RollbackFailed, _) => assert!(r.is_err(), "{from:?} on {ev:?}: {r:?}"),
             (_, Event::OperatorRetry) => assert!(r.is_err(), "operator retry accepted in {from:?}"),
@@ -217,7 +219,7 @@ impl Tx {
                     assert_eq!(self.event(Event::Failed), Some(Phase::RollingBack));
                 }
             }
-            Decision::GiveUp { .. } => self.enter(Phase::RollbackFailed),
+            Decision::GiveUp { .. } => assert_eq!(self.event(Event::GaveUp), Some(Phase::RollbackFailed)),
         }
     }
 

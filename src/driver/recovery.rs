@@ -47,8 +47,8 @@ impl Updater {
                     ErrorCode::RollbackFailed,
                     format!("{reason}; last error: {}", rec.error.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "none".into())),
                 );
-                rec.phase = Phase::RollbackFailed;
-                rec.phases.push(Phase::RollbackFailed);
+                rec.phase = transition(rec.phase, Event::GaveUp, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
+                rec.phases.push(rec.phase);
                 rec.error = Some(err.clone());
                 self.journal.enter_phase(&mut rec, None)?;
                 report(&rec, &plan, Outcome::RollbackFailed { error: err })

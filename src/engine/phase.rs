@@ -32,6 +32,8 @@ pub enum Event {
     Failed,
     /// An operator asked to retry a rollback that had failed (`recover --retry`).
     OperatorRetry,
+    /// Recovery used up `max_recovery_attempts`: stop and wait for an operator.
+    GaveUp,
 }
 
 /// Which optional phases have work. Phases without work are not journaled.
@@ -150,6 +152,19 @@ pub fn transition(from: Phase, event: Event, shape: Shape) -> Result<Phase, Inva
             Event::Failed,
         ) => Ok(Phase::RollingBack),
         (Phase::RollbackFailed, Event::OperatorRetry) => Ok(Phase::RollingBack),
+        (
+            Phase::Planned
+            | Phase::Staged
+            | Phase::ServicesStopped
+            | Phase::BackedUp
+            | Phase::Swapped
+            | Phase::PostCommands
+            | Phase::ServicesStarted
+            | Phase::Verified
+            | Phase::RollingBack,
+            Event::GaveUp,
+        ) => Ok(Phase::RollbackFailed),
+        (Phase::Committed | Phase::RolledBack | Phase::RollbackFailed, Event::GaveUp) => invalid,
         (Phase::Committed | Phase::RolledBack | Phase::RollbackFailed, Event::Done | Event::Failed) => invalid,
         (
             Phase::Planned
@@ -220,6 +235,14 @@ mod tests {
             assert!(transition(p, Event::Done, FULL).is_err());
             assert!(transition(p, Event::Failed, FULL).is_err());
         }
+    }
+
+    #[test]
+    fn giving_up_stops_any_unfinished_transaction_for_an_operator() {
+        for p in Phase::ALL.into_iter().filter(|p| !p.is_terminal()) {
+            assert_eq!(transition(p, Event::GaveUp, FULL), Ok(Phase::RollbackFailed), "{p}");
+        }
+        assert!(transition(Phase::Committed, Event::GaveUp, FULL).is_err());
     }
 
     #[test]
