@@ -7,6 +7,7 @@
 #   tests/powercut/run.sh kill N [FS..]  only QEMU kills          (FS: ext4 xfs; default ext4)
 #   tests/powercut/run.sh flakey N [FS]  only one dm-flakey batch
 #   tests/powercut/run.sh lw SCEN [FS]   only one log-writes recording + replay (SCEN: fw many dir rollback factory)
+#   tests/powercut/run.sh selftest       only check the checks (damaged images must fail)
 #   tests/powercut/run.sh prep           only build and cache everything
 #
 # Environment: PC_SEED (default: random, always printed), PC_BIN (use this static binary
@@ -470,7 +471,10 @@ explain_dump() {
         END {
             for (k in all) {
                 L = (k in live) ? live[k] : "absent"; O = (k in b) ? b[k] : "absent"; N = (k in a) ? a[k] : "absent"
-                if (O == N) { if (L != O) { other++; ex = ex "\n    " k ": untouched path changed: " L } ; continue }
+                if (O == N) {
+                    if (L != O) { other++; ex = ex "\n    " k ": " (k ~ /\.tope-/ ? "temporary file" : "untouched path changed: " L) }
+                    continue
+                }
                 if (L == O) { old++; continue }
                 if (L == N) { new++; continue }
                 neither++
@@ -558,7 +562,10 @@ judge() {
     [ ${#reasons[@]} -eq 0 ] || verdict=FAIL
     local why
     why=$(printf '%s; ' "${reasons[@]}")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$id" "${LABEL:-$scn}" "$fs" "$policy" "$acked" "$side" "$verdict" "$rcs" "$mcs" "${why%; }" "${DURING:--}" "${WHEN:--}" >>"$RESULTS"
+    local flat=${why%; }
+    flat=${flat//$'\n'    / | }
+    flat=${flat//$'\n'/ | }
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$id" "${LABEL:-$scn}" "$fs" "$policy" "$acked" "$side" "$verdict" "$rcs" "$mcs" "$flat" "${DURING:--}" "${WHEN:--}" >>"$RESULTS"
     if [ $verdict = PASS ]; then
         log "cut $id [$kind ${LABEL:-$scn} $fs $policy] PASS: $side (acked $acked, recover ${rcs}0 ms)"
     else
@@ -595,17 +602,20 @@ declare -A FDUR=([fw]=7000 [many]=3500 [dir]=2500 [rollback]=6500 [factory]=7000
 declare -A FDUR_SEEN=()
 learn() { # learn ARRAY SEEN_ARRAY SCENARIO MS
     local -n arr=$1 seen=$2
-    # A first duration far below the default is an action with nothing to do (a `recover`
-    # that found nothing in flight): it only ever raises the window.
-    if [ "$4" -gt "${arr[$3]}" ] || { [ -z "${seen[$3]:-}" ] && [ $(($4 * 2)) -ge "${arr[$3]}" ]; }; then arr[$3]=$4; fi
+    # The first duration seen replaces the default, later ones move the window a quarter of
+    # the way (load spikes come and go). A duration far below the window is an action with
+    # nothing to do (a `recover` that found nothing in flight): ignored.
+    [ $(($4 * 3)) -ge "${arr[$3]}" ] || return 0
+    if [ -z "${seen[$3]:-}" ]; then arr[$3]=$4; else arr[$3]=$(((3 * arr[$3] + $4) / 4)); fi
     seen[$3]=1
 }
 
 # When to cut: sets WHEN to "MS" (ms after the action started, uniform over the scenario's
-# window) or, half of the time, "PHASE+MS" (MS in 0..599 after the engine logged that the
-# effects of PHASE are done, i.e. while the next phase is journaled and performed). Random
-# times mostly land in the longest phase (staging); phase triggers spread the cuts over every
-# phase boundary. PC_TRIGGER=PHASE forces the trigger.
+# window) or, half of the time, "PHASE+MS" (MS uniform over an eighth of the window, at least
+# 100 ms, after the engine logged that the effects of PHASE are done, i.e. while the next
+# phase is journaled and performed). Random times mostly land in the longest phase
+# (staging); phase triggers spread the cuts over every phase boundary. PC_TRIGGER=PHASE
+# forces the trigger.
 TRIG_PHASES=(Planned Staged BackedUp Swapped Verified)
 pick_when() { # pick_when WINDOW_MS
     local w=$1
@@ -618,7 +628,9 @@ pick_when() { # pick_when WINDOW_MS
         rnd $((w + w / 8)); WHEN=$R
     else
         rnd ${#TRIG_PHASES[@]}; local ph=${TRIG_PHASES[$R]}
-        rnd 600; WHEN=$ph+$R
+        local after=$((w / 8))
+        [ $after -ge 100 ] || after=100
+        rnd $after; WHEN=$ph+$R
     fi
 }
 
@@ -632,7 +644,8 @@ kill_run() {
     KIND=kill
     local prev='' prev_during='' prev_when='' cut_when='' prev_img='' prev_scn='' prev_label='' prev_fs='' prev_pol='' prev_acked='' prev_same=''
     local i mods=''
-    printf '%s\n' "${fslist[@]}" | grep -qx xfs && mods=xfs
+    local f
+    for f in "${fslist[@]}"; do [ "$f" = xfs ] && mods=xfs; done
     local sides_file=$RUN/kill-sides
     : >"$sides_file"
     for ((i = 1; i <= n + 1; i++)); do
@@ -914,6 +927,50 @@ lw_run() {
     [ -n "${PC_KEEP_ALL:-}" ] || rm -f "$data" "$logdev" "$replay" "$RUN/lw-scratch.img"
 }
 
+# ------------------------------------------------------------------ self-test of the checks
+
+# Damages copies of the factory image in known ways and requires the checks to fail with the
+# right diagnosis (and to pass on the undamaged copy): the checker cannot go blind either.
+selftest() {
+    local fs=ext4 payload=${IMGS/images-/payload-} img=$RUN/selftest.img
+    local cases=(
+        "pristine|none|:|PASS"
+        "zero-length|none|: >root/fw/boot.bin|ZERO-LENGTH"
+        "mixed|none|cp \$P/src/fw/fw/boot.bin root/fw/boot.bin|MIXED"
+        "torn|none|dd if=/dev/zero of=root/fw/mcu.bin bs=4096 count=1 conv=notrunc status=none|TORN"
+        "wrong-mode|none|chmod 600 root/fw/fpga.bin|wrong mode"
+        "leftover|none|: >root/fw/.tope-9-0123456789abcdef.new|leftovers"
+        "leftover-state|none|: >state/.tope-inflight.plan.tmp|leftovers"
+        "extra-dir|none|mkdir root/fw/new|untouched path changed"
+        "lost-ack|new|:|LOST AN ACKNOWLEDGED"
+        "journal|none|echo garbage >state/journal.redb|recover exited"
+    )
+    local c name acked damage want ok=0 bad=0
+    for c in "${cases[@]}"; do
+        IFS='|' read -r name acked damage want <<<"$c"
+        cp --sparse=always "$IMGS/$fs/factory.img" "$img"
+        in_ns "$img" "$fs" "cd $MNT && P=$payload && $damage" || die "selftest $name: could not damage the image"
+        local rf=$RUN/selftest-$name.result
+        host_check "st-$name" "$img" "$fs" resume >"$rf"
+        KIND=selftest POLICY=resume LABEL=selftest-$name
+        local got=FAIL
+        judge "st-$name" "$rf" fw "$fs" "$acked" 2>>"$RUN/selftest.log" && got=PASS
+        LABEL=
+        local why
+        why=$(tail -1 "$RESULTS" | cut -f11)
+        sed -i '$d' "$RESULTS"
+        if { [ "$want" = PASS ] && [ $got = PASS ]; } || { [ "$want" != PASS ] && [ $got = FAIL ] && [[ $why == *"$want"* ]]; }; then
+            ok=$((ok + 1))
+        else
+            bad=$((bad + 1))
+            log "selftest $name: expected ${want/#PASS/a pass}, got $got: $why"
+        fi
+    done
+    rm -f "$img" "$RUN"/selftest-*.result
+    log "selftest of the checks: $ok cases as expected, $bad not"
+    FAILS=$((FAILS + bad))
+}
+
 # ------------------------------------------------------------------ runs and reports
 
 start_run() {
@@ -1031,10 +1088,17 @@ case $mode in
         lw_run "$scn" "$fs" "$pol"
         finish "lw $scn on $fs"
         ;;
+    selftest)
+        build_bin normal; prep_all ext4
+        start_run selftest
+        selftest
+        log "$FAILS unexpected results"
+        ;;
     quick)
         build_bin normal; prep_all ext4 xfs
         start_run quick
         export PC_BIN_USED=$BIN PC_IMGS=$IMGS
+        selftest
         kill_run "${PC_QUICK_KILLS:-10}" ext4 xfs
         flakey_run "${PC_QUICK_FLAKEY:-12}" ext4
         lw_run fw ext4
@@ -1045,16 +1109,18 @@ case $mode in
         build_bin normal; prep_all ext4 xfs
         start_run soak
         export PC_BIN_USED=$BIN PC_IMGS=$IMGS
-        # A third of the cuts by QEMU kills, the rest by dm-flakey batches of 25, on both
-        # filesystems, plus one log-writes replay of every scenario on ext4.
-        nk=$((n / 3)); nf=$((n - nk))
+        # A third of the cuts by QEMU kills, the rest by dm-flakey batches of 25 (ext4 and
+        # xfs in turn), plus one log-writes replay of every scenario on ext4 and of fw on xfs
+        # (those points are counted on top of N).
+        nk=$((n / 3)); nf=$((n - nk)); b=0
         kill_run "$nk" ext4 xfs
         while [ $nf -gt 0 ]; do
-            b=$((nf > 25 ? 25 : nf))
-            rnd 2; flakey_run "$b" "$([ $R = 0 ] && echo ext4 || echo xfs)"
-            nf=$((nf - b))
+            c=$((nf > 25 ? 25 : nf))
+            flakey_run "$c" "$([ $((b % 2)) = 0 ] && echo ext4 || echo xfs)"
+            nf=$((nf - c)); b=$((b + 1))
         done
         for scn in "${SCENARIOS[@]}"; do lw_run "$scn" ext4; done
+        lw_run fw xfs
         finish "soak $n"
         cp "$RUN/report.md" "$OUTROOT/soak-report-latest.md"
         ;;
