@@ -92,7 +92,7 @@ prep_kernel() {
         if [ ! -d "$kdir/lib/modules" ]; then
             log "downloading $pkg"
             rm -rf "$kdir.tmp" && mkdir -p "$kdir.tmp"
-            (cd "$kdir.tmp" && apt-get download "$pkg" >/dev/null && dpkg-deb -x ./*.deb root)
+            (cd "$kdir.tmp" && apt-get -o APT::Sandbox::User=root download "$pkg" >/dev/null && dpkg-deb -x ./*.deb root)
             KVER=$(ls "$kdir.tmp/root/lib/modules")
             depmod -b "$kdir.tmp/root" "$KVER"
             mv "$kdir.tmp/root" "$kdir" && rm -rf "$kdir.tmp"
@@ -887,7 +887,7 @@ host_check() {
 # lw_run SCENARIO FS [POLICY] : record the action under dm-log-writes, replay every flush point.
 lw_run() {
     local scn=$1 fs=$2 pol=${3:-resume}
-    local tag=$scn-$fs-$pol
+    local tag=${LW_PREFIX:-}$scn-$fs-$pol
     local data=$RUN/lw-$tag-data.img logdev=$RUN/lw-$tag-log.img ctl=$RUN/lw-$tag.ctl logf=$RUN/lw-$tag.log
     local base=$IMGS/$fs/$(scenario_base "$scn").img
     cp --sparse=always "$base" "$data"
@@ -914,7 +914,7 @@ lw_run() {
     perl "$PCDIR/lib/lwreplay.pl" ${PC_LW_EVERY:+--every-entry} "$logdev" "$replay" "$0" __lw_point 2>>"$RUN/lw.log" || rc=$?
     local t2 pts
     t2=$(now_ms)
-    pts=$(grep -c "^lw	lw$tag-" "$RESULTS" || true)
+    pts=$(grep -c "^lw	lw$tag-p" "$RESULTS" || true)
     tail -1 "$RUN/lw.log" | sed 's/^/    /' >&2
     # The replayer must reproduce the recorded device exactly.
     if ! cmp -s "$replay" "$data"; then
@@ -1128,22 +1128,34 @@ case $mode in
         # The build without the staging syncfs must be caught. Only failures of the kinds that
         # missing durability causes count (a known, unrelated failure must not make the
         # control look detected). PC_NEG_KINDS adds flakey/kill batches of the fw scenario.
-        build_bin negative; prep_all ext4
+        # The same log-writes replay with the normal build first: it must show no durability
+        # failure, or a failure of the negative build would prove nothing.
+        build_bin normal; prep_all ext4
         start_run negative
+        export PC_BIN_USED=$BIN PC_IMGS=$IMGS
+        LW_PREFIX=ctl- lw_run fw ext4
+        normal_bin=$BIN
+        build_bin negative; prep_all ext4
         export PC_BIN_USED=$BIN PC_IMGS=$IMGS
         for k in ${PC_NEG_KINDS:-lw}; do
             case $k in
-                lw) lw_run fw ext4 ;;
+                lw) LW_PREFIX=neg- lw_run fw ext4 ;;
                 flakey) CUT_SCENARIOS=(fw); flakey_run "${PC_NEG_CUTS:-20}" ext4 ;;
                 kill) CUT_SCENARIOS=(fw); kill_run "${PC_NEG_CUTS:-20}" ext4 ;;
                 *) die "unknown kind $k" ;;
             esac
         done
-        finish "negative control (${PC_NEG_KINDS:-lw}, fw, ext4)"
-        caught=$(awk -F'\t' '$8 == "FAIL" && $11 ~ /WRITE-AHEAD|LOST AN ACK|ZERO-LENGTH|TORN|MIXED|neither old nor new/ { n[$1]++ }
+        finish "negative control (normal build: lw; negative build: ${PC_NEG_KINDS:-lw}; fw, ext4)"
+        durable='WRITE-AHEAD|LOST AN ACK|ZERO-LENGTH|TORN|MIXED|neither old nor new'
+        control=$(awk -F'\t' -v re="$durable" '$8 == "FAIL" && $2 ~ /^lwctl-/ && $11 ~ re' "$RESULTS" | wc -l)
+        caught=$(awk -F'\t' -v re="$durable" '$8 == "FAIL" && $2 !~ /^lwctl-/ && $11 ~ re { n[$1]++ }
             END { for (k in n) printf "%s%s: %d", (s++ ? ", " : ""), k, n[k] }' "$RESULTS")
+        if [ "$control" -gt 0 ]; then
+            log "NEGATIVE CONTROL INCONCLUSIVE: the normal build ($normal_bin) has $control durability failures itself"
+            exit 1
+        fi
         if [ -n "$caught" ]; then
-            log "NEGATIVE CONTROL DETECTED (durability failures by cut kind: $caught), as it must be"
+            log "NEGATIVE CONTROL DETECTED: durability failures with the negative build (by cut kind: $caught), none with the normal build"
             exit 0
         fi
         log "NEGATIVE CONTROL NOT DETECTED: the harness is blind to the missing syncfs"
