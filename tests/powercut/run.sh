@@ -596,9 +596,9 @@ rnd() {
 # cut in nine lands after the engine reported success. The defaults are measured action
 # durations under TCG on a loaded 2-core machine; each run refines them from the actions
 # that finished before their cut (the first one seen replaces the default).
-declare -A DUR=([fw]=6000 [many]=2500 [dir]=2000 [rollback]=5500 [factory]=6000 [recover]=4000)
+declare -A DUR=([fw]=4000 [many]=1800 [dir]=1000 [rollback]=3000 [factory]=3500 [recover]=3000)
 declare -A DUR_SEEN=()
-declare -A FDUR=([fw]=7000 [many]=3500 [dir]=2500 [rollback]=6500 [factory]=7000 [recover]=5000)
+declare -A FDUR=([fw]=5000 [many]=3000 [dir]=1600 [rollback]=3300 [factory]=3500 [recover]=3000)
 declare -A FDUR_SEEN=()
 learn() { # learn ARRAY SEEN_ARRAY SCENARIO MS
     local -n arr=$1 seen=$2
@@ -611,7 +611,7 @@ learn() { # learn ARRAY SEEN_ARRAY SCENARIO MS
 }
 
 # When to cut: sets WHEN to "MS" (ms after the action started, uniform over the scenario's
-# window) or, half of the time, "PHASE+MS" (MS uniform over an eighth of the window, at least
+# window) or, half of the time, "PHASE+MS" (MS uniform over 1/16 of the window, at least
 # 100 ms, after the engine logged that the effects of PHASE are done, i.e. while the next
 # phase is journaled and performed). Random times mostly land in the longest phase
 # (staging); phase triggers spread the cuts over every phase boundary. PC_TRIGGER=PHASE
@@ -628,7 +628,7 @@ pick_when() { # pick_when WINDOW_MS
         rnd $((w + w / 8)); WHEN=$R
     else
         rnd ${#TRIG_PHASES[@]}; local ph=${TRIG_PHASES[$R]}
-        local after=$((w / 8))
+        local after=$((w / 16))
         [ $after -ge 100 ] || after=100
         rnd $after; WHEN=$ph+$R
     fi
@@ -686,10 +686,10 @@ kill_run() {
         t0=$(now_ms)
         qemu_start "$logf" "$ctl" "${disks[@]}"
         if [ $last = 1 ]; then
-            wait_for "$logf" '^@@DONE' 600 || true
+            wait_for "$logf" '^@@DONE' 300 || true
             qemu_kill
         else
-            if ! wait_for "$logf" "^@@ACTION-START $id" 600; then
+            if ! wait_for "$logf" "^@@ACTION-START $id" 300; then
                 qemu_kill
                 log "cut $id: the guest never started the action; log $logf"
                 keep "$id-boot" "$logf" "$ctl"
@@ -801,7 +801,7 @@ flakey_run() {
     local t0
     t0=$(now_ms)
     qemu_start "$logf" "$ctl" "$cow" "$IMGS/$fs/factory.img,snapshot=on" "$IMGS/$fs/v3.img,snapshot=on"
-    local timeout=$((120 + n * 120))
+    local timeout=$((90 + n * 45))
     wait_for "$logf" '^@@DONE' $timeout || log "flakey batch did not finish in ${timeout}s; judging what it did"
     qemu_kill
     local secs=$((($(now_ms) - t0) / 1000))
