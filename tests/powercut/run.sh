@@ -383,6 +383,19 @@ prep_all() {
     prep_kernel
     prep_initramfs
     prep_images "${fslist[@]}"
+    # Mark what this run uses, so pruning keeps it.
+    touch "$INITRD" "$IMGS" "${IMGS/images-/payload-}" 2>/dev/null || true
+    prune_cache
+}
+
+# Every engine build makes its own initramfs and images: keep the 4 most recently used of
+# each, and the 20 newest run directories (failures' evidence included).
+prune_cache() {
+    local prefix
+    for prefix in initramfs- images- payload-; do
+        ls -dt "$CACHE/$prefix"* 2>/dev/null | tail -n +5 | xargs -r rm -rf
+    done
+    ls -dt "$OUTROOT"/*-20[0-9][0-9]* 2>/dev/null | tail -n +21 | xargs -r rm -rf
 }
 
 # ------------------------------------------------------------------ QEMU
@@ -805,6 +818,7 @@ flakey_run() {
     wait_for "$logf" '^@@DONE' $timeout || log "flakey batch did not finish in ${timeout}s; judging what it did"
     qemu_kill
     local secs=$((($(now_ms) - t0) / 1000))
+    rm -f "$cow"
     local id scn pol two delay
     while read -r id scn pol two delay; do
         tr -d "\r" <"$logf" | grep "^@@[A-Z]* $id " >"$RUN/$id.result" || true
