@@ -23,6 +23,11 @@ pub fn path_in(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE_NAME)
 }
 
+/// The temporary file `write` renames into place (`fsutil::write_atomic`'s naming).
+pub fn temp_path_in(state_dir: &Path) -> PathBuf {
+    state_dir.join(format!("{}{FILE_NAME}.tmp", fsutil::TEMP_PREFIX))
+}
+
 pub fn write(state_dir: &Path, plan: &Plan) -> Result<()> {
     let payload = encode(plan, Size::Large)?;
     let mut bytes = Vec::with_capacity(HEADER_BYTES + payload.len());
@@ -102,5 +107,8 @@ mod tests {
         assert!(parse(&good[..good.len() - 1]).is_err());
         remove(dir.path()).unwrap();
         assert_eq!(read(dir.path()).unwrap(), None);
+        // The temporary name `write` uses is the one reconciliation cleans up.
+        assert!(!temp_path_in(dir.path()).exists());
+        assert_eq!(temp_path_in(dir.path()).file_name().unwrap(), ".tope-inflight.plan.tmp");
     }
 }

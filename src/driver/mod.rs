@@ -214,6 +214,11 @@ impl Updater {
     /// A plan copy whose transaction is not in flight is stale (a crash between the final
     /// commit and its removal, or before the `Planned` commit): remove it.
     fn reconcile_plan_copy(&self) -> Result<()> {
+        // A power cut while the copy was being written leaves its temporary file: it never
+        // became the copy (no transaction began), so it is only litter.
+        if fsutil::remove_if_present(&plancopy::temp_path_in(&self.state_dir))? {
+            fsutil::fsync_dir(&self.state_dir)?;
+        }
         let active = self.journal.active()?.map(|(rec, _)| rec.id);
         let copy_id = match plancopy::read(&self.state_dir) {
             Ok(None) => return Ok(()),
