@@ -16,4 +16,4 @@ if [ "$(id -u)" = 0 ]; then
   if [ ${#missing[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; fi
 fi
 cargo build --release --quiet
-exec python3 bench/bench.py --bin "$PWD/target/release/tope-updater" "$@"
+exec python3 bench/bench.py --bin "${CARGO_TARGET_DIR:-$PWD/target}/release/tope-updater" "$@"
