@@ -784,37 +784,6 @@ mod armed {
 
     // ---------------------------------------------------------------- random kills
 
-    /// xorshift64: deterministic, no dependency.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn new(seed: u64) -> XorShift {
-            XorShift(if seed == 0 { 0x9E37_79B9_7F4A_7C15 } else { seed })
-        }
-
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-
-        fn bytes(&mut self, len: usize) -> Vec<u8> {
-            let mut v = Vec::with_capacity(len + 8);
-            while v.len() < len {
-                v.extend_from_slice(&self.next().to_le_bytes());
-            }
-            v.truncate(len);
-            v
-        }
-    }
-
     const DEFAULT_SEED: u64 = 0x7095_C0DE_2026_0001;
 
     fn seed() -> u64 {

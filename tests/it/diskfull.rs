@@ -185,33 +185,6 @@ fn remove_filler(fs: &LoopFs) {
 
 // ---------------------------------------------------------------- the device and the package
 
-/// xorshift64, for incompressible, reproducible content.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo + 1) as u64) as usize
-    }
-}
-
 /// Old files (relative path, content, mode) and the v2 package's content: three file modules
 /// that replace old files, one new file in new directories, and one directory module of small
 /// files (most overwrite old small files, some are new in new directories).
@@ -231,7 +204,7 @@ const LONG: &str = "a-long-file-name-that-makes-every-journal-record-of-this-tar
 
 impl Fixture {
     fn new() -> Fixture {
-        let mut rng = Rng(0xD15C_F011_2026_0005);
+        let mut rng = XorShift::new(0xD15C_F011_2026_0005);
         let mut v1 = vec![
             ("bin/app".to_string(), rng.bytes(120 * KIB as usize), 0o755),
             ("lib/big.so".to_string(), rng.bytes(300 * KIB as usize), 0o644),
@@ -488,7 +461,7 @@ fn many_tiny_files_whose_bytes_fit_but_whose_blocks_do_not_are_refused_by_the_pr
     dev.reset(&fx);
     let old = tree(&env.root);
     // A directory module of 400 new 16-byte files: 6400 bytes, but 400 blocks once written.
-    let mut rng = Rng(0x7111_F11E);
+    let mut rng = XorShift::new(0x7111_F11E);
     let tiny: Vec<(String, Vec<u8>)> = (0..FILES).map(|i| (format!("tiny/t{i:03}"), rng.bytes(SIZE))).collect();
     let hashes: BTreeMap<String, String> = tiny.iter().map(|(n, c)| (n.trim_start_matches("tiny/").to_string(), blake3_hex(c))).collect();
     let manifest = json!({"version": V2, "modules": [{"name": "tiny", "src": "tiny/", "dst": env.dst("tiny"), "files": hashes}]});

@@ -21,6 +21,7 @@ fn journal_loss_tests_need_the_failpoints_feature() {
 
 #[cfg(feature = "failpoints")]
 mod armed {
+    use crate::support::XorShift as Rng;
     use crate::support::*;
     use serde_json::{Value, json};
     use std::collections::{BTreeMap, BTreeSet};
@@ -31,38 +32,6 @@ mod armed {
     use tope_updater::failpoint::CRASH_POINTS;
 
     // ---------------------------------------------------------------- randomness
-
-    /// xorshift64: deterministic, no dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn new(seed: u64) -> Rng {
-            Rng(if seed == 0 { 0x9E37_79B9_7F4A_7C15 } else { seed })
-        }
-
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            assert!(n > 0);
-            self.next() % n
-        }
-
-        fn bytes(&mut self, len: usize) -> Vec<u8> {
-            let mut v = Vec::with_capacity(len + 8);
-            while v.len() < len {
-                v.extend_from_slice(&self.next().to_le_bytes());
-            }
-            v.truncate(len);
-            v
-        }
-    }
 
     const DEFAULT_SEED: u64 = 0x10E5_10E5_2026_0005;
 
