@@ -392,10 +392,12 @@ prep_all() {
 # each, and the 20 newest run directories (failures' evidence included).
 prune_cache() {
     local prefix
+    # `ls` fails when nothing matches (a fresh checkout has no output dir yet): that is not
+    # an error here, and under `set -e -o pipefail` it must not become one.
     for prefix in initramfs- images- payload-; do
-        ls -dt "$CACHE/$prefix"* 2>/dev/null | tail -n +5 | xargs -r rm -rf
+        { ls -dt "$CACHE/$prefix"* 2>/dev/null || true; } | tail -n +5 | xargs -r rm -rf
     done
-    ls -dt "$OUTROOT"/*-20[0-9][0-9]* 2>/dev/null | tail -n +21 | xargs -r rm -rf
+    { ls -dt "$OUTROOT"/*-20[0-9][0-9]* 2>/dev/null || true; } | tail -n +21 | xargs -r rm -rf
 }
 
 # ------------------------------------------------------------------ QEMU
