@@ -956,7 +956,7 @@ selftest() {
         "torn|none|dd if=/dev/zero of=root/fw/mcu.bin bs=4096 count=1 conv=notrunc status=none|TORN"
         "wrong-mode|none|chmod 600 root/fw/fpga.bin|wrong mode"
         "leftover|none|: >root/fw/.tope-9-0123456789abcdef.new|leftovers"
-        "leftover-state|none|: >state/.tope-inflight.plan.tmp|leftovers"
+        "leftover-state|none|: >state/.tope-selftest.tmp|leftovers"
         "extra-dir|none|mkdir root/fw/new|untouched path changed"
         "lost-ack|new|:|LOST AN ACKNOWLEDGED"
         "journal|none|echo garbage >state/journal.redb|recover exited"
