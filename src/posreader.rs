@@ -22,10 +22,6 @@ impl PosReader {
     pub fn new(file: Arc<File>) -> PosReader {
         PosReader { file, pos: 0, buf: vec![0; BUF_BYTES], buf_start: 0, buf_len: 0 }
     }
-
-    pub fn file(&self) -> &Arc<File> {
-        &self.file
-    }
 }
 
 impl Clone for PosReader {

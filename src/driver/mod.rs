@@ -207,10 +207,6 @@ impl Updater {
         Ok(up)
     }
 
-    pub fn journal(&self) -> &Journal {
-        &self.journal
-    }
-
     /// A plan copy whose transaction is not in flight is stale (a crash between the final
     /// commit and its removal, or before the `Planned` commit): remove it.
     fn reconcile_plan_copy(&self) -> Result<()> {

@@ -1,7 +1,7 @@
 //! Generations: what every managed path holds after each committed transaction, and the
 //! factory baseline (each path's state before the first transaction that touched it).
 
-use super::plan::{FileMeta, Hash, NewState, PathState, Plan};
+use super::plan::{FileMeta, Hash, PathState, Plan};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -86,18 +86,6 @@ pub fn referenced_blobs<'a>(generations: impl IntoIterator<Item = &'a Generation
     out
 }
 
-/// Blobs an in-flight plan needs: every old file (rollback) and every new blob source.
-pub fn plan_blobs(plan: &Plan) -> BTreeSet<Hash> {
-    let mut out = BTreeSet::new();
-    for t in &plan.targets {
-        out.extend(t.old.hash());
-        if let NewState::File(f) = t.new {
-            out.extend(f.hash);
-        }
-    }
-    out
-}
-
 /// Ids of the generations to drop so that at most `keep` remain, oldest first. `ids` is
 /// ascending.
 pub fn prune(ids: &[u64], keep: usize) -> Vec<u64> {
@@ -107,7 +95,7 @@ pub fn prune(ids: &[u64], keep: usize) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::plan::{NewFile, PackageRef, Source, Target, TxKind};
+    use crate::engine::plan::{NewFile, NewState, PackageRef, Source, Target, TxKind};
 
     fn meta(h: u8) -> FileMeta {
         FileMeta { hash: Hash([h; 32]), size: 1, mode: 0o644, uid: 0, gid: 0 }

@@ -8,7 +8,7 @@
 pub mod records;
 
 use crate::engine::generation::{Factory, Generation};
-use crate::engine::{Hash, PathState, Phase, Plan};
+use crate::engine::{Hash, PathState, Plan};
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::limits::HISTORY_TX_MAX;
@@ -432,9 +432,4 @@ pub struct JournalDump {
     pub generations: Vec<Generation>,
     pub factory: Vec<(String, PathState)>,
     pub failed_packages: Vec<(Hash, u64)>,
-}
-
-/// True for the phases a transaction can be left in between runs.
-pub fn is_in_flight(phase: Phase) -> bool {
-    !phase.is_terminal() || phase == Phase::RollbackFailed
 }
