@@ -374,10 +374,7 @@ mod armed {
 
         /// `FAILPOINTS` value (fail crate syntax).
         fn spec(&self) -> String {
-            match self.hit {
-                1 => format!("{}=return", self.point),
-                n => format!("{}={}*off->return", self.point, n - 1),
-            }
+            kill_at(self.point, self.hit)
         }
     }
 

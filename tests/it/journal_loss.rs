@@ -175,10 +175,7 @@ mod armed {
         }
 
         fn spec(&self) -> String {
-            match self.hit {
-                1 => format!("{}=return", self.point),
-                n => format!("{}={}*off->return", self.point, n - 1),
-            }
+            kill_at(self.point, self.hit)
         }
     }
 

@@ -239,3 +239,12 @@ impl XorShift {
         v
     }
 }
+
+/// The `FAILPOINTS` value (fail crate syntax) that SIGKILLs the process on the `hit`-th pass
+/// (1-based) through crash point `point`.
+pub fn kill_at(point: &str, hit: u32) -> String {
+    match hit {
+        1 => format!("{point}=return"),
+        n => format!("{point}={}*off->return", n - 1),
+    }
+}
