@@ -34,6 +34,11 @@ pub struct Config {
     pub systemctl: String,
     pub stop_timeout_s: u64,
     pub start_timeout_s: u64,
+    /// A started service must stay active (running) this long to count as started: a
+    /// `Type=simple` unit is "active" the moment it forks, even if it dies a moment later.
+    pub start_settle_ms: u64,
+    /// Time limit of each post command.
+    pub post_cmd_timeout_s: u64,
     pub keep_generations: u32,
     pub recovery: RecoveryPolicy,
     pub require_signature: bool,
@@ -93,7 +98,12 @@ pub struct GuiConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServiceConfig {
+    /// Process backend: the shell command that starts the service (run with `/bin/sh -c`,
+    /// detached).
     pub start: Option<String>,
+    /// Process backend: find the service's processes by this executable path instead of by
+    /// `/proc/PID/comm`.
+    pub exe: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -105,6 +115,8 @@ impl Default for Config {
             systemctl: "systemctl".into(),
             stop_timeout_s: 10,
             start_timeout_s: 30,
+            start_settle_ms: 1000,
+            post_cmd_timeout_s: 300,
             keep_generations: 3,
             recovery: RecoveryPolicy::Resume,
             require_signature: false,

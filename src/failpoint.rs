@@ -31,9 +31,23 @@ pub const CRASH_POINTS: &[&str] = &[
     "recover.attempt",
 ];
 
+/// Crash points inside service control and post commands; the service tests arm each in turn
+/// and fail if one is never reached.
+pub const SERVICE_CRASH_POINTS: &[&str] = &[
+    "enter.ServicesStopped",
+    "services.stopped_one",
+    "enter.PostCommands",
+    "post_cmd.ran",
+    "post_cmd.recorded",
+    "enter.ServicesStarted",
+    "services.started_one",
+    "rollback.services_started",
+    "trial.boot_counted",
+];
+
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
-    debug_assert!(CRASH_POINTS.contains(&name) || name.starts_with("enter."), "unregistered crash point {name}");
+    debug_assert!(CRASH_POINTS.contains(&name) || SERVICE_CRASH_POINTS.contains(&name) || name.starts_with("enter."), "unregistered crash point {name}");
     if fail::eval(name, |_| ()).is_some() {
         eprintln!("crash point {name}: SIGKILL");
         let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);

@@ -18,6 +18,7 @@ pub mod package;
 pub mod parallel;
 pub mod paths;
 pub mod plancopy;
+pub mod services;
 pub mod posreader;
 pub mod store;
 pub mod version;

@@ -133,6 +133,7 @@ pub struct Updater {
     state_dir: PathBuf,
     journal: Journal,
     store: BackupStore,
+    services: crate::services::Services,
     _lock: Flock<File>,
 }
 
@@ -201,8 +202,15 @@ impl Updater {
 
     fn assemble(cfg: Config, journal: Journal, lock: Flock<File>) -> Result<Updater> {
         let store = BackupStore::open(&cfg.state_dir)?;
-        let up =
-            Updater { roots: AllowedRoots::new(&cfg.allowed_roots), state_dir: cfg.state_dir.clone(), cfg, journal, store, _lock: lock };
+        let up = Updater {
+            roots: AllowedRoots::new(&cfg.allowed_roots),
+            state_dir: cfg.state_dir.clone(),
+            services: crate::services::Services::new(&cfg),
+            cfg,
+            journal,
+            store,
+            _lock: lock,
+        };
         up.reconcile_plan_copy()?;
         Ok(up)
     }
@@ -278,6 +286,7 @@ pub(super) fn new_record(plan: &Plan) -> TxRecord {
         commits: 0,
         started_unix_ms: now,
         updated_unix_ms: now,
+        post_cmds_done: 0,
     }
 }
 

@@ -26,15 +26,6 @@ impl Updater {
         let blake3 = pkg.blake3()?;
         self.check_not_failed_before(&blake3, opts)?;
         let m = &pkg.manifest;
-        let uses_services = m.modules.iter().any(|m| m.process_name.is_some());
-        if uses_services && self.cfg.service_manager != ServiceManager::None {
-            tracing::warn!(
-                "this build does not control services: process_name is recorded in the plan, but no service is stopped or started"
-            );
-        }
-        if m.modules.iter().any(|m| !m.post_cmds.is_empty()) {
-            tracing::warn!("this build does not run post_cmds: they are recorded in the plan only");
-        }
         let (euid, egid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
         let mut targets = Vec::with_capacity(pkg.files.len());
         for (f, old) in pkg.files.iter().zip(olds) {
@@ -59,7 +50,7 @@ impl Updater {
             });
         }
         targets.sort_by(|a, b| a.path.cmp(&b.path));
-        let plan = Plan {
+        let mut plan = Plan {
             tx_id: self.journal.next_tx_id()?,
             kind: TxKind::Install { package: PackageRef { path: path_string(&pkg.path)?, blake3, size: pkg.size } },
             from_version: current.as_ref().map(|g| g.version.clone()),
@@ -80,9 +71,24 @@ impl Updater {
             controls_services: false,
             runs_post_cmds: false,
         };
+        self.decide_service_work(&mut plan)?;
         self.check_free_space(&plan)?;
         tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "planned");
         self.start(plan, Some(pkg))
+    }
+
+    /// Which optional phases the plan has: service control when a module names a service and
+    /// a backend is configured, post commands when a module has any (install only: a
+    /// rollback plan has none). Refuses, before anything is touched, services the backend
+    /// could not start again.
+    fn decide_service_work(&self, plan: &mut Plan) -> Result<()> {
+        let services = crate::engine::services::start_order(&plan.modules);
+        plan.controls_services = !services.is_empty() && self.cfg.service_manager != ServiceManager::None;
+        plan.runs_post_cmds = !crate::engine::services::post_commands(plan).is_empty();
+        if plan.controls_services {
+            self.services.check_startable(&services)?;
+        }
+        Ok(())
     }
 
     /// Version, compatibility and no-loop rules (SPEC §2, §3).
@@ -235,18 +241,24 @@ impl Updater {
             };
             targets.push(Target { path: path.to_string(), module: 0, old: have, new, source });
         }
-        let plan = Plan {
+        let paths: Vec<&str> = targets.iter().map(|t| t.path.as_str()).collect();
+        let (modules, owner) = generation::rollback_modules(&paths, current.as_ref(), target);
+        for (t, m) in targets.iter_mut().zip(owner) {
+            t.module = m;
+        }
+        let mut plan = Plan {
             tx_id: self.journal.next_tx_id()?,
             kind: TxKind::Rollback { to: rollback_to },
             from_version: current.as_ref().map(|g| g.version.clone()),
             to_version: target.map(|g| g.version.clone()),
-            modules: Vec::new(),
+            modules,
             created_dirs: missing_dirs(&targets),
             removed_dirs: generation::dirs_to_remove(current.as_ref(), target),
             targets,
             controls_services: false,
             runs_post_cmds: false,
         };
+        self.decide_service_work(&mut plan)?;
         self.check_free_space(&plan)?;
         self.start(plan, None)
     }

@@ -32,7 +32,18 @@ impl Updater {
         tracing::info!(tx = rec.id, phase = %rec.phase, attempt = rec.attempts, ?decision, "recovering");
         let report = match decision {
             Decision::Nothing => return Ok(RecoverReport::Nothing),
-            Decision::Resume => self.drive(rec, plan, pkg)?,
+            Decision::Resume => {
+                // Services stopped before the crash may have been started again by the
+                // reboot; the files must not change under them, and ServicesStarted must
+                // start them on the new version. Stopping is idempotent.
+                let stopped_before = matches!(rec.phase, Phase::BackedUp | Phase::Swapped | Phase::PostCommands);
+                if plan.controls_services && stopped_before && let Err(e) = self.stop_services(&plan) {
+                    rec.error = Some(e);
+                    let next = transition(rec.phase, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
+                    self.enter(&mut rec, next, &plan, false)?;
+                }
+                self.drive(rec, plan, pkg)?
+            }
             Decision::RollBack { reason } => {
                 if rec.phase != Phase::RollingBack {
                     super::run::discard_staged(&plan);

@@ -3,6 +3,7 @@
 
 use crate::engine::generation;
 use crate::engine::phase::{Event, transition};
+use crate::engine::services;
 use crate::engine::{NewState, PathState, Phase, Plan, RollbackTarget, Target, TxKind};
 use crate::error::{Error, ErrorCode, Result};
 use crate::failpoint::hit;
@@ -39,7 +40,7 @@ impl Updater {
                 return self.roll_back(rec, plan);
             }
             let started = std::time::Instant::now();
-            let performed = self.perform(rec.phase, &mut plan, pkg.as_ref());
+            let performed = self.perform(&mut rec, &mut plan, pkg.as_ref());
             tracing::debug!(tx = rec.id, phase = %rec.phase, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "phase effects done");
             match performed {
                 Ok(_) if rec.phase == Phase::Committed => {
@@ -86,8 +87,8 @@ impl Updater {
     }
 
     /// The effects of one phase. Returns whether the plan changed (new hashes learnt).
-    pub(super) fn perform(&mut self, phase: Phase, plan: &mut Plan, pkg: Option<&Package>) -> Result<bool> {
-        match phase {
+    pub(super) fn perform(&mut self, rec: &mut TxRecord, plan: &mut Plan, pkg: Option<&Package>) -> Result<bool> {
+        match rec.phase {
             Phase::Planned => Ok(false),
             Phase::Staged => self.stage(plan, pkg).map(|()| true),
             Phase::BackedUp => self.back_up(plan).map(|()| false),
@@ -98,11 +99,46 @@ impl Updater {
                 hit("commit.cleaned");
                 Ok(false)
             }
-            Phase::ServicesStopped | Phase::PostCommands | Phase::ServicesStarted => {
-                Err(Error::internal(format!("phase {phase} has no implementation in this build, and no plan of this build enters it")))
+            Phase::ServicesStopped => self.stop_services(plan).map(|()| false),
+            Phase::PostCommands => self.run_post_commands(rec, plan).map(|()| false),
+            Phase::ServicesStarted => self.start_services(plan).map(|()| false),
+            phase @ (Phase::RollingBack | Phase::RolledBack | Phase::RollbackFailed) => {
+                Err(Error::internal(format!("perform called for {phase}")))
             }
-            Phase::RollingBack | Phase::RolledBack | Phase::RollbackFailed => Err(Error::internal(format!("perform called for {phase}"))),
         }
+    }
+
+    /// Stops the plan's services in descending `restart_order`. Idempotent: stopping a
+    /// stopped service is a no-op, so recovery may repeat it.
+    pub(super) fn stop_services(&mut self, plan: &Plan) -> Result<()> {
+        for s in services::stop_order(&plan.modules) {
+            self.services.stop(&s)?;
+            hit("services.stopped_one");
+        }
+        Ok(())
+    }
+
+    /// Starts the plan's services in ascending `restart_order`; each must come up and stay up.
+    pub(super) fn start_services(&mut self, plan: &Plan) -> Result<()> {
+        for s in services::start_order(&plan.modules) {
+            self.services.start(&s)?;
+            hit("services.started_one");
+        }
+        Ok(())
+    }
+
+    /// Runs the post commands not yet done, journaling each completion (one commit per
+    /// command), so a power cut re-runs only the command it interrupted.
+    pub(super) fn run_post_commands(&mut self, rec: &mut TxRecord, plan: &Plan) -> Result<()> {
+        for c in services::remaining_post_commands(plan, rec.post_cmds_done) {
+            self.services.run_post_command(c.command, c.module, plan.tx_id, plan.to_version.as_deref())?;
+            hit("post_cmd.ran");
+            rec.post_cmds_done = c.index + 1;
+            rec.updated_unix_ms = now_ms();
+            self.journal.enter_phase(rec, None)?;
+            hit("post_cmd.recorded");
+        }
+        Ok(())
     }
 
     /// Writes every new file beside its target, hashing while writing (on every core), then
@@ -211,10 +247,32 @@ impl Updater {
         }
     }
 
-    /// Undoes a transaction from whatever its targets hold now, then ends it.
+    /// Undoes a transaction from whatever its targets hold now, then ends it. When the
+    /// transaction had begun to stop services, they are stopped (some may run the new
+    /// version, or were restarted by a reboot), the files restored, and all started again on
+    /// the old version.
     pub(super) fn roll_back(&mut self, mut rec: TxRecord, plan: Plan) -> Result<TxReport> {
         let error = rec.error.clone().unwrap_or_else(|| Error::new(ErrorCode::DeploymentFailed, "rolled back"));
-        match self.undo(&plan) {
+        let restart = plan.controls_services && rec.phases.contains(&Phase::ServicesStopped);
+        if restart {
+            for s in services::stop_order(&plan.modules) {
+                // The files are restored even if a process will not die: old files under a
+                // stuck process beat new ones, and the start below reports the service.
+                if let Err(e) = self.services.stop(&s) {
+                    tracing::error!(tx = rec.id, service = s.name, error = %e, "could not stop the service for the rollback");
+                }
+            }
+        }
+        let undone = self.undo(&plan).and_then(|()| {
+            if restart {
+                self.start_services(&plan).map_err(|e| {
+                    Error::new(e.code, format!("the old files are back, but a service did not start on them: {}", e.message))
+                })?;
+                hit("rollback.services_started");
+            }
+            Ok(())
+        });
+        match undone {
             Ok(()) => {
                 rec.phase = transition(Phase::RollingBack, Event::Done, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
                 rec.phases.push(rec.phase);

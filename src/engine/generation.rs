@@ -1,7 +1,8 @@
 //! Generations: what every managed path holds after each committed transaction, and the
 //! factory baseline (each path's state before the first transaction that touched it).
 
-use super::plan::{FileMeta, Hash, PathState, Plan};
+use super::plan::{FileMeta, Hash, ModulePlan, PathState, Plan};
+use super::services::ServiceRef;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,6 +19,9 @@ pub struct Generation {
     pub files: BTreeMap<String, FileMeta>,
     /// Directories created by transactions up to this one (absent in the factory baseline).
     pub dirs: BTreeSet<String>,
+    /// Path → the service its module named (record version 2): a rollback that changes the
+    /// path stops and starts that service.
+    pub services: BTreeMap<String, ServiceRef>,
 }
 
 /// Path → state before the first transaction that touched it.
@@ -37,7 +41,15 @@ pub fn desired_state(path: &str, generation: Option<&Generation>, factory: &Fact
 pub fn after_install(previous: Option<&Generation>, id: u64, plan: &Plan, version: &str) -> Option<Generation> {
     let mut files = previous.map(|g| g.files.clone()).unwrap_or_default();
     let mut dirs = previous.map(|g| g.dirs.clone()).unwrap_or_default();
+    let mut services = previous.map(|g| g.services.clone()).unwrap_or_default();
     for t in &plan.targets {
+        let owner = plan.modules.get(t.module as usize).and_then(|m| {
+            m.process_name.as_ref().map(|name| ServiceRef { name: name.clone(), restart_order: m.restart_order })
+        });
+        match owner {
+            Some(s) => services.insert(t.path.clone(), s),
+            None => services.remove(&t.path),
+        };
         match t.new.settled()? {
             PathState::File(m) => {
                 files.insert(t.path.clone(), m);
@@ -48,7 +60,39 @@ pub fn after_install(previous: Option<&Generation>, id: u64, plan: &Plan, versio
         }
     }
     dirs.extend(plan.created_dirs.iter().cloned());
-    Some(Generation { id, version: version.to_string(), tx_id: plan.tx_id, parent: previous.map(|g| g.id), files, dirs })
+    Some(Generation { id, version: version.to_string(), tx_id: plan.tx_id, parent: previous.map(|g| g.id), files, dirs, services })
+}
+
+/// The modules of a rollback plan: module 0 owns paths without a service; then one module per
+/// service that owns a changed path in the generation left (`current`) or the one returned
+/// to (`target`). Returns the modules and, for each path, its module index.
+pub fn rollback_modules(paths: &[&str], current: Option<&Generation>, target: Option<&Generation>) -> (Vec<ModulePlan>, Vec<u32>) {
+    let mut modules =
+        vec![ModulePlan { name: "rollback".into(), process_name: None, restart_order: None, post_cmds: Vec::new() }];
+    let mut index = Vec::with_capacity(paths.len());
+    for path in paths {
+        let owners = [current, target].into_iter().flatten().filter_map(|g| g.services.get(*path));
+        let mut first = 0;
+        for s in owners {
+            let i = match modules.iter().position(|m| m.process_name.as_deref() == Some(s.name.as_str())) {
+                Some(i) => i,
+                None => {
+                    modules.push(ModulePlan {
+                        name: s.name.clone(),
+                        process_name: Some(s.name.clone()),
+                        restart_order: s.restart_order,
+                        post_cmds: Vec::new(),
+                    });
+                    modules.len() - 1
+                }
+            };
+            if first == 0 {
+                first = i;
+            }
+        }
+        index.push(first as u32);
+    }
+    (modules, index)
 }
 
 /// Paths an install touches for the first time, with their state before it.
@@ -95,7 +139,7 @@ pub fn prune(ids: &[u64], keep: usize) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::plan::{NewFile, NewState, PackageRef, Source, Target, TxKind};
+    use crate::engine::plan::{ModulePlan, NewFile, NewState, PackageRef, Source, Target, TxKind};
 
     fn meta(h: u8) -> FileMeta {
         FileMeta { hash: Hash([h; 32]), size: 1, mode: 0o644, uid: 0, gid: 0 }
@@ -162,8 +206,36 @@ mod tests {
             parent: None,
             files: BTreeMap::new(),
             dirs: ["/r/a", "/r/a/b/c", "/r/a/b"].iter().map(|s| s.to_string()).collect(),
+            services: BTreeMap::new(),
         };
         assert_eq!(dirs_to_remove(Some(&g), None), vec!["/r/a/b/c", "/r/a/b", "/r/a"]);
+    }
+
+    #[test]
+    fn generations_remember_which_service_owns_each_path_and_rollbacks_control_them() {
+        let mut p1 = plan(&[("/r/api", PathState::Absent, 1), ("/r/cfg", PathState::Absent, 2)], &[]);
+        p1.modules = vec![
+            ModulePlan { name: "api".into(), process_name: Some("device-api".into()), restart_order: Some(2), post_cmds: vec![] },
+            ModulePlan { name: "cfg".into(), process_name: None, restart_order: None, post_cmds: vec![] },
+        ];
+        p1.targets[1].module = 1;
+        let g1 = after_install(None, 1, &p1, "1.0.0").unwrap();
+        assert_eq!(g1.services.get("/r/api").map(|s| s.name.as_str()), Some("device-api"));
+        assert!(!g1.services.contains_key("/r/cfg"));
+        // v2 moves /r/cfg under the gui service.
+        let mut p2 = plan(&[("/r/cfg", PathState::File(meta(2)), 3)], &[]);
+        p2.modules = vec![ModulePlan { name: "gui".into(), process_name: Some("gui".into()), restart_order: Some(1), post_cmds: vec![] }];
+        let g2 = after_install(Some(&g1), 2, &p2, "2.0.0").unwrap();
+        assert_eq!(g2.services.get("/r/cfg").map(|s| s.name.as_str()), Some("gui"));
+        assert_eq!(g2.services.get("/r/api").map(|s| s.name.as_str()), Some("device-api"));
+        // Rolling back only /r/cfg controls gui (owner now) but not device-api.
+        let (mods, idx) = rollback_modules(&["/r/cfg"], Some(&g2), Some(&g1));
+        let names: Vec<_> = mods.iter().filter_map(|m| m.process_name.as_deref()).collect();
+        assert_eq!(names, ["gui"]);
+        assert_eq!(idx, [1]);
+        let (mods, idx) = rollback_modules(&["/r/api", "/r/cfg", "/r/other"], Some(&g2), None);
+        assert_eq!(mods.iter().filter_map(|m| m.process_name.as_deref()).collect::<Vec<_>>(), ["device-api", "gui"]);
+        assert_eq!(idx, [1, 2, 0]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod generation;
 pub mod phase;
 pub mod plan;
 pub mod recovery;
+pub mod services;
 
 pub use generation::{Factory, Generation};
 pub use phase::{Event, Phase};

@@ -6,11 +6,54 @@ use crate::engine::{Phase, TxKind};
 use crate::error::{Error, ErrorCode, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-/// Envelope around every stored value. Variants are only ever appended: the variant index is
-/// the record's format version, encoded as a varint before the record.
-#[derive(Debug, Serialize, Deserialize)]
-pub enum Versioned<T> {
-    V1(T),
+/// A value stored in the journal. Every stored value is preceded by its record version, a
+/// varint (0 = "V1", 1 = "V2", ...). A record type that changes gets a new version; older
+/// versions keep decoding through `decode_older` (journal-format.md §7).
+pub trait Record: Serialize + DeserializeOwned {
+    /// The version this build writes.
+    const VERSION: u32 = 0;
+
+    /// Decodes a body written as an older `version` of this record.
+    fn decode_older(version: u32, _body: &[u8], _size: Size) -> std::result::Result<Self, String> {
+        Err(format!("unknown record version {version}"))
+    }
+}
+
+impl Record for crate::engine::PathState {}
+impl Record for crate::engine::Plan {}
+
+/// `Generation` as record version 1 wrote it (no `services`).
+#[derive(Deserialize)]
+struct GenerationV1 {
+    id: u64,
+    version: String,
+    tx_id: u64,
+    parent: Option<u64>,
+    files: std::collections::BTreeMap<String, crate::engine::FileMeta>,
+    dirs: std::collections::BTreeSet<String>,
+}
+
+impl Record for crate::engine::Generation {
+    const VERSION: u32 = 1;
+
+    fn decode_older(version: u32, body: &[u8], size: Size) -> std::result::Result<Self, String> {
+        match version {
+            0 => {
+                let v1: GenerationV1 = decode_body(body, size)?;
+                Ok(crate::engine::Generation {
+                    id: v1.id,
+                    version: v1.version,
+                    tx_id: v1.tx_id,
+                    parent: v1.parent,
+                    files: v1.files,
+                    dirs: v1.dirs,
+                    // Version 1 had no service control: no path has a service.
+                    services: Default::default(),
+                })
+            }
+            other => Err(format!("unknown record version {other}")),
+        }
+    }
 }
 
 /// One transaction (install, rollback, or a rollback imported after journal loss).
@@ -35,6 +78,56 @@ pub struct TxRecord {
     /// for decisions.
     pub started_unix_ms: u64,
     pub updated_unix_ms: u64,
+    /// Post commands of the plan that completed, in plan order (record version 2). A power
+    /// cut re-runs only the ones after these.
+    pub post_cmds_done: u32,
+}
+
+/// `TxRecord` as record version 1 wrote it (no `post_cmds_done`).
+#[derive(Deserialize)]
+struct TxRecordV1 {
+    id: u64,
+    kind: TxKind,
+    from_version: Option<String>,
+    to_version: Option<String>,
+    phase: Phase,
+    phases: Vec<Phase>,
+    attempts: u32,
+    error: Option<Error>,
+    targets: u32,
+    new_bytes: u64,
+    commits: u32,
+    started_unix_ms: u64,
+    updated_unix_ms: u64,
+}
+
+impl Record for TxRecord {
+    const VERSION: u32 = 1;
+
+    fn decode_older(version: u32, body: &[u8], size: Size) -> std::result::Result<Self, String> {
+        match version {
+            0 => {
+                let v1: TxRecordV1 = decode_body(body, size)?;
+                Ok(TxRecord {
+                    id: v1.id,
+                    kind: v1.kind,
+                    from_version: v1.from_version,
+                    to_version: v1.to_version,
+                    phase: v1.phase,
+                    phases: v1.phases,
+                    attempts: v1.attempts,
+                    error: v1.error,
+                    targets: v1.targets,
+                    new_bytes: v1.new_bytes,
+                    commits: v1.commits,
+                    started_unix_ms: v1.started_unix_ms,
+                    updated_unix_ms: v1.updated_unix_ms,
+                    post_cmds_done: 0,
+                })
+            }
+            other => Err(format!("unknown record version {other}")),
+        }
+    }
 }
 
 /// Limit for ordinary records.
@@ -56,34 +149,53 @@ pub enum Size {
     Large,
 }
 
-pub fn encode<T: Serialize>(value: &T, size: Size) -> Result<Vec<u8>> {
-    let env = Versioned::V1(value);
+pub fn encode<T: Record>(value: &T, size: Size) -> Result<Vec<u8>> {
     let r = match size {
-        Size::Small => bincode::serde::encode_to_vec(&env, SMALL),
-        Size::Large => bincode::serde::encode_to_vec(&env, LARGE),
+        Size::Small => encode_parts(T::VERSION, value, SMALL),
+        Size::Large => encode_parts(T::VERSION, value, LARGE),
     };
     r.map_err(|e| Error::internal(format!("encode journal record: {e}")))
 }
 
-/// Decodes a record; trailing bytes, an unknown version or an oversized length are
-/// `JOURNAL_CORRUPT`.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8], size: Size, what: &str) -> Result<T> {
-    let r: std::result::Result<(Versioned<T>, usize), _> = match size {
-        Size::Small => bincode::serde::decode_from_slice(bytes, SMALL),
-        Size::Large => bincode::serde::decode_from_slice(bytes, LARGE),
+fn encode_parts<T: Serialize, C: bincode::config::Config>(
+    version: u32,
+    value: &T,
+    config: C,
+) -> std::result::Result<Vec<u8>, bincode::error::EncodeError> {
+    let mut out = bincode::serde::encode_to_vec(version, config)?;
+    out.extend(bincode::serde::encode_to_vec(value, config)?);
+    Ok(out)
+}
+
+/// Decodes a body with the size limit; every byte must be consumed.
+fn decode_body<T: DeserializeOwned>(body: &[u8], size: Size) -> std::result::Result<T, String> {
+    let r: std::result::Result<(T, usize), _> = match size {
+        Size::Small => bincode::serde::decode_from_slice(body, SMALL),
+        Size::Large => bincode::serde::decode_from_slice(body, LARGE),
     };
-    let corrupt = |why: String| Error::new(ErrorCode::JournalCorrupt, format!("{what} record: {why}"));
-    let (Versioned::V1(value), used) = r.map_err(|e| corrupt(e.to_string()))?;
-    if used != bytes.len() {
-        return Err(corrupt(format!("{} trailing bytes", bytes.len() - used)));
+    let (value, used) = r.map_err(|e| e.to_string())?;
+    if used != body.len() {
+        return Err(format!("{} trailing bytes", body.len() - used));
     }
     Ok(value)
+}
+
+/// Decodes a record of any version this build knows; trailing bytes, an unknown version or
+/// an oversized length are `JOURNAL_CORRUPT`.
+pub fn decode<T: Record>(bytes: &[u8], size: Size, what: &str) -> Result<T> {
+    let corrupt = |why: String| Error::new(ErrorCode::JournalCorrupt, format!("{what} record: {why}"));
+    let (version, used): (u32, usize) =
+        bincode::serde::decode_from_slice(bytes, SMALL).map_err(|e| corrupt(format!("record version: {e}")))?;
+    let body = &bytes[used..];
+    if version == T::VERSION { decode_body(body, size) } else { T::decode_older(version, body, size) }.map_err(corrupt)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::{FileMeta, Hash, PathState};
+
+    impl Record for String {}
 
     #[test]
     fn round_trip_and_golden_bytes_of_a_path_state() {
