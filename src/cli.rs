@@ -40,6 +40,7 @@ const EXAMPLES: &str = "Examples:
   tope-updater demo                       install and roll back a demo app in a temporary root
   tope-updater install app-1.2.3.zip      install a package (all or nothing)
   tope-updater rollback --to factory      restore every file to its state before the first update
+  tope-updater confirm                    keep a trial install (confirm_required = true)
   tope-updater recover                    finish or undo an interrupted transaction (run at boot)";
 
 #[derive(Subcommand, Debug)]
@@ -68,7 +69,9 @@ pub enum Cmd {
         #[arg(long, default_value = "previous", value_name = "previous|factory|VERSION")]
         to: String,
     },
-    /// Current, previous and factory versions; the transaction in flight.
+    /// Accept the trial install (with `confirm_required`), so it is not rolled back at boot.
+    Confirm,
+    /// Current, previous and factory versions; the transaction in flight; the trial.
     Status,
     /// Past transactions, newest first.
     History {
@@ -194,7 +197,12 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
             };
             out.recover(&r);
             Ok(match &r {
-                RecoverReport::Nothing => exit::DONE,
+                RecoverReport::Nothing | RecoverReport::Trial { .. } => exit::DONE,
+                RecoverReport::TrialExpired { report, .. } => match &report.outcome {
+                    // The install failed its trial and was rolled back.
+                    Outcome::Committed => exit::ROLLED_BACK,
+                    _ => exit_for_report(report),
+                },
                 RecoverReport::NeedsOperator { .. } => exit::NEEDS_OPERATOR,
                 RecoverReport::Finished { report, .. } => match &report.outcome {
                     Outcome::Committed => exit::DONE,
@@ -223,10 +231,28 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
             out.tx_report(&r);
             Ok(exit_for_report(&r))
         }
+        Cmd::Confirm => {
+            let mut up = Updater::open(cfg)?;
+            let r = up.confirm()?;
+            out.emit(&r, || match &r {
+                driver::ConfirmReport::Confirmed { tx, version, boots } => {
+                    format!("confirmed: {version} (tx {tx}) is no longer a trial, after {boots} boot(s)")
+                }
+                driver::ConfirmReport::NothingToConfirm => "confirm: nothing to confirm (no trial install)".into(),
+            });
+            Ok(exit::DONE)
+        }
         Cmd::Status => {
             let s = match read_journal(&cfg)? {
-                Some(j) => driver::status(&j)?,
-                None => driver::StatusReport { current: None, generations: vec![], factory_paths: 0, in_flight: None, last: None },
+                Some(j) => driver::status(&j, cfg.max_trial_boots)?,
+                None => driver::StatusReport {
+                    current: None,
+                    generations: vec![],
+                    factory_paths: 0,
+                    in_flight: None,
+                    last: None,
+                    trial: None,
+                },
             };
             out.status(&s);
             Ok(exit::DONE)
@@ -331,7 +357,11 @@ impl Output {
                 Outcome::Committed => None,
             },
             RecoverReport::NeedsOperator { error, .. } => error.as_ref(),
-            RecoverReport::Nothing => None,
+            RecoverReport::TrialExpired { report, .. } => match &report.outcome {
+                Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } | Outcome::Interrupted { error } => Some(error),
+                Outcome::Committed => None,
+            },
+            RecoverReport::Nothing | RecoverReport::Trial { .. } => None,
         };
         if let Some(error) = failed {
             eprintln!("error: {}: {}", error.code, error.message);
@@ -346,6 +376,14 @@ impl Output {
                 let lost = journal_lost.as_ref().map(|e| format!("recover: {e}\n")).unwrap_or_default();
                 format!("{lost}recover: {}", render_tx(report))
             }
+            RecoverReport::Trial { tx, version, boots, max_boots } => format!(
+                "recover: nothing in flight; trial install of {version} (tx {tx}) not confirmed yet: boot {boots} of {max_boots} (run `tope-updater confirm` to keep it)"
+            ),
+            RecoverReport::TrialExpired { version, boots, report } => format!(
+                "recover: trial install of {version} was not confirmed in {} boot(s): rolling it back\nrecover: {}",
+                boots - 1,
+                render_tx(report)
+            ),
         });
     }
 
@@ -371,6 +409,12 @@ impl Output {
                     )
                 }
                 None => o += "in flight:   none\n",
+            }
+            if let Some(t) = &s.trial {
+                o += &format!(
+                    "trial:       {} (tx {}) awaits `tope-updater confirm`: boot {} of {}\n",
+                    t.version, t.tx, t.boots, t.max_boots
+                );
             }
             if let Some(l) = &s.last {
                 o += &format!(

@@ -98,7 +98,7 @@ fn run_in(root: &Path, json: bool) -> Result<u8> {
     show_tree("   the device now holds:", &snapshot(&app)?);
 
     println!("\n4. $ tope-updater status");
-    out.status(&driver::status(&Journal::open(&state)?)?);
+    out.status(&driver::status(&Journal::open(&state)?, cfg.max_trial_boots)?);
 
     println!("\n5. $ tope-updater rollback");
     let rolled = Updater::open(cfg.clone())?.rollback(&RollbackTo::Previous)?;

@@ -19,6 +19,7 @@ pub mod parallel;
 pub mod paths;
 pub mod plancopy;
 pub mod services;
+pub mod steplog;
 pub mod posreader;
 pub mod store;
 pub mod version;

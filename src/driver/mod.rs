@@ -33,8 +33,10 @@ mod planning;
 mod recovery;
 pub mod reports;
 mod run;
+mod trial;
 
 pub use reports::{GenerationSummary, InFlight, StatusReport, VerifyReport, status, verify_live};
+pub use trial::{ConfirmReport, boot_id};
 
 #[derive(Debug, Clone, Default)]
 pub struct InstallOptions {
@@ -94,6 +96,10 @@ pub enum RecoverReport {
     Finished { report: TxReport, journal_lost: Option<Error> },
     /// A transaction waits for an operator (`recover --retry` after fixing the cause).
     NeedsOperator { tx: u64, error: Option<Error> },
+    /// Nothing in flight; a trial install awaits confirmation (this boot counted).
+    Trial { tx: u64, version: String, boots: u32, max_boots: u32 },
+    /// A trial install ran `boots` boots unconfirmed and was rolled back.
+    TrialExpired { version: String, boots: u32, report: TxReport },
 }
 
 /// Exclusive lock on `<state_dir>/lock`: one transaction at a time, across processes.
@@ -234,6 +240,9 @@ impl Updater {
         };
         if copy_id.is_none() || copy_id != active {
             plancopy::remove(&self.state_dir)?;
+        }
+        if active.is_none() {
+            crate::steplog::remove(&self.state_dir)?;
         }
         Ok(())
     }

@@ -14,7 +14,9 @@ use super::*;
 impl Updater {
     /// Finishes or rolls back the transaction in flight, if any (SPEC §3).
     pub fn recover(&mut self, retry: bool) -> Result<RecoverReport> {
-        let Some((mut rec, plan)) = self.journal.active()? else { return Ok(RecoverReport::Nothing) };
+        let Some((mut rec, plan)) = self.journal.active()? else {
+            return Ok(self.check_trial()?.unwrap_or(RecoverReport::Nothing));
+        };
         if rec.phase == Phase::RollbackFailed {
             if !retry {
                 return Ok(RecoverReport::NeedsOperator { tx: rec.id, error: rec.error });

@@ -47,6 +47,17 @@ pub struct StatusReport {
     pub factory_paths: usize,
     pub in_flight: Option<InFlight>,
     pub last: Option<TxRecord>,
+    /// The trial install awaiting confirmation.
+    pub trial: Option<TrialStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrialStatus {
+    pub tx: u64,
+    pub version: String,
+    /// Boots it has run in, the install's own included.
+    pub boots: u32,
+    pub max_boots: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -66,7 +77,7 @@ pub struct InFlight {
     pub error: Option<Error>,
 }
 
-pub fn status(journal: &Journal) -> Result<StatusReport> {
+pub fn status(journal: &Journal, max_trial_boots: u32) -> Result<StatusReport> {
     let gens = journal.generations()?;
     let id = journal.current_generation_id()?;
     let summary = |g: &Generation| GenerationSummary { id: g.id, version: g.version.clone(), tx: g.tx_id, files: g.files.len() };
@@ -84,5 +95,6 @@ pub fn status(journal: &Journal) -> Result<StatusReport> {
         factory_paths: journal.factory()?.len(),
         in_flight,
         last,
+        trial: journal.trial()?.map(|t| TrialStatus { tx: t.tx, version: t.version, boots: t.boots, max_boots: max_trial_boots }),
     })
 }

@@ -4,6 +4,7 @@
 use crate::engine::generation;
 use crate::engine::phase::{Event, transition};
 use crate::engine::services;
+use crate::engine::trial::Trial;
 use crate::engine::{NewState, PathState, Phase, Plan, RollbackTarget, Target, TxKind};
 use crate::error::{Error, ErrorCode, Result};
 use crate::failpoint::hit;
@@ -12,6 +13,7 @@ use crate::journal::CommitEffects;
 use crate::journal::records::TxRecord;
 use crate::package::Package;
 use crate::plancopy;
+use crate::steplog;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -95,6 +97,7 @@ impl Updater {
             Phase::Swapped => self.swap(plan).map(|()| false),
             Phase::Verified => self.verify(plan).map(|()| false),
             Phase::Committed => {
+                steplog::remove(&self.state_dir)?;
                 plancopy::remove(&self.state_dir)?;
                 hit("commit.cleaned");
                 Ok(false)
@@ -102,7 +105,7 @@ impl Updater {
             Phase::ServicesStopped => self.stop_services(plan).map(|()| false),
             Phase::PostCommands => self.run_post_commands(rec, plan).map(|()| false),
             Phase::ServicesStarted => self.start_services(plan).map(|()| false),
-            phase @ (Phase::RollingBack | Phase::RolledBack | Phase::RollbackFailed) => {
+            phase @ (Phase::RollingBack | Phase::RolledBack | Phase::RollbackFailed | Phase::Confirmed) => {
                 Err(Error::internal(format!("perform called for {phase}")))
             }
         }
@@ -127,15 +130,16 @@ impl Updater {
         Ok(())
     }
 
-    /// Runs the post commands not yet done, journaling each completion (one commit per
-    /// command), so a power cut re-runs only the command it interrupted.
+    /// Runs the post commands not yet done, recording each completion durably in the step
+    /// log (one fdatasync per command, no journal commit), so a power cut re-runs only the
+    /// command it interrupted. The count reaches the journal with the next phase commit.
     pub(super) fn run_post_commands(&mut self, rec: &mut TxRecord, plan: &Plan) -> Result<()> {
-        for c in services::remaining_post_commands(plan, rec.post_cmds_done) {
+        let done = rec.post_cmds_done.max(steplog::completed(&self.state_dir, plan.tx_id)?);
+        for c in services::remaining_post_commands(plan, done) {
             self.services.run_post_command(c.command, c.module, plan.tx_id, plan.to_version.as_deref())?;
             hit("post_cmd.ran");
+            steplog::record(&self.state_dir, plan.tx_id, c.index)?;
             rec.post_cmds_done = c.index + 1;
-            rec.updated_unix_ms = now_ms();
-            self.journal.enter_phase(rec, None)?;
             hit("post_cmd.recorded");
         }
         Ok(())
@@ -223,12 +227,18 @@ impl Updater {
                 let factory = self.journal.factory()?;
                 let mut ids: Vec<u64> = gens.iter().map(|g| g.id).collect();
                 ids.push(id);
+                let trial = match self.cfg.confirm_required {
+                    true => Some(Trial::begin(id, &version, package.blake3, &super::trial::boot_id()?)),
+                    false => None,
+                };
                 Ok(CommitEffects {
                     factory_additions: generation::factory_additions(&factory, plan),
                     remove_generations: generation::prune(&ids, self.cfg.keep_generations as usize),
                     current: Some(id),
                     new_generation: Some(g),
                     clear_failed_package: Some(package.blake3),
+                    mark_failed_package: None,
+                    trial,
                 })
             }
             TxKind::Rollback { to } => {
@@ -242,6 +252,14 @@ impl Updater {
                     remove_generations: gens.iter().map(|g| g.id).filter(|id| keep_upto.is_none_or(|k| *id > k)).collect(),
                     factory_additions: Vec::new(),
                     clear_failed_package: None,
+                    // Rolling back an expired trial: its package is not installed again
+                    // without --force (no reinstall loops).
+                    mark_failed_package: self
+                        .journal
+                        .trial()?
+                        .filter(|t| t.expired(self.cfg.max_trial_boots))
+                        .map(|t| (t.package, t.tx)),
+                    trial: None,
                 })
             }
         }
@@ -283,7 +301,7 @@ impl Updater {
                 };
                 self.journal.finish_rolled_back(&mut rec, failed_package)?;
                 hit("enter.RolledBack");
-                if let Err(e) = plancopy::remove(&self.state_dir) {
+                if let Err(e) = steplog::remove(&self.state_dir).and_then(|()| plancopy::remove(&self.state_dir)) {
                     // The end is durable; the next open removes the stale copy.
                     tracing::warn!(tx = rec.id, error = %e, "rolled back, but the plan copy could not be removed yet");
                 }

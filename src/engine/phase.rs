@@ -21,6 +21,8 @@ pub enum Phase {
     RollingBack,
     RolledBack,
     RollbackFailed,
+    /// A committed trial install that `confirm` accepted (only with `confirm_required`).
+    Confirmed,
 }
 
 /// What happened to the current phase's effects.
@@ -34,10 +36,12 @@ pub enum Event {
     OperatorRetry,
     /// Recovery used up `max_recovery_attempts`: stop and wait for an operator.
     GaveUp,
+    /// The operator (or the application) confirmed a committed trial install.
+    Confirmed,
 }
 
 /// Which optional phases have work. Phases without work are not journaled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Shape {
     pub controls_services: bool,
     pub runs_post_cmds: bool,
@@ -56,7 +60,7 @@ impl fmt::Display for InvalidTransition {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 12] = [
+    pub const ALL: [Phase; 13] = [
         Phase::Planned,
         Phase::Staged,
         Phase::ServicesStopped,
@@ -69,12 +73,13 @@ impl Phase {
         Phase::RollingBack,
         Phase::RolledBack,
         Phase::RollbackFailed,
+        Phase::Confirmed,
     ];
 
     /// No further transition: the transaction is over (RollbackFailed waits for an operator).
     pub fn is_terminal(self) -> bool {
         match self {
-            Phase::Committed | Phase::RolledBack | Phase::RollbackFailed => true,
+            Phase::Committed | Phase::RolledBack | Phase::RollbackFailed | Phase::Confirmed => true,
             Phase::Planned
             | Phase::Staged
             | Phase::ServicesStopped
@@ -90,7 +95,12 @@ impl Phase {
     /// Targets may have been modified: the swap has begun.
     pub fn has_swapped(self) -> bool {
         match self {
-            Phase::Swapped | Phase::PostCommands | Phase::ServicesStarted | Phase::Verified | Phase::Committed => true,
+            Phase::Swapped
+            | Phase::PostCommands
+            | Phase::ServicesStarted
+            | Phase::Verified
+            | Phase::Committed
+            | Phase::Confirmed => true,
             Phase::Planned
             | Phase::Staged
             | Phase::ServicesStopped
@@ -115,6 +125,7 @@ impl Phase {
             Phase::RollingBack => "RollingBack",
             Phase::RolledBack => "RolledBack",
             Phase::RollbackFailed => "RollbackFailed",
+            Phase::Confirmed => "Confirmed",
         }
     }
 }
@@ -152,6 +163,22 @@ pub fn transition(from: Phase, event: Event, shape: Shape) -> Result<Phase, Inva
             Event::Failed,
         ) => Ok(Phase::RollingBack),
         (Phase::RollbackFailed, Event::OperatorRetry) => Ok(Phase::RollingBack),
+        (Phase::Committed, Event::Confirmed) => Ok(Phase::Confirmed),
+        (
+            Phase::Planned
+            | Phase::Staged
+            | Phase::ServicesStopped
+            | Phase::BackedUp
+            | Phase::Swapped
+            | Phase::PostCommands
+            | Phase::ServicesStarted
+            | Phase::Verified
+            | Phase::RollingBack
+            | Phase::RolledBack
+            | Phase::RollbackFailed
+            | Phase::Confirmed,
+            Event::Confirmed,
+        ) => invalid,
         (
             Phase::Planned
             | Phase::Staged
@@ -164,8 +191,8 @@ pub fn transition(from: Phase, event: Event, shape: Shape) -> Result<Phase, Inva
             | Phase::RollingBack,
             Event::GaveUp,
         ) => Ok(Phase::RollbackFailed),
-        (Phase::Committed | Phase::RolledBack | Phase::RollbackFailed, Event::GaveUp) => invalid,
-        (Phase::Committed | Phase::RolledBack | Phase::RollbackFailed, Event::Done | Event::Failed) => invalid,
+        (Phase::Committed | Phase::RolledBack | Phase::RollbackFailed | Phase::Confirmed, Event::GaveUp) => invalid,
+        (Phase::Committed | Phase::RolledBack | Phase::RollbackFailed | Phase::Confirmed, Event::Done | Event::Failed) => invalid,
         (
             Phase::Planned
             | Phase::Staged
@@ -177,7 +204,8 @@ pub fn transition(from: Phase, event: Event, shape: Shape) -> Result<Phase, Inva
             | Phase::Verified
             | Phase::Committed
             | Phase::RollingBack
-            | Phase::RolledBack,
+            | Phase::RolledBack
+            | Phase::Confirmed,
             Event::OperatorRetry,
         ) => invalid,
     }
@@ -231,7 +259,7 @@ mod tests {
 
     #[test]
     fn terminal_phases_accept_no_event() {
-        for p in [Phase::Committed, Phase::RolledBack, Phase::RollbackFailed] {
+        for p in [Phase::Committed, Phase::RolledBack, Phase::RollbackFailed, Phase::Confirmed] {
             assert!(transition(p, Event::Done, FULL).is_err());
             assert!(transition(p, Event::Failed, FULL).is_err());
         }
@@ -249,6 +277,15 @@ mod tests {
     fn only_a_failed_rollback_can_be_retried() {
         assert_eq!(transition(Phase::RollbackFailed, Event::OperatorRetry, BARE), Ok(Phase::RollingBack));
         assert!(transition(Phase::Swapped, Event::OperatorRetry, BARE).is_err());
+    }
+
+    #[test]
+    fn only_a_committed_transaction_can_be_confirmed() {
+        assert_eq!(transition(Phase::Committed, Event::Confirmed, FULL), Ok(Phase::Confirmed));
+        for p in Phase::ALL.into_iter().filter(|p| *p != Phase::Committed) {
+            assert!(transition(p, Event::Confirmed, FULL).is_err(), "{p}");
+        }
+        assert!(transition(Phase::Confirmed, Event::Done, FULL).is_err());
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub fn resume_needs(phase: Phase) -> ResumeNeeds {
         | Phase::Committed
         | Phase::RollingBack
         | Phase::RolledBack
-        | Phase::RollbackFailed => ResumeNeeds::Nothing,
+        | Phase::RollbackFailed
+        | Phase::Confirmed => ResumeNeeds::Nothing,
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod records;
 
 use crate::engine::generation::{Factory, Generation};
+use crate::engine::trial::Trial;
 use crate::engine::{Hash, PathState, Plan};
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
@@ -31,6 +32,10 @@ const PLANS: TableDefinition<u64, &[u8]> = TableDefinition::new("plans");
 const GENERATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("generations");
 const FACTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("factory");
 const FAILED_PACKAGES: TableDefinition<&[u8], u64> = TableDefinition::new("failed_packages");
+/// Added after format 1 was first released: `open` creates it in older journals.
+const TRIAL: TableDefinition<&str, &[u8]> = TableDefinition::new("trial");
+/// The only key of `trial`.
+const CURRENT_TRIAL: &str = "current";
 
 /// Keys of the `counters` table.
 const NEXT_TX_ID: &str = "next_tx_id";
@@ -57,6 +62,12 @@ pub struct CommitEffects {
     pub factory_additions: Vec<(String, PathState)>,
     /// A package that now installed successfully is no longer "failed".
     pub clear_failed_package: Option<Hash>,
+    /// A package to remember as failed (an expired trial being rolled back), with the
+    /// transaction that installed it.
+    pub mark_failed_package: Option<(Hash, u64)>,
+    /// The trial after this commit: any commit ends the current trial; an install with
+    /// `confirm_required` begins a new one.
+    pub trial: Option<Trial>,
 }
 
 fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -90,7 +101,23 @@ impl Journal {
         let db = redb::Builder::new().set_check_integrity_on_open(true).open(&path).map_err(|e| map_open_error(&path, e))?;
         let j = Journal { db: Db::ReadWrite(db), path };
         j.check_format()?;
+        j.add_missing_tables()?;
         Ok(j)
+    }
+
+    /// Tables added to format 1 after its release are created on first open for writing
+    /// (journal-format.md §7: adding a table is compatible). Readers treat them as empty.
+    fn add_missing_tables(&self) -> Result<()> {
+        let rt = self.read()?;
+        match rt.open_table(TRIAL) {
+            Ok(_) => return Ok(()),
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(self.storage(e)),
+        }
+        drop(rt);
+        let wt = self.write()?;
+        wt.open_table(TRIAL).map_err(|e| self.storage(e))?;
+        self.commit(wt)
     }
 
     /// Opens an existing journal read-only (for `status`, `history`, `journal`, `verify`).
@@ -126,6 +153,7 @@ impl Journal {
             wt.open_table(GENERATIONS).map_err(|e| corrupt(&tmp, e))?;
             wt.open_table(FACTORY).map_err(|e| corrupt(&tmp, e))?;
             wt.open_table(FAILED_PACKAGES).map_err(|e| corrupt(&tmp, e))?;
+            wt.open_table(TRIAL).map_err(|e| corrupt(&tmp, e))?;
         }
         wt.commit().map_err(|e| corrupt(&tmp, e))?;
         drop(db);
@@ -267,7 +295,42 @@ impl Journal {
         Ok(t.get(hash.0.as_slice()).map_err(|e| self.storage(e))?.map(|v| v.value()))
     }
 
+    /// The trial install awaiting confirmation, if any.
+    pub fn trial(&self) -> Result<Option<Trial>> {
+        let rt = self.read()?;
+        let t = match rt.open_table(TRIAL) {
+            Ok(t) => t,
+            // A journal written before the table existed, opened read-only.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.storage(e)),
+        };
+        t.get(CURRENT_TRIAL).map_err(|e| self.storage(e))?.map(|v| decode(v.value(), Size::Small, "trial")).transpose()
+    }
+
     // ---- writes: each is exactly one durable commit ----
+
+    /// Records a boot counted for the trial.
+    pub fn update_trial(&self, trial: &Trial) -> Result<()> {
+        let wt = self.write()?;
+        {
+            let mut t = wt.open_table(TRIAL).map_err(|e| self.storage(e))?;
+            t.insert(CURRENT_TRIAL, encode(trial, Size::Small)?.as_slice()).map_err(|e| self.storage(e))?;
+        }
+        self.commit(wt)
+    }
+
+    /// The trial is confirmed: it ends, and its install's record says `Confirmed`.
+    pub fn confirm_trial(&self, rec: Option<&mut TxRecord>) -> Result<()> {
+        let wt = self.write()?;
+        if let Some(rec) = rec {
+            self.put_tx(&wt, rec)?;
+        }
+        {
+            let mut t = wt.open_table(TRIAL).map_err(|e| self.storage(e))?;
+            t.remove(CURRENT_TRIAL).map_err(|e| self.storage(e))?;
+        }
+        self.commit(wt)
+    }
 
     fn put_tx(&self, wt: &WriteTransaction, rec: &mut TxRecord) -> Result<()> {
         rec.commits += 1;
@@ -331,10 +394,18 @@ impl Journal {
             for (path, state) in &fx.factory_additions {
                 f.insert(path.as_str(), encode(state, Size::Small)?.as_slice()).map_err(|e| self.storage(e))?;
             }
+            let mut fp = wt.open_table(FAILED_PACKAGES).map_err(|e| self.storage(e))?;
             if let Some(h) = fx.clear_failed_package {
-                let mut fp = wt.open_table(FAILED_PACKAGES).map_err(|e| self.storage(e))?;
                 fp.remove(h.0.as_slice()).map_err(|e| self.storage(e))?;
             }
+            if let Some((h, tx)) = fx.mark_failed_package {
+                fp.insert(h.0.as_slice(), tx).map_err(|e| self.storage(e))?;
+            }
+            let mut trial = wt.open_table(TRIAL).map_err(|e| self.storage(e))?;
+            match &fx.trial {
+                Some(tr) => trial.insert(CURRENT_TRIAL, encode(tr, Size::Small)?.as_slice()).map_err(|e| self.storage(e))?,
+                None => trial.remove(CURRENT_TRIAL).map_err(|e| self.storage(e))?,
+            };
         }
         self.end(&wt, rec.id)?;
         self.commit(wt)
@@ -418,6 +489,7 @@ impl Journal {
             generations: self.generations()?,
             factory: self.factory()?.into_iter().collect(),
             failed_packages,
+            trial: self.trial()?,
         })
     }
 }
@@ -432,4 +504,5 @@ pub struct JournalDump {
     pub generations: Vec<Generation>,
     pub factory: Vec<(String, PathState)>,
     pub failed_packages: Vec<(Hash, u64)>,
+    pub trial: Option<Trial>,
 }

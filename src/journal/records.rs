@@ -21,6 +21,7 @@ pub trait Record: Serialize + DeserializeOwned {
 
 impl Record for crate::engine::PathState {}
 impl Record for crate::engine::Plan {}
+impl Record for crate::engine::trial::Trial {}
 
 /// `Generation` as record version 1 wrote it (no `services`).
 #[derive(Deserialize)]
@@ -78,8 +79,8 @@ pub struct TxRecord {
     /// for decisions.
     pub started_unix_ms: u64,
     pub updated_unix_ms: u64,
-    /// Post commands of the plan that completed, in plan order (record version 2). A power
-    /// cut re-runs only the ones after these.
+    /// Post commands of the plan that completed, in plan order (record version 2), as of
+    /// this record's commit; the step log (`steplog`) has the count between commits.
     pub post_cmds_done: u32,
 }
 

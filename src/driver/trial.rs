@@ -1,0 +1,64 @@
+//! Trial installs at run time: `confirm`, and the boot hook inside `recover` (SPEC §3).
+
+use crate::engine::phase::{Event, transition};
+use crate::error::{Error, ErrorCode, Result};
+use crate::failpoint::hit;
+use serde::Serialize;
+
+use super::*;
+
+/// The kernel's id of the current boot; a new one every boot.
+pub fn boot_id() -> Result<String> {
+    #[cfg(feature = "failpoints")]
+    if let Some(p) = std::env::var_os("TOPE_BOOT_ID_FILE") {
+        // Test seam: tests cannot reboot the machine they run on (the systemd VM test does).
+        let p = PathBuf::from(p);
+        return std::fs::read_to_string(&p).map(|s| s.trim().to_string()).map_err(|e| Error::io(ErrorCode::InternalError, "read", &p, &e));
+    }
+    let p = Path::new("/proc/sys/kernel/random/boot_id");
+    std::fs::read_to_string(p).map(|s| s.trim().to_string()).map_err(|e| Error::io(ErrorCode::InternalError, "read", p, &e))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ConfirmReport {
+    Confirmed { tx: u64, version: String, boots: u32 },
+    NothingToConfirm,
+}
+
+impl Updater {
+    /// Accepts the trial install: it is no longer rolled back at boot. Idempotent, so a
+    /// health check may call it at every boot.
+    pub fn confirm(&mut self) -> Result<ConfirmReport> {
+        let Some(trial) = self.journal.trial()? else { return Ok(ConfirmReport::NothingToConfirm) };
+        let mut rec = self.journal.tx(trial.tx)?;
+        if let Some(r) = rec.as_mut() {
+            r.phase = transition(r.phase, Event::Confirmed, Default::default()).map_err(|e| Error::internal(e.to_string()))?;
+            r.phases.push(r.phase);
+            r.updated_unix_ms = now_ms();
+        }
+        self.journal.confirm_trial(rec.as_mut())?;
+        tracing::info!(tx = trial.tx, version = trial.version, "trial install confirmed");
+        Ok(ConfirmReport::Confirmed { tx: trial.tx, version: trial.version, boots: trial.boots })
+    }
+
+    /// The boot hook: counts this boot for the trial, and rolls the trial back once it has
+    /// run in more than `max_trial_boots` boots unconfirmed. `None`: no trial.
+    pub(super) fn check_trial(&mut self) -> Result<Option<RecoverReport>> {
+        let Some(mut trial) = self.journal.trial()? else { return Ok(None) };
+        if let Some(counted) = trial.count_boot(&boot_id()?) {
+            self.journal.update_trial(&counted)?;
+            hit("trial.boot_counted");
+            trial = counted;
+        }
+        let max = self.cfg.max_trial_boots;
+        if !trial.expired(max) {
+            tracing::info!(tx = trial.tx, version = trial.version, boots = trial.boots, max, "trial install not confirmed yet");
+            return Ok(Some(RecoverReport::Trial { tx: trial.tx, version: trial.version, boots: trial.boots, max_boots: max }));
+        }
+        tracing::warn!(tx = trial.tx, version = trial.version, boots = trial.boots, max, "trial install never confirmed: rolling it back");
+        // Its commit marks the package failed and ends the trial (run::commit_effects).
+        let report = self.rollback(&RollbackTo::Previous)?;
+        Ok(Some(RecoverReport::TrialExpired { version: trial.version, boots: trial.boots, report }))
+    }
+}
