@@ -380,7 +380,7 @@ impl Output {
                 "recover: nothing in flight; trial install of {version} (tx {tx}) not confirmed yet: boot {boots} of {max_boots} (run `tope-updater confirm` to keep it)"
             ),
             RecoverReport::TrialExpired { version, boots, report } => format!(
-                "recover: trial install of {version} was not confirmed in {} boot(s): rolling it back\nrecover: {}",
+                "recover: trial install of {version} was not confirmed in {} boot(s) after its install: rolled back\nrecover: {}",
                 boots - 1,
                 render_tx(report)
             ),

@@ -887,4 +887,10 @@ fn a_journal_written_by_format_version_1_still_opens_and_reads() {
     let r = env.run(&["recover", "--json"]);
     assert_eq!(r.code, Some(0), "{}", r.describe());
     assert_eq!(r.json()["result"], "nothing");
+    // The write open added the `trial` table (absent in the fixture) and V1 records still
+    // decode beside it; records written from now on are V2.
+    let dump: serde_json::Value = serde_json::from_str(&env.ok(&["journal"])).unwrap();
+    assert_eq!(dump["trial"], serde_json::Value::Null, "{dump}");
+    assert_eq!(dump["transactions"][0]["post_cmds_done"], 0, "{dump}");
+    assert_eq!(dump["generations"][0]["services"], serde_json::json!({}), "{dump}");
 }
