@@ -199,7 +199,9 @@ impl Updater {
         if let Some(plan) = plan {
             let mut rec = new_record(&plan);
             rec.phase = Phase::RollingBack;
-            rec.phases.push(Phase::RollingBack);
+            // The history before the loss is unknown: `phases` starts at RollingBack (so the
+            // rollback treats services as possibly stopped, see `run::services_may_be_stopped`).
+            rec.phases = vec![Phase::RollingBack];
             rec.error = Some(Error::new(ErrorCode::JournalCorrupt, format!("{}; rolled back from the plan copy", lost.message)));
             journal.import_in_flight(&mut rec, &plan)?;
         }

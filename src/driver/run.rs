@@ -271,7 +271,7 @@ impl Updater {
     /// the old version.
     pub(super) fn roll_back(&mut self, mut rec: TxRecord, plan: Plan) -> Result<TxReport> {
         let error = rec.error.clone().unwrap_or_else(|| Error::new(ErrorCode::DeploymentFailed, "rolled back"));
-        let restart = plan.controls_services && rec.phases.contains(&Phase::ServicesStopped);
+        let restart = plan.controls_services && services_may_be_stopped(&rec);
         if restart {
             for s in services::stop_order(&plan.modules) {
                 // The files are restored even if a process will not die: old files under a
@@ -335,6 +335,13 @@ impl Updater {
         hit("rollback.synced");
         Ok(())
     }
+}
+
+/// Whether the transaction may have stopped services: it entered `ServicesStopped`, or its
+/// history is unknown (imported from the plan copy after journal loss). Stopping and
+/// starting a service that was never stopped costs a restart, never correctness.
+fn services_may_be_stopped(rec: &TxRecord) -> bool {
+    rec.phases.contains(&Phase::ServicesStopped) || rec.phases.first() != Some(&Phase::Planned)
 }
 
 /// Removes every staged file of the plan, best effort (the undo removes any left over).
