@@ -38,6 +38,8 @@ pub struct Cli {
 
 const EXAMPLES: &str = "Examples:
   tope-updater demo                       install and roll back a demo app in a temporary root
+  tope-updater keygen -o release          make release.key and release.pub
+  tope-updater pack app/ -o app-1.2.3.zip --sign release.key
   tope-updater install app-1.2.3.zip      install a package (all or nothing)
   tope-updater rollback --to factory      restore every file to its state before the first update
   tope-updater confirm                    keep a trial install (confirm_required = true)
@@ -93,6 +95,14 @@ pub enum Cmd {
         output: PathBuf,
         #[arg(long)]
         version: Option<String>,
+        /// Sign the manifest with this secret key (from `keygen`): adds manifest.json.sig.
+        #[arg(long, value_name = "KEYFILE")]
+        sign: Option<PathBuf>,
+    },
+    /// Make an ed25519 key pair for signing packages: PREFIX.key (secret) and PREFIX.pub.
+    Keygen {
+        #[arg(short = 'o', long = "output", value_name = "PREFIX")]
+        output: PathBuf,
     },
     /// Install a demo app into a temporary root, show status, roll back, verify.
     Demo {
@@ -245,14 +255,9 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
         Cmd::Status => {
             let s = match read_journal(&cfg)? {
                 Some(j) => driver::status(&j, cfg.max_trial_boots)?,
-                None => driver::StatusReport {
-                    current: None,
-                    generations: vec![],
-                    factory_paths: 0,
-                    in_flight: None,
-                    last: None,
-                    trial: None,
-                },
+                None => {
+                    driver::StatusReport { current: None, generations: vec![], factory_paths: 0, in_flight: None, last: None, trial: None }
+                }
             };
             out.status(&s);
             Ok(exit::DONE)
@@ -307,9 +312,29 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
             }
             Ok(exit::DONE)
         }
-        Cmd::Pack { dir, output, version } => {
-            let r = crate::pack::pack(&dir, &output, version.as_deref())?;
-            out.emit(&r, || format!("packed {} files ({} bytes), version {}, into {}", r.files, r.bytes, r.version, r.output));
+        Cmd::Pack { dir, output, version, sign } => {
+            let r = crate::pack::pack(&dir, &output, version.as_deref(), sign.as_deref())?;
+            out.emit(&r, || {
+                format!(
+                    "packed {} files ({} bytes), version {}, into {}{}",
+                    r.files,
+                    r.bytes,
+                    r.version,
+                    r.output,
+                    if r.signed { ", signed" } else { "" }
+                )
+            });
+            Ok(exit::DONE)
+        }
+        Cmd::Keygen { output } => {
+            let r = crate::signing::keygen(&output)?;
+            out.emit(&r, || {
+                format!(
+                    "secret key: {} (keep it off the devices)
+public key: {} (list it in trusted_keys on the devices)",
+                    r.secret_key, r.public_key
+                )
+            });
             Ok(exit::DONE)
         }
         Cmd::Demo { keep } => Ok(crate::demo::run(keep, out.json)?),

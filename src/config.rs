@@ -212,6 +212,18 @@ impl Config {
         if self.max_recovery_attempts == 0 {
             return bad("max_recovery_attempts must be at least 1");
         }
+        if self.require_signature && self.trusted_keys.is_empty() {
+            return bad("require_signature = true needs at least one trusted_keys entry");
+        }
+        if self.max_trial_boots == 0 {
+            return bad("max_trial_boots must be at least 1");
+        }
+        if self.systemctl.split_whitespace().next().is_none() {
+            return bad("systemctl must name a program");
+        }
+        if self.services.values().any(|s| s.exe.as_ref().is_some_and(|e| !e.is_absolute())) {
+            return bad("[services.NAME] exe must be an absolute path");
+        }
         if self.max_compression_ratio == 0 {
             return bad("max_compression_ratio must be at least 1");
         }

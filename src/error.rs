@@ -91,6 +91,9 @@ impl ErrorCode {
                 | ErrorCode::PathNotAllowed
                 | ErrorCode::VersionMismatch
                 | ErrorCode::Incompatible
+                // At planning: the package stops a service this device's backend could not
+                // start again. (A start that fails after the swap is never "nothing touched".)
+                | ErrorCode::ServiceStartFailed
         )
     }
 }

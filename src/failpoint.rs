@@ -47,7 +47,10 @@ pub const SERVICE_CRASH_POINTS: &[&str] = &[
 
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
-    debug_assert!(CRASH_POINTS.contains(&name) || SERVICE_CRASH_POINTS.contains(&name) || name.starts_with("enter."), "unregistered crash point {name}");
+    debug_assert!(
+        CRASH_POINTS.contains(&name) || SERVICE_CRASH_POINTS.contains(&name) || name.starts_with("enter."),
+        "unregistered crash point {name}"
+    );
     if fail::eval(name, |_| ()).is_some() {
         eprintln!("crash point {name}: SIGKILL");
         let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);

@@ -23,9 +23,12 @@ pub struct PackReport {
     pub version: String,
     pub files: usize,
     pub bytes: u64,
+    pub signed: bool,
 }
 
-pub fn pack(dir: &Path, output: &Path, version: Option<&str>) -> Result<PackReport> {
+/// Builds the package; with `sign`, also `manifest.json.sig` over the exact manifest bytes.
+pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path>) -> Result<PackReport> {
+    let key = sign.map(crate::signing::load_signing_key).transpose()?;
     let template_path = dir.join(MANIFEST_NAME);
     let text = std::fs::read_to_string(&template_path).map_err(|e| Error::io(ErrorCode::ValidationError, "read", &template_path, &e))?;
     let mut doc: Value = serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", template_path.display())))?;
@@ -65,6 +68,14 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>) -> Result<PackRepo
     let zerr = |e: zip::result::ZipError| Error::internal(format!("write {}: {e}", output.display()));
     zip.start_file(MANIFEST_NAME, opts.unix_permissions(0o644)).map_err(zerr)?;
     zip.write_all(&manifest_bytes).map_err(|e| Error::io(ErrorCode::InternalError, "write", &tmp, &e))?;
+    if let Some(key) = &key {
+        zip.start_file(
+            crate::signing::SIGNATURE_NAME,
+            opts.compression_method(zip::CompressionMethod::Stored).compression_level(None).unix_permissions(0o644),
+        )
+        .map_err(zerr)?;
+        zip.write_all(&crate::signing::sign(key, &manifest_bytes)).map_err(|e| Error::io(ErrorCode::InternalError, "write", &tmp, &e))?;
+    }
     // Two modules may deploy the same source: the archive holds it once.
     let mut seen = std::collections::BTreeSet::new();
     entries.retain(|(name, _)| seen.insert(name.clone()));
@@ -85,7 +96,13 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>) -> Result<PackRepo
         .sync_all()
         .map_err(|e| Error::io(ErrorCode::InternalError, "fsync", &tmp, &e))?;
     std::fs::rename(&tmp, output).map_err(|e| Error::io(ErrorCode::InternalError, "rename", output, &e))?;
-    Ok(PackReport { output: output.display().to_string(), version: manifest.version.to_string(), files: entries.len(), bytes })
+    Ok(PackReport {
+        output: output.display().to_string(),
+        version: manifest.version.to_string(),
+        files: entries.len(),
+        bytes,
+        signed: key.is_some(),
+    })
 }
 
 /// Whether deflate is worth it for this file, judged on its first MiB: already-compressed or

@@ -133,9 +133,35 @@ fn validate(file: &Arc<File>, cfg: &Config, roots: &AllowedRoots) -> Result<(Arc
     // with the central directory or are missing from it.
     archive.validate_header_consistency().map_err(|e| invalid(e.to_string()))?;
     let entries = scan_entries(&mut archive, cfg)?;
-    let manifest = read_manifest(&mut archive, &entries)?;
+    let manifest_bytes = read_manifest_bytes(&mut archive, &entries)?;
+    // Authenticate the manifest before parsing it.
+    let signature = read_signature(&mut archive, &entries)?;
+    let signed = crate::signing::check(cfg, &manifest_bytes, signature.as_deref())?;
+    let manifest = Manifest::parse(&manifest_bytes)?;
     let files = resolve_files(&manifest, &entries, roots)?;
+    if signed && let Some(f) = files.iter().find(|f| f.expected.is_none()) {
+        // Without a hash the signature would not cover that file's bytes.
+        return Err(Error::new(
+            ErrorCode::SignatureInvalid,
+            format!("the signed manifest has no blake3 for {} (entry {:?}): every deployed byte must be signed", f.dst.display(), f.entry),
+        ));
+    }
     Ok((archive, manifest, files))
+}
+
+/// `manifest.json.sig`, if the package has one (a signature is 64 bytes; more is refused
+/// before reading).
+fn read_signature(archive: &mut Archive, entries: &BTreeMap<String, EntryInfo>) -> Result<Option<Vec<u8>>> {
+    let Some(info) = entries.get(crate::signing::SIGNATURE_NAME) else { return Ok(None) };
+    if info.size > 1024 {
+        return Err(Error::new(ErrorCode::SignatureInvalid, format!("{} is {} bytes", crate::signing::SIGNATURE_NAME, info.size)));
+    }
+    let f = archive.by_index(info.index).map_err(|e| invalid(format!("{}: {e}", crate::signing::SIGNATURE_NAME)))?;
+    let mut bytes = Vec::with_capacity(info.size as usize);
+    ExactReader { inner: f, remaining: info.size, name: crate::signing::SIGNATURE_NAME.into() }
+        .read_to_end(&mut bytes)
+        .map_err(|e| invalid(format!("{}: {e}", crate::signing::SIGNATURE_NAME)))?;
+    Ok(Some(bytes))
 }
 
 /// Checks every entry's name, type and size; returns the files by name.
@@ -181,7 +207,7 @@ fn scan_entries(archive: &mut Archive, cfg: &Config) -> Result<BTreeMap<String, 
     Ok(out)
 }
 
-fn read_manifest(archive: &mut Archive, entries: &BTreeMap<String, EntryInfo>) -> Result<Manifest> {
+fn read_manifest_bytes(archive: &mut Archive, entries: &BTreeMap<String, EntryInfo>) -> Result<Vec<u8>> {
     let info = entries.get(MANIFEST_NAME).ok_or_else(|| Error::new(ErrorCode::InvalidManifest, "package has no manifest.json"))?;
     if info.size > MANIFEST_BYTES_MAX {
         return Err(Error::new(ErrorCode::InvalidManifest, format!("manifest.json is larger than {MANIFEST_BYTES_MAX} bytes")));
@@ -191,7 +217,7 @@ fn read_manifest(archive: &mut Archive, entries: &BTreeMap<String, EntryInfo>) -
     ExactReader { inner: f, remaining: info.size, name: MANIFEST_NAME.into() }
         .read_to_end(&mut bytes)
         .map_err(|e| invalid(format!("manifest.json: {e}")))?;
-    Manifest::parse(&bytes)
+    Ok(bytes)
 }
 
 /// Expands modules into deploy files, checking every destination.

@@ -39,7 +39,10 @@ impl Updater {
                 // reboot; the files must not change under them, and ServicesStarted must
                 // start them on the new version. Stopping is idempotent.
                 let stopped_before = matches!(rec.phase, Phase::BackedUp | Phase::Swapped | Phase::PostCommands);
-                if plan.controls_services && stopped_before && let Err(e) = self.stop_services(&plan) {
+                if plan.controls_services
+                    && stopped_before
+                    && let Err(e) = self.stop_services(&plan)
+                {
                     rec.error = Some(e);
                     let next = transition(rec.phase, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
                     self.enter(&mut rec, next, &plan, false)?;

@@ -254,11 +254,7 @@ impl Updater {
                     clear_failed_package: None,
                     // Rolling back an expired trial: its package is not installed again
                     // without --force (no reinstall loops).
-                    mark_failed_package: self
-                        .journal
-                        .trial()?
-                        .filter(|t| t.expired(self.cfg.max_trial_boots))
-                        .map(|t| (t.package, t.tx)),
+                    mark_failed_package: self.journal.trial()?.filter(|t| t.expired(self.cfg.max_trial_boots)).map(|t| (t.package, t.tx)),
                     trial: None,
                 })
             }

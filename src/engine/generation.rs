@@ -43,9 +43,10 @@ pub fn after_install(previous: Option<&Generation>, id: u64, plan: &Plan, versio
     let mut dirs = previous.map(|g| g.dirs.clone()).unwrap_or_default();
     let mut services = previous.map(|g| g.services.clone()).unwrap_or_default();
     for t in &plan.targets {
-        let owner = plan.modules.get(t.module as usize).and_then(|m| {
-            m.process_name.as_ref().map(|name| ServiceRef { name: name.clone(), restart_order: m.restart_order })
-        });
+        let owner = plan
+            .modules
+            .get(t.module as usize)
+            .and_then(|m| m.process_name.as_ref().map(|name| ServiceRef { name: name.clone(), restart_order: m.restart_order }));
         match owner {
             Some(s) => services.insert(t.path.clone(), s),
             None => services.remove(&t.path),
@@ -67,8 +68,7 @@ pub fn after_install(previous: Option<&Generation>, id: u64, plan: &Plan, versio
 /// service that owns a changed path in the generation left (`current`) or the one returned
 /// to (`target`). Returns the modules and, for each path, its module index.
 pub fn rollback_modules(paths: &[&str], current: Option<&Generation>, target: Option<&Generation>) -> (Vec<ModulePlan>, Vec<u32>) {
-    let mut modules =
-        vec![ModulePlan { name: "rollback".into(), process_name: None, restart_order: None, post_cmds: Vec::new() }];
+    let mut modules = vec![ModulePlan { name: "rollback".into(), process_name: None, restart_order: None, post_cmds: Vec::new() }];
     let mut index = Vec::with_capacity(paths.len());
     for path in paths {
         let owners = [current, target].into_iter().flatten().filter_map(|g| g.services.get(*path));

@@ -95,12 +95,7 @@ impl Phase {
     /// Targets may have been modified: the swap has begun.
     pub fn has_swapped(self) -> bool {
         match self {
-            Phase::Swapped
-            | Phase::PostCommands
-            | Phase::ServicesStarted
-            | Phase::Verified
-            | Phase::Committed
-            | Phase::Confirmed => true,
+            Phase::Swapped | Phase::PostCommands | Phase::ServicesStarted | Phase::Verified | Phase::Committed | Phase::Confirmed => true,
             Phase::Planned
             | Phase::Staged
             | Phase::ServicesStopped

@@ -85,7 +85,8 @@ mod tests {
 
     #[test]
     fn starts_ascending_and_stops_descending() {
-        let mods = [module("c", Some("svc-c"), Some(3), &[]), module("a", Some("svc-a"), Some(1), &[]), module("b", Some("svc-b"), Some(2), &[])];
+        let mods =
+            [module("c", Some("svc-c"), Some(3), &[]), module("a", Some("svc-a"), Some(1), &[]), module("b", Some("svc-b"), Some(2), &[])];
         assert_eq!(names(&start_order(&mods)), ["svc-a", "svc-b", "svc-c"]);
         assert_eq!(names(&stop_order(&mods)), ["svc-c", "svc-b", "svc-a"]);
     }
@@ -103,7 +104,11 @@ mod tests {
 
     #[test]
     fn a_service_named_twice_appears_once_with_its_lowest_order() {
-        let mods = [module("bin", Some("api"), Some(9), &[]), module("other", Some("gui"), Some(5), &[]), module("cfg", Some("api"), Some(1), &[])];
+        let mods = [
+            module("bin", Some("api"), Some(9), &[]),
+            module("other", Some("gui"), Some(5), &[]),
+            module("cfg", Some("api"), Some(1), &[]),
+        ];
         let s = start_order(&mods);
         assert_eq!(names(&s), ["api", "gui"]);
         assert_eq!(s[0].restart_order, Some(1));

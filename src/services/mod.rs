@@ -66,9 +66,7 @@ impl Services {
         let settle = Duration::from_millis(self.cfg.start_settle_ms);
         tracing::info!(service = s.name, "starting");
         match self.cfg.service_manager {
-            ServiceManager::Systemd => {
-                systemd::Systemctl::new(&self.cfg.systemctl).start(&systemd::unit_name(&s.name), timeout, settle)
-            }
+            ServiceManager::Systemd => systemd::Systemctl::new(&self.cfg.systemctl).start(&systemd::unit_name(&s.name), timeout, settle),
             ServiceManager::Process => {
                 let cmd = self.start_command(&s.name).ok_or_else(|| {
                     Error::new(ErrorCode::ServiceStartFailed, format!("{}: no [services.{:?}] start in the config", s.name, s.name))

@@ -84,10 +84,7 @@ fn is_dead(pid: &str) -> bool {
 fn signal(pid: Pid, sig: Signal, name: &str) -> Result<()> {
     match kill(pid, sig) {
         Ok(()) | Err(Errno::ESRCH) => Ok(()),
-        Err(e) => Err(Error::new(
-            ErrorCode::ProcessKillFailed,
-            format!("{name}: cannot send {sig} to process {pid}: {}", e.desc()),
-        )),
+        Err(e) => Err(Error::new(ErrorCode::ProcessKillFailed, format!("{name}: cannot send {sig} to process {pid}: {}", e.desc()))),
     }
 }
 

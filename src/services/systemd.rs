@@ -71,11 +71,7 @@ impl Systemctl {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(failed(format!(
-                    "still {state} after {} s ({})",
-                    timeout.as_secs_f64(),
-                    command::last_line(stopped.output())
-                )));
+                return Err(failed(format!("still {state} after {} s ({})", timeout.as_secs_f64(), command::last_line(stopped.output()))));
             }
             std::thread::sleep(POLL);
         }
