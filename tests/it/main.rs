@@ -6,4 +6,6 @@ mod crash;
 mod diskfull;
 mod hostile;
 mod journal_loss;
+mod services;
+mod signing;
 mod transactions;
