@@ -5,6 +5,8 @@
 //! returns, the change survives a power cut. The on-disk format is specified in
 //! `journal-format.md`, which changes in the same commit as this file.
 
+mod downloads;
+mod outbox;
 pub mod records;
 
 use crate::engine::generation::{Factory, Generation};
@@ -16,7 +18,7 @@ use crate::limits::HISTORY_TX_MAX;
 use records::{Size, TxRecord, decode, encode};
 use redb::{
     Database, Durability, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
+    TableHandle, WriteTransaction,
 };
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -70,6 +72,13 @@ pub struct CommitEffects {
     pub trial: Option<Trial>,
 }
 
+/// Tables added to format 1 after its first release (journal-format.md §7).
+fn create_later_tables(wt: &WriteTransaction) -> std::result::Result<(), redb::TableError> {
+    wt.open_table(TRIAL)?;
+    downloads::create_tables(wt)?;
+    outbox::create_tables(wt)
+}
+
 fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::new(ErrorCode::JournalCorrupt, format!("journal {}: {e}", path.display()))
 }
@@ -109,14 +118,13 @@ impl Journal {
     /// (journal-format.md §7: adding a table is compatible). Readers treat them as empty.
     fn add_missing_tables(&self) -> Result<()> {
         let rt = self.read()?;
-        match rt.open_table(TRIAL) {
-            Ok(_) => return Ok(()),
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(self.storage(e)),
-        }
+        let names: Vec<String> = rt.list_tables().map_err(|e| self.storage(e))?.map(|h| h.name().to_string()).collect();
         drop(rt);
+        if [TRIAL.name(), downloads::DOWNLOADS.name(), outbox::OUTBOX.name()].iter().all(|t| names.iter().any(|n| n == t)) {
+            return Ok(());
+        }
         let wt = self.write()?;
-        wt.open_table(TRIAL).map_err(|e| self.storage(e))?;
+        create_later_tables(&wt).map_err(|e| self.storage(e))?;
         self.commit(wt)
     }
 
@@ -153,7 +161,7 @@ impl Journal {
             wt.open_table(GENERATIONS).map_err(|e| corrupt(&tmp, e))?;
             wt.open_table(FACTORY).map_err(|e| corrupt(&tmp, e))?;
             wt.open_table(FAILED_PACKAGES).map_err(|e| corrupt(&tmp, e))?;
-            wt.open_table(TRIAL).map_err(|e| corrupt(&tmp, e))?;
+            create_later_tables(&wt).map_err(|e| corrupt(&tmp, e))?;
         }
         wt.commit().map_err(|e| corrupt(&tmp, e))?;
         drop(db);
