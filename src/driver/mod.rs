@@ -27,6 +27,8 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 mod effects;
 mod planning;
@@ -36,6 +38,7 @@ mod run;
 mod trial;
 
 pub use reports::{GenerationSummary, InFlight, StatusReport, VerifyReport, status, verify_live};
+pub use planning::check_rollback_target;
 pub use trial::{ConfirmReport, boot_id};
 
 #[derive(Debug, Clone, Default)]
@@ -118,6 +121,11 @@ pub fn lock_state_dir(state_dir: &Path) -> Result<Flock<File>> {
     })
 }
 
+/// Wall-clock milliseconds since the epoch (informational, and the download trust window).
+pub fn now_unix_ms() -> u64 {
+    now_ms()
+}
+
 pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -133,14 +141,36 @@ pub(super) fn kind_name(kind: &TxKind) -> &'static str {
     }
 }
 
+/// What a long-running caller (the daemon) learns while a transaction runs. Called from the
+/// transaction's threads: implementations must be quick and must not block on I/O.
+pub trait Observer: Send + Sync {
+    /// A phase was journaled and its effects begin.
+    fn phase(&self, tx: u64, phase: Phase);
+    /// Staging progress: `done` of `total` new bytes written; `module` is the module of the
+    /// file just written, numbered from 1 of `modules`.
+    fn staged(&self, module: &str, index: usize, modules: usize, done: u64, total: u64);
+}
+
 pub struct Updater {
     cfg: Config,
     roots: AllowedRoots,
     state_dir: PathBuf,
-    journal: Journal,
+    journal: Arc<Journal>,
     store: BackupStore,
     services: crate::services::Services,
-    _lock: Flock<File>,
+    observer: Option<Arc<dyn Observer>>,
+    /// Set by the daemon's SIGTERM: the transaction stops after journaling its current phase
+    /// (it stays in flight; the next start resumes it).
+    cancel: Option<Arc<AtomicBool>>,
+    /// `None` when the caller holds the state-dir lock itself (the daemon, for its lifetime).
+    _lock: Option<Flock<File>>,
+}
+
+/// The state dir held open by a long-running process: the lock and the one journal handle
+/// (redb allows one open per file and process).
+pub struct Held {
+    pub lock: Flock<File>,
+    pub journal: Arc<Journal>,
 }
 
 impl Updater {
@@ -209,18 +239,49 @@ impl Updater {
     }
 
     fn assemble(cfg: Config, journal: Journal, lock: Flock<File>) -> Result<Updater> {
+        let up = Updater::build(cfg, Arc::new(journal), Some(lock))?;
+        up.reconcile_plan_copy()?;
+        Ok(up)
+    }
+
+    fn build(cfg: Config, journal: Arc<Journal>, lock: Option<Flock<File>>) -> Result<Updater> {
         let store = BackupStore::open(&cfg.state_dir)?;
-        let up = Updater {
+        Ok(Updater {
             roots: AllowedRoots::new(&cfg.allowed_roots),
             state_dir: cfg.state_dir.clone(),
             services: crate::services::Services::new(&cfg),
             cfg,
             journal,
             store,
+            observer: None,
+            cancel: None,
             _lock: lock,
-        };
-        up.reconcile_plan_copy()?;
-        Ok(up)
+        })
+    }
+
+    /// An updater over a state dir that `held` keeps open (the daemon: one per operation).
+    pub fn on_held(cfg: Config, held: &Held) -> Result<Updater> {
+        Updater::build(cfg, held.journal.clone(), None)
+    }
+
+    /// Keeps the lock and the journal for the process's lifetime (the daemon after recovery).
+    pub fn into_held(self) -> Option<Held> {
+        let journal = self.journal;
+        self._lock.map(|lock| Held { lock, journal })
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Updater {
+        self.observer = Some(observer);
+        self
+    }
+
+    pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Updater {
+        self.cancel = Some(cancel);
+        self
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     /// A plan copy whose transaction is not in flight is stale (a crash between the final

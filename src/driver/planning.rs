@@ -189,36 +189,7 @@ impl Updater {
         self.refuse_if_in_flight()?;
         let (gens, current) = self.current_generation()?;
         let factory = self.journal.factory()?;
-        let nothing = |m: String| Error::new(ErrorCode::NothingToRollBack, m);
-        let (target, rollback_to): (Option<&Generation>, RollbackTarget) = match to {
-            RollbackTo::Previous => {
-                let cur = current.as_ref().ok_or_else(|| nothing("nothing installed: already at the factory baseline".into()))?;
-                match cur.parent {
-                    None => (None, RollbackTarget::Factory),
-                    Some(p) => {
-                        let g = gens
-                            .iter()
-                            .find(|g| g.id == p)
-                            .ok_or_else(|| nothing(format!("the previous generation ({p}) is no longer kept; use --to factory")))?;
-                        (Some(g), RollbackTarget::Generation(g.id))
-                    }
-                }
-            }
-            RollbackTo::Factory => {
-                if current.is_none() {
-                    return Err(nothing("already at the factory baseline".into()));
-                }
-                (None, RollbackTarget::Factory)
-            }
-            RollbackTo::Version(v) => {
-                let g = gens
-                    .iter()
-                    .rev()
-                    .find(|g| g.version == *v && Some(g.id) != current.as_ref().map(|c| c.id))
-                    .ok_or_else(|| nothing(format!("no kept generation other than the current one has version {v}")))?;
-                (Some(g), RollbackTarget::Generation(g.id))
-            }
-        };
+        let (target, rollback_to) = rollback_target(&gens, current.as_ref(), to)?;
         let managed: Vec<&str> = generation::managed_paths(current.as_ref(), &factory).into_iter().collect();
         let observed = crate::parallel::try_map(&managed, |p| fsutil::observe(Path::new(p)))?;
         let mut targets = Vec::new();
@@ -262,6 +233,52 @@ impl Updater {
         self.check_free_space(&plan)?;
         self.start(plan, None)
     }
+}
+
+/// Which kept generation (`None`: the factory baseline) `to` names, or `NOTHING_TO_ROLL_BACK`.
+pub(super) fn rollback_target<'a>(
+    gens: &'a [Generation],
+    current: Option<&Generation>,
+    to: &RollbackTo,
+) -> Result<(Option<&'a Generation>, RollbackTarget)> {
+    let nothing = |m: String| Error::new(ErrorCode::NothingToRollBack, m);
+    match to {
+        RollbackTo::Previous => {
+            let cur = current.ok_or_else(|| nothing("nothing installed: already at the factory baseline".into()))?;
+            match cur.parent {
+                None => Ok((None, RollbackTarget::Factory)),
+                Some(p) => {
+                    let g = gens
+                        .iter()
+                        .find(|g| g.id == p)
+                        .ok_or_else(|| nothing(format!("the previous generation ({p}) is no longer kept; use --to factory")))?;
+                    Ok((Some(g), RollbackTarget::Generation(g.id)))
+                }
+            }
+        }
+        RollbackTo::Factory => {
+            if current.is_none() {
+                return Err(nothing("already at the factory baseline".into()));
+            }
+            Ok((None, RollbackTarget::Factory))
+        }
+        RollbackTo::Version(v) => {
+            let g = gens
+                .iter()
+                .rev()
+                .find(|g| g.version == *v && Some(g.id) != current.map(|c| c.id))
+                .ok_or_else(|| nothing(format!("no kept generation other than the current one has version {v}")))?;
+            Ok((Some(g), RollbackTarget::Generation(g.id)))
+        }
+    }
+}
+
+/// Whether `rollback --to` has somewhere to go (the daemon answers 404 up front).
+pub fn check_rollback_target(journal: &Journal, to: &RollbackTo) -> Result<()> {
+    let gens = journal.generations()?;
+    let id = journal.current_generation_id()?;
+    let current = gens.iter().find(|g| Some(g.id) == id);
+    rollback_target(&gens, current, to).map(|_| ())
 }
 
 /// Ancestors of new files that do not exist yet, parents first.

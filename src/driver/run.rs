@@ -58,6 +58,10 @@ impl Updater {
                 Ok(plan_changed) => {
                     let next = transition(rec.phase, Event::Done, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
                     self.enter(&mut rec, next, &plan, plan_changed)?;
+                    if self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) && next != Phase::Committed {
+                        // Shutdown requested: the phase is journaled, nothing of it has run.
+                        return Err(Error::new(ErrorCode::OperationInProgress, format!("stopped at {next} for shutdown; it resumes at the next start")));
+                    }
                 }
                 Err(e) => {
                     tracing::error!(tx = rec.id, phase = %rec.phase, error = %e, "phase failed; rolling back");
@@ -85,6 +89,9 @@ impl Updater {
             self.journal.enter_phase(rec, plan_changed.then_some(plan))?;
         }
         hit(&format!("enter.{}", next.name()));
+        if let Some(o) = &self.observer {
+            o.phase(rec.id, next);
+        }
         Ok(())
     }
 
@@ -152,10 +159,20 @@ impl Updater {
             fsutil::make_dir(Path::new(d))?;
         }
         let (tx, store) = (plan.tx_id, &self.store);
+        let (total, done) = (plan.new_bytes(), std::sync::atomic::AtomicU64::new(0));
+        let observer = self.observer.as_deref();
         let hashes = crate::parallel::try_map_with(
             &plan.targets,
             || Ok(pkg.map(Package::archive)),
-            |archive, t| stage_one(t, tx, archive.as_mut(), store),
+            |archive, t| {
+                let h = stage_one(t, tx, archive.as_mut(), store)?;
+                if let (Some(o), NewState::File(f)) = (observer, t.new) {
+                    let now = done.fetch_add(f.size, std::sync::atomic::Ordering::Relaxed) + f.size;
+                    let name = plan.modules.get(t.module as usize).map(|m| m.name.as_str()).unwrap_or("");
+                    o.staged(name, t.module as usize + 1, plan.modules.len(), now, total);
+                }
+                Ok(h)
+            },
         )?;
         for (t, hash) in plan.targets.iter_mut().zip(hashes) {
             if let (NewState::File(nf), Some(h)) = (&mut t.new, hash) {
