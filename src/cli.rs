@@ -104,6 +104,9 @@ pub enum Cmd {
         #[arg(short = 'o', long = "output", value_name = "PREFIX")]
         output: PathBuf,
     },
+    /// Run the daemon: recovery first, then the HTTP API on api.listen (SIGTERM stops it
+    /// after the current step).
+    Serve,
     /// Install a demo app into a temporary root, show status, roll back, verify.
     Demo {
         /// Keep the temporary root afterwards.
@@ -253,19 +256,29 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
             Ok(exit::DONE)
         }
         Cmd::Status => {
-            let s = match read_journal(&cfg)? {
-                Some(j) => driver::status(&j, cfg.max_trial_boots)?,
-                None => {
+            let s = match read_journal(&cfg) {
+                Ok(Some(j)) => driver::status(&j, cfg.max_trial_boots)?,
+                Ok(None) => {
                     driver::StatusReport { current: None, generations: vec![], factory_paths: 0, in_flight: None, last: None, trial: None }
                 }
+                // The daemon holds the journal for its lifetime: ask it.
+                Err(e) if e.code == ErrorCode::OperationInProgress => from_daemon(&cfg, "/api/v1.0/status").map_err(|d| {
+                    Error::new(e.code, format!("{}; asking the daemon at {} failed too: {}", e.message, cfg.api.listen, d.message))
+                })?,
+                Err(e) => return Err(e.into()),
             };
             out.status(&s);
             Ok(exit::DONE)
         }
         Cmd::History { limit } => {
-            let h = match read_journal(&cfg)? {
-                Some(j) => j.history(limit)?,
-                None => vec![],
+            let h = match read_journal(&cfg) {
+                Ok(Some(j)) => j.history(limit)?,
+                Ok(None) => vec![],
+                Err(e) if e.code == ErrorCode::OperationInProgress => from_daemon(&cfg, &format!("/api/v1.0/history?limit={limit}"))
+                    .map_err(|d| {
+                        Error::new(e.code, format!("{}; asking the daemon at {} failed too: {}", e.message, cfg.api.listen, d.message))
+                    })?,
+                Err(e) => return Err(e.into()),
             };
             out.history(&h);
             Ok(exit::DONE)
@@ -338,7 +351,31 @@ public key: {} (list it in trusted_keys on the devices)",
             Ok(exit::DONE)
         }
         Cmd::Demo { keep } => Ok(crate::demo::run(keep, out.json)?),
+        Cmd::Serve => {
+            crate::daemon::serve(cfg)?;
+            Ok(exit::DONE)
+        }
     }
+}
+
+/// While the daemon runs it holds the journal open (redb allows one process); reporting
+/// commands then ask its API on `api.listen` (loopback, short timeout).
+fn from_daemon<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str) -> Result<T> {
+    let listen = std::fs::read_to_string(crate::daemon::addr_file(&cfg.state_dir)).unwrap_or_else(|_| cfg.api.listen.clone());
+    let url = format!("http://{}{path}", listen.trim());
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(5))).proxy(None).build().into();
+    let text = agent
+        .get(&url)
+        .call()
+        .and_then(|mut r| r.body_mut().read_to_string())
+        .map_err(|e| Error::new(ErrorCode::InternalError, format!("GET {url}: {e}")))?;
+    let body: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::new(ErrorCode::InternalError, format!("GET {url}: {e}")))?;
+    if body["code"] != 200 {
+        return Err(Error::new(ErrorCode::InternalError, format!("GET {url}: {}", body["msg"])));
+    }
+    serde_json::from_value(body["data"].clone()).map_err(|e| Error::new(ErrorCode::InternalError, format!("GET {url}: {e}")))
 }
 
 /// Opens the journal for reading. Read-only first, so reporting works beside a running

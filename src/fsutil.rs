@@ -228,3 +228,11 @@ pub fn device_of(path: &Path) -> Result<u64> {
     let anchor = existing_ancestor(path);
     Ok(std::fs::metadata(anchor).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", anchor, &e))?.dev())
 }
+
+/// fdatasync of a file whose first bytes a journal record is about to vouch for (a download's
+/// `offset`, journal-format.md §5.7): its data and size reach stable storage before the
+/// commit. Protects against a power cut after the offset is journaled leaving a hole or stale
+/// blocks below it, which a resume (`Range` from the offset) would never re-fetch.
+pub fn sync_data(file: &File, path: &Path, code: ErrorCode) -> Result<()> {
+    file.sync_data().map_err(|e| Error::io(code, "fdatasync", path, &e))
+}

@@ -4,7 +4,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod demo;
+pub mod download;
 pub mod driver;
 pub mod engine;
 pub mod error;
@@ -19,6 +21,7 @@ pub mod parallel;
 pub mod paths;
 pub mod plancopy;
 pub mod posreader;
+pub mod reporter;
 pub mod services;
 pub mod signing;
 pub mod steplog;

@@ -37,8 +37,8 @@ pub mod reports;
 mod run;
 mod trial;
 
-pub use reports::{GenerationSummary, InFlight, StatusReport, VerifyReport, status, verify_live};
 pub use planning::check_rollback_target;
+pub use reports::{GenerationSummary, InFlight, StatusReport, VerifyReport, status, verify_live};
 pub use trial::{ConfirmReport, boot_id};
 
 #[derive(Debug, Clone, Default)]

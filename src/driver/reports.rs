@@ -6,13 +6,13 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::journal::Journal;
 use crate::journal::records::TxRecord;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use super::*;
 
 /// Live files against the current generation (or the factory baseline).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub version: Option<String>,
     pub checked: usize,
@@ -40,7 +40,7 @@ pub fn verify_live(journal: &Journal) -> Result<VerifyReport> {
 }
 
 /// What `status` shows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
     pub current: Option<GenerationSummary>,
     pub generations: Vec<GenerationSummary>,
@@ -51,7 +51,7 @@ pub struct StatusReport {
     pub trial: Option<TrialStatus>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrialStatus {
     pub tx: u64,
     pub version: String,
@@ -60,7 +60,7 @@ pub struct TrialStatus {
     pub max_boots: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenerationSummary {
     pub id: u64,
     pub version: String,
@@ -68,10 +68,10 @@ pub struct GenerationSummary {
     pub files: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InFlight {
     pub tx: u64,
-    pub kind: &'static str,
+    pub kind: String,
     pub phase: Phase,
     pub to_version: Option<String>,
     pub error: Option<Error>,
@@ -83,7 +83,7 @@ pub fn status(journal: &Journal, max_trial_boots: u32) -> Result<StatusReport> {
     let summary = |g: &Generation| GenerationSummary { id: g.id, version: g.version.clone(), tx: g.tx_id, files: g.files.len() };
     let in_flight = journal.active()?.map(|(rec, plan)| InFlight {
         tx: rec.id,
-        kind: kind_name(&plan.kind),
+        kind: kind_name(&plan.kind).to_string(),
         phase: rec.phase,
         to_version: rec.to_version,
         error: rec.error,

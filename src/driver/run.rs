@@ -60,7 +60,10 @@ impl Updater {
                     self.enter(&mut rec, next, &plan, plan_changed)?;
                     if self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) && next != Phase::Committed {
                         // Shutdown requested: the phase is journaled, nothing of it has run.
-                        return Err(Error::new(ErrorCode::OperationInProgress, format!("stopped at {next} for shutdown; it resumes at the next start")));
+                        return Err(Error::new(
+                            ErrorCode::OperationInProgress,
+                            format!("stopped at {next} for shutdown; it resumes at the next start"),
+                        ));
                     }
                 }
                 Err(e) => {

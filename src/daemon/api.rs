@@ -1,0 +1,231 @@
+//! The HTTP API (SPEC §5): the legacy contract (`contracts/updater-api.yaml`) exactly — HTTP
+//! 200 always, `{code, msg, data}` — plus `rollback`, `confirm` and `status`. `openapi.yaml`
+//! describes every endpoint. Handlers never touch the disk on the runtime thread: journal work
+//! goes to `spawn_blocking` or a job thread.
+
+use super::Daemon;
+use super::jobs;
+use super::progress::Stage;
+use crate::download::DownloadRequest;
+use crate::driver::RollbackTo;
+use crate::error::{Error, ErrorCode, Result};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+type Shared = State<Arc<Daemon>>;
+
+/// The application code the legacy contract uses for an error.
+pub fn http_code(code: ErrorCode) -> u16 {
+    match code {
+        ErrorCode::ValidationError => 400,
+        ErrorCode::NothingToRollBack => 404,
+        ErrorCode::OperationInProgress | ErrorCode::DownloadIncomplete | ErrorCode::Md5NotVerified => 409,
+        ErrorCode::PackageExpired => 410,
+        _ => 500,
+    }
+}
+
+fn ok(data: Value) -> Response {
+    Json(json!({ "code": 200, "msg": "success", "data": data })).into_response()
+}
+
+fn err(e: &Error) -> Response {
+    Json(json!({ "code": http_code(e.code), "msg": format!("{}: {}", e.code, e.message) })).into_response()
+}
+
+fn reply(r: Result<Value>) -> Response {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => err(&e),
+    }
+}
+
+/// A JSON body, or `VALIDATION_ERROR` in the envelope (never axum's own 4xx rejection).
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
+    serde_json::from_slice(body).map_err(|e| Error::new(ErrorCode::ValidationError, format!("request body: {e}")))
+}
+
+/// Runs journal work off the runtime thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::internal(format!("worker: {e}")))?
+}
+
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/api/v1.0/download", post(download))
+        .route("/api/v1.0/update", post(update))
+        .route("/api/v1.0/progress", get(progress))
+        .route("/api/v1.0/rollback", post(rollback))
+        .route("/api/v1.0/confirm", post(confirm))
+        .route("/api/v1.0/status", get(status))
+        .route("/api/v1.0/history", get(history))
+        .with_state(d)
+}
+
+async fn progress(State(d): Shared) -> Response {
+    let s = d.progress.get();
+    if s.stage == Stage::Failed {
+        // The contract's failed shape: the error in `msg`, stage and progress at the root.
+        let msg = s.error.clone().unwrap_or_else(|| s.message.clone());
+        return Json(json!({ "code": 500, "msg": msg, "stage": "failed", "progress": s.progress })).into_response();
+    }
+    ok(json!({ "stage": s.stage, "progress": s.progress, "message": s.message, "error": s.error }))
+}
+
+async fn download(State(d): Shared, body: Bytes) -> Response {
+    let req: DownloadRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return err(&e),
+    };
+    if let Err(e) = crate::download::validate(&req, &d.cfg) {
+        return err(&e);
+    }
+    reply(d.start_job("download", move |d| jobs::download_job(&d, req)).map(|()| json!({ "status": "downloading" })))
+}
+
+#[derive(Deserialize)]
+struct UpdateRequest {
+    version: String,
+}
+
+async fn update(State(d): Shared, body: Bytes) -> Response {
+    let req: UpdateRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return err(&e),
+    };
+    if crate::version::Version::parse(&req.version).is_err() {
+        return err(&Error::new(ErrorCode::ValidationError, "version must match semantic versioning pattern"));
+    }
+    if d.busy() {
+        return err(&Error::new(ErrorCode::OperationInProgress, "Cannot install, another operation is in progress"));
+    }
+    let d2 = d.clone();
+    let version = req.version.clone();
+    let package = blocking(move || {
+        let rec = d2.held.journal.download()?;
+        crate::download::check_installable(rec.as_ref(), &version, d2.cfg.download.trust_window_h, crate::driver::now_unix_ms())
+    })
+    .await;
+    let package = match package {
+        Ok(p) => p,
+        Err(e) => return err(&e),
+    };
+    reply(d.start_job("install", move |d| jobs::install_job(&d, package, req.version)).map(|()| json!({ "status": "installing" })))
+}
+
+#[derive(Deserialize, Default)]
+struct RollbackRequest {
+    to: Option<String>,
+}
+
+async fn rollback(State(d): Shared, body: Bytes) -> Response {
+    let req: RollbackRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return err(&e),
+    };
+    let to = match req.to.as_deref() {
+        None | Some("previous") => RollbackTo::Previous,
+        Some("factory") => RollbackTo::Factory,
+        Some(v) if crate::version::Version::parse(v).is_ok() => RollbackTo::Version(v.to_string()),
+        Some(v) => {
+            return err(&Error::new(ErrorCode::ValidationError, format!("to {v:?}: expected previous, factory or MAJOR.MINOR.PATCH")));
+        }
+    };
+    // Refuse up front what would fail at once (nothing to roll back to), so the caller gets
+    // 404 instead of a failed stage.
+    let d2 = d.clone();
+    let to2 = to.clone();
+    if let Err(e) = blocking(move || crate::driver::check_rollback_target(&d2.held.journal, &to2)).await {
+        return err(&e);
+    }
+    reply(d.start_job("rollback", move |d| jobs::rollback_job(&d, to)).map(|()| json!({ "status": "installing" })))
+}
+
+async fn confirm(State(d): Shared) -> Response {
+    if d.busy() {
+        return err(&Error::new(ErrorCode::OperationInProgress, "Cannot confirm while an operation is in progress"));
+    }
+    let d2 = d.clone();
+    reply(
+        blocking(move || {
+            let mut up = d2.updater()?;
+            let r = up.confirm()?;
+            serde_json::to_value(r).map_err(|e| Error::internal(e.to_string()))
+        })
+        .await,
+    )
+}
+
+async fn status(State(d): Shared) -> Response {
+    let d2 = d.clone();
+    reply(
+        blocking(move || {
+            let s = crate::driver::status(&d2.held.journal, d2.cfg.max_trial_boots)?;
+            serde_json::to_value(s).map_err(|e| Error::internal(e.to_string()))
+        })
+        .await,
+    )
+}
+
+/// Past transactions, newest first (what `tope-updater history --json` prints); `?limit=N`.
+async fn history(State(d): Shared, q: axum::extract::RawQuery) -> Response {
+    let limit =
+        q.0.as_deref()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(20)
+            .min(crate::limits::HISTORY_TX_MAX);
+    let d2 = d.clone();
+    reply(
+        blocking(move || {
+            let h = d2.held.journal.history(limit)?;
+            serde_json::to_value(h).map_err(|e| Error::internal(e.to_string()))
+        })
+        .await,
+    )
+}
+
+/// Serves until SIGTERM or SIGINT, then returns (the caller lets the job finish its step).
+pub async fn run(d: Arc<Daemon>) -> Result<()> {
+    let listen = d.cfg.api.listen.clone();
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| Error::new(ErrorCode::InternalError, format!("cannot listen on {listen}: {e}")))?;
+    let addr = listener.local_addr().map_err(|e| Error::internal(e.to_string()))?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "listening on {addr}");
+        let _ = out.flush();
+    }
+    tracing::info!(%addr, "serving");
+    // Where the CLI finds the API when `api.listen` has port 0 (tests); removed at exit.
+    let addr_file = super::addr_file(&d.cfg.state_dir);
+    let d_addr = addr.to_string();
+    if let Err(e) = blocking(move || crate::fsutil::write_atomic(&addr_file, d_addr.as_bytes())).await {
+        tracing::warn!(error = %e, "could not record the API address for the CLI");
+    }
+    let cancel = d.cancel.clone();
+    axum::serve(listener, router(d))
+        .with_graceful_shutdown(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutdown requested: finishing the current step");
+            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+        .await
+        .map_err(|e| Error::internal(format!("server: {e}")))
+}

@@ -1,0 +1,228 @@
+//! The daemon's jobs (download, install, rollback), the progress they show, and the reports
+//! they send (SPEC §5). Every function here runs on a job thread or at start-up, never on
+//! the async runtime: they commit to the journal.
+
+use super::Daemon;
+use super::progress::{self, Snapshot, Stage};
+use crate::download::{self, DownloadRequest};
+use crate::driver::{Held, InstallOptions, Observer, Outcome, RecoverReport, RollbackTo, TxReport};
+use crate::engine::Phase;
+use crate::error::Error;
+use crate::reporter::Report;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Publishes a snapshot; a stage change, or `force`, also goes to the outbox.
+pub fn publish(d: &Daemon, s: Snapshot, tx: Option<u64>, force: bool) {
+    let changed = d.progress.set(s.clone());
+    if changed || force {
+        push_report(d, &s, tx, false);
+    }
+}
+
+fn report_of(d: &Daemon, s: &Snapshot, tx: Option<u64>, final_report: bool) -> Report {
+    Report {
+        stage: s.stage.name().to_string(),
+        progress: s.progress,
+        message: s.message.clone(),
+        error: s.error.clone(),
+        tx,
+        boot_id: d.boot_id.clone(),
+        seq: 0,
+        final_report,
+    }
+}
+
+fn push_report(d: &Daemon, s: &Snapshot, tx: Option<u64>, final_report: bool) {
+    match d.held.journal.outbox_push(report_of(d, s, tx, final_report)) {
+        Ok(_) => d.reporter.notify(),
+        // A report that cannot be journaled is logged; the update goes on (never blocked).
+        Err(e) => tracing::warn!(error = %e, "could not queue a progress report"),
+    }
+}
+
+/// The one final report of a transaction (again after a crash: the journal keeps it unique).
+fn push_final(d: &Daemon, tx: u64, s: &Snapshot) {
+    match d.held.journal.outbox_push_final(tx, report_of(d, s, Some(tx), true)) {
+        Ok(_) => d.reporter.notify(),
+        Err(e) => tracing::warn!(tx, error = %e, "could not queue the final report"),
+    }
+}
+
+fn failed(error: &Error, progress: u8) -> Snapshot {
+    let text = format!("{}: {}", error.code, error.message);
+    Snapshot { stage: Stage::Failed, progress, message: text.clone(), error: Some(text) }
+}
+
+/// The snapshot a transaction's end shows, and its final report.
+fn ended(d: &Daemon, r: &TxReport) {
+    let s = match &r.outcome {
+        Outcome::Committed => Snapshot {
+            stage: Stage::Success,
+            progress: 100,
+            message: match r.kind {
+                "rollback" => format!("Rolled back to {}", r.to_version.as_deref().unwrap_or("the factory state")),
+                _ => "Update completed successfully".into(),
+            },
+            error: None,
+        },
+        Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } => failed(error, 100),
+        Outcome::Interrupted { error } => {
+            // Shutdown or a journal failure: the transaction is still in flight; the next
+            // start finishes it and sends the final report then.
+            tracing::warn!(tx = r.tx, error = %error, "transaction interrupted");
+            d.progress.set(Snapshot {
+                stage: Stage::Installing,
+                progress: 0,
+                message: "Interrupted; resuming at the next start".into(),
+                error: None,
+            });
+            return;
+        }
+    };
+    d.progress.set(s.clone());
+    push_final(d, r.tx, &s);
+}
+
+/// Maps engine phases to the legacy install progress.
+pub struct InstallObserver {
+    pub daemon: Arc<Daemon>,
+}
+
+impl Observer for InstallObserver {
+    fn phase(&self, tx: u64, phase: Phase) {
+        if let Some((pct, msg)) = progress::install_percent_for_phase(phase) {
+            publish(&self.daemon, Snapshot { stage: Stage::Installing, progress: pct, message: msg.into(), error: None }, Some(tx), false);
+        }
+    }
+
+    fn staged(&self, module: &str, index: usize, modules: usize, done: u64, total: u64) {
+        // Memory only: staging progress is frequent and is not reported to device-api.
+        self.daemon.progress.set(Snapshot {
+            stage: Stage::Installing,
+            progress: progress::staged_percent(done, total),
+            message: format!("Deploying module {module} ({index}/{modules})"),
+            error: None,
+        });
+    }
+}
+
+/// What `/progress` shows right after start-up.
+pub fn initial_snapshot(held: &Held, recovered: &RecoverReport) -> Snapshot {
+    match recovered {
+        RecoverReport::Finished { report, .. } | RecoverReport::TrialExpired { report, .. } => match &report.outcome {
+            Outcome::Committed if report.kind == "install" => {
+                Snapshot { stage: Stage::Success, progress: 100, message: "Update completed successfully".into(), error: None }
+            }
+            Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } | Outcome::Interrupted { error } => failed(error, 100),
+            Outcome::Committed => Snapshot::idle(),
+        },
+        RecoverReport::NeedsOperator { error: Some(e), .. } => failed(e, 100),
+        _ => match held.journal.download() {
+            Ok(Some(rec)) if rec.is_verified() => Snapshot {
+                stage: Stage::ToInstall,
+                progress: 100,
+                message: "Package verified successfully, ready for installation".into(),
+                error: None,
+            },
+            _ => Snapshot::idle(),
+        },
+    }
+}
+
+/// Sends the final report of a transaction that recovery finished, and of the last
+/// transaction if its end was never reported (a crash right after it, or the CLI ran it).
+pub fn report_recovered(d: &Arc<Daemon>, recovered: &RecoverReport) {
+    if let RecoverReport::Finished { report, .. } | RecoverReport::TrialExpired { report, .. } = recovered {
+        ended(d, report);
+    }
+    if let Ok(Some(last)) = d.held.journal.history(1).map(|h| h.into_iter().next())
+        && last.phase.is_terminal()
+    {
+        let s = match (&last.phase, &last.error) {
+            (Phase::RolledBack | Phase::RollbackFailed, Some(e)) => failed(e, 100),
+            _ => Snapshot { stage: Stage::Success, progress: 100, message: "Update completed successfully".into(), error: None },
+        };
+        push_final(d, last.id, &s);
+    }
+}
+
+/// A download that a restart or power cut interrupted continues by itself.
+pub fn resume_download_if_any(d: &Arc<Daemon>) {
+    if let Ok(Some(rec)) = d.held.journal.download()
+        && !rec.is_verified()
+    {
+        let req = rec.request.clone();
+        tracing::info!(url = req.package_url, offset = rec.offset, "resuming the interrupted download");
+        let _ = d.start_job("download", move |d| download_job(&d, req));
+    }
+}
+
+pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
+    publish(d, Snapshot { stage: Stage::Downloading, progress: 0, message: "Downloading package...".into(), error: None }, None, false);
+    let last_reported = AtomicU8::new(0);
+    let progress = |done: u64, total: u64| {
+        let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u8;
+        let msg = format!("Downloading package... {:.1} MB / {:.1} MB", done as f64 / 1e6, total as f64 / 1e6);
+        d.progress.set(Snapshot { stage: Stage::Downloading, progress: pct, message: msg.clone(), error: None });
+        // Every 5 % goes to device-api too.
+        let step = pct / 5 * 5;
+        if step > last_reported.load(Ordering::Relaxed) {
+            last_reported.store(step, Ordering::Relaxed);
+            push_report(d, &Snapshot { stage: Stage::Downloading, progress: step, message: msg, error: None }, None, false);
+        }
+    };
+    match download::run(&d.held.journal, &d.cfg, &req, &progress, &d.cancel) {
+        Ok(_) => {
+            publish(
+                d,
+                Snapshot { stage: Stage::Verifying, progress: 100, message: "Verifying package integrity...".into(), error: None },
+                None,
+                false,
+            );
+            publish(
+                d,
+                Snapshot {
+                    stage: Stage::ToInstall,
+                    progress: 100,
+                    message: "Package verified successfully, ready for installation".into(),
+                    error: None,
+                },
+                None,
+                false,
+            );
+        }
+        Err(_) if d.cancel.load(Ordering::SeqCst) => tracing::info!("download paused for shutdown; it resumes at the next start"),
+        Err(e) => {
+            let pct = d.progress.get().progress;
+            publish(d, failed(&e, pct), None, true);
+        }
+    }
+}
+
+pub fn install_job(d: &Arc<Daemon>, package: std::path::PathBuf, version: String) {
+    publish(d, Snapshot { stage: Stage::Installing, progress: 0, message: "Preparing installation".into(), error: None }, None, false);
+    let result = d.updater().and_then(|mut up| up.install(&package, &InstallOptions { version: Some(version), ..Default::default() }));
+    match result {
+        Ok(r) => {
+            if matches!(r.outcome, Outcome::Committed) {
+                // The package is consumed: SPEC §3 "Committed: ... the package is cleaned up".
+                if let Err(e) = d.held.journal.clear_download() {
+                    tracing::warn!(error = %e, "could not clear the download record");
+                }
+                let _ = std::fs::remove_file(&package);
+            }
+            ended(d, &r);
+        }
+        // Refused before the transaction began: nothing was touched.
+        Err(e) => publish(d, failed(&e, 0), None, true),
+    }
+}
+
+pub fn rollback_job(d: &Arc<Daemon>, to: RollbackTo) {
+    publish(d, Snapshot { stage: Stage::Installing, progress: 0, message: "Rolling back".into(), error: None }, None, false);
+    match d.updater().and_then(|mut up| up.rollback(&to)) {
+        Ok(r) => ended(d, &r),
+        Err(e) => publish(d, failed(&e, 0), None, true),
+    }
+}

@@ -1,0 +1,126 @@
+//! `tope-updater serve` (SPEC §5): recovery first, then the legacy HTTP API on `api.listen`.
+//!
+//! Threads: one tokio current-thread runtime serves HTTP and only reads memory (`progress`)
+//! or hands work to blocking threads; at most one job thread (download, install, rollback)
+//! runs at a time; the reporter thread delivers the outbox. The state-dir lock and the one
+//! journal handle (`Held`) live as long as the process, so the CLI cannot start a second
+//! transaction meanwhile (it gets OPERATION_IN_PROGRESS) and reads state through the API.
+
+pub mod api;
+pub mod jobs;
+pub mod progress;
+
+use crate::config::Config;
+use crate::driver::{Held, RecoverReport, Updater};
+use crate::error::{Error, ErrorCode, Result};
+use progress::{Progress, Snapshot, Stage};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub struct Daemon {
+    pub cfg: Config,
+    pub held: Held,
+    pub progress: Progress,
+    /// The job thread, if one was started (finished or not).
+    job: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// SIGTERM: jobs stop after their current atomic step.
+    pub cancel: Arc<AtomicBool>,
+    pub reporter: crate::reporter::Reporter,
+    pub boot_id: String,
+}
+
+impl Daemon {
+    /// Whether a job is running.
+    pub fn busy(&self) -> bool {
+        self.job.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Starts `work` on the job thread unless one runs; `OPERATION_IN_PROGRESS` otherwise.
+    pub fn start_job(self: &Arc<Self>, what: &str, work: impl FnOnce(Arc<Daemon>) + Send + 'static) -> Result<()> {
+        let mut slot = self.job.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|h| !h.is_finished()) || self.cancel.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorCode::OperationInProgress, format!("Cannot start {what}, another operation is in progress")));
+        }
+        let me = self.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("job-{what}"))
+            .spawn(move || work(me))
+            .map_err(|e| Error::internal(format!("cannot start a job thread: {e}")))?;
+        *slot = Some(handle);
+        Ok(())
+    }
+
+    /// An updater over the held state dir, observed and cancellable.
+    pub fn updater(self: &Arc<Self>) -> Result<Updater> {
+        Ok(Updater::on_held(self.cfg.clone(), &self.held)?
+            .with_observer(Arc::new(jobs::InstallObserver { daemon: self.clone() }))
+            .with_cancel(self.cancel.clone()))
+    }
+
+    fn join_job(&self) {
+        let handle = self.job.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Prints `listening on ADDR` once it accepts requests.
+pub fn serve(cfg: Config) -> Result<()> {
+    // Recovery first: an interrupted transaction is finished or undone before anything else.
+    let (mut up, lost) = Updater::open_for_recovery(cfg.clone())?;
+    if let Some(l) = &lost {
+        tracing::error!(error = %l, "journal lost; recovered from the plan copy");
+    }
+    let recovered = up.recover(false)?;
+    let held = up.into_held().ok_or_else(|| Error::internal("recovery did not hold the state dir"))?;
+    let boot_id = crate::driver::boot_id().unwrap_or_default();
+    let reporter = crate::reporter::Reporter::start(held.journal.clone(), &cfg);
+    let initial = jobs::initial_snapshot(&held, &recovered);
+    let daemon = Arc::new(Daemon {
+        progress: Progress::new(Duration::from_secs(cfg.api.result_hold_s), initial),
+        cfg,
+        held,
+        job: Mutex::new(None),
+        cancel: Arc::new(AtomicBool::new(false)),
+        reporter,
+        boot_id,
+    });
+    jobs::report_recovered(&daemon, &recovered);
+    jobs::resume_download_if_any(&daemon);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| Error::internal(format!("cannot start the runtime: {e}")))?;
+    let d = daemon.clone();
+    rt.block_on(async move { api::run(d).await })?;
+    // The server stopped (SIGTERM): let the job finish its current step, then leave.
+    daemon.cancel.store(true, Ordering::SeqCst);
+    daemon.join_job();
+    let _ = std::fs::remove_file(addr_file(&daemon.cfg.state_dir));
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `<state_dir>/api.addr`: the address the running daemon listens on.
+pub fn addr_file(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("api.addr")
+}
+
+/// For callers that want to know whether a recovery changed anything (tests, logs).
+pub fn describe_recovered(r: &RecoverReport) -> &'static str {
+    match r {
+        RecoverReport::Nothing => "nothing in flight",
+        RecoverReport::Finished { .. } => "finished an interrupted transaction",
+        RecoverReport::NeedsOperator { .. } => "a transaction needs an operator",
+        RecoverReport::Trial { .. } => "a trial install awaits confirmation",
+        RecoverReport::TrialExpired { .. } => "rolled back an expired trial",
+    }
+}
+
+pub fn snapshot_for_stage(stage: Stage, progress: u8, message: impl Into<String>) -> Snapshot {
+    Snapshot { stage, progress, message: message.into(), error: None }
+}
