@@ -15,5 +15,5 @@ if [ "$(id -u)" = 0 ]; then
   need mkfs.ext4 || missing+=(e2fsprogs)
   if [ ${#missing[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; fi
 fi
-cargo build --release --quiet
+cargo build --release --quiet --bin tope-updater --example progress_load
 exec python3 bench/bench.py --bin "${CARGO_TARGET_DIR:-$PWD/target}/release/tope-updater" "$@"

@@ -5,9 +5,19 @@
 use crate::error::Result;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-/// Worker threads: the available cores, at most 4 (the work is mostly I/O-bound beyond that).
+/// Cores kept free of transaction work (the daemon keeps one for its HTTP API).
+static RESERVED_CORES: AtomicUsize = AtomicUsize::new(0);
+
+/// Keeps `n` cores free of worker threads from now on (at least one worker always runs).
+pub fn reserve_cores(n: usize) {
+    RESERVED_CORES.store(n, Ordering::Relaxed);
+}
+
+/// Worker threads: the available cores less the reserved ones, at most 4 (the work is mostly
+/// I/O-bound beyond that).
 pub fn workers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4)
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    cores.saturating_sub(RESERVED_CORES.load(Ordering::Relaxed)).clamp(1, 4)
 }
 
 /// `f` over `items`, each worker with its own state from `init` (e.g. its own archive reader).

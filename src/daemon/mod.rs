@@ -90,6 +90,9 @@ pub fn serve(cfg: Config) -> Result<()> {
     jobs::report_recovered(&daemon, &recovered);
     jobs::resume_download_if_any(&daemon);
 
+    // One core stays with the HTTP thread, so GET /progress answers within a millisecond
+    // while an install hashes and writes (SPEC §7).
+    crate::parallel::reserve_cores(1);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
