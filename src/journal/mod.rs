@@ -70,6 +70,8 @@ pub struct CommitEffects {
     /// The trial after this commit: any commit ends the current trial; an install with
     /// `confirm_required` begins a new one.
     pub trial: Option<Trial>,
+    pub download: Option<crate::download::DownloadRecord>,
+    pub outbox: Vec<crate::reporter::Report>,
 }
 
 /// Tables added to format 1 after its first release (journal-format.md §7).
@@ -498,6 +500,8 @@ impl Journal {
             factory: self.factory()?.into_iter().collect(),
             failed_packages,
             trial: self.trial()?,
+            download: self.download()?,
+            outbox: self.outbox_pending(usize::MAX)?,
         })
     }
 }
@@ -513,4 +517,6 @@ pub struct JournalDump {
     pub factory: Vec<(String, PathState)>,
     pub failed_packages: Vec<(Hash, u64)>,
     pub trial: Option<Trial>,
+    pub download: Option<crate::download::DownloadRecord>,
+    pub outbox: Vec<crate::reporter::Report>,
 }
