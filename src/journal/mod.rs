@@ -70,8 +70,6 @@ pub struct CommitEffects {
     /// The trial after this commit: any commit ends the current trial; an install with
     /// `confirm_required` begins a new one.
     pub trial: Option<Trial>,
-    pub download: Option<crate::download::DownloadRecord>,
-    pub outbox: Vec<crate::reporter::Report>,
 }
 
 /// Tables added to format 1 after its first release (journal-format.md §7).
