@@ -46,6 +46,17 @@ fn reply(r: Result<Value>) -> Response {
     }
 }
 
+/// Request bodies are small JSON objects; anything larger is refused in the envelope.
+const BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Reads the body with a size limit; errors are `VALIDATION_ERROR` in the envelope, never
+/// axum's own 4xx/413 answers (the contract always answers HTTP 200).
+async fn read_body(body: axum::body::Body) -> Result<Bytes> {
+    axum::body::to_bytes(body, BODY_BYTES_MAX)
+        .await
+        .map_err(|e| Error::new(ErrorCode::ValidationError, format!("request body (at most {BODY_BYTES_MAX} bytes): {e}")))
+}
+
 /// A JSON body, or `VALIDATION_ERROR` in the envelope (never axum's own 4xx rejection).
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
@@ -79,7 +90,11 @@ async fn progress(State(d): Shared) -> Response {
     ok(json!({ "stage": s.stage, "progress": s.progress, "message": s.message, "error": s.error }))
 }
 
-async fn download(State(d): Shared, body: Bytes) -> Response {
+async fn download(State(d): Shared, body: axum::body::Body) -> Response {
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(e) => return err(&e),
+    };
     let req: DownloadRequest = match parse(&body) {
         Ok(r) => r,
         Err(e) => return err(&e),
@@ -87,7 +102,10 @@ async fn download(State(d): Shared, body: Bytes) -> Response {
     if let Err(e) = crate::download::validate(&req, &d.cfg) {
         return err(&e);
     }
-    reply(d.start_job("download", move |d| jobs::download_job(&d, req)).map(|()| json!({ "status": "downloading" })))
+    reply(
+        d.start_job("download", jobs::download_started(), move |d| jobs::download_job(&d, req))
+            .map(|()| json!({ "status": "downloading" })),
+    )
 }
 
 #[derive(Deserialize)]
@@ -95,7 +113,11 @@ struct UpdateRequest {
     version: String,
 }
 
-async fn update(State(d): Shared, body: Bytes) -> Response {
+async fn update(State(d): Shared, body: axum::body::Body) -> Response {
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(e) => return err(&e),
+    };
     let req: UpdateRequest = match parse(&body) {
         Ok(r) => r,
         Err(e) => return err(&e),
@@ -117,7 +139,10 @@ async fn update(State(d): Shared, body: Bytes) -> Response {
         Ok(p) => p,
         Err(e) => return err(&e),
     };
-    reply(d.start_job("install", move |d| jobs::install_job(&d, package, req.version)).map(|()| json!({ "status": "installing" })))
+    reply(
+        d.start_job("install", jobs::install_started(), move |d| jobs::install_job(&d, package, req.version))
+            .map(|()| json!({ "status": "installing" })),
+    )
 }
 
 #[derive(Deserialize, Default)]
@@ -125,7 +150,11 @@ struct RollbackRequest {
     to: Option<String>,
 }
 
-async fn rollback(State(d): Shared, body: Bytes) -> Response {
+async fn rollback(State(d): Shared, body: axum::body::Body) -> Response {
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(e) => return err(&e),
+    };
     let req: RollbackRequest = match parse(&body) {
         Ok(r) => r,
         Err(e) => return err(&e),
@@ -138,6 +167,9 @@ async fn rollback(State(d): Shared, body: Bytes) -> Response {
             return err(&Error::new(ErrorCode::ValidationError, format!("to {v:?}: expected previous, factory or MAJOR.MINOR.PATCH")));
         }
     };
+    if d.busy() {
+        return err(&Error::new(ErrorCode::OperationInProgress, "Cannot roll back, another operation is in progress"));
+    }
     // Refuse up front what would fail at once (nothing to roll back to), so the caller gets
     // 404 instead of a failed stage.
     let d2 = d.clone();
@@ -145,7 +177,9 @@ async fn rollback(State(d): Shared, body: Bytes) -> Response {
     if let Err(e) = blocking(move || crate::driver::check_rollback_target(&d2.held.journal, &to2)).await {
         return err(&e);
     }
-    reply(d.start_job("rollback", move |d| jobs::rollback_job(&d, to)).map(|()| json!({ "status": "installing" })))
+    reply(
+        d.start_job("rollback", jobs::rollback_started(), move |d| jobs::rollback_job(&d, to)).map(|()| json!({ "status": "installing" })),
+    )
 }
 
 async fn confirm(State(d): Shared) -> Response {
@@ -176,12 +210,13 @@ async fn status(State(d): Shared) -> Response {
 
 /// Past transactions, newest first (what `tope-updater history --json` prints); `?limit=N`.
 async fn history(State(d): Shared, q: axum::extract::RawQuery) -> Response {
-    let limit =
-        q.0.as_deref()
-            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(20)
-            .min(crate::limits::HISTORY_TX_MAX);
+    let limit = match q.0.as_deref().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit="))) {
+        None => 20,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) => n.min(crate::limits::HISTORY_TX_MAX),
+            Err(_) => return err(&Error::new(ErrorCode::ValidationError, format!("limit {v:?}: expected a non-negative integer"))),
+        },
+    };
     let d2 = d.clone();
     reply(
         blocking(move || {

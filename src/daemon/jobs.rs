@@ -12,6 +12,14 @@ use crate::reporter::Report;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+/// Shows a job's result and frees the slot first, so a caller reacting to it can start the
+/// next job at once; the report follows.
+fn publish_end(d: &Daemon, s: Snapshot) {
+    d.release();
+    d.progress.set(s.clone());
+    push_report(d, &s, None, false);
+}
+
 /// Publishes a snapshot; a stage change, or `force`, also goes to the outbox.
 pub fn publish(d: &Daemon, s: Snapshot, tx: Option<u64>, force: bool) {
     let changed = d.progress.set(s.clone());
@@ -80,6 +88,7 @@ fn ended(d: &Daemon, r: &TxReport) {
             return;
         }
     };
+    d.release();
     d.progress.set(s.clone());
     push_final(d, r.tx, &s);
 }
@@ -154,12 +163,25 @@ pub fn resume_download_if_any(d: &Arc<Daemon>) {
     {
         let req = rec.request.clone();
         tracing::info!(url = req.package_url, offset = rec.offset, "resuming the interrupted download");
-        let _ = d.start_job("download", move |d| download_job(&d, req));
+        let _ = d.start_job("download", download_started(), move |d| download_job(&d, req));
     }
 }
 
+/// What `/progress` shows when a download starts.
+pub fn download_started() -> Snapshot {
+    Snapshot { stage: Stage::Downloading, progress: 0, message: "Downloading package...".into(), error: None }
+}
+
+pub fn install_started() -> Snapshot {
+    Snapshot { stage: Stage::Installing, progress: 0, message: "Preparing installation".into(), error: None }
+}
+
+pub fn rollback_started() -> Snapshot {
+    Snapshot { stage: Stage::Installing, progress: 0, message: "Rolling back".into(), error: None }
+}
+
 pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
-    publish(d, Snapshot { stage: Stage::Downloading, progress: 0, message: "Downloading package...".into(), error: None }, None, false);
+    push_report(d, &download_started(), None, false);
     let last_reported = AtomicU8::new(0);
     let progress = |done: u64, total: u64| {
         let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u8;
@@ -180,7 +202,7 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
                 None,
                 false,
             );
-            publish(
+            publish_end(
                 d,
                 Snapshot {
                     stage: Stage::ToInstall,
@@ -188,20 +210,18 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
                     message: "Package verified successfully, ready for installation".into(),
                     error: None,
                 },
-                None,
-                false,
             );
         }
         Err(_) if d.cancel.load(Ordering::SeqCst) => tracing::info!("download paused for shutdown; it resumes at the next start"),
         Err(e) => {
             let pct = d.progress.get().progress;
-            publish(d, failed(&e, pct), None, true);
+            publish_end(d, failed(&e, pct));
         }
     }
 }
 
 pub fn install_job(d: &Arc<Daemon>, package: std::path::PathBuf, version: String) {
-    publish(d, Snapshot { stage: Stage::Installing, progress: 0, message: "Preparing installation".into(), error: None }, None, false);
+    push_report(d, &install_started(), None, false);
     let result = d.updater().and_then(|mut up| up.install(&package, &InstallOptions { version: Some(version), ..Default::default() }));
     match result {
         Ok(r) => {
@@ -215,14 +235,14 @@ pub fn install_job(d: &Arc<Daemon>, package: std::path::PathBuf, version: String
             ended(d, &r);
         }
         // Refused before the transaction began: nothing was touched.
-        Err(e) => publish(d, failed(&e, 0), None, true),
+        Err(e) => publish_end(d, failed(&e, 0)),
     }
 }
 
 pub fn rollback_job(d: &Arc<Daemon>, to: RollbackTo) {
-    publish(d, Snapshot { stage: Stage::Installing, progress: 0, message: "Rolling back".into(), error: None }, None, false);
+    push_report(d, &rollback_started(), None, false);
     match d.updater().and_then(|mut up| up.rollback(&to)) {
         Ok(r) => ended(d, &r),
-        Err(e) => publish(d, failed(&e, 0), None, true),
+        Err(e) => publish_end(d, failed(&e, 0)),
     }
 }

@@ -24,6 +24,10 @@ pub struct Daemon {
     pub progress: Progress,
     /// The job thread, if one was started (finished or not).
     job: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// A job holds the slot from its start until it shows its result (`release`): a caller
+    /// that sees `toInstall` or `success` may start the next one at once, even while the
+    /// thread is still tidying up.
+    running: AtomicBool,
     /// SIGTERM: jobs stop after their current atomic step.
     pub cancel: Arc<AtomicBool>,
     pub reporter: crate::reporter::Reporter,
@@ -33,22 +37,40 @@ pub struct Daemon {
 impl Daemon {
     /// Whether a job is running.
     pub fn busy(&self) -> bool {
-        self.job.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|h| !h.is_finished())
+        self.running.load(Ordering::SeqCst)
     }
 
-    /// Starts `work` on the job thread unless one runs; `OPERATION_IN_PROGRESS` otherwise.
-    pub fn start_job(self: &Arc<Self>, what: &str, work: impl FnOnce(Arc<Daemon>) + Send + 'static) -> Result<()> {
+    /// The job has shown its result: another may start.
+    pub fn release(&self) {
+        self.running.store(false, Ordering::SeqCst);
+    }
+
+    /// Starts `work` on a job thread unless one runs (`OPERATION_IN_PROGRESS`). `first` is
+    /// shown by `/progress` before this returns, so a poll right after the 200 never sees
+    /// the previous operation's result as this one's.
+    pub fn start_job(self: &Arc<Self>, what: &str, first: Snapshot, work: impl FnOnce(Arc<Daemon>) + Send + 'static) -> Result<()> {
         let mut slot = self.job.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.as_ref().is_some_and(|h| !h.is_finished()) || self.cancel.load(Ordering::SeqCst) {
+        if self.cancel.load(Ordering::SeqCst) || self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
             return Err(Error::new(ErrorCode::OperationInProgress, format!("Cannot start {what}, another operation is in progress")));
         }
+        // The previous thread has released the slot and may still be queuing its last report
+        // (a quick commit); it is not joined here, on the runtime thread.
+        self.progress.set(first);
         let me = self.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("job-{what}"))
-            .spawn(move || work(me))
-            .map_err(|e| Error::internal(format!("cannot start a job thread: {e}")))?;
-        *slot = Some(handle);
-        Ok(())
+        let spawned = std::thread::Builder::new().name(format!("job-{what}")).spawn(move || {
+            work(me.clone());
+            me.release();
+        });
+        match spawned {
+            Ok(handle) => {
+                *slot = Some(handle);
+                Ok(())
+            }
+            Err(e) => {
+                self.release();
+                Err(Error::internal(format!("cannot start a job thread: {e}")))
+            }
+        }
     }
 
     /// An updater over the held state dir, observed and cancellable.
@@ -83,6 +105,7 @@ pub fn serve(cfg: Config) -> Result<()> {
         cfg,
         held,
         job: Mutex::new(None),
+        running: AtomicBool::new(false),
         cancel: Arc::new(AtomicBool::new(false)),
         reporter,
         boot_id,

@@ -1,0 +1,181 @@
+"""Schemathesis checks for the legacy `{code, msg, data}` envelope (loaded by run.sh through
+SCHEMATHESIS_HOOKS; written for the schemathesis version pinned in run.sh).
+
+The legacy contract answers every request with HTTP 200 and puts the outcome in the body, so
+the HTTP-status based checks of schemathesis either hold trivially or cannot hold by design.
+These checks say the same things about the envelope instead:
+
+- legacy_envelope: every answer to a documented operation (even a malformed request, a
+  missing or wrong Content-Type) is HTTP 200, `application/json`, an object with an integer
+  `code` in {200, 400, 404, 409, 410, 500} and a string `msg`; `msg` is "success" when
+  `code` is 200, otherwise "CODE: message" with CODE one of SPEC §6 and `code` the one the
+  contract gives that CODE (VALIDATION_ERROR 400, NOTHING_TO_ROLL_BACK 404,
+  OPERATION_IN_PROGRESS / DOWNLOAD_INCOMPLETE / MD5_NOT_VERIFIED 409, PACKAGE_EXPIRED 410,
+  the others 500; GET /progress reports any failure with code 500). INTERNAL_ERROR and JOURNAL_CORRUPT are findings (a bug, in a test
+  environment that has nothing wrong with it): the envelope's "not a server error".
+- envelope_negative_data_rejection: a request that violates the schema must not be accepted
+  (`code` 200); except an http:// package_url, which run.sh's `download.allow_http = true`
+  allows on purpose. It reuses schemathesis' own negative_data_rejection logic (which knows when a
+  generated "negative" case turns valid after serialization) with the envelope `code` in
+  place of the HTTP status.
+- progress_semantics: GET /progress as the contract describes it: `error` non-null only in
+  stage "failed"; the failed shape (code 500, `stage` "failed" and `progress` at the root);
+  progress 100 in stages toInstall and success.
+- status_semantics: GET /status: `current` is one of `generations`.
+"""
+
+import copy
+import json
+import re
+
+import schemathesis
+from schemathesis.core.failures import AcceptedNegativeData
+from schemathesis.generation.meta import CoverageScenario, coverage_scenario
+from schemathesis.specs.openapi import checks as openapi_checks
+
+SPEC_CODES = (
+    "VALIDATION_ERROR OPERATION_IN_PROGRESS DOWNLOAD_INCOMPLETE MD5_NOT_VERIFIED PACKAGE_EXPIRED "
+    "MD5_MISMATCH HASH_MISMATCH SIGNATURE_INVALID DISK_FULL INVALID_PACKAGE INVALID_MANIFEST "
+    "PATH_NOT_ALLOWED VERSION_MISMATCH INCOMPATIBLE DOWNLOAD_FAILED SERVICE_STOP_FAILED "
+    "PROCESS_KILL_FAILED SERVICE_START_FAILED POST_CMD_FAILED DEPLOYMENT_FAILED ROLLBACK_FAILED "
+    "NOTHING_TO_ROLL_BACK JOURNAL_CORRUPT INTERNAL_ERROR"
+).split()
+APP_CODE = {
+    "VALIDATION_ERROR": 400,
+    "NOTHING_TO_ROLL_BACK": 404,
+    "OPERATION_IN_PROGRESS": 409,
+    "DOWNLOAD_INCOMPLETE": 409,
+    "MD5_NOT_VERIFIED": 409,
+    "PACKAGE_EXPIRED": 410,
+}
+NOT_EXPECTED_HERE = ("INTERNAL_ERROR", "JOURNAL_CORRUPT")
+CODED_MSG = re.compile(r"^(%s): \S" % "|".join(SPEC_CODES))
+PROGRESS_STAGES = {"idle", "downloading", "verifying", "toInstall", "installing", "rebooting", "success", "failed"}
+
+
+def envelope_of(response):
+    """The decoded JSON object, or None (legacy_envelope reports why)."""
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def check_coded_msg(code, msg, what="msg", mapped=True):
+    """Shared by the envelope and the progress checks. `mapped`: the code must be the one the
+    contract gives the CODE (not for /progress, whose failed shape is always code 500)."""
+    m = CODED_MSG.match(msg)
+    if not m:
+        raise AssertionError(f"code {code} but {what} {msg!r} does not start with a SPEC §6 code and ': '")
+    name = m.group(1)
+    want = APP_CODE.get(name, 500)
+    if mapped and code != want:
+        raise AssertionError(f"{what} {msg!r} carries {name}, which the contract answers with code {want}, not {code}")
+    if name in NOT_EXPECTED_HERE:
+        raise AssertionError(f"{name} answered: {msg!r} (a bug or a broken environment, never expected in this test)")
+
+
+@schemathesis.check
+def legacy_envelope(ctx, response, case):
+    # A probe with an undocumented method is not an operation of the contract: the router
+    # answers 405 (checked by unsupported_method / allow_header_conformance).
+    if coverage_scenario(case) == CoverageScenario.UNSPECIFIED_HTTP_METHOD:
+        return None
+    if response.status_code != 200:
+        raise AssertionError(
+            f"HTTP {response.status_code} for {case.method} {case.path}: the legacy contract answers every "
+            f"request with HTTP 200 and the outcome in the body (body: {response.content[:200]!r})"
+        )
+    ctype = (response.headers.get("content-type") or [""])[0]
+    if not ctype.split(";")[0].strip().lower() == "application/json":
+        raise AssertionError(f"Content-Type {ctype!r}, expected application/json")
+    body = envelope_of(response)
+    if body is None:
+        raise AssertionError(f"body is not a JSON object: {response.content[:200]!r}")
+    code, msg = body.get("code"), body.get("msg")
+    if type(code) is not int or code not in (200, 400, 404, 409, 410, 500):
+        raise AssertionError(f"envelope code {code!r} is not one of 200, 400, 404, 409, 410, 500")
+    if not isinstance(msg, str):
+        raise AssertionError(f"envelope msg {msg!r} is not a string")
+    if code == 200:
+        if msg != "success":
+            raise AssertionError(f"code 200 with msg {msg!r}, expected 'success'")
+        return None
+    check_coded_msg(code, msg, mapped=not case.path.endswith("/progress"))
+    return None
+
+
+@schemathesis.check
+def envelope_negative_data_rejection(ctx, response, case):
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_negative:
+        return None
+    body = envelope_of(response)
+    if body is None or body.get("code") != 200:
+        return None  # rejected (or not an envelope: legacy_envelope reports that)
+    sent = case.body if isinstance(case.body, dict) else {}
+    url = sent.get("package_url")
+    if case.path.endswith("/download") and isinstance(url, str) and url.lower().startswith("http://"):
+        # run.sh configures download.allow_http = true (SPEC §5: tests, LAN servers), so the
+        # contract's '^https://' pattern is deliberately wider on this daemon.
+        return None
+    # Accepted. Let schemathesis' negative_data_rejection decide whether the request really was
+    # invalid as sent (a negated value can become valid after serialization): it sees the
+    # envelope code as the status, and only the envelope's rejection codes count as rejections.
+    enveloped = copy.copy(response)
+    enveloped.status_code = 200
+    try:
+        return openapi_checks._openapi_negative_data_rejection(ctx, enveloped, case)
+    except AcceptedNegativeData as e:
+        detail = "\n".join(line for line in e.message.splitlines()[1:] if not line.startswith("Expected:"))
+        raise AssertionError(
+            "Schema-violating request accepted: envelope code 200, expected a rejection "
+            "(code 400 VALIDATION_ERROR, or 409 when busy)\n" + detail.strip()
+        ) from None
+
+
+@schemathesis.check
+def progress_semantics(ctx, response, case):
+    if case.method.upper() != "GET" or not case.path.endswith("/progress"):
+        return None
+    body = envelope_of(response)
+    if body is None:
+        return None
+    if body.get("code") == 200:
+        data = body.get("data")
+        if not isinstance(data, dict):
+            return None  # response_schema_conformance reports it
+        stage, progress, error = data.get("stage"), data.get("progress"), data.get("error")
+        if stage == "failed":
+            if not isinstance(error, str):
+                raise AssertionError(f"stage 'failed' with error {error!r}: the contract gives the error code and message")
+            check_coded_msg(500, error, "error", mapped=False)
+        elif error is not None:
+            raise AssertionError(f"stage {stage!r} with error {error!r}: error is null unless the stage is 'failed'")
+        if stage in ("toInstall", "success") and progress != 100:
+            raise AssertionError(f"stage {stage!r} with progress {progress!r}, the contract says 100")
+    elif body.get("code") == 500:
+        # The contract's failed shape: error in msg, stage and progress at the root.
+        if body.get("stage") != "failed":
+            raise AssertionError(f"code 500 from /progress with stage {body.get('stage')!r}, expected 'failed' at the root")
+        p = body.get("progress")
+        if type(p) is not int or not 0 <= p <= 100:
+            raise AssertionError(f"code 500 from /progress with progress {p!r} at the root, expected 0..100")
+        if "data" in body:
+            raise AssertionError("code 500 from /progress with `data`: matches both oneOf branches of the legacy schema")
+    return None
+
+
+@schemathesis.check
+def status_semantics(ctx, response, case):
+    if case.method.upper() != "GET" or not case.path.endswith("/status"):
+        return None
+    body = envelope_of(response)
+    if body is None or body.get("code") != 200 or not isinstance(body.get("data"), dict):
+        return None
+    data = body["data"]
+    current, gens = data.get("current"), data.get("generations")
+    if current is not None and isinstance(gens, list) and current not in gens:
+        raise AssertionError(f"current {current!r} is not one of the generations {gens!r}")
+    return None
