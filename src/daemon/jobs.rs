@@ -127,6 +127,8 @@ pub fn initial_snapshot(held: &Held, recovered: &RecoverReport) -> Snapshot {
             Outcome::Committed => Snapshot::idle(),
         },
         RecoverReport::NeedsOperator { error: Some(e), .. } => failed(e, 100),
+        // A transaction that ended just before a crash, its result never shown: show it.
+        _ if let Some(s) = unreported_end(held) => s,
         _ => match held.journal.download() {
             Ok(Some(rec)) if rec.is_verified() => Snapshot {
                 stage: Stage::ToInstall,
@@ -137,6 +139,19 @@ pub fn initial_snapshot(held: &Held, recovered: &RecoverReport) -> Snapshot {
             _ => Snapshot::idle(),
         },
     }
+}
+
+/// The result of the last transaction if its final report was never queued.
+fn unreported_end(held: &Held) -> Option<Snapshot> {
+    let last = held.journal.history(1).ok()?.into_iter().next()?;
+    let reported = held.journal.outbox_last_final_tx().ok()?;
+    if !last.phase.is_terminal() || reported.is_some_and(|r| r >= last.id) {
+        return None;
+    }
+    Some(match (&last.phase, &last.error) {
+        (Phase::RolledBack | Phase::RollbackFailed, Some(e)) => failed(e, 100),
+        _ => Snapshot { stage: Stage::Success, progress: 100, message: "Update completed successfully".into(), error: None },
+    })
 }
 
 /// Sends the final report of a transaction that recovery finished, and of the last
@@ -153,6 +168,25 @@ pub fn report_recovered(d: &Arc<Daemon>, recovered: &RecoverReport) {
             _ => Snapshot { stage: Stage::Success, progress: 100, message: "Update completed successfully".into(), error: None },
         };
         push_final(d, last.id, &s);
+    }
+}
+
+/// The package of a committed install is consumed (SPEC §3). After a crash between the
+/// commit and the cleanup (or a recovery that finished the install), the start-up does it.
+pub fn clean_consumed_download(held: &Held) {
+    let (Ok(Some(rec)), Ok(Some(last))) = (held.journal.download(), held.journal.history(1).map(|h| h.into_iter().next())) else {
+        return;
+    };
+    let committed = matches!(last.phase, Phase::Committed | Phase::Confirmed);
+    if let crate::engine::TxKind::Install { package } = &last.kind
+        && committed
+        && package.path == rec.path
+    {
+        tracing::info!(tx = last.id, path = rec.path, "removing the package its committed install consumed");
+        if let Err(e) = held.journal.clear_download() {
+            tracing::warn!(error = %e, "could not clear the download record");
+        }
+        let _ = std::fs::remove_file(&rec.path);
     }
 }
 

@@ -99,6 +99,7 @@ pub fn serve(cfg: Config) -> Result<()> {
     let held = up.into_held().ok_or_else(|| Error::internal("recovery did not hold the state dir"))?;
     let boot_id = crate::driver::boot_id().unwrap_or_default();
     let reporter = crate::reporter::Reporter::start(held.journal.clone(), &cfg);
+    jobs::clean_consumed_download(&held);
     let initial = jobs::initial_snapshot(&held, &recovered);
     let daemon = Arc::new(Daemon {
         progress: Progress::new(Duration::from_secs(cfg.api.result_hold_s), initial),
