@@ -241,6 +241,11 @@ pub async fn run(d: Arc<Daemon>) -> Result<()> {
         let _ = out.flush();
     }
     tracing::info!(%addr, "serving");
+    // systemd Type=notify: ready once recovery is done and requests are accepted (a no-op
+    // outside systemd: NOTIFY_SOCKET is unset).
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not notify systemd of readiness");
+    }
     // Where the CLI finds the API when `api.listen` has port 0 (tests); removed at exit.
     let addr_file = super::addr_file(&d.cfg.state_dir);
     let d_addr = addr.to_string();
