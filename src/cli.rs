@@ -65,6 +65,11 @@ pub enum Cmd {
         /// Retry a rollback that failed and waits for an operator.
         #[arg(long)]
         retry: bool,
+        /// Run from the boot unit, before the applications start: settle the files only.
+        /// Services are neither stopped nor started (stopping a unit whose start is queued
+        /// would cancel it; the boot starts them after this).
+        #[arg(long)]
+        at_boot: bool,
     },
     /// Restore an earlier generation: previous, factory, or a kept VERSION.
     Rollback {
@@ -194,7 +199,11 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
             out.tx_report(&r);
             Ok(exit_for_report(&r))
         }
-        Cmd::Recover { retry } => {
+        Cmd::Recover { retry, at_boot } => {
+            let mut cfg = cfg;
+            if at_boot {
+                cfg.service_manager = crate::config::ServiceManager::None;
+            }
             let (mut up, lost) = Updater::open_for_recovery(cfg)?;
             let r = up.recover(retry)?;
             let r = match (r, lost) {
