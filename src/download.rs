@@ -97,6 +97,9 @@ pub struct DownloadRecord {
     pub started_unix_ms: u64,
     /// Wall-clock ms of this record's commit (informational).
     pub updated_unix_ms: u64,
+    /// The last attempt ended in an error (not a shutdown): the daemon does not resume it by
+    /// itself at its next start; the same request again does (from `offset`).
+    pub failed: bool,
 }
 
 impl DownloadRecord {
@@ -323,7 +326,10 @@ fn run_tuned(
     };
     preflight(&dir, size - resumable.as_ref().map_or(0, |r| r.offset))?;
     let rec = match resumable {
-        Some(rec) => rec,
+        Some(mut rec) => {
+            rec.failed = false;
+            rec
+        }
         None => {
             let rec = DownloadRecord {
                 request: req.clone(),
@@ -332,6 +338,7 @@ fn run_tuned(
                 verified_at_unix_ms: None,
                 started_unix_ms: now,
                 updated_unix_ms: now,
+                failed: false,
             };
             journal.put_download(&rec)?;
             rec
@@ -1206,6 +1213,7 @@ mod tests {
             verified_at_unix_ms: verified_at,
             started_unix_ms: 0,
             updated_unix_ms: 0,
+            failed: false,
         }
     }
 

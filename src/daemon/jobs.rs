@@ -15,9 +15,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// Shows a job's result and frees the slot first, so a caller reacting to it can start the
 /// next job at once; the report follows.
 fn publish_end(d: &Daemon, s: Snapshot) {
-    d.release();
-    d.progress.set(s.clone());
-    push_report(d, &s, None, false);
+    d.end_job(s.clone(), || push_report(d, &s, None, false));
 }
 
 /// Publishes a snapshot; a stage change, or `force`, also goes to the outbox.
@@ -88,9 +86,7 @@ fn ended(d: &Daemon, r: &TxReport) {
             return;
         }
     };
-    d.release();
-    d.progress.set(s.clone());
-    push_final(d, r.tx, &s);
+    d.end_job(s.clone(), || push_final(d, r.tx, &s));
 }
 
 /// Maps engine phases to the legacy install progress.
@@ -148,10 +144,21 @@ fn unreported_end(held: &Held) -> Option<Snapshot> {
     if !last.phase.is_terminal() || reported.is_some_and(|r| r >= last.id) {
         return None;
     }
-    Some(match (&last.phase, &last.error) {
-        (Phase::RolledBack | Phase::RollbackFailed, Some(e)) => failed(e, 100),
+    Some(end_of_record(&last))
+}
+
+/// The result a finished transaction shows, from its journal record.
+fn end_of_record(last: &crate::journal::records::TxRecord) -> Snapshot {
+    match (&last.phase, &last.error, &last.kind) {
+        (Phase::RolledBack | Phase::RollbackFailed, Some(e), _) => failed(e, 100),
+        (_, _, crate::engine::TxKind::Rollback { .. }) => Snapshot {
+            stage: Stage::Success,
+            progress: 100,
+            message: format!("Rolled back to {}", last.to_version.as_deref().unwrap_or("the factory state")),
+            error: None,
+        },
         _ => Snapshot { stage: Stage::Success, progress: 100, message: "Update completed successfully".into(), error: None },
-    })
+    }
 }
 
 /// Sends the final report of a transaction that recovery finished, and of the last
@@ -163,11 +170,7 @@ pub fn report_recovered(d: &Arc<Daemon>, recovered: &RecoverReport) {
     if let Ok(Some(last)) = d.held.journal.history(1).map(|h| h.into_iter().next())
         && last.phase.is_terminal()
     {
-        let s = match (&last.phase, &last.error) {
-            (Phase::RolledBack | Phase::RollbackFailed, Some(e)) => failed(e, 100),
-            _ => Snapshot { stage: Stage::Success, progress: 100, message: "Update completed successfully".into(), error: None },
-        };
-        push_final(d, last.id, &s);
+        push_final(d, last.id, &end_of_record(&last));
     }
 }
 
@@ -194,6 +197,7 @@ pub fn clean_consumed_download(held: &Held) {
 pub fn resume_download_if_any(d: &Arc<Daemon>) {
     if let Ok(Some(rec)) = d.held.journal.download()
         && !rec.is_verified()
+        && !rec.failed
     {
         let req = rec.request.clone();
         tracing::info!(url = req.package_url, offset = rec.offset, "resuming the interrupted download");
@@ -248,6 +252,15 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
         }
         Err(_) if d.cancel.load(Ordering::SeqCst) => tracing::info!("download paused for shutdown; it resumes at the next start"),
         Err(e) => {
+            // Not resumed by itself at the next start (the same request again resumes it).
+            if let Ok(Some(mut rec)) = d.held.journal.download()
+                && rec.request == req
+            {
+                rec.failed = true;
+                if let Err(e) = d.held.journal.put_download(&rec) {
+                    tracing::warn!(error = %e, "could not record the failed download");
+                }
+            }
             let pct = d.progress.get().progress;
             publish_end(d, failed(&e, pct));
         }
@@ -255,6 +268,7 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
 }
 
 pub fn install_job(d: &Arc<Daemon>, package: std::path::PathBuf, version: String) {
+    crate::gui::launch(&d.cfg);
     push_report(d, &install_started(), None, false);
     let result = d.updater().and_then(|mut up| up.install(&package, &InstallOptions { version: Some(version), ..Default::default() }));
     match result {

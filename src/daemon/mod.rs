@@ -45,6 +45,16 @@ impl Daemon {
         self.running.store(false, Ordering::SeqCst);
     }
 
+    /// Ends a job: queues its last report (`queue`), then frees the slot and shows `result`,
+    /// all under the slot's lock. So the next job's first report is always queued after this
+    /// one's, and a caller reacting to this report (or to `/progress`) is never refused as busy.
+    pub fn end_job(&self, result: Snapshot, queue: impl FnOnce()) {
+        let _slot = self.job.lock().unwrap_or_else(|p| p.into_inner());
+        queue();
+        self.release();
+        self.progress.set(result);
+    }
+
     /// Starts `work` on a job thread unless one runs (`OPERATION_IN_PROGRESS`). `first` is
     /// shown by `/progress` before this returns, so a poll right after the 200 never sees
     /// the previous operation's result as this one's.

@@ -80,6 +80,7 @@ mod tests {
             verified_at_unix_ms: None,
             started_unix_ms: 1,
             updated_unix_ms: 2,
+            failed: false,
         }
     }
 
@@ -117,9 +118,10 @@ mod tests {
             verified_at_unix_ms: Some(9),
             started_unix_ms: 1,
             updated_unix_ms: 2,
+            failed: true,
         };
-        // envelope V1 = 0; five strings and a varint size; path; offset; Some(9); 1; 2.
-        let golden = [0, 1, b'1', 1, b'u', 1, b'n', 251, 0x2c, 0x01, 1, b'm', 1, b'p', 7, 1, 9, 1, 2];
+        // envelope V1 = 0; five strings and a varint size; path; offset; Some(9); 1; 2; true.
+        let golden = [0, 1, b'1', 1, b'u', 1, b'n', 251, 0x2c, 0x01, 1, b'm', 1, b'p', 7, 1, 9, 1, 2, 1];
         assert_eq!(encode(&rec, Size::Small).unwrap(), golden);
         assert_eq!(decode::<DownloadRecord>(&golden, Size::Small, "t").unwrap(), rec);
     }
