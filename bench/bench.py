@@ -223,6 +223,7 @@ def main():
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--md", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--daemon-only", action="store_true", help="only the daemon rows (GET /progress latency, peak RSS)")
     a = ap.parse_args()
     runs = 2 if a.quick else a.runs
     big = 8 * MiB if a.quick else 64 * MiB
@@ -231,6 +232,9 @@ def main():
     ws = Workspace(8)
     rows = []
     try:
+        if a.daemon_only:
+            daemon_rows(ws, a, rss_bytes, rows)
+            return report(ws, runs, rows, a.md)
         fw = Profile(ws, a.bin, "firmware", lambda d: gen_big(d, 3, big), lambda d: gen_big(d, 3, big))
         sm = Profile(ws, a.bin, "many-small", lambda d: gen_many(d, many, 1), lambda d: gen_many(d, many, 2))
         for prof, label in ((fw, f"3 × {big // MiB} MiB"), (sm, f"{many} files of 4–64 KiB")):
@@ -275,18 +279,25 @@ def main():
         else:
             rows.append(("peak RSS", "n/a (/usr/bin/time not installed)", ""))
         rows.append(("release binary (stripped by the profile)", f"{os.path.getsize(a.bin) / MiB:.2f} MiB", "target < 10 MiB"))
-        load_bin = os.path.join(os.path.dirname(a.bin), "examples", "progress_load")
-        if os.path.exists("/usr/bin/time") and os.path.exists(load_bin):
-            stats, kib, stage, dl_s, in_s = daemon_bench(ws, a.bin, load_bin, rss_bytes)
-            rows.append((f"GET /progress while installing {rss_bytes // MiB} MiB", f"p50 {stats['p50_us']:.0f} µs, p99 {stats['p99_us']:.0f} µs, max {stats['max_us']:.0f} µs", f"{stats['installing']} requests at {stats['rate']:.0f}/s; target p99 < 1 ms"))
-            rows.append((f"daemon peak RSS, {rss_bytes // MiB} MiB download + install", f"{kib / 1024:.1f} MiB", f"download {dl_s:.1f} s, install {in_s:.1f} s ({stage}); target < 32 MiB"))
-        else:
-            rows.append(("GET /progress under load", "n/a (/usr/bin/time or the progress_load example missing)", ""))
+        daemon_rows(ws, a, rss_bytes, rows)
     finally:
         ws.close()
+    report(ws, runs, rows, a.md)
 
+
+def daemon_rows(ws, a, rss_bytes, rows):
+    load_bin = os.path.join(os.path.dirname(a.bin), "examples", "progress_load")
+    if os.path.exists("/usr/bin/time") and os.path.exists(load_bin):
+        stats, kib, stage, dl_s, in_s = daemon_bench(ws, a.bin, load_bin, rss_bytes)
+        rows.append((f"GET /progress while installing {rss_bytes // MiB} MiB", f"p50 {stats['p50_us']:.0f} µs, p99 {stats['p99_us']:.0f} µs, max {stats['max_us']:.0f} µs", f"{stats['installing']} requests at {stats['rate']:.0f}/s; target p99 < 1 ms"))
+        rows.append((f"daemon peak RSS, {rss_bytes // MiB} MiB download + install", f"{kib / 1024:.1f} MiB", f"download {dl_s:.1f} s, install {in_s:.1f} s ({stage}); target < 32 MiB"))
+    else:
+        rows.append(("GET /progress under load", "n/a (/usr/bin/time or the progress_load example missing)", ""))
+
+
+def report(ws, runs, rows, md):
     print(f"\nfilesystem: {ws.kind}; {runs} runs per timing; median (min–max); every timing ends with sync")
-    if a.md:
+    if md:
         print("\n| what | measured | ratio / target |\n|---|---|---|")
         for r in rows:
             print(f"| {r[0]} | {r[1]} | {r[2]} |")
