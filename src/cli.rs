@@ -194,6 +194,7 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
     let out = Output { json: cli.json };
     match cli.cmd {
         Cmd::Install { package, version, allow_downgrade, force } => {
+            crate::gui::launch(&cfg);
             let mut up = Updater::open(cfg)?;
             let r = up.install(&package, &InstallOptions { version, allow_downgrade, force })?;
             out.tx_report(&r);

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod failpoint;
 pub mod fsutil;
+pub mod gui;
 pub mod journal;
 pub mod limits;
 pub mod manifest;

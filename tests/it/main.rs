@@ -7,6 +7,7 @@ mod daemon;
 mod diskfull;
 mod hostile;
 mod journal_loss;
+mod operator;
 mod services;
 mod signing;
 mod transactions;
