@@ -29,9 +29,9 @@ pub struct Cli {
     /// Machine-readable output on stdout.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Log level on stderr (error, warn, info, debug, trace); default from config.
-    #[arg(long, global = true, value_name = "LEVEL")]
-    pub log_level: Option<String>,
+    /// Log level (off, error, warn, info, debug, trace); default: [log] level from the config.
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = parse_level)]
+    pub log_level: Option<tracing::level_filters::LevelFilter>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -44,6 +44,10 @@ const EXAMPLES: &str = "Examples:
   tope-updater rollback --to factory      restore every file to its state before the first update
   tope-updater confirm                    keep a trial install (confirm_required = true)
   tope-updater recover                    finish or undo an interrupted transaction (run at boot)";
+
+fn parse_level(s: &str) -> std::result::Result<tracing::level_filters::LevelFilter, String> {
+    s.parse().map_err(|_| format!("{s:?} is not one of off, error, warn, info, debug, trace"))
+}
 
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
@@ -181,16 +185,18 @@ pub fn exit_for_report(r: &TxReport) -> u8 {
     }
 }
 
-fn init_logging(level: &str) {
-    let filter: tracing::level_filters::LevelFilter = level.parse().unwrap_or(tracing::level_filters::LevelFilter::INFO);
-    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(filter).with_target(false).try_init();
+/// Logs (see `logging`): `--log-level`, else the demo's `warn`, else `[log] level`; the
+/// config's log file, if any.
+fn init_logging(cli: &Cli, cfg: &Config) {
+    use tracing::level_filters::LevelFilter;
+    // The demo is for reading: only warnings and errors on stderr unless asked.
+    let default = if matches!(cli.cmd, Cmd::Demo { .. }) { LevelFilter::WARN } else { cfg.log.level.parse().unwrap_or(LevelFilter::INFO) };
+    crate::logging::init(cli.log_level.unwrap_or(default), cfg.log.file.as_deref());
 }
 
 fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
     let (cfg, source) = Config::load(cli.config.as_deref()).map_err(Failure::Setup)?;
-    // The demo is for reading: only warnings and errors on stderr unless asked.
-    let default_level = if matches!(cli.cmd, Cmd::Demo { .. }) { "warn" } else { cfg.log.level.as_str() };
-    init_logging(cli.log_level.as_deref().unwrap_or(default_level));
+    init_logging(&cli, &cfg);
     let out = Output { json: cli.json };
     match cli.cmd {
         Cmd::Install { package, version, allow_downgrade, force } => {

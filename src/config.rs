@@ -227,6 +227,9 @@ impl Config {
         if self.max_compression_ratio == 0 {
             return bad("max_compression_ratio must be at least 1");
         }
+        if self.log.level.parse::<tracing::level_filters::LevelFilter>().is_err() {
+            return bad("[log] level must be one of off, error, warn, info, debug, trace");
+        }
         Ok(())
     }
 
@@ -254,6 +257,14 @@ mod tests {
     #[test]
     fn relative_state_dir_is_rejected() {
         assert_eq!(Config::parse("state_dir = \"var/x\"").unwrap_err().code, ErrorCode::ValidationError);
+    }
+
+    #[test]
+    fn a_bad_log_level_is_a_validation_error() {
+        let e = Config::parse("[log]\nlevel = \"loud\"").unwrap_err();
+        assert_eq!(e.code, ErrorCode::ValidationError);
+        assert!(e.message.contains("level"), "{}", e.message);
+        assert_eq!(Config::parse("[log]\nlevel = \"DEBUG\"").unwrap().log.level, "DEBUG");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod gui;
 pub mod journal;
 pub mod limits;
+pub mod logging;
 pub mod manifest;
 pub mod pack;
 pub mod package;

@@ -1,7 +1,8 @@
-//! The operator's side of the CLI (issue 7): the GUI hook.
+//! The operator's side of the CLI (issue 7): the GUI hook, the log file and log levels.
 
 use crate::support::*;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn one_file_package(env: &Env, version: &str) -> String {
@@ -82,4 +83,61 @@ fn a_missing_failing_crashing_or_slow_gui_changes_nothing_about_the_install() {
     assert!(pgrp > 0, "the slow GUI is still running: {stat:?}");
     assert_ne!(pgrp, nix::unistd::getpgrp().as_raw(), "the GUI has a process group of its own");
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgrp), nix::sys::signal::Signal::SIGKILL);
+}
+
+fn log_file_env(log: &Path) -> Env {
+    Env::with_config(&format!("[log]\nfile = {:?}\nlevel = \"info\"", log.to_str().unwrap()))
+}
+
+#[test]
+fn the_log_file_gets_timestamped_lines_and_its_absence_is_only_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("logs/tope-updater.log");
+    let env = log_file_env(&log);
+    env.put("bin/app", b"app 1", 0o755);
+    env.ok(&["install", &one_file_package(&env, "2.0.0")]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text.lines().find(|l| l.contains("transaction committed")).unwrap_or_else(|| panic!("{text}"));
+    let stamp = line.split_whitespace().next().unwrap();
+    assert!(stamp.len() >= 20 && stamp.as_bytes()[10] == b'T' && stamp.ends_with('Z'), "ISO 8601 UTC: {line}");
+    assert_eq!(line.split_whitespace().nth(1), Some("INFO"), "{line}");
+    assert!(!text.contains('\x1b'), "no colour in the file");
+
+    // A log file under a regular file cannot be opened: a warning, and the update goes on.
+    std::fs::write(tmp.path().join("plain"), b"").unwrap();
+    let env = log_file_env(&tmp.path().join("plain/sub/x.log"));
+    env.put("bin/app", b"app 1", 0o755);
+    let r = env.run(&["install", &one_file_package(&env, "2.0.0")]);
+    assert_eq!(r.code, Some(0), "{}", r.describe());
+    assert!(r.stderr.contains("warning: log file"), "{}", r.describe());
+    assert!(r.stderr.contains("transaction committed"), "stderr still has the log:\n{}", r.describe());
+}
+
+#[test]
+fn log_levels_come_from_the_flag_then_the_config_and_bad_ones_are_refused() {
+    let env = Env::with_config("[log]\nlevel = \"warn\"");
+    env.put("bin/app", b"app 1", 0o755);
+    let r = env.run(&["install", &one_file_package(&env, "2.0.0")]);
+    assert!(!r.stderr.contains("INFO"), "[log] level = warn:\n{}", r.describe());
+    let r = env.run(&["--log-level", "info", "rollback"]);
+    assert!(r.stderr.contains("INFO"), "--log-level overrides the config:\n{}", r.describe());
+    let r = env.run(&["--log-level", "loud", "status"]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    let bad = Env::with_config("[log]\nlevel = \"loud\"");
+    let r = bad.run(&["status"]);
+    assert_eq!(r.code, Some(1), "{}", r.describe());
+    assert_eq!(r.error_code().as_deref(), Some("VALIDATION_ERROR"));
+}
+
+#[test]
+fn without_a_terminal_logs_have_no_colour() {
+    let env = Env::new();
+    env.put("bin/app", b"app 1", 0o755);
+    let pkg = one_file_package(&env, "2.0.0");
+    // No NO_COLOR here: colour must depend on the terminal alone.
+    let o = Command::new(BIN).arg("--config").arg(&env.config).args(["install", &pkg]).env_remove("NO_COLOR").output().unwrap();
+    let r = Run::from(o);
+    assert_eq!(r.code, Some(0), "{}", r.describe());
+    assert!(!r.stderr.contains('\x1b'), "no escapes in a pipe:\n{:?}", r.stderr);
+    assert!(r.stderr.contains(" INFO transaction committed"), "{}", r.describe());
 }

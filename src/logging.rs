@@ -1,0 +1,290 @@
+//! Logs (SPEC §6): `tracing` events `tracing` events with ISO 8601 UTC timestamps (`2026-11-26T22:20:57.123456Z`) and
+//! levels. Where they go:
+//! - stderr is the journal (`$JOURNAL_STREAM` names stderr's device and inode): journald only,
+//!   with structured fields and priorities;
+//! - in a systemd unit whose stderr is something else (`$INVOCATION_ID` set: a tty, a file a
+//!   script redirected to): journald and stderr, so neither loses a line;
+//! - otherwise, or when journald cannot be reached: stderr, coloured only on a terminal
+//!   without `NO_COLOR`;
+//! - and with `[log] file`, also that file, rotated at 10 MiB keeping 3 (`FILE.1` newest to
+//!   `FILE.3` oldest, the legacy behaviour). A file that cannot be opened is a warning on
+//!   stderr, never a failure.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use tracing::Subscriber;
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::fmt::{self, MakeWriter, format, time::SystemTime};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// The log file is rotated before a line would take it past this size.
+pub const FILE_ROTATE_BYTES: u64 = 10 * 1024 * 1024;
+/// Rotated files kept beside the live one: `FILE.1` .. `FILE.3`.
+pub const FILE_KEEP: usize = 3;
+
+/// Where the logs that are not in the file go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Console {
+    Stderr,
+    Journald,
+    JournaldAndStderr,
+}
+
+/// Decides from `$JOURNAL_STREAM`, whether `$INVOCATION_ID` is set, and stderr's device and
+/// inode. A `JOURNAL_STREAM` that does not match stderr means stderr was redirected after
+/// systemd connected it to the journal.
+pub fn choose_console(journal_stream: Option<&str>, invocation_id: bool, stderr_dev_ino: Option<(u64, u64)>) -> Console {
+    let stream = journal_stream.and_then(|s| {
+        let (dev, ino) = s.trim().split_once(':')?;
+        Some((dev.parse::<u64>().ok()?, ino.parse::<u64>().ok()?))
+    });
+    match (stream, stderr_dev_ino) {
+        (Some(s), Some(e)) if s == e => Console::Journald,
+        _ if invocation_id => Console::JournaldAndStderr,
+        _ => Console::Stderr,
+    }
+}
+
+fn stderr_dev_ino() -> Option<(u64, u64)> {
+    let fd = io::stderr().as_fd().try_clone_to_owned().ok()?;
+    let meta = File::from(fd).metadata().ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
+/// Installs the global subscriber (once per process; later calls do nothing).
+pub fn init(level: LevelFilter, file: Option<&Path>) {
+    let console =
+        choose_console(std::env::var("JOURNAL_STREAM").ok().as_deref(), std::env::var_os("INVOCATION_ID").is_some(), stderr_dev_ino());
+    // Without a journald socket (a container, an initramfs), stderr is all there is.
+    let journald = match console {
+        Console::Stderr => None,
+        Console::Journald | Console::JournaldAndStderr => tracing_journald::layer().ok(),
+    };
+    let to_stderr = journald.is_none() || console == Console::JournaldAndStderr;
+    let ansi = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let stderr = to_stderr.then(|| text_layer(io::stderr, ansi));
+    let file = file.and_then(|path| match RotatingFile::open(path, FILE_ROTATE_BYTES, FILE_KEEP) {
+        Ok(f) => Some(text_layer(Mutex::new(f), false).log_internal_errors(false)),
+        Err(e) => {
+            eprintln!("warning: log file {}: {e}; logging to stderr/journald only", path.display());
+            None
+        }
+    });
+    let _ = tracing_subscriber::registry().with(level).with(stderr).with(journald).with(file).try_init();
+}
+
+/// One line per event: `TIMESTAMP LEVEL message fields`.
+pub fn text_layer<S, W>(writer: W, ansi: bool) -> fmt::Layer<S, format::DefaultFields, format::Format, W>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + 'static,
+{
+    fmt::layer().with_writer(writer).with_timer(SystemTime).with_ansi(ansi).with_target(false).with_level(true)
+}
+
+/// A file that is renamed to `PATH.1` (and `.1` to `.2`, ...; the oldest dropped) before a
+/// write would take it past `max_bytes`. Each event is one write, so lines are never split.
+/// Write errors are reported once on stderr and the line is dropped: logging never fails
+/// the caller.
+pub struct RotatingFile {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    max_bytes: u64,
+    keep: usize,
+    warned: bool,
+}
+
+impl RotatingFile {
+    pub fn open(path: &Path, max_bytes: u64, keep: usize) -> io::Result<RotatingFile> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = Self::open_file(path)?;
+        let size = file.metadata()?.len();
+        Ok(RotatingFile { path: path.to_path_buf(), file, size, max_bytes, keep, warned: false })
+    }
+
+    fn open_file(path: &Path) -> io::Result<File> {
+        OpenOptions::new().create(true).append(true).mode(0o640).open(path)
+    }
+
+    fn numbered(&self, n: usize) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        if self.keep == 0 {
+            self.file.set_len(0)?;
+        } else {
+            for n in (1..self.keep).rev() {
+                match std::fs::rename(self.numbered(n), self.numbered(n + 1)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            std::fs::rename(&self.path, self.numbered(1))?;
+            self.file = Self::open_file(&self.path)?;
+        }
+        self.size = 0;
+        Ok(())
+    }
+
+    fn warn_once(&mut self, what: &str, e: &io::Error) {
+        if !std::mem::replace(&mut self.warned, true) {
+            eprintln!("warning: log file {}: {what}: {e}", self.path.display());
+        }
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.size > 0
+            && self.size + buf.len() as u64 > self.max_bytes
+            && let Err(e) = self.rotate()
+        {
+            // Keep writing to the file we have: a full log beats no log.
+            self.warn_once("rotate", &e);
+        }
+        match self.file.write_all(buf) {
+            Ok(()) => self.size += buf.len() as u64,
+            Err(e) => self.warn_once("write", &e),
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(p: &Path) -> String {
+        std::fs::read_to_string(p).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_log_file_rotates_before_passing_the_size_and_keeps_three() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/updater.log");
+        let mut f = RotatingFile::open(&path, 100, 3).unwrap();
+        // 30-byte lines: three fit in 100 bytes, the fourth starts a new file.
+        for i in 0..20 {
+            f.write_all(format!("line {i:02} ........................\n").as_bytes()).unwrap();
+        }
+        let rotated = |n: usize| PathBuf::from(format!("{}.{n}", path.display()));
+        for p in [path.clone(), rotated(1), rotated(2), rotated(3)] {
+            let len = std::fs::metadata(&p).unwrap().len();
+            assert!(len <= 100 && len > 0, "{} has {len} bytes", p.display());
+        }
+        assert!(!rotated(4).exists(), "only three rotated files are kept");
+        // Lines 00..20, three per file: .3 holds 09-11, .2 12-14, .1 15-17, the live file 18-19.
+        assert!(read(&path).starts_with("line 18"), "{}", read(&path));
+        assert!(read(&rotated(1)).starts_with("line 15"));
+        assert!(read(&rotated(3)).starts_with("line 09"));
+        assert!(read(&rotated(3)).ends_with("line 11 ........................\n"), "lines are never split");
+    }
+
+    #[test]
+    fn reopening_continues_the_file_and_counts_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.log");
+        std::fs::write(&path, "x".repeat(90)).unwrap();
+        let mut f = RotatingFile::open(&path, 100, 3).unwrap();
+        f.write_all(b"0123456789abcdef\n").unwrap();
+        assert_eq!(read(&path), "0123456789abcdef\n", "90 + 17 bytes would pass 100: rotated first");
+        assert_eq!(read(&dir.path().join("u.log.1")).len(), 90);
+    }
+
+    #[test]
+    fn an_unopenable_log_file_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        assert!(RotatingFile::open(&dir.path().join("file/under/a/file.log"), 100, 3).is_err());
+    }
+
+    /// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+    fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146097 + doe - 719468
+    }
+
+    /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction]Z` strictly; returns Unix seconds.
+    fn parse_iso8601_utc(s: &str) -> Option<i64> {
+        let b = s.as_bytes();
+        let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+        if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' || !s.ends_with('Z') {
+            return None;
+        }
+        let frac = &s[19..s.len() - 1];
+        let digits = frac.strip_prefix('.').is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()));
+        if !frac.is_empty() && !digits {
+            return None;
+        }
+        let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+        if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+            return None;
+        }
+        Some(days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + se)
+    }
+
+    #[test]
+    fn log_lines_start_with_an_iso8601_utc_timestamp_and_a_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.log");
+        let file = RotatingFile::open(&path, FILE_ROTATE_BYTES, FILE_KEEP).unwrap();
+        let subscriber = tracing_subscriber::registry().with(LevelFilter::INFO).with(text_layer(Mutex::new(file), false));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(tx = 7, "something to see");
+            tracing::debug!("filtered out");
+        });
+        let text = read(&path);
+        let line = text.lines().next().unwrap_or_else(|| panic!("no line in {text:?}"));
+        let mut words = line.split_whitespace();
+        let stamp = words.next().unwrap();
+        let secs = parse_iso8601_utc(stamp).unwrap_or_else(|| panic!("not ISO 8601 UTC: {stamp:?} in {line:?}"));
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!((now - secs).abs() < 120, "the timestamp is now, in UTC: {stamp} vs {now}");
+        assert_eq!(words.next(), Some("WARN"), "{line}");
+        assert!(line.contains("something to see") && line.contains("tx=7"), "{line}");
+        assert_eq!(text.lines().count(), 1, "the level filter applies: {text}");
+        assert!(!text.contains('\x1b'), "no colour in the file");
+    }
+
+    #[test]
+    fn the_iso8601_checker_rejects_what_is_not() {
+        assert_eq!(parse_iso8601_utc("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_iso8601_utc("2000-03-01T00:00:01.5Z"), Some(951868801));
+        for bad in ["2026-11-26 22:20:57Z", "2026-11-26T22:20:57", "2026-13-26T22:20:57Z", "2026-11-26T22:20:57.Z"] {
+            assert_eq!(parse_iso8601_utc(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn journald_is_chosen_only_when_stderr_is_the_journal_or_under_a_unit() {
+        let me = Some((64769, 123456));
+        assert_eq!(choose_console(Some("64769:123456"), true, me), Console::Journald);
+        assert_eq!(choose_console(Some("64769:123456"), false, me), Console::Journald);
+        // Redirected after systemd connected it: stderr is wanted, and the unit's journal too.
+        assert_eq!(choose_console(Some("64769:999"), true, me), Console::JournaldAndStderr);
+        assert_eq!(choose_console(Some("64769:999"), false, me), Console::Stderr);
+        assert_eq!(choose_console(None, true, me), Console::JournaldAndStderr);
+        assert_eq!(choose_console(None, false, me), Console::Stderr);
+        assert_eq!(choose_console(Some("garbage"), false, me), Console::Stderr);
+    }
+}
