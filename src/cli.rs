@@ -201,8 +201,18 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
     match cli.cmd {
         Cmd::Install { package, version, allow_downgrade, force } => {
             crate::gui::launch(&cfg);
-            let mut up = Updater::open(cfg)?;
-            let r = up.install(&package, &InstallOptions { version, allow_downgrade, force })?;
+            let bar = crate::logging::progress_wanted(out.json).then(crate::logging::InstallProgress::start);
+            let result = Updater::open(cfg).and_then(|up| {
+                let mut up = match &bar {
+                    Some(b) => up.with_observer(b.clone()),
+                    None => up,
+                };
+                up.install(&package, &InstallOptions { version, allow_downgrade, force })
+            });
+            if let Some(b) = &bar {
+                b.finish();
+            }
+            let r = result?;
             out.tx_report(&r);
             Ok(exit_for_report(&r))
         }

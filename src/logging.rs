@@ -1,4 +1,7 @@
-//! Logs (SPEC §6): `tracing` events `tracing` events with ISO 8601 UTC timestamps (`2026-11-26T22:20:57.123456Z`) and
+//! Everything the process writes to stderr besides its `error: CODE: message` line: the logs
+//! (SPEC §6) and the progress bar of `install` on a terminal.
+//!
+//! Logs are `tracing` events with ISO 8601 UTC timestamps (`2026-11-26T22:20:57.123456Z`) and
 //! levels. Where they go:
 //! - stderr is the journal (`$JOURNAL_STREAM` names stderr's device and inode): journald only,
 //!   with structured fields and priorities;
@@ -10,12 +13,16 @@
 //!   `FILE.3` oldest, the legacy behaviour). A file that cannot be opened is a warning on
 //!   stderr, never a failure.
 
+use crate::driver::Observer;
+use crate::engine::Phase;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tracing::Subscriber;
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::fmt::{self, MakeWriter, format, time::SystemTime};
@@ -68,7 +75,7 @@ pub fn init(level: LevelFilter, file: Option<&Path>) {
     };
     let to_stderr = journald.is_none() || console == Console::JournaldAndStderr;
     let ansi = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let stderr = to_stderr.then(|| text_layer(io::stderr, ansi));
+    let stderr = to_stderr.then(|| text_layer(StderrWriter, ansi));
     let file = file.and_then(|path| match RotatingFile::open(path, FILE_ROTATE_BYTES, FILE_KEEP) {
         Ok(f) => Some(text_layer(Mutex::new(f), false).log_internal_errors(false)),
         Err(e) => {
@@ -164,6 +171,151 @@ impl Write for RotatingFile {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Set while a progress bar line is on stderr: the next log line erases it first (the bar is
+/// redrawn at its next update).
+static BAR_SHOWN: AtomicBool = AtomicBool::new(false);
+const CLEAR_LINE: &[u8] = b"\r\x1b[2K";
+
+struct StderrWriter;
+
+impl<'a> MakeWriter<'a> for StderrWriter {
+    type Writer = io::StderrLock<'static>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        let mut lock = io::stderr().lock();
+        if BAR_SHOWN.swap(false, Ordering::Relaxed) {
+            let _ = lock.write_all(CLEAR_LINE);
+        }
+        lock
+    }
+}
+
+/// Whether `install` shows a progress bar: stderr is a terminal that can take one.
+pub fn progress_wanted(json: bool) -> bool {
+    !json && io::stderr().is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb")
+}
+
+/// The progress bar of `install` on a terminal: the phase by name, staging by bytes.
+pub struct InstallProgress {
+    started: Instant,
+    state: Mutex<BarState>,
+}
+
+struct BarState {
+    phase: &'static str,
+    done: u64,
+    total: u64,
+    module: String,
+    index: usize,
+    modules: usize,
+    drawn: Option<Instant>,
+}
+
+/// Redraws at most this often while staging.
+const BAR_REDRAW: Duration = Duration::from_millis(100);
+const BAR_WIDTH: usize = 16;
+const BAR_MODULE_CHARS: usize = 12;
+/// A line longer than the terminal wraps, and `\r` can no longer erase it: lines are cut to
+/// `$COLUMNS - 1` (79 without it).
+const BAR_COLUMNS_DEFAULT: usize = 80;
+
+impl InstallProgress {
+    /// Shows the bar at once (validating the package comes before the first phase).
+    pub fn start() -> Arc<InstallProgress> {
+        let p = InstallProgress {
+            started: Instant::now(),
+            state: Mutex::new(BarState {
+                phase: "Validating",
+                done: 0,
+                total: 0,
+                module: String::new(),
+                index: 0,
+                modules: 0,
+                drawn: None,
+            }),
+        };
+        p.redraw(true);
+        Arc::new(p)
+    }
+
+    /// Erases the bar, so the result line takes its place.
+    pub fn finish(&self) {
+        let _state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut err = io::stderr().lock();
+        if BAR_SHOWN.swap(false, Ordering::Relaxed) {
+            let _ = err.write_all(CLEAR_LINE);
+            let _ = err.flush();
+        }
+    }
+
+    fn redraw(&self, force: bool) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if !force && s.drawn.is_some_and(|t| now.duration_since(t) < BAR_REDRAW) && s.done < s.total {
+            return;
+        }
+        s.drawn = Some(now);
+        let columns = std::env::var("COLUMNS").ok().and_then(|c| c.parse::<usize>().ok()).filter(|c| *c > 1).unwrap_or(BAR_COLUMNS_DEFAULT);
+        let line: String = render_bar(s.phase, s.done, s.total, &s.module, s.index, s.modules, now.duration_since(self.started))
+            .chars()
+            .take(columns - 1)
+            .collect();
+        let mut err = io::stderr().lock();
+        let _ = err.write_all(CLEAR_LINE);
+        let _ = err.write_all(line.as_bytes());
+        let _ = err.flush();
+        BAR_SHOWN.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Observer for InstallProgress {
+    fn phase(&self, _tx: u64, phase: Phase) {
+        {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.phase = phase.name();
+            // Which module was staged last means nothing after staging.
+            s.modules = 0;
+        }
+        self.redraw(true);
+    }
+
+    fn staged(&self, module: &str, index: usize, modules: usize, done: u64, total: u64) {
+        {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            // Staging runs on several threads: keep the furthest count.
+            s.done = s.done.max(done);
+            s.total = total;
+            if s.module != module {
+                s.module = module.to_string();
+            }
+            (s.index, s.modules) = (index, modules);
+        }
+        self.redraw(false);
+    }
+}
+
+/// One line of the bar: `Staged          [=========>      ]  62%  12.0/19.3 MiB  app (1/3)  4s`.
+pub fn render_bar(phase: &str, done: u64, total: u64, module: &str, index: usize, modules: usize, elapsed: Duration) -> String {
+    let fraction = if total == 0 { if done > 0 { 1.0 } else { 0.0 } } else { (done.min(total) as f64) / (total as f64) };
+    let filled = (fraction * BAR_WIDTH as f64).round() as usize;
+    let mut bar = "=".repeat(filled);
+    if filled < BAR_WIDTH {
+        bar.push(if filled > 0 { '>' } else { ' ' });
+        bar.push_str(&" ".repeat(BAR_WIDTH - filled - 1));
+    }
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut line = format!("{phase:<15} [{bar}] {:>3}%", (fraction * 100.0).round() as u32);
+    if total > 0 {
+        line += &format!("  {:.1}/{:.1} MiB", mib(done), mib(total));
+    }
+    if modules > 0 {
+        let name: String = module.chars().take(BAR_MODULE_CHARS).collect();
+        line += &format!("  {name} ({index}/{modules})");
+    }
+    line += &format!("  {}s", elapsed.as_secs());
+    line
 }
 
 #[cfg(test)]
@@ -286,5 +438,17 @@ mod tests {
         assert_eq!(choose_console(None, true, me), Console::JournaldAndStderr);
         assert_eq!(choose_console(None, false, me), Console::Stderr);
         assert_eq!(choose_console(Some("garbage"), false, me), Console::Stderr);
+    }
+
+    #[test]
+    fn the_bar_shows_phase_fraction_and_module() {
+        let l = render_bar("Staged", 512 * 1024, 1024 * 1024, "a-very-long-module-name-indeed", 2, 3, Duration::from_secs(4));
+        assert!(l.starts_with("Staged          ["), "{l}");
+        assert!(l.contains("  50%  0.5/1.0 MiB  a-very-long- (2/3)  4s"), "{l}");
+        assert!(l.chars().count() < 80, "{} chars: {l}", l.chars().count());
+        let full = render_bar("Committed", 10, 10, "", 0, 0, Duration::ZERO);
+        assert!(full.contains(&format!("[{}] 100%", "=".repeat(BAR_WIDTH))), "{full}");
+        let empty = render_bar("Validating", 0, 0, "", 0, 0, Duration::ZERO);
+        assert!(empty.contains(&format!("[{}]   0%", " ".repeat(BAR_WIDTH))), "{empty}");
     }
 }

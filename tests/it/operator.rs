@@ -1,4 +1,5 @@
-//! The operator's side of the CLI (issue 7): the GUI hook, the log file and log levels.
+//! The operator's side of the CLI (issue 7): the GUI hook, the log file and log levels, and
+//! no progress bar when stderr is not a terminal.
 
 use crate::support::*;
 use std::path::Path;
@@ -130,7 +131,7 @@ fn log_levels_come_from_the_flag_then_the_config_and_bad_ones_are_refused() {
 }
 
 #[test]
-fn without_a_terminal_logs_have_no_colour() {
+fn without_a_terminal_install_draws_no_progress_bar_and_logs_without_colour() {
     let env = Env::new();
     env.put("bin/app", b"app 1", 0o755);
     let pkg = one_file_package(&env, "2.0.0");
@@ -138,6 +139,7 @@ fn without_a_terminal_logs_have_no_colour() {
     let o = Command::new(BIN).arg("--config").arg(&env.config).args(["install", &pkg]).env_remove("NO_COLOR").output().unwrap();
     let r = Run::from(o);
     assert_eq!(r.code, Some(0), "{}", r.describe());
+    assert!(!r.stderr.contains('\r') && !r.stderr.contains("Validating"), "no bar:\n{}", r.describe());
     assert!(!r.stderr.contains('\x1b'), "no escapes in a pipe:\n{:?}", r.stderr);
     assert!(r.stderr.contains(" INFO transaction committed"), "{}", r.describe());
 }
