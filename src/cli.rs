@@ -5,7 +5,7 @@ use crate::config::{Config, ConfigSource};
 use crate::driver::{self, InstallOptions, Outcome, RecoverReport, RollbackTo, TxReport, Updater};
 use crate::error::{Error, ErrorCode, Result};
 use crate::journal::Journal;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -43,7 +43,12 @@ const EXAMPLES: &str = "Examples:
   tope-updater install app-1.2.3.zip      install a package (all or nothing)
   tope-updater rollback --to factory      restore every file to its state before the first update
   tope-updater confirm                    keep a trial install (confirm_required = true)
-  tope-updater recover                    finish or undo an interrupted transaction (run at boot)";
+  tope-updater recover                    finish or undo an interrupted transaction (run at boot)
+  tope-updater config                     the effective settings and the file they came from
+
+Every command prints `error: CODE: message` on stderr when it fails. Exit statuses: 0 done,
+1 other failure, 2 usage, 3 package rejected (nothing touched), 4 failed and rolled back,
+5 rollback failed (operator needed), 6 busy. `tope-updater COMMAND --help` has examples.";
 
 fn parse_level(s: &str) -> std::result::Result<tracing::level_filters::LevelFilter, String> {
     s.parse().map_err(|_| format!("{s:?} is not one of off, error, warn, info, debug, trace"))
@@ -52,6 +57,14 @@ fn parse_level(s: &str) -> std::result::Result<tracing::level_filters::LevelFilt
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Install a package: validate it completely, then deploy all modules or none.
+    #[command(after_help = "Examples:
+  tope-updater install app-1.2.3.zip
+  tope-updater install app-1.2.3.zip --version 1.2.3     refuse a package of another version
+  tope-updater install app-1.1.0.zip --allow-downgrade
+  tope-updater install app-1.2.3.zip --json              the report as JSON on stdout
+
+On a terminal a progress bar shows the phases on stderr. Exit 0 committed, 3 rejected
+(nothing touched), 4 failed and rolled back, 5 rollback failed, 6 busy.")]
     Install {
         package: PathBuf,
         /// Refuse unless the package has exactly this version.
@@ -65,6 +78,10 @@ pub enum Cmd {
         force: bool,
     },
     /// Finish or roll back an interrupted transaction (run at boot, before the applications).
+    #[command(after_help = "Examples:
+  tope-updater recover             nothing in flight: exits 0 in milliseconds
+  tope-updater recover --at-boot   from the boot unit: settle the files, leave services to the boot
+  tope-updater recover --retry     after fixing what made a rollback fail (exit 5 before)")]
     Recover {
         /// Retry a rollback that failed and waits for an operator.
         #[arg(long)]
@@ -76,28 +93,55 @@ pub enum Cmd {
         at_boot: bool,
     },
     /// Restore an earlier generation: previous, factory, or a kept VERSION.
+    #[command(after_help = "Examples:
+  tope-updater rollback                  to the version before the current one
+  tope-updater rollback --to 1.1.0       to a kept generation (see `status`)
+  tope-updater rollback --to factory     every managed file as it was before the first update")]
     Rollback {
         #[arg(long, default_value = "previous", value_name = "previous|factory|VERSION")]
         to: String,
     },
     /// Accept the trial install (with `confirm_required`), so it is not rolled back at boot.
+    #[command(after_help = "Example:
+  tope-updater confirm     after checking the new version works; idempotent")]
     Confirm,
     /// Current, previous and factory versions; the transaction in flight; the trial.
+    #[command(after_help = "Examples:
+  tope-updater status
+  tope-updater status --json | jq -r .current.version")]
     Status,
     /// Past transactions, newest first.
+    #[command(after_help = "Examples:
+  tope-updater history
+  tope-updater history --limit 5 --json")]
     History {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
     /// Re-hash the live files against the current generation.
+    #[command(after_help = "Example:
+  tope-updater verify      exit 0 if every managed file matches, 1 (HASH_MISMATCH) if not")]
     Verify,
     /// Dump every journal record.
+    #[command(after_help = "Example:
+  tope-updater journal > journal.json     for a bug report (JSON)")]
     Journal,
     /// Remove backups that no kept generation needs.
+    #[command(after_help = "Example:
+  tope-updater gc          after lowering keep_generations")]
     Gc,
     /// Print the effective configuration.
+    #[command(after_help = "Examples:
+  tope-updater config
+  tope-updater --config ./test.toml config --json
+
+The file is /etc/tope-updater/config.toml unless --config or $TOPE_UPDATER_CONFIG names
+another.")]
     Config,
     /// Build a package from DIR (holding manifest.json and the sources), filling in hashes.
+    #[command(after_help = "Examples:
+  tope-updater pack app/ -o app-1.2.3.zip
+  tope-updater pack app/ -o app-1.2.3.zip --version 1.2.3 --sign release.key")]
     Pack {
         dir: PathBuf,
         #[arg(short = 'o', long = "output")]
@@ -109,19 +153,39 @@ pub enum Cmd {
         sign: Option<PathBuf>,
     },
     /// Make an ed25519 key pair for signing packages: PREFIX.key (secret) and PREFIX.pub.
+    #[command(after_help = "Example:
+  tope-updater keygen -o release     then copy release.pub to the devices (trusted_keys)
+                                     and keep release.key on the build machine")]
     Keygen {
         #[arg(short = 'o', long = "output", value_name = "PREFIX")]
         output: PathBuf,
     },
     /// Run the daemon: recovery first, then the HTTP API on api.listen (SIGTERM stops it
     /// after the current step).
+    #[command(after_help = "Examples:
+  systemctl enable --now tope-updater.service     how it runs on a device
+  tope-updater serve --log-level debug            in the foreground, for debugging")]
     Serve,
     /// Install a demo app into a temporary root, show status, roll back, verify.
+    #[command(after_help = "Examples:
+  tope-updater demo
+  tope-updater demo --keep      and look at the temporary root afterwards")]
     Demo {
         /// Keep the temporary root afterwards.
         #[arg(long)]
         keep: bool,
     },
+    /// Print a shell completion script for SHELL to stdout.
+    #[command(after_help = "Examples:
+  tope-updater completions bash > /usr/share/bash-completion/completions/tope-updater
+  tope-updater completions zsh > /usr/share/zsh/vendor-completions/_tope-updater
+  tope-updater completions fish > /usr/share/fish/vendor_completions.d/tope-updater.fish")]
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff) to stdout.
+    #[command(after_help = "Examples:
+  tope-updater man > /usr/share/man/man1/tope-updater.1
+  tope-updater man | man -l -")]
+    Man,
 }
 
 /// Runs the CLI; returns the exit status.
@@ -194,11 +258,50 @@ fn init_logging(cli: &Cli, cfg: &Config) {
     crate::logging::init(cli.log_level.unwrap_or(default), cfg.log.file.as_deref());
 }
 
+/// The manual page: name, synopsis, description and global options of the top-level command,
+/// then every subcommand with its full help (arguments, options, examples), then the examples.
+pub fn man_page(w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap_mangen::roff::{Roff, bold, roman};
+    let cmd = Cli::command().disable_help_subcommand(true);
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    man.render_options_section(w)?;
+    let mut roff = Roff::new();
+    roff.control("SH", ["COMMANDS"]);
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let mut sub = sub.clone().bin_name(format!("tope-updater {}", sub.get_name()));
+        roff.control("SS", [sub.get_name()]);
+        roff.text([bold(format!("tope-updater {}", sub.get_name()))]);
+        roff.control("PP", []).control("nf", []);
+        roff.text([roman(sub.render_long_help().to_string().trim_end())]);
+        roff.control("fi", []);
+    }
+    roff.to_writer(w)?;
+    man.render_extra_section(w)?;
+    man.render_version_section(w)
+}
+
 fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
+    // Generated from the definitions above: no configuration needed.
+    match &cli.cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "tope-updater", &mut std::io::stdout());
+            return Ok(exit::DONE);
+        }
+        Cmd::Man => {
+            man_page(&mut std::io::stdout().lock()).map_err(|e| Error::internal(format!("writing the man page: {e}")))?;
+            return Ok(exit::DONE);
+        }
+        _ => {}
+    }
     let (cfg, source) = Config::load(cli.config.as_deref()).map_err(Failure::Setup)?;
     init_logging(&cli, &cfg);
     let out = Output { json: cli.json };
     match cli.cmd {
+        Cmd::Completions { .. } | Cmd::Man => Ok(exit::DONE),
         Cmd::Install { package, version, allow_downgrade, force } => {
             crate::gui::launch(&cfg);
             let bar = crate::logging::progress_wanted(out.json).then(crate::logging::InstallProgress::start);

@@ -1,10 +1,67 @@
-//! The operator's side of the CLI (issue 7): the GUI hook, the log file and log levels, and
-//! no progress bar when stderr is not a terminal.
+//! The operator's side of the CLI (issue 7): `--help` examples, completions and the man page,
+//! the log file, the GUI hook, and no progress bar when stderr is not a terminal.
 
 use crate::support::*;
+use clap::CommandFactory;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+fn subcommands() -> Vec<String> {
+    tope_updater::cli::Cli::command().get_subcommands().filter(|s| !s.is_hide_set()).map(|s| s.get_name().to_string()).collect()
+}
+
+fn bare(args: &[&str]) -> Run {
+    Run::from(Command::new(BIN).args(args).env_remove("TOPE_UPDATER_CONFIG").env("NO_COLOR", "1").output().unwrap())
+}
+
+#[test]
+fn every_subcommand_help_shows_examples() {
+    let subs = subcommands();
+    assert!(subs.len() >= 15, "{subs:?}");
+    for sub in &subs {
+        let r = bare(&[sub, "--help"]);
+        assert_eq!(r.code, Some(0), "{}", r.describe());
+        assert!(r.stdout.contains("Example"), "`{sub} --help` has no examples:\n{}", r.stdout);
+        assert!(r.stdout.contains(&format!("tope-updater {sub}")), "`{sub} --help` examples use the command:\n{}", r.stdout);
+    }
+    assert!(bare(&["--help"]).stdout.contains("Exit statuses"), "the top-level help names the exit statuses");
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish_need_no_configuration() {
+    for shell in ["bash", "zsh", "fish"] {
+        // A config that cannot be read does not matter: completions come from the definitions.
+        let r = bare(&["--config", "/nonexistent/config.toml", "completions", shell]);
+        assert_eq!(r.code, Some(0), "{shell}: {}", r.describe());
+        assert!(r.stdout.contains("tope-updater") && r.stdout.contains("rollback") && r.stdout.contains("allow-downgrade"), "{shell}");
+    }
+    assert_eq!(bare(&["completions", "tcsh"]).code, Some(2), "an unknown shell is a usage error");
+}
+
+#[test]
+fn the_man_page_is_roff_and_mentions_every_subcommand() {
+    let r = bare(&["man"]);
+    assert_eq!(r.code, Some(0), "{}", r.describe());
+    assert!(r.stdout.contains(".TH tope-updater 1"), "{}", &r.stdout[..r.stdout.len().min(400)]);
+    for section in [".SH NAME", ".SH SYNOPSIS", ".SH COMMANDS", ".SH EXTRA"] {
+        assert!(r.stdout.contains(section), "no {section}");
+    }
+    for sub in subcommands() {
+        assert!(r.stdout.contains(&format!(".SS {sub}\n")), "the man page does not describe {sub}");
+    }
+    assert!(r.stdout.contains("\\-\\-allow\\-downgrade"), "subcommand options are in it");
+    // man(1) renders it, when it is installed.
+    let page = std::env::temp_dir().join(format!("tope-updater-{}.1", std::process::id()));
+    std::fs::write(&page, &r.stdout).unwrap();
+    if let Ok(o) = Command::new("man").arg("-l").arg(&page).env("MANWIDTH", "80").env("MANPAGER", "cat").output()
+        && o.status.success()
+    {
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("COMMANDS") && text.contains("tope-updater install"), "{text}");
+    }
+    let _ = std::fs::remove_file(page);
+}
 
 fn one_file_package(env: &Env, version: &str) -> String {
     let pkg = env.pkg_path(&format!("app-{version}.zip"));
