@@ -1,7 +1,7 @@
 //! The command line: argument parsing (clap), dispatch, rendering (human or `--json`), and
 //! the mapping of outcomes to the exit statuses of SPEC §6.
 
-use crate::config::{Config, ConfigSource};
+use crate::config::{Config, ConfigSource, KeyOrigin, KeyOrigins};
 use crate::driver::{self, InstallOptions, Outcome, RecoverReport, RollbackTo, TxReport, Updater};
 use crate::error::{Error, ErrorCode, Result};
 use crate::journal::Journal;
@@ -44,7 +44,7 @@ const EXAMPLES: &str = "Examples:
   tope-updater rollback --to factory      restore every file to its state before the first update
   tope-updater confirm                    keep a trial install (confirm_required = true)
   tope-updater recover                    finish or undo an interrupted transaction (run at boot)
-  tope-updater config                     the effective settings and the file they came from
+  tope-updater config                     the effective settings and where each came from
 
 Every command prints `error: CODE: message` on stderr when it fails. Exit statuses: 0 done,
 1 other failure, 2 usage, 3 package rejected (nothing touched), 4 failed and rolled back,
@@ -130,13 +130,14 @@ On a terminal a progress bar shows the phases on stderr. Exit 0 committed, 3 rej
     #[command(after_help = "Example:
   tope-updater gc          after lowering keep_generations")]
     Gc,
-    /// Print the effective configuration.
+    /// Print the effective configuration, and for each key whether it came from the file or
+    /// is the default.
     #[command(after_help = "Examples:
   tope-updater config
   tope-updater --config ./test.toml config --json
 
 The file is /etc/tope-updater/config.toml unless --config or $TOPE_UPDATER_CONFIG names
-another.")]
+another; config.example.toml (in the source tree) lists every key with its default.")]
     Config,
     /// Build a package from DIR (holding manifest.json and the sources), filling in hashes.
     #[command(after_help = "Examples:
@@ -297,7 +298,7 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
         }
         _ => {}
     }
-    let (cfg, source) = Config::load(cli.config.as_deref()).map_err(Failure::Setup)?;
+    let (cfg, source, origins) = Config::load_with_origins(cli.config.as_deref()).map_err(Failure::Setup)?;
     init_logging(&cli, &cfg);
     let out = Output { json: cli.json };
     match cli.cmd {
@@ -448,9 +449,12 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
                 ConfigSource::File(p) => p.display().to_string(),
             };
             if out.json {
-                println!("{}", serde_json::json!({ "source": src, "config": cfg }));
+                println!("{}", serde_json::json!({ "source": src, "config": cfg, "keys": origins }));
             } else {
-                println!("# effective configuration, from {src}\n{}", cfg.to_toml());
+                println!(
+                    "# effective configuration, from {src}; each key says whether it came from the file or is the default\n{}",
+                    annotate_config(&cfg.to_toml(), &origins)
+                );
             }
             Ok(exit::DONE)
         }
@@ -485,6 +489,65 @@ public key: {} (list it in trusted_keys on the devices)",
             Ok(exit::DONE)
         }
     }
+}
+
+/// The rendered configuration with `# file` or `# default` after each key; an unset optional
+/// key (absent from TOML) becomes a comment line in its table. Each line is parsed as TOML on
+/// its own to learn its key, so quoting stays TOML's business.
+pub fn annotate_config(toml_text: &str, origins: &KeyOrigins) -> String {
+    fn single_path(t: &toml::Table) -> Option<Vec<String>> {
+        let (k, v) = t.iter().next().filter(|_| t.len() == 1)?;
+        let mut path = vec![k.clone()];
+        if let Some(inner) = v.as_table().filter(|i| !i.is_empty()) {
+            path.extend(single_path(inner)?);
+        }
+        Some(path)
+    }
+    let label = |o: &KeyOrigin| match o {
+        KeyOrigin::File => "file",
+        KeyOrigin::Default => "default",
+    };
+    let parent = |k: &str| k.rsplit_once('.').map_or(String::new(), |(p, _)| p.to_string());
+    let mut shown = std::collections::BTreeSet::new();
+    // The unset keys of `section`, before the blank lines that end it.
+    let flush = |lines: &mut Vec<String>, section: &str, shown: &mut std::collections::BTreeSet<String>| {
+        let unset: Vec<(&String, &KeyOrigin)> = origins.iter().filter(|(k, _)| parent(k) == section && !shown.contains(*k)).collect();
+        let at = lines.len() - lines.iter().rev().take_while(|l| l.is_empty()).count();
+        let comments = unset.iter().map(|(k, o)| format!("# {}: unset  # {}", k.rsplit('.').next().unwrap_or(k), label(o)));
+        lines.splice(at..at, comments.collect::<Vec<_>>());
+        shown.extend(unset.into_iter().map(|(k, _)| k.clone()));
+    };
+    let mut section = String::new();
+    let mut lines: Vec<String> = vec![];
+    for line in toml_text.lines() {
+        let path = toml::from_str::<toml::Table>(line).ok().as_ref().and_then(single_path);
+        let name = match path {
+            Some(path) if line.trim_start().starts_with('[') => {
+                flush(&mut lines, &section, &mut shown);
+                section = path.join(".");
+                section.clone()
+            }
+            Some(path) if section.is_empty() => path.join("."),
+            Some(path) => format!("{section}.{}", path.join(".")),
+            None => String::new(),
+        };
+        // An empty table (`[services]` without services) is a setting of its own.
+        match origins.get(&name) {
+            Some(o) => {
+                lines.push(format!("{line}  # {}", label(o)));
+                shown.insert(name);
+            }
+            None => lines.push(line.to_string()),
+        }
+    }
+    flush(&mut lines, &section, &mut shown);
+    let rest: Vec<String> =
+        origins.iter().filter(|(k, _)| !shown.contains(*k)).map(|(k, o)| format!("# {k}: unset  # {}", label(o))).collect();
+    if !rest.is_empty() {
+        lines.push(String::new());
+        lines.extend(rest);
+    }
+    lines.join("\n")
 }
 
 /// While the daemon runs it holds the journal open (redb allows one process); reporting

@@ -169,10 +169,28 @@ pub enum ConfigSource {
     File(PathBuf),
 }
 
+/// Where one effective setting came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyOrigin {
+    File,
+    Default,
+}
+
+/// Every setting by its dotted name (`state_dir`, `api.listen`, `services.klippy.start`) and
+/// where it came from. An unset optional key and an empty table (`services`) are listed too.
+pub type KeyOrigins = BTreeMap<String, KeyOrigin>;
+
 impl Config {
     /// `--config PATH`, else `$TOPE_UPDATER_CONFIG`, else the default path if it exists, else
     /// defaults. A file named explicitly must exist.
     pub fn load(explicit: Option<&Path>) -> Result<(Config, ConfigSource)> {
+        Config::load_with_origins(explicit).map(|(cfg, source, _)| (cfg, source))
+    }
+
+    /// `load`, plus where each setting came from: the file is parsed a second time into a
+    /// plain TOML table to see which keys it names.
+    pub fn load_with_origins(explicit: Option<&Path>) -> Result<(Config, ConfigSource, KeyOrigins)> {
         let env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
         let (path, required) = match (explicit, env) {
             (Some(p), _) => (p.to_path_buf(), true),
@@ -180,7 +198,9 @@ impl Config {
             (None, None) => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
         };
         if !required && !path.exists() {
-            return Ok((Config::default(), ConfigSource::Defaults));
+            let cfg = Config::default();
+            let origins = cfg.key_origins(&toml::Table::new());
+            return Ok((cfg, ConfigSource::Defaults, origins));
         }
         let bad = |msg: String| Error::new(ErrorCode::ValidationError, format!("config {}: {msg}", path.display()));
         let meta = std::fs::metadata(&path).map_err(|e| bad(e.to_string()))?;
@@ -189,7 +209,19 @@ impl Config {
         }
         let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
         let cfg = Config::parse(&text).map_err(|e| bad(e.message))?;
-        Ok((cfg, ConfigSource::File(path)))
+        let table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let origins = cfg.key_origins(&table);
+        Ok((cfg, ConfigSource::File(path), origins))
+    }
+
+    /// Where each of this configuration's settings came from, given the table the file
+    /// parsed to: a key the file names is `File`, every other one `Default`.
+    pub fn key_origins(&self, file: &toml::Table) -> KeyOrigins {
+        let mut out = KeyOrigins::new();
+        if let Ok(serde_json::Value::Object(all)) = serde_json::to_value(self) {
+            collect_origins(&all, Some(file), "", &mut out);
+        }
+        out
     }
 
     pub fn parse(text: &str) -> Result<Config> {
@@ -238,6 +270,21 @@ impl Config {
     }
 }
 
+/// Walks the effective settings (as JSON, so unset optional keys appear as null) beside the
+/// file's table.
+fn collect_origins(all: &serde_json::Map<String, serde_json::Value>, file: Option<&toml::Table>, prefix: &str, out: &mut KeyOrigins) {
+    for (key, value) in all {
+        let name = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        let in_file = file.and_then(|t| t.get(key));
+        match value {
+            serde_json::Value::Object(inner) if !inner.is_empty() => collect_origins(inner, in_file.and_then(|v| v.as_table()), &name, out),
+            _ => {
+                out.insert(name, if in_file.is_some() { KeyOrigin::File } else { KeyOrigin::Default });
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +312,94 @@ mod tests {
         assert_eq!(e.code, ErrorCode::ValidationError);
         assert!(e.message.contains("level"), "{}", e.message);
         assert_eq!(Config::parse("[log]\nlevel = \"DEBUG\"").unwrap().log.level, "DEBUG");
+    }
+
+    fn origins_of(text: &str) -> KeyOrigins {
+        Config::parse(text).unwrap().key_origins(&toml::from_str(text).unwrap())
+    }
+
+    #[test]
+    fn key_origins_say_which_keys_the_file_set_nested_tables_too() {
+        let o = origins_of("keep_generations = 2\n[api]\nlisten = \"0.0.0.0:1\"\n[services.klippy]\nstart = \"run\"\n");
+        assert_eq!(o["keep_generations"], KeyOrigin::File);
+        assert_eq!(o["state_dir"], KeyOrigin::Default);
+        assert_eq!(o["api.listen"], KeyOrigin::File);
+        assert_eq!(o["api.result_hold_s"], KeyOrigin::Default);
+        assert_eq!(o["services.klippy.start"], KeyOrigin::File);
+        assert_eq!(o["services.klippy.exe"], KeyOrigin::Default, "unset optional keys are listed");
+        assert_eq!(o["compatible"], KeyOrigin::Default);
+        assert_eq!(o["log.file"], KeyOrigin::Default);
+        assert!(!o.contains_key("services"), "a non-empty table is listed by its keys");
+        let d = origins_of("");
+        assert!(d.values().all(|o| *o == KeyOrigin::Default), "{d:?}");
+        assert_eq!(d["services"], KeyOrigin::Default, "an empty table is one entry");
+        assert_eq!(d.len(), o.len() - 1, "the same keys, with services.klippy.{{start,exe}} for services");
+    }
+
+    /// Dotted names of every key a TOML text names, commented-out ones (`# key = value`, under
+    /// `# [table]` headers too) included; `services.NAME.` becomes `services.*.`.
+    fn keys_named_in(text: &str) -> std::collections::BTreeSet<String> {
+        fn leaves(t: &toml::Table, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+            for (k, v) in t {
+                let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                match v.as_table() {
+                    Some(inner) if !inner.is_empty() => leaves(inner, &name, out),
+                    _ => {
+                        out.insert(name);
+                    }
+                }
+            }
+        }
+        let mut section = String::new();
+        let mut out = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let content = line.trim_start().trim_start_matches('#').trim();
+            let Ok(t) = toml::from_str::<toml::Table>(content) else { continue };
+            if content.starts_with('[') {
+                section = content.trim_matches(|c| c == '[' || c == ']').to_string();
+                out.remove(&section);
+                continue;
+            }
+            leaves(&t, &section, &mut out);
+        }
+        out.into_iter()
+            .map(|k| match k.strip_prefix("services.").and_then(|r| r.split_once('.')) {
+                Some((_, key)) => format!("services.*.{key}"),
+                None => k,
+            })
+            .collect()
+    }
+
+    const EXAMPLE: &str = include_str!("../config.example.toml");
+
+    #[test]
+    fn the_example_config_is_exactly_the_defaults() {
+        assert_eq!(Config::parse(EXAMPLE).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_example_config_names_every_key_of_config() {
+        let mut expected: std::collections::BTreeSet<String> = Config::default().key_origins(&toml::Table::new()).into_keys().collect();
+        expected.remove("services");
+        let service = serde_json::to_value(ServiceConfig::default()).unwrap();
+        expected.extend(service.as_object().unwrap().keys().map(|k| format!("services.*.{k}")));
+        assert_eq!(keys_named_in(EXAMPLE), expected, "config.example.toml and the Config struct differ");
+    }
+
+    #[test]
+    fn the_commented_out_examples_are_valid_settings() {
+        let uncommented: String = EXAMPLE
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if toml::from_str::<toml::Table>(rest).is_ok() => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cfg = Config::parse(&uncommented).unwrap_or_else(|e| panic!("{}:\n{uncommented}", e.message));
+        assert_eq!(cfg.compatible.as_deref(), Some("printer-model-x"));
+        assert!(cfg.log.file.is_some() && cfg.gui.command.is_some());
+        assert!(cfg.services["klippy"].start.is_some() && cfg.services["klippy"].exe.is_some());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The operator's side of the CLI (issue 7): `--help` examples, completions and the man page,
-//! the log file, the GUI hook, and no progress bar when stderr is not a terminal.
+//! `config` with the source of each key, the log file, the GUI hook, and no progress bar when
+//! stderr is not a terminal.
 
 use crate::support::*;
 use clap::CommandFactory;
@@ -11,6 +12,7 @@ fn subcommands() -> Vec<String> {
     tope_updater::cli::Cli::command().get_subcommands().filter(|s| !s.is_hide_set()).map(|s| s.get_name().to_string()).collect()
 }
 
+/// The binary with no configuration at all (and none needed).
 fn bare(args: &[&str]) -> Run {
     Run::from(Command::new(BIN).args(args).env_remove("TOPE_UPDATER_CONFIG").env("NO_COLOR", "1").output().unwrap())
 }
@@ -61,6 +63,44 @@ fn the_man_page_is_roff_and_mentions_every_subcommand() {
         assert!(text.contains("COMMANDS") && text.contains("tope-updater install"), "{text}");
     }
     let _ = std::fs::remove_file(page);
+}
+
+#[test]
+fn config_says_which_keys_came_from_the_file() {
+    let env = Env::with_config("keep_generations = 2\n[api]\nlisten = \"127.0.0.1:1\"\n[services.klippy]\nstart = \"run\"");
+    let j = env.run(&["config", "--json"]).json();
+    assert_eq!(j["source"], env.config.to_str().unwrap());
+    assert_eq!(j["config"]["keep_generations"], 2);
+    let keys = &j["keys"];
+    for k in ["state_dir", "allowed_roots", "service_manager", "keep_generations", "api.listen", "services.klippy.start"] {
+        assert_eq!(keys[k], "file", "{k}: {keys}");
+    }
+    for k in ["max_recovery_attempts", "api.result_hold_s", "log.level", "log.file", "compatible", "gui.command", "services.klippy.exe"] {
+        assert_eq!(keys[k], "default", "{k}: {keys}");
+    }
+
+    let out = env.ok(&["config"]);
+    let (head, body) = out.split_once('\n').unwrap();
+    assert!(head.starts_with('#') && head.contains(env.config.to_str().unwrap()), "{head}");
+    assert!(body.lines().any(|l| l == "keep_generations = 2  # file"), "{out}");
+    assert!(body.lines().any(|l| l == "max_recovery_attempts = 5  # default"), "{out}");
+    assert!(body.lines().any(|l| l == "listen = \"127.0.0.1:1\"  # file"), "{out}");
+    assert!(body.lines().any(|l| l == "# compatible: unset  # default"), "unset keys are listed:\n{out}");
+    let t: toml::Table = toml::from_str(body).unwrap_or_else(|e| panic!("still TOML ({e}):\n{out}"));
+    assert_eq!(t["api"]["result_hold_s"].as_integer(), Some(60));
+}
+
+#[test]
+fn config_from_an_empty_file_says_every_key_is_the_default() {
+    // An empty file (the default path may exist on this machine, so name one).
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let r = Run::from(Command::new(BIN).args(["config", "--json"]).env("TOPE_UPDATER_CONFIG", &empty).output().unwrap());
+    let j = r.json();
+    let keys = j["keys"].as_object().unwrap();
+    assert!(keys.len() >= 25 && keys.contains_key("state_dir") && keys.contains_key("api.listen"), "{keys:?}");
+    assert!(keys.values().all(|v| v == "default"), "{keys:?}");
 }
 
 fn one_file_package(env: &Env, version: &str) -> String {
