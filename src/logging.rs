@@ -3,15 +3,20 @@
 //!
 //! Logs are `tracing` events with ISO 8601 UTC timestamps (`2026-11-26T22:20:57.123456Z`) and
 //! levels. Where they go:
-//! - stderr is the journal (`$JOURNAL_STREAM` names stderr's device and inode): journald only,
-//!   with structured fields and priorities;
-//! - in a systemd unit whose stderr is something else (`$INVOCATION_ID` set: a tty, a file a
-//!   script redirected to): journald and stderr, so neither loses a line;
-//! - otherwise, or when journald cannot be reached: stderr, coloured only on a terminal
-//!   without `NO_COLOR`;
+//! - when stderr is the journal (`$JOURNAL_STREAM` names stderr's device and inode, as systemd
+//!   sets it for a unit's stdout/stderr): one journal entry per line, with its level as the
+//!   entry's priority (the `<N>` prefix of sd-daemon(3)) and without our timestamp (journald
+//!   stamps each entry). The whole line, fields included, is the entry's MESSAGE, so
+//!   `journalctl -u tope-updater` shows `phase failed phase=Swapped error=...`;
+//! - otherwise stderr, as the caller or the unit set it up, coloured only on a terminal without
+//!   `NO_COLOR`;
 //! - and with `[log] file`, also that file, rotated at 10 MiB keeping 3 (`FILE.1` newest to
 //!   `FILE.3` oldest, the legacy behaviour). A file that cannot be opened is a warning on
 //!   stderr, never a failure.
+//!
+//! Not tracing-journald: its native-protocol entries carry only the event's message text as
+//! MESSAGE (fields become `F_*` journal fields that only `journalctl -o verbose` shows), so the
+//! default journal view would lose every detail; the stream protocol needs no dependency.
 
 use crate::driver::Observer;
 use crate::engine::Phase;
@@ -35,27 +40,15 @@ pub const FILE_ROTATE_BYTES: u64 = 10 * 1024 * 1024;
 /// Rotated files kept beside the live one: `FILE.1` .. `FILE.3`.
 pub const FILE_KEEP: usize = 3;
 
-/// Where the logs that are not in the file go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Console {
-    Stderr,
-    Journald,
-    JournaldAndStderr,
-}
-
-/// Decides from `$JOURNAL_STREAM`, whether `$INVOCATION_ID` is set, and stderr's device and
-/// inode. A `JOURNAL_STREAM` that does not match stderr means stderr was redirected after
-/// systemd connected it to the journal.
-pub fn choose_console(journal_stream: Option<&str>, invocation_id: bool, stderr_dev_ino: Option<(u64, u64)>) -> Console {
+/// Whether stderr is the journal: `$JOURNAL_STREAM` (`DEV:INODE`) names stderr's device and
+/// inode. A `JOURNAL_STREAM` that does not match means stderr was redirected after systemd
+/// connected it (a script's `2>file` in a unit): then stderr is what the caller wants.
+pub fn stderr_is_journal(journal_stream: Option<&str>, stderr_dev_ino: Option<(u64, u64)>) -> bool {
     let stream = journal_stream.and_then(|s| {
         let (dev, ino) = s.trim().split_once(':')?;
         Some((dev.parse::<u64>().ok()?, ino.parse::<u64>().ok()?))
     });
-    match (stream, stderr_dev_ino) {
-        (Some(s), Some(e)) if s == e => Console::Journald,
-        _ if invocation_id => Console::JournaldAndStderr,
-        _ => Console::Stderr,
-    }
+    stream.is_some() && stream == stderr_dev_ino
 }
 
 fn stderr_dev_ino() -> Option<(u64, u64)> {
@@ -66,24 +59,77 @@ fn stderr_dev_ino() -> Option<(u64, u64)> {
 
 /// Installs the global subscriber (once per process; later calls do nothing).
 pub fn init(level: LevelFilter, file: Option<&Path>) {
-    let console =
-        choose_console(std::env::var("JOURNAL_STREAM").ok().as_deref(), std::env::var_os("INVOCATION_ID").is_some(), stderr_dev_ino());
-    // Without a journald socket (a container, an initramfs), stderr is all there is.
-    let journald = match console {
-        Console::Stderr => None,
-        Console::Journald | Console::JournaldAndStderr => tracing_journald::layer().ok(),
-    };
-    let to_stderr = journald.is_none() || console == Console::JournaldAndStderr;
+    let journal = stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref(), stderr_dev_ino());
     let ansi = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let stderr = to_stderr.then(|| text_layer(StderrWriter, ansi));
+    let stderr = (!journal).then(|| text_layer(StderrWriter, ansi));
+    let journal = journal.then(|| fmt::layer().with_writer(JournalStream).without_time().with_ansi(false).with_target(false));
     let file = file.and_then(|path| match RotatingFile::open(path, FILE_ROTATE_BYTES, FILE_KEEP) {
         Ok(f) => Some(text_layer(Mutex::new(f), false).log_internal_errors(false)),
         Err(e) => {
-            eprintln!("warning: log file {}: {e}; logging to stderr/journald only", path.display());
+            eprintln!("warning: log file {}: {e}; logging to stderr only", path.display());
             None
         }
     });
-    let _ = tracing_subscriber::registry().with(level).with(stderr).with(journald).with(file).try_init();
+    let _ = tracing_subscriber::registry().with(level).with(stderr).with(journal).with(file).try_init();
+}
+
+/// Stderr when it is a journal stream: each line of an event becomes one entry, prefixed with
+/// the syslog priority of the event's level.
+struct JournalStream;
+
+impl<'a> MakeWriter<'a> for JournalStream {
+    type Writer = JournalEntry;
+
+    fn make_writer(&'a self) -> JournalEntry {
+        JournalEntry { priority: 6, text: Vec::new() }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> JournalEntry {
+        JournalEntry { priority: syslog_priority(*meta.level()), text: Vec::new() }
+    }
+}
+
+fn syslog_priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+    }
+}
+
+/// One event, collected and written with one `write` when dropped.
+struct JournalEntry {
+    priority: u8,
+    text: Vec<u8>,
+}
+
+impl Write for JournalEntry {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for JournalEntry {
+    fn drop(&mut self) {
+        let _ = io::stderr().lock().write_all(&with_priority(self.priority, &self.text));
+    }
+}
+
+/// `<N>` before every line (a multi-line event stays one priority), each line ending in `\n`.
+pub fn with_priority(priority: u8, text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + 8);
+    for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        out.extend_from_slice(format!("<{priority}>").as_bytes());
+        out.extend_from_slice(line);
+        out.push(b'\n');
+    }
+    out
 }
 
 /// One line per event: `TIMESTAMP LEVEL message fields`.
@@ -99,6 +145,8 @@ where
 /// write would take it past `max_bytes`. Each event is one write, so lines are never split.
 /// Write errors are reported once on stderr and the line is dropped: logging never fails
 /// the caller.
+/// (Not the file-rotate crate: it brings chrono and flate2's default miniz_oxide backend beside
+/// our zlib-rs, for what is these 60 lines.)
 pub struct RotatingFile {
     path: PathBuf,
     file: File,
@@ -428,16 +476,26 @@ mod tests {
     }
 
     #[test]
-    fn journald_is_chosen_only_when_stderr_is_the_journal_or_under_a_unit() {
+    fn stderr_is_the_journal_only_when_journal_stream_names_it() {
         let me = Some((64769, 123456));
-        assert_eq!(choose_console(Some("64769:123456"), true, me), Console::Journald);
-        assert_eq!(choose_console(Some("64769:123456"), false, me), Console::Journald);
-        // Redirected after systemd connected it: stderr is wanted, and the unit's journal too.
-        assert_eq!(choose_console(Some("64769:999"), true, me), Console::JournaldAndStderr);
-        assert_eq!(choose_console(Some("64769:999"), false, me), Console::Stderr);
-        assert_eq!(choose_console(None, true, me), Console::JournaldAndStderr);
-        assert_eq!(choose_console(None, false, me), Console::Stderr);
-        assert_eq!(choose_console(Some("garbage"), false, me), Console::Stderr);
+        assert!(stderr_is_journal(Some("64769:123456"), me));
+        assert!(stderr_is_journal(Some("64769:123456\n"), me));
+        assert!(!stderr_is_journal(Some("64769:999"), me), "redirected after systemd connected it");
+        assert!(!stderr_is_journal(None, me));
+        assert!(!stderr_is_journal(Some("garbage"), me));
+        assert!(!stderr_is_journal(None, None));
+    }
+
+    #[test]
+    fn journal_lines_carry_the_priority_of_their_level() {
+        assert_eq!(
+            with_priority(syslog_priority(tracing::Level::WARN), b" WARN phase failed error=x\n"),
+            b"<4> WARN phase failed error=x\n"
+        );
+        assert_eq!(with_priority(3, b"a\nb"), b"<3>a\n<3>b\n", "every line of a multi-line event");
+        assert_eq!(syslog_priority(tracing::Level::ERROR), 3);
+        assert_eq!(syslog_priority(tracing::Level::INFO), 6);
+        assert_eq!(syslog_priority(tracing::Level::TRACE), 7);
     }
 
     #[test]

@@ -228,6 +228,34 @@ fn log_levels_come_from_the_flag_then_the_config_and_bad_ones_are_refused() {
 }
 
 #[test]
+fn when_stderr_is_the_journal_each_line_carries_its_priority_and_no_timestamp() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::with_config("[log]\nlevel = \"info\"");
+    env.put("bin/app", b"app 1", 0o755);
+    let pkg = one_file_package(&env, "2.0.0");
+    let err_path = env.tmp.path().join("journal-stream");
+    let err = std::fs::File::create(&err_path).unwrap();
+    let meta = err.metadata().unwrap();
+    let o = env.command(&["install", &pkg]).env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino())).stderr(err).output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let text = std::fs::read_to_string(&err_path).unwrap();
+    let line = text.lines().find(|l| l.contains("transaction committed")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.starts_with("<6>") && line.contains("INFO") && line.contains("tx=1"), "priority prefix, level, fields: {line}");
+    assert_eq!(line[3..].split_whitespace().next(), Some("INFO"), "journald stamps entries itself, no timestamp: {line}");
+    // The same stream, redirected: JOURNAL_STREAM no longer matches, plain lines.
+    let other = env.tmp.path().join("other");
+    let o = env
+        .command(&["rollback"])
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(std::fs::File::create(&other).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let text = std::fs::read_to_string(&other).unwrap();
+    assert!(text.lines().all(|l| !l.starts_with('<')), "{text}");
+}
+
+#[test]
 fn without_a_terminal_install_draws_no_progress_bar_and_logs_without_colour() {
     let env = Env::new();
     env.put("bin/app", b"app 1", 0o755);
