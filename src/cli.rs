@@ -634,7 +634,7 @@ impl Output {
                 "recover: nothing in flight; trial install of {version} (tx {tx}) not confirmed yet: boot {boots} of {max_boots} (run `tope-updater confirm` to keep it)"
             ),
             RecoverReport::TrialExpired { version, boots, report } => format!(
-                "recover: trial install of {version} was not confirmed in {} boot(s) after its install: rolled back\nrecover: {}",
+                "recover: trial install of {version} was not confirmed in {} boot(s) after its install: rolling it back\nrecover: {}",
                 boots - 1,
                 render_tx(report)
             ),
