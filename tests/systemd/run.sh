@@ -1,0 +1,384 @@
+#!/usr/bin/env bash
+# Service orchestration against a real systemd (SPEC §3 trial installs, §4 services). See
+# README.md beside this file.
+#
+#   tests/systemd/run.sh [test]     prep if needed, then every scenario (exit 0 iff all pass)
+#   tests/systemd/run.sh prep       only build and cache the kernel, initramfs and root image
+#
+# Environment: ST_BIN (use this static tope-updater instead of building one; ST_FEATURES
+# must then say whether it has failpoints), ST_FEATURES
+# (cargo features of the build; default "failpoints", needed by scenarios f and g), ST_CACHE
+# (default target/systemd-cache), ST_OUT (default target/systemd-out), ST_KEEP=1 (keep the
+# root image of a passing run), ST_EXTRA_CONFIG (TOML lines added to every config the
+# updater gets in the guest), ST_BOOT_TIMEOUT (seconds per boot, default 420),
+# ST_MIRROR (Debian mirror for debootstrap), ST_KERNEL=download (ignore /boot).
+# For debugging the harness: ST_DRIVER (another guest driver script), ST_PHASES (which boots
+# to run, default "boot1 boot2 boot3 boot4").
+set -euo pipefail
+
+STDIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$STDIR/../.." && pwd)
+CACHE=${ST_CACHE:-$REPO/target/systemd-cache}
+OUTROOT=${ST_OUT:-$REPO/target/systemd-out}
+SUITE=bookworm
+MIRROR=${ST_MIRROR:-http://deb.debian.org/debian}
+INCLUDE=systemd,systemd-sysv
+BOOT_TIMEOUT=${ST_BOOT_TIMEOUT:-420}
+FEATURES=${ST_FEATURES-failpoints}
+# Scenario letters, in the order the guest runs them (see guest/driver.sh).
+SCENARIOS=(a b c d e f g)
+
+log() { printf '[systemd-test %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 2; }
+now_ms() { local t; t=$(date +%s%N); echo $((t / 1000000)); }
+sha() { sha256sum "$@" | cut -d' ' -f1; }
+
+# ------------------------------------------------------------------ dependencies
+
+ensure_deps() {
+    [ "$(id -u)" = 0 ] || die "run as root (debootstrap, and the image is made from a root-owned tree)"
+    local need=()
+    command -v debootstrap >/dev/null || need+=(debootstrap)
+    command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+    [ -e /usr/share/qemu/qboot.rom ] || need+=(qemu-system-data)
+    # (grep -c, not -q: under pipefail an early exit of grep would fail the pipeline)
+    [ -x /bin/busybox ] && [ "$(/bin/busybox --list | grep -cx switch_root)" = 1 ] &&
+        [ "$(ldd /bin/busybox 2>&1 | grep -cE 'statically|not a dynamic')" = 1 ] || need+=(busybox-static)
+    command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+    command -v xz >/dev/null || need+=(xz-utils)
+    command -v modprobe >/dev/null || need+=(kmod)
+    if [ ${#need[@]} -gt 0 ]; then
+        log "installing ${need[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y --no-install-recommends "${need[@]}" >/dev/null 2>&1 ||
+            { apt-get update >/dev/null && apt-get install -y --no-install-recommends "${need[@]}" >/dev/null; }
+    fi
+}
+
+# ------------------------------------------------------------------ the engine binary
+
+# Sets BIN: a static tope-updater built from this tree into its own target dir.
+build_bin() {
+    if [ -n "${ST_BIN:-}" ]; then BIN=$ST_BIN; return; fi
+    local dir=target/systemd-bin feat=()
+    [ -n "$FEATURES" ] && feat=(--features "$FEATURES")
+    log "building the static tope-updater (features: ${FEATURES:-none}) in $dir"
+    local t0; t0=$(now_ms)
+    (cd "$REPO" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
+        --target x86_64-unknown-linux-gnu --target-dir "$dir" "${feat[@]}") >&2
+    BIN=$REPO/$dir/x86_64-unknown-linux-gnu/release/tope-updater
+    [ "$(ldd "$BIN" 2>&1 | grep -cE 'statically linked|not a dynamic')" = 1 ] || die "$BIN is not statically linked"
+    TIMES+=("build $(( ($(now_ms) - t0) / 1000 )) s")
+}
+
+# ------------------------------------------------------------------ kernel (as tests/powercut)
+
+# Sets KVER, KMODDIR (a lib/modules/KVER with modules.dep), VMLINUX.
+prep_kernel() {
+    local vmlinuz=
+    KVER=
+    for f in /boot/vmlinuz-*-amd64; do
+        [ "${ST_KERNEL:-}" = download ] && break
+        [ -e "$f" ] || continue
+        local v=${f#/boot/vmlinuz-}
+        [ -e "/lib/modules/$v/modules.dep" ] && { KVER=$v; vmlinuz=$f; KMODDIR=/lib/modules/$v; }
+    done
+    if [ -z "$KVER" ]; then
+        # No Debian kernel installed: fetch the package and unpack it in the cache (the
+        # host's /boot and boot loader are not touched).
+        local pkg
+        pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -1)
+        [ -n "$pkg" ] || { apt-get update >/dev/null; pkg=$(apt-cache depends linux-image-amd64 | sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -1); }
+        [ -n "$pkg" ] || die "cannot find the Debian kernel package"
+        local kdir=$CACHE/kernel-$pkg
+        if [ ! -d "$kdir/lib/modules" ]; then
+            log "downloading $pkg"
+            rm -rf "$kdir.tmp" && mkdir -p "$kdir.tmp"
+            (cd "$kdir.tmp" && apt-get -o APT::Sandbox::User=root download "$pkg" >/dev/null && dpkg-deb -x ./*.deb root)
+            KVER=$(ls "$kdir.tmp/root/lib/modules")
+            depmod -b "$kdir.tmp/root" "$KVER"
+            mv "$kdir.tmp/root" "$kdir" && rm -rf "$kdir.tmp"
+        fi
+        KVER=$(ls "$kdir/lib/modules")
+        vmlinuz=$(ls "$kdir"/boot/vmlinuz-*)
+        KMODDIR=$kdir/lib/modules/$KVER
+    fi
+    local key
+    key=$(sha "$vmlinuz" | cut -c1-16)
+    VMLINUX=$CACHE/vmlinux-$KVER-$key
+    if [ ! -s "$VMLINUX" ]; then
+        log "extracting vmlinux from $vmlinuz"
+        # As scripts/extract-vmlinux: find the xz stream and decompress it. QEMU boots the
+        # ELF through its PVH entry point: no real-mode setup, no in-guest decompression.
+        local off
+        for off in $(LC_ALL=C grep -obUaP '\xfd\x37\x7a\x58\x5a\x00' "$vmlinuz" | cut -d: -f1); do
+            tail -c +$((off + 1)) "$vmlinuz" | xz -dc >"$VMLINUX.tmp" 2>/dev/null || true
+            if [ "$(head -c4 "$VMLINUX.tmp" | od -An -tx1 | tr -d ' ')" = 7f454c46 ]; then
+                mv "$VMLINUX.tmp" "$VMLINUX"
+                break
+            fi
+        done
+        rm -f "$VMLINUX.tmp"
+        [ -s "$VMLINUX" ] || die "could not extract vmlinux from $vmlinuz"
+    fi
+}
+
+# ------------------------------------------------------------------ initramfs
+
+# Sets INITRD: busybox + the virtio/ext4 modules + guest/init (mount /dev/vda, switch_root).
+prep_initramfs() {
+    local bb=/bin/busybox key
+    key=$( { echo "$KVER"; sha "$bb" "$STDIR/guest/init"; } | sha | cut -c1-16)
+    INITRD=$CACHE/initramfs-$key.cpio
+    [ -s "$INITRD" ] && return
+    log "building the initramfs ($INITRD)"
+    local d
+    d=$(mktemp -d "$CACHE/initramfs.XXXXXX")
+    mkdir -p "$d"/{bin,proc,sys,dev,newroot,modules}
+    cp "$bb" "$d/bin/busybox"
+    local a
+    for a in $("$bb" --list); do [ "$a" = busybox ] || ln -s busybox "$d/bin/$a"; done
+    install -m 755 "$STDIR/guest/init" "$d/init"
+    # In load order (modprobe --show-depends prints dependencies first).
+    local m
+    for m in virtio_pci virtio_blk crc32c_generic ext4; do
+        modprobe -d "${KMODDIR%/lib/modules/*}" -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'
+    done | awk '!seen[$0]++' | while read -r ko; do
+        local name
+        name=$(basename "$ko")
+        case $name in *.xz) xz -dc "$ko" >"$d/modules/${name%.xz}"; name=${name%.xz} ;; *) cp "$ko" "$d/modules/$name" ;; esac
+        echo "/modules/$name" >>"$d/modules.list"
+    done
+    # Uncompressed: the guest spends no time on gunzip under TCG.
+    (cd "$d" && find . | LC_ALL=C sort | "$bb" cpio -o -H newc 2>/dev/null) >"$INITRD.tmp"
+    mv "$INITRD.tmp" "$INITRD"
+    rm -rf "$d"
+}
+
+# ------------------------------------------------------------------ root image
+
+# The debootstrap tree (minbase + systemd), cached on its own: it only changes with the
+# suite, the package list or debootstrap itself. Sets BASE.
+prep_base() {
+    local key
+    key=$( { echo "$SUITE $INCLUDE"; debootstrap --version 2>/dev/null || dpkg-query -W debootstrap; } | sha | cut -c1-16)
+    BASE=$CACHE/debootstrap-$SUITE-$key
+    [ -e "$BASE/ready" ] && return
+    log "debootstrap $SUITE minbase + $INCLUDE into $BASE (about 40-100 s)"
+    local t0; t0=$(now_ms)
+    rm -rf "$BASE" && mkdir -p "$BASE"
+    if ! debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$BASE/rootfs" "$MIRROR" >"$BASE/debootstrap.log" 2>&1; then
+        tail -20 "$BASE/debootstrap.log" >&2
+        die "debootstrap failed (log: $BASE/debootstrap.log)"
+    fi
+    touch "$BASE/ready"
+    TIMES+=("debootstrap $(( ($(now_ms) - t0) / 1000 )) s")
+}
+
+# The bootable root image: the debootstrap tree + guest/mkimage.sh (units, masks, factory
+# content). Keyed by everything that shapes it; the updater binary is NOT in it. Sets IMAGE.
+prep_image() {
+    prep_base
+    local key
+    key=$( { echo "$BASE"; sha "$STDIR/guest/mkimage.sh" "$STDIR/guest/setup.sh" "$STDIR/guest/stopped.sh" "$STDIR/guest/app-script.sh" "$STDIR"/guest/units/*;
+        declare -f prep_image; mkfs.ext4 -V 2>&1 | head -1; } | sha | cut -c1-16)
+    IMAGE=$CACHE/root-$key.img
+    [ -s "$IMAGE" ] && return
+    log "making the root image $IMAGE"
+    local t0 d; t0=$(now_ms)
+    d=$(mktemp -d "$CACHE/rootfs.XXXXXX")
+    cp -a "$BASE/rootfs/." "$d/"
+    sh "$STDIR/guest/mkimage.sh" "$d" "$STDIR/guest"
+    rm -f "$IMAGE.tmp"
+    mkfs.ext4 -q -F -b 4096 -L tope-st-root -E lazy_itable_init=0,lazy_journal_init=0 -d "$d" "$IMAGE.tmp" 1G >/dev/null
+    mv "$IMAGE.tmp" "$IMAGE"
+    rm -rf "$d"
+    TIMES+=("image $(( ($(now_ms) - t0) / 1000 )) s")
+}
+
+# Keep the 3 most recently used images, initramfs and base trees; the 5 newest runs.
+prune_cache() {
+    local prefix
+    for prefix in root- initramfs- debootstrap-; do
+        { ls -dt "$CACHE/$prefix"* 2>/dev/null || true; } | tail -n +4 | xargs -r rm -rf
+    done
+    { ls -dt "$OUTROOT"/run-* 2>/dev/null || true; } | tail -n +6 | xargs -r rm -rf
+}
+
+prep_all() {
+    mkdir -p "$CACHE"
+    prep_kernel
+    prep_initramfs
+    prep_image
+    touch "$INITRD" "$IMAGE" "$BASE"
+    prune_cache
+}
+
+# ------------------------------------------------------------------ packages and data disk
+
+# manifest VERSION: a manifest template (pack fills in the hashes). The modules are listed
+# b, c, a on purpose: the order of stops and starts must come from restart_order; c's
+# process_name has the unit suffix, a's and b's not.
+manifest() {
+    local v=$1
+    cat <<EOF
+{"version": "$v", "modules": [
+ {"name": "b", "src": "b/run.sh", "dst": "/opt/tope/b/run.sh", "mode": "0755", "process_name": "tope-b", "restart_order": 2},
+ {"name": "c", "src": "c/run.sh", "dst": "/opt/tope/c/run.sh", "mode": "0755", "process_name": "tope-c.service", "restart_order": 3},
+ {"name": "a", "src": "a/run.sh", "dst": "/opt/tope/a/run.sh", "mode": "0755", "process_name": "tope-a", "restart_order": 1}]}
+EOF
+}
+
+# Package sources and packages into $1 (the data disk's tree):
+#   src/vN/{a,b,c}/run.sh   what each version's files hold (the guest compares against them)
+#   pkgs/vN.zip             1.0.0 (= the factory content; not installed), 2.0.0, 3.0.0
+#                           (b cannot start), 4.0.0 (for the kill scenarios)
+make_packages() {
+    local data=$1 n x mode
+    for n in 1 2 3 4; do
+        local s=$data/src/v$n
+        mkdir -p "$s"
+        for x in a b c; do
+            mkdir -p "$s/$x"
+            mode=ok
+            [ $n = 3 ] && [ $x = b ] && mode=fail
+            sh "$STDIR/guest/app-script.sh" "$x" "$n.0.0" "$mode" >"$s/$x/run.sh"
+            chmod 755 "$s/$x/run.sh"
+        done
+        manifest "$n.0.0" >"$s/manifest.json"
+        mkdir -p "$data/pkgs"
+        "$BIN" pack "$s" -o "$data/pkgs/v$n.zip" >/dev/null || die "tope-updater pack $s failed"
+    done
+}
+
+# The base config: the one the image gets at its first boot (scenarios d and e write their own).
+base_config() {
+    cat <<'EOF'
+state_dir = "/var/lib/tope-updater"
+allowed_roots = ["/opt/tope"]
+service_manager = "systemd"
+EOF
+    if [ -n "${ST_EXTRA_CONFIG:-}" ]; then printf '%s\n' "$ST_EXTRA_CONFIG"; fi
+}
+
+has_failpoints() { [[ ",$FEATURES," == *,failpoints,* ]]; }
+
+# make_data_disk DIR PHASE LAST IMG: the per-boot data disk (/dev/vdb in the guest, mounted
+# read-only at /data): the binary, the driver, packages, config and which boot this is.
+make_data_disk() {
+    local dir=$1 phase=$2 last=$3 img=$4
+    install -m 755 "$BIN" "$dir/tope-updater"
+    install -m 644 "${ST_DRIVER:-$STDIR/guest/driver.sh}" "$dir/driver.sh"
+    base_config >"$dir/config.toml"
+    echo "$phase" >"$dir/phase"
+    echo "$last" >"$dir/last-phase"
+    { echo "failpoints=$(has_failpoints && echo 1 || echo 0)"; } >"$dir/params"
+    rm -f "$img"
+    mkfs.ext4 -q -F -b 4096 -L tope-st-data -d "$dir" "$img" 64M >/dev/null
+}
+
+# ------------------------------------------------------------------ QEMU
+
+# boot LOG ROOT DATA: one boot of the guest, until it powers off or reboots (-no-reboot
+# makes a reboot end QEMU; the next boot is a new QEMU on the same root disk: a real
+# reboot, new kernel boot id, same disk). Returns 1 on timeout.
+boot() {
+    local logf=$1 root=$2 data=$3
+    : >"$logf"
+    qemu-system-x86_64 -accel tcg -cpu max -m 1G -smp 1 -M pc -bios /usr/share/qemu/qboot.rom \
+        -display none -nodefaults -no-reboot -serial "file:$logf" \
+        -kernel "$VMLINUX" -initrd "$INITRD" \
+        -append "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off cryptomgr.notests nokaslr audit=0 tsc=reliable no_timer_check random.trust_cpu=on systemd.show_status=0 rw" \
+        -drive "file=$root,format=raw,if=virtio,cache=unsafe" \
+        -drive "file=$data,format=raw,if=virtio,cache=unsafe" </dev/null >"$logf.qemu" 2>&1 &
+    QPID=$!
+    local end=$(($(now_ms) + BOOT_TIMEOUT * 1000)) rc=0
+    while kill -0 "$QPID" 2>/dev/null; do
+        if [ "$(now_ms)" -gt $end ]; then
+            log "boot timed out after $BOOT_TIMEOUT s: killing QEMU"
+            kill -KILL "$QPID" 2>/dev/null || true
+            rc=1
+            break
+        fi
+        sleep 0.2
+    done
+    wait "$QPID" 2>/dev/null || true
+    QPID=
+    # The serial console is a tty: strip the \r of its line ends.
+    sed -i 's/\r$//' "$logf"
+    return $rc
+}
+
+cleanup() {
+    if [ -n "${QPID:-}" ]; then kill -KILL "$QPID" 2>/dev/null || true; fi
+}
+
+# ------------------------------------------------------------------ the test
+
+run_test() {
+    TIMES=()
+    local t_all; t_all=$(now_ms)
+    prep_all
+    build_bin
+    local run; run=$OUTROOT/run-$(date +%Y%m%d-%H%M%S)
+    mkdir -p "$run/data"
+    trap cleanup EXIT
+    log "run directory $run"
+    cp --sparse=always "$IMAGE" "$run/root.img"
+    make_packages "$run/data"
+    local phase ok=1 t0 phases
+    # Boot 1: a, b, c, then the trial install of d, reboot. Boot 2: the end of d, the
+    # confirmed trial of e, reboot. Boot 3: the end of e, f, the killed install of g, reboot.
+    # Boot 4: the end of g; power off. (Without failpoints: no f and g, no boot 4.)
+    phases="boot1 boot2 boot3"
+    has_failpoints && phases="$phases boot4"
+    phases=${ST_PHASES:-$phases}
+    for phase in $phases; do
+        make_data_disk "$run/data" "$phase" "${phases##* }" "$run/data.img"
+        log "$phase: starting the guest"
+        t0=$(now_ms)
+        if ! boot "$run/$phase.log" "$run/root.img" "$run/data.img"; then ok=0; fi
+        local secs=$(( ($(now_ms) - t0) / 1000 ))
+        TIMES+=("$phase $secs s")
+        grep -q "^@@END $phase\$" "$run/$phase.log" || { log "$phase did not finish (see $run/$phase.log)"; ok=0; }
+        local up; up=$(sed -n 's/^@@BOOTED //p' "$run/$phase.log" | head -1)
+        log "$phase: ${secs} s (guest: ${up:-no boot line})"
+        [ $ok = 1 ] || break
+    done
+    cat "$run"/boot*.log | grep '^@@' >"$run/results.txt" || true
+    echo
+    local s fails=0
+    for s in "${SCENARIOS[@]}"; do
+        local title; title=$(sed -n "s/^@@TITLE $s //p" "$run/results.txt" | head -1)
+        if grep -q "^@@BAD $s " "$run/results.txt"; then
+            echo "FAIL  $s  ${title}"
+            sed -n "s/^@@BAD $s /        /p" "$run/results.txt"
+            fails=$((fails + 1))
+        elif grep -q "^@@RESULT $s PASS" "$run/results.txt"; then
+            echo "PASS  $s  ${title}"
+        elif grep -q "^@@SKIP $s" "$run/results.txt"; then
+            echo "SKIP  $s  $(sed -n "s/^@@SKIP $s //p" "$run/results.txt" | head -1)"
+        else
+            echo "FAIL  $s  ${title:-(no result: the guest never finished this scenario)}"
+            fails=$((fails + 1))
+        fi
+    done
+    TIMES+=("total $(( ($(now_ms) - t_all) / 1000 )) s")
+    echo
+    log "timings: ${TIMES[*]}"
+    log "serial logs and results: $run"
+    if [ $fails = 0 ] && [ $ok = 1 ]; then
+        [ "${ST_KEEP:-0}" = 1 ] || rm -f "$run/root.img"
+        log "systemd scenarios: all passed"
+        return 0
+    fi
+    log "systemd scenarios: $fails failed (the root image is kept: $run/root.img)"
+    return 1
+}
+
+mode=${1:-test}
+case $mode in
+    prep) TIMES=(); ensure_deps; prep_all; log "ready: $IMAGE ${TIMES[*]}" ;;
+    test) ensure_deps; run_test ;;
+    *) echo "usage: $0 [test|prep]" >&2; exit 2 ;;
+esac
