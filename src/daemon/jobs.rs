@@ -12,16 +12,15 @@ use crate::reporter::Report;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Shows a job's result and frees the slot first, so a caller reacting to it can start the
-/// next job at once; the report follows.
+/// Ends a job with `s`: its report is queued, then the slot freed and `s` shown (see
+/// `Daemon::end_job` for why in that order and under the slot's lock).
 fn publish_end(d: &Daemon, s: Snapshot) {
     d.end_job(s.clone(), || push_report(d, &s, None, false));
 }
 
-/// Publishes a snapshot; a stage change, or `force`, also goes to the outbox.
-pub fn publish(d: &Daemon, s: Snapshot, tx: Option<u64>, force: bool) {
-    let changed = d.progress.set(s.clone());
-    if changed || force {
+/// Publishes a snapshot; a stage change also goes to the outbox.
+pub fn publish(d: &Daemon, s: Snapshot, tx: Option<u64>) {
+    if d.progress.set(s.clone()) {
         push_report(d, &s, tx, false);
     }
 }
@@ -97,7 +96,7 @@ pub struct InstallObserver {
 impl Observer for InstallObserver {
     fn phase(&self, tx: u64, phase: Phase) {
         if let Some((pct, msg)) = progress::install_percent_for_phase(phase) {
-            publish(&self.daemon, Snapshot { stage: Stage::Installing, progress: pct, message: msg.into(), error: None }, Some(tx), false);
+            publish(&self.daemon, Snapshot { stage: Stage::Installing, progress: pct, message: msg.into(), error: None }, Some(tx));
         }
     }
 
@@ -238,7 +237,6 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
                 d,
                 Snapshot { stage: Stage::Verifying, progress: 100, message: "Verifying package integrity...".into(), error: None },
                 None,
-                false,
             );
             publish_end(
                 d,
