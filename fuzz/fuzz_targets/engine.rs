@@ -99,6 +99,7 @@ impl AGen {
             parent: None,
             files: self.files.iter().map(|(p, m)| (p.clone(), m.meta())).collect(),
             dirs: self.dirs.iter().cloned().collect(),
+            services: Default::default(),
         }
     }
 }
@@ -167,6 +168,9 @@ impl Tx {
         let from = self.phase;
         let r = transition(from, ev, self.shape);
         match (from, ev) {
+            // Confirmation is the operator's, after the commit (no step generates it here).
+            (Phase::Committed, Event::Confirmed) => assert_eq!(r, Ok(Phase::Confirmed)),
+            (_, Event::Confirmed) | (Phase::Confirmed, _) => assert!(r.is_err(), "{from:?} on {ev:?}: {r:?}"),
             (Phase::Committed | Phase::RolledBack, _) => assert!(r.is_err(), "transition out of {from:?} on {ev:?}: {r:?}"),
             (Phase::RollbackFailed, Event::GaveUp) => assert!(r.is_err(), "gave up twice: {r:?}"),
             (_, Event::GaveUp) => assert_eq!(r, Ok(Phase::RollbackFailed), "giving up in {from:?}"),

@@ -1,7 +1,7 @@
 //! Journal record decoding on arbitrary bytes (what a corrupt or hostile `journal.redb` or
 //! `inflight.plan` can hold): never panics or aborts, errors are `JOURNAL_CORRUPT`, and an
 //! accepted record round-trips: encode(decode(b)) decodes to the same value and re-encodes
-//! to the same bytes.
+//! to the same bytes. Older record versions decode too; re-encoding writes the current one.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use tope_updater::engine::{Generation, Hash, PathState, Plan};
 use tope_updater::error::ErrorCode;
-use tope_updater::journal::records::{Size, TxRecord, decode, encode};
+use tope_updater::journal::records::{Record, Size, TxRecord, decode, encode};
 use tope_updater::plancopy;
 
-fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(data: &[u8], size: Size, what: &str) {
+fn round_trip<T: Record + Serialize + DeserializeOwned + PartialEq + Debug>(data: &[u8], size: Size, what: &str) {
     match decode::<T>(data, size, what) {
         Ok(v) => {
             let bytes = encode(&v, size).unwrap_or_else(|e| panic!("{what}: a decoded record does not encode: {e}"));
@@ -60,6 +60,9 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<Plan>(data, Size::Large, "plan");
     round_trip::<Generation>(data, Size::Large, "generation");
     round_trip::<PathState>(data, Size::Small, "factory");
+    round_trip::<tope_updater::engine::trial::Trial>(data, Size::Small, "trial");
+    round_trip::<tope_updater::reporter::Report>(data, Size::Small, "report");
+    round_trip::<tope_updater::download::DownloadRecord>(data, Size::Small, "download");
     // The plan copy: once as raw file bytes, once wrapped in a correct header so the payload
     // reaches the decoder.
     let valid_header = data.len() >= 48 && &data[..8] == b"TOPEPLN1" && {
