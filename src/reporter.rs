@@ -366,7 +366,7 @@ fn deliver_loop(journal: &Journal, s: &Settings, shared: &Shared) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::{Value, json};
     use std::collections::HashMap;
@@ -556,7 +556,8 @@ mod tests {
         }
     }
 
-    fn report(stage: &str, progress: u8) -> Report {
+    /// A progress report for tests (also used by the outbox's tests).
+    pub(crate) fn report(stage: &str, progress: u8) -> Report {
         Report {
             stage: stage.into(),
             progress,

@@ -128,16 +128,8 @@ mod tests {
     fn install_progress_only_grows_through_the_forward_phases() {
         use crate::engine::Phase;
         let mut last = 0;
-        for p in [
-            Phase::Planned,
-            Phase::Staged,
-            Phase::ServicesStopped,
-            Phase::BackedUp,
-            Phase::Swapped,
-            Phase::PostCommands,
-            Phase::ServicesStarted,
-            Phase::Verified,
-        ] {
+        // The forward phases before Committed, in order.
+        for p in Phase::ALL[..8].iter().copied() {
             let (pct, _) = install_percent_for_phase(p).unwrap();
             assert!(pct >= last, "{p}");
             last = pct;

@@ -190,18 +190,7 @@ impl Journal {
 mod tests {
     use super::*;
 
-    pub(crate) fn report(stage: &str, progress: u8) -> Report {
-        Report {
-            stage: stage.into(),
-            progress,
-            message: format!("{stage} {progress}"),
-            error: None,
-            tx: None,
-            boot_id: "boot-a".into(),
-            seq: 0,
-            final_report: false,
-        }
-    }
+    use crate::reporter::tests::report;
 
     fn seqs(j: &Journal) -> Vec<u64> {
         j.outbox_pending(usize::MAX).unwrap().iter().map(|r| r.seq).collect()
