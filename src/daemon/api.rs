@@ -246,10 +246,15 @@ pub async fn run(d: Arc<Daemon>) -> Result<()> {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "could not notify systemd of readiness");
     }
-    // Where the CLI finds the API when `api.listen` has port 0 (tests); removed at exit.
+    // Where the CLI finds the API when `api.listen` has port 0 (tests); removed at exit. It
+    // means nothing after a crash or power cut (the next start rewrites it), so it is written
+    // without fsync: no durability to pay for.
     let addr_file = super::addr_file(&d.cfg.state_dir);
     let d_addr = addr.to_string();
-    if let Err(e) = blocking(move || crate::fsutil::write_atomic(&addr_file, d_addr.as_bytes())).await {
+    let written =
+        blocking(move || std::fs::write(&addr_file, d_addr).map_err(|e| Error::io(ErrorCode::InternalError, "write", &addr_file, &e)))
+            .await;
+    if let Err(e) = written {
         tracing::warn!(error = %e, "could not record the API address for the CLI");
     }
     let cancel = d.cancel.clone();
