@@ -1267,6 +1267,32 @@ mod armed {
         assert!(alive_as(pa, &a.name) && alive_as(pb, &b.name), "{ctx}: the services still run");
     }
 
+    /// The journal is lost while an install has its services stopped and is half swapped:
+    /// `recover` rolls back from the plan copy, whose history is unknown, so it must treat the
+    /// services as stopped and start them again on the old files.
+    #[test]
+    fn after_journal_loss_mid_swap_recover_restores_the_files_and_restarts_the_services() {
+        let lab = Lab::new();
+        let a = lab.svc(Some(1));
+        let b = lab.svc(Some(2));
+        lab.configure("start_timeout_s = 5", &[&a, &b], "");
+        let pkg1 = lab.standard("v1.zip", V1, &[(&a, Beh::ExitOnTerm), (&b, Beh::ExitOnTerm)], &[]);
+        let pkg2 = lab.standard("v2.zip", V2, &[(&a, Beh::ExitOnTerm), (&b, Beh::ExitOnTerm)], &[]);
+        lab.install_ok(&pkg1);
+        let t1 = tree(&lab.env.root);
+        let r = lab.run_armed(&["install", &pkg2], "swap.file", 1);
+        assert_eq!(r.signal, Some(9), "never reached swap.file:\n{}", r.describe());
+        assert!(live(&a.name).is_empty() && live(&b.name).is_empty(), "the services were stopped before the swap");
+        std::fs::remove_file(lab.env.state.join("journal.redb")).unwrap();
+
+        let rec = lab.run(&["recover"]);
+        assert_eq!(rec.code, Some(4), "{}", rec.describe());
+        assert_eq!(rec.error_code().as_deref(), Some("JOURNAL_CORRUPT"), "{}", rec.describe());
+        assert_eq!(tree(&lab.env.root), t1, "the files are not all old again");
+        lab.assert_running(&a, V1, "after recover from the plan copy");
+        lab.assert_running(&b, V1, "after recover from the plan copy");
+    }
+
     macro_rules! crash_tests {
         ($($test:ident: $point:literal, $hit:literal, $failing:literal;)*) => {
             $(
