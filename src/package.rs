@@ -45,7 +45,13 @@ pub struct DeployFile {
 pub struct Package {
     pub path: PathBuf,
     pub size: u64,
+    /// The identity of a package whose manifest pins every deployed file by hash.
+    pinned: Option<Hash>,
+    /// The blake3 of the whole file: the identity of any other package. Computed on a
+    /// thread of its own, only when needed.
     blake3: PendingHash,
+    /// The validated descriptor (never reopened by path, which could find another file).
+    file: Arc<File>,
     pub manifest: Manifest,
     pub files: Vec<DeployFile>,
     archive: Archive,
@@ -53,6 +59,7 @@ pub struct Package {
 
 /// The package hash, computed on a thread of its own.
 enum PendingHash {
+    NotStarted,
     Running(std::thread::JoinHandle<std::io::Result<(Hash, u64)>>),
     Done(Hash),
     Failed,
@@ -80,18 +87,58 @@ impl Package {
             return Err(invalid(format!("package is {} bytes, more than max_package_bytes = {}", meta.len(), cfg.max_package_bytes)));
         }
         let file = Arc::new(file);
-        // The package hash (for the no-loop rule and for recovery) is computed on another core
-        // while this one validates the archive and the caller observes the old files.
-        let hasher = {
-            let file = file.clone();
-            std::thread::spawn(move || fsutil::hash_file_at(&file))
+        let (archive, manifest, files, manifest_bytes) = validate(&file, cfg, roots)?;
+        let pinned = pinned_identity(&manifest_bytes, &files);
+        let mut pkg = Package {
+            path: path.to_path_buf(),
+            size: meta.len(),
+            pinned,
+            blake3: PendingHash::NotStarted,
+            file,
+            manifest,
+            files,
+            archive,
         };
-        let (archive, manifest, files) = validate(&file, cfg, roots)?;
-        Ok(Package { path: path.to_path_buf(), size: meta.len(), blake3: PendingHash::Running(hasher), manifest, files, archive })
+        if pkg.pinned.is_none() {
+            // Without pinned hashes the identity is the file's hash: computed on another core
+            // while the caller observes the old files.
+            pkg.start_file_hash();
+        }
+        Ok(pkg)
+    }
+
+    fn start_file_hash(&mut self) {
+        if let PendingHash::NotStarted = self.blake3 {
+            let file = self.file.clone();
+            self.blake3 = PendingHash::Running(std::thread::spawn(move || fsutil::hash_file_at(&file)));
+        }
+    }
+
+    /// What the journal remembers this package by (the no-loop rule, trials, recovery).
+    /// A package whose manifest pins every deployed file by blake3 is identified by the
+    /// manifest and the deployed entries (`pinned_identity`): its deployed bytes are fixed by
+    /// them, since staging checks every byte against the pinned hashes, and no read of the
+    /// package is needed. Any other package is identified by the blake3 of the whole file.
+    pub fn identity(&mut self) -> Result<Hash> {
+        match self.pinned {
+            Some(h) => Ok(h),
+            None => self.blake3(),
+        }
+    }
+
+    /// Whether this is the package a journaled plan names by `recorded`: its identity, or
+    /// (for a plan journaled by a build that named every package by its file hash) its
+    /// file hash.
+    pub fn is(&mut self, recorded: &Hash) -> Result<bool> {
+        if self.identity()? == *recorded {
+            return Ok(true);
+        }
+        Ok(self.pinned.is_some() && self.blake3()? == *recorded)
     }
 
     /// The blake3 of the package file (waits for the hashing thread the first time).
     pub fn blake3(&mut self) -> Result<Hash> {
+        self.start_file_hash();
         if let PendingHash::Running(_) = self.blake3 {
             let PendingHash::Running(h) = std::mem::replace(&mut self.blake3, PendingHash::Failed) else { unreachable!() };
             let (hash, size) = h
@@ -105,7 +152,9 @@ impl Package {
         }
         match self.blake3 {
             PendingHash::Done(h) => Ok(h),
-            PendingHash::Running(_) | PendingHash::Failed => Err(invalid("package hash unavailable after a read error")),
+            PendingHash::NotStarted | PendingHash::Running(_) | PendingHash::Failed => {
+                Err(invalid("package hash unavailable after a read error"))
+            }
         }
     }
 
@@ -123,8 +172,30 @@ pub fn entry_reader<'a>(archive: &'a mut Archive, name: &str, size: u64) -> Resu
     Ok(ExactReader { inner: f, remaining: size, name: name.to_string() })
 }
 
-/// Everything but the hash: container, entries, manifest, destinations.
-fn validate(file: &Arc<File>, cfg: &Config, roots: &AllowedRoots) -> Result<(Archive, Manifest, Vec<DeployFile>)> {
+/// The identity of a package whose manifest pins every deployed file, `None` otherwise: a
+/// blake3 key derivation (its own domain, never equal to a file hash) over the exact manifest
+/// bytes and, per deployed file in order, the entry name, size, ZIP mode and pinned hash.
+/// Two packages with the same identity deploy the same bytes to the same paths with the same
+/// modes, or one of them fails staging with `HASH_MISMATCH` before any target is touched.
+fn pinned_identity(manifest_bytes: &[u8], files: &[DeployFile]) -> Option<Hash> {
+    let mut h = blake3::Hasher::new_derive_key("tope-updater package identity v1 (manifest and deployed entries)");
+    h.update(&(manifest_bytes.len() as u64).to_le_bytes());
+    h.update(manifest_bytes);
+    h.update(&(files.len() as u64).to_le_bytes());
+    for f in files {
+        let pinned = f.expected?;
+        h.update(&(f.entry.len() as u64).to_le_bytes());
+        h.update(f.entry.as_bytes());
+        h.update(&f.size.to_le_bytes());
+        h.update(&f.zip_mode.map_or(u64::MAX, u64::from).to_le_bytes());
+        h.update(&pinned.0);
+    }
+    Some(h.finalize().into())
+}
+
+/// Everything but the hash: container, entries, manifest (parsed and its exact bytes),
+/// destinations.
+fn validate(file: &Arc<File>, cfg: &Config, roots: &AllowedRoots) -> Result<(Archive, Manifest, Vec<DeployFile>, Vec<u8>)> {
     let mut archive = ZipArchive::new(PosReader::new(file.clone())).map_err(|e| invalid(format!("not a readable ZIP archive: {e}")))?;
     if archive.len() > ZIP_ENTRIES_MAX {
         return Err(invalid(format!("{} entries, more than {ZIP_ENTRIES_MAX}", archive.len())));
@@ -146,7 +217,7 @@ fn validate(file: &Arc<File>, cfg: &Config, roots: &AllowedRoots) -> Result<(Arc
             format!("the signed manifest has no blake3 for {} (entry {:?}): every deployed byte must be signed", f.dst.display(), f.entry),
         ));
     }
-    Ok((archive, manifest, files))
+    Ok((archive, manifest, files, manifest_bytes))
 }
 
 /// `manifest.json.sig`, if the package has one (a signature is 64 bytes; more is refused

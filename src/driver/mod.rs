@@ -164,6 +164,10 @@ pub struct Updater {
     cancel: Option<Arc<AtomicBool>>,
     /// `None` when the caller holds the state-dir lock itself (the daemon, for its lifetime).
     _lock: Option<Flock<File>>,
+    /// Targets the `Verified` phase of this process read with a settled signature: the
+    /// known-file records the `Committed` commit stores (empty when `Verified` ran in an
+    /// earlier, interrupted process: then the commit only removes stale records).
+    verified: std::collections::BTreeMap<String, crate::engine::known::KnownFile>,
 }
 
 /// The state dir held open by a long-running process: the lock and the one journal handle
@@ -256,6 +260,7 @@ impl Updater {
             observer: None,
             cancel: None,
             _lock: lock,
+            verified: Default::default(),
         })
     }
 

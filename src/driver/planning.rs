@@ -21,14 +21,14 @@ impl Updater {
         tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, files = pkg.files.len(), "package validated");
         let (_, current) = self.current_generation()?;
         self.check_acceptable(&pkg, current.as_ref(), opts)?;
-        // Old files are hashed on every core while the package hash finishes on its thread.
-        let olds = crate::parallel::try_map(&pkg.files, |f| fsutil::observe(&f.dst))?;
-        let blake3 = pkg.blake3()?;
+        let dsts: Vec<String> = pkg.files.iter().map(|f| path_string(&f.dst)).collect::<Result<_>>()?;
+        let olds = self.observe_old(&dsts)?;
+        let blake3 = pkg.identity()?;
         self.check_not_failed_before(&blake3, opts)?;
         let m = &pkg.manifest;
         let (euid, egid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
         let mut targets = Vec::with_capacity(pkg.files.len());
-        for (f, old) in pkg.files.iter().zip(olds) {
+        for ((f, old), path) in pkg.files.iter().zip(olds).zip(dsts) {
             let module = &m.modules[f.module as usize];
             let old_meta = match old {
                 PathState::File(o) => Some(o),
@@ -42,7 +42,7 @@ impl Updater {
                 gid: module.gid.or(old_meta.map(|o| o.gid)).unwrap_or(egid),
             };
             targets.push(Target {
-                path: path_string(&f.dst)?,
+                path,
                 module: f.module,
                 old,
                 new: NewState::File(new),
@@ -75,6 +75,17 @@ impl Updater {
         self.check_free_space(&plan)?;
         tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "planned");
         self.start(plan, Some(pkg))
+    }
+
+    /// What the targets hold before the transaction: hashes from the known-file records
+    /// where the stat signature still matches exactly, read (on every core) otherwise.
+    fn observe_old(&self, paths: &[String]) -> Result<Vec<PathState>> {
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        let records = self.journal.known_files(refs.iter().copied())?;
+        let seen = crate::observe::observe_all(&refs, crate::observe::Source::Records(&records))?;
+        let trusted = seen.iter().filter(|o| o.from_record).count();
+        tracing::debug!(paths = refs.len(), from_records = trusted, read = seen.len() - trusted, "old states observed");
+        Ok(seen.into_iter().map(|o| o.state).collect())
     }
 
     /// Which optional phases the plan has: service control when a module names a service and
@@ -191,7 +202,7 @@ impl Updater {
         let factory = self.journal.factory()?;
         let (target, rollback_to) = rollback_target(&gens, current.as_ref(), to)?;
         let managed: Vec<&str> = generation::managed_paths(current.as_ref(), &factory).into_iter().collect();
-        let observed = crate::parallel::try_map(&managed, |p| fsutil::observe(Path::new(p)))?;
+        let observed = self.observe_old(&managed.iter().map(|p| p.to_string()).collect::<Vec<_>>())?;
         let mut targets = Vec::new();
         for (path, have) in managed.into_iter().zip(observed) {
             let want = generation::desired_state(path, target, &factory);

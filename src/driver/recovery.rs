@@ -79,9 +79,9 @@ impl Updater {
             ResumeNeeds::Nothing => (Inputs::Available, None),
             ResumeNeeds::Source => match &plan.kind {
                 TxKind::Install { package } => match Package::open(Path::new(&package.path), &self.cfg, &self.roots) {
-                    Ok(mut p) => match p.blake3() {
-                        Ok(h) if h == package.blake3 => (Inputs::Available, Some(p)),
-                        Ok(_) => (Inputs::Missing(format!("package {} has changed", package.path)), None),
+                    Ok(mut p) => match p.is(&package.blake3) {
+                        Ok(true) => (Inputs::Available, Some(p)),
+                        Ok(false) => (Inputs::Missing(format!("package {} has changed", package.path)), None),
                         Err(e) => (Inputs::Missing(format!("package {}: {e}", package.path)), None),
                     },
                     Err(e) => (Inputs::Missing(format!("package {}: {e}", package.path)), None),

@@ -37,6 +37,7 @@ impl Updater {
 
     /// Runs the transaction from its journaled phase to a terminal phase.
     pub(super) fn drive(&mut self, mut rec: TxRecord, mut plan: Plan, pkg: Option<Package>) -> Result<TxReport> {
+        self.verified.clear();
         loop {
             if rec.phase == Phase::RollingBack {
                 return self.roll_back(rec, plan);
@@ -221,21 +222,35 @@ impl Updater {
         Ok(())
     }
 
-    /// Re-reads every target and compares it with the plan.
+    /// Re-reads every target (on every core, large files split) and compares it with the
+    /// plan. Targets read with a settled signature become known-file records at the commit.
     pub(super) fn verify(&mut self, plan: &Plan) -> Result<()> {
-        crate::parallel::try_map(&plan.targets, |t| {
+        let paths: Vec<&str> = plan.targets.iter().map(|t| t.path.as_str()).collect();
+        let seen = crate::observe::observe_all(&paths, crate::observe::Source::ReadAll)?;
+        self.verified.clear();
+        for (t, got) in plan.targets.iter().zip(seen) {
             let want = t.new.settled().ok_or_else(|| Error::internal(format!("{}: new hash unknown at verification", t.path)))?;
-            let got = fsutil::observe(Path::new(&t.path))?;
-            if got != want {
+            if got.state != want {
                 return Err(Error::new(ErrorCode::HashMismatch, format!("{} does not hold its new content after the swap", t.path)));
             }
+            if let Some(k) = got.recordable {
+                self.verified.insert(t.path.clone(), k);
+            }
             hit("verify.file");
-            Ok(())
-        })?;
+        }
         Ok(())
     }
 
-    pub(super) fn commit_effects(&self, plan: &Plan) -> Result<CommitEffects> {
+    /// The known-file changes of the `Committed` commit: a record for each target verified
+    /// with a settled signature, and no record for any other target (its old record, if
+    /// any, describes an inode the swap replaced).
+    fn known_file_updates(&mut self, plan: &Plan) -> Vec<(String, Option<crate::engine::known::KnownFile>)> {
+        let verified = std::mem::take(&mut self.verified);
+        plan.targets.iter().map(|t| (t.path.clone(), verified.get(&t.path).copied())).collect()
+    }
+
+    pub(super) fn commit_effects(&mut self, plan: &Plan) -> Result<CommitEffects> {
+        let known_files = self.known_file_updates(plan);
         let (gens, current) = self.current_generation()?;
         match &plan.kind {
             TxKind::Install { package } => {
@@ -259,6 +274,7 @@ impl Updater {
                     clear_failed_package: Some(package.blake3),
                     mark_failed_package: None,
                     trial,
+                    known_files,
                 })
             }
             TxKind::Rollback { to } => {
@@ -276,6 +292,7 @@ impl Updater {
                     // without --force (no reinstall loops).
                     mark_failed_package: self.journal.trial()?.filter(|t| t.expired(self.cfg.max_trial_boots)).map(|t| (t.package, t.tx)),
                     trial: None,
+                    known_files,
                 })
             }
         }

@@ -9,6 +9,7 @@ pub mod phase;
 pub mod plan;
 pub mod recovery;
 pub mod services;
+pub mod known;
 pub mod trial;
 
 pub use generation::{Factory, Generation};

@@ -10,6 +10,7 @@ mod outbox;
 pub mod records;
 
 use crate::engine::generation::{Factory, Generation};
+use crate::engine::known::KnownFile;
 use crate::engine::trial::Trial;
 use crate::engine::{Hash, PathState, Plan};
 use crate::error::{Error, ErrorCode, Result};
@@ -36,6 +37,9 @@ const FACTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("factory");
 const FAILED_PACKAGES: TableDefinition<&[u8], u64> = TableDefinition::new("failed_packages");
 /// Added after format 1 was first released: `open` creates it in older journals.
 const TRIAL: TableDefinition<&str, &[u8]> = TableDefinition::new("trial");
+/// Added after format 1 was first released, like `trial`: path → `KnownFile` (the content
+/// hash of a file the engine verified, with its stat signature then; `engine::known`).
+const KNOWN_FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("known_files");
 /// The only key of `trial`.
 const CURRENT_TRIAL: &str = "current";
 
@@ -70,11 +74,15 @@ pub struct CommitEffects {
     /// The trial after this commit: any commit ends the current trial; an install with
     /// `confirm_required` begins a new one.
     pub trial: Option<Trial>,
+    /// Known-file records: put (`Some`) for targets verified with a settled signature,
+    /// removed (`None`) for every other target of the transaction.
+    pub known_files: Vec<(String, Option<KnownFile>)>,
 }
 
 /// Tables added to format 1 after its first release (journal-format.md §7).
 fn create_later_tables(wt: &WriteTransaction) -> std::result::Result<(), redb::TableError> {
     wt.open_table(TRIAL)?;
+    wt.open_table(KNOWN_FILES)?;
     downloads::create_tables(wt)?;
     outbox::create_tables(wt)
 }
@@ -120,7 +128,7 @@ impl Journal {
         let rt = self.read()?;
         let names: Vec<String> = rt.list_tables().map_err(|e| self.storage(e))?.map(|h| h.name().to_string()).collect();
         drop(rt);
-        if [TRIAL.name(), downloads::DOWNLOADS.name(), outbox::OUTBOX.name()].iter().all(|t| names.iter().any(|n| n == t)) {
+        if [TRIAL.name(), KNOWN_FILES.name(), downloads::DOWNLOADS.name(), outbox::OUTBOX.name()].iter().all(|t| names.iter().any(|n| n == t)) {
             return Ok(());
         }
         let wt = self.write()?;
@@ -315,6 +323,40 @@ impl Journal {
         t.get(CURRENT_TRIAL).map_err(|e| self.storage(e))?.map(|v| decode(v.value(), Size::Small, "trial")).transpose()
     }
 
+    /// The known-file records of `paths` (those that have one), in one read transaction.
+    pub fn known_files<'a>(&self, paths: impl IntoIterator<Item = &'a str>) -> Result<std::collections::BTreeMap<String, KnownFile>> {
+        let rt = self.read()?;
+        let t = match rt.open_table(KNOWN_FILES) {
+            Ok(t) => t,
+            // A journal written before the table existed, opened read-only: no records.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Default::default()),
+            Err(e) => return Err(self.storage(e)),
+        };
+        let mut out = std::collections::BTreeMap::new();
+        for p in paths {
+            if let Some(v) = t.get(p).map_err(|e| self.storage(e))? {
+                out.insert(p.to_string(), decode(v.value(), Size::Small, "known file")?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every known-file record, for `journal`.
+    pub fn all_known_files(&self) -> Result<Vec<(String, KnownFile)>> {
+        let rt = self.read()?;
+        let t = match rt.open_table(KNOWN_FILES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.storage(e)),
+        };
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.storage(e))? {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            out.push((k.value().to_string(), decode(v.value(), Size::Small, "known file")?));
+        }
+        Ok(out)
+    }
+
     // ---- writes: each is exactly one durable commit ----
 
     /// Records a boot counted for the trial.
@@ -414,6 +456,13 @@ impl Journal {
                 Some(tr) => trial.insert(CURRENT_TRIAL, encode(tr, Size::Small)?.as_slice()).map_err(|e| self.storage(e))?,
                 None => trial.remove(CURRENT_TRIAL).map_err(|e| self.storage(e))?,
             };
+            let mut known = wt.open_table(KNOWN_FILES).map_err(|e| self.storage(e))?;
+            for (path, k) in &fx.known_files {
+                match k {
+                    Some(k) => known.insert(path.as_str(), encode(k, Size::Small)?.as_slice()).map_err(|e| self.storage(e))?,
+                    None => known.remove(path.as_str()).map_err(|e| self.storage(e))?,
+                };
+            }
         }
         self.end(&wt, rec.id)?;
         self.commit(wt)
@@ -500,6 +549,7 @@ impl Journal {
             trial: self.trial()?,
             download: self.download()?,
             outbox: self.outbox_pending(usize::MAX)?,
+            known_files: self.all_known_files()?,
         })
     }
 }
@@ -517,4 +567,5 @@ pub struct JournalDump {
     pub trial: Option<Trial>,
     pub download: Option<crate::download::DownloadRecord>,
     pub outbox: Vec<crate::reporter::Report>,
+    pub known_files: Vec<(String, KnownFile)>,
 }

@@ -22,6 +22,7 @@ pub trait Record: Serialize + DeserializeOwned {
 impl Record for crate::engine::PathState {}
 impl Record for crate::engine::Plan {}
 impl Record for crate::engine::trial::Trial {}
+impl Record for crate::engine::known::KnownFile {}
 
 /// `Generation` as record version 1 wrote it (no `services`).
 #[derive(Deserialize)]
