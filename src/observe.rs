@@ -147,9 +147,20 @@ fn file_meta(m: &Metadata, hash: Hash) -> FileMeta {
     FileMeta { hash, size: m.size(), mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid() }
 }
 
+/// Waits (at most one clock tick, 1–10 ms) until the coarse clock has moved past `mark`, a
+/// reading taken after the last change to a set of files: from then on, every one of those
+/// changes is settled, so reading the files records all of them.
+pub fn wait_past(mark: Timestamp) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
+    while coarse_now() <= mark && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_micros(500));
+    }
+}
+
 /// The clock file timestamps are taken from (CLOCK_REALTIME_COARSE: the kernel stamps
-/// inodes with the current tick). Multigrain kernels may stamp finer, never earlier.
-fn coarse_now() -> Timestamp {
+/// inodes with the current tick). Multigrain kernels may stamp finer, but from the current
+/// time, so never at or after the next tick of this clock.
+pub fn coarse_now() -> Timestamp {
     match nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME_COARSE) {
         Ok(t) => Timestamp { sec: t.tv_sec(), nsec: t.tv_nsec() as u32 },
         // No coarse clock: nothing counts as settled, so nothing is recorded.

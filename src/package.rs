@@ -89,16 +89,8 @@ impl Package {
         let file = Arc::new(file);
         let (archive, manifest, files, manifest_bytes) = validate(&file, cfg, roots)?;
         let pinned = pinned_identity(&manifest_bytes, &files);
-        let mut pkg = Package {
-            path: path.to_path_buf(),
-            size: meta.len(),
-            pinned,
-            blake3: PendingHash::NotStarted,
-            file,
-            manifest,
-            files,
-            archive,
-        };
+        let mut pkg =
+            Package { path: path.to_path_buf(), size: meta.len(), pinned, blake3: PendingHash::NotStarted, file, manifest, files, archive };
         if pkg.pinned.is_none() {
             // Without pinned hashes the identity is the file's hash: computed on another core
             // while the caller observes the old files.
@@ -156,6 +148,17 @@ impl Package {
                 Err(invalid("package hash unavailable after a read error"))
             }
         }
+    }
+
+    /// For a stored (uncompressed) entry of `size` bytes: the package descriptor and the
+    /// offset of the entry's bytes in it, so that pieces of it can be read in parallel.
+    /// `None` for a compressed entry (it can only be read from its start).
+    pub fn stored_entry(&self, archive: &mut Archive, name: &str, size: u64) -> Result<Option<(Arc<File>, u64)>> {
+        let f = archive.by_name(name).map_err(|e| invalid(format!("entry {name:?}: {e}")))?;
+        if f.compression() != zip::CompressionMethod::Stored || f.compressed_size() != size || f.size() != size {
+            return Ok(None);
+        }
+        Ok(f.data_start().map(|start| (self.file.clone(), start)))
     }
 
     /// Another reader of the same archive, for a worker thread (shares the central directory

@@ -53,6 +53,77 @@ pub(super) fn stage_one(
     Ok(Some(hash))
 }
 
+/// A large file being staged by pieces on every core: its temporary file is open, and each
+/// piece is read from the package, written at its offset and hashed as a blake3 subtree.
+pub(super) struct SplitStage {
+    tmp: std::path::PathBuf,
+    out: std::fs::File,
+    package: std::sync::Arc<std::fs::File>,
+    data_start: u64,
+    pub size: u64,
+    expected: crate::engine::Hash,
+}
+
+/// Starts a split staging for `t` when it can be split: a large stored entry whose hash the
+/// manifest pins (the pinned hash then checks every byte; the ZIP CRC, which only a
+/// sequential read computes, adds nothing to it). `None`: stage it whole with `stage_one`.
+pub(super) fn split_stage(
+    t: &Target,
+    tx: u64,
+    pkg: &crate::package::Package,
+    archive: &mut crate::package::Archive,
+) -> Result<Option<SplitStage>> {
+    let (NewState::File(nf), Source::Package { entry }) = (&t.new, &t.source) else { return Ok(None) };
+    let Some(expected) = nf.hash else { return Ok(None) };
+    if nf.size <= crate::treehash::PIECE_BYTES {
+        return Ok(None);
+    }
+    let Some((package, data_start)) = pkg.stored_entry(archive, entry, nf.size)? else { return Ok(None) };
+    let tmp = temp_path(Path::new(&t.path), tx);
+    let out = fsutil::create_replacing(&tmp)?;
+    Ok(Some(SplitStage { tmp, out, package, data_start, size: nf.size, expected }))
+}
+
+impl SplitStage {
+    /// Copies and hashes one piece (`treehash::pieces(self.size)`), with pread/pwrite: the
+    /// pieces of one file run on different threads.
+    pub(super) fn copy_piece(&self, offset: u64, len: u64) -> Result<crate::treehash::PieceHash> {
+        use std::os::unix::fs::FileExt;
+        let mut hasher = crate::treehash::piece_hasher(offset, self.size);
+        let mut buf = vec![0u8; crate::limits::IO_BUFFER_BYTES.min(len.max(1) as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let want = buf.len().min((len - done) as usize);
+            let n = self
+                .package
+                .read_at(&mut buf[..want], self.data_start + offset + done)
+                .map_err(|e| Error::new(ErrorCode::InvalidPackage, format!("package entry for {}: {e}", self.tmp.display())))?;
+            if n == 0 {
+                return Err(Error::new(ErrorCode::InvalidPackage, format!("package entry for {} is truncated", self.tmp.display())));
+            }
+            hasher.update(&buf[..n]);
+            self.out.write_all_at(&buf[..n], offset + done).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "write", &self.tmp, &e))?;
+            done += n as u64;
+        }
+        Ok(hasher.finish())
+    }
+
+    /// After every piece: the merged hash must be the pinned one; then mode and owner.
+    pub(super) fn finish(self, t: &Target, pieces: &[crate::treehash::PieceHash]) -> Result<crate::engine::Hash> {
+        let NewState::File(nf) = &t.new else { return Err(Error::internal("split staging of a target without new content")) };
+        let hash = crate::treehash::merge(self.size, pieces);
+        if hash != self.expected {
+            return Err(Error::new(
+                ErrorCode::HashMismatch,
+                format!("content for {} hashes to {hash}, expected {}", t.path, self.expected),
+            ));
+        }
+        fsutil::apply_meta(&self.out, &self.tmp, nf.mode, nf.uid, nf.gid)?;
+        hit("stage.file");
+        Ok(hash)
+    }
+}
+
 /// Swaps one target: the staged file renamed over it, or the target removed.
 pub(super) fn swap_one(t: &Target, tx: u64) -> Result<()> {
     let target = Path::new(&t.path);

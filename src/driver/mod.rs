@@ -168,6 +168,8 @@ pub struct Updater {
     /// known-file records the `Committed` commit stores (empty when `Verified` ran in an
     /// earlier, interrupted process: then the commit only removes stale records).
     verified: std::collections::BTreeMap<String, crate::engine::known::KnownFile>,
+    /// A coarse clock reading taken after the swap of this process's transaction.
+    swapped_at: Option<crate::engine::known::Timestamp>,
 }
 
 /// The state dir held open by a long-running process: the lock and the one journal handle
@@ -261,6 +263,7 @@ impl Updater {
             cancel: None,
             _lock: lock,
             verified: Default::default(),
+            swapped_at: None,
         })
     }
 

@@ -19,7 +19,7 @@ use std::path::Path;
 
 use super::*;
 
-use super::effects::{stage_one, swap_one, undo_one};
+use super::effects::{split_stage, stage_one, swap_one, undo_one};
 
 impl Updater {
     pub(super) fn start(&mut self, plan: Plan, pkg: Option<Package>) -> Result<TxReport> {
@@ -38,6 +38,7 @@ impl Updater {
     /// Runs the transaction from its journaled phase to a terminal phase.
     pub(super) fn drive(&mut self, mut rec: TxRecord, mut plan: Plan, pkg: Option<Package>) -> Result<TxReport> {
         self.verified.clear();
+        self.swapped_at = None;
         loop {
             if rec.phase == Phase::RollingBack {
                 return self.roll_back(rec, plan);
@@ -158,6 +159,7 @@ impl Updater {
 
     /// Writes every new file beside its target, hashing while writing (on every core), then
     /// one syncfs per filesystem. Idempotent: staged files are recreated from scratch.
+    /// Large pinned stored entries are copied by pieces, so both cores share one large file.
     pub(super) fn stage(&mut self, plan: &mut Plan, pkg: Option<&Package>) -> Result<()> {
         for d in &plan.created_dirs {
             fsutil::make_dir(Path::new(d))?;
@@ -165,19 +167,54 @@ impl Updater {
         let (tx, store) = (plan.tx_id, &self.store);
         let (total, done) = (plan.new_bytes(), std::sync::atomic::AtomicU64::new(0));
         let observer = self.observer.as_deref();
-        let hashes = crate::parallel::try_map_with(
+        let progress = |t: &Target| {
+            if let (Some(o), NewState::File(f)) = (observer, t.new) {
+                let now = done.fetch_add(f.size, std::sync::atomic::Ordering::Relaxed) + f.size;
+                let name = plan.modules.get(t.module as usize).map(|m| m.name.as_str()).unwrap_or("");
+                o.staged(name, t.module as usize + 1, plan.modules.len(), now, total);
+            }
+        };
+        // Pass 1: every target whole, except the large ones that can be split.
+        let first = crate::parallel::try_map_with(
             &plan.targets,
             || Ok(pkg.map(Package::archive)),
             |archive, t| {
-                let h = stage_one(t, tx, archive.as_mut(), store)?;
-                if let (Some(o), NewState::File(f)) = (observer, t.new) {
-                    let now = done.fetch_add(f.size, std::sync::atomic::Ordering::Relaxed) + f.size;
-                    let name = plan.modules.get(t.module as usize).map(|m| m.name.as_str()).unwrap_or("");
-                    o.staged(name, t.module as usize + 1, plan.modules.len(), now, total);
+                if let (Some(p), Some(a)) = (pkg, archive.as_mut())
+                    && let Some(split) = split_stage(t, tx, p, a)?
+                {
+                    return Ok(Staging::Split(split));
                 }
-                Ok(h)
+                let h = stage_one(t, tx, archive.as_mut(), store)?;
+                progress(t);
+                Ok(Staging::Done(h))
             },
         )?;
+        // Pass 2: the pieces of every split target, all in one pool.
+        let mut work: Vec<(usize, u64, u64)> = Vec::new();
+        for (i, s) in first.iter().enumerate() {
+            if let Staging::Split(split) = s {
+                work.extend(crate::treehash::pieces(split.size).into_iter().map(|(off, len)| (i, off, len)));
+            }
+        }
+        let piece_hashes = crate::parallel::try_map(&work, |&(i, off, len)| match &first[i] {
+            Staging::Split(split) => split.copy_piece(off, len),
+            Staging::Done(_) => Err(Error::internal("piece of a target staged whole")),
+        })?;
+        let mut by_target: BTreeMap<usize, Vec<crate::treehash::PieceHash>> = BTreeMap::new();
+        for (&(i, _, _), h) in work.iter().zip(piece_hashes) {
+            by_target.entry(i).or_default().push(h);
+        }
+        let mut hashes = Vec::with_capacity(first.len());
+        for (i, (s, t)) in first.into_iter().zip(&plan.targets).enumerate() {
+            hashes.push(match s {
+                Staging::Done(h) => h,
+                Staging::Split(split) => {
+                    let h = split.finish(t, by_target.get(&i).map(Vec::as_slice).unwrap_or_default())?;
+                    progress(t);
+                    Some(h)
+                }
+            });
+        }
         for (t, hash) in plan.targets.iter_mut().zip(hashes) {
             if let (NewState::File(nf), Some(h)) = (&mut t.new, hash) {
                 nf.hash = Some(h);
@@ -218,6 +255,7 @@ impl Updater {
             fsutil::remove_dir_if_empty(Path::new(d))?;
         }
         fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
+        self.swapped_at = Some(crate::observe::coarse_now());
         hit("swap.synced");
         Ok(())
     }
@@ -226,6 +264,9 @@ impl Updater {
     /// plan. Targets read with a settled signature become known-file records at the commit.
     pub(super) fn verify(&mut self, plan: &Plan) -> Result<()> {
         let paths: Vec<&str> = plan.targets.iter().map(|t| t.path.as_str()).collect();
+        // Every rename of the swap settled (usually already true after its syncfs), so that
+        // every target read here can be recorded. A resumed run waits one tick from now.
+        crate::observe::wait_past(self.swapped_at.take().unwrap_or_else(crate::observe::coarse_now));
         let seen = crate::observe::observe_all(&paths, crate::observe::Source::ReadAll)?;
         self.verified.clear();
         for (t, got) in plan.targets.iter().zip(seen) {
@@ -368,6 +409,12 @@ impl Updater {
         hit("rollback.synced");
         Ok(())
     }
+}
+
+/// A target after the first staging pass.
+enum Staging {
+    Done(Option<crate::engine::Hash>),
+    Split(super::effects::SplitStage),
 }
 
 /// Whether the transaction may have stopped services: it entered `ServicesStopped`, or its

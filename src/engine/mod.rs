@@ -5,11 +5,11 @@
 //! decision, and only then performs it.
 
 pub mod generation;
+pub mod known;
 pub mod phase;
 pub mod plan;
 pub mod recovery;
 pub mod services;
-pub mod known;
 pub mod trial;
 
 pub use generation::{Factory, Generation};

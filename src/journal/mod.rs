@@ -128,7 +128,10 @@ impl Journal {
         let rt = self.read()?;
         let names: Vec<String> = rt.list_tables().map_err(|e| self.storage(e))?.map(|h| h.name().to_string()).collect();
         drop(rt);
-        if [TRIAL.name(), KNOWN_FILES.name(), downloads::DOWNLOADS.name(), outbox::OUTBOX.name()].iter().all(|t| names.iter().any(|n| n == t)) {
+        if [TRIAL.name(), KNOWN_FILES.name(), downloads::DOWNLOADS.name(), outbox::OUTBOX.name()]
+            .iter()
+            .all(|t| names.iter().any(|n| n == t))
+        {
             return Ok(());
         }
         let wt = self.write()?;
