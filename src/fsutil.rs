@@ -28,35 +28,57 @@ pub fn hash_file(path: &Path) -> std::io::Result<(Hash, u64)> {
     hash_reader(File::open(path)?)
 }
 
+thread_local! {
+    /// One I/O buffer per thread, reused for every file: thousands of small files must not
+    /// each allocate and clear a fresh buffer.
+    static IO_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's I/O buffer (`IO_BUFFER_BYTES` long).
+pub fn with_io_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    IO_BUFFER.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < IO_BUFFER_BYTES {
+                buf.resize(IO_BUFFER_BYTES, 0);
+            }
+            f(&mut buf[..IO_BUFFER_BYTES])
+        }
+        // Nested use on one thread (never in the engine): a buffer of its own.
+        Err(_) => f(&mut vec![0u8; IO_BUFFER_BYTES]),
+    })
+}
+
 /// blake3 and length of an open file, read with pread (the descriptor's offset is left alone,
 /// so other threads can read the same descriptor).
 pub fn hash_file_at(file: &File) -> std::io::Result<(Hash, u64)> {
     use std::os::unix::fs::FileExt;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; IO_BUFFER_BYTES];
-    let mut total = 0u64;
-    loop {
-        let n = file.read_at(&mut buf, total)?;
-        if n == 0 {
-            return Ok((hasher.finalize().into(), total));
+    with_io_buffer(|buf| {
+        let mut hasher = blake3::Hasher::new();
+        let mut total = 0u64;
+        loop {
+            let n = file.read_at(buf, total)?;
+            if n == 0 {
+                return Ok((hasher.finalize().into(), total));
+            }
+            hasher.update(&buf[..n]);
+            total += n as u64;
         }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
+    })
 }
 
 pub fn hash_reader(mut r: impl Read) -> std::io::Result<(Hash, u64)> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; IO_BUFFER_BYTES];
-    let mut total = 0u64;
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            return Ok((hasher.finalize().into(), total));
+    with_io_buffer(|buf| {
+        let mut hasher = blake3::Hasher::new();
+        let mut total = 0u64;
+        loop {
+            let n = r.read(buf)?;
+            if n == 0 {
+                return Ok((hasher.finalize().into(), total));
+            }
+            hasher.update(&buf[..n]);
+            total += n as u64;
         }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
+    })
 }
 
 /// Which side of a copy failed: a bad source (package, blob) or the destination (disk).
@@ -68,18 +90,19 @@ pub enum CopyError {
 
 /// Streams `r` into `w`, hashing on the way. Returns the hash and the byte count.
 pub fn copy_hashed(mut r: impl Read, mut w: impl Write) -> Result<(Hash, u64), CopyError> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; IO_BUFFER_BYTES];
-    let mut total = 0u64;
-    loop {
-        let n = r.read(&mut buf).map_err(CopyError::Read)?;
-        if n == 0 {
-            return Ok((hasher.finalize().into(), total));
+    with_io_buffer(|buf| {
+        let mut hasher = blake3::Hasher::new();
+        let mut total = 0u64;
+        loop {
+            let n = r.read(buf).map_err(CopyError::Read)?;
+            if n == 0 {
+                return Ok((hasher.finalize().into(), total));
+            }
+            hasher.update(&buf[..n]);
+            w.write_all(&buf[..n]).map_err(CopyError::Write)?;
+            total += n as u64;
         }
-        hasher.update(&buf[..n]);
-        w.write_all(&buf[..n]).map_err(CopyError::Write)?;
-        total += n as u64;
-    }
+    })
 }
 
 /// What is at `path` now: absent, or a regular file with its hash and attributes. Anything

@@ -7,7 +7,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-const BUF_BYTES: usize = 64 * 1024;
+/// Small: most buffered reads are ZIP headers at scattered offsets (each would otherwise pull
+/// in a large block), and content reads are large enough to bypass the buffer.
+const BUF_BYTES: usize = 8 * 1024;
 
 pub struct PosReader {
     file: Arc<File>,

@@ -101,8 +101,11 @@ impl BackupStore {
     fn existing_blob_is_sound(&self, blob: &Path, src: &Path, hash: &Hash) -> Result<bool> {
         use std::os::unix::fs::MetadataExt;
         let Ok(b) = std::fs::symlink_metadata(blob) else { return Ok(false) };
+        if b.nlink() == 1 {
+            return Ok(true);
+        }
         let s = std::fs::metadata(src).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", src, &e))?;
-        if (b.dev() == s.dev() && b.ino() == s.ino()) || b.nlink() == 1 {
+        if b.dev() == s.dev() && b.ino() == s.ino() {
             return Ok(true);
         }
         match fsutil::hash_file(blob) {

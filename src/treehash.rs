@@ -8,7 +8,6 @@
 //! right. `pieces` and `merge` walk that same shape, so they always agree.
 
 use crate::engine::Hash;
-use crate::limits::IO_BUFFER_BYTES;
 use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -101,19 +100,20 @@ fn subtree<'a>(len: u64, it: &mut impl Iterator<Item = &'a PieceHash>) -> Chaini
 /// Hashes the piece (`offset`, `piece_len`) of `file`, an input of `len` bytes, with pread
 /// (threads share the descriptor). A file shorter than `len` is an error, never a short hash.
 pub fn hash_piece(file: &File, len: u64, offset: u64, piece_len: u64) -> std::io::Result<PieceHash> {
-    let mut hasher = piece_hasher(offset, len);
-    let mut buf = vec![0u8; IO_BUFFER_BYTES.min(piece_len.max(1) as usize)];
-    let mut done = 0u64;
-    while done < piece_len {
-        let want = buf.len().min((piece_len - done) as usize);
-        let n = file.read_at(&mut buf[..want], offset + done)?;
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being hashed"));
+    crate::fsutil::with_io_buffer(|buf| {
+        let mut hasher = piece_hasher(offset, len);
+        let mut done = 0u64;
+        while done < piece_len {
+            let want = buf.len().min((piece_len - done) as usize);
+            let n = file.read_at(&mut buf[..want], offset + done)?;
+            if n == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being hashed"));
+            }
+            hasher.update(&buf[..n]);
+            done += n as u64;
         }
-        hasher.update(&buf[..n]);
-        done += n as u64;
-    }
-    Ok(hasher.finish())
+        Ok(hasher.finish())
+    })
 }
 
 #[cfg(test)]

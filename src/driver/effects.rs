@@ -89,23 +89,26 @@ impl SplitStage {
     /// pieces of one file run on different threads.
     pub(super) fn copy_piece(&self, offset: u64, len: u64) -> Result<crate::treehash::PieceHash> {
         use std::os::unix::fs::FileExt;
-        let mut hasher = crate::treehash::piece_hasher(offset, self.size);
-        let mut buf = vec![0u8; crate::limits::IO_BUFFER_BYTES.min(len.max(1) as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let want = buf.len().min((len - done) as usize);
-            let n = self
-                .package
-                .read_at(&mut buf[..want], self.data_start + offset + done)
-                .map_err(|e| Error::new(ErrorCode::InvalidPackage, format!("package entry for {}: {e}", self.tmp.display())))?;
-            if n == 0 {
-                return Err(Error::new(ErrorCode::InvalidPackage, format!("package entry for {} is truncated", self.tmp.display())));
+        fsutil::with_io_buffer(|buf| {
+            let mut hasher = crate::treehash::piece_hasher(offset, self.size);
+            let mut done = 0u64;
+            while done < len {
+                let want = buf.len().min((len - done) as usize);
+                let n = self
+                    .package
+                    .read_at(&mut buf[..want], self.data_start + offset + done)
+                    .map_err(|e| Error::new(ErrorCode::InvalidPackage, format!("package entry for {}: {e}", self.tmp.display())))?;
+                if n == 0 {
+                    return Err(Error::new(ErrorCode::InvalidPackage, format!("package entry for {} is truncated", self.tmp.display())));
+                }
+                hasher.update(&buf[..n]);
+                self.out
+                    .write_all_at(&buf[..n], offset + done)
+                    .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "write", &self.tmp, &e))?;
+                done += n as u64;
             }
-            hasher.update(&buf[..n]);
-            self.out.write_all_at(&buf[..n], offset + done).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "write", &self.tmp, &e))?;
-            done += n as u64;
-        }
-        Ok(hasher.finish())
+            Ok(hasher.finish())
+        })
     }
 
     /// After every piece: the merged hash must be the pinned one; then mode and owner.

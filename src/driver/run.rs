@@ -226,15 +226,23 @@ impl Updater {
         Ok(())
     }
 
-    /// Puts every old file into the backup store (hard link or verified copy), then one
-    /// syncfs of the store's filesystem.
+    /// Puts every old file into the backup store (hard link or verified copy, on every
+    /// core), then one syncfs of the store's filesystem.
     pub(super) fn back_up(&mut self, plan: &Plan) -> Result<()> {
+        // One source per distinct content: two workers must never fill the same blob.
+        let mut by_hash: BTreeMap<crate::engine::Hash, &str> = BTreeMap::new();
         for t in &plan.targets {
             if let PathState::File(m) = t.old {
-                self.store.put(Path::new(&t.path), &m.hash)?;
-                hit("backup.file");
+                by_hash.entry(m.hash).or_insert(&t.path);
             }
         }
+        let unique: Vec<(crate::engine::Hash, &str)> = by_hash.into_iter().collect();
+        let store = &self.store;
+        crate::parallel::try_map(&unique, |(hash, path)| {
+            store.put(Path::new(path), hash)?;
+            hit("backup.file");
+            Ok(())
+        })?;
         fsutil::sync_filesystems([self.store.dir()])?;
         hit("backup.synced");
         Ok(())
