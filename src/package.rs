@@ -389,3 +389,84 @@ impl<R: Read> Read for ExactReader<R> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A package deploying `files` (name → content) to `root`, every file pinned when `pin`,
+    /// written stored or deflated.
+    fn package(dir: &Path, name: &str, root: &Path, files: &[(&str, &[u8])], pin: bool, method: zip::CompressionMethod) -> PathBuf {
+        let mods: Vec<serde_json::Value> = files
+            .iter()
+            .map(|(n, c)| {
+                let mut m = serde_json::json!({"name": n, "src": n, "dst": root.join(n).to_str().unwrap()});
+                if pin {
+                    m["blake3"] = Hash::of(c).to_hex().into();
+                }
+                m
+            })
+            .collect();
+        let manifest = serde_json::json!({"version": "1.0.0", "modules": mods}).to_string();
+        let path = dir.join(name);
+        let mut z = zip::ZipWriter::new(File::create(&path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default().compression_method(method).unix_permissions(0o644);
+        z.start_file(MANIFEST_NAME, opts).unwrap();
+        z.write_all(manifest.as_bytes()).unwrap();
+        for (n, c) in files {
+            z.start_file(*n, opts).unwrap();
+            z.write_all(c).unwrap();
+        }
+        z.finish().unwrap();
+        path
+    }
+
+    fn open(path: &Path, root: &Path) -> Package {
+        Package::open(path, &Config::default(), &AllowedRoots::new(&[root.to_path_buf()])).unwrap()
+    }
+
+    const FILES: &[(&str, &[u8])] = &[("a", b"alpha\n"), ("b", b"beta beta beta beta\n")];
+
+    #[test]
+    fn a_pinned_package_is_identified_by_its_manifest_and_entries_whatever_its_zip_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let stored = package(d.path(), "s.zip", &root, FILES, true, zip::CompressionMethod::Stored);
+        let deflated = package(d.path(), "d.zip", &root, FILES, true, zip::CompressionMethod::Deflated);
+        assert_ne!(std::fs::read(&stored).unwrap(), std::fs::read(&deflated).unwrap());
+        let (mut s, mut z) = (open(&stored, &root), open(&deflated, &root));
+        let id = s.identity().unwrap();
+        assert_eq!(id, z.identity().unwrap(), "same manifest and entries: same identity");
+        assert_ne!(id, s.blake3().unwrap(), "the identity is not the file hash");
+        assert_eq!(s.blake3().unwrap(), Hash::of(&std::fs::read(&stored).unwrap()));
+        // Another manifest (another pinned content) is another package.
+        let other = package(d.path(), "o.zip", &root, &[("a", b"alpha\n"), ("b", b"BETA\n")], true, zip::CompressionMethod::Stored);
+        assert_ne!(open(&other, &root).identity().unwrap(), id);
+    }
+
+    #[test]
+    fn an_unpinned_package_is_identified_by_the_hash_of_its_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let path = package(d.path(), "u.zip", &root, FILES, false, zip::CompressionMethod::Deflated);
+        assert_eq!(open(&path, &root).identity().unwrap(), Hash::of(&std::fs::read(&path).unwrap()));
+    }
+
+    #[test]
+    fn a_plan_naming_a_pinned_package_by_its_file_hash_still_finds_it() {
+        // Plans journaled before package identities named every package by its file hash;
+        // recovery must still accept the same package, and nothing else.
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let path = package(d.path(), "p.zip", &root, FILES, true, zip::CompressionMethod::Stored);
+        let mut p = open(&path, &root);
+        let id = p.identity().unwrap();
+        assert!(p.is(&id).unwrap());
+        assert!(p.is(&Hash::of(&std::fs::read(&path).unwrap())).unwrap());
+        assert!(!p.is(&Hash::of(b"another package")).unwrap());
+    }
+}

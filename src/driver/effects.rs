@@ -131,6 +131,18 @@ impl SplitStage {
 pub(super) fn swap_one(t: &Target, tx: u64) -> Result<()> {
     let target = Path::new(&t.path);
     let tmp = temp_path(target, tx);
+    if let NewState::File(_) = t.new {
+        // The common case first: a staged file is renamed whatever the target holds
+        // (`swap_action`), so the rename itself tells whether it was staged.
+        match std::fs::rename(&tmp, target) {
+            Ok(()) => {
+                hit("swap.file");
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(ErrorCode::DeploymentFailed, "rename", target, &e)),
+        }
+    }
     let staged = std::fs::symlink_metadata(&tmp).is_ok();
     let current = match (&t.new, staged) {
         (NewState::File(_), true) => None,

@@ -295,10 +295,16 @@ pub fn check_rollback_target(journal: &Journal, to: &RollbackTo) -> Result<()> {
 /// Ancestors of new files that do not exist yet, parents first.
 pub(super) fn missing_dirs(targets: &[Target]) -> Vec<String> {
     let mut dirs = BTreeSet::new();
+    // Thousands of targets share a few parents: each directory is looked at once.
+    let mut existing: BTreeSet<&Path> = BTreeSet::new();
     for t in targets.iter().filter(|t| matches!(t.new, NewState::File(_))) {
         let mut p = Path::new(&t.path).parent();
         while let Some(dir) = p {
+            if existing.contains(dir) || dirs.contains(dir.to_str().unwrap_or_default()) {
+                break;
+            }
             if std::fs::symlink_metadata(dir).is_ok() {
+                existing.insert(dir);
                 break;
             }
             if let Some(s) = dir.to_str() {

@@ -5,6 +5,7 @@ mod support;
 mod crash;
 mod daemon;
 mod diskfull;
+mod fastpath;
 mod hostile;
 mod journal_loss;
 mod operator;
