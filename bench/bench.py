@@ -27,13 +27,20 @@ def timed(cmd):
 class Workspace:
     """A loop-mounted ext4 (root) or a temporary directory."""
 
-    def __init__(self, size_gib):
+    def __init__(self, size_gib, prefill):
         self.base = tempfile.mkdtemp(prefix="tope-bench.")
         self.mount = None
         if os.geteuid() == 0 and shutil.which("mkfs.ext4"):
             img = os.path.join(self.base, "fs.img")
-            sh(["truncate", "-s", f"{size_gib}G", img])
-            sh(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", img])
+            if prefill:
+                # Every block of the image written once. Over a sparse file, the first write to
+                # each block pays the host's block allocation, which made timings of the same
+                # command swing 4× from run to run. nodiscard keeps mkfs from punching the
+                # blocks out again.
+                sh(["dd", "if=/dev/zero", f"of={img}", "bs=8M", f"count={size_gib * 128}", "oflag=direct", "status=none"])
+            else:
+                sh(["truncate", "-s", f"{size_gib}G", img])
+            sh(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", img])
             self.dir = os.path.join(self.base, "mnt")
             os.mkdir(self.dir)
             sh(["mount", "-o", "loop", img, self.dir])
@@ -226,7 +233,7 @@ def fmt_s(xs):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
-    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--runs", type=int, default=11)
     ap.add_argument("--md", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--daemon-only", action="store_true", help="only the daemon rows (GET /progress latency, peak RSS)")
@@ -235,7 +242,7 @@ def main():
     big = 8 * MiB if a.quick else 64 * MiB
     many = 200 if a.quick else 2000
     rss_bytes = 64 * MiB if a.quick else 1024 * MiB
-    ws = Workspace(8)
+    ws = Workspace(2, prefill=False) if a.quick else Workspace(8, prefill=True)
     rows = []
     try:
         if a.daemon_only:
@@ -251,7 +258,16 @@ def main():
                 ins.append(prof.run_install())
                 cold.append(prof.run_install(cold=True))
             base = statistics.median(cp)
-            ratio = lambda xs: f"{statistics.median(xs) / base:.2f} × (runs {min(xs) / base:.2f}–{max(xs) / base:.2f})"
+            # The ratio of the medians; the range of each run over the baseline's median; the
+            # median of each run over the cp run of the same round (slow spells of the shared
+            # host's disk hit both); and best over best (the runs least disturbed, as
+            # ../shared/research/peers.md compares the peers).
+            def ratio(xs):
+                paired = statistics.median(x / c for x, c in zip(xs, cp))
+                return (
+                    f"{statistics.median(xs) / base:.2f} × (runs {min(xs) / base:.2f}–{max(xs) / base:.2f}; "
+                    f"paired {paired:.2f} ×; best {min(xs) / min(cp):.2f} ×)"
+                )
             rows.append((f"{label}: cp + sync (baseline)", fmt_s(cp), "1.00 ×"))
             rows.append((f"{label}: unzip -o + sync", fmt_s(unz), f"{statistics.median(unz) / base:.2f} ×"))
             rows.append((f"{label}: tope-updater install", fmt_s(ins), ratio(ins)))

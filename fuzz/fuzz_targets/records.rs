@@ -63,6 +63,7 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<tope_updater::engine::trial::Trial>(data, Size::Small, "trial");
     round_trip::<tope_updater::reporter::Report>(data, Size::Small, "report");
     round_trip::<tope_updater::download::DownloadRecord>(data, Size::Small, "download");
+    round_trip::<tope_updater::engine::known::KnownFile>(data, Size::Small, "known file");
     // The plan copy: once as raw file bytes, once wrapped in a correct header so the payload
     // reaches the decoder.
     let valid_header = data.len() >= 48 && &data[..8] == b"TOPEPLN1" && {

@@ -262,8 +262,10 @@ impl Updater {
         for d in &plan.removed_dirs {
             fsutil::remove_dir_if_empty(Path::new(d))?;
         }
-        fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
+        // After the last change to a target and before the syncfs, which usually outlasts
+        // the clock tick `verify` must see pass.
         self.swapped_at = Some(crate::observe::coarse_now());
+        fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
         hit("swap.synced");
         Ok(())
     }
