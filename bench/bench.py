@@ -9,6 +9,7 @@ against `cp` + `sync` measured in the same invocation, on the same filesystem.
 import argparse, hashlib, http.server, json, os, random, re, shutil, socketserver, statistics, subprocess, tempfile, threading, time, urllib.request
 
 MiB = 1024 * 1024
+SETTLE_S = 1.0
 
 
 def sh(cmd):
@@ -16,8 +17,11 @@ def sh(cmd):
 
 
 def timed(cmd):
-    """Wall time of `cmd` followed by `sync`, starting with nothing dirty."""
+    """Wall time of `cmd` followed by `sync`, starting with nothing dirty, after a pause that
+    lets the shared host's disk absorb what the previous command wrote (without it, whichever
+    command ran right after a large write paid for it)."""
     sh("sync")
+    time.sleep(SETTLE_S)
     t = time.perf_counter()
     sh(cmd)
     sh("sync")
@@ -108,6 +112,10 @@ class Profile:
         sh([binary, "pack", self.src, "-o", self.pkg])
         self.reset_copy(self.target)
         self.tu("recover")  # creates the journal: a one-time cost, not part of an install
+
+    def remove(self):
+        """Frees its space for the next profile (the 1 GiB ones need it)."""
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def tu(self, *args):
         return sh([self.bin, "--config", self.cfg, "--log-level", "warn", *args])
@@ -210,10 +218,12 @@ def daemon_bench(ws, binary, load_bin, size):
         req = {"version": "2.0.0", "package_url": f"http://127.0.0.1:{server.server_address[1]}/{pkg_name}", "package_name": pkg_name, "package_size": os.path.getsize(prof.pkg), "package_md5": md5.hexdigest()}
         t = time.perf_counter()
         assert api(port, "POST", "/download", req)["code"] == 200
-        wait_stage(port, {"toInstall", "failed"})
+        stage, progress = wait_stage(port, {"toInstall", "failed"})
+        assert stage == "toInstall", f"the download ended in {progress}"
         download_s = time.perf_counter() - t
         load = subprocess.Popen([load_bin, f"127.0.0.1:{port}", "1000", "600"], stdout=subprocess.PIPE, text=True)
-        assert api(port, "POST", "/update", {"version": "2.0.0"})["code"] == 200
+        upd = api(port, "POST", "/update", {"version": "2.0.0"})
+        assert upd["code"] == 200, f"POST /update answered {upd}"
         stats = json.loads(load.communicate(timeout=900)[0])
         stage, _ = wait_stage(port, {"success", "failed"})
         install_s = time.perf_counter() - t - download_s
@@ -231,6 +241,7 @@ def fmt_s(xs):
 
 
 def main():
+    global SETTLE_S
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("--runs", type=int, default=11)
@@ -238,6 +249,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--daemon-only", action="store_true", help="only the daemon rows (GET /progress latency, peak RSS)")
     a = ap.parse_args()
+    if a.quick:
+        SETTLE_S = 0.0
     runs = 2 if a.quick else a.runs
     big = 8 * MiB if a.quick else 64 * MiB
     many = 200 if a.quick else 2000
@@ -252,11 +265,12 @@ def main():
         sm = Profile(ws, a.bin, "many-small", lambda d: gen_many(d, many, 1), lambda d: gen_many(d, many, 2))
         for prof, label in ((fw, f"3 × {big // MiB} MiB"), (sm, f"{many} files of 4–64 KiB")):
             cp, unz, ins, cold = [], [], [], []
-            for _ in range(runs):  # interleaved, so drift hits all of them alike
-                cp.append(prof.run_cp())
-                unz.append(prof.run_unzip())
-                ins.append(prof.run_install())
-                cold.append(prof.run_install(cold=True))
+            steps = [(cp, prof.run_cp), (unz, prof.run_unzip), (ins, prof.run_install), (cold, lambda: prof.run_install(cold=True))]
+            for r in range(runs):
+                # Interleaved, so drift hits all of them alike, and in a rotating order, so no
+                # command always follows the same one.
+                for out, step in steps[r % 4 :] + steps[: r % 4]:
+                    out.append(step())
             base = statistics.median(cp)
             # The ratio of the medians; the range of each run over the baseline's median; the
             # median of each run over the cp run of the same round (slow spells of the shared
@@ -272,6 +286,7 @@ def main():
             rows.append((f"{label}: unzip -o + sync", fmt_s(unz), f"{statistics.median(unz) / base:.2f} ×"))
             rows.append((f"{label}: tope-updater install", fmt_s(ins), ratio(ins)))
             rows.append((f"{label}: tope-updater install, old files never verified", fmt_s(cold), ratio(cold)))
+        fw.remove()
         rb = [sm.run_rollback() for _ in range(runs)]
         rows.append((f"rollback of the {many}-file install", fmt_s(rb), "target < 2 s"))
 
@@ -284,6 +299,8 @@ def main():
             ]
             for prof, label in profiles:
                 c = prof.syscalls()
+                if prof is not sm:
+                    prof.remove()
                 rows.append((f"per install, {label}", f"fsync {c['fsync']}, fdatasync {c['fdatasync']}, syncfs {c['syncfs']}, commits {c['commits']}", f"renames {c['rename']}, links {c['link']}"))
         else:
             rows.append(("syscalls per install", "n/a (strace not installed)", ""))
@@ -301,6 +318,7 @@ def main():
             out = subprocess.run(["/usr/bin/time", "-v", a.bin, "--config", mem.cfg, "--log-level", "warn", "install", mem.pkg], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, check=True)
             kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
             rows.append((f"peak RSS installing a {rss_bytes // MiB} MiB package", f"{kib / 1024:.1f} MiB", "target < 32 MiB"))
+            mem.remove()
         else:
             rows.append(("peak RSS", "n/a (/usr/bin/time not installed)", ""))
         rows.append(("release binary (stripped by the profile)", f"{os.path.getsize(a.bin) / MiB:.2f} MiB", "target < 10 MiB"))

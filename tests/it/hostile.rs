@@ -106,6 +106,8 @@ fn u32_at(b: &[u8], at: usize) -> usize {
 
 // Field offsets inside a local file header and a central directory record (APPNOTE 4.3.7, 4.3.12).
 const LOCAL_CRC: usize = 14;
+const LOCAL_COMPRESSED: usize = 18;
+const CENTRAL_COMPRESSED: usize = 20;
 const LOCAL_UNCOMPRESSED: usize = 22;
 const CENTRAL_CRC: usize = 16;
 const CENTRAL_UNCOMPRESSED: usize = 24;
@@ -651,6 +653,29 @@ fn module_content_not_matching_its_blake3_is_rejected_and_no_module_is_deployed(
     assert_install_rejected(&env, &pkg, "HASH_MISMATCH");
     assert_eq!(env.read(TOOL).as_deref(), Some(TOOL_OLD));
     assert!(!env.path("app/lib").exists() && !env.path("app/zz").exists(), "directories created for staging were left");
+}
+
+/// A pinned Stored entry over 4 MiB is staged by pieces read straight from the package (not
+/// through the ZIP crate's reader). Its declared sizes, compressed and uncompressed alike (so
+/// the entry stays self-consistent), claim 4 KiB less or more than it holds: less deploys a
+/// prefix, which its pinned hash refuses; more reaches into the next headers, which the
+/// archive checks refuse before staging starts.
+#[test]
+fn a_large_pinned_stored_entry_claiming_another_size_is_rejected_and_nothing_changes() {
+    for (delta, code) in [(-4096i64, "HASH_MISMATCH"), (4096, "INVALID_PACKAGE")] {
+        let env = device("");
+        let payload = noise(b"large", 5 * 1024 * 1024 + 17);
+        let m = serde_json::json!({"version": "1.0.0", "modules": [
+            {"name": "tool", "src": "payload/tool", "dst": env.dst(TOOL), "blake3": blake3_hex(&payload)}]})
+        .to_string();
+        let mut zip = stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", &payload)]);
+        let declared = (payload.len() as i64 + delta) as u32;
+        patch_u32(&mut zip, "payload/tool", LOCAL_UNCOMPRESSED, CENTRAL_UNCOMPRESSED, declared);
+        patch_u32(&mut zip, "payload/tool", LOCAL_COMPRESSED, CENTRAL_COMPRESSED, declared);
+        let pkg = save(&env, &format!("large{delta}.zip"), &zip);
+        assert_install_rejected(&env, &pkg, code);
+        assert_eq!(env.read(TOOL).as_deref(), Some(TOOL_OLD), "delta {delta}");
+    }
 }
 
 // ---- versions and compatibility ----
