@@ -422,6 +422,14 @@ mod tests {
         path
     }
 
+    /// A temporary directory with the allowed root `root` inside it.
+    fn device() -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        (d, root)
+    }
+
     fn open(path: &Path, root: &Path) -> Package {
         Package::open(path, &Config::default(), &AllowedRoots::new(&[root.to_path_buf()])).unwrap()
     }
@@ -430,9 +438,7 @@ mod tests {
 
     #[test]
     fn a_pinned_package_is_identified_by_its_manifest_and_entries_whatever_its_zip_bytes() {
-        let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("root");
-        std::fs::create_dir(&root).unwrap();
+        let (d, root) = device();
         let stored = package(d.path(), "s.zip", &root, FILES, true, zip::CompressionMethod::Stored);
         let deflated = package(d.path(), "d.zip", &root, FILES, true, zip::CompressionMethod::Deflated);
         assert_ne!(std::fs::read(&stored).unwrap(), std::fs::read(&deflated).unwrap());
@@ -448,9 +454,7 @@ mod tests {
 
     #[test]
     fn an_unpinned_package_is_identified_by_the_hash_of_its_bytes() {
-        let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("root");
-        std::fs::create_dir(&root).unwrap();
+        let (d, root) = device();
         let path = package(d.path(), "u.zip", &root, FILES, false, zip::CompressionMethod::Deflated);
         assert_eq!(open(&path, &root).identity().unwrap(), Hash::of(&std::fs::read(&path).unwrap()));
     }
@@ -459,9 +463,7 @@ mod tests {
     fn a_plan_naming_a_pinned_package_by_its_file_hash_still_finds_it() {
         // Plans journaled before package identities named every package by its file hash;
         // recovery must still accept the same package, and nothing else.
-        let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("root");
-        std::fs::create_dir(&root).unwrap();
+        let (d, root) = device();
         let path = package(d.path(), "p.zip", &root, FILES, true, zip::CompressionMethod::Stored);
         let mut p = open(&path, &root);
         let id = p.identity().unwrap();

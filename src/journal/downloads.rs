@@ -24,12 +24,7 @@ impl Journal {
     /// A record that breaks its invariants is `JOURNAL_CORRUPT`.
     pub fn download(&self) -> Result<Option<DownloadRecord>> {
         let rt = self.read()?;
-        let t = match rt.open_table(DOWNLOADS) {
-            Ok(t) => t,
-            // A journal written before the table existed, opened read-only.
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.storage(e)),
-        };
+        let Some(t) = self.later_table(&rt, DOWNLOADS)? else { return Ok(None) };
         let Some(v) = t.get(CURRENT_DOWNLOAD).map_err(|e| self.storage(e))? else { return Ok(None) };
         let rec: DownloadRecord = decode(v.value(), Size::Small, "download")?;
         rec.check().map_err(|why| self.corrupt(format!("download record: {why}")))?;

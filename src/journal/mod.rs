@@ -233,6 +233,21 @@ impl Journal {
 
     // ---- reads ----
 
+    /// A table added to format 1 after its release (§7), or `None` in a journal written
+    /// before it existed and opened read-only (a read-write open creates it): readers treat
+    /// it as empty.
+    fn later_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        rt: &ReadTransaction,
+        def: TableDefinition<K, V>,
+    ) -> Result<Option<redb::ReadOnlyTable<K, V>>> {
+        match rt.open_table(def) {
+            Ok(t) => Ok(Some(t)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(self.storage(e)),
+        }
+    }
+
     fn counter(&self, rt: &ReadTransaction, key: &str) -> Result<Option<u64>> {
         let t = rt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
         Ok(t.get(key).map_err(|e| self.storage(e))?.map(|v| v.value()))
@@ -317,24 +332,14 @@ impl Journal {
     /// The trial install awaiting confirmation, if any.
     pub fn trial(&self) -> Result<Option<Trial>> {
         let rt = self.read()?;
-        let t = match rt.open_table(TRIAL) {
-            Ok(t) => t,
-            // A journal written before the table existed, opened read-only.
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.storage(e)),
-        };
+        let Some(t) = self.later_table(&rt, TRIAL)? else { return Ok(None) };
         t.get(CURRENT_TRIAL).map_err(|e| self.storage(e))?.map(|v| decode(v.value(), Size::Small, "trial")).transpose()
     }
 
     /// The known-file records of `paths` (those that have one), in one read transaction.
     pub fn known_files<'a>(&self, paths: impl IntoIterator<Item = &'a str>) -> Result<std::collections::BTreeMap<String, KnownFile>> {
         let rt = self.read()?;
-        let t = match rt.open_table(KNOWN_FILES) {
-            Ok(t) => t,
-            // A journal written before the table existed, opened read-only: no records.
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Default::default()),
-            Err(e) => return Err(self.storage(e)),
-        };
+        let Some(t) = self.later_table(&rt, KNOWN_FILES)? else { return Ok(Default::default()) };
         let mut out = std::collections::BTreeMap::new();
         for p in paths {
             if let Some(v) = t.get(p).map_err(|e| self.storage(e))? {
@@ -347,11 +352,7 @@ impl Journal {
     /// Every known-file record, for `journal`.
     pub fn all_known_files(&self) -> Result<Vec<(String, KnownFile)>> {
         let rt = self.read()?;
-        let t = match rt.open_table(KNOWN_FILES) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.storage(e)),
-        };
+        let Some(t) = self.later_table(&rt, KNOWN_FILES)? else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| self.storage(e))? {
             let (k, v) = item.map_err(|e| self.storage(e))?;

@@ -142,11 +142,7 @@ impl Journal {
     /// table (opened read-only before it existed) has none.
     pub fn outbox_pending(&self, limit: usize) -> Result<Vec<Report>> {
         let rt = self.read()?;
-        let t = match rt.open_table(OUTBOX) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.storage(e)),
-        };
+        let Some(t) = self.later_table(&rt, OUTBOX)? else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| self.storage(e))?.take(limit) {
             let (k, v) = item.map_err(|e| self.storage(e))?;
@@ -162,10 +158,9 @@ impl Journal {
     /// Number of waiting reports.
     pub fn outbox_len(&self) -> Result<u64> {
         let rt = self.read()?;
-        match rt.open_table(OUTBOX) {
-            Ok(t) => t.len().map_err(|e| self.storage(e)),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-            Err(e) => Err(self.storage(e)),
+        match self.later_table(&rt, OUTBOX)? {
+            Some(t) => t.len().map_err(|e| self.storage(e)),
+            None => Ok(0),
         }
     }
 
