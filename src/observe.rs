@@ -147,13 +147,24 @@ fn file_meta(m: &Metadata, hash: Hash) -> FileMeta {
     FileMeta { hash, size: m.size(), mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid() }
 }
 
-/// Waits (at most one clock tick, 1–10 ms) until the coarse clock has moved past `mark`, a
-/// reading taken after the last change to a set of files: from then on, every one of those
-/// changes is settled, so reading the files records all of them.
+/// Waits (a tick or two of the coarse clock, 4–20 ms, usually already over) until the coarse
+/// clock has moved past `mark`, a `precise_now` reading taken after the last change to a set
+/// of files: from then on every one of those changes is settled, whether the kernel stamped
+/// it with the coarse clock or (multigrain timestamps) with the precise time, so reading the
+/// files records all of them.
 pub fn wait_past(mark: Timestamp) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
     while coarse_now() <= mark && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_micros(500));
+    }
+}
+
+/// The precise wall clock (CLOCK_REALTIME): no file change made before this reading has a
+/// timestamp after it.
+pub fn precise_now() -> Timestamp {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME) {
+        Ok(t) => Timestamp { sec: t.tv_sec(), nsec: t.tv_nsec() as u32 },
+        Err(_) => coarse_now(),
     }
 }
 

@@ -263,8 +263,8 @@ impl Updater {
             fsutil::remove_dir_if_empty(Path::new(d))?;
         }
         // After the last change to a target and before the syncfs, which usually outlasts
-        // the clock tick `verify` must see pass.
-        self.swapped_at = Some(crate::observe::coarse_now());
+        // the wait `verify` begins with.
+        self.swapped_at = Some(crate::observe::precise_now());
         fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
         hit("swap.synced");
         Ok(())
@@ -275,8 +275,8 @@ impl Updater {
     pub(super) fn verify(&mut self, plan: &Plan) -> Result<()> {
         let paths: Vec<&str> = plan.targets.iter().map(|t| t.path.as_str()).collect();
         // Every rename of the swap settled (usually already true after its syncfs), so that
-        // every target read here can be recorded. A resumed run waits one tick from now.
-        crate::observe::wait_past(self.swapped_at.take().unwrap_or_else(crate::observe::coarse_now));
+        // every target read here can be recorded. A resumed run waits from now.
+        crate::observe::wait_past(self.swapped_at.take().unwrap_or_else(crate::observe::precise_now));
         let seen = crate::observe::observe_all(&paths, crate::observe::Source::ReadAll)?;
         self.verified.clear();
         for (t, got) in plan.targets.iter().zip(seen) {
