@@ -164,9 +164,9 @@ pub struct Updater {
     cancel: Option<Arc<AtomicBool>>,
     /// `None` when the caller holds the state-dir lock itself (the daemon, for its lifetime).
     _lock: Option<Flock<File>>,
-    /// Targets the `Verified` phase of this process read with a settled signature: the
-    /// known-file records the `Committed` commit stores (empty when `Verified` ran in an
-    /// earlier, interrupted process: then the commit only removes stale records).
+    /// Targets the `Verified` phase read with a settled signature: the known-file records
+    /// the `Committed` commit stores. Always filled by this process: a resumed transaction
+    /// re-performs its journaled phase, so `Verified` runs again before `Committed`.
     verified: std::collections::BTreeMap<String, crate::engine::known::KnownFile>,
     /// A coarse clock reading taken after the swap of this process's transaction.
     swapped_at: Option<crate::engine::known::Timestamp>,
