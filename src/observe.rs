@@ -200,6 +200,15 @@ mod tests {
         v.iter().map(|p| p.to_str().unwrap().to_string()).collect()
     }
 
+    /// A temporary directory holding one file `f` with `content`, and the file's path.
+    fn one_file(content: &[u8]) -> (tempfile::TempDir, std::path::PathBuf, String) {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        write(&f, content);
+        let p = f.to_str().unwrap().to_string();
+        (d, f, p)
+    }
+
     #[test]
     fn small_large_and_absent_files_hash_as_a_plain_read_would() {
         let d = tempfile::tempdir().unwrap();
@@ -220,10 +229,7 @@ mod tests {
 
     #[test]
     fn a_record_is_trusted_only_while_the_signature_matches() {
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("f");
-        write(&f, b"old content");
-        let p = f.to_str().unwrap().to_string();
+        let (_d, f, p) = one_file(b"old content");
         let meta = std::fs::symlink_metadata(&f).unwrap();
         // A record claiming other content: trusted (no read) while the stat matches.
         let lie = Hash::of(b"what the record says");
@@ -243,10 +249,7 @@ mod tests {
 
     #[test]
     fn a_file_changed_in_the_current_tick_is_not_recordable_and_a_settled_one_is() {
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("f");
-        write(&f, b"x");
-        let p = f.to_str().unwrap().to_string();
+        let (_d, f, p) = one_file(b"x");
         let meta = std::fs::symlink_metadata(&f).unwrap();
         let sig = signature(&meta);
         // Whether the first observation is recordable depends on the tick; what is

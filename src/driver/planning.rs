@@ -22,7 +22,7 @@ impl Updater {
         let (_, current) = self.current_generation()?;
         self.check_acceptable(&pkg, current.as_ref(), opts)?;
         let dsts: Vec<String> = pkg.files.iter().map(|f| path_string(&f.dst)).collect::<Result<_>>()?;
-        let olds = self.observe_old(&dsts)?;
+        let olds = self.observe_old(&dsts.iter().map(String::as_str).collect::<Vec<_>>())?;
         let blake3 = pkg.identity()?;
         self.check_not_failed_before(&blake3, opts)?;
         let m = &pkg.manifest;
@@ -79,12 +79,11 @@ impl Updater {
 
     /// What the targets hold before the transaction: hashes from the known-file records
     /// where the stat signature still matches exactly, read (on every core) otherwise.
-    fn observe_old(&self, paths: &[String]) -> Result<Vec<PathState>> {
-        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-        let records = self.journal.known_files(refs.iter().copied())?;
-        let seen = crate::observe::observe_all(&refs, crate::observe::Source::Records(&records))?;
+    fn observe_old(&self, paths: &[&str]) -> Result<Vec<PathState>> {
+        let records = self.journal.known_files(paths.iter().copied())?;
+        let seen = crate::observe::observe_all(paths, crate::observe::Source::Records(&records))?;
         let trusted = seen.iter().filter(|o| o.from_record).count();
-        tracing::debug!(paths = refs.len(), from_records = trusted, read = seen.len() - trusted, "old states observed");
+        tracing::debug!(paths = paths.len(), from_records = trusted, read = seen.len() - trusted, "old states observed");
         Ok(seen.into_iter().map(|o| o.state).collect())
     }
 
@@ -202,7 +201,7 @@ impl Updater {
         let factory = self.journal.factory()?;
         let (target, rollback_to) = rollback_target(&gens, current.as_ref(), to)?;
         let managed: Vec<&str> = generation::managed_paths(current.as_ref(), &factory).into_iter().collect();
-        let observed = self.observe_old(&managed.iter().map(|p| p.to_string()).collect::<Vec<_>>())?;
+        let observed = self.observe_old(&managed)?;
         let mut targets = Vec::new();
         for (path, have) in managed.into_iter().zip(observed) {
             let want = generation::desired_state(path, target, &factory);
