@@ -9,7 +9,7 @@
 use crate::engine::known::{KnownFile, StatSignature, Timestamp};
 use crate::engine::{FileMeta, Hash, PathState};
 use crate::error::{Error, ErrorCode, Result};
-use crate::treehash::{self, PieceHash};
+use crate::treehash;
 use std::collections::BTreeMap;
 use std::fs::{File, Metadata, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -51,29 +51,19 @@ enum First {
 pub fn observe_all(paths: &[&str], source: Source<'_>) -> Result<Vec<Observation>> {
     let first = crate::parallel::try_map(paths, |p| observe_first(p, &source))?;
     // Large files: every piece of every one of them is one work item.
-    let mut work: Vec<(usize, u64, u64)> = Vec::new();
-    for (i, f) in first.iter().enumerate() {
-        if let First::Split(p) = f {
-            work.extend(treehash::pieces(p.meta.size()).into_iter().map(|(off, len)| (i, off, len)));
-        }
-    }
-    let piece_hashes = crate::parallel::try_map(&work, |&(i, off, len)| {
-        let First::Split(p) = &first[i] else { unreachable!("work holds split files only") };
+    let lens: Vec<Option<u64>> = first.iter().map(|f| if let First::Split(p) = f { Some(p.meta.size()) } else { None }).collect();
+    let hashes = treehash::hash_split(&lens, |i, off, len| {
+        let First::Split(p) = &first[i] else { unreachable!("only split files have a length") };
         treehash::hash_piece(&p.file, p.meta.size(), off, len).map_err(|e| read_error(paths[i], &e))
     })?;
-    let mut hashes: BTreeMap<usize, Vec<PieceHash>> = BTreeMap::new();
-    for (&(i, _, _), h) in work.iter().zip(piece_hashes) {
-        hashes.entry(i).or_default().push(h);
-    }
     first
         .into_iter()
+        .zip(hashes)
         .enumerate()
-        .map(|(i, f)| match f {
-            First::Done(o) => Ok(o),
-            First::Split(p) => {
-                let hash = treehash::merge(p.meta.size(), &hashes[&i]);
-                finish_read(paths[i], &p.file, &p.meta, hash, p.clock_before)
-            }
+        .map(|(i, (f, hash))| match (f, hash) {
+            (First::Done(o), _) => Ok(o),
+            (First::Split(p), Some(hash)) => finish_read(paths[i], &p.file, &p.meta, hash, p.clock_before),
+            (First::Split(_), None) => Err(Error::internal("a split file without its hash")),
         })
         .collect()
 }

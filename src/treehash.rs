@@ -97,6 +97,27 @@ fn subtree<'a>(len: u64, it: &mut impl Iterator<Item = &'a PieceHash>) -> Chaini
     merge_subtrees_non_root(&l, &r, Mode::Hash)
 }
 
+/// Hashes every input whose length is `Some`, all their pieces in one pool on every worker;
+/// `piece(i, offset, len)` hashes one piece of input `i`. Returns each input's merged hash
+/// (`None` where its length is `None`). The first error stops new pieces and is returned.
+pub fn hash_split(
+    lens: &[Option<u64>],
+    piece: impl Fn(usize, u64, u64) -> crate::error::Result<PieceHash> + Sync,
+) -> crate::error::Result<Vec<Option<Hash>>> {
+    let mut work: Vec<(usize, u64, u64)> = Vec::new();
+    for (i, len) in lens.iter().enumerate() {
+        if let Some(len) = *len {
+            work.extend(pieces(len).into_iter().map(|(off, n)| (i, off, n)));
+        }
+    }
+    let hashes = crate::parallel::try_map(&work, |&(i, off, n)| piece(i, off, n))?;
+    let mut by_input: Vec<Vec<PieceHash>> = vec![Vec::new(); lens.len()];
+    for (&(i, _, _), h) in work.iter().zip(hashes) {
+        by_input[i].push(h);
+    }
+    Ok(lens.iter().zip(by_input).map(|(len, hs)| len.map(|len| merge(len, &hs))).collect())
+}
+
 /// Hashes the piece (`offset`, `piece_len`) of `file`, an input of `len` bytes, with pread
 /// (threads share the descriptor). A file shorter than `len` is an error, never a short hash.
 pub fn hash_piece(file: &File, len: u64, offset: u64, piece_len: u64) -> std::io::Result<PieceHash> {
@@ -182,6 +203,21 @@ mod tests {
             assert_eq!(next, len);
             assert_eq!(ps.len() == 1, len <= PIECE_BYTES, "length {len}");
         }
+    }
+
+    #[test]
+    fn hash_split_merges_each_input_and_skips_the_others() {
+        let all = data((3 * PIECE_BYTES + 5) as usize);
+        let lens = [Some(3 * PIECE_BYTES + 5), None, Some(10), Some(0)];
+        let got = hash_split(&lens, |i, off, n| {
+            let mut h = piece_hasher(off, lens[i].unwrap());
+            h.update(&all[off as usize..(off + n) as usize]);
+            Ok(h.finish())
+        })
+        .unwrap();
+        assert_eq!(got, vec![Some(Hash::of(&all)), None, Some(Hash::of(&all[..10])), Some(Hash::of(b""))]);
+        let failed = hash_split(&lens, |_, _, _| Err(crate::error::Error::internal("boom")));
+        assert_eq!(failed.unwrap_err().code, crate::error::ErrorCode::InternalError);
     }
 
     #[test]

@@ -190,29 +190,21 @@ impl Updater {
             },
         )?;
         // Pass 2: the pieces of every split target, all in one pool.
-        let mut work: Vec<(usize, u64, u64)> = Vec::new();
-        for (i, s) in first.iter().enumerate() {
-            if let Staging::Split(split) = s {
-                work.extend(crate::treehash::pieces(split.size).into_iter().map(|(off, len)| (i, off, len)));
-            }
-        }
-        let piece_hashes = crate::parallel::try_map(&work, |&(i, off, len)| match &first[i] {
+        let lens: Vec<Option<u64>> = first.iter().map(|s| if let Staging::Split(split) = s { Some(split.size) } else { None }).collect();
+        let merged = crate::treehash::hash_split(&lens, |i, off, len| match &first[i] {
             Staging::Split(split) => split.copy_piece(off, len),
             Staging::Done(_) => Err(Error::internal("piece of a target staged whole")),
         })?;
-        let mut by_target: BTreeMap<usize, Vec<crate::treehash::PieceHash>> = BTreeMap::new();
-        for (&(i, _, _), h) in work.iter().zip(piece_hashes) {
-            by_target.entry(i).or_default().push(h);
-        }
         let mut hashes = Vec::with_capacity(first.len());
-        for (i, (s, t)) in first.into_iter().zip(&plan.targets).enumerate() {
-            hashes.push(match s {
-                Staging::Done(h) => h,
-                Staging::Split(split) => {
-                    let h = split.finish(t, by_target.get(&i).map(Vec::as_slice).unwrap_or_default())?;
+        for ((s, t), merged) in first.into_iter().zip(&plan.targets).zip(merged) {
+            hashes.push(match (s, merged) {
+                (Staging::Done(h), _) => h,
+                (Staging::Split(split), Some(h)) => {
+                    split.finish(t, h)?;
                     progress(t);
                     Some(h)
                 }
+                (Staging::Split(_), None) => return Err(Error::internal("a split target without its hash")),
             });
         }
         for (t, hash) in plan.targets.iter_mut().zip(hashes) {
