@@ -181,13 +181,15 @@ fn build(input: &Input) -> (Vec<u8>, std::collections::BTreeMap<String, Vec<u8>>
     let manifest = serde_json::to_vec(&manifest).unwrap();
 
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let write_manifest = |zip: &mut zip::ZipWriter<std::io::Cursor<Vec<u8>>>| {
+    // A module may deploy manifest.json itself (its src names it), so it is recorded too.
+    let write_manifest = |zip: &mut zip::ZipWriter<std::io::Cursor<Vec<u8>>>, written: &mut std::collections::BTreeMap<String, Vec<u8>>| {
         if zip.start_file("manifest.json", opts(input.manifest_deflate)).is_ok() {
             zip.write_all(&manifest).unwrap();
+            written.insert("manifest.json".into(), manifest.clone());
         }
     };
     if input.manifest_first {
-        write_manifest(&mut zip);
+        write_manifest(&mut zip, &mut written);
     }
     for (name, bytes, deflate, mode) in &entries {
         let mut o = opts(*deflate);
@@ -217,7 +219,7 @@ fn build(input: &Input) -> (Vec<u8>, std::collections::BTreeMap<String, Vec<u8>>
         }
     }
     if !input.manifest_first {
-        write_manifest(&mut zip);
+        write_manifest(&mut zip, &mut written);
     }
     let mut bytes = zip.finish().unwrap().into_inner();
     let len = bytes.len();
