@@ -773,3 +773,66 @@ fn two_central_records_for_one_local_header_are_rejected() {
     let pkg = save(&env, "twin-records.zip", &zip);
     assert_install_rejected(&env, &pkg, "INVALID_PACKAGE");
 }
+
+// ---- a package changed after validation ----
+
+/// The package is validated once and then read through the descriptor validation opened, but
+/// whoever can write the file can still change it before staging reads it. The install is
+/// paused at `enter.Staged` (validated, planned and journaled; nothing staged yet) and the
+/// package is cut in half or has 4 KiB of its middle (the payload's data) overwritten in
+/// place. Both ways of staging must refuse it with nothing changed: a large pinned Stored
+/// entry, staged by pieces read straight from the package (a short read is
+/// `INVALID_PACKAGE`, other bytes fail the pinned hash), and a Deflated entry without a
+/// pinned hash, streamed through the ZIP reader (the inflater or the CRC refuses it).
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_package_changed_after_validation_is_refused_at_staging_and_nothing_changes() {
+    use std::os::unix::fs::FileExt;
+    let payload = noise(b"changed later", 5 * 1024 * 1024 + 17);
+    for (pinned, overwrite, code) in [
+        (true, false, "INVALID_PACKAGE"),
+        (true, true, "HASH_MISMATCH"),
+        (false, false, "INVALID_PACKAGE"),
+        (false, true, "INVALID_PACKAGE"),
+    ] {
+        let env = device("");
+        let zip = if pinned {
+            let m = serde_json::json!({"version": "1.0.0", "modules": [
+                {"name": "tool", "src": "payload/tool", "dst": env.dst(TOOL), "blake3": blake3_hex(&payload)}]})
+            .to_string();
+            stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", &payload)])
+        } else {
+            let m = tool_manifest(&env, "1.0.0");
+            zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", &payload)])
+        };
+        let ctx = format!("pinned {pinned}, overwrite {overwrite}");
+        let pkg = save(&env, "changed.zip", &zip);
+        let before = tree(&env.root);
+        let command = || {
+            let mut c = env.command(&["--json", "install", &pkg]);
+            c.current_dir(env.tmp.path());
+            c
+        };
+        let paused = crate::pause::pause_at(command, "enter.Staged", &env.state, env.tmp.path());
+        let file = std::fs::OpenOptions::new().write(true).open(&pkg).unwrap();
+        let middle = zip.len() as u64 / 2;
+        if overwrite {
+            let garbage = noise(b"garbage", 4096);
+            file.write_all_at(&garbage, middle).unwrap();
+        } else {
+            file.set_len(middle).unwrap();
+        }
+        drop(file);
+        let run = paused.finish();
+        assert_eq!(run.code, Some(3), "{ctx}: expected exit status 3 (rejected)\n{}", run.describe());
+        assert_eq!(run.error_code().as_deref(), Some(code), "{ctx}: expected `error: {code}: ...`\n{}", run.describe());
+        assert_eq!(run.json()["error"]["code"], code, "{ctx}\n{}", run.describe());
+        assert_eq!(tree(&env.root), before, "{ctx}: the target tree changed\n{}", run.describe());
+        assert_eq!(leftovers(&env.root), Vec::<String>::new(), "{ctx}: temporary files left behind");
+        let s = env.run(&["--json", "status"]).json();
+        assert!(s["in_flight"].is_null() && s["current"].is_null(), "{ctx}: {s}");
+        let history = env.run(&["--json", "history"]).json();
+        assert_eq!(history[0]["phase"], "RolledBack", "{ctx}: {history}");
+        assert_eq!(history[0]["error"]["code"], code, "{ctx}: {history}");
+    }
+}

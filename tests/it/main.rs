@@ -1,5 +1,7 @@
 //! One integration-test binary; each module owns one area.
 
+#[cfg(feature = "failpoints")]
+mod pause;
 mod support;
 
 mod crash;
