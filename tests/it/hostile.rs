@@ -808,11 +808,7 @@ fn a_package_changed_after_validation_is_refused_at_staging_and_nothing_changes(
         let ctx = format!("pinned {pinned}, overwrite {overwrite}");
         let pkg = save(&env, "changed.zip", &zip);
         let before = tree(&env.root);
-        let command = || {
-            let mut c = env.command(&["--json", "install", &pkg]);
-            c.current_dir(env.tmp.path());
-            c
-        };
+        let command = || env.command(&["--json", "install", &pkg]);
         let paused = crate::pause::pause_at(command, "enter.Staged", &env.state, env.tmp.path());
         let file = std::fs::OpenOptions::new().write(true).open(&pkg).unwrap();
         let middle = zip.len() as u64 / 2;
