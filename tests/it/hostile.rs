@@ -788,33 +788,18 @@ fn two_central_records_for_one_local_header_are_rejected() {
 #[test]
 fn a_package_changed_after_validation_is_refused_at_staging_and_nothing_changes() {
     use std::os::unix::fs::FileExt;
-    let payload = noise(b"changed later", 5 * 1024 * 1024 + 17);
     for (pinned, overwrite, code) in [
         (true, false, "INVALID_PACKAGE"),
         (true, true, "HASH_MISMATCH"),
         (false, false, "INVALID_PACKAGE"),
         (false, true, "INVALID_PACKAGE"),
     ] {
-        let env = device("");
-        let zip = if pinned {
-            let m = serde_json::json!({"version": "1.0.0", "modules": [
-                {"name": "tool", "src": "payload/tool", "dst": env.dst(TOOL), "blake3": blake3_hex(&payload)}]})
-            .to_string();
-            stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", &payload)])
-        } else {
-            let m = tool_manifest(&env, "1.0.0");
-            zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", &payload)])
-        };
         let ctx = format!("pinned {pinned}, overwrite {overwrite}");
-        let pkg = save(&env, "changed.zip", &zip);
-        let before = tree(&env.root);
-        let command = || env.command(&["--json", "install", &pkg]);
-        let paused = crate::pause::pause_at(command, "enter.Staged", &env.state, env.tmp.path());
+        let (env, pkg, len, before, paused) = install_paused_at_staging(pinned);
         let file = std::fs::OpenOptions::new().write(true).open(&pkg).unwrap();
-        let middle = zip.len() as u64 / 2;
+        let middle = len / 2;
         if overwrite {
-            let garbage = noise(b"garbage", 4096);
-            file.write_all_at(&garbage, middle).unwrap();
+            file.write_all_at(&noise(b"garbage", 4096), middle).unwrap();
         } else {
             file.set_len(middle).unwrap();
         }
@@ -828,7 +813,40 @@ fn a_package_changed_after_validation_is_refused_at_staging_and_nothing_changes(
         let s = env.run(&["--json", "status"]).json();
         assert!(s["in_flight"].is_null() && s["current"].is_null(), "{ctx}: {s}");
         let history = env.run(&["--json", "history"]).json();
+        assert_eq!(history.as_array().map(Vec::len), Some(1), "{ctx}: {history}");
         assert_eq!(history[0]["phase"], "RolledBack", "{ctx}: {history}");
         assert_eq!(history[0]["error"]["code"], code, "{ctx}: {history}");
     }
+}
+
+/// A device, a package with one 5 MiB payload (pinned and Stored, or unpinned and Deflated),
+/// and its install paused at `enter.Staged`. A pause the test missed (a loaded machine) let
+/// the install run on, so each retry starts over on a fresh device with a longer sleep.
+/// Returns the device, the package path and length, the tree before, and the paused install.
+#[cfg(feature = "failpoints")]
+fn install_paused_at_staging(pinned: bool) -> (Env, String, u64, std::collections::BTreeMap<String, String>, crate::pause::Paused) {
+    use crate::pause::{SLEEPS_MS, Spawned, spawn_paused};
+    let payload = noise(b"changed later", 5 * 1024 * 1024 + 17);
+    for sleep_ms in SLEEPS_MS {
+        let env = device("");
+        let zip = if pinned {
+            let m = serde_json::json!({"version": "1.0.0", "modules": [
+                {"name": "tool", "src": "payload/tool", "dst": env.dst(TOOL), "blake3": blake3_hex(&payload)}]})
+            .to_string();
+            stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", &payload)])
+        } else {
+            let m = tool_manifest(&env, "1.0.0");
+            zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", &payload)])
+        };
+        let pkg = save(&env, "changed.zip", &zip);
+        let before = tree(&env.root);
+        match spawn_paused(env.command(&["--json", "install", &pkg]), "enter.Staged", sleep_ms, &env.state, env.tmp.path()) {
+            Spawned::Paused(p) => return (env, pkg, zip.len() as u64, before, p),
+            Spawned::Exited(r) if sleep_ms == *SLEEPS_MS.last().unwrap() => {
+                panic!("the install ended without pausing at enter.Staged:\n{}", r.describe())
+            }
+            Spawned::Exited(_) | Spawned::Missed => {}
+        }
+    }
+    panic!("the pause at enter.Staged was missed {} times", SLEEPS_MS.len());
 }

@@ -127,17 +127,3 @@ pub fn spawn_paused(mut cmd: Command, point: &str, sleep_ms: u64, state: &Path, 
 /// How long the armed point sleeps: short, since the test stops the process (SIGSTOP) as
 /// soon as it sees the sleep; longer on a retry when a loaded machine missed it.
 pub const SLEEPS_MS: [u64; 3] = [40, 250, 2000];
-
-/// `spawn_paused` with each of `SLEEPS_MS` in turn until the pause is caught. Panics if the
-/// command ends without ever pausing at `point`.
-pub fn pause_at(command: impl Fn() -> Command, point: &str, state: &Path, scratch: &Path) -> Paused {
-    for sleep_ms in SLEEPS_MS {
-        match spawn_paused(command(), point, sleep_ms, state, scratch) {
-            Spawned::Paused(p) => return p,
-            Spawned::Missed => {}
-            Spawned::Exited(_) if sleep_ms < *SLEEPS_MS.last().unwrap() => {}
-            Spawned::Exited(r) => panic!("the command ended without pausing at {point}:\n{}", r.describe()),
-        }
-    }
-    panic!("the pause at {point} was missed {} times", SLEEPS_MS.len());
-}
