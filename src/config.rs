@@ -66,6 +66,15 @@ pub struct Config {
 pub struct ApiConfig {
     pub listen: String,
     pub result_hold_s: u64,
+    /// Web origins (`scheme://host[:port]`) whose requests are served. A request carrying any
+    /// other `Origin` header is refused: it comes from a web page in a browser.
+    pub allowed_origins: Vec<String>,
+    /// Host names a request's `Host` may name besides loopback addresses and `localhost`
+    /// (for a daemon deliberately bound to another address). Anything else is DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// When non-empty, only local processes running as one of these uids are served (the
+    /// peer's uid read from `/proc/net/tcp*`); off by default, for drop-in compatibility.
+    pub allowed_uids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,7 +149,13 @@ impl Default for Config {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: "127.0.0.1:12315".into(), result_hold_s: 60 }
+        ApiConfig {
+            listen: "127.0.0.1:12315".into(),
+            result_hold_s: 60,
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            allowed_uids: Vec::new(),
+        }
     }
 }
 
@@ -262,11 +277,34 @@ impl Config {
         if self.log.level.parse::<tracing::level_filters::LevelFilter>().is_err() {
             return bad("[log] level must be one of off, error, warn, info, debug, trace");
         }
-        Ok(())
+        self.api.validate()
     }
 
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+impl ApiConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::new(ErrorCode::ValidationError, m));
+        let max = crate::limits::API_ALLOW_LIST_MAX;
+        if self.allowed_origins.len() > max || self.allowed_hosts.len() > max || self.allowed_uids.len() > max {
+            return bad(format!("[api] allowed_origins, allowed_hosts and allowed_uids hold at most {max} entries each"));
+        }
+        for o in &self.allowed_origins {
+            if !crate::daemon::guard::is_origin(o) {
+                return bad(format!(
+                    "[api] allowed_origins entry {o:?}: expected scheme://host[:port] (http or https, no path); \"null\" is never allowed"
+                ));
+            }
+        }
+        for h in &self.allowed_hosts {
+            if !crate::daemon::guard::is_host_name(h) {
+                return bad(format!("[api] allowed_hosts entry {h:?}: expected a host name or IP address without a port"));
+            }
+        }
+        Ok(())
     }
 }
 

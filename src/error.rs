@@ -45,6 +45,10 @@ pub enum ErrorCode {
     JournalCorrupt,
     /// A bug or an unexpected environment.
     InternalError,
+    /// An API request refused before any handler ran: a foreign `Origin`, a `Host` that is
+    /// not this device (DNS rebinding), a body that is not `application/json`, or a caller
+    /// whose uid is not in `api.allowed_uids` (SECURITY.md).
+    RequestRefused,
 }
 
 impl ErrorCode {
@@ -74,6 +78,7 @@ impl ErrorCode {
             ErrorCode::NothingToRollBack => "NOTHING_TO_ROLL_BACK",
             ErrorCode::JournalCorrupt => "JOURNAL_CORRUPT",
             ErrorCode::InternalError => "INTERNAL_ERROR",
+            ErrorCode::RequestRefused => "REQUEST_REFUSED",
         }
     }
 

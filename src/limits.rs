@@ -31,3 +31,29 @@ pub const IO_BUFFER_BYTES: usize = 256 * 1024;
 pub const FREE_SPACE_RESERVE_BYTES: u64 = 1024 * 1024;
 /// Config file size.
 pub const CONFIG_BYTES_MAX: u64 = 1024 * 1024;
+
+// The daemon's HTTP API (SPEC §5, SECURITY.md): no local process or web page can exhaust it.
+
+/// A request body (the API's bodies are small JSON objects).
+pub const API_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Time to receive a whole request body once its head has arrived.
+pub const API_BODY_READ_TIMEOUT_MS: u64 = 10_000;
+/// Time to receive a whole request head. The clock starts when the connection waits for a
+/// request, so it is also the idle keep-alive timeout (the GUI polls every 500 ms).
+pub const API_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+/// A connection's read buffer, and so the largest request head (hyper's minimum is 8 KiB).
+pub const API_HEADER_BYTES_MAX: usize = 16 * 1024;
+/// Headers in one request.
+pub const API_HEADERS_MAX: usize = 64;
+/// Open API connections. At the cap, a new connection closes the one idle the longest, so a
+/// new `/progress` poll is always served; far below the unit's `LimitNOFILE=1024`.
+pub const API_CONNECTIONS_MAX: usize = 256;
+/// A connection with no handler running whose socket moved no byte for this long is closed
+/// (a client that never reads its response).
+pub const API_STALL_TIMEOUT_MS: u64 = 15_000;
+/// At SIGTERM, requests being handled get this long to finish; idle connections close at once.
+pub const API_SHUTDOWN_GRACE_MS: u64 = 2_000;
+/// Entries in `api.allowed_origins`, `api.allowed_hosts`, `api.allowed_uids`.
+pub const API_ALLOW_LIST_MAX: usize = 64;
+/// A header value quoted in a refusal's message and log line.
+pub const API_QUOTED_HEADER_BYTES_MAX: usize = 200;

@@ -9,6 +9,7 @@ use super::progress::Stage;
 use crate::download::DownloadRequest;
 use crate::driver::RollbackTo;
 use crate::error::{Error, ErrorCode, Result};
+use crate::limits::{API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -46,15 +47,15 @@ fn reply(r: Result<Value>) -> Response {
     }
 }
 
-/// Request bodies are small JSON objects; anything larger is refused in the envelope.
-const BODY_BYTES_MAX: usize = 64 * 1024;
-
-/// Reads the body with a size limit; errors are `VALIDATION_ERROR` in the envelope, never
-/// axum's own 4xx/413 answers (the contract always answers HTTP 200).
+/// Reads the body with a size and a time limit (a client trickling its body must not hold a
+/// connection); errors are `VALIDATION_ERROR` in the envelope, never axum's own 4xx/413
+/// answers (the contract always answers HTTP 200).
 async fn read_body(body: axum::body::Body) -> Result<Bytes> {
-    axum::body::to_bytes(body, BODY_BYTES_MAX)
-        .await
-        .map_err(|e| Error::new(ErrorCode::ValidationError, format!("request body (at most {BODY_BYTES_MAX} bytes): {e}")))
+    let (max, ms) = (API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS);
+    match tokio::time::timeout(std::time::Duration::from_millis(ms), axum::body::to_bytes(body, max)).await {
+        Ok(read) => read.map_err(|e| Error::new(ErrorCode::ValidationError, format!("request body (at most {max} bytes): {e}"))),
+        Err(_) => Err(Error::new(ErrorCode::ValidationError, format!("request body not received within {ms} ms"))),
+    }
 }
 
 /// A JSON body, or `VALIDATION_ERROR` in the envelope (never axum's own 4xx rejection).
@@ -257,20 +258,35 @@ pub async fn run(d: Arc<Daemon>) -> Result<()> {
     if let Err(e) = written {
         tracing::warn!(error = %e, "could not record the API address for the CLI");
     }
+    warn_if_open_to_every_local_user(&d.cfg, addr);
     let cancel = d.cancel.clone();
-    axum::serve(listener, router(d))
-        .with_graceful_shutdown(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            tracing::info!("shutdown requested: finishing the current step");
-            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
-        })
-        .await
-        .map_err(|e| Error::internal(format!("server: {e}")))
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::internal(format!("cannot watch SIGTERM: {e}")))?;
+    let shutdown = async move {
+        let mut term = term;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutdown requested: finishing the current step");
+        cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let policy = super::guard::Policy::new(&d.cfg.api);
+    super::conns::serve(listener, router(d), policy, shutdown).await;
+    Ok(())
+}
+
+/// SECURITY.md: with unsigned packages allowed, whoever can call the API can have commands
+/// run as root (a package's `post_cmds`). Said once at start, with the keys that close it.
+fn warn_if_open_to_every_local_user(cfg: &crate::config::Config, addr: std::net::SocketAddr) {
+    if cfg.require_signature {
+        return;
+    }
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the API listens beyond loopback and accepts unsigned packages: anyone who reaches {addr} can run commands as root through a package's post_cmds; set require_signature = true with trusted_keys (SECURITY.md)");
+    } else if cfg.api.allowed_uids.is_empty() {
+        tracing::warn!(
+            "the API accepts unsigned packages from every local user: any local process can run commands as root through a package's post_cmds; set api.allowed_uids and require_signature = true with trusted_keys (SECURITY.md)"
+        );
+    }
 }

@@ -7,7 +7,10 @@
 //! transaction meanwhile (it gets OPERATION_IN_PROGRESS) and reads state through the API.
 
 pub mod api;
+pub mod conns;
+pub mod guard;
 pub mod jobs;
+pub mod peer;
 pub mod progress;
 
 use crate::config::Config;
