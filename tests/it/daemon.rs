@@ -37,19 +37,19 @@ use std::time::{Duration, Instant};
 
 /// How long to wait for something that should happen promptly (generous: a loaded 2-core
 /// machine). Only a bound against hanging forever, never a measurement.
-const PATIENCE: Duration = Duration::from_secs(120);
-const POLL: Duration = Duration::from_millis(20);
-const REPORT_PATH: &str = "/api/v1.0/ota/report";
-const READY: &str = "Package verified successfully, ready for installation";
-const DONE: &str = "Update completed successfully";
+pub(crate) const PATIENCE: Duration = Duration::from_secs(120);
+pub(crate) const POLL: Duration = Duration::from_millis(20);
+pub(crate) const REPORT_PATH: &str = "/api/v1.0/ota/report";
+pub(crate) const READY: &str = "Package verified successfully, ready for installation";
+pub(crate) const DONE: &str = "Update completed successfully";
 /// Environment variables that would route the daemon's HTTP through a proxy.
-const PROXY_VARS: &[&str] = &["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
+pub(crate) const PROXY_VARS: &[&str] = &["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn wait_until<T>(what: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_until<T>(what: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + PATIENCE;
     loop {
         if let Some(v) = f() {
@@ -62,25 +62,25 @@ fn wait_until<T>(what: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) ->
     }
 }
 
-fn boot_id() -> String {
+pub(crate) fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim().to_string()
 }
 
 // ---------------------------------------------------------------- minimal HTTP/1.1
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// One request head: the request line, the headers (names lowercased), and the bytes read
 /// past the head.
-struct Head {
-    line: String,
-    headers: BTreeMap<String, String>,
-    rest: Vec<u8>,
+pub(crate) struct Head {
+    pub(crate) line: String,
+    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) rest: Vec<u8>,
 }
 
-fn read_head(s: &mut TcpStream) -> Option<Head> {
+pub(crate) fn read_head(s: &mut TcpStream) -> Option<Head> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 4096];
     loop {
@@ -104,7 +104,7 @@ fn read_head(s: &mut TcpStream) -> Option<Head> {
 }
 
 /// A chunked body, once all of it (up to the empty line after the last chunk) is in `data`.
-fn decode_chunked(data: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn decode_chunked(data: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let mut pos = 0;
     loop {
@@ -123,7 +123,7 @@ fn decode_chunked(data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-fn read_body(s: &mut TcpStream, head: &Head) -> Option<Vec<u8>> {
+pub(crate) fn read_body(s: &mut TcpStream, head: &Head) -> Option<Vec<u8>> {
     let mut data = head.rest.clone();
     let mut tmp = [0u8; 4096];
     if let Some(len) = head.headers.get("content-length").and_then(|v| v.parse::<usize>().ok()) {
@@ -153,7 +153,7 @@ fn read_body(s: &mut TcpStream, head: &Head) -> Option<Vec<u8>> {
 }
 
 /// Accepts on a non-blocking listener until `stop`, handing each connection to `handle`.
-fn accept_loop(listener: TcpListener, stop: &AtomicBool, mut handle: impl FnMut(TcpStream)) {
+pub(crate) fn accept_loop(listener: TcpListener, stop: &AtomicBool, mut handle: impl FnMut(TcpStream)) {
     listener.set_nonblocking(true).unwrap();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -170,19 +170,19 @@ fn accept_loop(listener: TcpListener, stop: &AtomicBool, mut handle: impl FnMut(
 
 /// How the package server answers; change it at any time with `PkgServer::set`.
 #[derive(Debug, Clone)]
-struct Serve {
+pub(crate) struct Serve {
     /// Bytes per write.
-    chunk: usize,
+    pub(crate) chunk: usize,
     /// Pause after each write.
-    delay: Duration,
+    pub(crate) delay: Duration,
     /// No body byte at or past this offset is sent until the gate moves or is cleared.
-    gate: Option<u64>,
+    pub(crate) gate: Option<u64>,
     /// Answer 503 to this many requests.
-    fail_next: u32,
+    pub(crate) fail_next: u32,
     /// Answer 200 with the whole body to a Range request.
-    ignore_range: bool,
+    pub(crate) ignore_range: bool,
     /// Once: close the connection when the body reaches this offset.
-    drop_at: Option<u64>,
+    pub(crate) drop_at: Option<u64>,
 }
 
 impl Default for Serve {
@@ -193,35 +193,35 @@ impl Default for Serve {
 
 /// One request the package server answered.
 #[derive(Debug, Clone)]
-struct Hit {
-    line: String,
-    range: Option<String>,
-    status: u16,
+pub(crate) struct Hit {
+    pub(crate) line: String,
+    pub(crate) range: Option<String>,
+    pub(crate) status: u16,
 }
 
 impl Hit {
     /// N of a `Range: bytes=N-` header.
-    fn range_start(&self) -> Option<u64> {
+    pub(crate) fn range_start(&self) -> Option<u64> {
         self.range.as_deref()?.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()
     }
 }
 
 #[derive(Default)]
-struct PkgState {
-    files: BTreeMap<String, Arc<Vec<u8>>>,
-    serve: Serve,
-    hits: Vec<Hit>,
+pub(crate) struct PkgState {
+    pub(crate) files: BTreeMap<String, Arc<Vec<u8>>>,
+    pub(crate) serve: Serve,
+    pub(crate) hits: Vec<Hit>,
 }
 
-struct PkgServer {
-    port: u16,
-    state: Arc<Mutex<PkgState>>,
-    stop: Arc<AtomicBool>,
-    accept: Option<JoinHandle<()>>,
+pub(crate) struct PkgServer {
+    pub(crate) port: u16,
+    pub(crate) state: Arc<Mutex<PkgState>>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) accept: Option<JoinHandle<()>>,
 }
 
 impl PkgServer {
-    fn start() -> PkgServer {
+    pub(crate) fn start() -> PkgServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(PkgState::default()));
@@ -238,19 +238,19 @@ impl PkgServer {
         PkgServer { port, state, stop, accept: Some(accept) }
     }
 
-    fn add(&self, pkg: &Pkg) {
+    pub(crate) fn add(&self, pkg: &Pkg) {
         lock(&self.state).files.insert(pkg.name.clone(), Arc::new(pkg.bytes.clone()));
     }
 
-    fn url(&self, name: &str) -> String {
+    pub(crate) fn url(&self, name: &str) -> String {
         format!("http://127.0.0.1:{}/ota/{name}", self.port)
     }
 
-    fn set(&self, f: impl FnOnce(&mut Serve)) {
+    pub(crate) fn set(&self, f: impl FnOnce(&mut Serve)) {
         f(&mut lock(&self.state).serve);
     }
 
-    fn hits(&self) -> Vec<Hit> {
+    pub(crate) fn hits(&self) -> Vec<Hit> {
         lock(&self.state).hits.clone()
     }
 }
@@ -264,7 +264,7 @@ impl Drop for PkgServer {
     }
 }
 
-fn serve_package(mut s: TcpStream, state: &Mutex<PkgState>, stop: &AtomicBool) {
+pub(crate) fn serve_package(mut s: TcpStream, state: &Mutex<PkgState>, stop: &AtomicBool) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let _ = s.set_nodelay(true);
     let Some(head) = read_head(&mut s) else { return };
@@ -350,36 +350,36 @@ fn serve_package(mut s: TcpStream, state: &Mutex<PkgState>, stop: &AtomicBool) {
 
 /// One POST the receiver read completely.
 #[derive(Debug, Clone)]
-struct Attempt {
-    line: String,
-    content_type: String,
-    body: Value,
-    acked: bool,
+pub(crate) struct Attempt {
+    pub(crate) line: String,
+    pub(crate) content_type: String,
+    pub(crate) body: Value,
+    pub(crate) acked: bool,
 }
 
 #[derive(Default)]
-struct RecvState {
-    attempts: Vec<Attempt>,
+pub(crate) struct RecvState {
+    pub(crate) attempts: Vec<Attempt>,
     /// Answer `code 500` (not an acknowledgement) to this many POSTs.
-    nack_next: u32,
+    pub(crate) nack_next: u32,
 }
 
 /// device-api's `POST /ota/report`, as the callback contract describes it.
-struct Receiver {
-    port: u16,
-    state: Arc<Mutex<RecvState>>,
-    running: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
+pub(crate) struct Receiver {
+    pub(crate) port: u16,
+    pub(crate) state: Arc<Mutex<RecvState>>,
+    pub(crate) running: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
 }
 
 impl Receiver {
-    fn start() -> Receiver {
+    pub(crate) fn start() -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let r = Receiver { port: listener.local_addr().unwrap().port(), state: Arc::default(), running: Mutex::new(None) };
         r.run(listener);
         r
     }
 
-    fn run(&self, listener: TcpListener) {
+    pub(crate) fn run(&self, listener: TcpListener) {
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (self.state.clone(), stop.clone());
         // Sequential: one report at a time, in arrival order.
@@ -387,12 +387,12 @@ impl Receiver {
         *lock(&self.running) = Some((stop, t));
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}{REPORT_PATH}", self.port)
     }
 
     /// Closes the port: connections are refused until `up`.
-    fn down(&self) {
+    pub(crate) fn down(&self) {
         if let Some((stop, t)) = lock(&self.running).take() {
             stop.store(true, Ordering::SeqCst);
             let _ = t.join();
@@ -400,27 +400,27 @@ impl Receiver {
     }
 
     /// Listens again on the same port.
-    fn up(&self) {
+    pub(crate) fn up(&self) {
         let listener = wait_until(|| format!("port {} to be free again", self.port), || TcpListener::bind(("127.0.0.1", self.port)).ok());
         self.run(listener);
     }
 
-    fn nack_next(&self, n: u32) {
+    pub(crate) fn nack_next(&self, n: u32) {
         lock(&self.state).nack_next = n;
     }
 
     /// Every complete POST, acknowledged or not, in arrival order.
-    fn attempts(&self) -> Vec<Attempt> {
+    pub(crate) fn attempts(&self) -> Vec<Attempt> {
         lock(&self.state).attempts.clone()
     }
 
     /// The acknowledged bodies, in arrival order.
-    fn reports(&self) -> Vec<Value> {
+    pub(crate) fn reports(&self) -> Vec<Value> {
         self.attempts().into_iter().filter(|a| a.acked).map(|a| a.body).collect()
     }
 
     /// Waits until the acknowledged reports satisfy `done`; returns them.
-    fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    pub(crate) fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
         wait_until(
             || format!("device-api to receive {what}; it has: {:#?}", self.reports()),
             || {
@@ -437,7 +437,7 @@ impl Drop for Receiver {
     }
 }
 
-fn receive_report(mut s: TcpStream, state: &Mutex<RecvState>) {
+pub(crate) fn receive_report(mut s: TcpStream, state: &Mutex<RecvState>) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let Some(head) = read_head(&mut s) else { return };
     let Some(raw) = read_body(&mut s, &head) else { return };
@@ -467,31 +467,31 @@ fn receive_report(mut s: TcpStream, state: &Mutex<RecvState>) {
 // ---------------------------------------------------------------- packages
 
 /// One single-file module: `rel` is its destination under the allowed root.
-struct Module {
-    name: &'static str,
-    rel: &'static str,
-    content: Vec<u8>,
+pub(crate) struct Module {
+    pub(crate) name: &'static str,
+    pub(crate) rel: &'static str,
+    pub(crate) content: Vec<u8>,
 }
 
-struct Pkg {
-    version: String,
-    name: String,
-    bytes: Vec<u8>,
-    md5: String,
+pub(crate) struct Pkg {
+    pub(crate) version: String,
+    pub(crate) name: String,
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) md5: String,
 }
 
-fn md5_hex(data: &[u8]) -> String {
+pub(crate) fn md5_hex(data: &[u8]) -> String {
     Md5::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A package for `env` (destinations under its root), stored uncompressed so that large
 /// incompressible test files cost no deflate time.
-fn build_pkg(env: &Env, version: &str, modules: &[Module]) -> Pkg {
+pub(crate) fn build_pkg(env: &Env, version: &str, modules: &[Module]) -> Pkg {
     build_pkg_with(env, version, modules, |_| {})
 }
 
 /// `build_pkg` with the manifest changed by `tweak` first.
-fn build_pkg_with(env: &Env, version: &str, modules: &[Module], tweak: impl FnOnce(&mut Value)) -> Pkg {
+pub(crate) fn build_pkg_with(env: &Env, version: &str, modules: &[Module], tweak: impl FnOnce(&mut Value)) -> Pkg {
     let srcs: Vec<String> = modules.iter().map(|m| format!("files/{}", m.rel)).collect();
     let dsts: Vec<String> = modules.iter().map(|m| env.dst(m.rel)).collect();
     let triples: Vec<(&str, &str, &str)> =
@@ -517,7 +517,7 @@ fn build_pkg_with(env: &Env, version: &str, modules: &[Module], tweak: impl FnOn
 
 /// The tree a fresh device holding `factory` ends with after the CLI installs `packages` in
 /// order: what the daemon must leave behind.
-fn reference_tree(factory: &[(&str, &[u8])], packages: &[(&str, &[Module])]) -> BTreeMap<String, String> {
+pub(crate) fn reference_tree(factory: &[(&str, &[u8])], packages: &[(&str, &[Module])]) -> BTreeMap<String, String> {
     let env = Env::new();
     for (rel, content) in factory {
         env.put(rel, content, 0o644);
@@ -533,37 +533,40 @@ fn reference_tree(factory: &[(&str, &[u8])], packages: &[(&str, &[Module])]) -> 
 
 // ---------------------------------------------------------------- the device under test
 
-struct Setup {
-    allow_http: bool,
-    retries: u32,
-    result_hold_s: u64,
-    trust_window_h: u64,
+pub(crate) struct Setup {
+    pub(crate) allow_http: bool,
+    pub(crate) retries: u32,
+    pub(crate) result_hold_s: u64,
+    pub(crate) trust_window_h: u64,
+    /// More `[api]` keys (`allowed_uids = [...]`, ...).
+    pub(crate) api_extra: String,
 }
 
 impl Default for Setup {
     fn default() -> Self {
-        Setup { allow_http: true, retries: 3, result_hold_s: 600, trust_window_h: 24 }
+        Setup { allow_http: true, retries: 3, result_hold_s: 600, trust_window_h: 24, api_extra: String::new() }
     }
 }
 
 /// A device (temp root + state dir + config), its package server and its device-api.
-struct Rig {
-    env: Env,
-    server: PkgServer,
-    receiver: Receiver,
+pub(crate) struct Rig {
+    pub(crate) env: Env,
+    pub(crate) server: PkgServer,
+    pub(crate) receiver: Receiver,
 }
 
 impl Rig {
-    fn new() -> Rig {
+    pub(crate) fn new() -> Rig {
         Rig::with(Setup::default())
     }
 
-    fn with(s: Setup) -> Rig {
+    pub(crate) fn with(s: Setup) -> Rig {
         let receiver = Receiver::start();
         let server = PkgServer::start();
         let env = Env::with_config(&format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\nresult_hold_s = {}\n[reporter]\nurl = {:?}\n[download]\nallow_http = {}\nretries = {}\ntrust_window_h = {}\n",
+            "[api]\nlisten = \"127.0.0.1:0\"\nresult_hold_s = {}\n{}\n[reporter]\nurl = {:?}\n[download]\nallow_http = {}\nretries = {}\ntrust_window_h = {}\n",
             s.result_hold_s,
+            s.api_extra,
             receiver.url(),
             s.allow_http,
             s.retries,
@@ -572,22 +575,22 @@ impl Rig {
         Rig { env, server, receiver }
     }
 
-    fn put(&self, files: &[(&str, &[u8])]) {
+    pub(crate) fn put(&self, files: &[(&str, &[u8])]) {
         for (rel, content) in files {
             self.env.put(rel, content, 0o644);
         }
     }
 
-    fn start(&self) -> Daemon {
+    pub(crate) fn start(&self) -> Daemon {
         Daemon::start(&self.env, None)
     }
 
-    fn start_with(&self, failpoints: Option<&str>) -> Daemon {
+    pub(crate) fn start_with(&self, failpoints: Option<&str>) -> Daemon {
         Daemon::start(&self.env, failpoints)
     }
 
     /// The `POST /download` body for `pkg` on this rig's server.
-    fn request(&self, pkg: &Pkg) -> String {
+    pub(crate) fn request(&self, pkg: &Pkg) -> String {
         json!({
             "version": pkg.version,
             "package_url": self.server.url(&pkg.name),
@@ -599,14 +602,14 @@ impl Rig {
     }
 
     /// Where the daemon keeps a downloaded package.
-    fn downloaded(&self, pkg: &Pkg) -> PathBuf {
+    pub(crate) fn downloaded(&self, pkg: &Pkg) -> PathBuf {
         self.env.state.join("downloads").join(&pkg.name)
     }
 
     /// Makes the daemon push one more report (a download the server answers 404, which
     /// fails at once) and waits until device-api has it: then every report pushed before it
     /// has been delivered too (delivery is in order). Returns the reports received.
-    fn marker(&self, d: &Daemon) -> Vec<Value> {
+    pub(crate) fn marker(&self, d: &Daemon) -> Vec<Value> {
         let is_marker = |r: &Value| r["stage"] == "failed" && r["error"].as_str().is_some_and(|e| e.contains("marker-missing"));
         let before = self.receiver.reports().iter().filter(|r| is_marker(r)).count();
         let body = json!({
@@ -626,30 +629,30 @@ impl Rig {
     }
 }
 
-static DAEMONS: AtomicU32 = AtomicU32::new(0);
+pub(crate) static DAEMONS: AtomicU32 = AtomicU32::new(0);
 
 /// `GET /progress`, normalised: the contract's `failed` shape keeps the error in `msg` and
 /// the stage and progress at the root.
 #[derive(Debug, Clone, PartialEq)]
-struct Snap {
-    code: i64,
-    stage: String,
-    progress: u64,
-    message: String,
-    error: Option<String>,
+pub(crate) struct Snap {
+    pub(crate) code: i64,
+    pub(crate) stage: String,
+    pub(crate) progress: u64,
+    pub(crate) message: String,
+    pub(crate) error: Option<String>,
 }
 
-fn bad<T>(v: &Value) -> T {
+pub(crate) fn bad<T>(v: &Value) -> T {
     panic!("GET /progress: unexpected shape: {v}")
 }
 
-fn sorted_keys(v: &Value) -> Vec<&str> {
+pub(crate) fn sorted_keys(v: &Value) -> Vec<&str> {
     let mut keys: Vec<&str> = v.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
     keys.sort_unstable();
     keys
 }
 
-fn snap_of(v: &Value) -> Snap {
+pub(crate) fn snap_of(v: &Value) -> Snap {
     match v["code"].as_i64() {
         Some(200) => {
             let d = &v["data"];
@@ -679,30 +682,43 @@ fn snap_of(v: &Value) -> Snap {
     }
 }
 
-fn snap(stage: &str, progress: u64, message: &str) -> Snap {
+pub(crate) fn snap(stage: &str, progress: u64, message: &str) -> Snap {
     Snap { code: 200, stage: stage.into(), progress, message: message.into(), error: None }
 }
 
 /// `{code: 200, msg: "success", data: {status}}`: the answer to a command that started.
-fn started(status: &str) -> Value {
+pub(crate) fn started(status: &str) -> Value {
     json!({"code": 200, "msg": "success", "data": {"status": status}})
 }
 
 /// A running `tope-updater serve`. Dropping it SIGKILLs and reaps the process.
-struct Daemon {
-    child: Mutex<Child>,
-    pid: i32,
-    base: String,
-    log: PathBuf,
-    agent: ureq::Agent,
+pub(crate) struct Daemon {
+    pub(crate) child: Mutex<Child>,
+    pub(crate) pid: i32,
+    pub(crate) base: String,
+    pub(crate) log: PathBuf,
+    pub(crate) agent: ureq::Agent,
 }
 
 impl Daemon {
     /// Starts the daemon and waits for its `listening on ADDR` line.
-    fn start(env: &Env, failpoints: Option<&str>) -> Daemon {
+    pub(crate) fn start(env: &Env, failpoints: Option<&str>) -> Daemon {
+        Daemon::start_wrapped(env, failpoints, &[])
+    }
+
+    /// `start` with the daemon run under `wrapper` (e.g. `["prlimit", "--nofile=1024"]`), which
+    /// must exec it (the pid is then the daemon's).
+    pub(crate) fn start_wrapped(env: &Env, failpoints: Option<&str>, wrapper: &[&str]) -> Daemon {
         let n = DAEMONS.fetch_add(1, Ordering::Relaxed);
         let log = env.tmp.path().join(format!("daemon-{n}.log"));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg("--").arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("--config").arg(&env.config).arg("serve");
         cmd.env("NO_COLOR", "1").env_remove("FAILPOINTS").env_remove("TOPE_BOOT_ID_FILE").env_remove("TOPE_UPDATER_CONFIG");
         for v in PROXY_VARS {
@@ -741,12 +757,12 @@ impl Daemon {
         d
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// One request; `Err` when the daemon could not be reached or did not answer.
-    fn try_request(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String, String), String> {
+    pub(crate) fn try_request(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String, String), String> {
         let url = format!("{}{path}", self.base);
         let resp = match (method, body) {
             ("GET", _) => self.agent.get(&url).call(),
@@ -761,47 +777,47 @@ impl Daemon {
     }
 
     /// A request that must be answered with HTTP 200 and JSON (the contract: always 200).
-    fn json(&self, method: &str, path: &str, body: Option<&str>) -> Value {
+    pub(crate) fn json(&self, method: &str, path: &str, body: Option<&str>) -> Value {
         let (status, ct, text) = self.try_request(method, path, body).unwrap_or_else(|e| panic!("{e}\n{}", self.log_text()));
         assert_eq!(status, 200, "{method} {path}: HTTP {status} (the contract always answers 200): {text}");
         assert!(ct.starts_with("application/json"), "{method} {path}: content-type {ct:?}");
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"))
     }
 
-    fn get(&self, path: &str) -> Value {
+    pub(crate) fn get(&self, path: &str) -> Value {
         self.json("GET", path, None)
     }
 
-    fn post(&self, path: &str, body: &str) -> Value {
+    pub(crate) fn post(&self, path: &str, body: &str) -> Value {
         self.json("POST", path, Some(body))
     }
 
-    fn progress(&self) -> Snap {
+    pub(crate) fn progress(&self) -> Snap {
         snap_of(&self.get("/api/v1.0/progress"))
     }
 
     /// `data` of `GET /status`.
-    fn status(&self) -> Value {
+    pub(crate) fn status(&self) -> Value {
         let v = self.get("/api/v1.0/status");
         assert_eq!((&v["code"], &v["msg"]), (&json!(200), &json!("success")), "GET /status: {v}");
         v["data"].clone()
     }
 
-    fn exited(&self) -> Option<ExitStatus> {
+    pub(crate) fn exited(&self) -> Option<ExitStatus> {
         lock(&self.child).try_wait().ok().flatten()
     }
 
     /// Waits for the process to end by itself.
-    fn wait_exit(&self) -> ExitStatus {
+    pub(crate) fn wait_exit(&self) -> ExitStatus {
         wait_until(|| format!("the daemon (pid {}) to exit; log:\n{}", self.pid, self.log_text()), || self.exited())
     }
 
-    fn sigterm(&self) -> ExitStatus {
+    pub(crate) fn sigterm(&self) -> ExitStatus {
         kill(Pid::from_raw(self.pid), Signal::SIGTERM).unwrap();
         self.wait_exit()
     }
 
-    fn sigkill(&self) {
+    pub(crate) fn sigkill(&self) {
         let mut c = lock(&self.child);
         let _ = c.kill();
         let _ = c.wait();
@@ -810,13 +826,13 @@ impl Daemon {
     /// Polls `/progress` until `done`; returns every distinct snapshot seen, the last one
     /// satisfying `done`. Fails fast if the daemon dies, or shows `failed` unless `done`
     /// accepts it.
-    fn watch(&self, what: &str, done: impl Fn(&Snap) -> bool) -> Vec<Snap> {
+    pub(crate) fn watch(&self, what: &str, done: impl Fn(&Snap) -> bool) -> Vec<Snap> {
         self.watch_after(None, what, done)
     }
 
     /// `watch` right after a command: until its job publishes, /progress may still show
     /// `stale`, the snapshot from before the command (a stale `failed` is no failure).
-    fn watch_after(&self, stale: Option<&Snap>, what: &str, done: impl Fn(&Snap) -> bool) -> Vec<Snap> {
+    pub(crate) fn watch_after(&self, stale: Option<&Snap>, what: &str, done: impl Fn(&Snap) -> bool) -> Vec<Snap> {
         let mut seen: Vec<Snap> = Vec::new();
         let deadline = Instant::now() + PATIENCE;
         loop {
@@ -840,7 +856,7 @@ impl Daemon {
         }
     }
 
-    fn wait_stage(&self, stage: &str) -> Vec<Snap> {
+    pub(crate) fn wait_stage(&self, stage: &str) -> Vec<Snap> {
         self.watch(&format!("stage {stage}"), |s| s.stage == stage)
     }
 }
@@ -864,7 +880,7 @@ impl Drop for Daemon {
 // ---------------------------------------------------------------- checks
 
 /// The stages of `snaps` in order, consecutive repeats removed.
-fn stages<'a>(stages: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+pub(crate) fn stages<'a>(stages: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for s in stages {
         if out.last().map(String::as_str) != Some(s) {
@@ -875,7 +891,7 @@ fn stages<'a>(stages: impl IntoIterator<Item = &'a str>) -> Vec<String> {
 }
 
 /// The stages seen by polling appear in the order of `order` (polling may miss any of them).
-fn assert_stage_order(snaps: &[Snap], order: &[&str]) {
+pub(crate) fn assert_stage_order(snaps: &[Snap], order: &[&str]) {
     let mut at = 0;
     for s in snaps {
         let i = order.iter().position(|o| *o == s.stage).unwrap_or_else(|| panic!("unexpected stage {s:?}; seen {snaps:#?}"));
@@ -888,7 +904,7 @@ fn assert_stage_order(snaps: &[Snap], order: &[&str]) {
 /// `seq` 1, 2, 3, ... exactly (nothing lost, nothing reordered); a report received again
 /// (only where `redeliveries` is allowed: a crash can lose an acknowledgement) repeats the
 /// body of an earlier one with the same `seq`.
-fn first_deliveries(got: &[Value], redeliveries: bool) -> Vec<Value> {
+pub(crate) fn first_deliveries(got: &[Value], redeliveries: bool) -> Vec<Value> {
     let mut firsts: Vec<Value> = Vec::new();
     for r in got {
         let seq = r["seq"].as_u64().unwrap_or_else(|| panic!("report without a numeric seq: {r}"));
@@ -908,7 +924,7 @@ fn first_deliveries(got: &[Value], redeliveries: bool) -> Vec<Value> {
 }
 
 /// The callback contract's body plus the extras (transaction id, boot id, seq, final).
-fn check_report(r: &Value, boot: &str) {
+pub(crate) fn check_report(r: &Value, boot: &str) {
     const STAGES: &[&str] = &["idle", "downloading", "verifying", "toInstall", "installing", "rebooting", "success", "failed"];
     assert!(r["stage"].as_str().is_some_and(|s| STAGES.contains(&s)), "report stage: {r}");
     assert!(r["progress"].as_u64().is_some_and(|p| p <= 100), "report progress: {r}");
@@ -921,19 +937,19 @@ fn check_report(r: &Value, boot: &str) {
 }
 
 /// Every POST went to the contract's path as JSON.
-fn check_attempts(receiver: &Receiver) {
+pub(crate) fn check_attempts(receiver: &Receiver) {
     for a in receiver.attempts() {
         assert!(a.line.starts_with(&format!("POST {REPORT_PATH} HTTP/1.1")), "report request line {:?}", a.line);
         assert!(a.content_type.starts_with("application/json"), "report content-type {:?}", a.content_type);
     }
 }
 
-fn finals_for(reports: &[Value], tx: u64) -> Vec<Value> {
+pub(crate) fn finals_for(reports: &[Value], tx: u64) -> Vec<Value> {
     reports.iter().filter(|r| r["final"] == true && r["tx_id"] == tx).cloned().collect()
 }
 
 /// POST /download of `pkg`, then waits for `toInstall`.
-fn download(rig: &Rig, d: &Daemon, pkg: &Pkg) -> Vec<Snap> {
+pub(crate) fn download(rig: &Rig, d: &Daemon, pkg: &Pkg) -> Vec<Snap> {
     let before = d.progress();
     assert_eq!(d.post("/api/v1.0/download", &rig.request(pkg)), started("downloading"));
     let seen = d.watch_after(Some(&before), "stage toInstall", |s| s.stage == "toInstall");
@@ -941,12 +957,12 @@ fn download(rig: &Rig, d: &Daemon, pkg: &Pkg) -> Vec<Snap> {
     seen
 }
 
-fn update_body(version: &str) -> String {
+pub(crate) fn update_body(version: &str) -> String {
     json!({ "version": version }).to_string()
 }
 
 /// POST /update, then waits for `success`.
-fn install(d: &Daemon, version: &str) -> Vec<Snap> {
+pub(crate) fn install(d: &Daemon, version: &str) -> Vec<Snap> {
     let before = d.progress();
     assert_eq!(d.post("/api/v1.0/update", &update_body(version)), started("installing"));
     let seen = d.watch_after(Some(&before), "stage success", |s| s.stage == "success");
@@ -954,11 +970,11 @@ fn install(d: &Daemon, version: &str) -> Vec<Snap> {
     seen
 }
 
-fn current_version(status: &Value) -> Option<String> {
+pub(crate) fn current_version(status: &Value) -> Option<String> {
     status["current"]["version"].as_str().map(str::to_string)
 }
 
-fn assert_code(v: &Value, code: i64, prefix: &str, ctx: &str) {
+pub(crate) fn assert_code(v: &Value, code: i64, prefix: &str, ctx: &str) {
     assert_eq!(v["code"], code, "{ctx}: {v}");
     assert!(
         v["msg"].as_str().is_some_and(|m| m.starts_with(prefix) && m.len() > prefix.len()),
@@ -966,7 +982,7 @@ fn assert_code(v: &Value, code: i64, prefix: &str, ctx: &str) {
     );
 }
 
-fn small_modules(version: &str) -> Vec<Module> {
+pub(crate) fn small_modules(version: &str) -> Vec<Module> {
     let tag = |what: &str| format!("{what} {version}\n").into_bytes();
     vec![
         Module { name: "device-api", rel: "device-api/device-api", content: tag("device-api") },
@@ -975,7 +991,7 @@ fn small_modules(version: &str) -> Vec<Module> {
     ]
 }
 
-const FACTORY: &[(&str, &[u8])] = &[("device-api/device-api", b"device-api factory\n"), ("voice-app/voice-app", b"voice-app factory\n")];
+pub(crate) const FACTORY: &[(&str, &[u8])] = &[("device-api/device-api", b"device-api factory\n"), ("voice-app/voice-app", b"voice-app factory\n")];
 
 // ---------------------------------------------------------------- 1. idle
 
@@ -1246,7 +1262,7 @@ fn commands_right_after_a_result_are_not_refused_as_busy() {
 // ---------------------------------------------------------------- 5, 11, 12, 13, 14: download
 
 /// A 2 MiB package for the download tests.
-fn download_pkg(rig: &Rig, seed: u64) -> Pkg {
+pub(crate) fn download_pkg(rig: &Rig, seed: u64) -> Pkg {
     let mut modules = small_modules("2.0.0");
     modules[0].content = XorShift::new(seed).bytes(2 << 20);
     let pkg = build_pkg(&rig.env, "2.0.0", &modules);
@@ -1256,7 +1272,7 @@ fn download_pkg(rig: &Rig, seed: u64) -> Pkg {
 
 /// Starts the download of `pkg` held by the server at half, and waits until the daemon has
 /// half of it. Returns the gate offset.
-fn download_to_half(rig: &Rig, d: &Daemon, pkg: &Pkg) -> u64 {
+pub(crate) fn download_to_half(rig: &Rig, d: &Daemon, pkg: &Pkg) -> u64 {
     let half = (pkg.bytes.len() as u64).div_ceil(2);
     rig.server.set(|s| {
         s.chunk = 16 << 10;
@@ -1427,7 +1443,7 @@ fn an_md5_mismatch_fails_and_deletes_the_file() {
 /// show that result on /progress and /status, and send exactly one final report for the
 /// transaction.
 #[cfg(feature = "failpoints")]
-fn sigkill_mid_install(point: &str, hit: u32) {
+pub(crate) fn sigkill_mid_install(point: &str, hit: u32) {
     let ctx = format!("SIGKILL at {point} (pass {hit})");
     let rig = Rig::new();
     rig.put(FACTORY);

@@ -4,6 +4,8 @@
 mod pause;
 mod support;
 
+mod api_guard;
+mod api_load;
 mod crash;
 mod daemon;
 mod diskfull;
