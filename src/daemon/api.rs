@@ -25,6 +25,7 @@ type Shared = State<Arc<Daemon>>;
 pub fn http_code(code: ErrorCode) -> u16 {
     match code {
         ErrorCode::ValidationError => 400,
+        ErrorCode::RequestRefused => 403,
         ErrorCode::NothingToRollBack => 404,
         ErrorCode::OperationInProgress | ErrorCode::DownloadIncomplete | ErrorCode::Md5NotVerified => 409,
         ErrorCode::PackageExpired => 410,

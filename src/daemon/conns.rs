@@ -19,7 +19,7 @@ use crate::limits::{
     API_CONNECTIONS_MAX, API_HEADER_BYTES_MAX, API_HEADER_READ_TIMEOUT_MS, API_HEADERS_MAX, API_SHUTDOWN_GRACE_MS, API_STALL_TIMEOUT_MS,
 };
 use axum::body::Body;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -225,12 +225,12 @@ impl Drop for InHandler {
     }
 }
 
-/// The answer to a refused request: HTTP 403, the legacy envelope, and the connection closed.
+/// The answer to a refused request: the legacy envelope (HTTP 200, as for every answer of the
+/// contract; `code` 403), and the connection closed.
 fn refused(r: &Refusal) -> Response<Body> {
     let code = crate::error::ErrorCode::RequestRefused;
-    let body = serde_json::json!({ "code": 403, "msg": format!("{code}: {}", r.message()) }).to_string();
+    let body = serde_json::json!({ "code": super::api::http_code(code), "msg": format!("{code}: {}", r.message()) }).to_string();
     let mut resp = Response::new(Body::from(body));
-    *resp.status_mut() = StatusCode::FORBIDDEN;
     let h = resp.headers_mut();
     h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     h.insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));

@@ -67,8 +67,7 @@ mod tests {
         assert_eq!(peer, client.local_addr().unwrap());
         let me = nix::unistd::geteuid().as_raw();
         assert_eq!(uid_of(peer, listener.local_addr().unwrap()), PeerUid::Known(me));
-        // Our own end of the connection is another socket: looking it up backwards finds
-        // the listener's accepted socket (same uid here), never a third one.
+        // A port nobody is connected from: no socket matches.
         let missing = SocketAddr::new(peer.ip(), peer.port().wrapping_add(1));
         assert_eq!(uid_of(missing, listener.local_addr().unwrap()), PeerUid::Unknown);
     }

@@ -199,6 +199,16 @@ mod tests {
 
     impl Record for String {}
 
+    /// `ErrorCode` indices are part of the format (journal-format.md): new codes only at the end.
+    #[test]
+    fn error_code_indices_are_pinned() {
+        let index = |c: ErrorCode| bincode::serde::encode_to_vec(c, SMALL).unwrap();
+        assert_eq!(index(ErrorCode::ValidationError), [0]);
+        assert_eq!(index(ErrorCode::JournalCorrupt), [22]);
+        assert_eq!(index(ErrorCode::InternalError), [23]);
+        assert_eq!(index(ErrorCode::RequestRefused), [24]);
+    }
+
     #[test]
     fn round_trip_and_golden_bytes_of_a_path_state() {
         let s = PathState::File(FileMeta { hash: Hash([0xab; 32]), size: 300, mode: 0o644, uid: 0, gid: 1000 });

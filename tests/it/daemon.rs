@@ -43,7 +43,8 @@ pub(crate) const REPORT_PATH: &str = "/api/v1.0/ota/report";
 pub(crate) const READY: &str = "Package verified successfully, ready for installation";
 pub(crate) const DONE: &str = "Update completed successfully";
 /// Environment variables that would route the daemon's HTTP through a proxy.
-pub(crate) const PROXY_VARS: &[&str] = &["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
+pub(crate) const PROXY_VARS: &[&str] =
+    &["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -991,7 +992,8 @@ pub(crate) fn small_modules(version: &str) -> Vec<Module> {
     ]
 }
 
-pub(crate) const FACTORY: &[(&str, &[u8])] = &[("device-api/device-api", b"device-api factory\n"), ("voice-app/voice-app", b"voice-app factory\n")];
+pub(crate) const FACTORY: &[(&str, &[u8])] =
+    &[("device-api/device-api", b"device-api factory\n"), ("voice-app/voice-app", b"voice-app factory\n")];
 
 // ---------------------------------------------------------------- 1. idle
 
