@@ -179,7 +179,8 @@ class Profile:
 
 def api(port, method, path, body=None):
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1.0{path}", data=data, method=method)
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1.0{path}", data=data, method=method, headers=headers)
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
@@ -234,6 +235,49 @@ def daemon_bench(ws, binary, load_bin, size):
         server.shutdown()
     kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", err).group(1))
     return stats, kib, stage, download_s, install_s
+
+
+def slow_clients_bench(ws, binary, stalled=1100, polls=20):
+    """SPEC §7 "the daemon under slow clients": `serve` under a 1024-fd limit (as the unit sets
+    it), `stalled` connections that send half a request head and stall, then GET /progress on
+    fresh connections: how long each took, the daemon's open fds and peak RSS, and how long
+    SIGTERM takes with the stalled connections still open."""
+    import resource
+    import socket
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < stalled + 100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, stalled + 200), hard))
+    prof = Profile(ws, binary, "slow-clients", lambda d: os.makedirs(d, exist_ok=True), lambda d: gen_many(d, 1, 1))
+    with open(prof.cfg, "a") as f:
+        f.write('[api]\nlisten = "127.0.0.1:0"\n[reporter]\nurl = "http://127.0.0.1:9/none"\n')
+    d = subprocess.Popen(["/usr/bin/time", "-v", "prlimit", "--nofile=1024:1024", "--", binary, "--config", prof.cfg, "--log-level", "error", "serve"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    socks = []
+    try:
+        port = int(re.search(r":(\d+)", d.stdout.readline()).group(1))
+        for _ in range(stalled):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /api/v1.0/progress HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            socks.append(s)
+        answer_ms = []
+        for _ in range(polls):
+            t = time.perf_counter()
+            assert api(port, "GET", "/progress")["code"] == 200
+            answer_ms.append((time.perf_counter() - t) * 1000)
+        daemon_pid = int(subprocess.run(["pgrep", "-P", str(d.pid)], capture_output=True, text=True).stdout.split()[0])
+        fds = len(os.listdir(f"/proc/{daemon_pid}/fd"))
+        t = time.perf_counter()
+        os.kill(daemon_pid, 15)
+        err = d.communicate(timeout=120)[1]
+        term_ms = (time.perf_counter() - t) * 1000
+    finally:
+        for s in socks:
+            s.close()
+        if d.poll() is None:
+            d.kill()
+            d.communicate()
+    kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", err).group(1))
+    return answer_ms, fds, kib, term_ms, d.returncode
 
 
 def fmt_s(xs):
@@ -336,6 +380,12 @@ def daemon_rows(ws, a, rss_bytes, rows):
         rows.append((f"daemon peak RSS, {rss_bytes // MiB} MiB download + install", f"{kib / 1024:.1f} MiB", f"download {dl_s:.1f} s, install {in_s:.1f} s ({stage}); target < 32 MiB"))
     else:
         rows.append(("GET /progress under load", "n/a (/usr/bin/time or the progress_load example missing)", ""))
+    if os.path.exists("/usr/bin/time") and shutil.which("prlimit"):
+        ms, fds, kib, term_ms, rc = slow_clients_bench(ws, a.bin)
+        rows.append(("GET /progress with 1100 stalled connections, fd limit 1024", f"{statistics.median(ms):.1f} ms (max {max(ms):.1f}), {len(ms)} polls", f"daemon fds {fds}; target: answers (within the 5 s header timeout)"))
+        rows.append(("daemon peak RSS / SIGTERM with 1100 stalled connections", f"{kib / 1024:.1f} MiB / {term_ms:.0f} ms (exit {rc})", "target < 32 MiB / promptly"))
+    else:
+        rows.append(("daemon under slow clients", "n/a (/usr/bin/time or prlimit missing)", ""))
 
 
 def report(ws, runs, rows, md):

@@ -552,9 +552,19 @@ pub fn annotate_config(toml_text: &str, origins: &KeyOrigins) -> String {
 
 /// While the daemon runs it holds the journal open (redb allows one process); reporting
 /// commands then ask its API on `api.listen` (loopback, short timeout).
+/// Where to reach a daemon listening on `listen`: a daemon bound to all interfaces is asked on
+/// loopback (its guard admits a loopback `Host`, not `0.0.0.0`).
+fn reachable(listen: &str) -> String {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(std::net::SocketAddr::V4(a)) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
+        Ok(std::net::SocketAddr::V6(a)) if a.ip().is_unspecified() => format!("[::1]:{}", a.port()),
+        _ => listen.to_string(),
+    }
+}
+
 fn from_daemon<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str) -> Result<T> {
     let listen = std::fs::read_to_string(crate::daemon::addr_file(&cfg.state_dir)).unwrap_or_else(|_| cfg.api.listen.clone());
-    let url = format!("http://{}{path}", listen.trim());
+    let url = format!("http://{}{path}", reachable(listen.trim()));
     let agent: ureq::Agent =
         ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(5))).proxy(None).build().into();
     let text = agent
@@ -749,4 +759,16 @@ fn render_tx(r: &TxReport) -> String {
 /// For `demo`: a path relative to the demo root, for readable output.
 pub fn short(root: &Path, p: &Path) -> String {
     p.strip_prefix(root).map(|r| format!("/{}", r.display())).unwrap_or_else(|_| p.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_daemon_on_all_interfaces_is_asked_on_loopback() {
+        assert_eq!(super::reachable("0.0.0.0:12315"), "127.0.0.1:12315");
+        assert_eq!(super::reachable("[::]:12315"), "[::1]:12315");
+        assert_eq!(super::reachable("127.0.0.1:4000"), "127.0.0.1:4000");
+        assert_eq!(super::reachable("192.168.1.5:12315"), "192.168.1.5:12315");
+        assert_eq!(super::reachable("localhost:12315"), "localhost:12315");
+    }
 }
