@@ -58,9 +58,13 @@ struct Table {
 /// The open connections, shared by the accept loop, the sweeper and the connection tasks.
 struct Conns {
     epoch: Instant,
+    /// The connections that may still be chosen to close (an entry leaves when it is told to).
     table: Mutex<Table>,
-    /// Signalled when the last connection closes (shutdown waits for it).
-    emptied: Notify,
+    /// Sockets open: accepted and whose task has not ended. A closed entry's socket stays
+    /// open until its task runs again, so this, not the table, is what the cap bounds.
+    live: AtomicUsize,
+    /// Signalled whenever a connection's task ends (its socket is closed).
+    closed: Notify,
 }
 
 impl Conns {
@@ -119,19 +123,32 @@ impl Conns {
         let id = t.next_id;
         t.next_id += 1;
         t.open.insert(id, e);
+        self.live.fetch_add(1, Ordering::SeqCst);
         Slot { id, last_io_ms, in_handler, close }
     }
 
-    fn remove(&self, id: u64) {
-        let mut t = self.lock();
-        t.open.remove(&id);
-        if t.open.is_empty() {
-            self.emptied.notify_waiters();
-        }
+    /// A connection's task ends: its socket is closed.
+    fn finished(&self, id: u64) {
+        self.lock().open.remove(&id);
+        self.live.fetch_sub(1, Ordering::SeqCst);
+        self.closed.notify_waiters();
     }
 
-    fn len(&self) -> usize {
-        self.lock().open.len()
+    fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Waits until fewer than `n` sockets are open, closing the connection idle the longest
+    /// each time none has closed meanwhile.
+    async fn below(&self, n: usize) {
+        loop {
+            let closed = self.closed.notified();
+            if self.live() < n {
+                return;
+            }
+            self.close_oldest_idle();
+            closed.await;
+        }
     }
 }
 
@@ -267,7 +284,8 @@ async fn serve_conn(
 ) {
     let Slot { id, last_io_ms, in_handler, close } = slot;
     let Ok(ours) = stream.local_addr() else {
-        conns.remove(id);
+        drop(stream);
+        conns.finished(id);
         return;
     };
     let ctx = Arc::new(ConnCtx { router, policy, peer, ours, peer_uid: OnceLock::new(), in_handler: in_handler.clone() });
@@ -278,8 +296,8 @@ async fn serve_conn(
         .max_buf_size(API_HEADER_BYTES_MAX)
         .max_headers(API_HEADERS_MAX)
         .keep_alive(true);
-    let conn = http.serve_connection(io, hyper::service::service_fn(move |req| handle(req, ctx.clone())));
-    tokio::pin!(conn);
+    // Boxed, so that it (and its socket) can be dropped before the slot is given back.
+    let mut conn = Box::pin(http.serve_connection(io, hyper::service::service_fn(move |req| handle(req, ctx.clone()))));
     tokio::select! {
         _ = conn.as_mut() => {}
         _ = close.notified() => {}
@@ -294,13 +312,15 @@ async fn serve_conn(
             }
         }
     }
-    conns.remove(id);
+    drop(conn);
+    conns.finished(id);
 }
 
 /// Accepts and serves until `shutdown` resolves, then closes idle connections at once and
 /// gives requests in handlers `API_SHUTDOWN_GRACE_MS`.
 pub async fn serve(listener: TcpListener, router: axum::Router, policy: Policy, shutdown: impl std::future::Future<Output = ()>) {
-    let conns = Arc::new(Conns { epoch: Instant::now(), table: Mutex::new(Table::default()), emptied: Notify::new() });
+    let conns =
+        Arc::new(Conns { epoch: Instant::now(), table: Mutex::new(Table::default()), live: AtomicUsize::new(0), closed: Notify::new() });
     let policy = Arc::new(policy);
     let (stop_tx, stop_rx) = watch::channel(false);
     let sweeper = {
@@ -318,15 +338,17 @@ pub async fn serve(listener: TcpListener, router: axum::Router, policy: Policy, 
     };
     tokio::pin!(shutdown);
     loop {
+        // At the cap, a socket must really be closed before the next is accepted: the fd
+        // count stays bounded however fast connections arrive (the backlog waits meanwhile).
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
-            a = listener.accept() => a,
+            a = async {
+                conns.below(API_CONNECTIONS_MAX).await;
+                listener.accept().await
+            } => a,
         };
         match accepted {
             Ok((stream, peer)) => {
-                if conns.len() >= API_CONNECTIONS_MAX {
-                    conns.close_oldest_idle();
-                }
                 let slot = conns.add();
                 tokio::spawn(serve_conn(stream, peer, slot, conns.clone(), router.clone(), policy.clone(), stop_rx.clone()));
             }
@@ -344,14 +366,14 @@ pub async fn serve(listener: TcpListener, router: axum::Router, policy: Policy, 
     let _ = stop_tx.send(true);
     let waited = async {
         loop {
-            let emptied = conns.emptied.notified();
-            if conns.len() == 0 {
+            let closed = conns.closed.notified();
+            if conns.live() == 0 {
                 return;
             }
-            emptied.await;
+            closed.await;
         }
     };
     if tokio::time::timeout(Duration::from_millis(API_SHUTDOWN_GRACE_MS), waited).await.is_err() {
-        tracing::warn!(open = conns.len(), "requests still in handlers after the shutdown grace; closing them");
+        tracing::warn!(open = conns.live(), "requests still in handlers after the shutdown grace; closing them");
     }
 }
