@@ -24,8 +24,7 @@ type Shared = State<Arc<Daemon>>;
 /// The application code the legacy contract uses for an error.
 pub fn http_code(code: ErrorCode) -> u16 {
     match code {
-        ErrorCode::ValidationError => 400,
-        ErrorCode::RequestRefused => 403,
+        ErrorCode::ValidationError | ErrorCode::RequestRefused => 400,
         ErrorCode::NothingToRollBack => 404,
         ErrorCode::OperationInProgress | ErrorCode::DownloadIncomplete | ErrorCode::Md5NotVerified => 409,
         ErrorCode::PackageExpired => 410,

@@ -243,7 +243,8 @@ impl Drop for InHandler {
 }
 
 /// The answer to a refused request: the legacy envelope (HTTP 200, as for every answer of the
-/// contract; `code` 403), and the connection closed.
+/// contract; `code` 400, the legacy contract's code for a refused request), and the connection
+/// closed.
 fn refused(r: &Refusal) -> Response<Body> {
     let code = crate::error::ErrorCode::RequestRefused;
     let body = serde_json::json!({ "code": super::api::http_code(code), "msg": format!("{code}: {}", r.message()) }).to_string();

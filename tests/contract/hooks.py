@@ -7,9 +7,9 @@ These checks say the same things about the envelope instead:
 
 - legacy_envelope: every answer to a documented operation (even a malformed request, a
   missing or wrong Content-Type) is HTTP 200, `application/json`, an object with an integer
-  `code` in {200, 400, 403, 404, 409, 410, 500} and a string `msg`; `msg` is "success" when
+  `code` in {200, 400, 404, 409, 410, 500} and a string `msg`; `msg` is "success" when
   `code` is 200, otherwise "CODE: message" with CODE one of SPEC §6 and `code` the one the
-  contract gives that CODE (VALIDATION_ERROR 400, REQUEST_REFUSED 403 (a body that is not
+  contract gives that CODE (VALIDATION_ERROR 400, REQUEST_REFUSED 400 (a body that is not
   application/json, refused before any handler: SECURITY.md), NOTHING_TO_ROLL_BACK 404,
   OPERATION_IN_PROGRESS / DOWNLOAD_INCOMPLETE / MD5_NOT_VERIFIED 409, PACKAGE_EXPIRED 410,
   the others 500; GET /progress reports any failure with code 500). INTERNAL_ERROR and JOURNAL_CORRUPT are findings (a bug, in a test
@@ -43,7 +43,7 @@ SPEC_CODES = (
 ).split()
 APP_CODE = {
     "VALIDATION_ERROR": 400,
-    "REQUEST_REFUSED": 403,
+    "REQUEST_REFUSED": 400,
     "NOTHING_TO_ROLL_BACK": 404,
     "OPERATION_IN_PROGRESS": 409,
     "DOWNLOAD_INCOMPLETE": 409,
@@ -96,8 +96,8 @@ def legacy_envelope(ctx, response, case):
     if body is None:
         raise AssertionError(f"body is not a JSON object: {response.content[:200]!r}")
     code, msg = body.get("code"), body.get("msg")
-    if type(code) is not int or code not in (200, 400, 403, 404, 409, 410, 500):
-        raise AssertionError(f"envelope code {code!r} is not one of 200, 400, 403, 404, 409, 410, 500")
+    if type(code) is not int or code not in (200, 400, 404, 409, 410, 500):
+        raise AssertionError(f"envelope code {code!r} is not one of 200, 400, 404, 409, 410, 500")
     if not isinstance(msg, str):
         raise AssertionError(f"envelope msg {msg!r} is not a string")
     if code == 200:

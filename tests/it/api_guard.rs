@@ -4,7 +4,7 @@
 //!
 //! The device under attack is armed: a package is downloaded and waiting (`toInstall`), a second
 //! one is on the package server, and the package's module carries a post command that would
-//! leave a marker. Every hostile request, at every endpoint, must be answered `code` 403 with
+//! leave a marker. Every hostile request, at every endpoint, must be answered `code` 400 with
 //! `REQUEST_REFUSED` and a log line naming the header, and afterwards nothing has happened: no
 //! job started, the package server saw no request, the journal's history and status are
 //! unchanged, the tree is byte-identical and the marker is absent. Then the same actions sent
@@ -48,10 +48,10 @@ fn port(d: &Daemon) -> u16 {
     d.base.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-/// A refusal: the legacy envelope (HTTP 200, `code` 403) with `REQUEST_REFUSED` naming `what`.
+/// A refusal: the legacy envelope (HTTP 200, `code` 400) with `REQUEST_REFUSED` naming `what`.
 fn assert_refused(a: &Answer, what: &str, ctx: &str) {
     assert_eq!(a.status, 200, "{ctx}: {a:?}");
-    assert_eq!(a.body["code"], 403, "{ctx}: {a:?}");
+    assert_eq!(a.body["code"], 400, "{ctx}: {a:?}");
     let msg = a.body["msg"].as_str().unwrap_or_else(|| panic!("{ctx}: no msg: {a:?}"));
     assert!(msg.starts_with("REQUEST_REFUSED: ") && msg.contains(what), "{ctx}: expected REQUEST_REFUSED naming {what:?}: {msg}");
 }
@@ -286,7 +286,7 @@ fn allowed_uids_refuse_a_process_of_another_user() {
         (code.to_string(), serde_json::from_str::<Value>(body).unwrap())
     };
     let (code, body) = curl(true);
-    assert_eq!((code.as_str(), &body["code"]), ("200", &json!(403)), "{body}");
+    assert_eq!((code.as_str(), &body["code"]), ("200", &json!(400)), "{body}");
     assert!(body["msg"].as_str().unwrap().starts_with("REQUEST_REFUSED: the caller's uid 65534 is not in api.allowed_uids"), "{body}");
     let (code, body) = curl(false);
     assert_eq!((code.as_str(), &body["data"]["stage"]), ("200", &json!("idle")), "{body}");
