@@ -220,6 +220,8 @@ pub fn exit_for_error(e: &Error, installing: bool) -> u8 {
         ErrorCode::OperationInProgress => exit::BUSY,
         ErrorCode::RollbackFailed => exit::NEEDS_OPERATOR,
         c if c.is_rejection() && installing => exit::REJECTED,
+        // Before any transaction: a package this device cannot hold (a dst through a file).
+        ErrorCode::DeploymentFailed if installing => exit::REJECTED,
         _ => exit::OTHER,
     }
 }

@@ -38,6 +38,7 @@
 //! | `MD5_NOT_VERIFIED` | 409 | [`check_installable`] |
 //! | `PACKAGE_EXPIRED` | 410 | [`check_installable`] |
 //! | `DOWNLOAD_FAILED`, `MD5_MISMATCH`, `DISK_FULL`, `INTERNAL_ERROR`, `JOURNAL_CORRUPT` | 500 | [`run`] (reported through `/progress` with stage `failed`) |
+//! | `PACKAGE_SIZE_MISMATCH` | 500 | [`run`]: a `Content-Length` (200), `Content-Range` total (206) or body that is not `package_size`; at once, no retry, file and record removed |
 
 use crate::config::Config;
 use crate::error::{Error, ErrorCode, Result};
@@ -358,8 +359,14 @@ fn run_tuned(
         progress,
     };
     t.resume_prefix(cancel)?;
-    t.fetch(cfg, cancel, tuning)?;
-    t.verify()
+    match t.fetch(cfg, cancel, tuning) {
+        Err(e) if e.code == ErrorCode::PackageSizeMismatch => {
+            t.discard()?;
+            Err(e)
+        }
+        Err(e) => Err(e),
+        Ok(()) => t.verify(),
+    }
 }
 
 /// statvfs preflight: `remaining` bytes (rounded up to whole blocks) plus the reserve.
@@ -534,6 +541,9 @@ impl Transfer<'_> {
         match status {
             206 => {
                 let range = response.headers().get("content-range").and_then(|v| v.to_str().ok()).unwrap_or("");
+                if let Some(total) = range_total(range).filter(|&t| t != self.size()) {
+                    return Err(Stop::Fatal(self.size_mismatch(&format!("the server's file has {total}"))));
+                }
                 if !continues_at(range, self.offset, self.size()) {
                     return Err(Stop::Retry(format!(
                         "206 with Content-Range {range:?}, expected bytes {}-{}/{}",
@@ -544,6 +554,9 @@ impl Transfer<'_> {
                 }
             }
             200 => {
+                if let Some(len) = content_length.filter(|&len| len != self.size()) {
+                    return Err(Stop::Fatal(self.size_mismatch(&format!("the server's file has {len}"))));
+                }
                 if ranged {
                     tracing::warn!(offset = self.offset, "server ignored Range (200): starting over from byte 0");
                     self.restart_from_zero()?;
@@ -585,7 +598,23 @@ impl Transfer<'_> {
                 self.checkpoint()?;
             }
         }
+        // A body that goes on past package_size (no Content-Length said so up front).
+        if matches!(body.read(&mut [0u8; 1]), Ok(n) if n > 0) {
+            return Err(Stop::Fatal(self.size_mismatch("the server sent more")));
+        }
         Ok(())
+    }
+
+    fn size_mismatch(&self, what: &str) -> Error {
+        Error::new(ErrorCode::PackageSizeMismatch, format!("expected {} bytes, but {what} bytes", self.size()))
+    }
+
+    /// A download that cannot succeed (the server's file is another size): the file and the
+    /// record go, so the next request starts afresh. File first (see `verify`).
+    fn discard(self) -> Result<()> {
+        drop(self.file);
+        fsutil::remove_if_present(&self.path).map_err(local)?;
+        self.journal.clear_download()
     }
 
     /// Makes the bytes written durable, then journals the offset (write-ahead: the journal
@@ -656,6 +685,12 @@ fn agent(cfg: &Config, tuning: &Tuning) -> ureq::Agent {
         builder = builder.proxy(None);
     }
     builder.build().new_agent()
+}
+
+/// TOTAL of `bytes START-END/TOTAL`, when it is a number.
+fn range_total(content_range: &str) -> Option<u64> {
+    let total = content_range.trim().rsplit_once('/')?.1;
+    if total.is_empty() || !total.bytes().all(|b| b.is_ascii_digit()) { None } else { total.parse().ok() }
 }
 
 /// `bytes START-END/TOTAL` (TOTAL may be `*`) continues at `offset` to the end of `size`.

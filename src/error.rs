@@ -49,6 +49,9 @@ pub enum ErrorCode {
     /// not this device (DNS rebinding), a body that is not `application/json`, or a caller
     /// whose uid is not in `api.allowed_uids` (SECURITY.md).
     RequestRefused,
+    /// The package server's file is not `package_size` bytes long (what the legacy service
+    /// reported; the download fails at once, nothing kept).
+    PackageSizeMismatch,
 }
 
 impl ErrorCode {
@@ -79,6 +82,7 @@ impl ErrorCode {
             ErrorCode::JournalCorrupt => "JOURNAL_CORRUPT",
             ErrorCode::InternalError => "INTERNAL_ERROR",
             ErrorCode::RequestRefused => "REQUEST_REFUSED",
+            ErrorCode::PackageSizeMismatch => "PACKAGE_SIZE_MISMATCH",
         }
     }
 

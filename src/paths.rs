@@ -59,7 +59,8 @@ impl AllowedRoots {
             .iter()
             .map(|r| {
                 // A root may itself be a symlink (/opt/tope -> /data/tope): resolve it fully.
-                let resolved = std::fs::canonicalize(r).or_else(|_| resolve_existing_prefix(r)).unwrap_or_else(|_| r.clone());
+                let resolved =
+                    std::fs::canonicalize(r).or_else(|_| resolve_existing_prefix(r).map_err(|_| ())).unwrap_or_else(|_| r.clone());
                 (r.clone(), resolved)
             })
             .collect();
@@ -85,9 +86,24 @@ impl AllowedRoots {
         let resolved_parent = match cache.parents.get(parent) {
             Some(r) => r.clone(),
             None => {
-                let r = resolve_existing_prefix(&path)
-                    .map(|p| p.parent().map(Path::to_path_buf).unwrap_or(p))
-                    .map_err(|e| not_allowed(dst, &format!("cannot be resolved: {e}")))?;
+                let r = resolve_existing_prefix(&path).map(|p| p.parent().map(Path::to_path_buf).unwrap_or(p)).map_err(|e| match e {
+                    // The path is allowed, but this device holds a file where the package
+                    // needs a directory: the package cannot be deployed here (what the legacy
+                    // service said, DEPLOYMENT_FAILED), found before anything is touched.
+                    PrefixError::NotADirectory { existing, resolved }
+                        if self.roots.iter().any(|(_, root)| is_strictly_under(&resolved, root)) =>
+                    {
+                        Error::new(
+                            ErrorCode::DeploymentFailed,
+                            format!("destination {dst:?} cannot be created: {} is not a directory", existing.display()),
+                        )
+                    }
+                    PrefixError::NotADirectory { existing, resolved } => not_allowed(
+                        dst,
+                        &format!("resolves through {} to {}, outside the allowed roots", existing.display(), resolved.display()),
+                    ),
+                    PrefixError::Io(e) => not_allowed(dst, &format!("cannot be resolved: {e}")),
+                })?;
                 cache.parents.insert(parent.to_path_buf(), r.clone());
                 r
             }
@@ -110,10 +126,20 @@ fn is_strictly_under(path: &Path, root: &Path) -> bool {
     path != root && path.starts_with(root)
 }
 
+/// Why the existing prefix of a path cannot hold it.
+enum PrefixError {
+    /// The longest existing ancestor (`resolved` after symlinks) is not a directory.
+    NotADirectory {
+        existing: PathBuf,
+        resolved: PathBuf,
+    },
+    Io(std::io::Error),
+}
+
 /// Resolves symlinks in the longest existing proper prefix of `path` (the last component is
 /// kept as is, so a symlink *at* the destination is seen by the caller, not followed), then
 /// appends the missing components. An existing non-directory ancestor is an error.
-fn resolve_existing_prefix(path: &Path) -> std::io::Result<PathBuf> {
+fn resolve_existing_prefix(path: &Path) -> Result<PathBuf, PrefixError> {
     let comps: Vec<Component> = path.components().collect();
     let mut existing = PathBuf::from("/");
     let mut rest = Vec::new();
@@ -128,9 +154,9 @@ fn resolve_existing_prefix(path: &Path) -> std::io::Result<PathBuf> {
             rest.push(c.as_os_str().to_owned());
         }
     }
-    let mut resolved = std::fs::canonicalize(&existing)?;
+    let mut resolved = std::fs::canonicalize(&existing).map_err(PrefixError::Io)?;
     if !resolved.is_dir() {
-        return Err(std::io::Error::other(format!("{} is not a directory", existing.display())));
+        return Err(PrefixError::NotADirectory { existing, resolved });
     }
     for r in rest {
         resolved.push(r);
@@ -171,6 +197,15 @@ mod tests {
         // A dangling symlink on the way is refused, not taken for a directory to create.
         std::os::unix::fs::symlink(outside.join("nowhere"), root.join("dangling")).unwrap();
         assert_eq!(roots.check(&s(&root.join("dangling/x"))).unwrap_err().code, ErrorCode::PathNotAllowed);
+        // A regular file where the package needs a directory: allowed, but not deployable.
+        std::fs::write(root.join("file"), b"x").unwrap();
+        let e = roots.check(&s(&root.join("file/x"))).unwrap_err();
+        assert_eq!(e.code, ErrorCode::DeploymentFailed, "{e}");
+        assert!(e.message.contains("is not a directory"), "{e}");
+        // ... and a symlink to a file outside the roots is still outside.
+        std::fs::write(outside.join("file"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.join("file"), root.join("to-file")).unwrap();
+        assert_eq!(roots.check(&s(&root.join("to-file/x"))).unwrap_err().code, ErrorCode::PathNotAllowed);
         // A symlink at the destination itself is refused, not followed.
         std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
         assert_eq!(roots.check(&s(&root.join("link"))).unwrap_err().code, ErrorCode::PathNotAllowed);

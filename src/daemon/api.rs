@@ -40,6 +40,25 @@ fn err(e: &Error) -> Response {
     Json(json!({ "code": http_code(e.code), "msg": format!("{}: {}", e.code, e.message) })).into_response()
 }
 
+/// An error answer of a daemon with state: a conflict (409) or an expired package (410) also
+/// names the current stage and progress at the root, as the legacy contract's ErrorResponse
+/// and the Python service do ("for operation state errors").
+fn err_in(d: &Daemon, e: &Error) -> Response {
+    let code = http_code(e.code);
+    if code != 409 && code != 410 {
+        return err(e);
+    }
+    let s = d.progress.get();
+    Json(json!({ "code": code, "msg": format!("{}: {}", e.code, e.message), "stage": s.stage, "progress": s.progress })).into_response()
+}
+
+fn reply_in(d: &Daemon, r: Result<Value>) -> Response {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => err_in(d, &e),
+    }
+}
+
 fn reply(r: Result<Value>) -> Response {
     match r {
         Ok(v) => ok(v),
@@ -78,17 +97,33 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/api/v1.0/confirm", post(confirm))
         .route("/api/v1.0/status", get(status))
         .route("/api/v1.0/history", get(history))
+        .route("/", get(health))
         .with_state(d)
+}
+
+/// What the Python service answered at `/` (its clients and test plans use it as a health
+/// check): `status` and `service`, and a non-empty `features`.
+async fn health() -> Response {
+    Json(json!({
+        "status": "ok",
+        "service": "tope-updater",
+        "version": env!("CARGO_PKG_VERSION"),
+        "features": ["Transactional Installs", "Rollback", "Progress Reporting", "systemd Integration"],
+    }))
+    .into_response()
 }
 
 async fn progress(State(d): Shared) -> Response {
     let s = d.progress.get();
+    let data = json!({ "stage": s.stage, "progress": s.progress, "message": s.message, "error": s.error });
     if s.stage == Stage::Failed {
-        // The contract's failed shape: the error in `msg`, stage and progress at the root.
+        // The contract's failed shape: the error in `msg`, stage and progress at the root; and
+        // `data` as in every other answer (the legacy GUI reads only `data.stage`, and would
+        // never see `failed` without it).
         let msg = s.error.clone().unwrap_or_else(|| s.message.clone());
-        return Json(json!({ "code": 500, "msg": msg, "stage": "failed", "progress": s.progress })).into_response();
+        return Json(json!({ "code": 500, "msg": msg, "data": data, "stage": "failed", "progress": s.progress })).into_response();
     }
-    ok(json!({ "stage": s.stage, "progress": s.progress, "message": s.message, "error": s.error }))
+    ok(data)
 }
 
 async fn download(State(d): Shared, body: axum::body::Body) -> Response {
@@ -103,10 +138,45 @@ async fn download(State(d): Shared, body: axum::body::Body) -> Response {
     if let Err(e) = crate::download::validate(&req, &d.cfg) {
         return err(&e);
     }
-    reply(
-        d.start_job("download", jobs::download_started(), move |d| jobs::download_job(&d, req))
-            .map(|()| json!({ "status": "downloading" })),
-    )
+    // The download that is running, asked for again (device-api repeating its request after
+    // our restart resumed it): that download is accepted, not a conflict.
+    if d.running_download().as_ref() == Some(&req) {
+        return ok(json!({ "status": "downloading" }));
+    }
+    // A verified package waits for its install: another download is refused, as the legacy
+    // service did, instead of deleting the waiting package. The same request is fine (it
+    // answers from the verified file at once).
+    if d.progress.get().stage == Stage::ToInstall {
+        let (d2, req2) = (d.clone(), req.clone());
+        let waiting = blocking(move || {
+            let rec = d2.held.journal.download()?;
+            let now = crate::driver::now_unix_ms();
+            Ok(rec.filter(|r| {
+                r.request != req2
+                    && crate::download::check_installable(Some(r), &r.request.version, d2.cfg.download.trust_window_h, now).is_ok()
+            }))
+        })
+        .await;
+        match waiting {
+            Ok(Some(rec)) => {
+                let e = Error::new(
+                    ErrorCode::OperationInProgress,
+                    format!(
+                        "Cannot start download, package {} (version {}) is verified and waits for POST /update",
+                        rec.request.package_name, rec.request.version
+                    ),
+                );
+                return err_in(&d, &e);
+            }
+            Ok(None) => {}
+            Err(e) => return err(&e),
+        }
+    }
+    let accepted = match d.start_download(req.clone()) {
+        Err(_) if d.running_download().as_ref() == Some(&req) => Ok(()),
+        r => r,
+    };
+    reply_in(&d, accepted.map(|()| json!({ "status": "downloading" })))
 }
 
 #[derive(Deserialize)]
@@ -127,7 +197,7 @@ async fn update(State(d): Shared, body: axum::body::Body) -> Response {
         return err(&Error::new(ErrorCode::ValidationError, "version must match semantic versioning pattern"));
     }
     if d.busy() {
-        return err(&Error::new(ErrorCode::OperationInProgress, "Cannot install, another operation is in progress"));
+        return err_in(&d, &Error::new(ErrorCode::OperationInProgress, "Cannot install, another operation is in progress"));
     }
     let d2 = d.clone();
     let version = req.version.clone();
@@ -138,9 +208,10 @@ async fn update(State(d): Shared, body: axum::body::Body) -> Response {
     .await;
     let package = match package {
         Ok(p) => p,
-        Err(e) => return err(&e),
+        Err(e) => return err_in(&d, &e),
     };
-    reply(
+    reply_in(
+        &d,
         d.start_job("install", jobs::install_started(), move |d| jobs::install_job(&d, package, req.version))
             .map(|()| json!({ "status": "installing" })),
     )
@@ -169,7 +240,7 @@ async fn rollback(State(d): Shared, body: axum::body::Body) -> Response {
         }
     };
     if d.busy() {
-        return err(&Error::new(ErrorCode::OperationInProgress, "Cannot roll back, another operation is in progress"));
+        return err_in(&d, &Error::new(ErrorCode::OperationInProgress, "Cannot roll back, another operation is in progress"));
     }
     // Refuse up front what would fail at once (nothing to roll back to), so the caller gets
     // 404 instead of a failed stage.
@@ -178,14 +249,15 @@ async fn rollback(State(d): Shared, body: axum::body::Body) -> Response {
     if let Err(e) = blocking(move || crate::driver::check_rollback_target(&d2.held.journal, &to2)).await {
         return err(&e);
     }
-    reply(
+    reply_in(
+        &d,
         d.start_job("rollback", jobs::rollback_started(), move |d| jobs::rollback_job(&d, to)).map(|()| json!({ "status": "installing" })),
     )
 }
 
 async fn confirm(State(d): Shared) -> Response {
     if d.busy() {
-        return err(&Error::new(ErrorCode::OperationInProgress, "Cannot confirm while an operation is in progress"));
+        return err_in(&d, &Error::new(ErrorCode::OperationInProgress, "Cannot confirm while an operation is in progress"));
     }
     let d2 = d.clone();
     reply(

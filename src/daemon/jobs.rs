@@ -54,9 +54,15 @@ fn push_final(d: &Daemon, tx: u64, s: &Snapshot) {
     }
 }
 
-fn failed(error: &Error, progress: u8) -> Snapshot {
-    let text = format!("{}: {}", error.code, error.message);
+/// A failed job's snapshot, its error as the legacy clients read it.
+fn failed_job(error: &Error, progress: u8, job: progress::Job) -> Snapshot {
+    let text = progress::legacy_error_text(error, job);
     Snapshot { stage: Stage::Failed, progress, message: text.clone(), error: Some(text) }
+}
+
+/// A failed install or rollback.
+fn failed(error: &Error, progress: u8) -> Snapshot {
+    failed_job(error, progress, progress::Job::Transaction)
 }
 
 /// The snapshot a transaction's end shows, and its final report.
@@ -200,7 +206,7 @@ pub fn resume_download_if_any(d: &Arc<Daemon>) {
     {
         let req = rec.request.clone();
         tracing::info!(url = req.package_url, offset = rec.offset, "resuming the interrupted download");
-        let _ = d.start_job("download", download_started(), move |d| download_job(&d, req));
+        let _ = d.start_download(req);
     }
 }
 
@@ -259,8 +265,10 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
                     tracing::warn!(error = %e, "could not record the failed download");
                 }
             }
-            let pct = d.progress.get().progress;
-            publish_end(d, failed(&e, pct));
+            // A package of the wrong size was discarded: nothing of it is kept (the legacy
+            // service showed 0 too).
+            let pct = if e.code == crate::error::ErrorCode::PackageSizeMismatch { 0 } else { d.progress.get().progress };
+            publish_end(d, failed_job(&e, pct, progress::Job::Download));
         }
     }
 }

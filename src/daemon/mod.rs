@@ -31,6 +31,9 @@ pub struct Daemon {
     /// that sees `toInstall` or `success` may start the next one at once, even while the
     /// thread is still tidying up.
     running: AtomicBool,
+    /// The request of the download job holding the slot, if that job is a download: the same
+    /// request again is that download, not a conflict (SPEC §5 "idempotent for the same URL").
+    downloading: Mutex<Option<crate::download::DownloadRequest>>,
     /// SIGTERM: jobs stop after their current atomic step.
     pub cancel: Arc<AtomicBool>,
     pub reporter: crate::reporter::Reporter,
@@ -45,7 +48,19 @@ impl Daemon {
 
     /// The job has shown its result: another may start.
     pub fn release(&self) {
+        *self.downloading.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.running.store(false, Ordering::SeqCst);
+    }
+
+    /// The request of the download that holds the slot, if one does.
+    pub fn running_download(&self) -> Option<crate::download::DownloadRequest> {
+        self.downloading.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|_| self.busy())
+    }
+
+    /// Starts a download job (see `start_job`).
+    pub fn start_download(self: &Arc<Self>, req: crate::download::DownloadRequest) -> Result<()> {
+        let r = req.clone();
+        self.start_job_for("download", Some(req), jobs::download_started(), move |d| jobs::download_job(&d, r))
     }
 
     /// Ends a job: queues its last report (`queue`), then frees the slot and shows `result`,
@@ -62,10 +77,21 @@ impl Daemon {
     /// shown by `/progress` before this returns, so a poll right after the 200 never sees
     /// the previous operation's result as this one's.
     pub fn start_job(self: &Arc<Self>, what: &str, first: Snapshot, work: impl FnOnce(Arc<Daemon>) + Send + 'static) -> Result<()> {
+        self.start_job_for(what, None, first, work)
+    }
+
+    fn start_job_for(
+        self: &Arc<Self>,
+        what: &str,
+        download: Option<crate::download::DownloadRequest>,
+        first: Snapshot,
+        work: impl FnOnce(Arc<Daemon>) + Send + 'static,
+    ) -> Result<()> {
         let mut slot = self.job.lock().unwrap_or_else(|p| p.into_inner());
         if self.cancel.load(Ordering::SeqCst) || self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
             return Err(Error::new(ErrorCode::OperationInProgress, format!("Cannot start {what}, another operation is in progress")));
         }
+        *self.downloading.lock().unwrap_or_else(|p| p.into_inner()) = download;
         // The previous thread has released the slot and may still be queuing its last report
         // (a quick commit); it is not joined here, on the runtime thread.
         self.progress.set(first);
@@ -120,6 +146,7 @@ pub fn serve(cfg: Config) -> Result<()> {
         held,
         job: Mutex::new(None),
         running: AtomicBool::new(false),
+        downloading: Mutex::new(None),
         cancel: Arc::new(AtomicBool::new(false)),
         reporter,
         boot_id,

@@ -107,6 +107,32 @@ pub fn install_percent_for_phase(phase: crate::engine::Phase) -> Option<(u8, &'s
     }
 }
 
+/// Which job failed: the legacy clients know a few codes per job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    Download,
+    /// An install or a rollback (a transaction).
+    Transaction,
+}
+
+/// An error as the legacy clients read it in `/progress` and in reports (`CODE: message`):
+/// codes `device-api` and the GUI know pass as they are; any other is wrapped under the one
+/// the Python service used for that job (`DEPLOYMENT_FAILED: POST_CMD_FAILED: ...`), so the
+/// fine-grained code is still in the text. `/status`, `/history`, the CLI and the journal keep
+/// the fine-grained code alone.
+pub fn legacy_error_text(e: &crate::error::Error, job: Job) -> String {
+    use crate::error::ErrorCode::*;
+    let known = match job {
+        Job::Download => matches!(e.code, DownloadFailed | Md5Mismatch | DiskFull | PackageSizeMismatch),
+        Job::Transaction => matches!(e.code, DeploymentFailed | DiskFull | InvalidManifest | ProcessKillFailed | Md5Mismatch),
+    };
+    let umbrella = match job {
+        Job::Download => DownloadFailed,
+        Job::Transaction => DeploymentFailed,
+    };
+    if known { format!("{}: {}", e.code, e.message) } else { format!("{umbrella}: {}: {}", e.code, e.message) }
+}
+
 pub fn staged_percent(done: u64, total: u64) -> u8 {
     (done.min(total) * 75).checked_div(total).unwrap_or(75) as u8
 }
@@ -122,6 +148,20 @@ mod tests {
         assert_eq!(p.get().stage, Stage::Success);
         std::thread::sleep(Duration::from_millis(80));
         assert_eq!(p.get().stage, Stage::Idle);
+    }
+
+    #[test]
+    fn legacy_clients_see_only_the_codes_they_know() {
+        use crate::error::{Error, ErrorCode};
+        let e = |c| Error::new(c, "why");
+        assert_eq!(legacy_error_text(&e(ErrorCode::PostCmdFailed), Job::Transaction), "DEPLOYMENT_FAILED: POST_CMD_FAILED: why");
+        assert_eq!(legacy_error_text(&e(ErrorCode::ServiceStartFailed), Job::Transaction), "DEPLOYMENT_FAILED: SERVICE_START_FAILED: why");
+        assert_eq!(legacy_error_text(&e(ErrorCode::ProcessKillFailed), Job::Transaction), "PROCESS_KILL_FAILED: why");
+        assert_eq!(legacy_error_text(&e(ErrorCode::InvalidManifest), Job::Transaction), "INVALID_MANIFEST: why");
+        assert_eq!(legacy_error_text(&e(ErrorCode::DeploymentFailed), Job::Transaction), "DEPLOYMENT_FAILED: why");
+        assert_eq!(legacy_error_text(&e(ErrorCode::Md5Mismatch), Job::Download), "MD5_MISMATCH: why");
+        assert_eq!(legacy_error_text(&e(ErrorCode::PackageSizeMismatch), Job::Download), "PACKAGE_SIZE_MISMATCH: why");
+        assert_eq!(legacy_error_text(&e(ErrorCode::InternalError), Job::Download), "DOWNLOAD_FAILED: INTERNAL_ERROR: why");
     }
 
     #[test]

@@ -207,6 +207,7 @@ mod tests {
         assert_eq!(index(ErrorCode::JournalCorrupt), [22]);
         assert_eq!(index(ErrorCode::InternalError), [23]);
         assert_eq!(index(ErrorCode::RequestRefused), [24]);
+        assert_eq!(index(ErrorCode::PackageSizeMismatch), [25]);
     }
 
     #[test]

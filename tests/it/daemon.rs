@@ -668,9 +668,13 @@ pub(crate) fn snap_of(v: &Value) -> Snap {
             }
         }
         Some(code) => {
-            assert_eq!(sorted_keys(v), ["code", "msg", "progress", "stage"], "GET /progress failed shape: {v}");
+            // The contract's failed shape, plus `data` as the legacy GUI reads it.
+            assert_eq!(sorted_keys(v), ["code", "data", "msg", "progress", "stage"], "GET /progress failed shape: {v}");
             assert_eq!(v["stage"], "failed", "{v}");
             let msg = v["msg"].as_str().unwrap_or_else(|| bad(v)).to_string();
+            let d = &v["data"];
+            assert_eq!(sorted_keys(d), ["error", "message", "progress", "stage"], "GET /progress failed data: {v}");
+            assert_eq!((&d["stage"], &d["progress"], &d["error"]), (&v["stage"], &v["progress"], &v["msg"]), "failed data: {v}");
             Snap {
                 code,
                 stage: "failed".into(),
@@ -1202,7 +1206,11 @@ fn update_is_refused_before_a_download_for_another_version_and_while_busy() {
     let rig = Rig::new();
     let d = rig.start();
     let v = d.post("/api/v1.0/update", &update_body("1.0.0"));
-    assert_eq!(v, json!({"code": 409, "msg": "DOWNLOAD_INCOMPLETE: Cannot install, package download not completed"}));
+    // A conflict names the current stage and progress at the root, as the legacy service did.
+    assert_eq!(
+        v,
+        json!({"code": 409, "msg": "DOWNLOAD_INCOMPLETE: Cannot install, package download not completed", "stage": "idle", "progress": 0})
+    );
 
     let mut modules = small_modules("1.0.0");
     modules[0].content = XorShift::new(4).bytes(1 << 20);
@@ -1214,12 +1222,24 @@ fn update_is_refused_before_a_download_for_another_version_and_while_busy() {
     d.watch("half of the download", |s| s.progress >= 50);
     // Busy: the download job runs (held by the server).
     assert_code(&d.post("/api/v1.0/update", &update_body("1.0.0")), 409, "OPERATION_IN_PROGRESS: ", "update while downloading");
-    assert_code(&d.post("/api/v1.0/download", &rig.request(&pkg)), 409, "OPERATION_IN_PROGRESS: ", "download while downloading");
+    // The same download again is that download (device-api repeating itself), not a conflict.
+    assert_eq!(d.post("/api/v1.0/download", &rig.request(&pkg)), started("downloading"), "the same download again");
+    let other = build_pkg(&rig.env, "1.0.1", &small_modules("1.0.1"));
+    let v = d.post("/api/v1.0/download", &rig.request(&other));
+    assert_code(&v, 409, "OPERATION_IN_PROGRESS: ", "another download while downloading");
+    assert_eq!(v["stage"], "downloading", "{v}");
+    assert!(v["progress"].as_u64().is_some_and(|p| p >= 50), "{v}");
     assert_code(&d.json("POST", "/api/v1.0/confirm", None), 409, "OPERATION_IN_PROGRESS: ", "confirm while downloading");
     assert_eq!(d.progress().stage, "downloading");
     rig.server.set(|s| s.gate = None);
     d.wait_stage("toInstall");
+    assert_eq!(rig.server.hits().len(), 1, "one GET for the download asked for twice: {:?}", rig.server.hits());
 
+    // A verified package waits: another download is refused (the waiting package is kept).
+    let v = d.post("/api/v1.0/download", &rig.request(&other));
+    assert_code(&v, 409, "OPERATION_IN_PROGRESS: ", "another download while a package waits in toInstall");
+    assert_eq!((&v["stage"], &v["progress"]), (&json!("toInstall"), &json!(100)), "{v}");
+    assert!(rig.downloaded(&pkg).exists(), "the waiting package is kept");
     assert_code(&d.post("/api/v1.0/update", &update_body("1.0.1")), 400, "VALIDATION_ERROR: ", "update of another version");
     assert_eq!(d.progress(), snap("toInstall", 100, READY), "a refused update changes nothing");
     install(&d, "1.0.0");
@@ -1367,6 +1387,8 @@ fn http_503_is_retried_and_a_dead_server_fails_with_download_failed() {
     let hits = rig.server.hits();
     assert_eq!(hits.iter().map(|h| h.status).collect::<Vec<_>>(), [503, 503, 200], "{hits:?}");
 
+    // (The downloaded package is installed first: another download waits until then.)
+    install(&d, "2.0.0");
     // A new package on a server that keeps failing: 1 + 2 retries, then DOWNLOAD_FAILED.
     let mut modules = small_modules("3.0.0");
     modules[0].content = XorShift::new(120).bytes(100_000);
@@ -1797,7 +1819,8 @@ fn a_package_refused_before_the_transaction_is_a_failed_stage_and_report() {
     let seen = d.watch_after(Some(&snap("toInstall", 100, READY)), "stage failed", |s| s.stage == "failed");
     let f = seen.last().unwrap();
     assert_eq!(f.code, 500, "{f:?}");
-    assert!(f.message.starts_with("PATH_NOT_ALLOWED: "), "{f:?}");
+    // The legacy clients' code, the fine-grained one inside the text.
+    assert!(f.message.starts_with("DEPLOYMENT_FAILED: PATH_NOT_ALLOWED: "), "{f:?}");
     assert_eq!(tree(&rig.env.root), before, "nothing touched");
     assert!(!outside.exists());
     let got = rig.receiver.wait_for("the failed report", |r| r.iter().any(|r| r["stage"] == "failed"));
@@ -1822,9 +1845,11 @@ fn an_install_that_fails_mid_transaction_is_rolled_back_and_reported_once() {
     let seen = d.watch_after(Some(&snap("toInstall", 100, READY)), "stage failed", |s| s.stage == "failed");
     let f = seen.last().unwrap();
     assert_eq!(f.code, 500, "{f:?}");
-    assert!(f.message.starts_with("POST_CMD_FAILED: "), "{f:?}");
+    // The legacy clients' code, the fine-grained one inside the text; alone in /status.
+    assert!(f.message.starts_with("DEPLOYMENT_FAILED: POST_CMD_FAILED: "), "{f:?}");
     assert_eq!(tree(&rig.env.root), before, "rolled back: every file old");
     let st = d.status();
+    assert_eq!(st["last"]["error"]["code"], "POST_CMD_FAILED", "{st}");
     assert!(st["in_flight"].is_null() && st["current"].is_null(), "{st}");
     let tx = st["last"]["id"].as_u64().unwrap_or_else(|| panic!("{st}"));
     let got = rig.receiver.wait_for("the final report", |r| !finals_for(r, tx).is_empty());
