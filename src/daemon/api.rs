@@ -40,9 +40,10 @@ fn err(e: &Error) -> Response {
     Json(json!({ "code": http_code(e.code), "msg": format!("{}: {}", e.code, e.message) })).into_response()
 }
 
-/// An error answer of a daemon with state: a conflict (409) or an expired package (410) also
-/// names the current stage and progress at the root, as the legacy contract's ErrorResponse
-/// and the Python service do ("for operation state errors").
+/// An error answer of the legacy operations (`/download`, `/update`): a conflict (409) or an
+/// expired package (410) also names the current stage and progress at the root, as the
+/// legacy contract's ErrorResponse and the Python service do ("for operation state errors").
+/// The new operations answer `CodedErrorResponse`, which has no such fields.
 fn err_in(d: &Daemon, e: &Error) -> Response {
     let code = http_code(e.code);
     if code != 409 && code != 410 {
@@ -115,15 +116,17 @@ async fn health() -> Response {
 
 async fn progress(State(d): Shared) -> Response {
     let s = d.progress.get();
-    let data = json!({ "stage": s.stage, "progress": s.progress, "message": s.message, "error": s.error });
     if s.stage == Stage::Failed {
         // The contract's failed shape: the error in `msg`, stage and progress at the root; and
-        // `data` as in every other answer (the legacy GUI reads only `data.stage`, and would
-        // never see `failed` without it).
+        // `data` as the GUIs read it (the legacy GUI reads only `data.stage`, and would never
+        // see `failed` without it). `data` carries the error text as its `message` but no
+        // `error` key: with it, the answer would match both branches of the contract's
+        // `oneOf` (ProgressResponse and ErrorResponse) and so neither.
         let msg = s.error.clone().unwrap_or_else(|| s.message.clone());
+        let data = json!({ "stage": s.stage, "progress": s.progress, "message": msg });
         return Json(json!({ "code": 500, "msg": msg, "data": data, "stage": "failed", "progress": s.progress })).into_response();
     }
-    ok(data)
+    ok(json!({ "stage": s.stage, "progress": s.progress, "message": s.message, "error": s.error }))
 }
 
 async fn download(State(d): Shared, body: axum::body::Body) -> Response {
@@ -240,7 +243,7 @@ async fn rollback(State(d): Shared, body: axum::body::Body) -> Response {
         }
     };
     if d.busy() {
-        return err_in(&d, &Error::new(ErrorCode::OperationInProgress, "Cannot roll back, another operation is in progress"));
+        return err(&Error::new(ErrorCode::OperationInProgress, "Cannot roll back, another operation is in progress"));
     }
     // Refuse up front what would fail at once (nothing to roll back to), so the caller gets
     // 404 instead of a failed stage.
@@ -249,15 +252,14 @@ async fn rollback(State(d): Shared, body: axum::body::Body) -> Response {
     if let Err(e) = blocking(move || crate::driver::check_rollback_target(&d2.held.journal, &to2)).await {
         return err(&e);
     }
-    reply_in(
-        &d,
+    reply(
         d.start_job("rollback", jobs::rollback_started(), move |d| jobs::rollback_job(&d, to)).map(|()| json!({ "status": "installing" })),
     )
 }
 
 async fn confirm(State(d): Shared) -> Response {
     if d.busy() {
-        return err_in(&d, &Error::new(ErrorCode::OperationInProgress, "Cannot confirm while an operation is in progress"));
+        return err(&Error::new(ErrorCode::OperationInProgress, "Cannot confirm while an operation is in progress"));
     }
     let d2 = d.clone();
     reply(

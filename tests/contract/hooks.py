@@ -39,7 +39,7 @@ SPEC_CODES = (
     "MD5_MISMATCH HASH_MISMATCH SIGNATURE_INVALID DISK_FULL INVALID_PACKAGE INVALID_MANIFEST "
     "PATH_NOT_ALLOWED VERSION_MISMATCH INCOMPATIBLE DOWNLOAD_FAILED SERVICE_STOP_FAILED "
     "PROCESS_KILL_FAILED SERVICE_START_FAILED POST_CMD_FAILED DEPLOYMENT_FAILED ROLLBACK_FAILED "
-    "NOTHING_TO_ROLL_BACK JOURNAL_CORRUPT INTERNAL_ERROR REQUEST_REFUSED"
+    "NOTHING_TO_ROLL_BACK JOURNAL_CORRUPT INTERNAL_ERROR REQUEST_REFUSED PACKAGE_SIZE_MISMATCH"
 ).split()
 APP_CODE = {
     "VALIDATION_ERROR": 400,
@@ -164,8 +164,13 @@ def progress_semantics(ctx, response, case):
         p = body.get("progress")
         if type(p) is not int or not 0 <= p <= 100:
             raise AssertionError(f"code 500 from /progress with progress {p!r} at the root, expected 0..100")
-        if "data" in body:
-            raise AssertionError("code 500 from /progress with `data`: matches both oneOf branches of the legacy schema")
+        # `data` as the legacy GUI reads it (stage, progress, and the error text as message),
+        # without `error`: with it the body would match both oneOf branches of the schema.
+        data = body.get("data")
+        if not isinstance(data, dict) or data.get("stage") != "failed" or data.get("progress") != p or data.get("message") != body.get("msg"):
+            raise AssertionError(f"code 500 from /progress: data {data!r} should repeat stage 'failed', progress and msg for the GUI")
+        if "error" in data:
+            raise AssertionError("code 500 from /progress with data.error: matches both oneOf branches of the legacy schema")
     return None
 
 

@@ -361,7 +361,11 @@ def main():
     HOLD.set()
     stage, progress, error, body, seen = api.wait_stage({"failed", "toInstall"}, "wrong-md5 download")
     expect(stage == "failed" and isinstance(error, str) and error.startswith("MD5_MISMATCH: "), f"wrong md5: stage failed, MD5_MISMATCH (got {stage}, {error!r}, stages seen {seen})")
-    expect(body.get("code") == 500 and "data" not in body, f"GET /progress failed shape: code 500, stage/progress at the root (got {body})")
+    data = body.get("data") or {}
+    expect(
+        body.get("code") == 500 and data.get("stage") == "failed" and data.get("message") == body.get("msg") and "error" not in data,
+        f"GET /progress failed shape: code 500, stage/progress at the root, data for the GUI without error (got {body})",
+    )
     b = api.call("POST", "/update", "after md5 mismatch", json_body={"version": "1.0.0"})
     expect(b.get("code") not in (None, 200), f"POST /update after an MD5 mismatch: refused (got {b})")
     expect(read(a.target) == "app 3.0.0\n", "the target file still holds 3.0.0")

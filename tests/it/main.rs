@@ -9,6 +9,7 @@ mod api_load;
 mod crash;
 mod daemon;
 mod diskfull;
+mod dropin;
 mod fastpath;
 mod hostile;
 mod journal_loss;
