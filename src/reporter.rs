@@ -52,6 +52,9 @@ pub struct Report {
     /// The one final report of a transaction (`Journal::outbox_push_final`); never dropped
     /// when the outbox is full.
     pub final_report: bool,
+    /// The version the job is about (downloaded, installed, or rolled back to), sent as
+    /// `"vX.Y.Z"` as the Python service did; `None` when no version is known (record V2).
+    pub version: Option<String>,
 }
 
 impl Report {
@@ -61,7 +64,17 @@ impl Report {
             tracing::warn!(error = %e, "boot id unreadable; reports say \"unknown\"");
             "unknown".into()
         });
-        Report { stage: stage.into(), progress, message: message.into(), error, tx: None, boot_id, seq: 0, final_report: false }
+        Report {
+            stage: stage.into(),
+            progress,
+            message: message.into(),
+            error,
+            tx: None,
+            boot_id,
+            seq: 0,
+            final_report: false,
+            version: None,
+        }
     }
 
     pub fn with_tx(mut self, tx: u64) -> Report {
@@ -71,13 +84,15 @@ impl Report {
 }
 
 /// The JSON body POSTed for `r`: the contract's `ReportPayload` (`error` is `null` when
-/// absent) plus the extra fields `tx_id` (number or `null`), `boot_id`, `seq` and `final`.
+/// absent), `version` as the Python service sent it (`"v1.2.3"`, or `null` when unknown), plus
+/// the extra fields `tx_id` (number or `null`), `boot_id`, `seq` and `final`.
 #[derive(Serialize)]
 struct Body<'a> {
     stage: &'a str,
     progress: u8,
     message: &'a str,
     error: Option<&'a str>,
+    version: Option<String>,
     tx_id: Option<u64>,
     boot_id: &'a str,
     seq: u64,
@@ -91,6 +106,7 @@ pub fn body_json(r: &Report) -> Vec<u8> {
         progress: r.progress.min(100),
         message: &r.message,
         error: r.error.as_deref(),
+        version: r.version.as_ref().map(|v| format!("v{v}")),
         tx_id: r.tx,
         boot_id: &r.boot_id,
         seq: r.seq,
@@ -567,6 +583,7 @@ pub(crate) mod tests {
             boot_id: "boot-a".into(),
             seq: 0,
             final_report: false,
+            version: None,
         }
     }
 
@@ -638,12 +655,13 @@ pub(crate) mod tests {
         r.tx = Some(4);
         r.seq = 9;
         r.final_report = true;
+        r.version = Some("1.2.3".into());
         assert_eq!(
             String::from_utf8(body_json(&r)).unwrap(),
-            r#"{"stage":"failed","progress":100,"message":"failed 120","error":"MD5_MISMATCH: x","tx_id":4,"boot_id":"boot-a","seq":9,"final":true}"#
+            r#"{"stage":"failed","progress":100,"message":"failed 120","error":"MD5_MISMATCH: x","version":"v1.2.3","tx_id":4,"boot_id":"boot-a","seq":9,"final":true}"#
         );
         let v: Value = serde_json::from_slice(&body_json(&report("idle", 0))).unwrap();
-        assert_eq!((&v["error"], &v["tx_id"], &v["final"]), (&Value::Null, &Value::Null, &json!(false)));
+        assert_eq!((&v["error"], &v["version"], &v["tx_id"], &v["final"]), (&Value::Null, &Value::Null, &Value::Null, &json!(false)));
     }
 
     // ---- against a real receiver ----

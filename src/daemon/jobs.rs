@@ -25,8 +25,9 @@ pub fn publish(d: &Daemon, s: Snapshot, tx: Option<u64>) {
     }
 }
 
-fn report_of(d: &Daemon, s: &Snapshot, tx: Option<u64>, final_report: bool) -> Report {
+fn report_of(d: &Daemon, s: &Snapshot, tx: Option<u64>, final_report: bool, version: Option<String>) -> Report {
     Report {
+        version,
         stage: s.stage.name().to_string(),
         progress: s.progress,
         message: s.message.clone(),
@@ -39,16 +40,17 @@ fn report_of(d: &Daemon, s: &Snapshot, tx: Option<u64>, final_report: bool) -> R
 }
 
 fn push_report(d: &Daemon, s: &Snapshot, tx: Option<u64>, final_report: bool) {
-    match d.held.journal.outbox_push(report_of(d, s, tx, final_report)) {
+    match d.held.journal.outbox_push(report_of(d, s, tx, final_report, d.job_version())) {
         Ok(_) => d.reporter.notify(),
         // A report that cannot be journaled is logged; the update goes on (never blocked).
         Err(e) => tracing::warn!(error = %e, "could not queue a progress report"),
     }
 }
 
-/// The one final report of a transaction (again after a crash: the journal keeps it unique).
-fn push_final(d: &Daemon, tx: u64, s: &Snapshot) {
-    match d.held.journal.outbox_push_final(tx, report_of(d, s, Some(tx), true)) {
+/// The one final report of a transaction (again after a crash: the journal keeps it unique),
+/// naming the version the transaction went to (for a failed one: the version it tried).
+fn push_final(d: &Daemon, tx: u64, s: &Snapshot, version: Option<String>) {
+    match d.held.journal.outbox_push_final(tx, report_of(d, s, Some(tx), true, version)) {
         Ok(_) => d.reporter.notify(),
         Err(e) => tracing::warn!(tx, error = %e, "could not queue the final report"),
     }
@@ -91,7 +93,7 @@ fn ended(d: &Daemon, r: &TxReport) {
             return;
         }
     };
-    d.end_job(s.clone(), || push_final(d, r.tx, &s));
+    d.end_job(s.clone(), || push_final(d, r.tx, &s, r.to_version.clone()));
 }
 
 /// Maps engine phases to the legacy install progress.
@@ -175,7 +177,7 @@ pub fn report_recovered(d: &Arc<Daemon>, recovered: &RecoverReport) {
     if let Ok(Some(last)) = d.held.journal.history(1).map(|h| h.into_iter().next())
         && last.phase.is_terminal()
     {
-        push_final(d, last.id, &end_of_record(&last));
+        push_final(d, last.id, &end_of_record(&last), last.to_version.clone());
     }
 }
 
@@ -224,6 +226,7 @@ pub fn rollback_started() -> Snapshot {
 }
 
 pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
+    d.set_job_version(Some(req.version.clone()));
     push_report(d, &download_started(), None, false);
     let last_reported = AtomicU8::new(0);
     let progress = |done: u64, total: u64| {
@@ -274,6 +277,7 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
 }
 
 pub fn install_job(d: &Arc<Daemon>, package: std::path::PathBuf, version: String) {
+    d.set_job_version(Some(version.clone()));
     crate::gui::launch(&d.cfg);
     push_report(d, &install_started(), None, false);
     let result = d.updater().and_then(|mut up| up.install(&package, &InstallOptions { version: Some(version), ..Default::default() }));
@@ -294,6 +298,11 @@ pub fn install_job(d: &Arc<Daemon>, package: std::path::PathBuf, version: String
 }
 
 pub fn rollback_job(d: &Arc<Daemon>, to: RollbackTo) {
+    // The version it returns to is known at its end (the final report names it).
+    d.set_job_version(match &to {
+        RollbackTo::Version(v) => Some(v.clone()),
+        _ => None,
+    });
     push_report(d, &rollback_started(), None, false);
     match d.updater().and_then(|mut up| up.rollback(&to)) {
         Ok(r) => ended(d, &r),

@@ -34,6 +34,8 @@ pub struct Daemon {
     /// The request of the download job holding the slot, if that job is a download: the same
     /// request again is that download, not a conflict (SPEC §5 "idempotent for the same URL").
     downloading: Mutex<Option<crate::download::DownloadRequest>>,
+    /// The version the running (or last) job is about, named in its reports.
+    job_version: Mutex<Option<String>>,
     /// SIGTERM: jobs stop after their current atomic step.
     pub cancel: Arc<AtomicBool>,
     pub reporter: crate::reporter::Reporter,
@@ -50,6 +52,14 @@ impl Daemon {
     pub fn release(&self) {
         *self.downloading.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.running.store(false, Ordering::SeqCst);
+    }
+
+    pub fn set_job_version(&self, v: Option<String>) {
+        *self.job_version.lock().unwrap_or_else(|p| p.into_inner()) = v;
+    }
+
+    pub fn job_version(&self) -> Option<String> {
+        self.job_version.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The request of the download that holds the slot, if one does.
@@ -147,6 +157,7 @@ pub fn serve(cfg: Config) -> Result<()> {
         job: Mutex::new(None),
         running: AtomicBool::new(false),
         downloading: Mutex::new(None),
+        job_version: Mutex::new(None),
         cancel: Arc::new(AtomicBool::new(false)),
         reporter,
         boot_id,

@@ -23,7 +23,43 @@ pub const OUTBOX_REPORTS_MAX: u64 = 10_000;
 /// record stays far below the journal's record limit.
 pub const REPORT_TEXT_BYTES_MAX: usize = 4096;
 
-impl Record for Report {}
+/// `Report` as record version 1 wrote it (no `version`).
+#[derive(serde::Deserialize)]
+struct ReportV1 {
+    stage: String,
+    progress: u8,
+    message: String,
+    error: Option<String>,
+    tx: Option<u64>,
+    boot_id: String,
+    seq: u64,
+    final_report: bool,
+}
+
+impl Record for Report {
+    const VERSION: u32 = 1;
+
+    fn decode_older(version: u32, body: &[u8], size: Size) -> std::result::Result<Self, String> {
+        match version {
+            0 => {
+                let v1: ReportV1 = super::records::decode_body(body, size)?;
+                Ok(Report {
+                    stage: v1.stage,
+                    progress: v1.progress,
+                    message: v1.message,
+                    error: v1.error,
+                    tx: v1.tx,
+                    boot_id: v1.boot_id,
+                    seq: v1.seq,
+                    final_report: v1.final_report,
+                    // Reports queued by an older build name no version.
+                    version: None,
+                })
+            }
+            other => Err(format!("unknown record version {other}")),
+        }
+    }
+}
 
 /// Creates this module's tables (journal creation, and older journals on first write open).
 pub(super) fn create_tables(wt: &WriteTransaction) -> std::result::Result<(), redb::TableError> {
@@ -300,7 +336,7 @@ mod tests {
 
     #[test]
     fn a_report_record_has_the_documented_layout() {
-        let r = Report {
+        let mut r = Report {
             stage: "failed".into(),
             progress: 100,
             message: "m".into(),
@@ -309,13 +345,20 @@ mod tests {
             boot_id: "b".into(),
             seq: 2,
             final_report: true,
+            version: Some("1".into()),
         };
         let bytes = encode(&r, Size::Small).unwrap();
-        // V1 = 0; "failed"; 100; "m"; Some("E"); Some(300 = fb 2c 01); "b"; 2; true.
-        let mut golden = vec![0u8, 6];
+        // V2 = 1; "failed"; 100; "m"; Some("E"); Some(300 = fb 2c 01); "b"; 2; true; Some("1").
+        let mut golden = vec![1u8, 6];
         golden.extend(b"failed");
-        golden.extend([100, 1, b'm', 1, 1, b'E', 1, 251, 0x2c, 0x01, 1, b'b', 2, 1]);
+        golden.extend([100, 1, b'm', 1, 1, b'E', 1, 251, 0x2c, 0x01, 1, b'b', 2, 1, 1, 1, b'1']);
         assert_eq!(bytes, golden);
         assert_eq!(decode::<Report>(&bytes, Size::Small, "outbox").unwrap(), r);
+        // The same report as an older build queued it (V1 = 0, no version) still decodes.
+        let mut v1 = vec![0u8, 6];
+        v1.extend(b"failed");
+        v1.extend([100, 1, b'm', 1, 1, b'E', 1, 251, 0x2c, 0x01, 1, b'b', 2, 1]);
+        r.version = None;
+        assert_eq!(decode::<Report>(&v1, Size::Small, "outbox").unwrap(), r);
     }
 }

@@ -170,7 +170,7 @@ fn encode_parts<T: Serialize, C: bincode::config::Config>(
 }
 
 /// Decodes a body with the size limit; every byte must be consumed.
-fn decode_body<T: DeserializeOwned>(body: &[u8], size: Size) -> std::result::Result<T, String> {
+pub(super) fn decode_body<T: DeserializeOwned>(body: &[u8], size: Size) -> std::result::Result<T, String> {
     let r: std::result::Result<(T, usize), _> = match size {
         Size::Small => bincode::serde::decode_from_slice(body, SMALL),
         Size::Large => bincode::serde::decode_from_slice(body, LARGE),

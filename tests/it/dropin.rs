@@ -59,6 +59,17 @@ fn the_legacy_gui_exits_after_a_failed_and_after_a_successful_install() {
     let (stage, data) = legacy_gui(&d);
     assert_eq!(stage, "success", "{data}");
     assert_eq!(rig.env.read("voice-app/voice-app").unwrap(), b"voice-app 1.0.1\n");
+
+    // Every report names the version its job is about, as the Python service's did.
+    let reports = rig.receiver.wait_for("the success report", |r| r.iter().any(|r| r["stage"] == "success"));
+    let versions: Vec<(&str, &str)> = reports
+        .iter()
+        .map(|r| (r["stage"].as_str().unwrap(), r["version"].as_str().unwrap_or_else(|| panic!("no version: {r}"))))
+        .collect();
+    let first_good = reports.iter().position(|r| r["version"] == "v1.0.1").unwrap();
+    assert!(versions[..first_good].iter().all(|(_, v)| *v == "v1.0.0"), "{versions:?}");
+    assert!(versions[first_good..].iter().all(|(_, v)| *v == "v1.0.1"), "{versions:?}");
+    assert!(versions[..first_good].iter().any(|(s, _)| *s == "failed"), "{versions:?}");
 }
 
 #[test]
