@@ -98,6 +98,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/api/v1.0/confirm", post(confirm))
         .route("/api/v1.0/status", get(status))
         .route("/api/v1.0/history", get(history))
+        .route("/api/v1.0/return-to-system", post(return_to_system))
         .route("/", get(health))
         .with_state(d)
 }
@@ -112,6 +113,13 @@ async fn health() -> Response {
         "features": ["Transactional Installs", "Rollback", "Progress Reporting", "systemd Integration"],
     }))
     .into_response()
+}
+
+/// The newest legacy GUI's goodbye: it has shown the result, so `/progress` returns to idle now
+/// (the Python service's answer, whatever the body).
+async fn return_to_system(State(d): Shared) -> Response {
+    d.progress.acknowledge();
+    Json(json!({ "code": 200, "msg": "success", "data": null })).into_response()
 }
 
 async fn progress(State(d): Shared) -> Response {

@@ -77,6 +77,15 @@ impl Progress {
         }
     }
 
+    /// The GUI has shown the result (`POST /return-to-system`): a `success` or `failed` reads
+    /// as idle from now on, as once `result_hold_s` has passed; any other stage stays.
+    pub fn acknowledge(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(g.0.stage, Stage::Success | Stage::Failed) {
+            *g = (Snapshot::idle(), None);
+        }
+    }
+
     /// Sets the snapshot; returns whether the stage changed (a report is due).
     pub fn set(&self, s: Snapshot) -> bool {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -148,6 +157,17 @@ mod tests {
         assert_eq!(p.get().stage, Stage::Success);
         std::thread::sleep(Duration::from_millis(80));
         assert_eq!(p.get().stage, Stage::Idle);
+    }
+
+    #[test]
+    fn an_acknowledged_result_reads_as_idle_and_other_stages_stay() {
+        let p = Progress::new(Duration::from_secs(600), Snapshot::idle());
+        p.set(Snapshot { stage: Stage::ToInstall, progress: 100, message: "ready".into(), error: None });
+        p.acknowledge();
+        assert_eq!(p.get().stage, Stage::ToInstall);
+        p.set(Snapshot { stage: Stage::Failed, progress: 40, message: "x".into(), error: Some("x".into()) });
+        p.acknowledge();
+        assert_eq!(p.get(), Snapshot::idle());
     }
 
     #[test]

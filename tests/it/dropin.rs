@@ -60,6 +60,12 @@ fn the_legacy_gui_exits_after_a_failed_and_after_a_successful_install() {
     assert_eq!(stage, "success", "{data}");
     assert_eq!(rig.env.read("voice-app/voice-app").unwrap(), b"voice-app 1.0.1\n");
 
+    // The newest GUI's goodbye: the result reads as idle at once (result_hold_s is 600 s here).
+    assert_eq!(d.progress().stage, "success");
+    assert_eq!(d.post("/api/v1.0/return-to-system", "{}"), json!({"code": 200, "msg": "success", "data": null}));
+    assert_eq!(d.progress().stage, "idle");
+    assert_eq!(current_version(&d.status()).as_deref(), Some("1.0.1"), "the result stays in /status");
+
     // Every report names the version its job is about, as the Python service's did.
     let reports = rig.receiver.wait_for("the success report", |r| r.iter().any(|r| r["stage"] == "success"));
     let versions: Vec<(&str, &str)> = reports
