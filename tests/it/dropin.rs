@@ -196,3 +196,30 @@ fn the_same_download_asked_again_after_a_restart_is_the_resumed_one() {
     assert!(hits[1].range_start().is_some(), "{hits:?}");
     assert_eq!(std::fs::read(rig.downloaded(&pkg)).unwrap(), pkg.bytes);
 }
+
+/// The server's file changed size between a cut and the resume: its `Content-Range` total is
+/// not `package_size`, so the resumed download fails at once and keeps nothing.
+#[test]
+fn a_resumed_download_whose_file_changed_size_is_a_size_mismatch() {
+    let rig = Rig::new();
+    let pkg = download_pkg(&rig, 23);
+    {
+        let d = rig.start();
+        download_to_half(&rig, &d, &pkg);
+        d.sigkill();
+    }
+    let mut longer = pkg.bytes.clone();
+    longer.extend_from_slice(&[0u8; 1000]);
+    rig.server.add(&Pkg { version: pkg.version.clone(), name: pkg.name.clone(), md5: pkg.md5.clone(), bytes: longer });
+    rig.server.set(|s| s.gate = None);
+    let d = rig.start();
+    let seen = d.watch_after(None, "the resumed download to fail", |s| s.stage == "failed");
+    let f = seen.last().unwrap();
+    let want =
+        format!("PACKAGE_SIZE_MISMATCH: expected {} bytes, but the server's file has {} bytes", pkg.bytes.len(), pkg.bytes.len() + 1000);
+    assert_eq!((f.progress, f.error.as_deref()), (0, Some(want.as_str())), "{seen:?}");
+    let hits = rig.server.hits();
+    assert_eq!(hits.len(), 2, "no retry: {hits:?}");
+    assert!(hits[1].range_start().is_some() && hits[1].status == 206, "{hits:?}");
+    assert!(!rig.downloaded(&pkg).exists(), "the partial file is removed");
+}
