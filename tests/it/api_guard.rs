@@ -76,6 +76,15 @@ fn observe(rig: &Rig, d: &Daemon) -> Observed {
     }
 }
 
+/// `tope-updater journal --json` without the outbox's pending rows (device-api may acknowledge
+/// them at any time; the counter of pushes, `outbox_next_seq`, stays in).
+fn journal_state(rig: &Rig) -> Value {
+    let mut v: Value = serde_json::from_str(&rig.env.ok(&["journal", "--json"])).unwrap();
+    v.as_object_mut().unwrap().remove("outbox");
+    assert!(v["counters"].to_string().contains("outbox_next_seq"), "{v}");
+    v
+}
+
 /// A device with 1.0.0 installed by the CLI, 2.0.0 downloaded through the API and waiting
 /// (`toInstall`), and 3.0.0 on the package server. Both packages' first module has a post
 /// command that creates `marker`.
@@ -118,7 +127,11 @@ const GETS: &[&str] = &["/api/v1.0/progress", "/api/v1.0/status", "/api/v1.0/his
 
 #[test]
 fn browser_borne_and_rebinding_requests_are_refused_at_every_endpoint_and_touch_nothing() {
-    let a = armed(Setup::default());
+    let mut a = armed(Setup::default());
+    // Every journal record and counter of the armed device (read with the daemon stopped).
+    a.d.sigterm();
+    let journal_before = journal_state(&a.rig);
+    a.d = a.rig.start();
     let (d, p) = (&a.d, port(&a.d));
     let local = format!("Host: 127.0.0.1:{p}");
     let evil_host = format!("Host: evil.example:{p}");
@@ -180,6 +193,13 @@ fn browser_borne_and_rebinding_requests_are_refused_at_every_endpoint_and_touch_
         );
     }
     assert!(!log.contains(&a.v3.md5), "a refused body was logged:\n{log}");
+
+    // The journal holds nothing new: no transaction, no record, no report pushed
+    // (`outbox_next_seq` counts every push), no download replaced.
+    assert!(d.sigterm().success());
+    assert_eq!(journal_state(&a.rig), journal_before, "a refused request changed the journal");
+    a.d = a.rig.start();
+    let d = &a.d;
 
     // The legacy way, the same actions run: the refusals above were the guard's.
     assert_eq!(d.post("/api/v1.0/update", &json!({"version": "2.0.0"}).to_string()), started("installing"));
