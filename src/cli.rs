@@ -390,9 +390,15 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
         Cmd::Status => {
             let s = match read_journal(&cfg) {
                 Ok(Some(j)) => driver::status(&j, cfg.max_trial_boots)?,
-                Ok(None) => {
-                    driver::StatusReport { current: None, generations: vec![], factory_paths: 0, in_flight: None, last: None, trial: None }
-                }
+                Ok(None) => driver::StatusReport {
+                    current: None,
+                    generations: vec![],
+                    factory_paths: 0,
+                    in_flight: None,
+                    last: None,
+                    trial: None,
+                    backups: Default::default(),
+                },
                 // The daemon holds the journal for its lifetime: ask it.
                 Err(e) if e.code == ErrorCode::OperationInProgress => from_daemon(&cfg, "/api/v1.0/status").map_err(|d| {
                     Error::new(e.code, format!("{}; asking the daemon at {} failed too: {}", e.message, cfg.api.listen, d.message))
@@ -663,6 +669,7 @@ impl Output {
             let kept: Vec<String> = s.generations.iter().map(|g| format!("{} (gen {})", g.version, g.id)).collect();
             o += &format!("generations: {}\n", if kept.is_empty() { "none".into() } else { kept.join(", ") });
             o += &format!("factory:     {} paths recorded\n", s.factory_paths);
+            o += &format!("backups:     {} blobs, {}\n", s.backups.blobs, human_bytes(s.backups.bytes));
             match &s.in_flight {
                 Some(f) => {
                     o += &format!(
@@ -704,7 +711,7 @@ impl Output {
             h.iter()
                 .map(|r| {
                     format!(
-                        "tx {:>4}  {:<8} {:>8} -> {:<8} {:<15} {} files, {} commits{}",
+                        "tx {:>4}  {:<8} {:>8} -> {:<8} {:<15} {} files, {} commits{}{}",
                         r.id,
                         kind_of(r),
                         r.from_version.as_deref().unwrap_or("factory"),
@@ -712,6 +719,11 @@ impl Output {
                         r.phase.name(),
                         r.targets,
                         r.commits,
+                        if r.freed_blobs > 0 {
+                            format!(", freed {} blobs ({})", r.freed_blobs, human_bytes(r.freed_bytes))
+                        } else {
+                            String::new()
+                        },
                         r.error.as_ref().map(|e| format!("  [{e}]")).unwrap_or_default()
                     )
                 })
@@ -763,8 +775,30 @@ pub fn short(root: &Path, p: &Path) -> String {
     p.strip_prefix(root).map(|r| format!("/{}", r.display())).unwrap_or_else(|_| p.display().to_string())
 }
 
+/// `1.5 MiB`, `300 B`: sizes as people read them.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(super::human_bytes(300), "300 B");
+        assert_eq!(super::human_bytes(1536), "1.5 KiB");
+        assert_eq!(super::human_bytes(200 << 20), "200.0 MiB");
+    }
+
     #[test]
     fn a_daemon_on_all_interfaces_is_asked_on_loopback() {
         assert_eq!(super::reachable("0.0.0.0:12315"), "127.0.0.1:12315");

@@ -31,6 +31,10 @@ pub const CRASH_POINTS: &[&str] = &[
     "recover.attempt",
 ];
 
+/// Crash points inside the automatic collection of backup blobs after a transaction's end
+/// (`driver::gc`); the long-life tests arm each in turn and fail if one is never reached.
+pub const GC_CRASH_POINTS: &[&str] = &["gc.before_unlink", "gc.unlinked_one"];
+
 /// Crash points inside service control and post commands; the service tests arm each in turn
 /// and fail if one is never reached.
 pub const SERVICE_CRASH_POINTS: &[&str] = &[
@@ -48,7 +52,10 @@ pub const SERVICE_CRASH_POINTS: &[&str] = &[
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
     debug_assert!(
-        CRASH_POINTS.contains(&name) || SERVICE_CRASH_POINTS.contains(&name) || name.starts_with("enter."),
+        CRASH_POINTS.contains(&name)
+            || SERVICE_CRASH_POINTS.contains(&name)
+            || GC_CRASH_POINTS.contains(&name)
+            || name.starts_with("enter."),
         "unregistered crash point {name}"
     );
     if fail::eval(name, |_| ()).is_some() {

@@ -31,6 +31,15 @@ pub struct GcStats {
     pub removed_bytes: u64,
 }
 
+/// Blobs and bytes in the backup store of `state_dir` (none when it was never created).
+pub fn usage_in(state_dir: &Path) -> Result<(u64, u64)> {
+    let store = BackupStore { dir: state_dir.join("backups") };
+    if !store.dir.is_dir() {
+        return Ok((0, 0));
+    }
+    store.usage()
+}
+
 impl BackupStore {
     pub fn open(state_dir: &Path) -> Result<BackupStore> {
         let dir = state_dir.join("backups");
@@ -153,23 +162,76 @@ impl BackupStore {
     /// Removes every blob not in `keep` (and stray temporaries), then fsyncs the directory so
     /// the removals are durable before `gc` reports them.
     pub fn gc(&self, keep: &BTreeSet<Hash>) -> Result<GcStats> {
-        let mut stats = GcStats::default();
-        let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
-        for entry in rd {
-            let entry = entry.map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
-            let name = entry.file_name();
-            let keep_it = name.to_str().and_then(Hash::from_hex).is_some_and(|h| keep.contains(&h));
-            if keep_it {
-                stats.kept += 1;
-                continue;
+        let garbage = self.garbage(keep)?;
+        self.remove(&garbage)
+    }
+
+    /// Every entry of the store that is not a blob in `keep` (stray temporaries included),
+    /// with its size, and how many are kept: what a collection would remove.
+    pub fn garbage(&self, keep: &BTreeSet<Hash>) -> Result<Garbage> {
+        let mut g = Garbage::default();
+        for (name, len) in self.entries()? {
+            if Hash::from_hex(&name).is_some_and(|h| keep.contains(&h)) {
+                g.kept += 1;
+            } else {
+                g.entries.push((name, len));
             }
-            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-            if fsutil::remove_if_present(&entry.path())? {
+        }
+        Ok(g)
+    }
+
+    /// Removes `garbage`, then fsyncs the directory: after this returns, a power cut cannot
+    /// bring a removed blob back (a lost unlink would only leave garbage for the next run).
+    pub fn remove(&self, garbage: &Garbage) -> Result<GcStats> {
+        let mut stats = GcStats { kept: garbage.kept, ..GcStats::default() };
+        if garbage.entries.is_empty() {
+            return Ok(stats);
+        }
+        crate::failpoint::hit("gc.before_unlink");
+        for (name, len) in &garbage.entries {
+            if fsutil::remove_if_present(&self.dir.join(name))? {
                 stats.removed += 1;
                 stats.removed_bytes += len;
             }
+            crate::failpoint::hit("gc.unlinked_one");
         }
         fsutil::fsync_dir(&self.dir)?;
         Ok(stats)
+    }
+
+    /// Blobs in the store and their bytes (for `status`).
+    pub fn usage(&self) -> Result<(u64, u64)> {
+        let entries = self.entries()?;
+        Ok((entries.len() as u64, entries.iter().map(|(_, len)| len).sum()))
+    }
+
+    /// Every entry's name and size (a name that is not UTF-8 is kept out: the store never
+    /// writes one).
+    fn entries(&self) -> Result<Vec<(String, u64)>> {
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            out.push((name, len));
+        }
+        Ok(out)
+    }
+}
+
+/// What a collection would remove: store entries no kept generation, the factory baseline or
+/// an in-flight plan needs.
+#[derive(Debug, Default, Clone)]
+pub struct Garbage {
+    /// Name and size of each entry to remove.
+    pub entries: Vec<(String, u64)>,
+    /// Blobs that stay.
+    pub kept: u64,
+}
+
+impl Garbage {
+    pub fn bytes(&self) -> u64 {
+        self.entries.iter().map(|(_, len)| len).sum()
     }
 }

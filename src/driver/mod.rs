@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 mod effects;
+mod gc;
 mod planning;
 mod recovery;
 pub mod reports;
@@ -367,6 +368,8 @@ pub(super) fn new_record(plan: &Plan) -> TxRecord {
         started_unix_ms: now,
         updated_unix_ms: now,
         post_cmds_done: 0,
+        freed_blobs: 0,
+        freed_bytes: 0,
     }
 }
 

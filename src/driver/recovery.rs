@@ -15,7 +15,10 @@ impl Updater {
     /// Finishes or rolls back the transaction in flight, if any (SPEC §3).
     pub fn recover(&mut self, retry: bool) -> Result<RecoverReport> {
         let Some((mut rec, plan)) = self.journal.active()? else {
-            return Ok(self.check_trial()?.unwrap_or(RecoverReport::Nothing));
+            let report = self.check_trial()?.unwrap_or(RecoverReport::Nothing);
+            // Blobs a cut in the middle of the last collection left behind (driver/gc.rs).
+            self.collect_garbage();
+            return Ok(report);
         };
         if rec.phase == Phase::RollbackFailed {
             if !retry {

@@ -49,6 +49,14 @@ pub struct StatusReport {
     pub last: Option<TxRecord>,
     /// The trial install awaiting confirmation.
     pub trial: Option<TrialStatus>,
+    /// The backup store: what the kept generations and the factory baseline hold there.
+    pub backups: BackupUsage,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct BackupUsage {
+    pub blobs: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,5 +104,6 @@ pub fn status(journal: &Journal, max_trial_boots: u32) -> Result<StatusReport> {
         in_flight,
         last,
         trial: journal.trial()?.map(|t| TrialStatus { tx: t.tx, version: t.version, boots: t.boots, max_boots: max_trial_boots }),
+        backups: crate::store::usage_in(journal.state_dir()).map(|(blobs, bytes)| BackupUsage { blobs, bytes })?,
     })
 }

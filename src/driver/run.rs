@@ -49,6 +49,8 @@ impl Updater {
             match performed {
                 Ok(_) if rec.phase == Phase::Committed => {
                     tracing::info!(tx = rec.id, to = ?plan.to_version, commits = rec.commits, "transaction committed");
+                    // The end is durable and the plan copy gone: what it released can go.
+                    self.collect_garbage();
                     return Ok(report(&rec, &plan, Outcome::Committed));
                 }
                 Err(e) if rec.phase == Phase::Committed => {
@@ -89,6 +91,7 @@ impl Updater {
         rec.updated_unix_ms = now_ms();
         if next == Phase::Committed {
             let fx = self.commit_effects(plan)?;
+            self.note_freed(rec, Some(&fx));
             self.journal.finish_committed(rec, fx)?;
         } else {
             self.journal.enter_phase(rec, plan_changed.then_some(plan))?;
@@ -98,6 +101,18 @@ impl Updater {
             o.phase(rec.id, next);
         }
         Ok(())
+    }
+
+    /// Records in the end commit what it leaves unreferenced (`history` shows it). Only a
+    /// count: an unreadable store dir records 0 rather than failing the commit.
+    fn note_freed(&self, rec: &mut TxRecord, fx: Option<&CommitEffects>) {
+        match self.garbage_after(fx) {
+            Ok(g) => {
+                rec.freed_blobs = g.entries.len() as u64;
+                rec.freed_bytes = g.bytes();
+            }
+            Err(e) => tracing::warn!(tx = rec.id, error = %e, "could not list the backup store before the end commit"),
+        }
     }
 
     /// The effects of one phase. Returns whether the plan changed (new hashes learnt).
@@ -375,11 +390,14 @@ impl Updater {
                     TxKind::Install { package } => Some(package.blake3),
                     TxKind::Rollback { .. } => None,
                 };
+                self.note_freed(&mut rec, None);
                 self.journal.finish_rolled_back(&mut rec, failed_package)?;
                 hit("enter.RolledBack");
-                if let Err(e) = steplog::remove(&self.state_dir).and_then(|()| plancopy::remove(&self.state_dir)) {
+                match steplog::remove(&self.state_dir).and_then(|()| plancopy::remove(&self.state_dir)) {
+                    // The backups of what was undone are no longer needed.
+                    Ok(()) => self.collect_garbage(),
                     // The end is durable; the next open removes the stale copy.
-                    tracing::warn!(tx = rec.id, error = %e, "rolled back, but the plan copy could not be removed yet");
+                    Err(e) => tracing::warn!(tx = rec.id, error = %e, "rolled back, but the plan copy could not be removed yet"),
                 }
                 tracing::warn!(tx = rec.id, error = %error, "transaction rolled back");
                 let touched = rec.phases.iter().any(|p| p.has_swapped());

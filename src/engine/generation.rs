@@ -130,6 +130,22 @@ pub fn referenced_blobs<'a>(generations: impl IntoIterator<Item = &'a Generation
     out
 }
 
+/// The blobs needed once a commit has applied its generation changes: those of the kept
+/// generations (less `removed`, plus `added`) and of the factory baseline (plus its
+/// `additions`). What a collection may remove right after that commit is everything else.
+pub fn referenced_after(
+    generations: &[Generation],
+    removed: &[u64],
+    added: Option<&Generation>,
+    factory: &Factory,
+    additions: &[(String, PathState)],
+) -> BTreeSet<Hash> {
+    let kept = generations.iter().filter(|g| !removed.contains(&g.id)).chain(added);
+    let mut out = referenced_blobs(kept, factory);
+    out.extend(additions.iter().filter_map(|(_, s)| s.hash()));
+    out
+}
+
 /// Ids of the generations to drop so that at most `keep` remain, oldest first. `ids` is
 /// ascending.
 pub fn prune(ids: &[u64], keep: usize) -> Vec<u64> {
@@ -236,6 +252,26 @@ mod tests {
         let (mods, idx) = rollback_modules(&["/r/api", "/r/cfg", "/r/other"], Some(&g2), None);
         assert_eq!(mods.iter().filter_map(|m| m.process_name.as_deref()).collect::<Vec<_>>(), ["device-api", "gui"]);
         assert_eq!(idx, [1, 2, 0]);
+    }
+
+    #[test]
+    fn referenced_after_a_commit_drops_pruned_generations_and_keeps_new_and_factory() {
+        let g = |id: u64, h: u8| Generation {
+            id,
+            version: format!("{id}.0.0"),
+            tx_id: id,
+            parent: None,
+            files: [("/a".to_string(), meta(h))].into(),
+            dirs: Default::default(),
+            services: Default::default(),
+        };
+        let factory: Factory = [("/a".to_string(), PathState::File(meta(9)))].into();
+        let gens = [g(1, 1), g(2, 2)];
+        let new = g(3, 3);
+        let additions = [("/b".to_string(), PathState::File(meta(8)))];
+        let keep = referenced_after(&gens, &[1], Some(&new), &factory, &additions);
+        let want: BTreeSet<Hash> = [2u8, 3, 8, 9].iter().map(|h| Hash([*h; 32])).collect();
+        assert_eq!(keep, want, "generation 1 is pruned: its blob goes; the rest stays");
     }
 
     #[test]

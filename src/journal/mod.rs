@@ -287,6 +287,11 @@ impl Journal {
         Ok(Some((rec, plan)))
     }
 
+    /// The state dir this journal lives in.
+    pub fn state_dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("/"))
+    }
+
     /// Finished and in-flight transactions, newest first.
     pub fn history(&self, limit: usize) -> Result<Vec<TxRecord>> {
         let rt = self.read()?;

@@ -83,6 +83,30 @@ pub struct TxRecord {
     /// Post commands of the plan that completed, in plan order (record version 2), as of
     /// this record's commit; the step log (`steplog`) has the count between commits.
     pub post_cmds_done: u32,
+    /// Backup blobs that no kept generation, the factory baseline or an in-flight plan needed
+    /// once this transaction ended, recorded in its final commit and removed right after it
+    /// (record version 3; 0 for transactions of older builds and for unfinished ones).
+    pub freed_blobs: u64,
+    pub freed_bytes: u64,
+}
+
+/// `TxRecord` as record version 2 wrote it (no `freed_*`).
+#[derive(Deserialize)]
+struct TxRecordV2 {
+    id: u64,
+    kind: TxKind,
+    from_version: Option<String>,
+    to_version: Option<String>,
+    phase: Phase,
+    phases: Vec<Phase>,
+    attempts: u32,
+    error: Option<Error>,
+    targets: u32,
+    new_bytes: u64,
+    commits: u32,
+    started_unix_ms: u64,
+    updated_unix_ms: u64,
+    post_cmds_done: u32,
 }
 
 /// `TxRecord` as record version 1 wrote it (no `post_cmds_done`).
@@ -104,10 +128,32 @@ struct TxRecordV1 {
 }
 
 impl Record for TxRecord {
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
     fn decode_older(version: u32, body: &[u8], size: Size) -> std::result::Result<Self, String> {
         match version {
+            1 => {
+                let v2: TxRecordV2 = decode_body(body, size)?;
+                Ok(TxRecord {
+                    id: v2.id,
+                    kind: v2.kind,
+                    from_version: v2.from_version,
+                    to_version: v2.to_version,
+                    phase: v2.phase,
+                    phases: v2.phases,
+                    attempts: v2.attempts,
+                    error: v2.error,
+                    targets: v2.targets,
+                    new_bytes: v2.new_bytes,
+                    commits: v2.commits,
+                    started_unix_ms: v2.started_unix_ms,
+                    updated_unix_ms: v2.updated_unix_ms,
+                    post_cmds_done: v2.post_cmds_done,
+                    // Older builds collected nothing automatically.
+                    freed_blobs: 0,
+                    freed_bytes: 0,
+                })
+            }
             0 => {
                 let v1: TxRecordV1 = decode_body(body, size)?;
                 Ok(TxRecord {
@@ -125,6 +171,8 @@ impl Record for TxRecord {
                     started_unix_ms: v1.started_unix_ms,
                     updated_unix_ms: v1.updated_unix_ms,
                     post_cmds_done: 0,
+                    freed_blobs: 0,
+                    freed_bytes: 0,
                 })
             }
             other => Err(format!("unknown record version {other}")),

@@ -91,8 +91,14 @@ fn an_update_takes_old_hashes_from_known_files_and_reads_again_a_file_changed_si
     drop(f);
     assert_eq!(std::fs::metadata(&conf).unwrap().modified().unwrap(), mtime);
 
-    let r = env.run(&["--log-level", "debug", "install", p(&v2)]);
-    assert_eq!(r.code, Some(0), "{}", r.describe());
+    // Stopped right after the commit, before the collection: the backups are all there.
+    let r: Run = env
+        .command(&["--log-level", "debug", "install", p(&v2)])
+        .env("FAILPOINTS", kill_at("gc.before_unlink", 1))
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.signal, Some(9), "killed at gc.before_unlink: {}", r.describe());
     assert_eq!(observed(&r), (2, 1), "img and bin from their records, conf read again");
     assert_eq!(env.read("img").unwrap(), big2);
 
@@ -102,6 +108,10 @@ fn an_update_takes_old_hashes_from_known_files_and_reads_again_a_file_changed_si
     assert_eq!(blob(b"CONF v1\n").as_deref(), Some(&b"CONF v1\n"[..]), "the edited content is backed up under its own hash");
     assert_eq!(blob(b"conf v1\n"), None, "no blob claims content it does not hold");
     assert_eq!(blob(&big1).map(|b| b == big1), Some(true), "img, vouched for by its record, is backed up intact");
+    // No generation names the edited content, so `recover` collects it; v1's img stays.
+    env.ok(&["recover"]);
+    assert_eq!(blob(b"CONF v1\n"), None, "an unreferenced blob is collected");
+    assert_eq!(blob(&big1).map(|b| b == big1), Some(true), "generation 1's blob stays");
     env.ok(&["verify", "--json"]);
     env.ok(&["rollback", "--to", "factory"]);
     assert_eq!(tree(&env.root), t0, "the factory tree, byte for byte");

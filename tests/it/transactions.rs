@@ -345,7 +345,7 @@ fn keep_generations_prunes_old_generations_but_factory_rollback_still_restores_e
 // ---- 4. gc ----
 
 #[test]
-fn gc_removes_only_blobs_no_kept_generation_needs() {
+fn the_end_of_a_rollback_collects_exactly_the_blobs_no_kept_generation_needs() {
     let env = Env::new();
     seed_factory(&env);
     let t0 = tree(&env.root);
@@ -354,25 +354,27 @@ fn gc_removes_only_blobs_no_kept_generation_needs() {
     env.ok(&["install", p(&v2(&env))]);
     let t2 = tree(&env.root);
     env.ok(&["install", p(&v3(&env))]);
-    env.ok(&["rollback"]);
-    assert_tree(&env, &t2, "rollback to v2");
-
-    // The rollback backed up v3's content; generation 3 is gone, so nothing needs it.
     let before = blobs(&env);
     let v3_only: BTreeSet<String> = V3_ONLY.iter().map(|c| blake3_hex(c)).collect();
-    assert!(v3_only.is_subset(&before), "v3's content is in the store before gc: {before:?}");
+    assert!(v3_only.is_disjoint(&before), "v3's content is live, not in the store: {before:?}");
+
+    // The rollback backs v3's content up, and its end drops generation 3: nothing needs v3's
+    // blobs any more, and the collection after the commit removed exactly those.
+    env.ok(&["rollback"]);
+    assert_tree(&env, &t2, "rollback to v2");
+    assert_eq!(blobs(&env), before, "the store holds what it held before the rollback");
+    let last = &env.run(&["history", "--json"]).json()[0];
+    assert_eq!(last["freed_blobs"], json!(v3_only.len()), "{last}");
+    let v3_bytes: usize = V3_ONLY.iter().map(|c| c.len()).sum();
+    assert_eq!(last["freed_bytes"], json!(v3_bytes), "{last}");
+    let st = env.run(&["status", "--json"]).json();
+    assert_eq!(st["backups"]["blobs"], json!(before.len()), "{st}");
+
+    // `gc` stays for operators; after the automatic collection it finds nothing.
     let r = env.run(&["gc", "--json"]);
     assert_eq!(r.code, Some(0), "{}", r.describe());
-    let stats = r.json();
-    let after = blobs(&env);
-    assert_eq!(after, before.difference(&v3_only).cloned().collect::<BTreeSet<_>>(), "gc removed exactly v3's blobs");
-    assert_eq!(stats["removed"], json!(v3_only.len()), "{stats}");
-    assert_eq!(stats["kept"], json!(after.len()), "{stats}");
-    assert!(stats["removed_bytes"].as_u64().unwrap() > 0, "{stats}");
-
-    let again = env.run(&["gc", "--json"]).json();
-    assert_eq!(again["removed"], 0, "gc is idempotent: {again}");
-    assert_eq!(blobs(&env), after);
+    assert_eq!((&r.json()["removed"], &r.json()["kept"]), (&json!(0), &json!(before.len())), "{}", r.describe());
+    assert_eq!(blobs(&env), before);
 
     // What remains is enough for every rollback that is still offered.
     env.ok(&["rollback"]);
@@ -389,9 +391,14 @@ fn gc_keeps_the_factory_blobs_when_every_generation_is_pruned() {
     for pkg in [v1(&env), v2(&env), v3(&env)] {
         env.ok(&["install", p(&pkg)]);
     }
+    // Each install's end pruned the generation before it and collected its backups.
+    let h = env.run(&["history", "--json"]).json();
+    let freed: Vec<u64> = h.as_array().unwrap().iter().rev().map(|t| t["freed_blobs"].as_u64().unwrap()).collect();
+    assert_eq!(freed[0], 0, "the first install prunes nothing: {h}");
+    assert!(freed[1] > 0 && freed[2] > 0, "v1's and v2's backups are no longer needed: {h}");
     let r = env.run(&["gc", "--json"]);
     assert_eq!(r.code, Some(0), "{}", r.describe());
-    assert!(r.json()["removed"].as_u64().unwrap() > 0, "v1's and v2's backups are no longer needed:\n{}", r.describe());
+    assert_eq!(r.json()["removed"], 0, "nothing left for the operator's gc:\n{}", r.describe());
     for factory in [&b"factory app\n"[..], b"factory conf\n", b"factory secret\n"] {
         assert!(blobs(&env).contains(&blake3_hex(factory)), "a factory blob survives gc");
     }
