@@ -219,6 +219,18 @@ pub fn check_installable(rec: Option<&DownloadRecord>, version: &str, trust_wind
 }
 
 /// `verified_at + window > now`, and the clock has not gone back before `verified_at`.
+/// A verified package past its trust window (it can never be installed: SPEC §5).
+pub fn is_expired(rec: &DownloadRecord, trust_window_h: u64, now_ms: u64) -> bool {
+    rec.verified_at_unix_ms.is_some_and(|at| !within_trust_window(at, now_ms, trust_window_h))
+}
+
+/// Removes the package file, then its record (a cut in between leaves a record naming a
+/// missing file, which the next request starts over and the next start-up clears).
+pub fn discard(journal: &Journal, rec: &DownloadRecord) -> Result<()> {
+    fsutil::remove_if_present(Path::new(&rec.path)).map_err(local)?;
+    journal.clear_download()
+}
+
 fn within_trust_window(verified_at_ms: u64, now_ms: u64, trust_window_h: u64) -> bool {
     now_ms >= verified_at_ms && now_ms - verified_at_ms < trust_window_h.saturating_mul(MS_PER_HOUR)
 }

@@ -214,7 +214,16 @@ async fn update(State(d): Shared, body: axum::body::Body) -> Response {
     let version = req.version.clone();
     let package = blocking(move || {
         let rec = d2.held.journal.download()?;
-        crate::download::check_installable(rec.as_ref(), &version, d2.cfg.download.trust_window_h, crate::driver::now_unix_ms())
+        let checked =
+            crate::download::check_installable(rec.as_ref(), &version, d2.cfg.download.trust_window_h, crate::driver::now_unix_ms());
+        // An expired package can never be installed: it goes now (device-api downloads again).
+        if let (Err(e), Some(rec)) = (&checked, &rec)
+            && e.code == ErrorCode::PackageExpired
+            && let Err(e) = crate::download::discard(&d2.held.journal, rec)
+        {
+            tracing::warn!(error = %e, "could not remove the expired package");
+        }
+        checked
     })
     .await;
     let package = match package {

@@ -149,6 +149,7 @@ pub fn serve(cfg: Config) -> Result<()> {
     let boot_id = crate::driver::boot_id().unwrap_or_default();
     let reporter = crate::reporter::Reporter::start(held.journal.clone(), &cfg);
     jobs::clean_consumed_download(&held);
+    jobs::clean_stale_download(&held, cfg.download.trust_window_h);
     let initial = jobs::initial_snapshot(&held, &recovered);
     let daemon = Arc::new(Daemon {
         progress: Progress::new(Duration::from_secs(cfg.api.result_hold_s), initial),

@@ -1802,6 +1802,18 @@ fn update_after_the_trust_window_is_410_package_expired() {
     assert_code(&v, 410, "PACKAGE_EXPIRED: Package verified at ", "update after the trust window");
     assert!(v["msg"].as_str().unwrap().ends_with("please re-download"), "{v}");
     assert!(rig.env.read("klippy/lib/klippy.py").is_none(), "nothing installed");
+    // An expired package can never be installed: it does not stay on the device.
+    assert!(!rig.downloaded(&pkg).exists(), "the expired package is removed");
+
+    // Expired while the daemon was down: the start-up removes it.
+    let pkg2 = build_pkg(&rig.env, "1.0.1", &small_modules("1.0.1"));
+    rig.server.add(&pkg2);
+    download(&rig, &d, &pkg2);
+    assert!(rig.downloaded(&pkg2).exists());
+    d.sigkill();
+    let d = rig.start();
+    assert!(!rig.downloaded(&pkg2).exists(), "the start-up removed the expired package");
+    assert_eq!(d.progress().stage, "idle");
 }
 
 #[test]
