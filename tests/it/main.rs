@@ -13,6 +13,7 @@ mod dropin;
 mod fastpath;
 mod hostile;
 mod journal_loss;
+mod longlife;
 mod operator;
 mod services;
 mod signing;
