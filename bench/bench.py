@@ -61,6 +61,43 @@ class Workspace:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def device_written(ws):
+    """Bytes written to the workspace's block device so far (sectors written, field 7 of
+    /sys/block/loopN/stat), or None without a loop mount."""
+    if not ws.mount:
+        return None
+    with open("/proc/mounts") as f:
+        dev = next((l.split()[0] for l in f if l.split()[1] == ws.mount), "")
+    name = os.path.basename(dev)
+    if not name.startswith("loop"):
+        return None
+    with open(f"/sys/block/{name}/stat") as f:
+        return int(f.read().split()[6]) * 512
+
+
+def payload_bytes(dirpath):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dirpath) for f in fs)
+
+
+def wear(ws, prof):
+    """Flash wear of one update: bytes the block device received per byte of changed
+    payload, for `cp` + `sync` and for an ordinary install (each after a `sync`, so only its
+    own writes count, the filesystem's journal included)."""
+    payload = payload_bytes(os.path.join(prof.src, "modules", "app"))
+    out = {}
+    for name, run in (("cp", lambda: sh(f"cp -r '{prof.src}/modules/app/.' '{prof.baseline}/' && sync")),
+                      ("install", lambda: (prof.tu("install", prof.pkg), sh("sync")))):
+        if name == "cp":
+            prof.reset_copy(prof.baseline)
+        else:
+            prof.reset_device()
+        sh("sync")
+        before = device_written(ws)
+        run()
+        out[name] = device_written(ws) - before
+    return payload, out
+
+
 def gen_many(dirpath, n, seed):
     r = random.Random(seed)
     for i in range(n):
@@ -330,6 +367,10 @@ def main():
             rows.append((f"{label}: unzip -o + sync", fmt_s(unz), f"{statistics.median(unz) / base:.2f} ×"))
             rows.append((f"{label}: tope-updater install", fmt_s(ins), ratio(ins)))
             rows.append((f"{label}: tope-updater install, old files never verified", fmt_s(cold), ratio(cold)))
+            if device_written(ws) is not None:
+                payload, w = wear(ws, prof)
+                rows.append((f"{label}: bytes written to the device per changed byte", f"cp {w['cp'] / payload:.2f} ×, install {w['install'] / payload:.2f} ×",
+                             f"{payload / MiB:.1f} MiB changed; install {w['install'] / MiB:.1f} MiB, cp {w['cp'] / MiB:.1f} MiB written"))
         fw.remove()
         rb = [sm.run_rollback() for _ in range(runs)]
         rows.append((f"rollback of the {many}-file install", fmt_s(rb), "target < 2 s"))

@@ -3,6 +3,7 @@
 # filesystem in the same run (a loop-mounted ext4 image when run as root, a temporary
 # directory otherwise). Prints one table; `--md` prints it as Markdown.
 #   bench/run.sh [--md] [--runs N] [--quick]
+#   bench/run.sh --endurance [--quick] [--updates N] [--md] ...  (bench/endurance.py --help)
 # --quick: smaller payloads and fewer runs (a smoke test of the script itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,12 @@ if [ "$(id -u)" = 0 ]; then
   [ -x /usr/bin/time ] || missing+=(time)
   need mkfs.ext4 || missing+=(e2fsprogs)
   if [ ${#missing[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; fi
+fi
+if [ "${1:-}" = --endurance ]; then
+  # Endurance benchmark with flash-wear measurement (bench/endurance.py): thousands of updates.
+  shift
+  cargo build --release --quiet --bin tope-updater
+  exec python3 bench/endurance.py --bin "${CARGO_TARGET_DIR:-$PWD/target}/release/tope-updater" "$@"
 fi
 cargo build --release --quiet --bin tope-updater --example progress_load
 exec python3 bench/bench.py --bin "${CARGO_TARGET_DIR:-$PWD/target}/release/tope-updater" "$@"

@@ -20,7 +20,7 @@ REPO=$(cd "$PCDIR/../.." && pwd)
 CACHE=${PC_CACHE:-$REPO/target/powercut-cache}
 OUTROOT=${PC_OUT:-$REPO/target/powercut-out}
 ACCEL=${PC_ACCEL:-tcg}
-SCENARIOS=(fw many dir rollback factory)
+SCENARIOS=(fw many dir rollback factory gc)
 # The scenarios cuts are drawn from (PC_SCENARIOS="fw dir" restricts them).
 read -r -a CUT_SCENARIOS <<<"${PC_SCENARIOS:-${SCENARIOS[*]}}"
 MNT=/mnt/pc
@@ -277,8 +277,18 @@ EOF
  {"name": "web", "src": "web/", "dst": "$R/share/web"}]}
 EOF
     done
+    # mixed4 (the gc scenario, on the v3 image): its commit prunes version 2 (keep_generations
+    # = 2), so the collection after it removes version 2's backups (8 MiB of firmware and more).
+    s=$p/src/mixed4 && mkdir -p "$s/fw" "$s/bin"
+    rand_file "$s/fw/boot.bin" 8M
+    rand_file "$s/bin/device-api" 290K
+    cat >"$s/manifest.json" <<EOF
+{"version": "4.0.0", "modules": [
+ {"name": "fw-boot", "src": "fw/boot.bin", "dst": "$R/fw/boot.bin"},
+ {"name": "device-api", "src": "bin/device-api", "dst": "$R/opt/app/bin/device-api"}]}
+EOF
     mkdir -p "$p/pkg"
-    for s in fw many dir mixed2 mixed3; do
+    for s in fw many dir mixed2 mixed3 mixed4; do
         "$BIN" pack "$p/src/$s" -o "$p/pkg/$s.zip" >/dev/null
     done
 }
@@ -292,6 +302,7 @@ state_dir = "$MNT/state"
 allowed_roots = ["$MNT/root"]
 service_manager = "none"
 recovery = "$pol"
+keep_generations = 2
 EOF
     done
 }
@@ -311,6 +322,7 @@ scenario_cmd() {
     case $1 in
         fw | many | dir) echo "install $MNT/pkg/$1.zip" ;;
         rollback) echo "rollback" ;;
+        gc) echo "install $MNT/pkg/mixed4.zip" ;;
         factory) echo "rollback --to factory" ;;
         *) die "unknown scenario $1" ;;
     esac
@@ -342,12 +354,13 @@ prep_images() {
             cp "$p/pkg/fw.zip" "$p/pkg/many.zip" "$p/pkg/dir.zip" '"$MNT"'/pkg/
             '"$(declare -f write_configs); MNT=$MNT; write_configs"'
             sync' "$payload"
-        # v3.img: factory, then 2.0.0 and 3.0.0 installed (committed) by the engine itself.
+        # v3.img: factory, then 2.0.0 and 3.0.0 installed (committed) by the engine itself, and
+        # the package of the gc scenario.
         cp --sparse=always "$d/factory.img" "$d/v3.img"
         in_ns "$d/v3.img" "$fs" '
             set -e
             p=$1 bin=$2
-            cp "$p/pkg/mixed2.zip" "$p/pkg/mixed3.zip" '"$MNT"'/pkg/
+            cp "$p/pkg/mixed2.zip" "$p/pkg/mixed3.zip" "$p/pkg/mixed4.zip" '"$MNT"'/pkg/
             rm -f '"$MNT"'/pkg/fw.zip '"$MNT"'/pkg/many.zip '"$MNT"'/pkg/dir.zip
             "$bin" --config '"$MNT"'/cfg-resume.toml install '"$MNT"'/pkg/mixed2.zip >/dev/null 2>&1
             "$bin" --config '"$MNT"'/cfg-resume.toml install '"$MNT"'/pkg/mixed3.zip >/dev/null 2>&1
