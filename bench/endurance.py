@@ -118,15 +118,27 @@ class Device:
         self.tu("recover")  # creates the journal
 
     def tu(self, *args):
-        r = subprocess.run([self.bin, "--config", self.cfg, "--log-level", "warn", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"tope-updater {' '.join(args)} exited {r.returncode}:\n{r.stdout}{r.stderr}")
-        return r.stdout
+        """Runs the CLI; returns its stdout. Its own writes (/proc/PID/io write_bytes: pages it
+        dirtied, before the filesystem's metadata and journal) go to self.last_write_bytes,
+        read while it is a zombie (waitid WNOWAIT), so this works without root too."""
+        p = subprocess.Popen([self.bin, "--config", self.cfg, "--log-level", "warn", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = p.stdout.read(), p.stderr.read()
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+        try:
+            with open(f"/proc/{p.pid}/io") as f:
+                self.last_write_bytes = int(next(line for line in f if line.startswith("write_bytes:")).split()[1])
+        except OSError:
+            self.last_write_bytes = None
+        rc = p.wait()
+        if rc != 0:
+            raise RuntimeError(f"tope-updater {' '.join(args)} exited {rc}:\n{out}{err}")
+        return out
 
     def timed(self, *args):
+        """(wall time, the process's write_bytes)."""
         t = time.perf_counter()
         self.tu(*args)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, self.last_write_bytes
 
     def make_package(self, version):
         self.app.write(os.path.join(self.pkgsrc, "modules"), version, replace=True)
@@ -232,7 +244,9 @@ def main():
     bound_app = app.bytes * (1 + a.keep_generations + 1) + JOURNAL_CEILING
     bound_alloc = app.alloc * (1 + a.keep_generations + 1) + JOURNAL_CEILING
 
+    t_setup = time.perf_counter()
     ws = Workspace(1, prefill=True)
+    sh("sync")  # mkfs's buffered writes to the image, so that no install waits on them
     # Package generation happens here: a tmpfs inside the workspace when root (off the measured
     # device and off the host's disk, whose journal commits the loop device's flushes trigger).
     scratch, scratch_mounted = os.path.join(ws.base, "scratch"), False
@@ -246,7 +260,8 @@ def main():
         counter = DeviceCounter(ws)
         cp_wa = cp_baseline(ws, scratch, app, counter, 5 if a.quick else 20)
         dev = Device(ws, scratch, a.bin, app, a.keep_generations)
-        print(f"filesystem: {ws.kind}; device counter: {counter.dev if counter.stat else 'n/a (not root)'}", flush=True)
+        print(f"filesystem: {ws.kind}; device counter: {counter.dev if counter.stat else 'n/a (not root)'}; "
+              f"setup {time.perf_counter() - t_setup:.0f} s", flush=True)
         print(f"app: {len(app.files)} files, {app.bytes} bytes per version ({fmt_b(app.alloc)} in 4 KiB blocks); "
               f"factory the same; keep_generations {a.keep_generations}; {n} updates, rollback after every "
               f"{a.rollback_every or 'never'}-th install, a row every {every}", flush=True)
@@ -255,21 +270,25 @@ def main():
         stack = []  # installed versions, as a rollback to "previous" walks them back
         done = rollbacks = 0
         while done < n and not STOP:
-            ins_t, rb_t, tx = [], [], 0
+            ins_t, rb_t, tx, own = [], [], 0, 0
             payload = rb_payload = 0
             before = counter.read()
             t_int = time.perf_counter()
             while done < n and not STOP:
                 v = version_of(done)
                 dev.make_package(v)
-                ins_t.append(dev.timed("install", dev.pkg))
+                t, w = dev.timed("install", dev.pkg)
+                ins_t.append(t)
+                own = None if w is None or own is None else own + w
                 os.remove(dev.pkg)
                 stack.append(v)
                 done += 1
                 tx += 1
                 payload += app.bytes
                 if a.rollback_every and done % a.rollback_every == 0 and len(stack) >= 2:
-                    rb_t.append(dev.timed("rollback"))
+                    t, w = dev.timed("rollback")
+                    rb_t.append(t)
+                    own = None if w is None or own is None else own + w
                     stack.pop()
                     rollbacks += 1
                     tx += 1
@@ -290,7 +309,7 @@ def main():
             if not_committed:
                 raise RuntimeError(f"transactions not committed: {not_committed}")
             b = counter.read()
-            rec = statistics.median([dev.timed("recover") for _ in range(3)])
+            rec = statistics.median([dev.timed("recover")[0] for _ in range(3)])
             rec_written = None if b is None else (counter.read() - b) / 3
             alloc, apparent = tree_size(dev.state)
             journal = os.path.getsize(os.path.join(dev.state, "journal.redb"))
@@ -299,7 +318,7 @@ def main():
                 "blobs": st["backups"]["blobs"], "blob_bytes": st["backups"]["bytes"],
                 "freed": sum(h.get("freed_bytes", 0) for h in hist), "freed_blobs": sum(h.get("freed_blobs", 0) for h in hist),
                 "ins": statistics.median(ins_t), "ins_max": max(ins_t), "rb": statistics.median(rb_t) if rb_t else None,
-                "rec": rec, "rec_written": rec_written, "written": written, "payload": payload, "rb_payload": rb_payload, "wall": wall, "n": len(ins_t),
+                "own": own, "rec": rec, "rec_written": rec_written, "written": written, "payload": payload, "rb_payload": rb_payload, "wall": wall, "n": len(ins_t),
             })
             print_row(rows[-1], a.md, header=len(rows) == 1)
     except Exception as e:  # noqa: BLE001 - reported, then the summary of what ran
@@ -324,9 +343,10 @@ COLS = [
     ("recover ms / written", lambda r: f"{fmt_ms(r['rec'])} / " + ("n/a" if r["rec_written"] is None else fmt_b(r["rec_written"]))),
     ("write ampl.", lambda r: "n/a (not root)" if r["written"] is None else f"{r['written'] / r['payload']:.2f} ×"),
     ("device written", lambda r: "n/a" if r["written"] is None else fmt_b(r["written"])),
+    ("updater's own writes", lambda r: "n/a" if r["own"] is None else f"{r['own'] / r['payload']:.2f} ×"),
     ("s / update", lambda r: f"{r['wall'] / r['n']:.3f}"),
 ]
-WIDTHS = [7, 9, 28, 12, 22, 18, 25, 11, 20, 11, 14, 10]
+WIDTHS = [7, 9, 28, 12, 22, 18, 25, 11, 20, 11, 14, 20, 10]
 
 
 def print_row(r, md, header):
@@ -384,6 +404,11 @@ def summarize(rows, a, app, cp_wa, bound_app, bound_alloc, total, failed):
                     f"tope-updater / cp: {w / p / cp_wa:.2f} ×" if cp_wa else ""))
     else:
         out.append(("write amplification", "n/a (not root)", ""))
+    if last["own"] is not None:
+        o = sum(r["own"] for r in rows)
+        p = sum(r["payload"] for r in rows)
+        out.append(("updater's own writes (/proc/PID/io write_bytes)", f"{o / p:.2f} × the installed content",
+                    f"{fmt_b(o)}: install + rollback processes; the rest of the device bytes is the filesystem's metadata and journal"))
     print(f"\nsummary (interval = {max(1, a.report_every or a.updates // 20)} updates):")
     if a.md:
         print("\n| what | measured | notes |\n|---|---|---|")
