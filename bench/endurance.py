@@ -42,6 +42,7 @@ BLOCK = 4096  # the workspace's ext4 block size (bench.Workspace: mkfs.ext4 -b 4
 JOURNAL_CEILING = 4 * MiB
 
 STOP = False
+DONE = 0  # updates installed so far (for the summary of a run cut short)
 
 
 def _stop(signum, _frame):
@@ -118,21 +119,17 @@ class Device:
         self.tu("recover")  # creates the journal
 
     def tu(self, *args):
-        """Runs the CLI; returns its stdout. Its own writes (/proc/PID/io write_bytes: pages it
-        dirtied, before the filesystem's metadata and journal) go to self.last_write_bytes,
-        read while it is a zombie (waitid WNOWAIT), so this works without root too."""
-        p = subprocess.Popen([self.bin, "--config", self.cfg, "--log-level", "warn", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out, err = p.stdout.read(), p.stderr.read()
-        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
-        try:
-            with open(f"/proc/{p.pid}/io") as f:
-                self.last_write_bytes = int(next(line for line in f if line.startswith("write_bytes:")).split()[1])
-        except OSError:
-            self.last_write_bytes = None
-        rc = p.wait()
-        if rc != 0:
-            raise RuntimeError(f"tope-updater {' '.join(args)} exited {rc}:\n{out}{err}")
-        return out
+        """Runs the CLI; returns its stdout. Its own writes (write_bytes: pages it dirtied,
+        before the filesystem's metadata and journal) go to self.last_write_bytes: a reaped
+        child's I/O counts are added to its parent's, so this process's /proc/self/io grows by
+        the child's (works without root too)."""
+        w0 = self_write_bytes()
+        r = subprocess.run([self.bin, "--config", self.cfg, "--log-level", "warn", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        w1 = self_write_bytes()
+        self.last_write_bytes = None if w0 is None or w1 is None else w1 - w0
+        if r.returncode != 0:
+            raise RuntimeError(f"tope-updater {' '.join(args)} exited {r.returncode}:\n{r.stdout}{r.stderr}")
+        return r.stdout
 
     def timed(self, *args):
         """(wall time, the process's write_bytes)."""
@@ -154,6 +151,14 @@ class Device:
 
     def history(self, limit):
         return json.loads(self.tu("history", "--limit", str(limit), "--json"))
+
+
+def self_write_bytes():
+    try:
+        with open("/proc/self/io") as f:
+            return int(next(line for line in f if line.startswith("write_bytes:")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def tree_size(path):
@@ -233,6 +238,9 @@ def main():
     a = ap.parse_args()
     if a.quick:
         a.updates = 300
+    if a.keep_generations < 2 and a.rollback_every:
+        print("keep_generations 1 keeps no version to roll back to: no rollbacks", flush=True)
+        a.rollback_every = 0
     n = a.updates
     every = max(1, a.report_every if a.report_every else n // 20)
     signal.signal(signal.SIGINT, _stop)
@@ -263,15 +271,36 @@ def main():
         print(f"filesystem: {ws.kind}; device counter: {counter.dev if counter.stat else 'n/a (not root)'}; "
               f"setup {time.perf_counter() - t_setup:.0f} s", flush=True)
         print(f"app: {len(app.files)} files, {app.bytes} bytes per version ({fmt_b(app.alloc)} in 4 KiB blocks); "
-              f"factory the same; keep_generations {a.keep_generations}; {n} updates, rollback after every "
-              f"{a.rollback_every or 'never'}-th install, a row every {every}", flush=True)
+              f"factory the same; keep_generations {a.keep_generations}; {n} updates, "
+              + (f"a rollback after every {a.rollback_every}-th install" if a.rollback_every else "no rollbacks") + f", a row every {every}", flush=True)
         print(f"bound on the state dir: factory + {a.keep_generations} + 1 versions + {fmt_b(JOURNAL_CEILING)} journal = "
               f"{fmt_b(bound_app)} apparent, {fmt_b(bound_alloc)} allocated", flush=True)
         stack = []  # installed versions, as a rollback to "previous" walks them back
         done = rollbacks = 0
         while done < n and not STOP:
-            ins_t, rb_t, tx, own = [], [], 0, 0
+            ins_t, rb_t, own = [], [], 0
             payload = rb_payload = 0
+            hist = {"pending": 0, "freed": 0, "freed_blobs": 0, "paused_bytes": 0, "paused_s": 0.0}
+
+            def drain_history(in_window):
+                """The pending transactions' records (the journal keeps the last 200: read every
+                100): all committed, what they freed. In the window: its device bytes and time
+                taken out of the interval's."""
+                if not hist["pending"]:
+                    return
+                t0, b0 = time.perf_counter(), counter.read() if in_window else None
+                recs = dev.history(hist["pending"])
+                if len(recs) != hist["pending"] or any(h["phase"] != "Committed" for h in recs):
+                    raise RuntimeError(f"of the last {hist['pending']} transactions, not committed: "
+                                       f"{[(h['id'], h['phase']) for h in recs if h['phase'] != 'Committed']} ({len(recs)} records)")
+                hist["freed"] += sum(h.get("freed_bytes", 0) for h in recs)
+                hist["freed_blobs"] += sum(h.get("freed_blobs", 0) for h in recs)
+                hist["pending"] = 0
+                if b0 is not None:
+                    hist["paused_bytes"] += counter.read() - b0
+                if in_window:
+                    hist["paused_s"] += time.perf_counter() - t0
+
             before = counter.read()
             t_int = time.perf_counter()
             while done < n and not STOP:
@@ -283,7 +312,9 @@ def main():
                 os.remove(dev.pkg)
                 stack.append(v)
                 done += 1
-                tx += 1
+                global DONE
+                DONE = done
+                hist["pending"] += 1
                 payload += app.bytes
                 if a.rollback_every and done % a.rollback_every == 0 and len(stack) >= 2:
                     t, w = dev.timed("rollback")
@@ -291,23 +322,22 @@ def main():
                     own = None if w is None or own is None else own + w
                     stack.pop()
                     rollbacks += 1
-                    tx += 1
+                    hist["pending"] += 1
                     rb_payload += app.bytes
                 if done % every == 0:
                     break
-            wall = time.perf_counter() - t_int
+                if hist["pending"] >= 100:
+                    drain_history(in_window=True)
+            wall = time.perf_counter() - t_int - hist["paused_s"]
             after = counter.read()
-            written = None if before is None else after - before
+            written = None if before is None else after - before - hist["paused_bytes"]
             # What the interval left: checked, then measured (none of this is in `written`).
             bad = app.check(dev.target, stack[-1])
             st = dev.status()
             if bad or st["current"]["version"] != stack[-1]:
                 raise RuntimeError(f"after {done} updates the device should hold {stack[-1]}: status says "
                                    f"{st['current']['version']}, {bad or 'files fine'}")
-            hist = dev.history(tx)
-            not_committed = [h["id"] for h in hist if h["phase"] not in ("Committed",)]
-            if not_committed:
-                raise RuntimeError(f"transactions not committed: {not_committed}")
+            drain_history(in_window=False)
             b = counter.read()
             rec = statistics.median([dev.timed("recover")[0] for _ in range(3)])
             rec_written = None if b is None else (counter.read() - b) / 3
@@ -316,7 +346,7 @@ def main():
             rows.append({
                 "updates": done, "rollbacks": rollbacks, "alloc": alloc, "apparent": apparent, "journal": journal,
                 "blobs": st["backups"]["blobs"], "blob_bytes": st["backups"]["bytes"],
-                "freed": sum(h.get("freed_bytes", 0) for h in hist), "freed_blobs": sum(h.get("freed_blobs", 0) for h in hist),
+                "freed": hist["freed"], "freed_blobs": hist["freed_blobs"],
                 "ins": statistics.median(ins_t), "ins_max": max(ins_t), "rb": statistics.median(rb_t) if rb_t else None,
                 "own": own, "rec": rec, "rec_written": rec_written, "written": written, "payload": payload, "rb_payload": rb_payload, "wall": wall, "n": len(ins_t),
             })
@@ -364,9 +394,9 @@ def print_row(r, md, header):
 def summarize(rows, a, app, cp_wa, bound_app, bound_alloc, total, failed):
     out = []
     if failed is not None:
-        out.append(("run", f"FAILED after {rows[-1]['updates'] if rows else 0} updates: {failed}", ""))
+        out.append(("run", f"FAILED after {DONE} updates: {failed}", ""))
     elif STOP:
-        out.append(("run", f"stopped by a signal after {rows[-1]['updates'] if rows else 0} of {a.updates} updates", ""))
+        out.append(("run", f"stopped by a signal after {DONE} of {a.updates} updates", ""))
     if not rows:
         for r in out:
             print(" ".join(r))
