@@ -107,7 +107,6 @@ fn hundreds_of_updates_and_rollbacks_stay_within_the_bound_and_every_kept_genera
     put_factory(&env);
     let generation = (0..UPDATES).map(|i| size_of(&format!("1.0.{i}"))).max().unwrap();
     let bound = size_of("factory") + K * generation;
-    let mut current = String::from("factory");
     let mut installed: Vec<String> = Vec::new();
     let mut worst = (0u64, 0u64);
     for i in 0..UPDATES {
@@ -115,13 +114,12 @@ fn hundreds_of_updates_and_rollbacks_stay_within_the_bound_and_every_kept_genera
         let pkg = package(&env, &v);
         env.ok(&["install", pkg.to_str().unwrap()]);
         std::fs::remove_file(&pkg).unwrap();
-        installed.push(v.clone());
-        current = v;
+        installed.push(v);
         if i % 10 == 9 {
             env.ok(&["rollback"]);
             installed.pop();
-            current = installed.last().cloned().unwrap_or_else(|| "factory".into());
         }
+        let current = installed.last().cloned().unwrap_or_else(|| "factory".into());
         assert_holds(&env, &current, &format!("after update {i}"));
         // At rest, the store holds at most the factory baseline and K generations' content.
         let store = bytes_under(&env.state.join("backups"));
