@@ -334,7 +334,7 @@ prep_images() {
     local fslist=("$@") key
     # Keyed by everything that shapes the images: the engine, the scripts that make them.
     key=$( { sha "$BIN" "$PCDIR/lib/dump.sh" /bin/busybox; declare -f gen_payload write_configs mkfs_img scenario_cmd scenario_base prep_images in_ns
-        echo "${SCENARIOS[*]}"; mkfs.ext4 -V 2>&1 | head -1; mkfs.xfs -V; } | sha | cut -c1-16)
+        echo "${SCENARIOS[*]}"; mkfs.ext4 -V 2>&1 | sed -n 1p; mkfs.xfs -V; } | sha | cut -c1-16)
     IMGS=$CACHE/images-$key
     local payload=$CACHE/payload-$key
     local fs

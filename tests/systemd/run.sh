@@ -181,7 +181,7 @@ prep_image() {
     prep_base
     local key
     key=$( { echo "$BASE"; sha "$STDIR/guest/mkimage.sh" "$STDIR/guest/setup.sh" "$STDIR/guest/stopped.sh" "$STDIR/guest/app-script.sh" "$STDIR"/guest/units/*;
-        declare -f prep_image; mkfs.ext4 -V 2>&1 | head -1; } | sha | cut -c1-16)
+        declare -f prep_image; mkfs.ext4 -V 2>&1 | sed -n 1p; } | sha | cut -c1-16)
     IMAGE=$CACHE/root-$key.img
     [ -s "$IMAGE" ] && return
     log "making the root image $IMAGE"
