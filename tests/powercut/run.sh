@@ -624,9 +624,9 @@ rnd() {
 # cut in nine lands after the engine reported success. The defaults are measured action
 # durations under TCG on a loaded 2-core machine; each run refines them from the actions
 # that finished before their cut (the first one seen replaces the default).
-declare -A DUR=([fw]=4000 [many]=1800 [dir]=1000 [rollback]=3000 [factory]=3500 [recover]=3000)
+declare -A DUR=([fw]=4000 [many]=1800 [dir]=1000 [rollback]=3000 [factory]=3500 [gc]=3000 [recover]=3000)
 declare -A DUR_SEEN=()
-declare -A FDUR=([fw]=5000 [many]=3000 [dir]=1600 [rollback]=3300 [factory]=3500 [recover]=3000)
+declare -A FDUR=([fw]=5000 [many]=3000 [dir]=1600 [rollback]=3300 [factory]=3500 [gc]=3300 [recover]=3000)
 declare -A FDUR_SEEN=()
 learn() { # learn ARRAY SEEN_ARRAY SCENARIO MS
     local -n arr=$1 seen=$2
