@@ -6,7 +6,7 @@
 #   tests/powercut/run.sh negative       the negative-control build must be caught (exit 0 iff caught)
 #   tests/powercut/run.sh kill N [FS..]  only QEMU kills          (FS: ext4 xfs; default ext4)
 #   tests/powercut/run.sh flakey N [FS]  only one dm-flakey batch
-#   tests/powercut/run.sh lw SCEN [FS]   only one log-writes recording + replay (SCEN: fw many dir rollback factory)
+#   tests/powercut/run.sh lw SCEN [FS]   only one log-writes recording + replay (SCEN: fw many dir rollback factory gc)
 #   tests/powercut/run.sh selftest       only check the checks (damaged images must fail)
 #   tests/powercut/run.sh prep           only build and cache everything
 #
