@@ -90,27 +90,11 @@ pub struct TxRecord {
     pub freed_bytes: u64,
 }
 
-/// `TxRecord` as record version 2 wrote it (no `freed_*`).
+/// `TxRecord` as record version 1 wrote it (no `post_cmds_done`, no `freed_*`). A version 2
+/// body is these fields followed by `post_cmds_done`: bincode lays a struct out as its fields
+/// in order, with no framing, so `(TxRecordV1, u32)` reads it.
 #[derive(Deserialize)]
-struct TxRecordV2 {
-    id: u64,
-    kind: TxKind,
-    from_version: Option<String>,
-    to_version: Option<String>,
-    phase: Phase,
-    phases: Vec<Phase>,
-    attempts: u32,
-    error: Option<Error>,
-    targets: u32,
-    new_bytes: u64,
-    commits: u32,
-    started_unix_ms: u64,
-    updated_unix_ms: u64,
-    post_cmds_done: u32,
-}
-
-/// `TxRecord` as record version 1 wrote it (no `post_cmds_done`).
-#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct TxRecordV1 {
     id: u64,
     kind: TxKind,
@@ -127,54 +111,37 @@ struct TxRecordV1 {
     updated_unix_ms: u64,
 }
 
+impl TxRecordV1 {
+    /// The record as this build holds it. Older builds collected nothing automatically.
+    fn upgrade(self, post_cmds_done: u32) -> TxRecord {
+        TxRecord {
+            id: self.id,
+            kind: self.kind,
+            from_version: self.from_version,
+            to_version: self.to_version,
+            phase: self.phase,
+            phases: self.phases,
+            attempts: self.attempts,
+            error: self.error,
+            targets: self.targets,
+            new_bytes: self.new_bytes,
+            commits: self.commits,
+            started_unix_ms: self.started_unix_ms,
+            updated_unix_ms: self.updated_unix_ms,
+            post_cmds_done,
+            freed_blobs: 0,
+            freed_bytes: 0,
+        }
+    }
+}
+
 impl Record for TxRecord {
     const VERSION: u32 = 2;
 
     fn decode_older(version: u32, body: &[u8], size: Size) -> std::result::Result<Self, String> {
         match version {
-            1 => {
-                let v2: TxRecordV2 = decode_body(body, size)?;
-                Ok(TxRecord {
-                    id: v2.id,
-                    kind: v2.kind,
-                    from_version: v2.from_version,
-                    to_version: v2.to_version,
-                    phase: v2.phase,
-                    phases: v2.phases,
-                    attempts: v2.attempts,
-                    error: v2.error,
-                    targets: v2.targets,
-                    new_bytes: v2.new_bytes,
-                    commits: v2.commits,
-                    started_unix_ms: v2.started_unix_ms,
-                    updated_unix_ms: v2.updated_unix_ms,
-                    post_cmds_done: v2.post_cmds_done,
-                    // Older builds collected nothing automatically.
-                    freed_blobs: 0,
-                    freed_bytes: 0,
-                })
-            }
-            0 => {
-                let v1: TxRecordV1 = decode_body(body, size)?;
-                Ok(TxRecord {
-                    id: v1.id,
-                    kind: v1.kind,
-                    from_version: v1.from_version,
-                    to_version: v1.to_version,
-                    phase: v1.phase,
-                    phases: v1.phases,
-                    attempts: v1.attempts,
-                    error: v1.error,
-                    targets: v1.targets,
-                    new_bytes: v1.new_bytes,
-                    commits: v1.commits,
-                    started_unix_ms: v1.started_unix_ms,
-                    updated_unix_ms: v1.updated_unix_ms,
-                    post_cmds_done: 0,
-                    freed_blobs: 0,
-                    freed_bytes: 0,
-                })
-            }
+            1 => decode_body::<(TxRecordV1, u32)>(body, size).map(|(v1, post_cmds_done)| v1.upgrade(post_cmds_done)),
+            0 => decode_body::<TxRecordV1>(body, size).map(|v1| v1.upgrade(0)),
             other => Err(format!("unknown record version {other}")),
         }
     }
@@ -246,6 +213,43 @@ mod tests {
     use crate::engine::{FileMeta, Hash, PathState};
 
     impl Record for String {}
+
+    /// A `TxRecord` written as version 1 or 2 (the fields of its time, in order) decodes with
+    /// the fields added since at their neutral values.
+    #[test]
+    fn older_tx_records_decode() {
+        let v1 = TxRecordV1 {
+            id: 4,
+            kind: TxKind::Rollback { to: crate::engine::RollbackTarget::Factory },
+            from_version: Some("1.0.0".into()),
+            to_version: None,
+            phase: Phase::Committed,
+            phases: vec![Phase::Planned, Phase::Committed],
+            attempts: 1,
+            error: None,
+            targets: 2,
+            new_bytes: 30,
+            commits: 5,
+            started_unix_ms: 10,
+            updated_unix_ms: 11,
+        };
+        let body = bincode::serde::encode_to_vec(&v1, SMALL).unwrap();
+        let with = |version: u32, extra: &[u8]| {
+            let mut b = bincode::serde::encode_to_vec(version, SMALL).unwrap();
+            b.extend(&body);
+            b.extend(extra);
+            b
+        };
+        let old = decode::<TxRecord>(&with(0, &[]), Size::Small, "t").unwrap();
+        assert_eq!((old.id, old.commits, old.post_cmds_done, old.freed_blobs, old.freed_bytes), (4, 5, 0, 0, 0));
+        let v2 = decode::<TxRecord>(&with(1, &[7]), Size::Small, "t").unwrap();
+        assert_eq!((v2.post_cmds_done, v2.freed_blobs, v2.freed_bytes, v2.updated_unix_ms), (7, 0, 0, 11));
+        assert!(decode::<TxRecord>(&with(1, &[]), Size::Small, "t").is_err(), "a V2 body without post_cmds_done is short");
+        // The current version round-trips the new fields.
+        let mut now = v2.clone();
+        (now.freed_blobs, now.freed_bytes) = (3, 4096);
+        assert_eq!(decode::<TxRecord>(&encode(&now, Size::Small).unwrap(), Size::Small, "t").unwrap(), now);
+    }
 
     /// `ErrorCode` indices are part of the format (journal-format.md): new codes only at the end.
     #[test]
