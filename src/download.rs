@@ -225,9 +225,16 @@ pub fn is_expired(rec: &DownloadRecord, trust_window_h: u64, now_ms: u64) -> boo
 }
 
 /// Removes the package file, then its record (a cut in between leaves a record naming a
-/// missing file, which the next request starts over and the next start-up clears).
+/// missing file, which the next request starts over and the next start-up clears). The
+/// directory is fsynced between the two: without it, a power cut after the record's commit
+/// could bring the file back with no record naming it, and nothing would ever remove it.
 pub fn discard(journal: &Journal, rec: &DownloadRecord) -> Result<()> {
-    fsutil::remove_if_present(Path::new(&rec.path)).map_err(local)?;
+    let path = Path::new(&rec.path);
+    if fsutil::remove_if_present(path).map_err(local)?
+        && let Some(dir) = path.parent()
+    {
+        fsutil::fsync_dir(dir).map_err(local)?;
+    }
     journal.clear_download()
 }
 
@@ -625,8 +632,7 @@ impl Transfer<'_> {
     /// record go, so the next request starts afresh. File first (see `verify`).
     fn discard(self) -> Result<()> {
         drop(self.file);
-        fsutil::remove_if_present(&self.path).map_err(local)?;
-        self.journal.clear_download()
+        discard(self.journal, &self.rec)
     }
 
     /// Makes the bytes written durable, then journals the offset (write-ahead: the journal
