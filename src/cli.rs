@@ -291,7 +291,11 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
     // Generated from the definitions above: no configuration needed.
     match &cli.cmd {
         Cmd::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "tope-updater", &mut std::io::stdout());
+            // Into a buffer first: clap_complete panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "tope-updater", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
+                .map_err(|e| Error::internal(format!("writing the completion script: {e}")))?;
             return Ok(exit::DONE);
         }
         Cmd::Man => {

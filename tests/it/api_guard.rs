@@ -277,16 +277,9 @@ fn allowed_uids_serve_a_listed_caller_and_refuse_any_other() {
 /// Needs root (another user's process): `curl` run as `nobody` through `setpriv` is refused,
 /// the same request from root is served.
 #[test]
+#[cfg_attr(tope_unprivileged, ignore = "needs root: runs curl as another user; run as root (README.md: Tests that need root)")]
 fn allowed_uids_refuse_a_process_of_another_user() {
-    if !nix::unistd::geteuid().is_root() {
-        if std::env::var("TOPE_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-            println!("allowed_uids_refuse_a_process_of_another_user: skipped: needs root (TOPE_SKIP_ROOT_TESTS=1)");
-            return;
-        }
-        panic!(
-            "allowed_uids_refuse_a_process_of_another_user needs root (setpriv to another uid): run the tests as root, or set TOPE_SKIP_ROOT_TESTS=1 to skip the root-only tests explicitly"
-        );
-    }
+    crate::support::require_root("allowed_uids_refuse_a_process_of_another_user", "it runs curl as nobody through setpriv");
     let rig = Rig::with(Setup { api_extra: "allowed_uids = [0]".into(), ..Setup::default() });
     let d = rig.start();
     let url = format!("{}/api/v1.0/progress", d.base);

@@ -32,8 +32,8 @@
 //! is printed per scenario (`-- --nocapture`): free bytes, exit, code, outcome, where it ran
 //! out (from the engine's messages), and the end after any recovery.
 //!
-//! Needs root (losetup, mount). Without root the tests fail, unless `TOPE_SKIP_ROOT_TESTS=1`,
-//! in which case they print "skipped: needs root". Run with
+//! Needs root (losetup, mount): built by another user, build.rs makes them `#[ignore]`d
+//! ("needs root", counted in cargo's summary). Run with
 //! `cargo test --features failpoints --test it diskfull -- --nocapture`.
 
 use crate::support::*;
@@ -52,22 +52,6 @@ const HEADROOM: u64 = MIB;
 const V2: &str = "2.0.0";
 
 // ---------------------------------------------------------------- root and loop devices
-
-/// True when the test may run. Without root it fails loudly, unless the operator explicitly
-/// asked to skip root-only tests; a skip is always printed.
-fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("TOPE_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        println!("{test}: skipped: needs root (TOPE_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{test} needs root: it loop-mounts small ext4 images (losetup, mount) to run out of space; \
-         run the tests as root, or set TOPE_SKIP_ROOT_TESTS=1 to skip the root-only tests explicitly"
-    );
-}
 
 fn sh(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd} (needed by the disk-full tests): {e}"));
@@ -411,11 +395,10 @@ fn refused_by_preflight(env: &Env, r: &Run, free: u64, old: &BTreeMap<String, St
 // ---------------------------------------------------------------- tests: the preflight
 
 #[test]
+#[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
 fn a_package_bigger_than_the_free_space_is_refused_by_the_preflight_before_anything_is_journaled() {
     const T: &str = "preflight";
-    if !have_root(T) {
-        return;
-    }
+    crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
     let fx = Fixture::new();
     for layout in [Layout::Same, Layout::Cross] {
         let dev = Device::new(layout);
@@ -448,11 +431,10 @@ fn a_package_bigger_than_the_free_space_is_refused_by_the_preflight_before_anyth
 }
 
 #[test]
+#[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
 fn many_tiny_files_whose_bytes_fit_but_whose_blocks_do_not_are_refused_by_the_preflight() {
     const T: &str = "preflight counts blocks";
-    if !have_root(T) {
-        return;
-    }
+    crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
     const FILES: u64 = 400;
     const SIZE: usize = 16;
     let dev = Device::new(Layout::Same);
@@ -1106,11 +1088,10 @@ mod starved {
     const CRASH_MID_SWAP: &str = "swap.file=19*off->return";
 
     #[test]
+    #[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
     fn an_install_starved_after_each_phase_commit_on_one_filesystem_commits_or_rolls_back_cleanly_or_recover_finishes_it() {
         const T: &str = "one fs, install";
-        if !have_root(T) {
-            return;
-        }
+        crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
         bench(
             T,
             Layout::Same,
@@ -1125,11 +1106,10 @@ mod starved {
     }
 
     #[test]
+    #[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
     fn a_rollback_and_a_recover_starved_on_one_filesystem_end_all_old_or_all_new() {
         const T: &str = "one fs, rollback/recover";
-        if !have_root(T) {
-            return;
-        }
+        crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
         bench(
             T,
             Layout::Same,
@@ -1138,29 +1118,26 @@ mod starved {
     }
 
     #[test]
+    #[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
     fn staging_and_restoring_starved_on_the_roots_filesystem_with_the_state_dir_elsewhere_roll_back_cleanly() {
         const T: &str = "cross, root full";
-        if !have_root(T) {
-            return;
-        }
+        crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
         bench(T, Layout::Cross, &[install("enter.Staged", Fill::Root), rollback("enter.Planned", Fill::Root)]);
     }
 
     #[test]
+    #[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
     fn backup_copies_and_journal_commits_starved_on_the_state_filesystem_roll_back_cleanly_or_recover_finishes_them() {
         const T: &str = "cross, state full";
-        if !have_root(T) {
-            return;
-        }
+        crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
         bench(T, Layout::Cross, &[install("enter.BackedUp", Fill::State), recover(CRASH_MID_STAGING, Fill::State)]);
     }
 
     #[test]
+    #[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
     fn each_backup_copy_of_a_rollback_taking_the_last_free_block_ends_cleanly_with_no_temporary_blob_left() {
         const T: &str = "cross, each copy";
-        if !have_root(T) {
-            return;
-        }
+        crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
         bench(
             T,
             Layout::Cross,

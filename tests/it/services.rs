@@ -27,7 +27,7 @@
 //!
 //! The crash, post-command-crash and trial tests need `--features failpoints` (crash points
 //! and the `TOPE_BOOT_ID_FILE` seam); the signal-permission test needs root (like
-//! diskfull.rs: it fails without root unless `TOPE_SKIP_ROOT_TESTS=1`). Run with
+//! diskfull.rs: built by another user it is `#[ignore]`d, see build.rs). Run with
 //! `cargo test --features failpoints --test it services`.
 
 #![cfg_attr(not(feature = "failpoints"), allow(dead_code))]
@@ -657,22 +657,6 @@ fn a_service_that_ignores_sigterm_is_killed_after_stop_timeout_and_the_install_c
 
 // ---------------------------------------------------------------- 3. EPERM
 
-/// True when the test may run. Without root it fails loudly, unless the operator explicitly
-/// asked to skip root-only tests; a skip is always printed.
-fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("TOPE_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        println!("{test}: skipped: needs root (TOPE_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{test} needs root: it runs a process as root and the updater as nobody (setpriv); \
-         run the tests as root, or set TOPE_SKIP_ROOT_TESTS=1 to skip the root-only tests explicitly"
-    );
-}
-
 fn chown_tree(p: &Path, uid: u32, gid: u32) {
     std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap();
     if std::fs::symlink_metadata(p).unwrap().is_dir() {
@@ -683,11 +667,13 @@ fn chown_tree(p: &Path, uid: u32, gid: u32) {
 }
 
 #[test]
+#[cfg_attr(
+    tope_unprivileged,
+    ignore = "needs root: runs a process as root and the updater as nobody; run as root (README.md: Tests that need root)"
+)]
 fn a_process_the_updater_may_not_signal_is_process_kill_failed_and_nothing_changes() {
     const T: &str = "a_process_the_updater_may_not_signal";
-    if !have_root(T) {
-        return;
-    }
+    crate::support::require_root(T, "it runs a process as root and the updater as nobody (setpriv)");
     const NOBODY: u32 = 65534;
     let lab = Lab::new();
     let s = lab.svc(Some(1));

@@ -248,3 +248,33 @@ pub fn kill_at(point: &str, hit: u32) -> String {
         n => format!("{point}={}*off->return", n - 1),
     }
 }
+
+// ---------------------------------------------------------------- root-only tests
+
+/// The first line of every root-only test. build.rs compiles those tests as `#[ignore]`d
+/// ("needs root") when the build does not run as root, so they only get here as root; a build
+/// made by root and run by another user still fails loudly instead of passing untested.
+pub fn require_root(test: &str, why: &str) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{test} needs root ({why}), but this build was made as root and runs as uid {}: rebuild as this user \
+         (touch build.rs), or run the tests as root",
+        nix::unistd::geteuid()
+    );
+}
+
+/// build.rs decided at build time whether the root-only tests are ignored; this holds it to
+/// who actually runs the tests, so root never silently skips them (a build made by another
+/// user, reused by root) and another user never fails on them (the opposite).
+#[test]
+fn the_build_knows_whether_the_tests_run_as_root() {
+    let running_as_root = nix::unistd::geteuid().is_root();
+    let built_for_root = !cfg!(tope_unprivileged);
+    assert_eq!(
+        built_for_root,
+        running_as_root,
+        "the root-only tests were built {} but the tests run as uid {}: touch build.rs and run again",
+        if built_for_root { "to run (as root)" } else { "as ignored (not root)" },
+        nix::unistd::geteuid()
+    );
+}

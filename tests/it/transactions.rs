@@ -774,11 +774,9 @@ fn manifest_mode_is_applied_else_an_old_file_keeps_its_mode_else_the_zip_mode_is
 }
 
 #[test]
+#[cfg_attr(tope_unprivileged, ignore = "needs root: changes file owners; run as root (README.md: Tests that need root)")]
 fn manifest_owner_is_applied_and_the_old_owner_comes_back_on_rollback() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: changing owners needs root");
-        return;
-    }
+    crate::support::require_root("manifest_owner_is_applied_and_the_old_owner_comes_back_on_rollback", "it chowns files to other users");
     let env = Env::new();
     env.put("bin/owned", b"old owned\n", 0o640);
     env.put("bin/kept", b"old kept\n", 0o640);
