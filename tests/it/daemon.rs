@@ -516,20 +516,33 @@ pub(crate) fn build_pkg_with(env: &Env, version: &str, modules: &[Module], tweak
     Pkg { version: version.into(), name: format!("tope-update-{version}.zip"), md5: md5_hex(&bytes), bytes }
 }
 
-/// The tree a fresh device holding `factory` ends with after the CLI installs `packages` in
-/// order: what the daemon must leave behind.
+/// The tree a fresh device holding `factory` must end with after `packages` are installed in
+/// order, from the package rules alone and never from the engine's own output: each module's
+/// file holds its content with its entry's mode (0644 in `build_pkg`'s packages), every
+/// directory on the way exists with mode 0755 (made so by `Env::put`, and by the engine for a
+/// directory a package creates), and a factory file no module names is kept as it was.
 pub(crate) fn reference_tree(factory: &[(&str, &[u8])], packages: &[(&str, &[Module])]) -> BTreeMap<String, String> {
-    let env = Env::new();
+    let mut t = BTreeMap::new();
+    let mut put = |rel: &str, content: &[u8]| {
+        let mut dir = String::new();
+        for part in rel.split('/').collect::<Vec<_>>().split_last().expect("a path").1 {
+            if !dir.is_empty() {
+                dir.push('/');
+            }
+            dir.push_str(part);
+            t.insert(dir.clone(), "dir 755".to_string());
+        }
+        t.insert(rel.to_string(), format!("file 644 {}", blake3::hash(content).to_hex()));
+    };
     for (rel, content) in factory {
-        env.put(rel, content, 0o644);
+        put(rel, content);
     }
-    for (version, modules) in packages {
-        let pkg = build_pkg(&env, version, modules);
-        let path = env.pkg_path(&pkg.name);
-        std::fs::write(&path, &pkg.bytes).unwrap();
-        env.ok(&["install", path.to_str().unwrap()]);
+    for (_, modules) in packages {
+        for m in modules.iter() {
+            put(m.rel, &m.content);
+        }
     }
-    tree(&env.root)
+    t
 }
 
 // ---------------------------------------------------------------- the device under test
@@ -1463,6 +1476,16 @@ fn an_md5_mismatch_fails_and_deletes_the_file() {
 
 // ---------------------------------------------------------------- 6. SIGKILL mid-install
 
+/// Without the crash points these tests do not exist: fail, and say so, rather than pass
+/// silently with fewer tests.
+#[cfg(not(feature = "failpoints"))]
+#[test]
+fn daemon_kill_and_sigterm_tests_need_the_failpoints_feature() {
+    panic!(
+        "the daemon's SIGKILL and SIGTERM tests need the named crash points compiled in: run `cargo test --features failpoints --test it daemon`"
+    );
+}
+
 /// Installs through the daemon, which SIGKILLs itself at the `hit`-th pass through crash
 /// point `point`; the next start's recovery must leave every file old or every file new,
 /// show that result on /progress and /status, and send exactly one final report for the
@@ -1645,6 +1668,7 @@ fn sigterm_mid_install_exits_0_and_the_next_start_finishes_it() {
     rig.put(FACTORY);
     let modules = small_modules("2.0.0");
     let old = tree(&rig.env.root);
+    assert_eq!(old, reference_tree(FACTORY, &[]), "the oracle's model of the factory tree");
     let new = reference_tree(FACTORY, &[("2.0.0", &modules)]);
     let pkg = build_pkg(&rig.env, "2.0.0", &modules);
     rig.server.add(&pkg);
@@ -1658,18 +1682,33 @@ fn sigterm_mid_install_exits_0_and_the_next_start_finishes_it() {
         let st = d.sigterm();
         assert_eq!(st.code(), Some(0), "{st}\n{}", d.log_text());
     }
+    // The daemon stopped between two steps of the install: the journal (read by the CLI, no
+    // daemon running) holds it in flight, backed up and not yet swapped, and the tree is
+    // still all old.
+    let between = rig.env.run(&["status", "--json"]);
+    let between = between.json();
+    let flying = &between["in_flight"];
+    assert_eq!(flying["kind"], "install", "a transaction was in flight after SIGTERM: {between}");
+    assert_eq!(flying["to_version"], "2.0.0", "{between}");
+    assert_eq!(flying["phase"], "BackedUp", "SIGTERM lands while the install is held at BackedUp: {between}");
+    let mid = tree(&rig.env.root);
+    for (path, was) in &old {
+        assert_eq!(mid.get(path), Some(was), "{path} was swapped before the restart: {mid:#?}");
+    }
+    for (path, what) in mid.iter().filter(|(p, _)| !old.contains_key(*p)) {
+        let staged = path.rsplit('/').next().unwrap_or("").starts_with(".tope-");
+        assert!(staged || what.starts_with("dir "), "only staged files and their directories are new before the swap: {path} {what}");
+    }
+    // The next start's recovery resumes it (recovery = "resume", the default) to the end.
     let d = rig.start();
     let s = d.progress();
-    let files = tree(&rig.env.root);
     let st = d.status();
     assert!(st["in_flight"].is_null(), "{st}");
     let tx = st["last"]["id"].as_u64().unwrap();
-    if files == new {
-        assert_eq!(s, snap("success", 100, DONE));
-    } else {
-        assert_eq!(files, old, "neither all old nor all new");
-        assert_eq!(s.stage, "failed");
-    }
+    assert_eq!(flying["tx"].as_u64(), Some(tx), "the transaction that finished is the one the SIGTERM interrupted: {st}");
+    assert_eq!(tree(&rig.env.root), new, "the resumed install left all new content");
+    assert_eq!(current_version(&st).as_deref(), Some("2.0.0"), "{st}");
+    assert_eq!(s, snap("success", 100, DONE));
     let got = rig.marker(&d);
     let reps = first_deliveries(&got, true);
     assert_eq!(finals_for(&reps, tx).len(), 1, "{reps:#?}");

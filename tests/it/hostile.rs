@@ -776,6 +776,16 @@ fn two_central_records_for_one_local_header_are_rejected() {
 
 // ---- a package changed after validation ----
 
+/// Without the crash points these tests do not exist: fail, and say so, rather than pass
+/// silently with fewer tests.
+#[cfg(not(feature = "failpoints"))]
+#[test]
+fn package_changed_after_validation_tests_need_the_failpoints_feature() {
+    panic!(
+        "the package-changed-after-validation tests need the named crash points compiled in: run `cargo test --features failpoints --test it hostile`"
+    );
+}
+
 /// The package is validated once and then read through the descriptor validation opened, but
 /// whoever can write the file can still change it before staging reads it. The install is
 /// paused at `enter.Staged` (validated, planned and journaled; nothing staged yet) and the

@@ -157,6 +157,16 @@ fn hundreds_of_updates_and_rollbacks_stay_within_the_bound_and_every_kept_genera
     assert!(leftovers(&env.root).is_empty());
 }
 
+/// Without the crash points these tests do not exist: fail, and say so, rather than pass
+/// silently with fewer tests.
+#[cfg(not(feature = "failpoints"))]
+#[test]
+fn collection_kill_tests_need_the_failpoints_feature() {
+    panic!(
+        "the kills inside the automatic collection need the named crash points compiled in: run `cargo test --features failpoints --test it longlife`"
+    );
+}
+
 /// SIGKILL inside the collection that follows a commit (before the first unlink, and after
 /// one), then `recover`: nothing needed is lost, nothing unneeded is left, and every kept
 /// generation and the factory baseline restore exactly.
