@@ -1053,9 +1053,23 @@ mod starved {
         let pkg = fx.package(&dev.env);
         dev.reset(&fx);
         let v1 = tree(&dev.env.root);
-        dev.env.ok(&["install", pkg.to_str().unwrap()]);
-        let v2 = tree(&dev.env.root);
+        // The all-new side comes from the package rules (support::after_install), and a clean
+        // install must end exactly there: the engine is checked against it, never its source.
+        let files: Vec<NewFile> = fx
+            .files
+            .iter()
+            .map(|(_, dst, content)| NewFile { rel: dst.to_string(), content, manifest_mode: None, zip_mode: Some(0o644) })
+            .chain(fx.www.iter().map(|(rel, content)| NewFile {
+                rel: format!("www/{rel}"),
+                content,
+                manifest_mode: None,
+                zip_mode: Some(0o644),
+            }))
+            .collect();
+        let v2 = after_install(&v1, &files);
         assert_ne!(v1, v2);
+        dev.env.ok(&["install", pkg.to_str().unwrap()]);
+        assert_eq!(tree(&dev.env.root), v2, "a clean install ends at the package's tree");
         let b = Bench { test, dev: &dev, fx: &fx, pkg: &pkg, v1, v2, missed: Default::default(), seen: Default::default() };
         let mut failures = Vec::new();
         for sc in scenarios {

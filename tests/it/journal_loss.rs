@@ -124,9 +124,22 @@ mod armed {
         let env = Env::new();
         seed_v1(&env);
         let old = tree(&env.root);
-        env.ok(&["install", p(&package(&env, false))]);
-        let new = tree(&env.root);
+        // The all-new side comes from the package rules (support::after_install), and a clean
+        // install must end exactly there: the engine is checked against it, never its source.
+        let mods = modules();
+        let files: Vec<NewFile> = mods
+            .iter()
+            .map(|(_, dst, content, mode)| NewFile {
+                rel: dst.to_string(),
+                content,
+                manifest_mode: mode.map(|m| u32::from_str_radix(m, 8).unwrap()),
+                zip_mode: Some(0o644),
+            })
+            .collect();
+        let new = after_install(&old, &files);
         assert_ne!(old, new, "fixture error: the install changes nothing");
+        env.ok(&["install", p(&package(&env, false))]);
+        assert_eq!(tree(&env.root), new, "a clean install ends at the package's tree");
         let bad = env.run(&["install", p(&package(&env, true)), "--json"]);
         assert!(matches!(bad.code, Some(3) | Some(4)), "fixture error: the failing package must fail:\n{}", bad.describe());
         assert_eq!(bad.json()["error"]["code"], "HASH_MISMATCH", "fixture error:\n{}", bad.describe());

@@ -192,6 +192,44 @@ pub fn tree(dir: &Path) -> BTreeMap<String, String> {
     out
 }
 
+/// A file an install writes, as the independent oracle (`after_install`) sees it.
+pub struct NewFile<'a> {
+    /// Destination relative to the root.
+    pub rel: String,
+    pub content: &'a [u8],
+    /// The module's `mode` in the manifest.
+    pub manifest_mode: Option<u32>,
+    /// The unix mode of its ZIP entry (`write_package` gives 0644).
+    pub zip_mode: Option<u32>,
+}
+
+/// The tree (as `tree` shows it) after a committed install over `before`, from the package
+/// rules alone, never from the engine's output: each file holds its content with the module's
+/// `mode`, else the mode of the file it replaces, else its ZIP entry's, else 0644 (README,
+/// "Build and sign a package"); a directory the install creates is 0755; everything else
+/// stays as it was.
+pub fn after_install(before: &BTreeMap<String, String>, files: &[NewFile]) -> BTreeMap<String, String> {
+    let mut t = before.clone();
+    for f in files {
+        let old_mode = t
+            .get(&f.rel)
+            .and_then(|s| s.strip_prefix("file "))
+            .and_then(|s| s.split(' ').next())
+            .map(|m| u32::from_str_radix(m, 8).unwrap_or_else(|e| panic!("oracle: bad mode {m:?} of {} ({e})", f.rel)));
+        let mode = f.manifest_mode.or(old_mode).or(f.zip_mode).unwrap_or(0o644);
+        let mut dir = String::new();
+        for part in f.rel.split('/').collect::<Vec<_>>().split_last().expect("a path").1 {
+            if !dir.is_empty() {
+                dir.push('/');
+            }
+            dir.push_str(part);
+            t.entry(dir.clone()).or_insert_with(|| "dir 755".to_string());
+        }
+        t.insert(f.rel.clone(), format!("file {mode:o} {}", blake3::hash(f.content).to_hex()));
+    }
+    t
+}
+
 /// Names of leftover temporary files (the engine's `.tope-` prefix) under `dir`.
 pub fn leftovers(dir: &Path) -> Vec<String> {
     tree(dir).into_keys().filter(|k| k.rsplit('/').next().unwrap_or("").starts_with(".tope-")).collect()
