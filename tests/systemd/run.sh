@@ -3,6 +3,7 @@
 # README.md beside this file.
 #
 #   tests/systemd/run.sh [test]     prep if needed, then every scenario (exit 0 iff all pass)
+#   tests/systemd/run.sh deb        prep if needed, then only the Debian package part (h-m)
 #   tests/systemd/run.sh prep       only build and cache the kernel, initramfs and root image
 #
 # Environment: ST_BIN (use this static tope-updater instead of building one; ST_FEATURES
@@ -12,8 +13,10 @@
 # root image of a passing run), ST_EXTRA_CONFIG (TOML lines added to every config the
 # updater gets in the guest), ST_BOOT_TIMEOUT (seconds per boot, default 420),
 # ST_MIRROR (Debian mirror for debootstrap), ST_KERNEL=download (ignore /boot).
+# The Debian package part: ST_DEB=0 (skip it in `test`), ST_DEBS (three .deb files, the
+# operator's package and two upgrades of it, instead of building them with deploy/build-deb.sh).
 # For debugging the harness: ST_DRIVER (another guest driver script), ST_PHASES (which boots
-# to run, default "boot1 boot2 boot3 boot4").
+# of scenarios a-g to run, default "boot1 boot2 boot3 boot4").
 set -euo pipefail
 
 STDIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,8 +28,10 @@ MIRROR=${ST_MIRROR:-http://deb.debian.org/debian}
 INCLUDE=systemd,systemd-sysv
 BOOT_TIMEOUT=${ST_BOOT_TIMEOUT:-420}
 FEATURES=${ST_FEATURES-failpoints}
-# Scenario letters, in the order the guest runs them (see guest/driver.sh).
+# Scenario letters, in the order the guest runs them: guest/driver.sh on the image as it is,
+# then guest/deb-driver.sh on a fresh copy, with the updater installed from the .deb.
 SCENARIOS=(a b c d e f g)
+DEB_SCENARIOS=(h i j k l m)
 
 log() { printf '[systemd-test %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
@@ -313,66 +318,229 @@ cleanup() {
     if [ -n "${QPID:-}" ]; then kill -KILL "$QPID" 2>/dev/null || true; fi
 }
 
-# ------------------------------------------------------------------ the test
+# ------------------------------------------------------------------ the Debian package part
 
-run_test() {
-    TIMES=()
-    local t_all; t_all=$(now_ms)
-    prep_all
-    build_bin
-    local run; run=$OUTROOT/run-$(date +%Y%m%d-%H%M%S)
-    mkdir -p "$run/data"
-    trap cleanup EXIT
-    log "run directory $run"
-    cp --sparse=always "$IMAGE" "$run/root.img"
-    make_packages "$run/data"
-    local phase ok=1 t0 phases
-    # Boot 1: a, b, c, then the trial install of d, reboot. Boot 2: the end of d, the
-    # confirmed trial of e, reboot. Boot 3: the end of e, f, the killed install of g, reboot.
-    # Boot 4: the end of g; power off. (Without failpoints: no f and g, no boot 4.)
-    phases="boot1 boot2 boot3"
-    has_failpoints && phases="$phases boot4"
-    phases=${ST_PHASES:-$phases}
-    for phase in $phases; do
-        make_data_disk "$run/data" "$phase" "${phases##* }" "$run/data.img"
+# build_debs DIR: the operator's package (Cargo.toml's version, as deploy/build-deb.sh makes
+# it) and two upgrades of it (VERSION+st1, VERSION+st2: the same files, higher versions) into
+# DIR/debs, their names and versions into DIR/params (read by the guest). cargo deb empties
+# target/debian on every run, so each one is copied out at once. ST_DEBS: three existing
+# files instead. Sets DEB0 (the operator's package).
+build_debs() {
+    local dir=$1 t0 i f v upstream= debs=()
+    t0=$(now_ms)
+    rm -rf "$dir/debs" && mkdir -p "$dir/debs"
+    if [ -n "${ST_DEBS:-}" ]; then
+        read -r -a debs <<<"$ST_DEBS"
+        [ ${#debs[@]} = 3 ] || die "ST_DEBS must name three .deb files (the package and two upgrades)"
+        for i in 0 1 2; do
+            [ -f "${debs[$i]}" ] || die "no such .deb: ${debs[$i]}"
+            cp "${debs[$i]}" "$dir/debs/"
+            debs[$i]=$dir/debs/$(basename "${debs[$i]}")
+        done
+    else
+        for i in 0 1 2; do
+            local args=()
+            [ $i = 0 ] || args=(--deb-version "$upstream+st$i")
+            log "building the .deb ${args[*]:-(the version in Cargo.toml)} with deploy/build-deb.sh"
+            f=$("$REPO/deploy/build-deb.sh" "${args[@]}" | tail -1) || die "deploy/build-deb.sh ${args[*]} failed"
+            [ -f "$f" ] || die "deploy/build-deb.sh ${args[*]} printed no package ($f)"
+            cp "$f" "$dir/debs/"
+            debs+=("$dir/debs/$(basename "$f")")
+            if [ $i = 0 ]; then v=$(dpkg-deb -f "$f" Version); upstream=${v%-*}; fi
+        done
+        TIMES+=("debs $(( ($(now_ms) - t0) / 1000 )) s")
+    fi
+    : >"$dir/params"
+    for i in 0 1 2; do
+        f=${debs[$i]}
+        [ "$(dpkg-deb -f "$f" Package)" = tope-updater ] || die "$f is not a tope-updater package"
+        v=$(dpkg-deb -f "$f" Version)
+        [ $i = 0 ] && upstream=${v%-*}
+        echo "deb_f$i=/data/debs/$(basename "$f")" >>"$dir/params"
+        echo "deb_v$i=$v" >>"$dir/params"
+    done
+    echo "upstream=$upstream" >>"$dir/params"
+    { dpkg --compare-versions "$(dpkg-deb -f "${debs[0]}" Version)" lt "$(dpkg-deb -f "${debs[1]}" Version)" &&
+        dpkg --compare-versions "$(dpkg-deb -f "${debs[1]}" Version)" lt "$(dpkg-deb -f "${debs[2]}" Version)"; } ||
+        die "the three packages are not in ascending version order: ${debs[*]}"
+    log "packages: $(sed -n 's/^deb_v[0-9]=//p' "$dir/params" | tr '\n' ' ')"
+    DEB0=${debs[0]}
+}
+
+# The update packages the daemon installs in the deb part, made by the .deb's own binary
+# (`pack`; the host runs the same Debian release as the guest): DIR/www/v2.zip .. v4.zip,
+# their content in DIR/src/vN/ (the guest compares the files against it). Each replaces
+# tope-a's script (the daemon stops and starts tope-a through systemd) and writes
+# /opt/tope/deb/x.txt, whose post commands (run by /bin/sh -c, each completion journaled)
+# record which daemon ran them ($PPID) and when. In 3.0.0 and 4.0.0 the second of three
+# waits until systemd is stopping the daemon that runs it (at most about 2 min): the .deb
+# upgrade of scenario j and the reboot of k come in the middle of the install, whatever the
+# machine's speed. Their records go to /var/lib/tope-st/post-VERSION (they must outlive k's
+# reboot; TOPE_VERSION is the post commands' environment).
+deb_packages() {
+    local dir=$1 n tmp post
+    tmp=$(mktemp -d)
+    dpkg-deb -x "$DEB0" "$tmp"
+    rm -rf "$dir/www" "$dir/src" && mkdir -p "$dir/www"
+    for n in 2 3 4; do
+        local s=$dir/src/v$n
+        mkdir -p "$s/a"
+        sh "$STDIR/guest/app-script.sh" a "$n.0.0" >"$s/a/run.sh"
+        chmod 755 "$s/a/run.sh"
+        echo "tope systemd test, Debian package part: x version $n.0.0" >"$s/x.txt"
+        post='"echo h $PPID >>/run/tope-h.marks"'
+        [ $n -ge 3 ] && post='"read -r u _ </proc/uptime; echo 1 $PPID $u >>/var/lib/tope-st/post-$TOPE_VERSION",
+   "n=0; while [ $n -lt 1200 ]; do s=$(systemctl show -p ActiveState --value tope-updater.service); [ \"$s\" = deactivating ] && break; sleep 0.1; n=$((n + 1)); done; read -r u _ </proc/uptime; echo 2 $PPID $u $s >>/var/lib/tope-st/post-$TOPE_VERSION",
+   "read -r u _ </proc/uptime; echo 3 $PPID $u >>/var/lib/tope-st/post-$TOPE_VERSION"'
+        cat >"$s/manifest.json" <<MANIFEST
+{"version": "$n.0.0", "modules": [
+ {"name": "a", "src": "a/run.sh", "dst": "/opt/tope/a/run.sh", "mode": "0755", "process_name": "tope-a", "restart_order": 1},
+ {"name": "x", "src": "x.txt", "dst": "/opt/tope/deb/x.txt", "post_cmds": [
+   $post]}]}
+MANIFEST
+        "$tmp/usr/bin/tope-updater" pack "$s" -o "$dir/www/v$n.zip" >/dev/null || die "tope-updater pack $s failed"
+    done
+    rm -rf "$tmp"
+}
+
+# The deb part's root disk: a copy of the cached image without the image's own
+# tope-updater-recover.service (in /etc/systemd/system it would shadow the package's unit of
+# the same name; an operator's device has none), removed with debugfs (no mount needed).
+make_deb_root() {
+    local img=$1 cmds
+    cp --sparse=always "$IMAGE" "$img"
+    cmds=$(mktemp)
+    printf 'rm %s\n' /etc/systemd/system/multi-user.target.wants/tope-updater-recover.service \
+        /etc/systemd/system/tope-updater-recover.service >"$cmds"
+    debugfs -w -f "$cmds" "$img" >/dev/null 2>&1 || die "debugfs on $img failed"
+    rm -f "$cmds"
+    local f
+    for f in /etc/systemd/system/multi-user.target.wants/tope-updater-recover.service /etc/systemd/system/tope-updater-recover.service; do
+        if debugfs -R "stat $f" "$img" 2>&1 | grep -q 'Inode:'; then
+            die "could not remove $f from $img"
+        fi
+    done
+    e2fsck -fn "$img" >/dev/null 2>&1 || die "$img does not pass e2fsck after the debugfs edit"
+}
+
+# make_deb_data_disk DIR PHASE LAST IMG: as make_data_disk, but no tope-updater binary and no
+# config (setup.sh then installs neither: everything comes from the .deb); instead the .deb
+# files, busybox (httpd, wget), the update packages, and guest/deb-driver.sh as the driver.
+make_deb_data_disk() {
+    local dir=$1 phase=$2 last=$3 img=$4
+    install -m 755 /bin/busybox "$dir/busybox"
+    install -m 644 "$STDIR/guest/deb-driver.sh" "$dir/driver.sh"
+    echo "$phase" >"$dir/phase"
+    echo "$last" >"$dir/last-phase"
+    rm -f "$img"
+    mkfs.ext4 -q -F -b 4096 -L tope-st-data -d "$dir" "$img" 64M >/dev/null
+}
+
+# run_deb RUN: the Debian package part, on its own copy of the root image (RUN/root-deb.img).
+# Boot deb1: h (dpkg -i), i (upgrade, idle), j (upgrade mid-install), k (reboot mid-install).
+# Boot deb2: the end of k (the boot after it), l (dpkg -r), m (dpkg -P), power off. Sets
+# DEB_OK=0 when a boot did not finish.
+run_deb() {
+    local run=$1 phase t0 secs up
+    DEB_OK=1
+    mkdir -p "$run/deb-data"
+    build_debs "$run/deb-data"
+    deb_packages "$run/deb-data"
+    make_deb_root "$run/root-deb.img"
+    for phase in deb1 deb2; do
+        make_deb_data_disk "$run/deb-data" "$phase" deb2 "$run/data-deb.img"
         log "$phase: starting the guest"
         t0=$(now_ms)
-        if ! boot "$run/$phase.log" "$run/root.img" "$run/data.img"; then ok=0; fi
-        local secs=$(( ($(now_ms) - t0) / 1000 ))
+        if ! boot "$run/$phase.log" "$run/root-deb.img" "$run/data-deb.img"; then DEB_OK=0; fi
+        secs=$(( ($(now_ms) - t0) / 1000 ))
         TIMES+=("$phase $secs s")
-        grep -q "^@@END $phase\$" "$run/$phase.log" || { log "$phase did not finish (see $run/$phase.log)"; ok=0; }
-        local up; up=$(sed -n 's/^@@BOOTED //p' "$run/$phase.log" | head -1)
+        grep -q "^@@END $phase\$" "$run/$phase.log" || { log "$phase did not finish (see $run/$phase.log)"; DEB_OK=0; }
+        up=$(sed -n 's/^@@BOOTED //p' "$run/$phase.log" | head -1)
         log "$phase: ${secs} s (guest: ${up:-no boot line})"
-        [ $ok = 1 ] || break
+        [ $DEB_OK = 1 ] || break
     done
-    cat "$run"/boot*.log | grep '^@@' >"$run/results.txt" || true
-    echo
-    local s fails=0
-    for s in "${SCENARIOS[@]}"; do
-        local title; title=$(sed -n "s/^@@TITLE $s //p" "$run/results.txt" | head -1)
+}
+
+# summarize RUN LETTERS...: one PASS/FAIL/SKIP line per scenario from RUN/results.txt (failed
+# checks listed under it); adds the failed ones to FAILS.
+summarize() {
+    local run=$1 s title
+    shift
+    for s in "$@"; do
+        title=$(sed -n "s/^@@TITLE $s //p" "$run/results.txt" | head -1)
         if grep -q "^@@BAD $s " "$run/results.txt"; then
             echo "FAIL  $s  ${title}"
             sed -n "s/^@@BAD $s /        /p" "$run/results.txt"
-            fails=$((fails + 1))
+            FAILS=$((FAILS + 1))
         elif grep -q "^@@RESULT $s PASS" "$run/results.txt"; then
             echo "PASS  $s  ${title}"
         elif grep -q "^@@SKIP $s" "$run/results.txt"; then
             echo "SKIP  $s  $(sed -n "s/^@@SKIP $s //p" "$run/results.txt" | head -1)"
         else
             echo "FAIL  $s  ${title:-(no result: the guest never finished this scenario)}"
-            fails=$((fails + 1))
+            FAILS=$((FAILS + 1))
         fi
     done
+}
+
+# ------------------------------------------------------------------ the test
+
+# run_test [deb]: every scenario, or with "deb" only the Debian package part.
+run_test() {
+    local only=${1:-}
+    TIMES=()
+    local t_all; t_all=$(now_ms)
+    prep_all
+    [ "$only" = deb ] || build_bin
+    local run; run=$OUTROOT/run-$(date +%Y%m%d-%H%M%S)
+    mkdir -p "$run"
+    trap cleanup EXIT
+    log "run directory $run"
+    local phase ok=1 t0 phases letters=()
+    if [ "$only" != deb ]; then
+        letters=("${SCENARIOS[@]}")
+        mkdir -p "$run/data"
+        cp --sparse=always "$IMAGE" "$run/root.img"
+        make_packages "$run/data"
+        # Boot 1: a, b, c, then the trial install of d, reboot. Boot 2: the end of d, the
+        # confirmed trial of e, reboot. Boot 3: the end of e, f, the killed install of g,
+        # reboot. Boot 4: the end of g; power off. (Without failpoints: no f and g, no boot 4.)
+        phases="boot1 boot2 boot3"
+        has_failpoints && phases="$phases boot4"
+        phases=${ST_PHASES:-$phases}
+        for phase in $phases; do
+            make_data_disk "$run/data" "$phase" "${phases##* }" "$run/data.img"
+            log "$phase: starting the guest"
+            t0=$(now_ms)
+            if ! boot "$run/$phase.log" "$run/root.img" "$run/data.img"; then ok=0; fi
+            local secs=$(( ($(now_ms) - t0) / 1000 ))
+            TIMES+=("$phase $secs s")
+            grep -q "^@@END $phase\$" "$run/$phase.log" || { log "$phase did not finish (see $run/$phase.log)"; ok=0; }
+            local up; up=$(sed -n 's/^@@BOOTED //p' "$run/$phase.log" | head -1)
+            log "$phase: ${secs} s (guest: ${up:-no boot line})"
+            [ $ok = 1 ] || break
+        done
+    fi
+    # The Debian package part, on its own root disk: it runs whatever happened above.
+    if [ "$only" = deb ] || [ "${ST_DEB:-1}" != 0 ]; then
+        letters+=("${DEB_SCENARIOS[@]}")
+        run_deb "$run"
+        [ $DEB_OK = 1 ] || ok=0
+    fi
+    cat "$run"/boot*.log "$run"/deb*.log 2>/dev/null | grep '^@@' >"$run/results.txt" || true
+    echo
+    FAILS=0
+    summarize "$run" "${letters[@]}"
     TIMES+=("total $(( ($(now_ms) - t_all) / 1000 )) s")
     echo
     log "timings: ${TIMES[*]}"
     log "serial logs and results: $run"
-    if [ $fails = 0 ] && [ $ok = 1 ]; then
-        [ "${ST_KEEP:-0}" = 1 ] || rm -f "$run/root.img"
+    if [ $FAILS = 0 ] && [ $ok = 1 ]; then
+        [ "${ST_KEEP:-0}" = 1 ] || rm -f "$run/root.img" "$run/root-deb.img"
         log "systemd scenarios: all passed"
         return 0
     fi
-    log "systemd scenarios: $fails failed (the root image is kept: $run/root.img)"
+    log "systemd scenarios: $FAILS failed (the root disks are kept: $(ls "$run"/root*.img 2>/dev/null | tr '\n' ' '))"
     return 1
 }
 
@@ -380,5 +548,6 @@ mode=${1:-test}
 case $mode in
     prep) TIMES=(); ensure_deps; prep_all; log "ready: $IMAGE ${TIMES[*]}" ;;
     test) ensure_deps; run_test ;;
-    *) echo "usage: $0 [test|prep]" >&2; exit 2 ;;
+    deb) ensure_deps; run_test deb ;;
+    *) echo "usage: $0 [test|deb|prep]" >&2; exit 2 ;;
 esac
