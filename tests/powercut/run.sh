@@ -8,7 +8,8 @@
 #   tests/powercut/run.sh flakey N [FS]  only one dm-flakey batch
 #   tests/powercut/run.sh lw SCEN [FS]   only one log-writes recording + replay (SCEN: fw many dir rollback factory gc)
 #   tests/powercut/run.sh selftest       only check the checks (damaged images must fail)
-#   tests/powercut/run.sh prep           only build and cache everything
+#   tests/powercut/run.sh prep [FS..]    only build and cache everything (FS default: ext4 xfs); the
+#                                        uncut runs must equal lib/oracle.py's states, or it dies
 #
 # Environment: PC_SEED (default: random, always printed), PC_BIN (use this static binary
 # instead of building one), PC_CACHE (default target/powercut-cache), PC_OUT (default
@@ -44,6 +45,8 @@ ensure_deps() {
     command -v modprobe >/dev/null || need+=(kmod)
     command -v unshare >/dev/null || need+=(util-linux)
     command -v perl >/dev/null || need+=(perl-base)
+    command -v python3 >/dev/null || need+=(python3)
+    command -v diff >/dev/null || need+=(diffutils)
     if [ ${#need[@]} -gt 0 ]; then
         [ "$(id -u)" = 0 ] || die "missing packages (${need[*]}) and not root"
         log "installing ${need[*]}"
@@ -329,11 +332,38 @@ scenario_cmd() {
 }
 scenario_base() { case $1 in fw | many | dir) echo factory ;; *) echo v3 ;; esac; }
 
+# scenario_base + scenario_cmd told to lib/oracle.py: the steps from the factory tree to the
+# base of scenario $2 ($3 = before) or to its end ($3 = after). $1: the payload directory.
+oracle_steps() {
+    local p=$1 scn=$2 when=$3
+    [ "$(scenario_base "$scn")" = v3 ] && echo "$p/pkg/mixed2.zip" "$p/pkg/mixed3.zip"
+    [ "$when" = after ] || return 0
+    case $scn in
+        fw | many | dir) echo "$p/pkg/$scn.zip" ;;
+        gc) echo "$p/pkg/mixed4.zip" ;;
+        rollback) echo rollback ;;
+        factory) echo factory ;;
+        *) die "unknown scenario $scn" ;;
+    esac
+}
+
+# Dies unless the engine's dump $1 equals the oracle's dump $2, both of the state $3: an engine
+# that always wrote a wrong mode or content, or dropped a file, would otherwise make a wrong
+# expectation and then match it after every cut.
+oracle_check() {
+    local engine=$1 oracle=$2 what=$3
+    cmp -s "$oracle" "$engine" && return 0
+    log "$what: first differing lines (- lib/oracle.py from the package rules, + the uncut engine run):"
+    { diff -u "$oracle" "$engine" || true; } | tail -n +3 | grep '^[-+]' | head -n 20 >&2 || true
+    die "engine or fixture error: the uncut engine run of $what is not what the package rules say (both dumps kept: $engine, $oracle)"
+}
+
 # Sets IMGS (directory with <fs>/{factory,v3}.img and <fs>/expect/) for the current BIN.
 prep_images() {
     local fslist=("$@") key
     # Keyed by everything that shapes the images: the engine, the scripts that make them.
-    key=$( { sha "$BIN" "$PCDIR/lib/dump.sh" /bin/busybox; declare -f gen_payload write_configs mkfs_img scenario_cmd scenario_base prep_images in_ns
+    key=$( { sha "$BIN" "$PCDIR/lib/dump.sh" "$PCDIR/lib/oracle.py" /bin/busybox
+        declare -f gen_payload write_configs mkfs_img scenario_cmd scenario_base oracle_steps oracle_check prep_images in_ns
         echo "${SCENARIOS[*]}"; mkfs.ext4 -V 2>&1 | sed -n 1p; mkfs.xfs -V; } | sha | cut -c1-16)
     IMGS=$CACHE/images-$key
     local payload=$CACHE/payload-$key
@@ -386,7 +416,20 @@ prep_images() {
             rm -f "$tmp"
             cmp -s "$d/expect/$scn.before" "$d/expect/$scn.after" && die "fixture error: $scn changes nothing"
             grep -q '^X ' "$d/expect/$scn.after" && die "the uncut $scn action left temporary files"
+            # The cuts are judged against .before/.after: both must be what the package rules
+            # say, not merely what this engine did (so the v3 base, made by the engine's own
+            # installs of 2.0.0 and 3.0.0, must equal factory + mixed2 + mixed3 by the rules).
+            local when what
+            for when in before after; do
+                what="$scn.$when on $fs (the $(scenario_base "$scn") image)"
+                [ $when = after ] && what="$scn.$when on $fs (the $(scenario_base "$scn") image, then $(scenario_cmd "$scn"))"
+                # shellcheck disable=SC2046 # the steps are words (paths without spaces)
+                python3 "$PCDIR/lib/oracle.py" "$MNT/root" "$payload/factory" $(oracle_steps "$payload" "$scn" $when) \
+                    >"$d/expect/$scn.oracle.$when" || die "lib/oracle.py failed for $what"
+                oracle_check "$d/expect/$scn.$when" "$d/expect/$scn.oracle.$when" "$what"
+            done
         done
+        log "$fs: the uncut runs of ${SCENARIOS[*]} equal the package rules (lib/oracle.py), before and after"
         touch "$d/ready"
     done
 }
@@ -1090,8 +1133,9 @@ finish() {
 
 case $mode in
     prep)
+        [ $# -gt 0 ] || set -- ext4 xfs
         build_bin normal
-        prep_all ext4 xfs
+        prep_all "$@"
         log "ready: $VMLINUX $INITRD $IMGS"
         ;;
     kill)
