@@ -83,7 +83,11 @@ fn ended(d: &Daemon, r: &TxReport) {
         Outcome::Interrupted { error } => {
             // Shutdown or a journal failure: the transaction is still in flight; the next
             // start finishes it and sends the final report then.
-            tracing::warn!(tx = r.tx, error = %error, "transaction interrupted");
+            if d.cancel.load(Ordering::SeqCst) {
+                tracing::info!(tx = r.tx, "install paused for shutdown; the next start resumes it");
+            } else {
+                tracing::warn!(tx = r.tx, error = %error, "transaction interrupted");
+            }
             d.progress.set(Snapshot {
                 stage: Stage::Installing,
                 progress: 0,

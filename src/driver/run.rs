@@ -32,7 +32,10 @@ impl Updater {
         hit("enter.Planned");
         tracing::info!(tx = rec.id, kind = kind_name(&plan.kind), targets = plan.targets.len(), to = ?plan.to_version, "transaction planned");
         let summary = interrupted_summary(&rec, &plan);
-        self.drive(rec, plan, pkg).or_else(|error| Ok(summary.with(error)))
+        self.drive(rec, plan, pkg).or_else(|error| {
+            let shutdown = self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst));
+            Ok(summary.with(error, shutdown))
+        })
     }
 
     /// Runs the transaction from its journaled phase to a terminal phase.
@@ -460,9 +463,15 @@ pub(super) fn interrupted_summary(rec: &TxRecord, plan: &Plan) -> InterruptedSum
 }
 
 impl InterruptedSummary {
-    /// The journal (or the disk under it) failed: the transaction stays in flight.
-    pub(super) fn with(mut self, error: Error) -> TxReport {
-        tracing::error!(tx = self.0.tx, error = %error, "transaction interrupted; `tope-updater recover` will finish it");
+    /// The loop stopped with the transaction in flight: a shutdown asked for between two
+    /// phases (`shutdown`: an orderly stop, logged as such), or the journal (or the disk under
+    /// it) failed.
+    pub(super) fn with(mut self, error: Error, shutdown: bool) -> TxReport {
+        if shutdown && error.code == ErrorCode::OperationInProgress {
+            tracing::info!(tx = self.0.tx, reason = %error, "stopped between two steps for shutdown; the next start or `tope-updater recover` resumes it");
+        } else {
+            tracing::error!(tx = self.0.tx, error = %error, "transaction interrupted; `tope-updater recover` will finish it");
+        }
         self.0.outcome = Outcome::Interrupted { error };
         self.0
     }

@@ -53,7 +53,11 @@ impl Services {
 
     pub fn stop(&self, s: &ServiceRef) -> Result<()> {
         let timeout = Duration::from_secs(self.cfg.stop_timeout_s);
-        tracing::info!(service = s.name, "stopping");
+        // Logged only when something is stopped: with "none" (also `recover --at-boot`, where
+        // the boot starts the services) a line would claim an action that never happens.
+        if self.cfg.service_manager != ServiceManager::None {
+            tracing::info!(service = s.name, "stopping");
+        }
         match self.cfg.service_manager {
             ServiceManager::Systemd => systemd::Systemctl::new(&self.cfg.systemctl).stop(&systemd::unit_name(&s.name), timeout),
             ServiceManager::Process => process::stop(&s.name, &self.matcher(&s.name), timeout),
@@ -64,7 +68,9 @@ impl Services {
     pub fn start(&self, s: &ServiceRef) -> Result<()> {
         let timeout = Duration::from_secs(self.cfg.start_timeout_s);
         let settle = Duration::from_millis(self.cfg.start_settle_ms);
-        tracing::info!(service = s.name, "starting");
+        if self.cfg.service_manager != ServiceManager::None {
+            tracing::info!(service = s.name, "starting");
+        }
         match self.cfg.service_manager {
             ServiceManager::Systemd => systemd::Systemctl::new(&self.cfg.systemctl).start(&systemd::unit_name(&s.name), timeout, settle),
             ServiceManager::Process => {
