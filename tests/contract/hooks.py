@@ -14,9 +14,11 @@ These checks say the same things about the envelope instead:
   OPERATION_IN_PROGRESS / DOWNLOAD_INCOMPLETE / MD5_NOT_VERIFIED 409, PACKAGE_EXPIRED 410,
   the others 500; GET /progress reports any failure with code 500). INTERNAL_ERROR and JOURNAL_CORRUPT are findings (a bug, in a test
   environment that has nothing wrong with it): the envelope's "not a server error".
-- envelope_negative_data_rejection: a request that violates the schema must not be accepted
-  (`code` 200); except an http:// package_url, which run.sh's `download.allow_http = true`
-  allows on purpose. It reuses schemathesis' own negative_data_rejection logic (which knows when a
+- envelope_negative_data_rejection: a request that violates the schema must be rejected as
+  such: `code` 400 VALIDATION_ERROR or REQUEST_REFUSED, or 409 OPERATION_IN_PROGRESS; any
+  other answer (200, a failed download, an internal error) fails. Except an http://
+  package_url, which run.sh's `download.allow_http = true` allows on purpose: exempt only when
+  the same case with https:// is valid. It reuses schemathesis' own negative_data_rejection logic (which knows when a
   generated "negative" case turns valid after serialization) with the envelope `code` in
   place of the HTTP status.
 - progress_semantics: GET /progress as the contract describes it: `error` non-null only in
@@ -27,7 +29,11 @@ These checks say the same things about the envelope instead:
 
 import copy
 import json
+import os
 import re
+
+import jsonschema_rs
+import yaml
 
 import schemathesis
 from schemathesis.core.failures import AcceptedNegativeData
@@ -51,6 +57,11 @@ APP_CODE = {
     "PACKAGE_EXPIRED": 410,
 }
 NOT_EXPECTED_HERE = ("INTERNAL_ERROR", "JOURNAL_CORRUPT")
+# The contract's /download body, to tell a case whose one violation is an http:// URL.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "openapi.yaml")) as f:
+    DOWNLOAD_REQUEST = jsonschema_rs.validator_for(yaml.safe_load(f)["components"]["schemas"]["DownloadRequest"])
+# (envelope code, SPEC code) pairs that reject a schema-violating request.
+REJECTIONS = {(400, "VALIDATION_ERROR"), (400, "REQUEST_REFUSED"), (409, "OPERATION_IN_PROGRESS")}
 CODED_MSG = re.compile(r"^(%s): \S" % "|".join(SPEC_CODES))
 PROGRESS_STAGES = {"idle", "downloading", "verifying", "toInstall", "installing", "rebooting", "success", "failed"}
 
@@ -114,14 +125,28 @@ def envelope_negative_data_rejection(ctx, response, case):
     if meta is None or not meta.generation.mode.is_negative:
         return None
     body = envelope_of(response)
-    if body is None or body.get("code") != 200:
-        return None  # rejected (or not an envelope: legacy_envelope reports that)
+    if body is None:
+        return None  # legacy_envelope reports it
+    code, msg = body.get("code"), body.get("msg") or ""
+    if code != 200:
+        # A rejection of a schema-violating request names the violation: VALIDATION_ERROR (or
+        # REQUEST_REFUSED, the guard's answer to a body that is not JSON), or the daemon was
+        # busy (OPERATION_IN_PROGRESS, checked before the body). Any other code (a download
+        # that failed, an internal error) means the request was acted on, not rejected.
+        if (code, msg.split(":")[0]) in REJECTIONS:
+            return None
+        raise AssertionError(
+            f"schema-violating request answered {code} {msg[:120]!r}: expected a rejection, "
+            f"one of {sorted(REJECTIONS)}"
+        )
     sent = case.body if isinstance(case.body, dict) else {}
     url = sent.get("package_url")
     if case.path.endswith("/download") and isinstance(url, str) and url.lower().startswith("http://"):
         # run.sh configures download.allow_http = true (SPEC §5: tests, LAN servers), so the
-        # contract's '^https://' pattern is deliberately wider on this daemon.
-        return None
+        # contract's '^https://' pattern is deliberately wider on this daemon. Exempt only a
+        # case whose one violation that is: the same case with https:// must be valid.
+        if DOWNLOAD_REQUEST.is_valid(dict(sent, package_url="https://" + url[len("http://"):])):
+            return None
     # Accepted. Let schemathesis' negative_data_rejection decide whether the request really was
     # invalid as sent (a negated value can become valid after serialization): it sees the
     # envelope code as the status, and only the envelope's rejection codes count as rejections.
