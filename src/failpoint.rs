@@ -35,6 +35,11 @@ pub const CRASH_POINTS: &[&str] = &[
 /// (`driver::gc`); the long-life tests arm each in turn and fail if one is never reached.
 pub const GC_CRASH_POINTS: &[&str] = &["gc.before_unlink", "gc.unlinked_one"];
 
+/// Crash points in the report outbox's delivery (the reporter thread): a report device-api
+/// answered but still in the outbox (delivered again after the restart: at least once), and
+/// one removed from it (never delivered again).
+pub const OUTBOX_CRASH_POINTS: &[&str] = &["outbox.delivered", "outbox.acked"];
+
 /// Crash points inside service control and post commands; the service tests arm each in turn
 /// and fail if one is never reached.
 pub const SERVICE_CRASH_POINTS: &[&str] = &[
@@ -55,6 +60,7 @@ pub fn hit(name: &str) {
         CRASH_POINTS.contains(&name)
             || SERVICE_CRASH_POINTS.contains(&name)
             || GC_CRASH_POINTS.contains(&name)
+            || OUTBOX_CRASH_POINTS.contains(&name)
             || name.starts_with("enter."),
         "unregistered crash point {name}"
     );

@@ -371,10 +371,14 @@ fn deliver_loop(journal: &Journal, s: &Settings, shared: &Shared) {
                     }
                     failures = 0;
                     backoff = s.backoff_base;
+                    // A crash here delivers the report again at the next start (same seq and
+                    // body): delivery is at least once, device-api deduplicates by seq.
+                    crate::failpoint::hit("outbox.delivered");
                     if let Err(e) = journal.outbox_ack(r.seq) {
                         tracing::error!(error = %e, seq = r.seq, "cannot remove a delivered report from the outbox: the reporter stops");
                         return;
                     }
+                    crate::failpoint::hit("outbox.acked");
                 }
             }
         }

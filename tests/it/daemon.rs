@@ -1579,6 +1579,82 @@ fn sigkill_during_the_commit_cleanup_reports_success_at_the_next_start() {
     sigkill_mid_install("commit.cleaned", 1);
 }
 
+/// A report device-api answered leaves the outbox only after the answer: SIGKILL between the
+/// two (`outbox.delivered`) delivers it again after the restart, with the same seq and body;
+/// SIGKILL right after its removal (`outbox.acked`) never does. Either kill takes the daemon
+/// down in the middle of an install (held at `Swapped`): after the restart no report is
+/// missing or out of order, and exactly one final report says how the install ended, matching
+/// the tree.
+#[cfg(feature = "failpoints")]
+#[test]
+fn sigkill_inside_report_delivery_loses_no_report_and_redelivers_only_one_not_yet_removed() {
+    for (point, times_seen) in [("outbox.delivered", 2), ("outbox.acked", 1)] {
+        let ctx = format!("SIGKILL at {point}");
+        let rig = Rig::new();
+        rig.put(FACTORY);
+        let modules = small_modules("2.0.0");
+        let old = tree(&rig.env.root);
+        let new = reference_tree(FACTORY, &[("2.0.0", &modules)]);
+        let pkg = build_pkg(&rig.env, "2.0.0", &modules);
+        rig.server.add(&pkg);
+        {
+            // Downloaded by an unarmed daemon, its reports delivered (and, a moment later,
+            // removed from the outbox) before it stops.
+            let d = rig.start();
+            download(&rig, &d, &pkg);
+            rig.receiver.wait_for("the toInstall report", |r| r.iter().any(|r| r["stage"] == "toInstall"));
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(d.sigterm().code(), Some(0), "{ctx}");
+        }
+        let before = rig.receiver.reports().len();
+        {
+            // Reports are queued at stage changes: during an install only "Preparing
+            // installation" (queued before the transaction is journaled) and the final one. With
+            // device-api down, the first waits in the outbox until the install is held at
+            // Swapped; device-api back, its delivery is the first (the crash point) and lands
+            // while the transaction is in flight.
+            let d = rig.start_with(Some(&format!("{};enter.Swapped=sleep(8000)", kill_at(point, 1))));
+            rig.receiver.down();
+            assert_eq!(d.post("/api/v1.0/update", &update_body("2.0.0")), started("installing"), "{ctx}");
+            wait_until(
+                || format!("{ctx}: the install to be held at Swapped"),
+                || Some(()).filter(|_| d.status()["in_flight"]["phase"] == "Swapped"),
+            );
+            rig.receiver.up();
+            let st = d.wait_exit();
+            assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9), "{ctx}: {st}\n{}", d.log_text());
+            assert!(d.log_text().contains(&format!("crash point {point}: SIGKILL")), "{ctx}");
+        }
+        let got_at_kill = rig.receiver.reports();
+        assert_eq!(got_at_kill.len(), before + 1, "{ctx}: exactly one report was answered before the kill: {got_at_kill:#?}");
+        // The kill landed inside the install: the journal (read by the CLI) holds it in flight.
+        let between = rig.env.run(&["status", "--json"]).json();
+        assert_eq!(between["in_flight"]["kind"], "install", "{ctx}: the install was in flight at the kill: {between}");
+        let killed = got_at_kill[before].clone();
+        assert_eq!((&killed["stage"], &killed["final"]), (&json!("installing"), &json!(false)), "{ctx}: {killed}");
+
+        let d = rig.start();
+        let got = rig.marker(&d);
+        let seen = got.iter().filter(|r| r["seq"] == killed["seq"]).count();
+        assert_eq!(seen, times_seen, "{ctx}: report seq {} reached device-api {seen} times: {got:#?}", killed["seq"]);
+        // Every seq from 1 on, in order, a repeat only with the same body.
+        let reps = first_deliveries(&got, true);
+        let st = d.status();
+        assert!(st["in_flight"].is_null(), "{ctx}: {st}");
+        let tx = st["last"]["id"].as_u64().unwrap();
+        let finals = finals_for(&reps, tx);
+        assert_eq!(finals.len(), 1, "{ctx}: exactly one final report for tx {tx}: {reps:#?}");
+        let files = tree(&rig.env.root);
+        let expected_stage = if files == new {
+            "success"
+        } else {
+            assert_eq!(files, old, "{ctx}: neither all old nor all new");
+            "failed"
+        };
+        assert_eq!(finals[0]["stage"], expected_stage, "{ctx}: the final report matches the tree: {reps:#?}");
+    }
+}
+
 // ---------------------------------------------------------------- 7. receiver down
 
 #[test]
