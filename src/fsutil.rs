@@ -179,9 +179,38 @@ pub fn make_dir(path: &Path) -> Result<()> {
     }
 }
 
+/// Negative controls for the power-cut harness, and nothing else: in a build with the feature
+/// `powercut-negative-control`, `TOPE_NEGATIVE_CONTROL` names the one durability point whose
+/// sync is left out (unset: `staging`), so the harness can show that it catches each missing
+/// sync. Points: `staging` (the syncfs of staged files before `Staged` is journaled),
+/// `backups` (the store's syncfs before `BackedUp`), `swap` (the syncfs of the renames before
+/// `Swapped`), `journal` (journal commits without fdatasync), `dirfsync` (every directory fsync
+/// after a rename or unlink), `none`. Without the feature this is always false and compiles
+/// away.
+pub fn negative_control(point: &str) -> bool {
+    #[cfg(feature = "powercut-negative-control")]
+    {
+        static SKIPPED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let skipped = SKIPPED.get_or_init(|| {
+            let p = std::env::var("TOPE_NEGATIVE_CONTROL").unwrap_or_else(|_| "staging".into());
+            eprintln!("tope-updater: NEGATIVE CONTROL BUILD: the {p} sync is left out");
+            p
+        });
+        skipped == point
+    }
+    #[cfg(not(feature = "powercut-negative-control"))]
+    {
+        let _ = point;
+        false
+    }
+}
+
 /// fsync of a directory: makes the entries created, renamed or removed in it durable. Without
 /// it a power cut can undo a rename whose data was already durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
+    if negative_control("dirfsync") {
+        return Ok(());
+    }
     let f = File::open(dir).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open dir", dir, &e))?;
     nix::unistd::fsync(&f).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fsync dir", dir, &e.into()))
 }

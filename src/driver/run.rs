@@ -230,8 +230,9 @@ impl Updater {
                 nf.hash = Some(h);
             }
         }
-        #[cfg(not(feature = "powercut-negative-control"))]
-        fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
+        if !fsutil::negative_control("staging") {
+            fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
+        }
         hit("stage.synced");
         Ok(())
     }
@@ -253,7 +254,9 @@ impl Updater {
             hit("backup.file");
             Ok(())
         })?;
-        fsutil::sync_filesystems([self.store.dir()])?;
+        if !fsutil::negative_control("backups") {
+            fsutil::sync_filesystems([self.store.dir()])?;
+        }
         hit("backup.synced");
         Ok(())
     }
@@ -275,7 +278,9 @@ impl Updater {
         // After the last change to a target and before the syncfs, which usually outlasts
         // the wait `verify` begins with.
         self.swapped_at = Some(crate::observe::precise_now());
-        fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
+        if !fsutil::negative_control("swap") {
+            fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
+        }
         hit("swap.synced");
         Ok(())
     }
