@@ -83,8 +83,8 @@ fn ended(d: &Daemon, r: &TxReport) {
         Outcome::Interrupted { error } => {
             // Shutdown or a journal failure: the transaction is still in flight; the next
             // start finishes it and sends the final report then.
-            if d.cancel.load(Ordering::SeqCst) {
-                tracing::info!(tx = r.tx, "install paused for shutdown; the next start resumes it");
+            if d.cancel.load(Ordering::SeqCst) && error.code == crate::error::ErrorCode::OperationInProgress {
+                tracing::info!(tx = r.tx, "transaction paused for shutdown; the next start resumes it");
             } else {
                 tracing::warn!(tx = r.tx, error = %error, "transaction interrupted");
             }
