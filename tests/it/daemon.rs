@@ -1486,6 +1486,22 @@ fn daemon_kill_and_sigterm_tests_need_the_failpoints_feature() {
     );
 }
 
+/// A device holding the factory tree, the 2.0.0 package on its server: the rig, the tree
+/// now (checked against the oracle's model of the factory), the tree the install must leave
+/// (from the package rules, `reference_tree`), and the package.
+#[cfg(feature = "failpoints")]
+fn factory_with_v2_served() -> (Rig, BTreeMap<String, String>, BTreeMap<String, String>, Pkg) {
+    let rig = Rig::new();
+    rig.put(FACTORY);
+    let modules = small_modules("2.0.0");
+    let old = tree(&rig.env.root);
+    assert_eq!(old, reference_tree(FACTORY, &[]), "the oracle's model of the factory tree");
+    let new = reference_tree(FACTORY, &[("2.0.0", &modules)]);
+    let pkg = build_pkg(&rig.env, "2.0.0", &modules);
+    rig.server.add(&pkg);
+    (rig, old, new, pkg)
+}
+
 /// Installs through the daemon, which SIGKILLs itself at the `hit`-th pass through crash
 /// point `point`; the next start's recovery must leave every file old or every file new,
 /// show that result on /progress and /status, and send exactly one final report for the
@@ -1493,13 +1509,7 @@ fn daemon_kill_and_sigterm_tests_need_the_failpoints_feature() {
 #[cfg(feature = "failpoints")]
 pub(crate) fn sigkill_mid_install(point: &str, hit: u32) {
     let ctx = format!("SIGKILL at {point} (pass {hit})");
-    let rig = Rig::new();
-    rig.put(FACTORY);
-    let modules = small_modules("2.0.0");
-    let old = tree(&rig.env.root);
-    let new = reference_tree(FACTORY, &[("2.0.0", &modules)]);
-    let pkg = build_pkg(&rig.env, "2.0.0", &modules);
-    rig.server.add(&pkg);
+    let (rig, old, new, pkg) = factory_with_v2_served();
     {
         let d = rig.start_with(Some(&kill_at(point, hit)));
         download(&rig, &d, &pkg);
@@ -1590,13 +1600,7 @@ fn sigkill_during_the_commit_cleanup_reports_success_at_the_next_start() {
 fn sigkill_inside_report_delivery_loses_no_report_and_redelivers_only_one_not_yet_removed() {
     for (point, times_seen) in [("outbox.delivered", 2), ("outbox.acked", 1)] {
         let ctx = format!("SIGKILL at {point}");
-        let rig = Rig::new();
-        rig.put(FACTORY);
-        let modules = small_modules("2.0.0");
-        let old = tree(&rig.env.root);
-        let new = reference_tree(FACTORY, &[("2.0.0", &modules)]);
-        let pkg = build_pkg(&rig.env, "2.0.0", &modules);
-        rig.server.add(&pkg);
+        let (rig, old, new, pkg) = factory_with_v2_served();
         {
             // Downloaded by an unarmed daemon, its reports delivered (and, a moment later,
             // removed from the outbox) before it stops.
@@ -1740,14 +1744,7 @@ fn sigterm_mid_download_exits_0_and_the_next_start_resumes() {
 #[cfg(feature = "failpoints")]
 #[test]
 fn sigterm_mid_install_exits_0_and_the_next_start_finishes_it() {
-    let rig = Rig::new();
-    rig.put(FACTORY);
-    let modules = small_modules("2.0.0");
-    let old = tree(&rig.env.root);
-    assert_eq!(old, reference_tree(FACTORY, &[]), "the oracle's model of the factory tree");
-    let new = reference_tree(FACTORY, &[("2.0.0", &modules)]);
-    let pkg = build_pkg(&rig.env, "2.0.0", &modules);
-    rig.server.add(&pkg);
+    let (rig, old, new, pkg) = factory_with_v2_served();
     {
         // Held for a while right after the backup is journaled: the SIGTERM lands there.
         let d = rig.start_with(Some("enter.BackedUp=sleep(3000)"));
