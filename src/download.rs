@@ -45,6 +45,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::journal::Journal;
 use crate::limits::{FREE_SPACE_RESERVE_BYTES, IO_BUFFER_BYTES, PATH_COMPONENT_BYTES_MAX};
+use crate::limits::{REDIRECTS_MAX, URL_BYTES_MAX};
 use crate::version::Version;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
@@ -57,14 +58,10 @@ use std::time::{Duration, Instant};
 
 /// Directory of downloaded packages, inside `state_dir`.
 pub const DOWNLOADS_DIR: &str = "downloads";
-/// Longest accepted `package_url`, in bytes (presigned S3 URLs run to a couple of KiB).
-pub const URL_BYTES_MAX: usize = 8192;
 /// The offset is journaled at least every 1/20 of the package (5 %).
 const CHECKPOINTS_PER_PACKAGE: u64 = 20;
 /// Backoff doubles per consecutive failure up to base × 2^6.
 const BACKOFF_DOUBLINGS_MAX: u32 = 6;
-/// Redirects followed per request.
-const REDIRECTS_MAX: u32 = 5;
 /// How often a backoff sleep looks at `cancel`.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
 const MS_PER_HOUR: u64 = 3_600_000;

@@ -57,3 +57,25 @@ pub const API_SHUTDOWN_GRACE_MS: u64 = 2_000;
 pub const API_ALLOW_LIST_MAX: usize = 64;
 /// A header value quoted in a refusal's message and log line.
 pub const API_QUOTED_HEADER_BYTES_MAX: usize = 200;
+
+// Downloads, reports, post commands and the log file: what outside input or a long life can grow.
+
+/// Longest accepted `package_url`, in bytes (presigned S3 URLs run to a couple of KiB).
+pub const URL_BYTES_MAX: usize = 8192;
+/// Redirects followed per download request.
+pub const REDIRECTS_MAX: u32 = 5;
+/// At most this many reports wait in the outbox; beyond it the oldest non-final report is
+/// dropped (final reports never are).
+pub const OUTBOX_REPORTS_MAX: u64 = 10_000;
+/// A report's `message` and `error` are cut to this many bytes (at a char boundary) when
+/// pushed, so a record stays far below the journal's record limit.
+pub const REPORT_TEXT_BYTES_MAX: usize = 4096;
+/// device-api's answers to reports are read up to this size; a longer body counts as empty.
+pub const REPORT_RESPONSE_BYTES_MAX: u64 = 64 * 1024;
+/// A post command's output kept per stream; the rest is read and dropped (a chatty command
+/// cannot fill memory).
+pub const OUTPUT_KEPT_BYTES: usize = 64 * 1024;
+/// The log file (`[log] file`) is rotated before a line would take it past this size.
+pub const LOG_FILE_ROTATE_BYTES: u64 = 10 * 1024 * 1024;
+/// Rotated log files kept beside the live one: `FILE.1` .. `FILE.3`.
+pub const LOG_FILES_KEPT: usize = 3;

@@ -20,6 +20,7 @@
 
 use crate::driver::Observer;
 use crate::engine::Phase;
+use crate::limits::{LOG_FILE_ROTATE_BYTES, LOG_FILES_KEPT};
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
@@ -34,11 +35,6 @@ use tracing_subscriber::fmt::{self, MakeWriter, format, time::SystemTime};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
-
-/// The log file is rotated before a line would take it past this size.
-pub const FILE_ROTATE_BYTES: u64 = 10 * 1024 * 1024;
-/// Rotated files kept beside the live one: `FILE.1` .. `FILE.3`.
-pub const FILE_KEEP: usize = 3;
 
 /// Whether stderr is the journal: `$JOURNAL_STREAM` (`DEV:INODE`) names stderr's device and
 /// inode. A `JOURNAL_STREAM` that does not match means stderr was redirected after systemd
@@ -63,7 +59,7 @@ pub fn init(level: LevelFilter, file: Option<&Path>) {
     let ansi = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let stderr = (!journal).then(|| text_layer(StderrWriter, ansi));
     let journal = journal.then(|| fmt::layer().with_writer(JournalStream).without_time().with_ansi(false).with_target(false));
-    let file = file.and_then(|path| match RotatingFile::open(path, FILE_ROTATE_BYTES, FILE_KEEP) {
+    let file = file.and_then(|path| match RotatingFile::open(path, LOG_FILE_ROTATE_BYTES, LOG_FILES_KEPT) {
         Ok(f) => Some(text_layer(Mutex::new(f), false).log_internal_errors(false)),
         Err(e) => {
             eprintln!("warning: log file {}: {e}; logging to stderr only", path.display());
@@ -447,7 +443,7 @@ mod tests {
     fn log_lines_start_with_an_iso8601_utc_timestamp_and_a_level() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.log");
-        let file = RotatingFile::open(&path, FILE_ROTATE_BYTES, FILE_KEEP).unwrap();
+        let file = RotatingFile::open(&path, LOG_FILE_ROTATE_BYTES, LOG_FILES_KEPT).unwrap();
         let subscriber = tracing_subscriber::registry().with(LevelFilter::INFO).with(text_layer(Mutex::new(file), false));
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(tx = 7, "something to see");

@@ -11,6 +11,7 @@
 
 use crate::config::Config;
 use crate::journal::Journal;
+use crate::limits::REPORT_RESPONSE_BYTES_MAX;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -27,8 +28,6 @@ pub const REPORT_TIMEOUT_MS: u64 = 5_000;
 pub const REPORT_IDLE_POLL_MS: u64 = 5_000;
 /// Reports read from the journal per batch.
 pub const REPORT_BATCH_MAX: usize = 64;
-/// Response bodies are read up to this size; a longer body counts as empty.
-pub const REPORT_RESPONSE_BYTES_MAX: u64 = 64 * 1024;
 
 /// One report to device-api: the legacy callback body (`stage`, `progress`, `message`,
 /// `error`) plus the transaction id, the boot id and the outbox sequence number. Stored in the

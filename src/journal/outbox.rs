@@ -5,6 +5,7 @@
 use super::records::{Record, Size, decode, encode};
 use super::{COUNTERS, Journal};
 use crate::error::Result;
+use crate::limits::{OUTBOX_REPORTS_MAX, REPORT_TEXT_BYTES_MAX};
 use crate::reporter::Report;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
@@ -15,13 +16,6 @@ pub(super) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("out
 const OUTBOX_NEXT_SEQ: &str = "outbox_next_seq";
 /// `counters` key: the highest transaction id whose final report was pushed (absent: none).
 const OUTBOX_LAST_FINAL_TX: &str = "outbox_last_final_tx";
-
-/// At most this many reports wait in the outbox; beyond it the oldest non-final report is
-/// dropped (final reports never are).
-pub const OUTBOX_REPORTS_MAX: u64 = 10_000;
-/// `message` and `error` are cut to this many bytes (at a char boundary) when pushed, so a
-/// record stays far below the journal's record limit.
-pub const REPORT_TEXT_BYTES_MAX: usize = 4096;
 
 /// `Report` as record version 1 wrote it (no `version`).
 #[derive(serde::Deserialize)]

@@ -2,14 +2,13 @@
 //! `systemctl`). The child gets its own process group, so a timeout kills everything it
 //! started, and stdin is `/dev/null`, so nothing ever waits for a terminal.
 
+use crate::limits::OUTPUT_KEPT_BYTES;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// Output kept per stream; the rest is read and dropped (a chatty command cannot fill memory).
-const OUTPUT_KEPT_BYTES: usize = 64 * 1024;
 /// After the command exits, how long to wait for its output pipes to close. A command that
 /// leaves a background child holding them open must not hang the update.
 const PIPE_GRACE: Duration = Duration::from_millis(300);
