@@ -6,7 +6,7 @@ a final `sync`, as the peers' numbers in ../shared/research/peers.md do. Ratios 
 against `cp` + `sync` measured in the same invocation, on the same filesystem.
 """
 
-import argparse, hashlib, http.server, json, os, random, re, shutil, socketserver, statistics, subprocess, tempfile, threading, time, urllib.request
+import argparse, hashlib, http.server, json, os, random, re, shutil, socketserver, statistics, subprocess, tempfile, threading, time, urllib.request, zipfile
 
 MiB = 1024 * 1024
 SETTLE_S = 1.0
@@ -98,6 +98,49 @@ def wear(ws, prof):
     return payload, out
 
 
+def tree_digest(root):
+    """Relative path -> sha256 of every file under root: a row counts only if it installed the
+    new content (as ../shared/research/peers.md checks every peer's run)."""
+    out = {}
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return out
+
+
+def make_legacy(src, dst):
+    """The same package as the Python service's packages were: no blake3 in its manifest
+    (nothing pinned), so planning reads and hashes the whole package before staging."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "manifest.json":
+                m = json.loads(data)
+                for mod in m["modules"]:
+                    mod.pop("blake3", None)
+                    mod.pop("files", None)
+                data = json.dumps(m).encode()
+            zout.writestr(info, data)
+
+
+# The atomic-copy floor: every file copied into a new file beside its target, then every one
+# renamed over it (readers never see a torn file), then the timed `sync`. No journal, no backup.
+CP_RENAME = """import os, shutil, sys
+src, dst = sys.argv[1:3]
+done = []
+for d, _, fs in os.walk(src):
+    for f in fs:
+        t = os.path.join(dst, os.path.relpath(os.path.join(d, f), src))
+        os.makedirs(os.path.dirname(t), exist_ok=True)
+        shutil.copyfile(os.path.join(d, f), t + ".new")
+        done.append(t)
+for t in done:
+    os.rename(t + ".new", t)
+"""
+
+
 def gen_many(dirpath, n, seed):
     r = random.Random(seed)
     for i in range(n):
@@ -128,6 +171,7 @@ class Profile:
         self.src = os.path.join(self.root, "src")  # pack input: manifest + modules/app/...
         self.target = os.path.join(self.root, "device", "app")
         self.baseline = os.path.join(self.root, "baseline", "app")
+        self.atomic = os.path.join(self.root, "atomic", "app")
         self.unzip_dir = os.path.join(self.root, "unzipdir")
         self.pkg = os.path.join(self.root, "pkg.zip")
         self.cfg = os.path.join(self.root, "config.toml")
@@ -147,6 +191,9 @@ class Profile:
         with open(self.cfg, "w") as f:
             f.write(f'state_dir = "{self.root}/state"\nallowed_roots = ["{self.root}/device"]\nservice_manager = "none"\n')
         sh([binary, "pack", self.src, "-o", self.pkg])
+        self.legacy_pkg = os.path.join(self.root, "pkg-legacy.zip")
+        make_legacy(self.pkg, self.legacy_pkg)
+        self.has_ostree = self.ostree_setup()
         self.reset_copy(self.target)
         self.tu("recover")  # creates the journal: a one-time cost, not part of an install
 
@@ -165,6 +212,34 @@ class Profile:
         self.reset_copy(self.baseline)
         return timed(f"cp -r '{self.src}/modules/app/.' '{self.baseline}/'")
 
+    def run_cp_rename(self):
+        self.reset_copy(self.atomic)
+        return timed(["python3", "-c", CP_RENAME, f"{self.src}/modules/app", self.atomic])
+
+    def ostree_setup(self):
+        """OSTree as a device would use it (peers.md, "pull-checkout"): the update is a
+        repository holding the new tree's commit (an archive repo, as servers publish); the
+        device's bare repo already holds the old tree's commit."""
+        if not shutil.which("ostree"):
+            return False
+        self.os_src = os.path.join(self.root, "ostree-src")
+        self.os_dev0 = os.path.join(self.root, "ostree-dev0")  # pristine: the old commit only
+        self.os_dev = os.path.join(self.root, "ostree-dev")
+        self.os_co = os.path.join(self.root, "ostree-checkout")
+        sh(["ostree", f"--repo={self.os_src}", "init", "--mode=archive"])
+        sh(["ostree", f"--repo={self.os_src}", "commit", "-b", "app", f"--tree=dir={self.src}/modules/app"])
+        sh(["ostree", f"--repo={self.os_dev0}", "init", "--mode=bare"])
+        sh(["ostree", f"--repo={self.os_dev0}", "commit", "-b", "app", f"--tree=dir={self.old}"])
+        return True
+
+    def run_ostree(self):
+        """Timed: `ostree pull-local` of the new commit into the device's repo, then a
+        (hardlink) checkout of it, then `sync`."""
+        for d in (self.os_dev, self.os_co):
+            shutil.rmtree(d, ignore_errors=True)
+        sh(["cp", "-a", self.os_dev0, self.os_dev])
+        return timed(f"ostree --repo='{self.os_dev}' pull-local '{self.os_src}' app && ostree --repo='{self.os_dev}' checkout app '{self.os_co}'")
+
     def run_unzip(self):
         self.reset_copy(os.path.join(self.unzip_dir, "modules", "app"))
         return timed(f"unzip -o -q '{self.pkg}' -d '{self.unzip_dir}'")
@@ -176,15 +251,17 @@ class Profile:
             self.tu("rollback", "--to", "factory")
         self.tu("gc")
 
-    def run_install(self, cold=False):
+    def run_install(self, cold=False, legacy=False):
         """An update of the old version. Warm (the default, a device's steady state): the old
         files are ones tope-updater verified (here: restored by the rollback), so their hashes
         come from the known-file records. Cold: the old files are fresh copies nobody
-        verified (a device's first update), so every old file is read and hashed."""
+        verified (a device's first update), so every old file is read and hashed. Legacy: the
+        package pins no hash (as every package the Python service took)."""
         self.reset_device()
         if cold:
             self.reset_copy(self.target)
-        return timed([self.bin, "--config", self.cfg, "--log-level", "warn", "install", self.pkg])
+        pkg = self.legacy_pkg if legacy else self.pkg
+        return timed([self.bin, "--config", self.cfg, "--log-level", "warn", "install", pkg])
 
     def run_rollback(self):
         """Rollback of the install, timed (the install itself is not)."""
@@ -345,13 +422,22 @@ def main():
         fw = Profile(ws, a.bin, "firmware", lambda d: gen_big(d, 3, big), lambda d: gen_big(d, 3, big))
         sm = Profile(ws, a.bin, "many-small", lambda d: gen_many(d, many, 1), lambda d: gen_many(d, many, 2))
         for prof, label in ((fw, f"3 × {big // MiB} MiB"), (sm, f"{many} files of 4–64 KiB")):
-            cp, unz, ins, cold = [], [], [], []
-            steps = [(cp, prof.run_cp), (unz, prof.run_unzip), (ins, prof.run_install), (cold, lambda: prof.run_install(cold=True))]
+            cp, unz, ins, cold, legacy, cpr, ost = [], [], [], [], [], [], []
+            steps = [(cp, prof.run_cp), (unz, prof.run_unzip), (ins, prof.run_install), (cold, lambda: prof.run_install(cold=True)),
+                     (legacy, lambda: prof.run_install(legacy=True)), (cpr, prof.run_cp_rename)]
+            if prof.has_ostree:
+                steps.append((ost, prof.run_ostree))
             for r in range(runs):
                 # Interleaved, so drift hits all of them alike, and in a rotating order, so no
                 # command always follows the same one.
-                for out, step in steps[r % 4 :] + steps[: r % 4]:
+                k = r % len(steps)
+                for out, step in steps[k:] + steps[:k]:
                     out.append(step())
+            want = tree_digest(os.path.join(prof.src, "modules", "app"))
+            checked = [("cp into new files + rename", prof.atomic)] + ([("OSTree checkout", prof.os_co)] if ost else [])
+            for what, where in checked:
+                if tree_digest(where) != want:
+                    raise SystemExit(f"bench: the {what} row did not leave the new content in {where}")
             base = statistics.median(cp)
             # The ratio of the medians; the range of each run over the baseline's median; the
             # median of each run over the cp run of the same round (slow spells of the shared
@@ -367,6 +453,12 @@ def main():
             rows.append((f"{label}: unzip -o + sync", fmt_s(unz), f"{statistics.median(unz) / base:.2f} ×"))
             rows.append((f"{label}: tope-updater install", fmt_s(ins), ratio(ins)))
             rows.append((f"{label}: tope-updater install, old files never verified", fmt_s(cold), ratio(cold)))
+            rows.append((f"{label}: tope-updater install, legacy package (no hashes pinned)", fmt_s(legacy), ratio(legacy)))
+            rows.append((f"{label}: cp into new files + rename + sync (atomic-copy floor)", fmt_s(cpr), ratio(cpr)))
+            if ost:
+                rows.append((f"{label}: OSTree pull-local + checkout + sync", fmt_s(ost), ratio(ost)))
+            else:
+                rows.append((f"{label}: OSTree pull-local + checkout + sync", "n/a (ostree not installed)", ""))
             if device_written(ws) is not None:
                 payload, w = wear(ws, prof)
                 rows.append((f"{label}: bytes written to the device per changed byte", f"cp {w['cp'] / payload:.2f} ×, install {w['install'] / payload:.2f} ×",

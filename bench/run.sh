@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmark: tope-updater install against `cp` + `sync` and `unzip -o` + `sync`, on the same
+# Benchmark: tope-updater install against `cp` + `sync`, `unzip -o` + `sync`, `cp` into new
+# files + rename + `sync`, and OSTree pull-local + checkout (Debian's ostree), on the same
 # filesystem in the same run (a loop-mounted ext4 image when run as root, a temporary
 # directory otherwise). Prints one table; `--md` prints it as Markdown.
 #   bench/run.sh [--md] [--runs N] [--quick]
@@ -14,6 +15,7 @@ if [ "$(id -u)" = 0 ]; then
   need unzip || missing+=(unzip)
   [ -x /usr/bin/time ] || missing+=(time)
   need mkfs.ext4 || missing+=(e2fsprogs)
+  need ostree || missing+=(ostree)
   if [ ${#missing[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; fi
 fi
 if [ "${1:-}" = --endurance ]; then
