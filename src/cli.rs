@@ -245,7 +245,7 @@ pub fn exit_for_report(r: &TxReport) -> u8 {
         Outcome::Committed => exit::DONE,
         Outcome::RollbackFailed { .. } => exit::NEEDS_OPERATOR,
         // A rollback command that had to be undone did not restore what was asked for.
-        Outcome::RolledBack { .. } if r.kind == "rollback" => exit::NEEDS_OPERATOR,
+        Outcome::RolledBack { .. } if r.kind == crate::driver::TxAction::Rollback => exit::NEEDS_OPERATOR,
         Outcome::RolledBack { error, touched: false } if error.code.is_rejection() => exit::REJECTED,
         Outcome::RolledBack { .. } => exit::ROLLED_BACK,
         Outcome::Interrupted { .. } => exit::OTHER,
@@ -744,11 +744,8 @@ impl Output {
     }
 }
 
-fn kind_of(r: &crate::journal::records::TxRecord) -> &'static str {
-    match r.kind {
-        crate::engine::TxKind::Install { .. } => "install",
-        crate::engine::TxKind::Rollback { .. } => "rollback",
-    }
+fn kind_of(r: &crate::journal::records::TxRecord) -> crate::driver::TxAction {
+    crate::driver::TxAction::of(&r.kind)
 }
 
 fn render_tx(r: &TxReport) -> String {

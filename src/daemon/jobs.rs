@@ -5,7 +5,7 @@
 use super::Daemon;
 use super::progress::{self, Snapshot, Stage};
 use crate::download::{self, DownloadRequest};
-use crate::driver::{Held, InstallOptions, Observer, Outcome, RecoverReport, RollbackTo, TxReport};
+use crate::driver::{Held, InstallOptions, Observer, Outcome, RecoverReport, RollbackTo, TxAction, TxReport};
 use crate::engine::Phase;
 use crate::error::Error;
 use crate::reporter::Report;
@@ -74,7 +74,7 @@ fn ended(d: &Daemon, r: &TxReport) {
             stage: Stage::Success,
             progress: 100,
             message: match r.kind {
-                "rollback" => format!("Rolled back to {}", r.to_version.as_deref().unwrap_or("the factory state")),
+                TxAction::Rollback => format!("Rolled back to {}", r.to_version.as_deref().unwrap_or("the factory state")),
                 _ => "Update completed successfully".into(),
             },
             error: None,
@@ -127,7 +127,7 @@ impl Observer for InstallObserver {
 pub fn initial_snapshot(held: &Held, recovered: &RecoverReport) -> Snapshot {
     match recovered {
         RecoverReport::Finished { report, .. } | RecoverReport::TrialExpired { report, .. } => match &report.outcome {
-            Outcome::Committed if report.kind == "install" => {
+            Outcome::Committed if report.kind == TxAction::Install => {
                 Snapshot { stage: Stage::Success, progress: 100, message: "Update completed successfully".into(), error: None }
             }
             Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } | Outcome::Interrupted { error } => failed(error, 100),

@@ -82,7 +82,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TxReport {
     pub tx: u64,
-    pub kind: &'static str,
+    pub kind: TxAction,
     pub from_version: Option<String>,
     pub to_version: Option<String>,
     pub targets: u32,
@@ -135,10 +135,34 @@ pub(super) fn shape(plan: &Plan) -> Shape {
     Shape { controls_services: plan.controls_services, runs_post_cmds: plan.runs_post_cmds }
 }
 
-pub(super) fn kind_name(kind: &TxKind) -> &'static str {
-    match kind {
-        TxKind::Install { .. } => "install",
-        TxKind::Rollback { .. } => "rollback",
+/// What a transaction does, without its details: how reports, `status`, `history` and the
+/// logs name it ("install", "rollback").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TxAction {
+    Install,
+    Rollback,
+}
+
+impl TxAction {
+    pub fn of(kind: &TxKind) -> TxAction {
+        match kind {
+            TxKind::Install { .. } => TxAction::Install,
+            TxKind::Rollback { .. } => TxAction::Rollback,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxAction::Install => "install",
+            TxAction::Rollback => "rollback",
+        }
+    }
+}
+
+impl std::fmt::Display for TxAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -376,7 +400,7 @@ pub(super) fn new_record(plan: &Plan) -> TxRecord {
 pub(super) fn report(rec: &TxRecord, plan: &Plan, outcome: Outcome) -> TxReport {
     TxReport {
         tx: rec.id,
-        kind: kind_name(&plan.kind),
+        kind: TxAction::of(&plan.kind),
         from_version: rec.from_version.clone(),
         to_version: rec.to_version.clone(),
         targets: rec.targets,

@@ -79,7 +79,7 @@ pub struct GenerationSummary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InFlight {
     pub tx: u64,
-    pub kind: String,
+    pub kind: TxAction,
     pub phase: Phase,
     pub to_version: Option<String>,
     pub error: Option<Error>,
@@ -91,7 +91,7 @@ pub fn status(journal: &Journal, max_trial_boots: u32) -> Result<StatusReport> {
     let summary = |g: &Generation| GenerationSummary { id: g.id, version: g.version.clone(), tx: g.tx_id, files: g.files.len() };
     let in_flight = journal.active()?.map(|(rec, plan)| InFlight {
         tx: rec.id,
-        kind: kind_name(&plan.kind).to_string(),
+        kind: TxAction::of(&plan.kind),
         phase: rec.phase,
         to_version: rec.to_version,
         error: rec.error,

@@ -30,7 +30,7 @@ impl Updater {
         hit("plan.copy_written");
         self.journal.begin(&mut rec, &plan)?;
         hit("enter.Planned");
-        tracing::info!(tx = rec.id, kind = kind_name(&plan.kind), targets = plan.targets.len(), to = ?plan.to_version, "transaction planned");
+        tracing::info!(tx = rec.id, kind = %TxAction::of(&plan.kind), targets = plan.targets.len(), to = ?plan.to_version, "transaction planned");
         let summary = interrupted_summary(&rec, &plan);
         self.drive(rec, plan, pkg).or_else(|error| {
             let shutdown = self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst));
