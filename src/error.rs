@@ -4,54 +4,58 @@ use std::fmt;
 use std::path::Path;
 
 /// The stable error codes shared by the CLI, the API and reports.
+/// The discriminants are the variants' bincode indexes in journal records (journal-format.md):
+/// never renumber or reuse one; a new code takes the next number. Pinned by
+/// `journal::records::tests::on_disk_enum_indexes_are_their_discriminants`.
+#[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     /// A request or configuration value is malformed.
-    ValidationError,
+    ValidationError = 0,
     /// Another transaction holds the state lock.
-    OperationInProgress,
-    DownloadIncomplete,
-    Md5NotVerified,
-    PackageExpired,
-    Md5Mismatch,
+    OperationInProgress = 1,
+    DownloadIncomplete = 2,
+    Md5NotVerified = 3,
+    PackageExpired = 4,
+    Md5Mismatch = 5,
     /// Content does not match the blake3 the manifest or plan promised.
-    HashMismatch,
-    SignatureInvalid,
+    HashMismatch = 6,
+    SignatureInvalid = 7,
     /// Not enough free space (statvfs preflight or ENOSPC).
-    DiskFull,
+    DiskFull = 8,
     /// The ZIP container is malformed or hostile.
-    InvalidPackage,
+    InvalidPackage = 9,
     /// `manifest.json` is missing, malformed or inconsistent.
-    InvalidManifest,
+    InvalidManifest = 10,
     /// A destination lies outside the allowed roots or is not a regular file.
-    PathNotAllowed,
+    PathNotAllowed = 11,
     /// Downgrade without `--allow-downgrade`, or not the version the caller asked for.
-    VersionMismatch,
+    VersionMismatch = 12,
     /// The package's `compatible` does not match this device.
-    Incompatible,
-    DownloadFailed,
-    ServiceStopFailed,
-    ProcessKillFailed,
-    ServiceStartFailed,
-    PostCmdFailed,
+    Incompatible = 13,
+    DownloadFailed = 14,
+    ServiceStopFailed = 15,
+    ProcessKillFailed = 16,
+    ServiceStartFailed = 17,
+    PostCmdFailed = 18,
     /// Writing, backing up or swapping files failed.
-    DeploymentFailed,
+    DeploymentFailed = 19,
     /// A rollback could not complete: an operator is needed.
-    RollbackFailed,
+    RollbackFailed = 20,
     /// No earlier generation to return to.
-    NothingToRollBack,
+    NothingToRollBack = 21,
     /// The journal cannot be opened or a record does not decode.
-    JournalCorrupt,
+    JournalCorrupt = 22,
     /// A bug or an unexpected environment.
-    InternalError,
+    InternalError = 23,
     /// An API request refused before any handler ran: a foreign `Origin`, a `Host` that is
     /// not this device (DNS rebinding), a body that is not `application/json`, or a caller
     /// whose uid is not in `api.allowed_uids` (SECURITY.md).
-    RequestRefused,
+    RequestRefused = 24,
     /// The package server's file is not `package_size` bytes long (what the legacy service
     /// reported; the download fails at once, nothing kept).
-    PackageSizeMismatch,
+    PackageSizeMismatch = 25,
 }
 
 impl ErrorCode {

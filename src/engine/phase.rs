@@ -7,22 +7,26 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// The discriminants are the variants' bincode indexes in journal records (journal-format.md):
+/// never renumber or reuse one. Pinned by
+/// `journal::records::tests::on_disk_enum_indexes_are_their_discriminants`.
+#[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Phase {
-    Planned,
-    Staged,
-    ServicesStopped,
-    BackedUp,
-    Swapped,
-    PostCommands,
-    ServicesStarted,
-    Verified,
-    Committed,
-    RollingBack,
-    RolledBack,
-    RollbackFailed,
+    Planned = 0,
+    Staged = 1,
+    ServicesStopped = 2,
+    BackedUp = 3,
+    Swapped = 4,
+    PostCommands = 5,
+    ServicesStarted = 6,
+    Verified = 7,
+    Committed = 8,
+    RollingBack = 9,
+    RolledBack = 10,
+    RollbackFailed = 11,
     /// A committed trial install that `confirm` accepted (only with `confirm_required`).
-    Confirmed,
+    Confirmed = 12,
 }
 
 /// What happened to the current phase's effects.

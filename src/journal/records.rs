@@ -251,6 +251,24 @@ mod tests {
         assert_eq!(decode::<TxRecord>(&encode(&now, Size::Small).unwrap(), Size::Small, "t").unwrap(), now);
     }
 
+    /// The on-disk enums state their bincode index as their discriminant: every index that
+    /// decodes is the variant with that discriminant and encodes back to it, and the first
+    /// index that does not decode is the variant count (no gap, nothing renumbered).
+    #[test]
+    fn on_disk_enum_indexes_are_their_discriminants() {
+        fn check<T: serde::Serialize + serde::de::DeserializeOwned + Copy + std::fmt::Debug>(discriminant: impl Fn(T) -> u8) -> u8 {
+            let mut n = 0u8;
+            while let Ok((v, _)) = bincode::serde::decode_from_slice::<T, _>(&[n], SMALL) {
+                assert_eq!(discriminant(v), n, "{v:?} is bincode index {n}");
+                assert_eq!(bincode::serde::encode_to_vec(v, SMALL).unwrap(), [n], "{v:?}");
+                n += 1;
+            }
+            n
+        }
+        assert_eq!(check::<ErrorCode>(|c| c as u8), 26, "a new ErrorCode takes the next discriminant");
+        assert_eq!(check::<crate::engine::Phase>(|p| p as u8) as usize, crate::engine::Phase::ALL.len());
+    }
+
     /// `ErrorCode` indices are part of the format (journal-format.md): new codes only at the end.
     #[test]
     fn error_code_indices_are_pinned() {
