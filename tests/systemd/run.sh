@@ -3,7 +3,7 @@
 # README.md beside this file.
 #
 #   tests/systemd/run.sh [test]     prep if needed, then every scenario (exit 0 iff all pass)
-#   tests/systemd/run.sh deb        prep if needed, then only the Debian package part (h-m)
+#   tests/systemd/run.sh deb        prep if needed, then only the Debian package part (h-q, l, m)
 #   tests/systemd/run.sh prep       only build and cache the kernel, initramfs and root image
 #
 # Environment: ST_BIN (use this static tope-updater instead of building one; ST_FEATURES
@@ -14,7 +14,9 @@
 # updater gets in the guest), ST_BOOT_TIMEOUT (seconds per boot, default 420),
 # ST_MIRROR (Debian mirror for debootstrap), ST_KERNEL=download (ignore /boot).
 # The Debian package part: ST_DEB=0 (skip it in `test`), ST_DEBS (three .deb files, the
-# operator's package and two upgrades of it, instead of building them with deploy/build-deb.sh).
+# operator's package and two upgrades of it, instead of building them with deploy/build-deb.sh),
+# ST_BIG_MIB (MiB of random data in the 5.0.0 package that scenario o cuts mid-download,
+# default 48).
 # For debugging the harness: ST_DRIVER (another guest driver script), ST_PHASES (which boots
 # of scenarios a-g to run, default "boot1 boot2 boot3 boot4").
 set -euo pipefail
@@ -29,9 +31,12 @@ INCLUDE=systemd,systemd-sysv
 BOOT_TIMEOUT=${ST_BOOT_TIMEOUT:-420}
 FEATURES=${ST_FEATURES-failpoints}
 # Scenario letters, in the order the guest runs them: guest/driver.sh on the image as it is,
-# then guest/deb-driver.sh on a fresh copy, with the updater installed from the .deb.
+# then guest/deb-driver.sh on a fresh copy, with the updater installed from the .deb (n-q, the
+# daemon and its report outbox under power cuts, run between k and l: l and m remove the
+# package).
 SCENARIOS=(a b c d e f g)
-DEB_SCENARIOS=(h i j k l m)
+DEB_SCENARIOS=(h i j k n o p q l m)
+BIG_MIB=${ST_BIG_MIB:-48}
 
 log() { printf '[systemd-test %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
@@ -368,7 +373,7 @@ build_debs() {
 }
 
 # The update packages the daemon installs in the deb part, made by the .deb's own binary
-# (`pack`; the host runs the same Debian release as the guest): DIR/www/v2.zip .. v4.zip,
+# (`pack`; the host runs the same Debian release as the guest): DIR/www/v2.zip .. v5.zip,
 # their content in DIR/src/vN/ (the guest compares the files against it). Each replaces
 # tope-a's script (the daemon stops and starts tope-a through systemd) and writes
 # /opt/tope/deb/x.txt, whose post commands (run by /bin/sh -c, each completion journaled)
@@ -377,12 +382,18 @@ build_debs() {
 # upgrade of scenario j and the reboot of k come in the middle of the install, whatever the
 # machine's speed. Their records go to /var/lib/tope-st/post-VERSION (they must outlive k's
 # reboot; TOPE_VERSION is the post commands' environment).
+# 5.0.0 (scenarios o-q) also carries BIG_MIB MiB of random data (/opt/tope/deb/big.bin), so
+# that its download takes seconds under TCG and scenario o can cut the power in the middle of
+# it. Its second post command, while /run/tope-st-cut exists (scenario q arms it; a tmpfs: the
+# boot after the cut finds none), says so in /run/tope-st-cut-here and sleeps: the driver cuts
+# the power there, in the middle of the transaction. The big file stays off the data disk
+# (only its MD5 goes to DIR/params, with the size and MD5 of v5.zip).
 deb_packages() {
-    local dir=$1 n tmp post
+    local dir=$1 n tmp post big
     tmp=$(mktemp -d)
     dpkg-deb -x "$DEB0" "$tmp"
     rm -rf "$dir/www" "$dir/src" && mkdir -p "$dir/www"
-    for n in 2 3 4; do
+    for n in 2 3 4 5; do
         local s=$dir/src/v$n
         mkdir -p "$s/a"
         sh "$STDIR/guest/app-script.sh" a "$n.0.0" >"$s/a/run.sh"
@@ -392,14 +403,29 @@ deb_packages() {
         [ $n -ge 3 ] && post='"read -r u _ </proc/uptime; echo 1 $PPID $u >>/var/lib/tope-st/post-$TOPE_VERSION",
    "n=0; while [ $n -lt 1200 ]; do s=$(systemctl show -p ActiveState --value tope-updater.service); [ \"$s\" = deactivating ] && break; sleep 0.1; n=$((n + 1)); done; read -r u _ </proc/uptime; echo 2 $PPID $u $s >>/var/lib/tope-st/post-$TOPE_VERSION",
    "read -r u _ </proc/uptime; echo 3 $PPID $u >>/var/lib/tope-st/post-$TOPE_VERSION"'
+        [ $n = 5 ] && post='"read -r u _ </proc/uptime; echo 1 $PPID $u >>/var/lib/tope-st/post-$TOPE_VERSION",
+   "if [ -e /run/tope-st-cut ]; then read -r u _ </proc/uptime; echo $PPID $u >/run/tope-st-cut-here; sleep 240; fi; read -r u _ </proc/uptime; echo 2 $PPID $u >>/var/lib/tope-st/post-$TOPE_VERSION",
+   "read -r u _ </proc/uptime; echo 3 $PPID $u >>/var/lib/tope-st/post-$TOPE_VERSION"'
+        big=
+        if [ $n = 5 ]; then
+            head -c $((BIG_MIB * 1024 * 1024)) /dev/urandom >"$s/big.bin"
+            big='
+ {"name": "big", "src": "big.bin", "dst": "/opt/tope/deb/big.bin"},'
+        fi
         cat >"$s/manifest.json" <<MANIFEST
 {"version": "$n.0.0", "modules": [
- {"name": "a", "src": "a/run.sh", "dst": "/opt/tope/a/run.sh", "mode": "0755", "process_name": "tope-a", "restart_order": 1},
+ {"name": "a", "src": "a/run.sh", "dst": "/opt/tope/a/run.sh", "mode": "0755", "process_name": "tope-a", "restart_order": 1},$big
  {"name": "x", "src": "x.txt", "dst": "/opt/tope/deb/x.txt", "post_cmds": [
    $post]}]}
 MANIFEST
         "$tmp/usr/bin/tope-updater" pack "$s" -o "$dir/www/v$n.zip" >/dev/null || die "tope-updater pack $s failed"
     done
+    {
+        echo "big_md5=$(md5sum "$dir/src/v5/big.bin" | cut -d' ' -f1)"
+        echo "v5_size=$(stat -c %s "$dir/www/v5.zip")"
+        echo "v5_md5=$(md5sum "$dir/www/v5.zip" | cut -d' ' -f1)"
+    } >>"$dir/params"
+    rm -f "$dir/src/v5/big.bin"
     rm -rf "$tmp"
 }
 
@@ -425,21 +451,28 @@ make_deb_root() {
 
 # make_deb_data_disk DIR PHASE LAST IMG: as make_data_disk, but no tope-updater binary and no
 # config (setup.sh then installs neither: everything comes from the .deb); instead the .deb
-# files, busybox (httpd, wget), the update packages, and guest/deb-driver.sh as the driver.
+# files, busybox (httpd, wget), the update packages, guest/deb-driver.sh as the driver and
+# guest/report-receiver.sh (the reports' receiver, a CGI). Sized for what it holds (v5.zip
+# carries BIG_MIB MiB).
 make_deb_data_disk() {
-    local dir=$1 phase=$2 last=$3 img=$4
+    local dir=$1 phase=$2 last=$3 img=$4 mib
     install -m 755 /bin/busybox "$dir/busybox"
     install -m 644 "$STDIR/guest/deb-driver.sh" "$dir/driver.sh"
+    install -m 755 "$STDIR/guest/report-receiver.sh" "$dir/report-receiver.sh"
     echo "$phase" >"$dir/phase"
     echo "$last" >"$dir/last-phase"
     rm -f "$img"
-    mkfs.ext4 -q -F -b 4096 -L tope-st-data -d "$dir" "$img" 64M >/dev/null
+    mib=$(du -sm "$dir" | cut -f1)
+    mkfs.ext4 -q -F -b 4096 -L tope-st-data -d "$dir" "$img" $((mib + 48))M >/dev/null
 }
 
 # run_deb RUN: the Debian package part, on its own copy of the root image (RUN/root-deb.img).
 # Boot deb1: h (dpkg -i), i (upgrade, idle), j (upgrade mid-install), k (reboot mid-install).
-# Boot deb2: the end of k (the boot after it), l (dpkg -r), m (dpkg -P), power off. Sets
-# DEB_OK=0 when a boot did not finish.
+# Boot deb2: the end of k (the boot after it), n (the reports' receiver), o and p (download,
+# power cut mid-download while a report is being delivered). Boot deb3: the end of o and p,
+# q (install, power cut mid-transaction with the receiver down). Boot deb4: the end of q, l
+# (dpkg -r), m (dpkg -P), power off. The boots after a power cut run on the same root disk,
+# as after a reboot. Sets DEB_OK=0 when a boot did not finish.
 run_deb() {
     local run=$1 phase t0 secs up
     DEB_OK=1
@@ -447,8 +480,8 @@ run_deb() {
     build_debs "$run/deb-data"
     deb_packages "$run/deb-data"
     make_deb_root "$run/root-deb.img"
-    for phase in deb1 deb2; do
-        make_deb_data_disk "$run/deb-data" "$phase" deb2 "$run/data-deb.img"
+    for phase in deb1 deb2 deb3 deb4; do
+        make_deb_data_disk "$run/deb-data" "$phase" deb4 "$run/data-deb.img"
         log "$phase: starting the guest"
         t0=$(now_ms)
         if ! boot "$run/$phase.log" "$run/root-deb.img" "$run/data-deb.img"; then DEB_OK=0; fi

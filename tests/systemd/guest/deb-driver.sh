@@ -14,11 +14,17 @@
 # installs neither), so everything comes from the package.
 #
 # /data: debs/ (the three .deb files; names and versions in /data/params), busybox (static:
-# httpd serves www/ on loopback, wget talks to the API), www/v2.zip .. v4.zip (update packages
-# made by the .deb's own `tope-updater pack`), src/vN/ (what their files hold), phase,
-# last-phase.
+# httpd serves www/ on loopback, wget talks to the API), www/v2.zip .. v5.zip (update packages
+# made by the .deb's own `tope-updater pack`; v5.zip carries tens of MiB of random data, its
+# size and MD5 in params), src/vN/ (what their files hold, but 5.0.0's big.bin: its MD5 is in
+# params), report-receiver.sh (the reports' receiver, a CGI), phase, last-phase.
 #
-# Boots: deb1 h, i, j, k's install and reboot; deb2 the end of k, l, m, then power off.
+# Boots: deb1 h, i, j, k's install and reboot; deb2 the end of k, n, o and p up to a power cut
+# mid-download; deb3 the end of o and p, q up to a power cut mid-install; deb4 the end of q, l,
+# m, then power off. A power cut is `echo b >/proc/sysrq-trigger`: no sync, no unmount; QEMU
+# ends (-no-reboot) and run.sh boots the same root disk again. What the driver itself needs
+# after a cut it writes and `sync`s before the cut's scenario starts its work; from then on
+# only the daemon's (and the receiver's) own durability counts.
 exec >/dev/ttyS0 2>&1
 # No /usr/local/bin: the operator's PATH finds /usr/bin/tope-updater (h checks that nothing
 # else is there anyway).
@@ -138,6 +144,74 @@ expect_version() {
 newest_tx() { "$T" history --json 2>/dev/null | sed 's/^\[//; s/},{"id":/}\n{"id":/g' | head -1; }
 # A unit property, e.g. prop tope-updater.service MainPID.
 prop() { systemctl show -p "$2" --value "$1"; }
+jprogress() { sed -n 's/.*"progress":\([0-9]*\).*/\1/p'; }
+# The id of the newest transaction.
+newest_id() { newest_tx | sed -n 's/^{"id":\([0-9]*\),.*/\1/p'; }
+
+# powercut [DRAIN]: the end of this boot's steps, then the power is cut at once (sysrq b: no
+# sync, no unmount, the page cache lost). DRAIN seconds (default 0.3) let the serial console
+# take the last lines first.
+powercut() {
+    say "INFO $SCN power cut at $(up)"
+    say "END $PHASE"
+    sleep "${1:-0.3}"
+    echo b >/proc/sysrq-trigger
+    sleep 60
+}
+
+# The reports' receiver (n-q): device-api's stand-in, report-receiver.sh as a CGI of busybox
+# httpd (tope-st-rx.service). Its log: one line per report received, "<receiver's boot id>
+# <body>", durable before the answer.
+RX=$ST/reports.log
+RXURL=http://127.0.0.1:18081/cgi-bin/report
+# wait_rx ERE SECONDS: until a line of the receiver's log matches.
+wait_rx() {
+    end=$(($(date +%s) + $2))
+    until grep -Eq "$1" $RX 2>/dev/null; do
+        [ "$(date +%s)" -lt $end ] || return 1
+        sleep 0.3
+    done
+}
+# check_reports: the whole receiver log against the journal's history. Seqs contiguous from 1
+# (every report ever pushed arrived: none lost, none dropped); a seq received again only right
+# after itself and with the identical body (at-least-once); for every transaction of `history`
+# exactly one final report, whose stage is its outcome (Committed: success, RolledBack:
+# failed), and no final report for anything else.
+check_reports() {
+    want=$("$T" history --json 2>/dev/null | sed 's/^\[//; s/\]$//; s/},{"id":/}\n{"id":/g' |
+        sed -n 's/^{"id":\([0-9]*\),.*"phase":"\([A-Za-z]*\)".*/\1 \2/p' | while read -r id ph; do
+        case $ph in Committed | Confirmed) echo "$id:success" ;; RolledBack | RollbackFailed) echo "$id:failed" ;; *) echo "$id:$ph" ;; esac
+    done | tr '\n' ' ')
+    say "INFO $SCN transactions (history, id:outcome): $want"
+    awk -v want="$want" '
+        function num(b, k) { if (match(b, "\"" k "\":[0-9]+")) return substr(b, RSTART + length(k) + 3, RLENGTH - length(k) - 3) + 0; return -1 }
+        function str(b, k) { if (match(b, "\"" k "\":\"[^\"]*\"")) return substr(b, RSTART + length(k) + 4, RLENGTH - length(k) - 5); return "null" }
+        {
+            rx = $1; body = substr($0, length($1) + 2); seq = num(body, "seq")
+            if (rx !~ /^[0-9a-f-]+$/ || body !~ /^\{.*\}$/ || seq < 1) { print "BAD line " NR " of the receiver log is not a report: " $0; next }
+            if (seq == last) {
+                if (body != lastbody) print "BAD seq " seq " received twice with different bodies: " lastbody " / " body
+                rep++; if (rx != lastrx) repx++
+                next
+            }
+            if (seq != last + 1) print "BAD seq " seq " received after seq " last ": " (seq > last + 1 ? "seq " (last + 1) ".." (seq - 1) " never arrived" : "out of order")
+            last = seq; lastbody = body; lastrx = rx; n++
+            if (str(body, "boot_id") != rx) later++
+            if (body ~ /"final":true/) { t = num(body, "tx_id"); fin[t]++; fst[t] = str(body, "stage"); nf++ }
+        }
+        END {
+            k = split(want, w, " ")
+            for (i = 1; i <= k; i++) {
+                split(w[i], p, ":"); known[p[1]] = 1
+                if (fin[p[1]] + 0 != 1) print "BAD transaction " p[1] ": " (fin[p[1]] + 0) " final reports received, expected exactly one"
+                else if (fst[p[1]] != p[2]) print "BAD transaction " p[1] ": its final report says " fst[p[1]] ", its journal record " p[2]
+            }
+            for (t in fin) if (!(t in known)) print "BAD a final report for transaction " t ", which history does not list"
+            print "INFO receiver log: " NR " lines, seq 1.." (last + 0) " (" (n + 0) " distinct reports), " (rep + 0) " received again (" (repx + 0) " of them in a later boot), " (later + 0) " delivered in a later boot than made, " (nf + 0) " final"
+        }' $RX >/tmp/rxcheck
+    sed -n "s/^BAD /@@BAD $SCN /p; s/^INFO /@@INFO $SCN /p" /tmp/rxcheck
+    BADS=$((BADS + $(grep -c '^BAD ' /tmp/rxcheck)))
+}
 
 systemctl is-system-running --wait >/dev/null 2>&1
 say "BOOTED $(up) $(boot_id) $PHASE"
@@ -347,7 +421,7 @@ scenario_k2() {
     say "INFO k outcome: $([ "$v" = 4 ] && echo 'finished at boot: all files 4.0.0' || echo "rolled back at boot: all files $v.0.0")"
     ran=$(cut -d' ' -f1 /run/tope-a.starts 2>/dev/null | sort -u | tr '\n' ' ')
     [ "$ran" = "$v.0.0 " ] || bad "tope-a ran '$ran' in this boot, expected only $v.0.0"
-    echo $v >$ST/k-version
+    echo $v >$ST/version # the version installed now (q changes it; l checks tope-a runs it)
     expect_daemon
     case $PSTAGE in idle | success) ;; *) bad "GET /progress after the boot: stage '$PSTAGE', expected idle or success" ;; esac
     [ "$(pkg_status)" = "ii $deb_v2" ] || bad "dpkg-query: '$(pkg_status)', expected 'ii $deb_v2'"
@@ -356,11 +430,290 @@ scenario_k2() {
     done_scn
 }
 
+# ------------------------------------------------------------------ the daemon under power cuts
+
+# n (deb2): the package server and the reports' receiver become services of the device
+# (units written here, enabled: they come back at every boot, the package server before the
+# daemon, so that a download interrupted by a power cut can resume as the daemon starts).
+scenario_n() {
+    begin n "the reports' receiver (busybox httpd + CGI, each report durable before its answer) set as [reporter] url in the edited config: the outbox's backlog since h (nobody listened: two upgrades, an upgrade mid-install, a reboot) arrives complete, in order, one final report per transaction"
+    mkdir -p $ST/rx/cgi-bin
+    install -m 755 /data/report-receiver.sh $ST/rx/cgi-bin/report
+    : >$RX
+    : >$ST/rx-held
+    cat >/etc/systemd/system/tope-st-pkgs.service <<'UNIT'
+[Unit]
+Description=tope systemd test: the package server (busybox httpd, /data/www on 127.0.0.1:18080; logs each URL and status)
+Requires=tope-st-setup.service
+After=tope-st-setup.service
+Before=tope-updater.service
+
+[Service]
+ExecStart=/data/busybox httpd -f -vv -p 127.0.0.1:18080 -h /data/www
+# IOReadBytes: what it read from the data disk (o: only the rest of v5.zip after the cut).
+IOAccounting=yes
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    cat >/etc/systemd/system/tope-st-rx.service <<'UNIT'
+[Unit]
+Description=tope systemd test: the reports' receiver, device-api's stand-in (busybox httpd on 127.0.0.1:18081, /cgi-bin/report)
+Requires=tope-st-setup.service
+After=tope-st-setup.service
+
+[Service]
+ExecStart=/data/busybox httpd -f -vv -p 127.0.0.1:18081 -h /var/lib/tope-st/rx
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    systemctl daemon-reload
+    systemctl enable --now tope-st-pkgs.service tope-st-rx.service 2>&1 | prefix systemctl
+    for u in tope-st-pkgs tope-st-rx; do
+        [ "$(systemctl is-active $u)" = active ] || bad "$u.service is $(systemctl is-active $u)"
+    done
+    # The operator's second edit: reports go to the receiver; the restart reads it.
+    sed -i "s|^url = \"http://127.0.0.1:9080/api/v1.0/ota/report\"|url = \"$RXURL\"|" $CFG
+    "$T" config 2>&1 | grep -q "^url = \"$RXURL\" *# file" || bad "tope-updater config does not show the receiver's url from the file: $("$T" config 2>&1 | grep '^url')"
+    md5sum $CFG | cut -d' ' -f1 >$ST/config.md5
+    sync
+    old=$(prop tope-updater.service MainPID)
+    systemctl restart tope-updater.service || bad "systemctl restart tope-updater.service failed"
+    expect_daemon
+    [ "$DPID" != "$old" ] || bad "the restart did not change the daemon's MainPID ($old)"
+    # Every report since h waited in the outbox (the default url had no listener); the newest
+    # transaction's final report is the last one pushed.
+    id=$(newest_id)
+    t0=$(up)
+    wait_rx "\"tx_id\":$id,.*\"final\":true" 120 || bad "the final report of transaction $id did not arrive within 120 s"
+    say "INFO n the backlog arrived in $(echo "$(up) $t0" | awk '{ printf "%.1f", $1 - $2 }') s"
+    sleep 1
+    check_reports
+    [ $BADS = 0 ] || journalctl -b -q --no-pager -o short-monotonic -u tope-updater.service | tail -40 | sed "s/^/@@JOURNAL n /"
+    done_scn
+}
+
+# o and p, first half (deb2): POST /download of 5.0.0 (v5.zip, tens of MiB: seconds under
+# TCG). The receiver is armed to hold the first `downloading` report at 5 % or more: it logs
+# it durably and never answers (nor any retry of it). Once it holds one and /progress has
+# passed a random 20..60 %, the power is cut at once: in the middle of the download and of
+# that report's delivery. What /progress said just before goes to $ST/o-cut (made durable by
+# its own fsync, as the receiver does with each report): the next boot checks the resumed
+# offset against it. The console's last lines come before the loop: the cut does not wait.
+scenario_o1() {
+    begin o "power cut in the middle of a download ($v5_size bytes, served in the guest): at the next boot the daemon resumes it with Range from its journaled offset (above 0, at most one checkpoint below the progress seen at the cut), the server sends only the rest, the MD5 matches: toInstall"
+    say "TITLE p a report in delivery at that power cut (the receiver logged it durably, its answer never came): after the reboot the same report, byte for byte, is the first one delivered; no seq missing, one final report per transaction"
+    cut=$(($(od -An -N2 -tu2 /dev/urandom) % 41 + 20))
+    echo 5 >/run/tope-st-rx-hold
+    rm -f /run/tope-st-rx-held
+    boot_id >$ST/o-boot-id
+    : >$ST/o-cut
+    sync # what the next boot's checks need; from here on only the daemon's and the receiver's own writes
+    body="{\"version\":\"5.0.0\",\"package_url\":\"http://127.0.0.1:18080/v5.zip\",\"package_name\":\"v5.zip\",\"package_size\":$v5_size,\"package_md5\":\"$v5_md5\"}"
+    a=$(post /download "$body")
+    say "INFO o POST /download 5.0.0 at $(up): $a"
+    [ "$(echo "$a" | jcode)" = 200 ] || bad "POST /download 5.0.0 answered '$a', expected code 200 ($(cat /tmp/wget.err))"
+    say "INFO o power cut once the receiver holds a report and /progress shows >= $cut %, from $(up)"
+    say "END $PHASE"
+    # As fast as the guest can poll: no sleep, the stage and progress taken apart without a fork.
+    end=$(($(date +%s) + 180)) stage= pct=
+    while :; do
+        P=$(get /progress)
+        stage=${P#*\"stage\":\"} pct=${P#*\"progress\":}
+        stage=${stage%%\"*} pct=${pct%%,*}
+        if [ -e /run/tope-st-rx-held ] && [ "$stage" = downloading ] && [ "${pct:-0}" -ge $cut ] 2>/dev/null; then
+            echo "$stage $pct" | dd of=$ST/o-cut conv=fsync status=none
+            echo b >/proc/sysrq-trigger
+        fi
+        [ "$stage" = downloading ] || [ "$stage" = "$P" ] || break
+        [ "$(date +%s)" -lt $end ] || break
+    done
+    bad "no power cut in the middle of the download: /progress $P; the receiver holds '$(cat /run/tope-st-rx-held 2>/dev/null)'"
+    powercut
+}
+
+# o, second half (deb3): the resumed download, from what the boot after the cut saw.
+scenario_o2() {
+    SCN=o BADS=0
+    say "INFO o after the power cut at $(up)"
+    [ "$(boot_id)" != "$(cat $ST/o-boot-id 2>/dev/null)" ] || bad "the boot id did not change: not a new boot"
+    wait_stage "toInstall failed" 300 || true
+    say "INFO o download after the boot: stages$SEEN at $(up): $PROGRESS"
+    [ "$STAGE" = toInstall ] || bad "the download after the power cut: stage '$STAGE' (stages seen:$SEEN; $PROGRESS), expected toInstall"
+    # Every byte through loopback since this boot started (lo's counters start at 0 with the
+    # kernel; IP and TCP headers included, ACKs too): the rest of the package, the API polls,
+    # the reports.
+    lo=$(sed -n 's/^ *lo: *\([0-9]*\) .*/\1/p' /proc/net/dev)
+    lop=$(sed -n 's/^ *lo: *[0-9]* *\([0-9]*\) .*/\1/p' /proc/net/dev)
+    retr=$(awk '$1 == "Tcp:" { if (h == "") { for (i = 1; i <= NF; i++) if ($i == "RetransSegs") h = i } else print $h }' /proc/net/snmp)
+    # What the package server read from its disk in this boot (a new boot: nothing of v5.zip
+    # cached), so all it can have sent.
+    iorb=$(prop tope-st-pkgs.service IOReadBytes)
+    dj=$(journalctl -b -q --no-pager -o cat -u tope-updater.service)
+    res=$(echo "$dj" | grep 'resuming the interrupted download' | head -1)
+    off=$(echo "$res" | sed -n 's/.* offset=\([0-9]*\).*/\1/p')
+    say "INFO o the daemon: $res"
+    if [ -n "$off" ] && [ "$off" -gt 0 ] && [ "$off" -lt "$v5_size" ]; then
+        say "INFO o resumed at byte $off of $v5_size ($((off * 100 / v5_size)) %), $((v5_size - off)) bytes to go"
+    else
+        bad "the daemon did not resume the download from a journaled offset in (0, $v5_size): '$res'"
+        off=0
+    fi
+    # /progress said C % just before the cut: the bytes up to C % had been written, and every
+    # 5 % of the package (plus at most one 256 KiB read) a checkpoint had made them durable and
+    # committed the offset. A lower offset means a committed checkpoint was lost.
+    read -r cs c <$ST/o-cut
+    if [ "$cs" = downloading ] && [ -n "$c" ]; then
+        floor=$((v5_size / 100 * c - v5_size / 20 - 262144))
+        say "INFO o /progress right before the cut: $cs $c %: the journaled offset must be >= $floor"
+        [ "$off" -ge "$floor" ] || bad "resumed at byte $off, more than a checkpoint below the $c % seen before the cut (>= $floor): a committed offset was lost"
+    else
+        bad "no progress recorded before the cut ($ST/o-cut empty)"
+    fi
+    echo "$dj" | grep -E 'starting over|ignored Range|shorter than its journaled offset' | sed "s/^/@@JOURNAL o /"
+    echo "$dj" | grep -qE 'starting over|ignored Range|shorter than its journaled offset' && bad "the daemon started the download over"
+    # What the server sent in this boot, request by request (busybox httpd -vv: "IP:PORT: url:X",
+    # then "IP:PORT: response:N").
+    hl=$(journalctl -b -q --no-pager -o cat -u tope-st-pkgs.service | awk '
+        / url:\/v5\.zip$/ { c[$1] = 1; n++ }
+        / response:[0-9]+$/ { if ($1 in c) { sub(/^response:/, "", $2); r = r " " $2; delete c[$1] } }
+        END { print n + 0 ":" r }')
+    say "INFO o GET /v5.zip in this boot (count: statuses): $hl; the server read $iorb bytes from its disk; loopback since boot: $lo bytes in $lop packets, $retr TCP segments retransmitted"
+    case $hl in
+        0:*) bad "the server got no request for v5.zip in this boot" ;;
+        *) [ "$(echo "${hl#*:}" | tr ' ' '\n' | grep -v '^$' | grep -cv '^206$')" = 0 ] || bad "a v5.zip request in this boot got another answer than 206: $hl" ;;
+    esac
+    # The server read the rest and at most 4 MiB more (1 MiB measured: the pages of its own
+    # binary, which lives on the same disk, and readahead); loopback carried at least the rest
+    # and at most 12.5 % more (2-4 % measured: TCP retransmissions of 64 KiB segments under
+    # TCG, the API polls, the reports) and 512 KiB: never a second copy of the bytes before
+    # the offset (the cut is at 20 % or more).
+    rest=$((v5_size - off))
+    case $iorb in
+        '' | *[!0-9]*) bad "no IOReadBytes for tope-st-pkgs.service: '$iorb'" ;;
+        *) [ "$iorb" -ge "$rest" ] && [ "$iorb" -le $((rest + 4194304)) ] ||
+            bad "the package server read $iorb bytes from its disk in this boot, expected the $rest bytes still missing plus at most 4 MiB" ;;
+    esac
+    [ "${lo:-0}" -ge "$rest" ] && [ "${lo:-0}" -le $((rest + rest / 8 + 524288)) ] ||
+        bad "$lo bytes went through loopback in this boot, expected the $rest bytes still missing plus at most 12.5 % and 512 KiB"
+    f=$STATE/downloads/v5.zip
+    m=$(md5sum $f 2>/dev/null | cut -d' ' -f1)
+    [ "$m" = "$v5_md5" ] || bad "$f: MD5 '$m', expected $v5_md5"
+    [ $BADS = 0 ] || echo "$dj" | sed "s/^/@@JOURNAL o /"
+    done_scn
+}
+
+# p, second half (deb3): the report held at the cut, delivered again.
+scenario_p2() {
+    SCN=p BADS=0
+    read -r hseq hpct <$ST/rx-held
+    me=$(boot_id) prev=$(cat $ST/o-boot-id)
+    if [ -z "$hseq" ]; then bad "the receiver held no report before the cut"; done_scn; return; fi
+    # The last report this boot's download pushes: toInstall.
+    wait_rx "^$me .*\"stage\":\"toInstall\".*\"boot_id\":\"$me\"" 90 || bad "the toInstall report of this boot did not arrive within 90 s"
+    # Lines with the held seq: in the boot of the cut (once, more if the daemon's 5 s timeout
+    # sent it again while held), then the first line of this boot; all the same bytes.
+    awk -v s="$hseq" -v prev="$prev" -v me="$me" '
+        { rx = $1; body = substr($0, length($1) + 2) }
+        rx == prev { lbody = body }
+        first == "" && rx == me { first = NR; fbody = body }
+        body ~ ("\"seq\":" s ",") { if (hbody == "") { hbody = body; hrx = rx } else if (body != hbody) print "BAD seq " s " received with another body: " body; if (rx == prev) before++ }
+        END {
+            if (hbody == "") { print "BAD no report seq " s " in the receiver log"; exit }
+            if (hrx != prev) print "BAD the held report seq " s " was first received in boot " hrx ", not in the boot of the cut (" prev ")"
+            if (lbody != hbody) print "BAD the last report received before the cut is not the held seq " s ": " lbody
+            if (fbody != hbody) print "BAD the first report received after the cut (line " first ") is not the held seq " s " again: " fbody
+            print "INFO the held report seq " s " was received " before + 0 " time(s) before the cut (never answered), then again as the first report after it (line " first "): " hbody
+        }' $RX >/tmp/pcheck
+    sed -n "s/^BAD /@@BAD $SCN /p; s/^INFO /@@INFO $SCN /p" /tmp/pcheck
+    BADS=$((BADS + $(grep -c '^BAD ' /tmp/pcheck)))
+    say "INFO p reports the resumed download made (seq stage progress): $(grep "\"boot_id\":\"$me\"" $RX | sed 's/.*"stage":"\([^"]*\)","progress":\([0-9]*\),.*"seq":\([0-9]*\),.*/\3 \1 \2/' | tr '\n' ';')"
+    check_reports
+    done_scn
+}
+
+# q, first half (deb3): the receiver stopped (and disabled: it stays down over the cut), the
+# downloaded 5.0.0 installed through the API, the power cut while its second post command
+# runs (the files swapped, tope-a stopped).
+scenario_q1() {
+    begin q "power cut inside an install through the API (in its post commands), the receiver down: the boot unit's recover finishes or rolls it back, the tree all old or all new; the receiver back, every report from before the cut arrives, and exactly one final report for the transaction, matching the tree"
+    systemctl disable --now tope-st-rx.service 2>&1 | prefix systemctl
+    [ "$(systemctl is-active tope-st-rx.service)" != active ] || bad "the receiver is still active"
+    cat $ST/version >$ST/q-from
+    boot_id >$ST/q-boot-id
+    wc -l <$RX >$ST/q-rx-lines
+    rm -f /run/tope-st-cut-here
+    touch /run/tope-st-cut
+    sync # as in o
+    a=$(post /update '{"version":"5.0.0"}')
+    say "INFO q POST /update 5.0.0 at $(up): $a"
+    [ "$(echo "$a" | jcode)" = 200 ] || bad "POST /update 5.0.0 answered '$a', expected code 200 ($(cat /tmp/wget.err))"
+    end=$(($(date +%s) + 300))
+    until [ -e /run/tope-st-cut-here ] || [ "$(date +%s)" -ge $end ]; do sleep 0.2; done
+    if [ -e /run/tope-st-cut-here ]; then
+        say "INFO q the second post command waits (daemon PID, uptime: $(cat /run/tope-st-cut-here)); GET /progress: $(get /progress)"
+        s=$("$T" status --json 2>&1)
+        say "INFO q status --json: $s"
+        case $s in *'"in_flight":null'*) bad "status shows no transaction in flight in the post commands: $s" ;; esac
+    else
+        bad "the install's second post command never ran: $(get /progress)"
+    fi
+    powercut 1
+}
+
+# q, second half (deb4).
+scenario_q2() {
+    SCN=q BADS=0
+    say "INFO q after the power cut at $(up)"
+    [ "$(boot_id)" != "$(cat $ST/q-boot-id 2>/dev/null)" ] || bad "the boot id did not change: not a new boot"
+    r=tope-updater-recover.service
+    res=$(prop $r Result) st=$(prop $r ExecMainStatus)
+    [ "$res" = success ] || bad "$r: result $res, exit status $st"
+    rl=$(journalctl -b -q --no-pager -o short-monotonic -u $r)
+    echo "$rl" | sed "s/^/@@JOURNAL q /"
+    id=$(newest_id)
+    echo "$rl" | grep -q "recovering tx=$id " || bad "$r found no transaction $id in flight: the power cut did not land inside the install"
+    h=$(newest_tx)
+    say "INFO q $r: result $res, exit $st; newest transaction: $h"
+    case $h in
+        *'"Install"'*'"to_version":"5.0.0","phase":"Committed"'*) v=5 ;;
+        *'"Install"'*'"to_version":"5.0.0","phase":"RolledBack"'*) v=$(cat $ST/q-from) ;;
+        *) v=$(cat $ST/q-from); bad "the newest transaction is not the 5.0.0 install, committed or rolled back: $h" ;;
+    esac
+    say "INFO q outcome: $([ "$v" = 5 ] && echo 'finished at boot: all files 5.0.0' || echo "rolled back at boot: all files $v.0.0")"
+    say "INFO q post commands (step, PID, uptime): $(tr '\n' ';' <$ST/post-5.0.0 2>/dev/null)"
+    expect_version "$v"
+    m=$(md5sum /opt/tope/deb/big.bin 2>/dev/null | cut -d' ' -f1)
+    if [ "$v" = 5 ]; then
+        [ "$m" = "$big_md5" ] || bad "/opt/tope/deb/big.bin: MD5 '$m', expected 5.0.0's $big_md5"
+    else
+        [ ! -e /opt/tope/deb/big.bin ] || bad "/opt/tope/deb/big.bin (new in 5.0.0) is there after the rollback"
+    fi
+    ran=$(cut -d' ' -f1 /run/tope-a.starts 2>/dev/null | sort -u | tr '\n' ' ')
+    [ "$ran" = "$v.0.0 " ] || bad "tope-a ran '$ran' in this boot, expected only $v.0.0"
+    echo $v >$ST/version
+    [ "$(wc -l <$RX)" = "$(cat $ST/q-rx-lines)" ] || bad "the receiver got reports while it was down"
+    # The receiver comes back: the outbox, kept over the cut, is delivered.
+    systemctl enable --now tope-st-rx.service 2>&1 | prefix systemctl
+    t0=$(up)
+    wait_rx "\"tx_id\":$id,.*\"final\":true" 120 || bad "the final report of transaction $id did not arrive within 120 s of the receiver's start"
+    say "INFO q the outbox was delivered $(echo "$(up) $t0" | awk '{ printf "%.1f", $1 - $2 }') s after the receiver started"
+    sleep 1
+    check_reports
+    qb=$(cat $ST/q-boot-id) me=$(boot_id)
+    c=$(awk -v qb="$qb" -v me="$me" '$1 == me && index($0, "\"boot_id\":\"" qb "\"") { n++; if (index($0, "\"stage\":\"installing\"") && index($0, "\"version\":\"v5.0.0\"")) i++ } END { print n + 0, i + 0 }' $RX)
+    say "INFO q reports made in the boot of the cut and received after it: ${c% *} (${c#* } installing 5.0.0); final: $(grep -E "\"tx_id\":$id,.*\"final\":true" $RX | head -1)"
+    [ "${c#* }" -ge 1 ] || bad "no 5.0.0 installing report from before the cut arrived"
+    [ $BADS = 0 ] || journalctl -b -q --no-pager -o short-monotonic -u tope-updater.service | sed "s/^/@@JOURNAL q /"
+    done_scn
+}
+
 scenario_l() {
     begin l "dpkg -r: the daemon stopped, both units disabled and gone, binary gone; state dir (journal, backups) and config kept; applications untouched"
     old=$(prop tope-updater.service MainPID)
     apid=$(prop tope-a.service MainPID)
-    v=$(cat $ST/k-version)
+    v=$(cat $ST/version)
     find $STATE/backups -type f | sort >$ST/l-backups
     deb -r
     [ $RC = 0 ] || bad "dpkg -r tope-updater exited $RC"
@@ -414,6 +767,16 @@ case $PHASE in
         ;;
     deb2)
         scenario_k2
+        scenario_n
+        scenario_o1 # ends with a power cut
+        ;;
+    deb3)
+        scenario_o2
+        scenario_p2
+        scenario_q1 # ends with a power cut
+        ;;
+    deb4)
+        scenario_q2
         scenario_l
         scenario_m
         ;;
