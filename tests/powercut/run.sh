@@ -3,17 +3,23 @@
 #
 #   tests/powercut/run.sh quick          CI: QEMU kills + a dm-flakey batch + one log-writes replay
 #   tests/powercut/run.sh soak N         N cuts over every kind, scenario and filesystem; writes a report
-#   tests/powercut/run.sh negative       the negative-control build must be caught (exit 0 iff caught)
+#   tests/powercut/run.sh negative [POINT..]  negative controls: a build without one sync (POINT:
+#                                        staging backups swap journal dirfsync none; default the
+#                                        first five) must be caught (exit 0 iff every point in
+#                                        NEG_CAUGHT is, and the normal build is clean)
 #   tests/powercut/run.sh kill N [FS..]  only QEMU kills          (FS: ext4 xfs; default ext4)
 #   tests/powercut/run.sh flakey N [FS]  only one dm-flakey batch
-#   tests/powercut/run.sh lw SCEN [FS]   only one log-writes recording + replay (SCEN: fw many dir rollback factory gc)
+#   tests/powercut/run.sh lw SCEN [FS] [POLICY]  only one log-writes recording + replay (SCEN: fw many dir rollback factory gc)
 #   tests/powercut/run.sh selftest       only check the checks (damaged images must fail)
 #   tests/powercut/run.sh prep [FS..]    only build and cache everything (FS default: ext4 xfs); the
 #                                        uncut runs must equal lib/oracle.py's states, or it dies
 #
 # Environment: PC_SEED (default: random, always printed), PC_BIN (use this static binary
 # instead of building one), PC_CACHE (default target/powercut-cache), PC_OUT (default
-# target/powercut-out), PC_KEEP_ALL=1 (keep every cut image), PC_ACCEL (tcg|kvm; default tcg).
+# target/powercut-out), PC_KEEP_ALL=1 (keep every cut image), PC_ACCEL (tcg|kvm; default tcg),
+# and more in README.md. Every cut is classified (before / in-flight / after the transaction,
+# from what `recover` finds after it); each kind's cuts must be at least half in flight per
+# scenario (the floor); after recover, `verify` and post-cut rollbacks must leave the oracle's tree.
 set -euo pipefail
 
 PCDIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -129,7 +135,7 @@ prep_kernel() {
 prep_initramfs() {
     local bb=/bin/busybox dm
     dm=$(command -v dmsetup)
-    local inputs=("$bb" "$dm" "$BIN" "$PCDIR/guest/init" "$PCDIR/lib/dump.sh")
+    local inputs=("$bb" "$dm" "$BIN" "$PCDIR/guest/init" "$PCDIR/lib/dump.sh" "$PCDIR/lib/check.sh")
     local key
     key=$( { echo "$KVER"; sha "${inputs[@]}"; ldd "$dm" | awk '$3 ~ /^\// { print $3 }' | xargs sha256sum; } | sha | cut -c1-16)
     INITRD=$CACHE/initramfs-$key.cpio
@@ -146,6 +152,7 @@ prep_initramfs() {
     cp -L /lib64/ld-linux-x86-64.so.2 "$d/lib64/"
     cp "$BIN" "$d/pc/tope-updater"
     cp "$PCDIR/lib/dump.sh" "$d/pc/dump.sh"
+    cp "$PCDIR/lib/check.sh" "$d/pc/check.sh"
     cp "$PCDIR/guest/init" "$d/init"
     chmod 755 "$d/init"
     # Module groups, each in load order (modprobe --show-depends prints dependencies first).
@@ -347,6 +354,54 @@ oracle_steps() {
     esac
 }
 
+# What is done after every cut once `recover` has left the tree on side $2 (old|new) of
+# scenario $1, to show the device is still serviceable: a rollback to the previous generation,
+# then to the factory while something is still installed; a second install when nothing is.
+# Prints the operations: rollback (`rollback`), factory (`rollback --to factory`), install:PKG
+# (`install --force MNT/pkg/PKG`, a package on that image; --force because the cut install may
+# have been rolled back, and the engine refuses such a package again without it, SPEC §3).
+post_ops() {
+    case $1:$2 in
+        fw:old | many:old | dir:old) echo "install:$1.zip" ;;   # factory, nothing installed
+        fw:new | many:new | dir:new) echo rollback ;;           # previous = the factory
+        rollback:new) echo rollback ;;                          # 2.0.0, whose previous is the factory
+        factory:new) echo install:mixed4.zip ;;                 # factory again
+        rollback:old | factory:old | gc:old) echo rollback factory ;;  # 3.0.0 -> 2.0.0 -> factory
+        gc:new) echo rollback factory ;;                        # 4.0.0 -> 3.0.0 -> factory
+        *) die "post_ops: unknown scenario side $1 $2" ;;
+    esac
+}
+
+# The lib/oracle.py step of a post-cut operation $2 (payload directory $1).
+post_step() {
+    case $2 in
+        rollback | factory) echo "$2" ;;
+        install:*) echo "$1/pkg/${2#install:}" ;;
+        *) die "post_step: unknown operation $2" ;;
+    esac
+}
+
+# Runs the operations $4... natively on image $1 (filesystem $2), dumping the tree after each
+# to $3.1, $3.2, ...; each must succeed.
+engine_ops() {
+    local img=$1 fs=$2 out=$3
+    shift 3
+    in_ns "$img" "$fs" '
+        bin=$1 dump=$2 out=$3; shift 3
+        c='"$MNT"'/cfg-resume.toml
+        k=0
+        for op in "$@"; do
+            k=$((k + 1))
+            case $op in
+                rollback) args=(rollback) ;;
+                factory) args=(rollback --to factory) ;;
+                install:*) args=(install --force '"$MNT"'/pkg/${op#install:}) ;;
+            esac
+            "$bin" --config $c "${args[@]}" >"$out.$k.log" 2>&1 || { echo "$op failed:"; cat "$out.$k.log"; exit 1; } >&2
+            BB=busybox busybox sh "$dump" '"$MNT"' >"$out.$k"
+        done' "$BIN" "$PCDIR/lib/dump.sh" "$out" "$@"
+}
+
 # Dies unless the engine's dump $1 equals the oracle's dump $2, both of the state $3: an engine
 # that always wrote a wrong mode or content, or dropped a file, would otherwise make a wrong
 # expectation and then match it after every cut.
@@ -363,14 +418,29 @@ prep_images() {
     local fslist=("$@") key
     # Keyed by everything that shapes the images: the engine, the scripts that make them.
     key=$( { sha "$BIN" "$PCDIR/lib/dump.sh" "$PCDIR/lib/oracle.py" /bin/busybox
-        declare -f gen_payload write_configs mkfs_img scenario_cmd scenario_base oracle_steps oracle_check prep_images in_ns
+        declare -f gen_payload write_configs mkfs_img scenario_cmd scenario_base oracle_steps oracle_check prep_images in_ns \
+            post_ops post_step engine_ops prep_fs_images
         echo "${SCENARIOS[*]}"; mkfs.ext4 -V 2>&1 | sed -n 1p; mkfs.xfs -V; } | sha | cut -c1-16)
     IMGS=$CACHE/images-$key
     local payload=$CACHE/payload-$key
-    local fs
+    local fs pids=() names=() i
     for fs in "${fslist[@]}"; do
         [ -e "$IMGS/$fs/ready" ] && continue
         [ -e "$payload/ready" ] || { log "generating payloads"; gen_payload "$payload"; touch "$payload/ready"; }
+        # One filesystem per core: the engine runs natively, one loop mount at a time each.
+        prep_fs_images "$fs" "$payload" &
+        pids+=($!) names+=("$fs")
+    done
+    for i in "${!pids[@]}"; do
+        wait "${pids[i]}" || die "preparing the ${names[i]} images failed (above)"
+    done
+    return 0
+}
+
+# prep_fs_images FS PAYLOAD: the images and expected states of one filesystem (prep_images).
+prep_fs_images() {
+    local fs=$1 payload=$2
+    (
         log "preparing $fs images in $IMGS/$fs"
         local d=$IMGS/$fs
         rm -rf "$d" && mkdir -p "$d/expect"
@@ -413,7 +483,7 @@ prep_images() {
                 a=$(v); a=${a:-factory}
                 echo "$b $a" >"$out.versions"' "$BIN" "$PCDIR/lib/dump.sh" "$d/expect/$scn" $(scenario_cmd "$scn") ||
                 die "the uncut $scn action failed on $fs: $(cat "$d/expect/$scn.log")"
-            rm -f "$tmp"
+            mv "$tmp" "$d/expect/$scn.img"
             cmp -s "$d/expect/$scn.before" "$d/expect/$scn.after" && die "fixture error: $scn changes nothing"
             grep -q '^X ' "$d/expect/$scn.after" && die "the uncut $scn action left temporary files"
             # The cuts are judged against .before/.after: both must be what the package rules
@@ -428,10 +498,40 @@ prep_images() {
                     >"$d/expect/$scn.oracle.$when" || die "lib/oracle.py failed for $what"
                 oracle_check "$d/expect/$scn.$when" "$d/expect/$scn.oracle.$when" "$what"
             done
+            # The post-cut operations from each side, run uncut by the engine natively, must
+            # leave what the oracle says too; the guest compares against these hashes.
+            local side steps ops k line
+            : >"$d/expect/$scn.post"
+            for side in old new; do
+                when=before; [ $side = new ] && when=after
+                read -r -a ops <<<"$(post_ops "$scn" $side)"
+                tmp=$d/expect/tmp.img
+                if [ $side = old ]; then cp --sparse=always "$d/$(scenario_base "$scn").img" "$tmp"
+                else cp --sparse=always "$d/expect/$scn.img" "$tmp"; fi
+                engine_ops "$tmp" "$fs" "$d/expect/$scn.post.$side" "${ops[@]}" ||
+                    die "the post-cut operations ${ops[*]} failed on the uncut $scn.$when on $fs"
+                rm -f "$tmp"
+                # shellcheck disable=SC2046 # the steps are words (paths without spaces)
+                steps=$(oracle_steps "$payload" "$scn" $when | tr '\n' ' ')
+                line="post $scn $(sha "$d/expect/$scn.$when")"
+                k=0
+                for op in "${ops[@]}"; do
+                    k=$((k + 1))
+                    steps="$steps $(post_step "$payload" "$op")"
+                    # shellcheck disable=SC2086
+                    python3 "$PCDIR/lib/oracle.py" "$MNT/root" "$payload/factory" $steps \
+                        >"$d/expect/$scn.post.$side.$k.oracle" || die "lib/oracle.py failed for $scn.$when + ${ops[*]:0:k}"
+                    oracle_check "$d/expect/$scn.post.$side.$k" "$d/expect/$scn.post.$side.$k.oracle" \
+                        "$scn.$when on $fs, then the post-cut ${ops[*]:0:k}"
+                    line="$line $op=$(sha "$d/expect/$scn.post.$side.$k.oracle")"
+                done
+                echo "$line" >>"$d/expect/$scn.post"
+            done
+            rm -f "$d/expect/$scn.img"
         done
-        log "$fs: the uncut runs of ${SCENARIOS[*]} equal the package rules (lib/oracle.py), before and after"
+        log "$fs: the uncut runs of ${SCENARIOS[*]} equal the package rules (lib/oracle.py), before and after, and so do the post-cut operations from both sides"
         touch "$d/ready"
-    done
+    )
 }
 
 prep_all() {
@@ -502,6 +602,36 @@ wait_for() {
     return 1
 }
 
+# wait_line LOG REGEX TIMEOUT_S: like wait_for, but reads the log as it grows (tail -f, no
+# polling), so the caller acts within a millisecond or two of the guest's line: the kill that
+# follows @@CUTNOW must come at the moment the guest chose. Sets LINE to the matching line.
+wait_line() {
+    local logf=$1 re=$2 t=$3 fd tpid rc=1 end
+    LINE=
+    exec {fd}< <(exec tail -n +1 -f --pid="$QPID" "$logf" 2>/dev/null)
+    tpid=$!
+    end=$((SECONDS + t))
+    local buf='' st
+    while [ $SECONDS -lt $end ]; do
+        if IFS= read -r -t 1 -u "$fd" LINE; then
+            LINE=$buf${LINE%$'\r'} buf=
+            [[ $LINE =~ $re ]] && { rc=0; break; }
+            continue
+        fi
+        st=$?
+        # A timeout keeps the part of a line read so far.
+        [ $st -gt 128 ] && buf+=$LINE
+        if ! kill -0 "$QPID" 2>/dev/null; then
+            LINE=$(tr -d '\r' <"$logf" | grep -m1 -E "$re") && rc=0
+            break
+        fi
+        [ $st -gt 128 ] || sleep 0.05
+    done
+    kill "$tpid" 2>/dev/null || true
+    exec {fd}<&-
+    return $rc
+}
+
 qemu_kill() {
     kill -KILL "$QPID" 2>/dev/null || true
     wait "$QPID" 2>/dev/null || true
@@ -520,11 +650,13 @@ load_expect() {
     read -r V_BEFORE V_AFTER <"$IMGS/$fs/expect/$scn.versions"
 }
 
+# The guest's `expect` and `post` lines for the images of filesystem $1 (lib/check.sh).
 expect_lines() {
     local fs=$1 scn
     for scn in "${SCENARIOS[@]}"; do
         load_expect "$scn" "$fs"
         echo "expect $scn $H_BEFORE $H_AFTER"
+        cat "$IMGS/$fs/expect/$scn.post"
     done
 }
 
@@ -568,15 +700,45 @@ explain_dump() {
         }' "$live"
 }
 
+# The first differing lines between the oracle's dump $1 and the dump $2, on one line.
+dump_diff() {
+    { diff -u "$1" "$2" || true; } | tail -n +3 | grep '^[-+]' | head -n 6 | sed 's/^-/oracle: /; s/^+/engine: /' | paste -sd'|' - || true
+}
+
+# classify ID RESULTS_FILE SIDE [TWO]: where a cut fell, from what `recover` said after it
+# (the @@OUT ID rec1 lines) and the side the tree ended on: in-flight when recover found a transaction begun and not ended
+# (it finished or rolled back something), otherwise before (all old: it had not begun) or
+# after (all new: it had ended). For a `…+recover` cut (TWO = 1): in-flight when the recovery
+# itself was cut before it ended, otherwise after.
+classify() {
+    local id=$1 rf=$2 side=$3 two=${4:-0} r
+    r=$(grep -m1 "^@@OUT $id rec1: recover: " "$rf" || true)
+    if [[ $r == *"recover: nothing in flight"* ]]; then
+        if [ "$two" = 1 ]; then echo after; return; fi
+        case $side in old) echo before ;; new) echo after ;; *) echo '?' ;; esac
+    elif [ -n "$r" ]; then
+        echo in-flight
+    else
+        echo '?'
+    fi
+}
+
 # judge ID RESULTS_FILE SCENARIO FS ACKED [SAME_AS_SIDE]
 # RESULTS_FILE holds the @@ lines of that id. Appends a row to $RESULTS, prints a verdict.
-# Sets SIDE (old|new|?).
+# Sets SIDE (old|new|?) and CLASS (before|in-flight|after|?). Context from the caller: KIND,
+# POLICY, LABEL (the scenario, or SCENARIO+recover), WHEN (the cut moment asked for), AIM
+# (targeted: aimed at the transaction; free; retry; -), FIRST (for a +recover cut: whether the
+# first cut left a transaction in flight), BATCH, HOW (how the guest cut: time, guard, exited,
+# notrigger).
 judge() {
     local id=$1 rf=$2 scn=$3 fs=$4 acked=$5 same=${6:-} kind=${KIND:-?} policy=${POLICY:-resume}
     load_expect "$scn" "$fs"
-    local line reasons=() side='?'
+    local line reasons=() side='?' cls='?' post='-'
     line=$(grep -m1 "^@@CHECK $id " "$rf" || true)
     local rcs='-' mcs='-'
+    if [ "${HOW:-}" = notrigger ]; then
+        reasons+=("TRIGGER NEVER APPEARED: the engine exited without logging the line the cut waited for (${WHEN:-?}): the cut did not test what it was drawn to test")
+    fi
     if [ -z "$line" ]; then
         reasons+=("no check result (guest died or hung?)")
     elif [[ $line == *mount=fail* ]]; then
@@ -592,6 +754,11 @@ judge() {
         # §5.3), so what resuming needs must be there.
         if grep -q "^@@OUT $id [a-z0-9-]*: .*cannot resume" "$rf"; then
             reasons+=("WRITE-AHEAD VIOLATION: recovery found content the journal had declared durable missing: $(grep -m1 -o "cannot resume.*" "$rf")")
+        fi
+        # The same rule for the swap: a phase after Swapped is journaled only once the renames
+        # are durable (syncfs), so a recovery that re-verifies the targets must find them new.
+        if grep -q "^@@OUT $id [a-z0-9-]*: .*does not hold its new content after the swap" "$rf"; then
+            reasons+=("WRITE-AHEAD VIOLATION: the journal said the swap was done, a target did not hold its new content: $(grep -m1 -o "[^ ]* does not hold its new content after the swap" "$rf")")
         fi
         if [ "${f[recover2_rc]}" != 0 ] || ! grep -q "^@@OUT $id rec2: recover: nothing in flight" "$rf"; then
             reasons+=("a second recover was not a no-op (rc ${f[recover2_rc]}): $(grep "^@@OUT $id rec2:" "$rf" | head -2 | tr '\n' ' ')")
@@ -627,8 +794,52 @@ judge() {
         if [ -n "$same" ] && [ "$same" != '?' ] && [ "$side" != '?' ] && [ "$side" != "$same" ]; then
             reasons+=("recovery cut and resumed ended $side, recovery of the same image uncut ended $same")
         fi
+        # After the cut, the device must stay serviceable: verify, then the post-cut
+        # operations (post_ops), each leaving lib/oracle.py's tree.
+        if [ "$side" != '?' ]; then
+            local v pl op want k=0 pline prc pdump ok=verify
+            v=$(grep -m1 "^@@VERIFY $id " "$rf" || true)
+            if [ -z "$v" ]; then
+                reasons+=("no verify result after recover")
+            elif [ "$(sed -n 's/.* rc=\([^ ]*\).*/\1/p' <<<"$v")" != 0 ]; then
+                reasons+=("VERIFY FAILED after recover (rc $(sed -n 's/.* rc=\([^ ]*\).*/\1/p' <<<"$v")): $(grep "^@@OUT $id verify:" "$rf" | head -3 | sed "s/^@@OUT $id verify: //" | paste -sd'|' -)")
+            fi
+            pl=$(grep -m1 "^post $scn ${f[dump]} " "$IMGS/$fs/expect/$scn.post" || true)
+            for op in ${pl#post $scn ${f[dump]} }; do
+                k=$((k + 1))
+                want=${op#*=} op=${op%%=*}
+                local desc="\`$op\`"
+                case $op in rollback) desc="\`rollback\`" ;; factory) desc="\`rollback --to factory\`" ;; install:*) desc="\`install ${op#install:}\`" ;; esac
+                pline=$(grep -m1 "^@@POST $id op=$op " "$rf" || true)
+                if [ -z "$pline" ]; then
+                    reasons+=("POST-CUT $desc did not run"); break
+                fi
+                prc=$(sed -n 's/.* rc=\([^ ]*\) .*/\1/p' <<<"$pline")
+                pdump=$(sed -n 's/.* dump=\([^ ]*\) .*/\1/p' <<<"$pline")
+                if [ "$prc" != 0 ]; then
+                    reasons+=("POST-CUT $desc FAILED (rc $prc): $(grep "^@@OUT $id post-$op:" "$rf" | grep -v ' INFO \| DEBUG ' | head -3 | sed "s/^@@OUT $id post-$op: //" | paste -sd'|' -)")
+                    break
+                fi
+                if [ "$pdump" != "$want" ]; then
+                    local got
+                    got=$(mktemp)
+                    grep "^@@PDUMP $id $op " "$rf" | sed "s/^@@PDUMP $id $op //" >"$got"
+                    local ors=old
+                    [ "${f[dump]}" = "$H_AFTER" ] && ors=new
+                    reasons+=("POST-CUT $desc left a tree that is not lib/oracle.py's: $(dump_diff "$IMGS/$fs/expect/$scn.post.$ors.$k.oracle" "$got")")
+                    rm -f "$got"
+                    break
+                fi
+                ok="$ok+$op"
+            done
+            [ -n "$pl" ] || reasons+=("no post-cut operations known for $scn with this tree (harness error)")
+            post=$ok
+        fi
     fi
-    SIDE=$side
+    local two=0
+    [[ ${LABEL:-} == *+recover ]] && two=1
+    cls=$(classify "$id" "$rf" "$side" "$two")
+    SIDE=$side CLASS=$cls
     local verdict=PASS
     [ ${#reasons[@]} -eq 0 ] || verdict=FAIL
     local why
@@ -636,9 +847,11 @@ judge() {
     local flat=${why%; }
     flat=${flat//$'\n'    / | }
     flat=${flat//$'\n'/ | }
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$id" "${LABEL:-$scn}" "$fs" "$policy" "$acked" "$side" "$verdict" "$rcs" "$mcs" "$flat" "${DURING:--}" "${WHEN:--}" >>"$RESULTS"
+    flat=${flat//$'\t'/ }
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$id" "${LABEL:-$scn}" "$fs" "$policy" "$acked" "$side" "$verdict" "$rcs" "$mcs" "$flat" \
+        "$cls" "${WHEN:--}" "${FIRST:--}" "$post" "${AIM:--}" "${BATCH:--}" >>"$RESULTS"
     if [ $verdict = PASS ]; then
-        log "cut $id [$kind ${LABEL:-$scn} $fs $policy] PASS: $side (acked $acked, recover ${rcs}0 ms)"
+        log "cut $id [$kind ${LABEL:-$scn} $fs $policy] PASS: $cls, $side (acked $acked, recover ${rcs}0 ms, then $post)"
     else
         log "cut $id [$kind ${LABEL:-$scn} $fs $policy] FAIL: ${why%; }"
     fi
@@ -654,7 +867,7 @@ keep() {
     log "kept $KEPT/$id"
 }
 
-# ------------------------------------------------------------------ random numbers
+# ------------------------------------------------------------------ random numbers and cut moments
 
 # Deterministic from PC_SEED: rnd N -> 0..N-1 in R (a 64-bit LCG, high bits).
 RNG=1
@@ -663,252 +876,380 @@ rnd() {
     R=$((((RNG >> 33) & 0x7fffffff) % $1))
 }
 
-# Cut windows: ms after the action starts, uniform over [0, 9/8 of the window], so about one
-# cut in nine lands after the engine reported success. The defaults are measured action
-# durations under TCG on a loaded 2-core machine; each run refines them from the actions
-# that finished before their cut (the first one seen replaces the default).
-declare -A DUR=([fw]=4000 [many]=1800 [dir]=1000 [rollback]=3000 [factory]=3500 [gc]=3000 [recover]=3000)
-declare -A DUR_SEEN=()
-declare -A FDUR=([fw]=5000 [many]=3000 [dir]=1600 [rollback]=3300 [factory]=3500 [gc]=3300 [recover]=3000)
-declare -A FDUR_SEEN=()
+# Durations in ms, measured under TCG on the 2-core CI machine kind (load 1-3), per scenario;
+# each run refines them (learn) from the engine's own timestamps. QEMU kill (DUR, WIN) and
+# dm-flakey (FDUR, FWIN: a dm-snapshot under the filesystem) separately:
+#   DUR, FDUR: the whole action, start to exit (free cuts: uniform over 9/8 of it);
+#   WIN, FWIN: the transaction, from "transaction planned" (its begin commit is durable) to
+#              "transaction committed" (its end commit is): what cuts aimed at it aim at;
+#   RWIN:      a `recover` that finds a transaction in flight, start to exit (…+recover cuts).
+declare -A DUR=([fw]=2600 [many]=1000 [dir]=500 [rollback]=1900 [factory]=1900 [gc]=1300 [recover]=600)
+declare -A FDUR=([fw]=2800 [many]=1100 [dir]=600 [rollback]=2000 [factory]=2000 [gc]=1400 [recover]=600)
+declare -A WIN=([fw]=900 [many]=330 [dir]=140 [rollback]=850 [factory]=1000 [gc]=550)
+declare -A FWIN=([fw]=1000 [many]=400 [dir]=160 [rollback]=950 [factory]=1050 [gc]=600)
+declare -A RWIN=([fw]=900 [many]=400 [dir]=300 [rollback]=700 [factory]=700 [gc]=600)
+declare -A DUR_SEEN=() FDUR_SEEN=() WIN_SEEN=() FWIN_SEEN=() RWIN_SEEN=()
+# Where in the transaction (percent of WIN) the effects of a phase are done, from the
+# measured runs (dir 45/55/64, many 48/60/76, factory 61/63/66).
+declare -A PHASE_AT=([Staged]=50 [BackedUp]=58 [Swapped]=68)
+# An aimed cut is drawn over this percentage of the window (or of what is left of it after
+# the phase): the margin absorbs a faster machine or a lighter load than the measured one.
+AIM_PCT=${PC_AIM_PCT:-70}
+
 learn() { # learn ARRAY SEEN_ARRAY SCENARIO MS
     local -n arr=$1 seen=$2
-    # The first duration seen replaces the default, later ones move the window a quarter of
-    # the way (load spikes come and go). A duration far below the window is an action with
+    # The first duration seen replaces the default, later ones move the value a quarter of
+    # the way (load spikes come and go). A duration far below the value is an action with
     # nothing to do (a `recover` that found nothing in flight): ignored.
+    [ -n "$4" ] && [ "$4" -gt 0 ] || return 0
     [ $(($4 * 3)) -ge "${arr[$3]}" ] || return 0
     if [ -z "${seen[$3]:-}" ]; then arr[$3]=$4; else arr[$3]=$(((3 * arr[$3] + $4) / 4)); fi
     seen[$3]=1
 }
 
-# When to cut: sets WHEN to "MS" (ms after the action started, uniform over the scenario's
-# window) or, half of the time, "PHASE+MS" (MS uniform over 1/16 of the window, at least
-# 100 ms, after the engine logged that the effects of PHASE are done, i.e. while the next
-# phase is journaled and performed). Random times mostly land in the longest phase
-# (staging); phase triggers spread the cuts over every phase boundary. PC_TRIGGER=PHASE
-# forces the trigger.
-TRIG_PHASES=(Planned Staged BackedUp Swapped Verified)
-pick_when() { # pick_when WINDOW_MS
-    local w=$1
+# tx_ms FILE ID WHAT: ms from "transaction planned" to "transaction committed" in the engine
+# lines `@@OUT ID WHAT: <ISO time> ...` of FILE (nothing if it did not get that far).
+tx_ms() {
+    tr -d '\r' <"$1" | awk -v p="@@OUT $2 $3:" '
+        function ms(t,   a, h) { split(t, a, "T"); split(a[2], h, ":"); return ((h[1] * 60 + h[2]) * 60 + h[3]) * 1000 }
+        $1 " " $2 " " $3 != p { next }
+        /INFO transaction planned/ { b = ms($4) }
+        /INFO transaction committed/ && b != "" { e = ms($4) }
+        END { if (b != "" && e != "" && e >= b) printf "%d\n", e - b }'
+}
+
+# Learns from the check of cut ID in FILE: the post-cut operations that are a scenario's own
+# action (a second install of fw/many/dir, `rollback` from 3.0.0) give that scenario's window;
+# a recover that found a transaction in flight gives RWIN. $3: WIN or FWIN; $4: the scenario,
+# $5: the side after recover, $6: the class, $7: recover wall time in cs.
+learn_from_check() {
+    local rf=$1 id=$2 win=$3 scn=$4 side=$5 cls=$6 rcs=$7 op w
+    for op in install:fw.zip install:many.zip install:dir.zip rollback; do
+        w=$(tx_ms "$rf" "$id" "post-$op")
+        [ -n "$w" ] || continue
+        case $op in
+            install:*) learn "$win" "${win/WIN/WIN_SEEN}" "$(basename "${op#install:}" .zip)" "$w" ;;
+            rollback) [ "$side" = old ] && [ "$(scenario_base "$scn")" = v3 ] && learn "$win" "${win/WIN/WIN_SEEN}" rollback "$w" ;;
+        esac
+    done
+    if [ "$cls" = in-flight ] && [[ $rcs =~ ^[0-9]+$ ]]; then learn RWIN RWIN_SEEN "$scn" $((rcs * 10)); fi
+}
+
+# The scenarios of N cuts, balanced: rounds of a seeded shuffle of CUT_SCENARIOS, so each gets
+# N/S cuts, give or take one. Sets PLAN.
+plan_scenarios() {
+    local n=$1 i j t s=("${CUT_SCENARIOS[@]}")
+    PLAN=()
+    while [ ${#PLAN[@]} -lt "$n" ]; do
+        for ((i = ${#s[@]} - 1; i > 0; i--)); do rnd $((i + 1)); j=$R; t=${s[i]}; s[i]=${s[j]}; s[j]=$t; done
+        for t in "${s[@]}"; do [ ${#PLAN[@]} -lt "$n" ] && PLAN+=("$t"); done
+    done
+    return 0
+}
+
+# Which of the planned cuts are free (a moment drawn over the whole action: before, inside or
+# after the transaction) rather than aimed at the transaction: a quarter of them at most, and
+# never so many that one missed aimed cut would break the floor (at least half of a scenario's
+# cuts in flight): a scenario with N cuts gets at most (N-2)/2 free ones. Sets AIMS (parallel
+# to PLAN: targeted or free).
+plan_aims() {
+    local -A cnt=() quota=()
+    local s i
+    for s in "${PLAN[@]}"; do cnt[$s]=$((${cnt[$s]:-0} + 1)); done
+    for s in "${!cnt[@]}"; do quota[$s]=$(((cnt[$s] - 2) / 2)); done
+    AIMS=()
+    for ((i = 0; i < ${#PLAN[@]}; i++)); do
+        s=${PLAN[i]}
+        rnd 4
+        if [ -z "${PC_TRIGGER:-}" ] && [ $R = 0 ] && [ "${quota[$s]}" -gt 0 ]; then
+            AIMS+=(free); quota[$s]=$((quota[$s] - 1))
+        else
+            AIMS+=(targeted)
+        fi
+    done
+}
+
+# pick_when SCENARIO AIM WINDOW_ARRAY DURATION_ARRAY: sets WHEN (guest/init cut_wait):
+#   targeted: half of the time "planned+MS", MS uniform over AIM_PCT % of the scenario's
+#             window; otherwise "PHASE+MS" for a phase drawn from Staged, BackedUp, Swapped, MS
+#             uniform over AIM_PCT % of what is left of the window after it (at most 150 ms):
+#             cuts land all over the transaction and on every phase boundary. The guest cuts
+#             at once if the effects of Verified are done first (the end commit is next).
+#             PC_TRIGGER=PHASE forces the phase (planned: the begin), PC_TRIGGER=PHASE+MAX
+#             also the bound of MS (instead of 150).
+#   retry:    as targeted, with the moment of the missed cut ($5) halved.
+#   free:     "MS", uniform over 9/8 of the whole action (about one in nine after it ends).
+TRIG_PHASES=(Staged BackedUp Swapped)
+pick_when() {
+    local scn=$1 aim=$2 win dur
+    local -n wa=$3 da=$4
+    win=${wa[$scn]} dur=${da[$scn]}
+    case $aim in
+        free) rnd $((dur + dur / 8)); WHEN=$R; return ;;
+        retry) WHEN=${5%+*}+$((${5#*+} / 2)); return ;;
+    esac
+    local ph='' left max=150
     if [ -n "${PC_TRIGGER:-}" ]; then
-        rnd 600; WHEN=$PC_TRIGGER+$R
-        return
-    fi
-    rnd 2
-    if [ $R = 0 ]; then
-        rnd $((w + w / 8)); WHEN=$R
+        ph=${PC_TRIGGER%+*}
+        [[ $PC_TRIGGER == *+* ]] && max=${PC_TRIGGER#*+}
     else
-        rnd ${#TRIG_PHASES[@]}; local ph=${TRIG_PHASES[$R]}
-        local after=$((w / 16))
-        [ $after -ge 100 ] || after=100
-        rnd $after; WHEN=$ph+$R
+        rnd 2
+        [ $R = 1 ] && { rnd ${#TRIG_PHASES[@]}; ph=${TRIG_PHASES[$R]}; }
     fi
+    if [ -z "$ph" ] || [ "$ph" = planned ]; then
+        rnd $((win * AIM_PCT / 100 + 1)); WHEN=planned+$R
+    else
+        left=$((win * (100 - ${PHASE_AT[$ph]:-90}) / 100 * AIM_PCT / 100))
+        [ $left -le "$max" ] || left=$max
+        rnd $((left + 1)); WHEN=$ph+$R
+    fi
+}
+
+# Lines every control file starts with: modules, the negative-control point, expectations.
+ctl_head() {
+    local mods=$1 f
+    shift
+    echo "mods $mods"
+    [ -n "${NEG_POINT:-}" ] && echo "env TOPE_NEGATIVE_CONTROL=$NEG_POINT"
+    for f in "$@"; do expect_lines "$f"; done
 }
 
 # ------------------------------------------------------------------ kind 1: QEMU kill
 
-# kill_run N FS... : N cuts, one boot each (plus a last boot that only checks).
+# kill_run N FS... : N cuts (scenarios balanced, filesystems alternating per scenario), one
+# boot each, plus extra ones: a `recover` cut now and then (on a copy of the previous cut
+# image, while that cut was in flight), a retry of every aimed cut that missed the
+# transaction, and a last boot that only checks.
 kill_run() {
     local n=$1
     shift
     local fslist=("$@")
     KIND=kill
-    local prev='' prev_during='' prev_when='' cut_when='' prev_img='' prev_scn='' prev_label='' prev_fs='' prev_pol='' prev_acked='' prev_same=''
-    local i mods=''
-    local f
+    local mods='' f
     for f in "${fslist[@]}"; do [ "$f" = xfs ] && mods=xfs; done
-    local sides_file=$RUN/kill-sides
-    : >"$sides_file"
-    for ((i = 1; i <= n + 1; i++)); do
-        local id=k$i scn='' fs='' pol='' img='' src_side='' last=0
-        [ $i -gt $n ] && last=1
-        if [ $last = 0 ]; then
-            rnd 6
-            if [ -n "$prev" ] && [ $R = 0 ] && [ "$prev_during" = yes ]; then
-                # Cut `recover` itself, on a copy of the previous cut image.
-                scn=recover fs=$prev_fs pol=$prev_pol
-                img=$RUN/$id.img
-                cp --sparse=always "$prev_img" "$img"
+    plan_scenarios "$n"
+    plan_aims
+    local -A occ=() fsoff=() CLS_OF=() SIDE_OF=()
+    local s i distinct=0
+    # Filesystems: each scenario alternates between them, and the first cuts of the scenarios
+    # alternate too (6 kills on ext4 and xfs: 3 and 3).
+    rnd ${#fslist[@]}
+    local off=$R
+    for s in "${PLAN[@]}"; do
+        [ -n "${fsoff[$s]:-}" ] && continue
+        fsoff[$s]=$(((distinct + off) % ${#fslist[@]})) distinct=$((distinct + 1))
+    done
+    local PFS=() PPOL=()
+    for ((i = 0; i < n; i++)); do
+        s=${PLAN[i]}
+        PFS+=("${fslist[$(((${occ[$s]:-0} + fsoff[$s]) % ${#fslist[@]}))]}")
+        occ[$s]=$((${occ[$s]:-0} + 1))
+        rnd 2; PPOL+=("$([ $R = 0 ] && echo resume || echo rollback)")
+    done
+    local qi=0 seq=0 retry=''
+    # The previous cut, judged after the next boot (which checks its image).
+    local prev='' p_img='' p_scn='' p_label='' p_fs='' p_pol='' p_acked='' p_same='' p_when='' p_aim='' p_how='' p_pred='' p_first='' p_what=''
+    while :; do
+        local id='' scn='' fs='' pol='' img='' aim='' label='' what=action first=- same='' src=''
+        if [ -n "$retry" ]; then
+            read -r scn fs pol p_retry_when <<<"$retry"
+            retry='' aim=retry
+            pick_when "$scn" retry WIN DUR "$p_retry_when"
+        elif [ -n "$prev" ] && [ "$p_what" = action ] && [ "$p_pred" = in-flight ] && { rnd 6; [ $R = 0 ]; }; then
+            # Cut `recover` itself, on a copy of the previous cut image (still unrecovered).
+            what=recover scn=$p_scn fs=$p_fs pol=$p_pol aim=free src=$prev
+            rnd $((RWIN[$scn] + RWIN[$scn] / 8)); WHEN=$R
+        elif [ $qi -lt "$n" ]; then
+            scn=${PLAN[qi]} fs=${PFS[qi]} pol=${PPOL[qi]} aim=${AIMS[qi]}
+            qi=$((qi + 1))
+            pick_when "$scn" "$aim" WIN DUR
+        fi
+        [ -z "$scn" ] && [ -z "$prev" ] && break
+        if [ -n "$scn" ]; then
+            seq=$((seq + 1)) id=${ID_PREFIX:-}k$seq img=$RUN/${ID_PREFIX:-}k$seq.img
+            if [ $what = recover ]; then
+                cp --sparse=always "$p_img" "$img"
+                label=$scn+recover
             else
-                rnd ${#CUT_SCENARIOS[@]}; scn=${CUT_SCENARIOS[$R]}
-                rnd ${#fslist[@]}; fs=${fslist[$R]}
-                rnd 2; pol=$([ $R = 0 ] && echo resume || echo rollback)
-                img=$RUN/$id.img
                 cp --sparse=always "$IMGS/$fs/$(scenario_base "$scn").img" "$img"
+                label=$scn
             fi
         fi
-        local ctl=$RUN/$id.ctl logf=$RUN/$id.log disks=()
+        local bid=${id:-${ID_PREFIX:-}k$seq-check} ctl logf disks=()
+        ctl=$RUN/$bid.ctl logf=$RUN/$bid.log
         {
-            [ -n "$mods" ] && echo "mods $mods"
-            for f in "${fslist[@]}"; do expect_lines "$f"; done
-            [ -n "$prev" ] && { echo "check $prev /dev/vdb $prev_fs $prev_pol"; disks+=("$prev_img"); }
-            if [ $last = 0 ]; then
-                local dev=/dev/vdb
+            ctl_head "$mods" "${fslist[@]}"
+            [ -n "$prev" ] && { echo "check $prev /dev/vdb $p_fs $p_pol $p_scn"; disks+=("$p_img"); }
+            if [ -n "$id" ]; then
+                local dev=/dev/vdb cmd
                 [ -n "$prev" ] && dev=/dev/vdc
-                local cmd
-                if [ $scn = recover ]; then cmd=recover; else cmd=$(scenario_cmd "$scn"); fi
-                echo "action $id $dev $fs $pol $cmd"
+                if [ $what = recover ]; then cmd=recover; else cmd=$(scenario_cmd "$scn"); fi
+                echo "action $id $dev $fs $pol $WHEN $cmd"
                 echo idle
                 disks+=("$img")
             fi
         } >"$ctl"
-    end_ctl "$ctl"
-        local t0
+        end_ctl "$ctl"
+        local t0 how='' acked=none cw=$WHEN
         t0=$(now_ms)
         qemu_start "$logf" "$ctl" "${disks[@]}"
-        if [ $last = 1 ]; then
+        if [ -z "$id" ]; then
             wait_for "$logf" '^@@DONE' 300 || true
             qemu_kill
+        elif wait_line "$logf" "^@@(CUTNOW $id |ACTION-START $id mount=fail)" 300; then
+            # The moment the guest chose: kill now, before anything else.
+            qemu_kill
+            how=$(sed -n 's/.* how=\([a-z]*\).*/\1/p' <<<"$LINE")
+            acked=$(sed -n 's/.* acked=\([a-z]*\).*/\1/p' <<<"$LINE")
         else
-            if ! wait_for "$logf" "^@@ACTION-START $id" 300; then
-                qemu_kill
-                log "cut $id: the guest never started the action; log $logf"
-                keep "$id-boot" "$logf" "$ctl"
-                FAILS=$((FAILS + 1))
-            else
-                local ts delay trig=''
-                ts=$(now_ms)
-                pick_when "${DUR[$scn]}"
-                cut_when=$WHEN
-                delay=${WHEN#*+}
-                [[ $WHEN == *+* ]] && trig=${WHEN%+*}
-                # Cut at the chosen moment, or soon after the action ended if that came first
-                # (drawn now, so the plan does not depend on timing).
-                local extra=-1 extra_ms
-                rnd 400; extra_ms=$R
-                while :; do
-                    local el=$(($(now_ms) - ts))
-                    if [ -n "$trig" ]; then
-                        # The moment counts from the engine's "effects of PHASE done" line.
-                        if grep -q "^@@OUT $id action: .*phase effects done.*$trig" "$logf"; then
-                            ts=$(now_ms) el=0 trig=''
-                        fi
-                    fi
-                    [ -z "$trig" ] && [ $el -ge $delay ] && break
-                    if [ $extra -lt 0 ] && grep -q "^@@ACTION-EXIT $id" "$logf"; then
-                        extra=$((el + extra_ms))
-                        local d
-                        d=$(sed -n "s/^@@ACTION-EXIT $id cs=\([0-9]*\).*/\1/p" "$logf" | head -1)
-                        [ -n "$d" ] && learn DUR DUR_SEEN "$scn" $((d * 10))
-                    fi
-                    [ $extra -ge 0 ] && [ $el -ge $extra ] && break
-                    sleep 0.02
-                done
-                qemu_kill
-                CUT_AT=$(($(now_ms) - ts))
-            fi
+            qemu_kill
+            log "cut $id: the guest never reached the cut; log $logf"
+            keep "$id-boot" "$logf" "$ctl"
+            FAILS=$((FAILS + 1))
+            how=none
         fi
-        # Judge the previous cut from this boot's log.
+        # Judge the previous cut: its action's output (its own boot), its check (this boot).
         if [ -n "$prev" ]; then
-            # Its action's output (its own boot) and its check (this boot).
             cat "$RUN/$prev.log" "$logf" | tr -d "\r" | grep "^@@[A-Z-]* $prev " >"$RUN/$prev.result" || true
-            KIND=kill POLICY=$prev_pol LABEL=$prev_label DURING=$prev_during WHEN=$prev_when
-            if judge "$prev" "$RUN/$prev.result" "$prev_scn" "$prev_fs" "$prev_acked" "$prev_same"; then
-                [ -n "${PC_KEEP_ALL:-}" ] || rm -f "$prev_img"
+            KIND=kill POLICY=$p_pol LABEL=$p_label WHEN=$p_when AIM=$p_aim HOW=$p_how FIRST=$p_first
+            if judge "$prev" "$RUN/$prev.result" "$p_scn" "$p_fs" "$p_acked" "$p_same"; then
+                [ -n "${PC_KEEP_ALL:-}" ] || rm -f "$p_img"
             else
                 FAILS=$((FAILS + 1))
-                keep "$prev" "$prev_img" "$RUN/$prev.log" "$RUN/$prev.ctl" "$logf" "$RUN/$prev.result"
+                keep "$prev" "$p_img" "$RUN/$prev.log" "$RUN/$prev.ctl" "$logf" "$RUN/$prev.result"
             fi
-            echo "$prev $SIDE" >>"$sides_file"
-            LABEL= DURING= WHEN=
+            CLS_OF[$prev]=$CLASS SIDE_OF[$prev]=$SIDE
+            local rcs
+            rcs=$(sed -n 's/^@@CHECK .* recover_cs=\([0-9]*\).*/\1/p' "$RUN/$prev.result")
+            learn_from_check "$RUN/$prev.result" "$prev" WIN "$p_scn" "$SIDE" "$CLASS" "$rcs"
+            # An aimed cut that missed the transaction is made again, with half the delay.
+            if [ "$p_aim" = targeted ] && [ "$CLASS" != in-flight ] && [ "$p_how" != notrigger ] && [ "$p_how" != none ]; then
+                retry="$p_scn $p_fs $p_pol $p_when"
+                log "cut $prev was aimed at the transaction but fell $CLASS it: once more, with half the delay"
+            fi
+            LABEL= WHEN= AIM= HOW= FIRST=
         fi
-        [ $last = 1 ] && break
-        # This boot's action: was its success printed before the cut?
-        local acked=none
-        if grep -q "^@@OUT $id action: .*committed (tx" "$logf"; then acked=new
-        elif grep -q "^@@OUT $id action: .*FAILED and rolled back" "$logf"; then acked=old; fi
-        local same=''
-        if [ "$scn" = recover ]; then
-            # Same end as the uncut recovery of the same image (SPEC §3).
-            same=$(awk -v p="$prev" '$1 == p { print $2 }' "$sides_file" | tail -1)
-            # prev_scn stays: a recover cut inherits the expectations of its source.
-            prev_label=$prev_scn+recover
-        else
-            prev_scn=$scn prev_label=$scn
+        if [ -z "$id" ]; then prev=''; continue; fi
+        # This boot's cut.
+        if [ -z "$acked" ] || [ "$acked" = none ]; then
+            if grep -q "^@@OUT $id action: .*committed (tx" "$logf"; then acked=new
+            elif grep -q "^@@OUT $id action: .*FAILED and rolled back" "$logf"; then acked=old; fi
         fi
-        log "cut $id [kill $scn $fs $pol] power cut at $cut_when (${CUT_AT:-?} ms), acked=$acked, boot+cut $((($(now_ms) - t0) / 100))ds"
-        local during=yes
-        grep -q "^@@ACTION-EXIT $id" "$logf" && during=no
-        prev=$id prev_img=$img prev_fs=$fs prev_pol=$pol prev_acked=$acked prev_same=$same prev_during=$during prev_when=$cut_when
+        local d
+        d=$(tr -d '\r' <"$logf" | sed -n "s/^@@ACTION-EXIT $id rc=[0-9]* cs=\([0-9]*\).*/\1/p" | head -1)
+        if [ -n "$d" ]; then
+            learn DUR DUR_SEEN "$([ $what = recover ] && echo recover || echo "$scn")" $((d * 10))
+            [ $what = action ] && learn WIN WIN_SEEN "$scn" "$(tx_ms "$logf" "$id" action)"
+        fi
+        # Predicted from its output so far (judged for real after the next boot): in flight?
+        local pred=other
+        if grep -q "^@@OUT $id action: .*transaction planned" "$logf" && ! grep -q "^@@OUT $id action: .*transaction committed" "$logf" &&
+            [ -z "$d" ]; then pred=in-flight; fi
+        if [ $what = recover ]; then
+            same=${SIDE_OF[$src]:-} first=${CLS_OF[$src]:-?}
+        fi
+        log "cut $id [kill $label $fs $pol $aim] power cut at $cw ($how), acked=$acked, boot+cut $((($(now_ms) - t0) / 100))ds"
+        prev=$id p_img=$img p_scn=$scn p_label=$label p_fs=$fs p_pol=$pol p_acked=$acked p_same=$same p_when=$cw p_aim=$aim
+        p_how=$how p_pred=$pred p_first=$first p_what=$what
         CUTS=$((CUTS + 1))
     done
 }
 
 # ------------------------------------------------------------------ kind 2: dm-flakey
 
-# flakey_run N FS : one boot, N cuts made with dm-flakey drop_writes.
+# flakey_run N FS : one boot, N cuts made with dm-flakey drop_writes (scenarios balanced), plus
+# now and then a cut of the `recover` that follows one (flakey2), plus the guest's retry of
+# every aimed cut that missed the transaction.
 flakey_run() {
     local n=$1 fs=$2
     KIND=flakey
-    local ctl=$RUN/flakey-$fs.ctl logf=$RUN/flakey-$fs.log cow=$RUN/flakey-cow.img
+    local ctl=$RUN/flakey-$fs${BATCH_TAG:-}.ctl logf=$RUN/flakey-$fs${BATCH_TAG:-}.log cow=$RUN/flakey-cow.img
     rm -f "$cow" && truncate -s 4G "$cow"
-    local i plan=$RUN/flakey-$fs.plan
+    local i plan=$RUN/flakey-$fs${BATCH_TAG:-}.plan pfx=${ID_PREFIX:-}f
     : >"$plan"
+    plan_scenarios "$n"
+    plan_aims
     {
-        echo "mods dm$([ "$fs" = xfs ] && echo ' xfs')"
-        expect_lines "$fs"
+        ctl_head "dm$([ "$fs" = xfs ] && echo ' xfs')" "$fs"
         for ((i = 1; i <= n; i++)); do
-            local scn pol base delay
-            # One time in (scenarios + 1), cut `recover` too after the first cut.
-            rnd $((${#CUT_SCENARIOS[@]} + 1))
-            local two=0
-            [ $R = ${#CUT_SCENARIOS[@]} ] && two=1
-            rnd ${#CUT_SCENARIOS[@]}; scn=${CUT_SCENARIOS[$R]}
+            local scn=${PLAN[i - 1]} aim=${AIMS[i - 1]} pol base
             rnd 2; pol=$([ $R = 0 ] && echo resume || echo rollback)
             base=/dev/vdc; [ "$(scenario_base "$scn")" = v3 ] && base=/dev/vdd
-            pick_when "${FDUR[$scn]}"
-            delay=$WHEN
-            if [ $two = 1 ]; then
-                local d2
-                rnd ${FDUR[recover]}; d2=$R
-                echo "flakey2 f$i $base $fs $pol $delay $d2 $(scenario_cmd "$scn")"
-            else
-                echo "flakey f$i $base $fs $pol $delay $(scenario_cmd "$scn")"
+            pick_when "$scn" "$aim" FWIN FDUR
+            echo "flakey $pfx$i $base $fs $pol $scn $WHEN $(scenario_cmd "$scn")"
+            echo "$pfx$i $scn $pol 0 $WHEN $aim" >>"$plan"
+            # One time in seven, an extra cut of the same scenario whose `recover` is cut too.
+            rnd 7
+            if [ $R = 0 ]; then
+                pick_when "$scn" targeted FWIN FDUR
+                local w1=$WHEN
+                rnd $((RWIN[$scn] + RWIN[$scn] / 8))
+                echo "flakey2 $pfx${i}x $base $fs $pol $scn $w1 $R $(scenario_cmd "$scn")"
+                echo "$pfx${i}x $scn $pol 1 $w1+$R targeted" >>"$plan"
             fi
-            echo "f$i $scn $pol $two $delay" >>"$plan"
         done
     } >"$ctl"
     end_ctl "$ctl"
     local t0
     t0=$(now_ms)
     qemu_start "$logf" "$ctl" "$cow" "$IMGS/$fs/factory.img,snapshot=on" "$IMGS/$fs/v3.img,snapshot=on"
-    local timeout=$((90 + n * 45))
+    local timeout=$((120 + n * 60))
     wait_for "$logf" '^@@DONE' $timeout || log "flakey batch did not finish in ${timeout}s; judging what it did"
     qemu_kill
     local secs=$((($(now_ms) - t0) / 1000))
     rm -f "$cow"
-    local id scn pol two delay
-    while read -r id scn pol two delay; do
-        tr -d "\r" <"$logf" | grep "^@@[A-Z]* $id " >"$RUN/$id.result" || true
+    # The guest's retries, judged right after the cut they repeat.
+    local full=$RUN/flakey-$fs${BATCH_TAG:-}.plan.all
+    tr -d '\r' <"$logf" | awk -v planf="$plan" '
+        BEGIN { while ((getline l < planf) > 0) { split(l, f, " "); order[++n] = f[1]; line[f[1]] = l } }
+        /^@@RETRY / { r[$2] = $3 " " $4 }
+        END {
+            for (i = 1; i <= n; i++) {
+                id = order[i]; print line[id]
+                if (id in r) { split(line[id], f, " "); split(r[id], g, " "); print g[1], f[2], f[3], 0, g[2], "retry" }
+            }
+        }' >"$full"
+    local id scn pol two when aim
+    while read -r id scn pol two when aim; do
+        tr -d "\r" <"$logf" | grep "^@@[A-Z-]* $id " >"$RUN/$id.result" || true
         # What the engine had reported when it was cut (dm_cut reads its output after
         # SIGSTOP, so that is everything it printed). In a double cut, the recover's report
         # is the later one.
-        local acked a1 a2
+        local acked a1 a2 how first=-
         a1=$(sed -n "s/^@@CUT $id what=action acked=\([a-z]*\).*/\1/p" "$RUN/$id.result")
         a2=$(sed -n "s/^@@CUT $id what=recover acked=\([a-z]*\).*/\1/p" "$RUN/$id.result")
+        how=$(sed -n "s/^@@CUT $id what=action .*how=\([a-z]*\).*/\1/p" "$RUN/$id.result")
         acked=${a1:-none}
         [ -n "$a2" ] && [ "$a2" != none ] && acked=$a2
         local label=$scn
-        [ "$two" = 1 ] && label=$scn+recover
+        if [ "$two" = 1 ]; then
+            label=$scn+recover
+            # Had the first cut left a transaction in flight? The cut `recover` says so when
+            # it logged that it was recovering one, or finished it.
+            if grep -qE "^@@OUT $id cut-recover: (.*INFO recovering|recover: (install|rollback) )" "$RUN/$id.result"; then first=in-flight
+            elif grep -q "^@@OUT $id cut-recover: recover: nothing in flight" "$RUN/$id.result"; then first=not
+            else first='?'; fi
+        fi
         # Durations of actions that finished before their cut refine the next batch.
         local ran
         ran=$(sed -n "s/^@@CUT $id what=action .*ran_cs=\([0-9][0-9]*\).*/\1/p" "$RUN/$id.result")
-        [ -n "$ran" ] && learn FDUR FDUR_SEEN "$scn" $((ran * 10))
-        ran=$(sed -n "s/^@@CUT $id what=recover .*ran_cs=\([0-9][0-9]*\).*/\1/p" "$RUN/$id.result")
-        [ -n "$ran" ] && learn FDUR FDUR_SEEN recover $((ran * 10))
-        # Was the engine still running when the (last) cut came?
-        local during=no
-        grep -q "^@@CUT $id .*running=1" "$RUN/$id.result" && during=yes
-        grep -q "^@@NOTRIGGER $id" "$RUN/$id.result" && log "cut $id: the engine never logged the trigger phase ($delay) before it exited"
-        KIND=flakey POLICY=$pol LABEL=$label DURING=$during WHEN=$delay
+        if [ -n "$ran" ]; then
+            learn FDUR FDUR_SEEN "$scn" $((ran * 10))
+            learn FWIN FWIN_SEEN "$scn" "$(tx_ms "$RUN/$id.result" "$id" cut-action)"
+        fi
+        [ -z "${a2}" ] || { ran=$(sed -n "s/^@@CUT $id what=recover .*ran_cs=\([0-9][0-9]*\).*/\1/p" "$RUN/$id.result"); [ -n "$ran" ] && learn FDUR FDUR_SEEN recover $((ran * 10)); }
+        KIND=flakey POLICY=$pol LABEL=$label WHEN=$when AIM=$aim HOW=$how FIRST=$first
         if ! judge "$id" "$RUN/$id.result" "$scn" "$fs" "$acked"; then
             FAILS=$((FAILS + 1))
             keep "$id" "$logf" "$ctl" "$RUN/$id.result"
         fi
-        LABEL= DURING= WHEN=
+        local rcs
+        rcs=$(sed -n 's/^@@CHECK .* recover_cs=\([0-9]*\).*/\1/p' "$RUN/$id.result")
+        [ "$two" = 1 ] || learn_from_check "$RUN/$id.result" "$id" FWIN "$scn" "$SIDE" "$CLASS" "$rcs"
+        LABEL= WHEN= AIM= HOW= FIRST=
         CUTS=$((CUTS + 1 + two))
-    done <"$plan"
-    log "flakey batch on $fs: $n scenarios in ${secs}s (including the boot)"
+    done <"$full"
+    log "flakey batch on $fs: $(wc -l <"$full") cuts in ${secs}s (including the boot)"
 }
 
 # ------------------------------------------------------------------ kind 3: dm-log-writes
@@ -916,14 +1257,13 @@ flakey_run() {
 # Hook called by lwreplay.pl at each point: $LW_IMG holds the replayed device.
 lw_point() {
     local point=$1 entry=$2 flags=$3 marks=$4
-    local id=lw$LW_TAG-p$point scratch=$RUN/lw-scratch.img
+    local id=lw$LW_TAG-p$point scratch=$LW_SCRATCH
     cp --sparse=always "$LW_IMG" "$scratch"
     local rf=$RUN/$id.result
-    host_check "$id" "$scratch" "$LW_FS" "$LW_POLICY" >"$rf"
+    host_check "$id" "$scratch" "$LW_FS" "$LW_POLICY" "$LW_SCN" >"$rf"
     local acked=none
     [[ $marks == *acked-new* ]] && acked=new
-    KIND=lw POLICY=$LW_POLICY DURING=yes
-    [ $acked = new ] && DURING=no
+    KIND=lw POLICY=$LW_POLICY AIM=- BATCH=${BATCH:--}
     if judge "$id" "$rf" "$LW_SCN" "$LW_FS" "$acked" 2>>"$RUN/lw.log"; then
         rm -f "$rf"
         return 0
@@ -933,31 +1273,32 @@ lw_point() {
     return 1
 }
 
-# The same observations as the guest's check(), on the host, for a replayed image.
+# The same observations as the guest's check (lib/check.sh), on the host, for an image.
 host_check() {
-    local id=$1 img=$2 fs=$3 policy=$4
+    local id=$1 img=$2 fs=$3 policy=$4 scn=$5 post=${PC_POST_FILE:-}
+    if [ -z "$post" ]; then
+        post=$(mktemp)
+        cat "$IMGS/$fs/expect/"*.post >"$post"
+    fi
     in_ns "$img" "$fs" '
-        id=$1 bin=$2 dump=$3 pol=$4
-        c='"$MNT"'/cfg-$pol.toml
-        t1=$(date +%s%N)
-        "$bin" --config $c recover >/tmp/pc-rec.$$ 2>&1; rrc=$?
-        t2=$(date +%s%N)
-        "$bin" --config $c recover >/tmp/pc-rec2.$$ 2>&1; rrc2=$?
-        "$bin" --config $c status --json >/tmp/pc-st.$$ 2>/tmp/pc-ste.$$; src=$?
-        BB=busybox busybox sh "$dump" '"$MNT"' >/tmp/pc-dump.$$
-        h=$(sha256sum /tmp/pc-dump.$$ | cut -d" " -f1)
-        echo "@@CHECK $id mount=ok mount_cs=0 recover_rc=$rrc recover_cs=$(( (t2 - t1) / 10000000 )) recover2_rc=$rrc2 status_rc=$src check_cs=0 dump=$h"
-        sed "s/^/@@OUT $id rec1: /" /tmp/pc-rec.$$
-        sed "s/^/@@OUT $id rec2: /" /tmp/pc-rec2.$$
-        sed "s/^/@@OUT $id status-err: /" /tmp/pc-ste.$$
-        echo "@@STATUS $id $(tr -d "\n" </tmp/pc-st.$$)"
-        sed "s/^/@@DUMP $id /" /tmp/pc-dump.$$
-        rm -f /tmp/pc-rec.$$ /tmp/pc-rec2.$$ /tmp/pc-st.$$ /tmp/pc-ste.$$ /tmp/pc-dump.$$' \
-        "$id" "$BIN" "$PCDIR/lib/dump.sh" "$policy" || echo "@@CHECK $id mount=fail"
+        id=$1 pol=$2 scn=$3 BIN=$4 PC_DUMP=$5 PC_POST=$6
+        PC_EXPECT=/dev/null BB=busybox MNT='"$MNT"'
+        PC_TMP=$(mktemp -d)
+        . "$7"
+        pc_check "$id" "$pol" "$scn" 0
+        rm -rf "$PC_TMP"' "$id" "$policy" "$scn" "$BIN" "$PCDIR/lib/dump.sh" "$post" "$PCDIR/lib/check.sh" ||
+        echo "@@CHECK $id mount=fail"
+    [ -n "${PC_POST_FILE:-}" ] || rm -f "$post"
 }
 
 # lw_run SCENARIO FS [POLICY] : record the action under dm-log-writes, replay every flush point.
 lw_run() {
+    lw_record "$@"
+    lw_replay "$@"
+}
+
+# lw_record SCENARIO FS [POLICY]: the QEMU part of lw_run.
+lw_record() {
     local scn=$1 fs=$2 pol=${3:-resume}
     local tag=${LW_PREFIX:-}$scn-$fs-$pol
     local data=$RUN/lw-$tag-data.img logdev=$RUN/lw-$tag-log.img ctl=$RUN/lw-$tag.ctl logf=$RUN/lw-$tag.log
@@ -965,7 +1306,7 @@ lw_run() {
     cp --sparse=always "$base" "$data"
     rm -f "$logdev" && truncate -s 2G "$logdev"
     {
-        echo "mods dm$([ "$fs" = xfs ] && echo ' xfs')"
+        ctl_head "dm$([ "$fs" = xfs ] && echo ' xfs')"
         echo "lw $tag /dev/vdb /dev/vdc $fs $(scenario_cmd "$scn")"
     } >"$ctl"
     end_ctl "$ctl"
@@ -977,34 +1318,60 @@ lw_run() {
     local t1
     t1=$(now_ms)
     grep -q "^@@ACTION-EXIT $tag rc=0" "$logf" || { keep "lw-$tag" "$logf"; die "the recorded $scn action failed: $(grep "^@@OUT $tag" "$logf" | tail -3)"; }
-    log "log-writes: $scn on $fs recorded in $(((t1 - t0) / 1000))s; replaying every flush/FUA point"
-    local replay=$RUN/lw-$tag-replay.img
+    log "log-writes: $scn on $fs recorded in $(((t1 - t0) / 1000))s"
+}
+
+# lw_replay SCENARIO FS [POLICY]: the host part of lw_run (no QEMU: it can run beside one).
+lw_replay() {
+    local scn=$1 fs=$2 pol=${3:-resume}
+    local tag=${LW_PREFIX:-}$scn-$fs-$pol
+    local data=$RUN/lw-$tag-data.img logdev=$RUN/lw-$tag-log.img
+    local base=$IMGS/$fs/$(scenario_base "$scn").img
+    local replay=$RUN/lw-$tag-replay.img t1
+    t1=$(now_ms)
+    log "log-writes: replaying every flush/FUA point of $scn on $fs"
     cp --sparse=always "$base" "$replay"
-    local before_fail=$FAILS
-    export LW_IMG=$replay LW_FS=$fs LW_SCN=$scn LW_POLICY=$pol LW_TAG=$tag
+    export LW_IMG=$replay LW_FS=$fs LW_SCN=$scn LW_POLICY=$pol LW_TAG=$tag BATCH
+    export PC_POST_FILE=$RUN/lw-$tag.post LW_SCRATCH=$RUN/lw-$tag-scratch.img
+    cat "$IMGS/$fs/expect/"*.post >"$PC_POST_FILE"
+    # The engine runs natively here (recover and the post-cut operations): the same negative
+    # control point as in the guest.
+    [ -n "${NEG_POINT:-}" ] && export TOPE_NEGATIVE_CONTROL=$NEG_POINT
     local rc=0
-    perl "$PCDIR/lib/lwreplay.pl" ${PC_LW_EVERY:+--every-entry} "$logdev" "$replay" "$0" __lw_point 2>>"$RUN/lw.log" || rc=$?
-    local t2 pts
+    perl "$PCDIR/lib/lwreplay.pl" ${PC_LW_EVERY:+--every-entry} "$logdev" "$replay" "$0" __lw_point 2>>"$RUN/lw-$tag.replay.log" || rc=$?
+    unset TOPE_NEGATIVE_CONTROL PC_POST_FILE
+    local t2 pts inf
     t2=$(now_ms)
     pts=$(grep -c "^lw	lw$tag-p" "$RESULTS" || true)
-    tail -1 "$RUN/lw.log" | sed 's/^/    /' >&2
+    inf=$(awk -F'\t' -v p="lw$tag-p" '$1 == "lw" && index($2, p) == 1 && $12 == "in-flight"' "$RESULTS" | wc -l)
+    tail -1 "$RUN/lw-$tag.replay.log" | sed 's/^/    /' >&2
     # The replayer must reproduce the recorded device exactly.
     if ! cmp -s "$replay" "$data"; then
         log "log-writes: the full replay differs from the recorded device: replayer bug or lost log entries"
         FAILS=$((FAILS + 1))
     fi
+    if [ "$inf" -eq 0 ] && [ -z "${NEG_POINT:-}" ]; then
+        # (A negative build may hide it: without journal syncs nothing is ever in flight.)
+        log "log-writes: no replay point fell inside the transaction: the recording did not capture it"
+        FAILS=$((FAILS + 1))
+    fi
     FAILS=$((FAILS + rc))
     CUTS=$((CUTS + pts))
-    log "log-writes: $pts points checked in $(((t2 - t1) / 1000))s, $rc failed"
-    [ -n "${PC_KEEP_ALL:-}" ] || rm -f "$data" "$logdev" "$replay" "$RUN/lw-scratch.img"
+    log "log-writes: $pts points checked in $(((t2 - t1) / 1000))s ($inf inside the transaction), $rc failed"
+    [ -n "${PC_KEEP_ALL:-}" ] || rm -f "$data" "$logdev" "$replay" "$LW_SCRATCH"
 }
 
 # ------------------------------------------------------------------ self-test of the checks
 
-# Damages copies of the factory image in known ways and requires the checks to fail with the
-# right diagnosis (and to pass on the undamaged copy): the checker cannot go blind either.
+# Damages copies of an image in known ways and requires the checks to fail with the right
+# diagnosis (and to pass on the undamaged copy): the checker cannot go blind either.
 selftest() {
     local fs=ext4 payload=${IMGS/images-/payload-} img=$RUN/selftest.img
+    # Its own results file: its rows are removed once judged, and other kinds may be
+    # appending to $RESULTS meanwhile (bg_job).
+    local RESULTS=$RUN/selftest.tsv
+    : >"$RESULTS"
+    # name|acked|damage|expected diagnosis|scenario (its base image; default fw: factory.img)
     local cases=(
         "pristine|none|:|PASS"
         "zero-length|none|: >root/fw/boot.bin|ZERO-LENGTH"
@@ -1016,17 +1383,22 @@ selftest() {
         "extra-dir|none|mkdir root/fw/new|untouched path changed"
         "lost-ack|new|:|LOST AN ACKNOWLEDGED"
         "journal|none|echo garbage >state/journal.redb|recover exited"
+        "pristine-v3|none|:|PASS|rollback"
+        "verify|none|chown 4321 root/fw/boot.bin|VERIFY FAILED|rollback"
+        "lost-backups|none|rm -f state/backups/*|POST-CUT \`rollback\` FAILED|rollback"
+        "post-tree|none|cp pkg/dir.zip pkg/fw.zip|POST-CUT \`install fw.zip\` left a tree that is not|fw"
     )
-    local c name acked damage want ok=0 bad=0
+    local c name acked damage want scn ok=0 bad=0
     for c in "${cases[@]}"; do
-        IFS='|' read -r name acked damage want <<<"$c"
-        cp --sparse=always "$IMGS/$fs/factory.img" "$img"
+        IFS='|' read -r name acked damage want scn <<<"$c"
+        scn=${scn:-fw}
+        cp --sparse=always "$IMGS/$fs/$(scenario_base "$scn").img" "$img"
         in_ns "$img" "$fs" "cd $MNT && P=$payload && $damage" || die "selftest $name: could not damage the image"
         local rf=$RUN/selftest-$name.result
-        host_check "st-$name" "$img" "$fs" resume >"$rf"
-        KIND=selftest POLICY=resume LABEL=selftest-$name
+        host_check "st-$name" "$img" "$fs" resume "$scn" >"$rf"
+        KIND=selftest POLICY=resume LABEL=selftest-$name AIM=-
         local got=FAIL
-        judge "st-$name" "$rf" fw "$fs" "$acked" 2>>"$RUN/selftest.log" && got=PASS
+        judge "st-$name" "$rf" "$scn" "$fs" "$acked" 2>>"$RUN/selftest.log" && got=PASS
         LABEL=
         local why
         why=$(tail -1 "$RESULTS" | cut -f11)
@@ -1038,7 +1410,7 @@ selftest() {
             log "selftest $name: expected ${want/#PASS/a pass}, got $got: $why"
         fi
     done
-    rm -f "$img" "$RUN"/selftest-*.result
+    rm -f "$img" "$RUN"/selftest-*.result "$RESULTS"
     log "selftest of the checks: $ok cases as expected, $bad not"
     FAILS=$((FAILS + bad))
 }
@@ -1060,7 +1432,27 @@ start_run() {
     log "mode $mode, seed $SEED (replay with PC_SEED=$SEED), output in $RUN"
 }
 
-# Summary of $RESULTS: counts per kind and scenario, sides, recovery times.
+# The floor: at least half of the QEMU-kill and of the dm-flakey cuts of each scenario must
+# fall inside the transaction (class in-flight), or they did not test what they are for. Only
+# the cuts of the action count (a …+recover cut is judged by whether it cut the recovery).
+# Prints one line per group that misses it (batch, kind, scenario, in flight, cuts); $1: an
+# awk regex of the batches to look at.
+floor_misses() {
+    awk -F'\t' -v b="${1:-.*}" '($1 == "kill" || $1 == "flakey") && $3 !~ /\+recover$/ && $17 ~ "^(" b ")$" {
+            k = $17 "\t" $1 "\t" $3; n[k]++; if ($12 == "in-flight") i[k]++ }
+        END { for (k in n) if (2 * i[k] < n[k]) printf "%s\t%d\t%d\n", k, i[k], n[k] }' "$RESULTS" | sort
+}
+
+check_floors() {
+    local b k s i n
+    while IFS=$'\t' read -r b k s i n; do
+        log "FLOOR MISSED: $k $s${b:+ ($b)}: $i of $n cuts fell inside the transaction, fewer than half; the cut moments did not test the transaction (results.tsv, column class)"
+        FAILS=$((FAILS + 1))
+    done < <(floor_misses "${1:-.*}")
+}
+
+# Summary of $RESULTS: per kind and scenario, where the cuts fell and how they ended; floors;
+# recovery times; failures.
 report() {
     local title=$1 secs=$2
     {
@@ -1072,16 +1464,30 @@ report() {
         echo "- wall time: ${secs}s"
         echo
         awk -F'\t' '
-            { n++; k[$1]++; if ($8 == "FAIL") { f++; kf[$1]++ }
-              key = $1 " " $3 " " $4; s[key]++; if ($7 == "new") sn[key]++; if ($7 == "old") so[key]++
-              if ($6 == "new") an[key]++
-              if ($12 == "yes") du[key]++
-              if ($9 != "-" && $9 != "") { r[$1] = r[$1] " " $9 } }
-            END {
-                printf "Checked states: %d, failures: %d\n\n", n, f + 0
-                printf "| kind | scenario | fs | checks | cut while the engine ran | all-new after recover | all-old after recover | success reported before the cut |\n|---|---|---|---|---|---|---|---|\n"
-                for (key in s) { split(key, p, " "); printf "| %s | %s | %s | %d | %d | %d | %d | %d |\n", p[1], p[2], p[3], s[key], du[key], sn[key], so[key], an[key] }
-            }' "$RESULTS" | { read -r head; echo "$head"; read -r; echo; read -r h1; read -r h2; echo "$h1"; echo "$h2"; sort; }
+            { n++; if ($8 == "FAIL") f++; if ($12 == "in-flight") fl++ }
+            END { printf "Checked states: %d, failures: %d; cuts inside the transaction: %d (%d%%)\n", n, f + 0, fl + 0, n ? 100 * fl / n : 0 }' "$RESULTS"
+        echo
+        echo "Where each cut fell (\`recover\` after it: in flight = it found a transaction begun and not"
+        echo "ended; before / after = nothing in flight, all old / all new; for …+recover: in flight ="
+        echo "the recovery itself was cut), and how the tree ended:"
+        echo
+        echo "| batch | kind | scenario | fs | checks | in flight | before | after | all-new | all-old | success reported before the cut | verify + post-cut operations passed |"
+        echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        awk -F'\t' '
+            { key = $17 "|" $1 "|" $3 "|" $4; s[key]++
+              if ($12 == "in-flight") i[key]++; if ($12 == "before") b[key]++; if ($12 == "after") a[key]++
+              if ($7 == "new") sn[key]++; if ($7 == "old") so[key]++; if ($6 == "new") an[key]++
+              if ($15 != "-" && $8 == "PASS") p[key]++ }
+            END { for (key in s) { split(key, q, "|")
+                printf "| %s | %s | %s | %s | %d | %d (%d%%) | %d | %d | %d | %d | %d | %d |\n", q[1], q[2], q[3], q[4], s[key], i[key], 100 * i[key] / s[key], b[key], a[key], sn[key], so[key], an[key], p[key] } }' "$RESULTS" | sort
+        echo
+        echo "Floor (QEMU kill and dm-flakey: at least half of each scenario's cuts in flight):"
+        echo
+        echo "| batch | kind | scenario | in flight / cuts | floor |"
+        echo "|---|---|---|---|---|"
+        awk -F'\t' '($1 == "kill" || $1 == "flakey") && $3 !~ /\+recover$/ {
+                k = $17 "|" $1 "|" $3; n[k]++; if ($12 == "in-flight") i[k]++ }
+            END { for (k in n) { split(k, q, "|"); printf "| %s | %s | %s | %d / %d | %s |\n", q[1], q[2], q[3], i[k], n[k], (2 * i[k] >= n[k] ? "met" : "**MISSED**") } }' "$RESULTS" | sort
         echo
         echo "Recovery time (\`recover\` wall time; kill and flakey: inside the TCG guest, so about 10-30x"
         echo "slower than native; lw: on the host, native):"
@@ -1098,10 +1504,87 @@ report() {
             echo
             echo "Failures:"
             echo
-            awk -F'\t' '$8 == "FAIL" { printf "- %s %s (%s, %s, %s): %s\n", $1, $2, $3, $4, $5, $11 }' "$RESULTS" | head -50
+            awk -F'\t' '$8 == "FAIL" { printf "- %s %s (%s, %s, %s, %s): %s\n", $1, $2, $3, $4, $5, $17, $11 }' "$RESULTS" | head -50
         fi
     } >"$RUN/report.md"
     cat "$RUN/report.md" >&2
+}
+
+# ------------------------------------------------------------------ host work beside QEMU
+
+# bg_job NAME COMMAND...: runs a host-only part (a log-writes replay, the self-test) in the
+# background while QEMU runs in the foreground: the machine has two cores and QEMU TCG keeps
+# one busy. bg_wait adds their cuts and failures.
+# At most BG_MAX of them at a time (bg_job waits).
+BG_PIDS=() BG_NAMES=() BG_MAX=${BG_MAX:-2}
+bg_job() {
+    local name=$1 p n
+    shift
+    while :; do
+        n=0
+        for p in "${BG_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done
+        [ $n -lt "$BG_MAX" ] && break
+        sleep 0.5
+    done
+    ( CUTS=0 FAILS=0; "$@"; echo "$CUTS $FAILS" >"$RUN/.bg-$name" ) &
+    BG_PIDS+=($!) BG_NAMES+=("$name")
+}
+bg_wait() {
+    local i c f
+    for i in "${!BG_PIDS[@]}"; do
+        wait "${BG_PIDS[i]}" || true
+        if read -r c f <"$RUN/.bg-${BG_NAMES[i]}" 2>/dev/null; then
+            CUTS=$((CUTS + c)) FAILS=$((FAILS + f))
+        else
+            log "the background part ${BG_NAMES[i]} died (harness error)"
+            FAILS=$((FAILS + 1))
+        fi
+        rm -f "$RUN/.bg-${BG_NAMES[i]}"
+    done
+    BG_PIDS=() BG_NAMES=()
+}
+
+# ------------------------------------------------------------------ negative controls
+
+# The sync points a powercut-negative-control build can leave out (src/fsutil.rs), and what
+# this harness is known to catch (README.md, "Negative controls"): a point in NEG_CAUGHT must
+# be caught by at least one kind, or `negative` fails; the others are reported.
+NEG_POINTS=(staging backups swap journal dirfsync)
+NEG_CAUGHT=" staging backups swap journal "
+# What counts as a durability failure: what a missing sync causes. A harness failure (no
+# check result, a trigger that never appeared) counts for neither side.
+NEG_DURABLE='WRITE-AHEAD|LOST AN ACK|ZERO-LENGTH|TORN|MIXED|neither old nor new|absent|but status says current|leftovers|temporary file|second recover was not a no-op|still in flight|recover exited|VERIFY FAILED|POST-CUT|completed rollback'
+
+# Where the cuts aimed at the transaction go in a negative batch of QEMU kills or dm-flakey
+# cuts: within MAX ms after the effects of the phase whose sync is left out are done (the
+# fault's window is the next phase's commit and effects, up to the next syncfs: staging, the
+# BackedUp commit and the store's syncfs of the 24 MiB staged; backups, the Swapped commit
+# and the renames), or anywhere (random) for the others. PC_TRIGGER overrides it.
+declare -A NEG_TRIGGER=([staging]=Staged+80 [backups]=BackedUp+10 [swap]=Swapped+80 [journal]= [dirfsync]= [none]=)
+
+# neg_batch BATCH KINDS: runs the fw scenario on ext4 with each kind for the current binary and
+# NEG_POINT, tagging every row with BATCH. The log-writes replay (host only) runs in the
+# background (bg_job), beside the next QEMU runs.
+neg_lw_replay() { LW_PREFIX=$1- lw_replay fw ext4 "$2"; }
+neg_batch() {
+    local batch=$1 k pol=${PC_NEG_POLICY:-resume}
+    shift
+    BATCH=$batch
+    for k in "$@"; do
+        case $k in
+            lw)
+                LW_PREFIX=$batch- lw_record fw ext4 "$pol"
+                bg_job "lw-$batch" neg_lw_replay "$batch" "$pol" ;;
+            flakey | kill)
+                local keep_scn=("${CUT_SCENARIOS[@]}") trig=${PC_TRIGGER-${NEG_TRIGGER[${NEG_POINT:-none}]}}
+                CUT_SCENARIOS=(fw)
+                if [ "$k" = flakey ]; then PC_TRIGGER=$trig ID_PREFIX=$batch- BATCH_TAG=-$batch flakey_run "${PC_NEG_CUTS:-8}" ext4
+                else PC_TRIGGER=$trig ID_PREFIX=$batch- kill_run "${PC_NEG_CUTS:-8}" ext4; fi
+                CUT_SCENARIOS=("${keep_scn[@]}") ;;
+            *) die "unknown kind $k" ;;
+        esac
+    done
+    BATCH=
 }
 
 # ------------------------------------------------------------------ main
@@ -1127,6 +1610,7 @@ CUTS=0 FAILS=0
 
 finish() {
     local secs=$((($(now_ms) - T_START) / 1000))
+    [ -n "${NO_FLOORS:-}" ] || check_floors
     report "$1" "$secs"
     log "$CUTS cuts, $FAILS failures, ${secs}s; results $RESULTS"
 }
@@ -1171,10 +1655,13 @@ case $mode in
         build_bin normal; prep_all ext4 xfs
         start_run quick
         export PC_BIN_USED=$BIN PC_IMGS=$IMGS
-        selftest
-        kill_run "${PC_QUICK_KILLS:-10}" ext4 xfs
+        # The host-only parts (the self-test, the log-writes replay) run beside the QEMU ones.
+        bg_job selftest selftest
+        lw_record fw ext4
+        bg_job lw lw_replay fw ext4
+        kill_run "${PC_QUICK_KILLS:-6}" ext4 xfs
         flakey_run "${PC_QUICK_FLAKEY:-12}" ext4
-        lw_run fw ext4
+        bg_wait
         finish quick
         ;;
     soak)
@@ -1184,58 +1671,98 @@ case $mode in
         export PC_BIN_USED=$BIN PC_IMGS=$IMGS
         # A third of the cuts by QEMU kills, the rest by dm-flakey batches of 25 (ext4 and
         # xfs in turn), plus one log-writes replay of every scenario on ext4 and of fw on xfs
-        # (those points are counted on top of N).
+        # (those points are counted on top of N; recorded first, replayed beside the kills).
         nk=$((n / 3)); nf=$((n - nk)); b=0
+        for scn in "${SCENARIOS[@]}"; do lw_record "$scn" ext4; done
+        lw_record fw xfs
+        lw_replay_all() { for scn in "${SCENARIOS[@]}"; do lw_replay "$scn" ext4; done; lw_replay fw xfs; }
+        bg_job lw lw_replay_all
         kill_run "$nk" ext4 xfs
         while [ $nf -gt 0 ]; do
             c=$((nf > 25 ? 25 : nf))
-            flakey_run "$c" "$([ $((b % 2)) = 0 ] && echo ext4 || echo xfs)"
+            BATCH_TAG=-$b flakey_run "$c" "$([ $((b % 2)) = 0 ] && echo ext4 || echo xfs)"
             nf=$((nf - c)); b=$((b + 1))
         done
-        for scn in "${SCENARIOS[@]}"; do lw_run "$scn" ext4; done
-        lw_run fw xfs
+        bg_wait
         finish "soak $n"
         cp "$RUN/report.md" "$OUTROOT/soak-report-latest.md"
         ;;
     negative)
-        # The build without the staging syncfs must be caught. Only failures of the kinds that
-        # missing durability causes count (a known, unrelated failure must not make the
-        # control look detected). PC_NEG_KINDS adds flakey/kill batches of the fw scenario.
-        # The same log-writes replay with the normal build first: it must show no durability
-        # failure, or a failure of the negative build would prove nothing.
+        # run.sh negative [POINT...]: for each sync point (default: all five), the build that
+        # leaves it out runs the fw scenario on ext4 with each kind of PC_NEG_KINDS; the normal
+        # build runs the same kinds first, and must show no durability failure, or a failure
+        # of the negative build would prove nothing. A point in NEG_CAUGHT must be caught by
+        # at least one kind.
+        points=("$@")
+        [ ${#points[@]} -gt 0 ] || points=("${NEG_POINTS[@]}")
+        for p in "${points[@]}"; do
+            case " ${NEG_POINTS[*]} none " in *" $p "*) ;; *) die "unknown negative-control point $p (known: ${NEG_POINTS[*]} none)" ;; esac
+        done
+        read -r -a kinds <<<"${PC_NEG_KINDS:-lw}"
         build_bin normal; prep_all ext4
         start_run negative
         export PC_BIN_USED=$BIN PC_IMGS=$IMGS
-        LW_PREFIX=ctl- lw_run fw ext4
-        normal_bin=$BIN
-        build_bin negative; prep_all ext4
+        normal_bin=$BIN normal_imgs=$IMGS
+        NEG_POINT= neg_batch normal "${kinds[@]}"
+        build_bin negative
+        # The negative build shares the normal build's images (the same engine but for the
+        # left-out sync); only the initramfs carries the other binary.
+        prep_initramfs
+        IMGS=$normal_imgs
         export PC_BIN_USED=$BIN PC_IMGS=$IMGS
-        for k in ${PC_NEG_KINDS:-lw}; do
-            case $k in
-                lw) LW_PREFIX=neg- lw_run fw ext4 ;;
-                flakey) CUT_SCENARIOS=(fw); flakey_run "${PC_NEG_CUTS:-20}" ext4 ;;
-                kill) CUT_SCENARIOS=(fw); kill_run "${PC_NEG_CUTS:-20}" ext4 ;;
-                *) die "unknown kind $k" ;;
-            esac
+        for p in "${points[@]}"; do
+            NEG_POINT=$p
+            neg_batch "neg-$p" "${kinds[@]}"
         done
-        finish "negative control (normal build: lw; negative build: ${PC_NEG_KINDS:-lw}; fw, ext4)"
-        durable='WRITE-AHEAD|LOST AN ACK|ZERO-LENGTH|TORN|MIXED|neither old nor new'
-        control=$(awk -F'\t' -v re="$durable" '$8 == "FAIL" && $2 ~ /^lwctl-/ && $11 ~ re' "$RESULTS" | wc -l)
-        caught=$(awk -F'\t' -v re="$durable" '$8 == "FAIL" && $2 !~ /^lwctl-/ && $11 ~ re { n[$1]++ }
-            END { for (k in n) printf "%s%s: %d", (s++ ? ", " : ""), k, n[k] }' "$RESULTS")
-        if [ "$control" -gt 0 ]; then
-            log "NEGATIVE CONTROL INCONCLUSIVE: the normal build ($normal_bin) has $control durability failures itself"
-            exit 1
+        NEG_POINT=
+        bg_wait
+        NO_FLOORS=1 finish "negative controls (${points[*]}; kinds ${kinds[*]}; fw, ext4)"
+        # Floors: the normal build's batches must meet them (FAILS); a negative batch that
+        # misses one cannot say "not caught" for that kind.
+        check_floors normal
+        {
+            echo
+            echo "Negative controls: durability failures per point and cut kind (failing checks / checks):"
+            echo
+            echo "| build | $(printf '%s | ' "${kinds[@]}")verdict |"
+            echo "|---|$(printf -- '---|%.0s' "${kinds[@]}")---|"
+        } >>"$RUN/report.md"
+        verdict=0
+        for b in normal "${points[@]/#/neg-}"; do
+            row="| ${b#neg-} |" any=0
+            for k in "${kinds[@]}"; do
+                c=$(awk -F'\t' -v b="$b" -v k="$k" -v re="$NEG_DURABLE" '$17 == b && $1 == k { n++; if ($8 == "FAIL" && $11 ~ re) f++ } END { printf "%d/%d", f, n }' "$RESULTS")
+                fl=''
+                [ "$k" != lw ] && [ -n "$(floor_misses "$b" | awk -F'\t' -v k="$k" '$2 == k')" ] && fl=' (floor missed)'
+                [ "${c%/*}" -gt 0 ] && any=1
+                row="$row $([ "${c%/*}" -gt 0 ] && echo "**caught** $c" || echo "not caught $c")$fl |"
+            done
+            p=${b#neg-}
+            if [ "$b" = normal ] || [ "$p" = none ]; then
+                if [ $any = 1 ]; then v="FAILS: the build with every sync shows durability failures"; verdict=1; else v="clean (as it must be)"; fi
+            elif [[ $NEG_CAUGHT == *" $p "* ]]; then
+                if [ $any = 1 ]; then v="detected"; else v="**NOT DETECTED** (expected to be)"; verdict=1; fi
+            else
+                if [ $any = 1 ]; then v="detected (the README says no kind catches it: update it)"; else v="not detected (known blind spot: README.md)"; fi
+            fi
+            echo "$row $v |" >>"$RUN/report.md"
+            log "negative control ${p}: $row $v"
+        done
+        cat "$RUN/report.md" | sed -n '/^Negative controls/,$p' >&2
+        nfail=$(awk -F'\t' '$17 == "normal" && $8 == "FAIL"' "$RESULTS" | wc -l)
+        if [ "$nfail" -gt 0 ]; then
+            log "the normal build's control batches have $nfail failing checks (see the report): nothing can be concluded"
+            verdict=1
         fi
-        if [ -n "$caught" ]; then
-            log "NEGATIVE CONTROL DETECTED: durability failures with the negative build (by cut kind: $caught), none with the normal build"
+        if [ $verdict = 0 ] && [ -z "$(floor_misses normal)" ]; then
+            log "NEGATIVE CONTROL DETECTED: every point the harness claims to catch was caught, the normal build is clean"
             exit 0
         fi
-        log "NEGATIVE CONTROL NOT DETECTED: the harness is blind to the missing syncfs"
+        log "NEGATIVE CONTROL FAILED: see the table above ($RUN/report.md)"
         exit 1
         ;;
     *)
-        sed -n '2,20p' "$0" >&2
+        sed -n '2,/^set -euo/p' "$0" | sed '$d' >&2
         exit 2
         ;;
 esac

@@ -6,7 +6,8 @@
 # through `busybox`, the same binary that goes into the initramfs, so both sides print the
 # same bytes). Prints, sorted by path, one line per entry under MNT/root:
 #
-#   F <mode> <size> <sha256> <path>     regular file
+#   F <mode> <size> <md5> <path>        regular file (md5: a tree in 0.35 s under TCG, 0.6 s
+#                                       with sha256; it only has to tell contents apart)
 #   D <mode> <path>                     directory (no size: it differs between filesystems)
 #   O <type> <path>                     anything else (symlink, fifo...)
 #
@@ -21,7 +22,7 @@ if ! cd "$mnt/root" 2>/dev/null; then
 fi
 {
     $BB find . -mindepth 1 -exec $BB stat -c 'S|%F|%a|%s|%n' {} +
-    $BB find . -type f -exec $BB sha256sum {} +
+    $BB find . -type f -exec $BB md5sum {} +
 } | LC_ALL=C $BB awk '
     /^S\|/ {
         n = split($0, a, "|")

@@ -41,7 +41,7 @@ import zipfile
 
 
 def factory_tree(top):
-    """{./path: entry} of the tree on disk; an entry is ('F', mode, size, sha256) or ('D', mode)."""
+    """{./path: entry} of the tree on disk; an entry is ('F', mode, size, md5) or ('D', mode)."""
     tree = {}
     for d, dirs, files in os.walk(top):
         for name in dirs + files:
@@ -53,7 +53,7 @@ def factory_tree(top):
             elif stat.S_ISREG(st.st_mode):
                 with open(p, "rb") as f:
                     data = f.read()
-                tree[rel] = ("F", stat.S_IMODE(st.st_mode), len(data), hashlib.sha256(data).hexdigest())
+                tree[rel] = ("F", stat.S_IMODE(st.st_mode), len(data), hashlib.md5(data).hexdigest())
             else:
                 sys.exit(f"oracle: {p}: neither a file nor a directory")
     return tree
@@ -94,12 +94,12 @@ def install(tree, root, pkg):
             else:
                 mode = zip_mode or 0o644
             data = z.read(name)
-            new[path] = ("F", mode, len(data), hashlib.sha256(data).hexdigest())
+            new[path] = ("F", mode, len(data), hashlib.md5(data).hexdigest())
     return new
 
 
 def dump(tree):
-    """dump.sh's lines: `F mode size sha path` / `D mode path`, sorted as `sort` sorts
+    """dump.sh's lines: `F mode size md5 path` / `D mode path`, sorted as `sort` sorts
     "path<TAB>line" in the C locale."""
     lines = []
     for path, e in tree.items():
