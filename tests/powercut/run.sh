@@ -739,7 +739,9 @@ judge() {
     if [ "${HOW:-}" = notrigger ]; then
         reasons+=("TRIGGER NEVER APPEARED: the engine exited without logging the line the cut waited for (${WHEN:-?}): the cut did not test what it was drawn to test")
     fi
-    if [ -z "$line" ]; then
+    if [ -z "$line" ] && grep -q "^@@HANG $id " "$rf"; then
+        reasons+=("THE CHECK HUNG in the guest: $(grep "^@@OUT $id hang: pid" "$rf" | head -3 | sed "s/^@@OUT $id hang: //" | tr '\n' ';') (blocked tasks: @@OUT $id dmesg lines)")
+    elif [ -z "$line" ]; then
         reasons+=("no check result (guest died or hung?)")
     elif [[ $line == *mount=fail* ]]; then
         reasons+=("mount failed: $(grep "^@@OUT $id mount:" "$rf" | head -3 | tr '\n' ' ')")
@@ -1011,6 +1013,8 @@ ctl_head() {
     shift
     echo "mods $mods"
     [ -n "${NEG_POINT:-}" ] && echo "env TOPE_NEGATIVE_CONTROL=$NEG_POINT"
+    # The guest's check watchdog (guest/init, CHECK_HANG_S); a small value tests it.
+    [ -n "${PC_CHECK_HANG_S:-}" ] && echo "env PC_CHECK_HANG_S=$PC_CHECK_HANG_S"
     for f in "$@"; do expect_lines "$f"; done
 }
 
@@ -1094,7 +1098,7 @@ kill_run() {
         t0=$(now_ms)
         qemu_start "$logf" "$ctl" "${disks[@]}"
         if [ -z "$id" ]; then
-            wait_for "$logf" '^@@DONE' 300 || true
+            wait_for "$logf" '^@@(DONE|HANGDUMP )' 300 || true
             qemu_kill
         elif wait_line "$logf" "^@@(CUTNOW $id |ACTION-START $id mount=fail)" 300; then
             # The moment the guest chose: kill now, before anything else.
@@ -1194,7 +1198,13 @@ flakey_run() {
     t0=$(now_ms)
     qemu_start "$logf" "$ctl" "$cow" "$IMGS/$fs/factory.img,snapshot=on" "$IMGS/$fs/v3.img,snapshot=on"
     local timeout=$((120 + n * 60))
-    wait_for "$logf" '^@@DONE' $timeout || log "flakey batch did not finish in ${timeout}s; judging what it did"
+    # A check the guest's watchdog found stuck (@@HANG, then its dump) ends the batch at once:
+    # its later cuts are judged as not done, and the log keeps where it hung.
+    if wait_for "$logf" '^@@(DONE|HANGDUMP )' $timeout; then
+        grep -q '^@@HANGDUMP ' "$logf" && log "flakey batch: a check hung in the guest (@@HANG in $logf); judging what it did"
+    else
+        log "flakey batch did not finish in ${timeout}s; judging what it did"
+    fi
     qemu_kill
     local secs=$((($(now_ms) - t0) / 1000))
     rm -f "$cow"
