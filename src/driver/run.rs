@@ -197,6 +197,11 @@ impl Updater {
             &plan.targets,
             || Ok(pkg.map(Package::archive)),
             |archive, t| {
+                if t.unchanged() {
+                    // Already there: nothing to write (SPEC §3).
+                    progress(t);
+                    return Ok(Staging::Done(t.old.hash()));
+                }
                 if let (Some(p), Some(a)) = (pkg, archive.as_mut())
                     && let Some(split) = split_stage(t, tx, p, a)?
                 {
@@ -266,7 +271,8 @@ impl Updater {
     /// worked on in parallel (renames in one directory serialise on its lock anyway).
     pub(super) fn swap(&mut self, plan: &Plan) -> Result<()> {
         let mut by_dir: BTreeMap<&Path, Vec<&Target>> = BTreeMap::new();
-        for t in &plan.targets {
+        // A target that already holds its new state is left alone (verification reads it).
+        for t in plan.targets.iter().filter(|t| !t.unchanged()) {
             let p = Path::new(&t.path);
             by_dir.entry(p.parent().unwrap_or(p)).or_default().push(t);
         }
