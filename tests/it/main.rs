@@ -8,6 +8,8 @@ mod api_guard;
 mod api_load;
 mod crash;
 mod daemon;
+mod delta;
+mod delta_process;
 mod diskfull;
 mod dropin;
 mod fastpath;
