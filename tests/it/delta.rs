@@ -254,6 +254,9 @@ fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
     z.finish().unwrap();
 }
 
+/// A change to a package's manifest and entries.
+type Edit = dyn FnOnce(&mut Value, &mut Vec<(String, Vec<u8>)>);
+
 /// A copy of the delta package at `from`, with its manifest and entries passed through `edit`.
 fn tampered(env: &Env, from: &Path, name: &str, edit: impl FnOnce(&mut Value, &mut Vec<(String, Vec<u8>)>)) -> PathBuf {
     let mut entries = read_zip(from);
@@ -312,7 +315,7 @@ fn hostile_delta_packages_are_refused_before_anything_is_touched() {
     let (env, delta) = device_at_v1();
     let patch_of = |m: &Value, key: &str| m["delta"]["files"][key]["patches"][0].clone();
     let pdst = env.dst("p");
-    let cases: Vec<(&str, &str, Box<dyn FnOnce(&mut Value, &mut Vec<(String, Vec<u8>)>)>)> = vec![
+    let cases: Vec<(&str, &str, Box<Edit>)> = vec![
         ("a patch entry missing from the archive", "INVALID_PACKAGE", Box::new(|_, e| e.retain(|(n, _)| !n.starts_with(".tope-delta/")))),
         (
             "a module that does not pin its files",
