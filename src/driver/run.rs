@@ -271,8 +271,7 @@ impl Updater {
     /// worked on in parallel (renames in one directory serialise on its lock anyway).
     pub(super) fn swap(&mut self, plan: &Plan) -> Result<()> {
         let mut by_dir: BTreeMap<&Path, Vec<&Target>> = BTreeMap::new();
-        // A target that already holds its new state is left alone (verification reads it).
-        for t in plan.targets.iter().filter(|t| !t.unchanged()) {
+        for t in &plan.targets {
             let p = Path::new(&t.path);
             by_dir.entry(p.parent().unwrap_or(p)).or_default().push(t);
         }

@@ -396,3 +396,18 @@ fn engines_that_do_not_know_deltas_refuse_the_package_whole() {
     let r = env.run(&["install", blind.to_str().unwrap()]);
     assert!(r.stderr.contains("modules is empty"), "{}", r.describe());
 }
+
+#[test]
+fn a_package_without_hashes_whose_content_is_already_there_leaves_nothing_staged() {
+    // Without pinned hashes the engine learns that the content is unchanged only once it
+    // has staged it: the staged copy is then swapped in like any other, never left behind.
+    let env = Env::new();
+    env.put("app/conf", b"same\n", 0o644);
+    let pkg = env.pkg_path("legacy.zip");
+    write_package(&pkg, &manifest("1.0.0", &[("conf", "conf", &env.dst("app/conf"))]), &[("conf", b"same\n")]);
+    let before = tree(&env.root);
+    env.ok(&["install", pkg.to_str().unwrap()]);
+    assert_eq!(tree(&env.root), before);
+    assert!(leftovers(&env.root).is_empty(), "{:?}", leftovers(&env.root));
+    env.ok(&["verify"]);
+}
