@@ -101,8 +101,16 @@ impl Package {
         let file = Arc::new(file);
         let (archive, manifest, files, manifest_bytes) = validate(&file, cfg, roots)?;
         let pinned = pinned_identity(&manifest_bytes, &files);
-        let mut pkg =
-            Package { path: path.to_path_buf(), size: meta.len(), pinned, blake3: PendingHash::NotStarted, file, manifest, files, archive };
+        let mut pkg = Package {
+            path: absolute_path(path),
+            size: meta.len(),
+            pinned,
+            blake3: PendingHash::NotStarted,
+            file,
+            manifest,
+            files,
+            archive,
+        };
         if pkg.pinned.is_none() {
             // Without pinned hashes the identity is the file's hash: computed on another core
             // while the caller observes the old files.
@@ -178,6 +186,13 @@ impl Package {
     pub fn archive(&self) -> Archive {
         self.archive.clone()
     }
+}
+
+/// The package's path as the journal records it: absolute, so that `recover` (at boot, from
+/// `/`) finds the package a relative `install` named. Not resolved through symlinks (that is
+/// the path the operator gave).
+fn absolute_path(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// A reader over one entry that fails unless exactly the declared size comes out (the zip

@@ -53,7 +53,7 @@ pub(super) fn stage_one(
                     let archive = archive.ok_or_else(|| Error::internal("staging from a package that is not open"))?;
                     let mut reader = crate::package::entry_reader(archive, &p.entry, p.size)?;
                     let mut out = HashingWriter { file: &file, hasher: blake3::Hasher::new(), len: 0 };
-                    crate::delta::apply(&mut reader, &base_file, base, nf.size, &mut out).map_err(|e| {
+                    crate::delta::apply(&mut reader, &base_file, nf.size, &mut out).map_err(|e| {
                         use crate::delta::PatchError;
                         let what = format!("patch {:?} for {}", p.entry, t.path);
                         match e {
@@ -76,7 +76,9 @@ pub(super) fn stage_one(
     };
     let (hash, size) = copied?;
     if size != nf.size {
-        return Err(Error::new(ErrorCode::InvalidPackage, format!("{}: {size} bytes staged, {} declared", t.path, nf.size)));
+        // From the package: the package is wrong; from a blob or a delta base: the content is.
+        let code = if matches!(t.source, Source::Package { .. }) { ErrorCode::InvalidPackage } else { ErrorCode::HashMismatch };
+        return Err(Error::new(code, format!("{}: {size} bytes staged, {} declared", t.path, nf.size)));
     }
     if let Some(expected) = nf.hash
         && expected != hash
@@ -222,7 +224,14 @@ pub(super) fn swap_one(t: &Target, tx: u64) -> Result<()> {
 pub(super) fn undo_one(t: &Target, tx: u64, store: &BackupStore) -> Result<()> {
     let target = Path::new(&t.path);
     let tmp = temp_path(target, tx);
+    // Removing the staged file tells whether there was one: a target that kept its content
+    // was neither staged nor swapped, so there is nothing to undo (and no backup of it).
+    let was_staged = std::fs::symlink_metadata(&tmp).is_ok();
     fsutil::remove_if_present(&tmp)?;
+    if t.unchanged() && !was_staged {
+        hit("rollback.file");
+        return Ok(());
+    }
     let current = fsutil::observe(target)?;
     match restore_action(&t.old, &current) {
         RestoreAction::Nothing => {}

@@ -101,10 +101,15 @@ impl Updater {
         Err(Error::new(
             ErrorCode::DeltaBaseMissing,
             format!(
-                "{}: this delta package builds it from the content of {from} ({}), which this device holds neither there nor in its backups (its content is {}); nothing was changed: install the full package of version {}",
+                "{}: this delta package builds it from the content of {from} ({}) or finds its new content ({}), and this device holds neither, there or in its backups (the file holds {}); nothing was changed: install the full package of version {}",
                 f.dst.display(),
-                patches.iter().map(|(p, _)| p.base.to_hex()).chain([target.to_hex()]).collect::<Vec<_>>().join(" or "),
-                live.map_or("absent".to_string(), |h| h.to_hex()),
+                if patches.is_empty() {
+                    "no patch".to_string()
+                } else {
+                    patches.iter().map(|(p, _)| p.base.to_hex()).collect::<Vec<_>>().join(" or ")
+                },
+                target.to_hex(),
+                live.map_or("nothing".to_string(), |h| h.to_hex()),
                 m.version
             ),
         ))
@@ -245,6 +250,14 @@ impl Updater {
                 PathState::Absent => (NewState::Absent, Source::Nothing),
                 PathState::File(m) => {
                     if !self.store.has(&m.hash) {
+                        if generation::desired_state(path, current.as_ref(), &factory) == want {
+                            // No transaction between the two generations changed this path (an
+                            // install that kept a file's content keeps no backup of it): it was
+                            // edited by hand since. A rollback reverses transactions; it leaves
+                            // that edit, which `verify` reports, rather than fail as a whole.
+                            tracing::warn!(path, "edited since it was installed, and no backup holds its recorded content: left as it is");
+                            continue;
+                        }
                         return Err(Error::new(
                             ErrorCode::RollbackFailed,
                             format!("the backup of {path} ({}) is missing; nothing was changed", m.hash),

@@ -247,7 +247,10 @@ impl Updater {
     pub(super) fn back_up(&mut self, plan: &Plan) -> Result<()> {
         // One source per distinct content: two workers must never fill the same blob.
         let mut by_hash: BTreeMap<crate::engine::Hash, &str> = BTreeMap::new();
-        for t in &plan.targets {
+        // A target that keeps its content is not backed up: a hard link would make the blob
+        // the live file itself, which an edit of the file would then change (and nothing
+        // needs it: the path keeps that content, and whatever later changes it backs it up).
+        for t in plan.targets.iter().filter(|t| !t.unchanged()) {
             if let PathState::File(m) = t.old {
                 by_hash.entry(m.hash).or_insert(&t.path);
             }

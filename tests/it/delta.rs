@@ -378,7 +378,9 @@ fn a_patch_naming_a_base_that_is_not_its_own_is_refused() {
     });
     let conf_bytes = env.read("app/etc/app.conf").unwrap();
     env.put("fw.bin", &conf_bytes, 0o644);
-    refused(&env, &bad, "INVALID_PACKAGE", "a patch for another base");
+    // The patch holds no base of its own (the signed manifest names it): applied to other
+    // content it decodes to an error or to other bytes, and the pinned hash refuses either.
+    refused(&env, &bad, "HASH_MISMATCH", "a patch for another base");
 }
 
 #[test]
@@ -410,4 +412,32 @@ fn a_package_without_hashes_whose_content_is_already_there_leaves_nothing_staged
     assert_eq!(tree(&env.root), before);
     assert!(leftovers(&env.root).is_empty(), "{:?}", leftovers(&env.root));
     env.ok(&["verify"]);
+}
+
+#[test]
+fn a_kept_file_edited_in_place_neither_damages_a_backup_nor_blocks_a_rollback() {
+    // A file whose content an install keeps is not backed up (a hard link would make the
+    // backup the live file itself, which an in-place edit then changes). Edited by hand
+    // afterwards, a rollback leaves that edit (verify reports it) and restores the rest.
+    let (v1, v2) = versions();
+    let env = Env::new();
+    pack(&env, &v1, "v1.zip", &[]);
+    pack(&env, &v2, "v2.zip", &[]);
+    env.ok(&["install", env.pkg_path("v1.zip").to_str().unwrap()]);
+    env.ok(&["install", env.pkg_path("v2.zip").to_str().unwrap()]);
+    let same = env.path("app/lib/libsame.so");
+    for blob in std::fs::read_dir(env.state.join("backups")).unwrap() {
+        let blob = blob.unwrap().path();
+        assert_ne!(std::fs::metadata(&blob).unwrap().ino(), std::fs::metadata(&same).unwrap().ino(), "{} is the live file", blob.display());
+    }
+    let mut f = std::fs::OpenOptions::new().append(true).open(&same).unwrap();
+    f.write_all(b"edited in place").unwrap();
+    drop(f);
+    let edited = std::fs::read(&same).unwrap();
+    let r = env.run(&["verify"]);
+    assert_ne!(r.code, Some(0), "verify reports the edit:\n{}", r.describe());
+    env.ok(&["rollback"]);
+    let mut want = after_install(&BTreeMap::new(), &v1.new_files());
+    want.insert("app/lib/libsame.so".into(), format!("file 644 {}", blake3_hex(&edited)));
+    assert_eq!(tree(&env.root), want, "everything else is v1 again, the edit is left");
 }
