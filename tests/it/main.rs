@@ -20,3 +20,4 @@ mod operator;
 mod services;
 mod signing;
 mod transactions;
+mod verification;
