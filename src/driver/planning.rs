@@ -121,7 +121,7 @@ impl Updater {
         let records = self.journal.known_files(paths.iter().copied())?;
         let seen = crate::observe::observe_all(paths, crate::observe::Source::Records(&records))?;
         let trusted = seen.iter().filter(|o| o.unread).count();
-        tracing::debug!(paths = paths.len(), unreads = trusted, read = seen.len() - trusted, "old states observed");
+        tracing::debug!(paths = paths.len(), from_records = trusted, read = seen.len() - trusted, "old states observed");
         Ok(seen.into_iter().map(|o| o.state).collect())
     }
 
