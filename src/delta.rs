@@ -132,6 +132,11 @@ fn unzstd(reference: &[u8], payload: &[u8], out_len: u64) -> Result<Vec<u8>, Pat
         Ok(Some(n)) => return Err(PatchError::Invalid(format!("a window declares {out_len} bytes but its frame holds {n}"))),
         _ => return Err(PatchError::Invalid("a window's zstd frame does not state its size".into())),
     }
+    // Exactly one frame: anything after it (another frame, a skippable one) is not part of
+    // the format.
+    if zstd::zstd_safe::find_frame_compressed_size(payload).ok() != Some(payload.len()) {
+        return Err(PatchError::Invalid("a window's payload is not exactly one zstd frame".into()));
+    }
     let mut dctx = DCtx::create();
     dctx.set_parameter(DParameter::WindowLogMax(DELTA_ZSTD_WINDOW_LOG_MAX)).map_err(|e| PatchError::Invalid(zstd_err("zstd", e)))?;
     if !reference.is_empty() {
@@ -168,14 +173,34 @@ fn unbsdiff(reference: &[u8], payload: &[u8], out_len: u64) -> Result<Vec<u8>, P
         _ => return Err(PatchError::Invalid("a window's zstd frame does not state its size".into())),
     };
     let stream = unzstd(&[], payload, stream_len)?;
-    // Every output byte comes from the stream, so the output is at most the stream's length
-    // (bounded above); each control entry is checked against the reference by bsdiff.
+    // The entries must add up to exactly the window before any is applied: bsdiff grows its
+    // output as it reads, so a stream promising more would allocate past the bound first
+    // (found by fuzz/delta_structured). Each entry's reads of the reference are checked by
+    // bsdiff itself.
+    if bsdiff_output_len(&stream) != Some(out_len) {
+        return Err(PatchError::Invalid(format!("a bsdiff stream that does not make exactly its window of {out_len} bytes")));
+    }
     let mut out = Vec::with_capacity(out_len as usize);
     bsdiff::patch(reference, &mut stream.as_slice(), &mut out).map_err(|e| PatchError::Corrupt(format!("bsdiff: {e}")))?;
     if out.len() as u64 != out_len {
         return Err(PatchError::Corrupt(format!("a window decodes to {} bytes, {out_len} declared", out.len())));
     }
     Ok(out)
+}
+
+/// The bytes a bsdiff stream (24-byte control entries `mix_len:u64le copy_len:u64le
+/// seek:i64`, each followed by its `mix_len + copy_len` bytes) produces, if it is well formed.
+fn bsdiff_output_len(stream: &[u8]) -> Option<u64> {
+    let (mut pos, mut total) = (0usize, 0u64);
+    while pos < stream.len() {
+        let control = stream.get(pos..pos.checked_add(24)?)?;
+        let mix = u64::from_le_bytes(control[0..8].try_into().ok()?);
+        let copy = u64::from_le_bytes(control[8..16].try_into().ok()?);
+        let n = mix.checked_add(copy)?;
+        total = total.checked_add(n)?;
+        pos = pos.checked_add(24)?.checked_add(usize::try_from(n).ok()?)?;
+    }
+    (pos == stream.len()).then_some(total)
 }
 
 /// Whether a window's quick zstd patch is large enough that more effort may pay: a window
@@ -378,6 +403,19 @@ mod tests {
         assert!(matches!(forge(w(Method::Zstd, bomb.len() as u64), &bomb), Err(PatchError::Invalid(_))));
         let big_stream = zstd_with_prefix(&[], &vec![0u8; DELTA_BSDIFF_STREAM_BYTES_MAX as usize + 1], 3).unwrap();
         assert!(matches!(forge(w(Method::BsdiffZstd, big_stream.len() as u64), &big_stream), Err(PatchError::Invalid(_))));
+        // A bsdiff stream whose entry promises more than its window (it would grow the
+        // output before failing), and a payload with a second frame after the first.
+        let mut stream = Vec::new();
+        stream.extend(0u64.to_le_bytes());
+        stream.extend((4u64 << 20).to_le_bytes());
+        stream.extend(0i64.to_le_bytes());
+        stream.extend(vec![0u8; 4 << 20]);
+        let promising = zstd_with_prefix(&[], &stream, 3).unwrap();
+        assert!(matches!(forge(w(Method::BsdiffZstd, promising.len() as u64), &promising), Err(PatchError::Invalid(_))));
+        let ten = zstd_with_prefix(&[], b"0123456789", 3).unwrap();
+        let two_frames = [ten.clone(), ten.clone()].concat();
+        assert!(matches!(forge(w(Method::Zstd, two_frames.len() as u64), &two_frames), Err(PatchError::Invalid(_))));
+        assert_eq!(forge(w(Method::Zstd, ten.len() as u64), &ten).unwrap(), b"0123456789");
         // A window of the right declared size but a payload that decodes to less.
         let short = zstd_with_prefix(&[], b"12345", 3).unwrap();
         assert!(matches!(forge(w(Method::Zstd, short.len() as u64), &short), Err(PatchError::Invalid(_))));
