@@ -122,7 +122,7 @@ impl Package {
     fn start_file_hash(&mut self) {
         if let PendingHash::NotStarted = self.blake3 {
             let file = self.file.clone();
-            self.blake3 = PendingHash::Running(std::thread::spawn(move || fsutil::hash_file_at(&file)));
+            self.blake3 = PendingHash::Running(std::thread::spawn(move || hash_whole_file(&file)));
         }
     }
 
@@ -193,6 +193,22 @@ impl Package {
 /// the path the operator gave).
 fn absolute_path(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// The blake3 of the whole package file, by pieces on every core (blake3 subtrees, the same
+/// hash as one sequential pass: `treehash`): a legacy package's identity is on the critical
+/// path of its install (planning waits for it), so it gets both cores.
+fn hash_whole_file(file: &File) -> std::io::Result<(Hash, u64)> {
+    let len = file.metadata()?.len();
+    if len <= crate::treehash::PIECE_BYTES {
+        return fsutil::hash_file_at(file);
+    }
+    let hashes = crate::treehash::hash_split(&[Some(len)], |_, off, n| {
+        crate::treehash::hash_piece(file, len, off, n).map_err(|e| Error::new(ErrorCode::InvalidPackage, e.to_string()))
+    })
+    .map_err(|e| std::io::Error::other(e.message))?;
+    let hash = hashes.into_iter().next().flatten().ok_or_else(|| std::io::Error::other("no hash for the package"))?;
+    Ok((hash, len))
 }
 
 /// A reader over one entry that fails unless exactly the declared size comes out (the zip
@@ -570,6 +586,16 @@ mod tests {
         let (d, root) = device();
         let path = package(d.path(), "u.zip", &root, FILES, false, zip::CompressionMethod::Deflated);
         assert_eq!(open(&path, &root).identity().unwrap(), Hash::of(&std::fs::read(&path).unwrap()));
+    }
+
+    #[test]
+    fn a_large_unpinned_package_is_hashed_by_pieces_to_the_hash_of_its_bytes() {
+        let (d, root) = device();
+        let big: Vec<u8> = (0..9 * 1024 * 1024 + 12345u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let path = package(d.path(), "big.zip", &root, &[("a", &big)], false, zip::CompressionMethod::Stored);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() as u64 > 2 * crate::treehash::PIECE_BYTES, "split into pieces");
+        assert_eq!(open(&path, &root).identity().unwrap(), Hash::of(&bytes));
     }
 
     #[test]
