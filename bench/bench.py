@@ -4,6 +4,15 @@ Every timed run starts from the same state: the target holds the old version, th
 cache is warm, and nothing is dirty (a `sync` before the clock starts). Each timing includes
 a final `sync`, as the peers' numbers in ../shared/research/peers.md do. Ratios are taken
 against `cp` + `sync` measured in the same invocation, on the same filesystem.
+
+"written MiB" / "written / changed" (install and rollback rows, as root): the bytes the loop
+device under the workspace's filesystem received during each timed command, its final `sync`
+included (field 7 of /sys/block/<loopN>/stat, 512-byte sectors, read after the first `sync`
+and after the last): file data, the filesystem's metadata and its journal, and for
+tope-updater its state dir (journal.redb, the plan copy, the backup store), which the bench
+keeps on the same filesystem. The median over the runs (range if they differ), and that over
+the changed content: the summed sizes of the new version's files whose content differs from
+the old version's (all of them in both profiles). 1.00 × is the floor for a full-file update.
 """
 
 import argparse, hashlib, http.server, json, os, random, re, shutil, socketserver, statistics, subprocess, tempfile, threading, time, urllib.request, zipfile
@@ -19,13 +28,53 @@ def sh(cmd):
 def timed(cmd):
     """Wall time of `cmd` followed by `sync`, starting with nothing dirty, after a pause that
     lets the shared host's disk absorb what the previous command wrote (without it, whichever
-    command ran right after a large write paid for it)."""
+    command ran right after a large write paid for it). Also leaves in LAST_WRITTEN the bytes
+    the workspace's block device received from the start of `cmd` to the end of its `sync`
+    (None without a loop device): everything the command wrote, the filesystem's metadata
+    and journal included, and nothing its setup wrote (flushed by the first `sync`)."""
+    global LAST_WRITTEN
     sh("sync")
     time.sleep(SETTLE_S)
+    before = DEVICE.written() if DEVICE else None
     t = time.perf_counter()
     sh(cmd)
     sh("sync")
-    return time.perf_counter() - t
+    dt = time.perf_counter() - t
+    LAST_WRITTEN = DEVICE.written() - before if DEVICE else None
+    return dt
+
+
+class DeviceCounter:
+    """Bytes written so far to the block device a filesystem is mounted from: field 7 of
+    /sys/block/<loopN>/stat (sectors written, 512-byte units). The device is found from the
+    mount itself (/proc/self/mountinfo: the mount point's device number, which must be the
+    one stat() gives for it) and must be a loop device backed by `image`, so that nothing
+    but the workspace's filesystem is counted."""
+
+    def __init__(self, mount, image):
+        mount = os.path.realpath(mount)
+        dev = os.stat(mount).st_dev
+        majmin = f"{os.major(dev)}:{os.minor(dev)}"
+        with open("/proc/self/mountinfo") as f:
+            found = [l.split() for l in f if l.split()[4] == mount]
+        if not found or found[-1][2] != majmin:
+            raise SystemExit(f"bench: {mount} is not a mount point of device {majmin} (mountinfo: {found})")
+        self.name = os.path.basename(os.path.realpath(f"/sys/dev/block/{majmin}"))
+        if not self.name.startswith("loop"):
+            raise SystemExit(f"bench: {mount} is on {self.name}, not a loop device")
+        with open(f"/sys/block/{self.name}/loop/backing_file") as f:
+            backing = f.read().strip()
+        if os.path.realpath(backing) != os.path.realpath(image):
+            raise SystemExit(f"bench: /dev/{self.name} is backed by {backing}, not {image}")
+        self.st_dev, self.stat = dev, f"/sys/block/{self.name}/stat"
+
+    def written(self):
+        with open(self.stat) as f:
+            return int(f.read().split()[6]) * 512
+
+
+DEVICE = None  # the workspace's DeviceCounter (main sets it), None when not on a loop device
+LAST_WRITTEN = None
 
 
 class Workspace:
@@ -33,7 +82,7 @@ class Workspace:
 
     def __init__(self, size_gib, prefill):
         self.base = tempfile.mkdtemp(prefix="tope-bench.")
-        self.mount = None
+        self.mount = self.counter = None
         if os.geteuid() == 0 and shutil.which("mkfs.ext4"):
             img = os.path.join(self.base, "fs.img")
             if prefill:
@@ -49,6 +98,7 @@ class Workspace:
             os.mkdir(self.dir)
             sh(["mount", "-o", "loop", img, self.dir])
             self.mount = self.dir
+            self.counter = DeviceCounter(self.dir, img)
             self.kind = f"ext4 on a loop device ({size_gib} GiB image)"
         else:
             self.dir = os.path.join(self.base, "dir")
@@ -61,43 +111,6 @@ class Workspace:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def device_written(ws):
-    """Bytes written to the workspace's block device so far (sectors written, field 7 of
-    /sys/block/loopN/stat), or None without a loop mount."""
-    if not ws.mount:
-        return None
-    with open("/proc/mounts") as f:
-        dev = next((l.split()[0] for l in f if l.split()[1] == ws.mount), "")
-    name = os.path.basename(dev)
-    if not name.startswith("loop"):
-        return None
-    with open(f"/sys/block/{name}/stat") as f:
-        return int(f.read().split()[6]) * 512
-
-
-def payload_bytes(dirpath):
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dirpath) for f in fs)
-
-
-def wear(ws, prof):
-    """Flash wear of one update: bytes the block device received per byte of changed
-    payload, for `cp` + `sync` and for an ordinary install (each after a `sync`, so only its
-    own writes count, the filesystem's journal included)."""
-    payload = payload_bytes(os.path.join(prof.src, "modules", "app"))
-    out = {}
-    for name, run in (("cp", lambda: sh(f"cp -r '{prof.src}/modules/app/.' '{prof.baseline}/' && sync")),
-                      ("install", lambda: (prof.tu("install", prof.pkg), sh("sync")))):
-        if name == "cp":
-            prof.reset_copy(prof.baseline)
-        else:
-            prof.reset_device()
-        sh("sync")
-        before = device_written(ws)
-        run()
-        out[name] = device_written(ws) - before
-    return payload, out
-
-
 def tree_digest(root):
     """Relative path -> sha256 of every file under root: a row counts only if it installed the
     new content (as ../shared/research/peers.md checks every peer's run)."""
@@ -108,6 +121,15 @@ def tree_digest(root):
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, root)] = hashlib.file_digest(fh, "sha256").hexdigest()
     return out
+
+
+def changed_bytes(old, new, after=None):
+    """The changed content of an update: the sizes of the new version's files whose content
+    differs from the old version's file at the same path (or that have none), their count, and
+    the number of files. `after`: tree_digest(new), when already taken."""
+    before, after = tree_digest(old), after or tree_digest(new)
+    changed = [rel for rel, h in after.items() if before.get(rel) != h]
+    return sum(os.path.getsize(os.path.join(new, rel)) for rel in changed), len(changed), len(after)
 
 
 def make_legacy(src, dst):
@@ -196,6 +218,12 @@ class Profile:
         self.has_ostree = self.ostree_setup()
         self.reset_copy(self.target)
         self.tu("recover")  # creates the journal: a one-time cost, not part of an install
+        # The journal, the plan copy and the backups are part of what an install writes: the
+        # state dir must be on the counted device, as the targets and the staged files are.
+        if ws.counter:
+            for d in (os.path.join(self.root, "state"), self.target):
+                if os.stat(d).st_dev != ws.counter.st_dev:
+                    raise SystemExit(f"bench: {d} is not on the measured filesystem {ws.dir}")
 
     def remove(self):
         """Frees its space for the next profile (the 1 GiB ones need it)."""
@@ -523,6 +551,16 @@ def slow_clients_bench(ws, binary, stalled=1100, polls=20):
     return answer_ms, fds, kib, term_ms, d.returncode
 
 
+def wcols(written, changed):
+    """The "written MiB" and "written / changed" cells of a row: the median of the bytes the
+    device received per run (with the range when the runs differ), over the changed content."""
+    if not written or written[0] is None:
+        return "n/a", "n/a"
+    lo, med, hi = min(written) / MiB, statistics.median(written) / MiB, max(written) / MiB
+    span = f" ({lo:.1f}–{hi:.1f})" if f"{lo:.1f}" != f"{hi:.1f}" else ""
+    return f"{med:.1f}{span}", f"{statistics.median(written) / changed:.2f} ×"
+
+
 def fmt_s(xs):
     return f"{statistics.median(xs):.3f} s ({min(xs):.3f}–{max(xs):.3f})"
 
@@ -542,7 +580,9 @@ def main():
     big = 8 * MiB if a.quick else 64 * MiB
     many = 200 if a.quick else 2000
     rss_bytes = 64 * MiB if a.quick else 1024 * MiB
+    global DEVICE
     ws = Workspace(2, prefill=False) if a.quick else Workspace(8, prefill=True)
+    DEVICE = ws.counter
     rows = []
     try:
         if a.daemon_only:
@@ -556,17 +596,22 @@ def main():
                      (legacy, lambda: prof.run_install(legacy=True)), (cpr, prof.run_cp_rename)]
             if prof.has_ostree:
                 steps.append((ost, prof.run_ostree))
+            written = {id(out): [] for out, _ in steps}  # bytes the device received, per run
             for r in range(runs):
                 # Interleaved, so drift hits all of them alike, and in a rotating order, so no
                 # command always follows the same one.
                 k = r % len(steps)
                 for out, step in steps[k:] + steps[:k]:
                     out.append(step())
-            want = tree_digest(os.path.join(prof.src, "modules", "app"))
+                    written[id(out)].append(LAST_WRITTEN)
+            new_dir = os.path.join(prof.src, "modules", "app")
+            want = tree_digest(new_dir)
             checked = [("cp into new files + rename", prof.atomic)] + ([("OSTree checkout", prof.os_co)] if ost else [])
             for what, where in checked:
                 if tree_digest(where) != want:
                     raise SystemExit(f"bench: the {what} row did not leave the new content in {where}")
+            changed, n_changed, n_files = changed_bytes(prof.old, new_dir, want)
+            prof.changed = changed
             base = statistics.median(cp)
             # The ratio of the medians; the range of each run over the baseline's median; the
             # median of each run over the cp run of the same round (slow spells of the shared
@@ -578,27 +623,28 @@ def main():
                     f"{statistics.median(xs) / base:.2f} × (runs {min(xs) / base:.2f}–{max(xs) / base:.2f}; "
                     f"paired {paired:.2f} ×; best {min(xs) / min(cp):.2f} ×)"
                 )
-            rows.append((f"{label}: cp + sync (baseline)", fmt_s(cp), "1.00 ×"))
-            rows.append((f"{label}: unzip -o + sync", fmt_s(unz), f"{statistics.median(unz) / base:.2f} ×"))
-            rows.append((f"{label}: tope-updater install", fmt_s(ins), ratio(ins)))
-            rows.append((f"{label}: tope-updater install, old files never verified", fmt_s(cold), ratio(cold)))
-            rows.append((f"{label}: tope-updater install, legacy package (no hashes pinned)", fmt_s(legacy), ratio(legacy)))
-            rows.append((f"{label}: cp into new files + rename + sync (atomic-copy floor)", fmt_s(cpr), ratio(cpr)))
+            w = lambda xs: wcols(written[id(xs)], changed)
+            rows.append((f"{label}: changed content (new files whose content differs from the old)", f"{changed / MiB:.1f} MiB in {n_changed} of {n_files} files", "", "", ""))
+            rows.append((f"{label}: cp + sync (baseline)", fmt_s(cp), "1.00 ×", *w(cp)))
+            rows.append((f"{label}: unzip -o + sync", fmt_s(unz), f"{statistics.median(unz) / base:.2f} ×", *w(unz)))
+            rows.append((f"{label}: tope-updater install", fmt_s(ins), ratio(ins), *w(ins)))
+            rows.append((f"{label}: tope-updater install, old files never verified", fmt_s(cold), ratio(cold), *w(cold)))
+            rows.append((f"{label}: tope-updater install, legacy package (no hashes pinned)", fmt_s(legacy), ratio(legacy), *w(legacy)))
+            rows.append((f"{label}: cp into new files + rename + sync (atomic-copy floor)", fmt_s(cpr), ratio(cpr), *w(cpr)))
             if ost:
-                rows.append((f"{label}: OSTree pull-local + checkout + sync", fmt_s(ost), ratio(ost)))
+                rows.append((f"{label}: OSTree pull-local + checkout + sync", fmt_s(ost), ratio(ost), *w(ost)))
             else:
                 rows.append((f"{label}: OSTree pull-local + checkout + sync", "n/a (ostree not installed)", ""))
-            if device_written(ws) is not None:
-                payload, w = wear(ws, prof)
-                rows.append((f"{label}: bytes written to the device per changed byte", f"cp {w['cp'] / payload:.2f} ×, install {w['install'] / payload:.2f} ×",
-                             f"{payload / MiB:.1f} MiB changed; install {w['install'] / MiB:.1f} MiB, cp {w['cp'] / MiB:.1f} MiB written"))
         fw.remove()
         settle = 200
         dt_ins, dt_base = downtime_bench(ws, a.bin, runs, settle, big // 4)
         rows.append((f"service downtime, install of 3 modules × {big // 4 // MiB} MiB owned by 3 services", fmt_s(dt_ins),
                      f"stop + start by hand {fmt_s(dt_base)}; difference {statistics.median(dt_ins) - statistics.median(dt_base):+.3f} s (start_settle_ms = {settle}, both)"))
-        rb = [sm.run_rollback() for _ in range(runs)]
-        rows.append((f"rollback of the {many}-file install", fmt_s(rb), "target < 2 s"))
+        rb, rb_w = [], []
+        for _ in range(runs):
+            rb.append(sm.run_rollback())
+            rb_w.append(LAST_WRITTEN)
+        rows.append((f"rollback of the {many}-file install", fmt_s(rb), "target < 2 s", *wcols(rb_w, sm.changed)))
 
         if shutil.which("strace"):
             profiles = [
@@ -655,15 +701,21 @@ def daemon_rows(ws, a, rss_bytes, rows):
 
 
 def report(ws, runs, rows, md):
-    print(f"\nfilesystem: {ws.kind}; {runs} runs per timing; median (min–max); every timing ends with sync")
+    dev = (f"bytes written: /sys/block/{ws.counter.name}/stat, from the start of each timed command to the end of its sync"
+           if ws.counter else "bytes written: n/a (no loop device)")
+    print(f"\nfilesystem: {ws.kind}; {runs} runs per timing; median (min–max); every timing ends with sync; {dev}")
+    head = ("what", "measured", "written MiB", "written / changed", "ratio / target")
+    # Rows are (what, measured, ratio / target[, written MiB, written / changed]); the written
+    # columns come before the ratio, whose text is the longest.
+    cells = [(r[0], r[1], *(tuple(r[3:5]) + ("", ""))[:2], r[2]) for r in rows]
     if md:
-        print("\n| what | measured | ratio / target |\n|---|---|---|")
-        for r in rows:
-            print(f"| {r[0]} | {r[1]} | {r[2]} |")
+        print("\n| " + " | ".join(head) + " |\n|---|---|---|---|---|")
+        for c in cells:
+            print("| " + " | ".join(c) + " |")
     else:
-        w = max(len(r[0]) for r in rows)
-        for r in rows:
-            print(f"{r[0]:<{w}}  {r[1]:<50}  {r[2]}")
+        w = [max(len(c[i]) for c in cells + [head]) for i in range(4)]
+        for c in [head] + cells:
+            print(f"{c[0]:<{w[0]}}  {c[1]:<{w[1]}}  {c[2]:>{w[2]}}  {c[3]:>{w[3]}}  {c[4]}")
 
 
 if __name__ == "__main__":

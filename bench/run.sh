@@ -2,7 +2,9 @@
 # Benchmark: tope-updater install against `cp` + `sync`, `unzip -o` + `sync`, `cp` into new
 # files + rename + `sync`, and OSTree pull-local + checkout (Debian's ostree), on the same
 # filesystem in the same run (a loop-mounted ext4 image when run as root, a temporary
-# directory otherwise). Prints one table; `--md` prints it as Markdown.
+# directory otherwise). Prints one table; `--md` prints it as Markdown. As root, each timed
+# row also gives the bytes the loop device received during it ("written MiB") and that over
+# the bytes of changed content ("written / changed"); see bench/bench.py's docstring.
 #   bench/run.sh [--md] [--runs N] [--quick]
 #   bench/run.sh --endurance [--quick] [--updates N] [--md] ...  (bench/endurance.py --help)
 # --quick: smaller payloads and fewer runs (a smoke test of the script itself).

@@ -25,7 +25,7 @@ shift || true
 HERE=$(cd "$(dirname "$0")" && pwd)
 cd "$HERE/.."
 
-ALL_TARGETS=(manifest package package_structured records engine config)
+ALL_TARGETS=(manifest package package_structured records engine config delta_apply delta_structured)
 TARGETS=("${@:-${ALL_TARGETS[@]}}")
 SANITIZER=${FUZZ_SANITIZER:-none}
 RSS_LIMIT_MB=${FUZZ_RSS_LIMIT_MB:-1024}
@@ -50,7 +50,7 @@ done
 extra_args() {
     case "$1" in
         package) echo "-max_len=65536" ;;
-        package_structured | engine) echo "-max_len=16384" ;;
+        package_structured | engine | delta_apply | delta_structured) echo "-max_len=16384" ;;
         *) echo "" ;;
     esac
 }
@@ -95,7 +95,7 @@ for t in "${TARGETS[@]}"; do
     fi
 done
 
-# Per-process scratch files of the package and records targets.
+# Per-process scratch files of the package and records targets (the delta targets unlink theirs).
 rm -rf /tmp/tope-fuzz/package-*.zip /tmp/tope-fuzz/state-* /dev/shm/tope-fuzz 2>/dev/null || true
 
 echo "== summary"

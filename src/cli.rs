@@ -142,7 +142,8 @@ another; config.example.toml (in the source tree) lists every key with its defau
     /// Build a package from DIR (holding manifest.json and the sources), filling in hashes.
     #[command(after_help = "Examples:
   tope-updater pack app/ -o app-1.2.3.zip
-  tope-updater pack app/ -o app-1.2.3.zip --version 1.2.3 --sign release.key")]
+  tope-updater pack app/ -o app-1.2.3.zip --version 1.2.3 --sign release.key
+  tope-updater pack app/ -o app-1.2.3-delta.zip --delta-from app-1.2.2.zip --sign release.key")]
     Pack {
         dir: PathBuf,
         #[arg(short = 'o', long = "output")]
@@ -152,6 +153,11 @@ another; config.example.toml (in the source tree) lists every key with its defau
         /// Sign the manifest with this secret key (from `keygen`): adds manifest.json.sig.
         #[arg(long, value_name = "KEYFILE")]
         sign: Option<PathBuf>,
+        /// Make a delta package against this full package (repeatable, one per version the
+        /// devices may have): files they already hold are not shipped, changed ones may be
+        /// shipped as binary patches.
+        #[arg(long = "delta-from", value_name = "BASE.zip")]
+        delta_from: Vec<PathBuf>,
     },
     /// Make an ed25519 key pair for signing packages: PREFIX.key (secret) and PREFIX.pub.
     #[command(after_help = "Example:
@@ -470,17 +476,31 @@ fn dispatch(cli: Cli) -> std::result::Result<u8, Failure> {
             }
             Ok(exit::DONE)
         }
-        Cmd::Pack { dir, output, version, sign } => {
-            let r = crate::pack::pack(&dir, &output, version.as_deref(), sign.as_deref())?;
+        Cmd::Pack { dir, output, version, sign, delta_from } => {
+            let r = crate::pack::pack(&dir, &output, version.as_deref(), sign.as_deref(), &delta_from)?;
             out.emit(&r, || {
-                format!(
+                let mut s = format!(
                     "packed {} files ({} bytes), version {}, into {}{}",
                     r.files,
                     r.bytes,
                     r.version,
                     r.output,
                     if r.signed { ", signed" } else { "" }
-                )
+                );
+                if let Some(d) = &r.delta {
+                    s += &format!(
+                        "\ndelta from {}: {} files shipped whole, {} as patches, {} not shipped (already on the device); entries {} bytes against {} for the full package ({:.1}x smaller), package {} bytes",
+                        d.from_versions.join(", "),
+                        d.whole,
+                        d.patched,
+                        d.on_device,
+                        d.entries_bytes,
+                        d.full_entries_bytes,
+                        d.full_entries_bytes as f64 / d.entries_bytes.max(1) as f64,
+                        r.package_bytes
+                    );
+                }
+                s
             });
             Ok(exit::DONE)
         }

@@ -45,6 +45,10 @@ pub struct Config {
     pub trusted_keys: Vec<PathBuf>,
     pub confirm_required: bool,
     pub max_trial_boots: u32,
+    /// `Verified` re-reads every staged file from the medium (its pages dropped after the
+    /// flush) instead of checking that each target is the staged inode: for SD cards and eMMC
+    /// that acknowledge writes they lose.
+    pub verify_from_media: bool,
     /// Device model; a package naming a `compatible` must match it.
     pub compatible: Option<String>,
     pub max_package_bytes: u64,
@@ -132,6 +136,7 @@ impl Default for Config {
             trusted_keys: Vec::new(),
             confirm_required: false,
             max_trial_boots: 3,
+            verify_from_media: false,
             compatible: None,
             max_package_bytes: 2 * 1024 * 1024 * 1024,
             max_unpacked_bytes: 4 * 1024 * 1024 * 1024,

@@ -86,7 +86,7 @@ fn run_in(root: &Path, json: bool) -> Result<u8> {
     write(&src.join("modules/web/js/app.js"), "console.log('v2');\n", 0o644)?;
     let pkg = root.join("build/demo-app-2.0.0.zip");
     println!("\n2. $ tope-updater pack build/demo-app-2.0.0 -o build/demo-app-2.0.0.zip");
-    let r = crate::pack::pack(&src, &pkg, None, None)?;
+    let r = crate::pack::pack(&src, &pkg, None, None, &[])?;
     out.emit(&r, || format!("   packed {} files ({} bytes), version {}, every file hashed into the manifest", r.files, r.bytes, r.version));
 
     println!("\n3. $ tope-updater install build/demo-app-2.0.0.zip");

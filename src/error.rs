@@ -56,6 +56,9 @@ pub enum ErrorCode {
     /// The package server's file is not `package_size` bytes long (what the legacy service
     /// reported; the download fails at once, nothing kept).
     PackageSizeMismatch = 25,
+    /// A delta package builds a file from content this device holds neither live nor in its
+    /// backup store (a drifted or foreign device): nothing touched; the full package would do.
+    DeltaBaseMissing = 26,
 }
 
 impl ErrorCode {
@@ -87,6 +90,7 @@ impl ErrorCode {
             ErrorCode::InternalError => "INTERNAL_ERROR",
             ErrorCode::RequestRefused => "REQUEST_REFUSED",
             ErrorCode::PackageSizeMismatch => "PACKAGE_SIZE_MISMATCH",
+            ErrorCode::DeltaBaseMissing => "DELTA_BASE_MISSING",
         }
     }
 
@@ -104,6 +108,7 @@ impl ErrorCode {
                 | ErrorCode::PathNotAllowed
                 | ErrorCode::VersionMismatch
                 | ErrorCode::Incompatible
+                | ErrorCode::DeltaBaseMissing
                 // At planning: the package stops a service this device's backend could not
                 // start again. (A start that fails after the swap is never "nothing touched".)
                 | ErrorCode::ServiceStartFailed

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod delta;
 pub mod demo;
 pub mod download;
 pub mod driver;
@@ -19,6 +20,7 @@ pub mod logging;
 pub mod manifest;
 pub mod observe;
 pub mod pack;
+pub mod pack_delta;
 pub mod package;
 pub mod parallel;
 pub mod paths;

@@ -27,6 +27,29 @@ pub const PLAN_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub const HISTORY_TX_MAX: usize = 200;
 /// Read/write buffer for streaming copies and hashing.
 pub const IO_BUFFER_BYTES: usize = 256 * 1024;
+// Delta patches (src/delta.rs): what applying one holds in memory is bounded by these, whatever
+// the size of the file: one window at a time per process, so at most
+// DELTA_REF_BYTES_MAX + DELTA_PAYLOAD_BYTES_MAX + DELTA_BSDIFF_STREAM_BYTES_MAX +
+// DELTA_WINDOW_BYTES = 24 MiB of buffers.
+
+/// Versions a delta package names as its bases, and patches per file (one per base).
+pub const DELTA_BASES_MAX: usize = 16;
+/// Target bytes one patch window produces.
+pub const DELTA_WINDOW_BYTES: u64 = 4 * 1024 * 1024;
+/// Base bytes a window may refer to on either side of its own span (content that moved).
+pub const DELTA_REF_MARGIN_BYTES: u64 = 2 * 1024 * 1024;
+/// Base bytes one window refers to, at most: its span and both margins.
+pub const DELTA_REF_BYTES_MAX: u64 = DELTA_WINDOW_BYTES + 2 * DELTA_REF_MARGIN_BYTES;
+/// zstd window (log2) a patch frame may ask for: the reference and the output together.
+pub const DELTA_ZSTD_WINDOW_LOG_MAX: u32 = 24;
+/// The compressed payload of one window (a window that does not compress still fits).
+pub const DELTA_PAYLOAD_BYTES_MAX: u64 = DELTA_WINDOW_BYTES + 64 * 1024;
+/// One window's bsdiff stream once decompressed (the window's bytes plus 24 bytes of control
+/// per instruction).
+pub const DELTA_BSDIFF_STREAM_BYTES_MAX: u64 = 2 * DELTA_WINDOW_BYTES;
+/// A patch's header and each window's header (bincode).
+pub const DELTA_HEADER_BYTES_MAX: usize = 1024;
+
 /// Headroom kept free on every filesystem after the statvfs preflight.
 pub const FREE_SPACE_RESERVE_BYTES: u64 = 1024 * 1024;
 /// Config file size.

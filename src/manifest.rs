@@ -19,8 +19,45 @@ struct RawManifest {
     min_from_version: Option<String>,
     #[serde(default)]
     reboot: Option<bool>,
+    #[serde(default)]
+    delta: Option<RawDelta>,
     #[serde(flatten)]
     unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// The `delta` object of a delta package. Its modules live here, and the top-level `modules`
+/// is empty: an engine that does not know deltas (the Python service, whose schema needs at
+/// least one module, and tope-updater before 0.2) refuses the package before touching
+/// anything, instead of deploying patch bytes as files.
+#[derive(Deserialize)]
+struct RawDelta {
+    format: u32,
+    #[serde(default)]
+    from_versions: Vec<String>,
+    modules: Vec<RawModule>,
+    #[serde(default)]
+    files: BTreeMap<String, RawDeltaFile>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// A deployed file the delta package does not hold whole (keyed by the entry name a full
+/// package would hold it under).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeltaFile {
+    size: u64,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    patches: Vec<RawPatch>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPatch {
+    base: String,
+    entry: String,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +112,35 @@ pub struct Module {
     pub gid: Option<u32>,
 }
 
+/// The delta format this engine reads (`delta.format`).
+pub const DELTA_FORMAT: u32 = 1;
+
+/// A patch entry and the content it applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Patch {
+    pub base: Hash,
+    pub entry: String,
+}
+
+/// A file of a delta package that is built on the device: from content found by its own
+/// hash (the device already has it), or by applying one of `patches` to content found by
+/// the patch's base hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaFile {
+    pub size: u64,
+    /// Permission bits, as a full package's ZIP entry would carry them.
+    pub mode: Option<u32>,
+    pub patches: Vec<Patch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// The versions whose content the patches apply to (for messages).
+    pub from_versions: Vec<String>,
+    /// Entry name (as in a full package) → how the file is built.
+    pub files: BTreeMap<String, DeltaFile>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     pub version: Version,
@@ -82,6 +148,8 @@ pub struct Manifest {
     pub compatible: Option<String>,
     pub min_from_version: Option<Version>,
     pub reboot: bool,
+    /// Present for a delta package (its modules are in `modules` all the same).
+    pub delta: Option<Delta>,
     /// Unknown fields seen (`modules[3].foo`), already logged as warnings.
     pub unknown_fields: Vec<String>,
 }
@@ -102,20 +170,41 @@ impl Manifest {
         Manifest::validate(raw)
     }
 
-    fn validate(raw: RawManifest) -> Result<Manifest> {
+    fn validate(mut raw: RawManifest) -> Result<Manifest> {
         let version = Version::parse(&raw.version)?;
-        if raw.modules.is_empty() {
-            return Err(invalid("modules is empty"));
+        let mut unknown_fields: Vec<String> = raw.unknown.keys().cloned().collect();
+        let (raw_modules, at, delta) = match raw.delta.take() {
+            None => (std::mem::take(&mut raw.modules), "modules", None),
+            Some(d) => {
+                if !raw.modules.is_empty() {
+                    return Err(invalid("a delta package keeps its modules in delta.modules; the top-level modules must be empty"));
+                }
+                if d.format != DELTA_FORMAT {
+                    return Err(invalid(format!(
+                        "delta format {} is not supported by this engine (it reads format {DELTA_FORMAT}); install the full package",
+                        d.format
+                    )));
+                }
+                unknown_fields.extend(d.unknown.keys().map(|k| format!("delta.{k}")));
+                let delta = validate_delta(d.from_versions, d.files)?;
+                (d.modules, "delta.modules", Some(delta))
+            }
+        };
+        if raw_modules.is_empty() {
+            return Err(invalid(format!("{at} is empty")));
         }
-        if raw.modules.len() > MODULES_MAX {
+        if raw_modules.len() > MODULES_MAX {
             return Err(invalid(format!("more than {MODULES_MAX} modules")));
         }
-        let mut unknown_fields: Vec<String> = raw.unknown.keys().cloned().collect();
         let mut names = std::collections::BTreeSet::new();
-        let mut modules = Vec::with_capacity(raw.modules.len());
-        for (i, m) in raw.modules.into_iter().enumerate() {
-            unknown_fields.extend(m.unknown.keys().map(|k| format!("modules[{i}].{k}")));
-            let module = validate_module(m).map_err(|e| invalid(format!("modules[{i}]: {}", e.message)))?;
+        let mut modules = Vec::with_capacity(raw_modules.len());
+        for (i, m) in raw_modules.into_iter().enumerate() {
+            unknown_fields.extend(m.unknown.keys().map(|k| format!("{at}[{i}].{k}")));
+            let module = validate_module(m).map_err(|e| invalid(format!("{at}[{i}]: {}", e.message)))?;
+            if delta.is_some() && module.blake3.is_none() && module.files.is_none() {
+                // The content is built on the device: only a pinned hash can check it.
+                return Err(invalid(format!("{at}[{i}]: a delta package must pin every file (blake3 or files)")));
+            }
             if !names.insert(module.name.clone()) {
                 return Err(invalid(format!("module name {:?} is used twice", module.name)));
             }
@@ -128,8 +217,40 @@ impl Manifest {
         for f in &unknown_fields {
             tracing::warn!(field = %f, "manifest.json: unknown field ignored");
         }
-        Ok(Manifest { version, modules, compatible: raw.compatible, min_from_version, reboot: raw.reboot.unwrap_or(false), unknown_fields })
+        Ok(Manifest {
+            version,
+            modules,
+            compatible: raw.compatible,
+            min_from_version,
+            reboot: raw.reboot.unwrap_or(false),
+            delta,
+            unknown_fields,
+        })
     }
+}
+
+fn validate_delta(from_versions: Vec<String>, files: BTreeMap<String, RawDeltaFile>) -> Result<Delta> {
+    if from_versions.len() > DELTA_BASES_MAX {
+        return Err(invalid(format!("delta.from_versions has more than {DELTA_BASES_MAX} versions")));
+    }
+    for v in &from_versions {
+        Version::parse(v).map_err(|e| invalid(format!("delta.from_versions: {}", e.message)))?;
+    }
+    let mut out = BTreeMap::new();
+    for (name, f) in files {
+        check_relative("delta.files key", &name, false)?;
+        if f.patches.len() > DELTA_BASES_MAX {
+            return Err(invalid(format!("delta.files[{name:?}] has more than {DELTA_BASES_MAX} patches")));
+        }
+        let mut patches = Vec::with_capacity(f.patches.len());
+        for p in f.patches {
+            check_relative("delta patch entry", &p.entry, false)?;
+            patches.push(Patch { base: parse_hash("delta patch base", &p.base)?, entry: p.entry });
+        }
+        let mode = f.mode.as_deref().map(parse_mode).transpose()?;
+        out.insert(name, DeltaFile { size: f.size, mode, patches });
+    }
+    Ok(Delta { from_versions, files: out })
 }
 
 fn check_name(what: &str, s: &str) -> Result<()> {

@@ -4,9 +4,10 @@
 //! one piece are split at blake3 subtree boundaries (`treehash`) so both cores share them.
 //!
 //! Reading verifies; the record only saves a read of a file the engine verified earlier
-//! and nobody changed since. `Verified` and `tope-updater verify` never use records.
+//! and nobody changed since. `Verified` and `tope-updater verify` never use records;
+//! `Verified` checks the files this process staged by their identity (`Source::Staged`).
 
-use crate::engine::known::{KnownFile, StatSignature, Timestamp};
+use crate::engine::known::{KnownFile, StagedIdentity, StatSignature, Timestamp};
 use crate::engine::{FileMeta, Hash, PathState};
 use crate::error::{Error, ErrorCode, Result};
 use crate::treehash;
@@ -23,8 +24,9 @@ pub struct Observation {
     /// the record a later plan may trust. `None` for absent paths, files taken from a
     /// record, and files changed in the current clock tick.
     pub recordable: Option<KnownFile>,
-    /// The hash came from a known-file record (no read).
-    pub from_record: bool,
+    /// The hash came without a read: from a known-file record, or (verification) from the
+    /// staged identity.
+    pub unread: bool,
 }
 
 /// Where hashes may come from.
@@ -33,6 +35,9 @@ pub enum Source<'a> {
     ReadAll,
     /// Trust these records where the signature matches exactly (planning).
     Records(&'a BTreeMap<String, KnownFile>),
+    /// Verification: a path that is still the staged inode (`StagedIdentity::still_is`) holds
+    /// the content hashed while it was staged; any other path is read.
+    Staged(&'a BTreeMap<String, StagedIdentity>),
 }
 
 /// A file opened for reading whose hash needs more than one piece.
@@ -77,7 +82,7 @@ fn observe_first(path: &str, source: &Source<'_>) -> Result<First> {
     let meta = match std::fs::symlink_metadata(p) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(First::Done(Observation { state: PathState::Absent, recordable: None, from_record: false }));
+            return Ok(First::Done(Observation { state: PathState::Absent, recordable: None, unread: false }));
         }
         Err(e) => return Err(Error::io(ErrorCode::DeploymentFailed, "stat", p, &e)),
     };
@@ -89,7 +94,16 @@ fn observe_first(path: &str, source: &Source<'_>) -> Result<First> {
         && k.vouches_for(&signature(&meta))
     {
         let state = PathState::File(file_meta(&meta, k.hash));
-        return Ok(First::Done(Observation { state, recordable: None, from_record: true }));
+        return Ok(First::Done(Observation { state, recordable: None, unread: true }));
+    }
+    if let Source::Staged(staged) = source
+        && let Some(id) = staged.get(path)
+    {
+        let sig = signature(&meta);
+        if id.still_is(&sig, meta.mode() & 0o7777, meta.uid(), meta.gid()) {
+            let recordable = sig.settled(clock_before).then_some(KnownFile { sig, hash: id.hash });
+            return Ok(First::Done(Observation { state: PathState::File(file_meta(&meta, id.hash)), recordable, unread: true }));
+        }
     }
     // The descriptor read is the one described: O_NOFOLLOW, and its own fstat.
     let file = OpenOptions::new()
@@ -120,7 +134,7 @@ fn finish_read(path: &str, file: &File, before: &Metadata, hash: Hash, clock_bef
         return Err(changed(path));
     }
     let recordable = sig.settled(clock_before).then_some(KnownFile { sig, hash });
-    Ok(Observation { state: PathState::File(file_meta(&after, hash)), recordable, from_record: false })
+    Ok(Observation { state: PathState::File(file_meta(&after, hash)), recordable, unread: false })
 }
 
 pub fn signature(m: &Metadata) -> StatSignature {
@@ -214,7 +228,7 @@ mod tests {
         assert_eq!(got[1].state.hash(), Some(Hash::of(&big)));
         assert_eq!(got[2].state, PathState::Absent);
         assert_eq!(got[3].state.hash(), Some(Hash::of(b"")));
-        assert!(got.iter().all(|o| !o.from_record));
+        assert!(got.iter().all(|o| !o.unread));
     }
 
     #[test]
@@ -226,7 +240,7 @@ mod tests {
         let records = BTreeMap::from([(p.clone(), KnownFile { sig: signature(&meta), hash: lie })]);
         let got = observe_all(&[p.as_str()], Source::Records(&records)).unwrap();
         assert_eq!(got[0].state.hash(), Some(lie));
-        assert!(got[0].from_record);
+        assert!(got[0].unread);
         // Verification never uses records.
         assert_eq!(observe_all(&[p.as_str()], Source::ReadAll).unwrap()[0].state.hash(), Some(Hash::of(b"old content")));
         // Rewritten with the same size: ctime moves, the record no longer vouches.
@@ -234,7 +248,7 @@ mod tests {
         write(&f, b"new content");
         let got = observe_all(&[p.as_str()], Source::Records(&records)).unwrap();
         assert_eq!(got[0].state.hash(), Some(Hash::of(b"new content")));
-        assert!(!got[0].from_record);
+        assert!(!got[0].unread);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use crate::engine::Hash;
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::manifest::Manifest;
+use crate::pack_delta::{NewFile, Shipped, full_entry_bytes};
 use crate::package::MANIFEST_NAME;
 use serde_json::{Map, Value};
 use std::fs::File;
@@ -24,10 +25,32 @@ pub struct PackReport {
     pub files: usize,
     pub bytes: u64,
     pub signed: bool,
+    /// Bytes of the package written.
+    pub package_bytes: u64,
+    /// For a delta package: what it ships against a full one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaReport>,
 }
 
-/// Builds the package; with `sign`, also `manifest.json.sig` over the exact manifest bytes.
-pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path>) -> Result<PackReport> {
+#[derive(Debug, serde::Serialize)]
+pub struct DeltaReport {
+    pub from_versions: Vec<String>,
+    /// Files shipped whole, as patches, and not at all (the device already has them).
+    pub whole: usize,
+    pub patched: usize,
+    pub on_device: usize,
+    /// The entries a full package would hold (deflated where that pays), in bytes.
+    pub full_entries_bytes: u64,
+    /// The entries this package holds instead.
+    pub entries_bytes: u64,
+}
+
+/// Where a patch entry lives in a delta package (never under a module's `src`).
+const PATCH_PREFIX: &str = ".tope-delta/";
+
+/// Builds the package; with `sign`, also `manifest.json.sig` over the exact manifest bytes;
+/// with `delta_from`, a delta package against those full packages (`pack_delta.rs`).
+pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path>, delta_from: &[PathBuf]) -> Result<PackReport> {
     let key = sign.map(crate::signing::load_signing_key).transpose()?;
     let template_path = dir.join(MANIFEST_NAME);
     let text = std::fs::read_to_string(&template_path).map_err(|e| Error::io(ErrorCode::ValidationError, "read", &template_path, &e))?;
@@ -37,26 +60,77 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path
         root.insert("version".into(), Value::String(v.to_string()));
     }
     let modules = root.get_mut("modules").and_then(Value::as_array_mut).ok_or_else(|| bad("manifest template has no modules array"))?;
-    let mut entries: Vec<(String, PathBuf)> = Vec::new();
+    let mut found: Vec<NewFile> = Vec::new();
     for m in modules.iter_mut() {
         let m = m.as_object_mut().ok_or_else(|| bad("a module is not an object"))?;
         let src = m.get("src").and_then(Value::as_str).ok_or_else(|| bad("a module has no src"))?.to_string();
+        let dst = m.get("dst").and_then(Value::as_str).ok_or_else(|| bad("a module has no dst"))?.to_string();
+        if src.starts_with(PATCH_PREFIX) {
+            return Err(bad(format!("src {src:?}: {PATCH_PREFIX} is where delta packages keep their patches")));
+        }
         if let Some(prefix) = src.strip_suffix('/') {
             let base = dir.join(prefix);
             let mut files = Map::new();
             for rel in walk_files(&base)? {
-                let (hash, _) =
-                    fsutil::hash_file(&base.join(&rel)).map_err(|e| Error::io(ErrorCode::ValidationError, "read", &base.join(&rel), &e))?;
-                files.insert(rel.clone(), Value::String(hash.to_hex()));
-                entries.push((format!("{src}{rel}"), base.join(&rel)));
+                let f = new_file(format!("{src}{rel}"), base.join(&rel), format!("{}/{rel}", dst.trim_end_matches('/')))?;
+                files.insert(rel.clone(), Value::String(f.hash.to_hex()));
+                found.push(f);
             }
             m.insert("files".into(), Value::Object(files));
         } else {
-            let p = dir.join(&src);
-            let (hash, _) = fsutil::hash_file(&p).map_err(|e| Error::io(ErrorCode::ValidationError, "read", &p, &e))?;
-            m.insert("blake3".into(), Value::String(hash.to_hex()));
-            entries.push((src, p));
+            let f = new_file(src.clone(), dir.join(&src), dst)?;
+            m.insert("blake3".into(), Value::String(f.hash.to_hex()));
+            found.push(f);
         }
+    }
+    // Two modules may deploy the same source: the archive holds it once.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut shipped_once: Vec<&NewFile> = found.iter().filter(|f| seen.insert(f.entry.clone())).collect();
+    let mut patches: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut delta_report = None;
+    if !delta_from.is_empty() {
+        let (how, from_versions) = crate::pack_delta::plan(&found, delta_from)?;
+        let mut files = Map::new();
+        let mut report = DeltaReport {
+            from_versions: from_versions.clone(),
+            whole: 0,
+            patched: 0,
+            on_device: 0,
+            full_entries_bytes: 0,
+            entries_bytes: 0,
+        };
+        let mut whole = std::collections::BTreeSet::new();
+        for (f, shipped) in found.iter().zip(how) {
+            match shipped {
+                Shipped::Whole => {
+                    whole.insert(f.entry.clone());
+                    report.whole += 1;
+                }
+                Shipped::Delta { patches: ps } => {
+                    let mut list = Vec::new();
+                    for (base, bytes) in ps {
+                        let entry = format!("{PATCH_PREFIX}{}", patches.len());
+                        list.push(serde_json::json!({"base": base.to_hex(), "entry": entry}));
+                        patches.push((entry, bytes));
+                    }
+                    if list.is_empty() {
+                        report.on_device += 1
+                    } else {
+                        report.patched += 1
+                    }
+                    files.insert(f.entry.clone(), serde_json::json!({"size": f.size, "mode": format!("{:04o}", f.mode), "patches": list}));
+                }
+            }
+        }
+        shipped_once.retain(|f| whole.contains(&f.entry));
+        // The modules move under `delta`, and the top-level list stays empty: an engine that
+        // does not know deltas refuses the package whole (manifest.rs, RawDelta).
+        let mods = std::mem::take(modules);
+        root.insert(
+            "delta".into(),
+            serde_json::json!({"format": crate::manifest::DELTA_FORMAT, "from_versions": from_versions, "modules": mods, "files": files}),
+        );
+        delta_report = Some(report);
     }
     let manifest_bytes = serde_json::to_vec_pretty(&doc).map_err(|e| Error::internal(e.to_string()))?;
     // Validate what we produce with the same parser the installer uses.
@@ -76,18 +150,19 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path
         .map_err(zerr)?;
         zip.write_all(&crate::signing::sign(key, &manifest_bytes)).map_err(|e| Error::io(ErrorCode::InternalError, "write", &tmp, &e))?;
     }
-    // Two modules may deploy the same source: the archive holds it once.
-    let mut seen = std::collections::BTreeSet::new();
-    entries.retain(|(name, _)| seen.insert(name.clone()));
+    let stored = opts.compression_method(zip::CompressionMethod::Stored).compression_level(None);
     let mut bytes = 0u64;
-    for (name, path) in &entries {
-        let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
-        let entry_opts =
-            if compresses(path)? { opts } else { opts.compression_method(zip::CompressionMethod::Stored).compression_level(None) };
-        zip.start_file(name.as_str(), entry_opts.unix_permissions(mode).large_file(true)).map_err(zerr)?;
-        let f = File::open(path).map_err(|e| Error::io(ErrorCode::ValidationError, "open", path, &e))?;
-        let (_, n) = fsutil::copy_hashed(f, &mut zip).map_err(|e| Error::internal(format!("pack {}: {e:?}", path.display())))?;
+    for f in &shipped_once {
+        let entry_opts = if compresses(&f.path)? { opts } else { stored };
+        zip.start_file(f.entry.as_str(), entry_opts.unix_permissions(f.mode).large_file(true)).map_err(zerr)?;
+        let file = File::open(&f.path).map_err(|e| Error::io(ErrorCode::ValidationError, "open", &f.path, &e))?;
+        let (_, n) = fsutil::copy_hashed(file, &mut zip).map_err(|e| Error::internal(format!("pack {}: {e:?}", f.path.display())))?;
         bytes += n;
+    }
+    // Patches are zstd already: stored.
+    for (name, patch) in &patches {
+        zip.start_file(name.as_str(), stored.unix_permissions(0o644).large_file(true)).map_err(zerr)?;
+        zip.write_all(patch).map_err(|e| Error::io(ErrorCode::InternalError, "write", &tmp, &e))?;
     }
     let writer = zip.finish().map_err(zerr)?;
     writer
@@ -96,13 +171,37 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path
         .sync_all()
         .map_err(|e| Error::io(ErrorCode::InternalError, "fsync", &tmp, &e))?;
     std::fs::rename(&tmp, output).map_err(|e| Error::io(ErrorCode::InternalError, "rename", output, &e))?;
+    let package_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    if let Some(r) = delta_report.as_mut() {
+        let mut counted = std::collections::BTreeSet::new();
+        for f in found.iter().filter(|f| counted.insert(f.entry.as_str())) {
+            r.full_entries_bytes += full_entry_bytes(&f.path, f.size)?;
+        }
+        let mut archive = zip::ZipArchive::new(File::open(output).map_err(|e| Error::io(ErrorCode::InternalError, "open", output, &e))?)
+            .map_err(|e| Error::internal(format!("read back {}: {e}", output.display())))?;
+        for i in 0..archive.len() {
+            let e = archive.by_index_raw(i).map_err(|e| Error::internal(format!("read back {}: {e}", output.display())))?;
+            let name = e.name().map_err(|e| Error::internal(format!("read back {}: {e}", output.display())))?;
+            if name != MANIFEST_NAME && name != crate::signing::SIGNATURE_NAME {
+                r.entries_bytes += e.compressed_size();
+            }
+        }
+    }
     Ok(PackReport {
         output: output.display().to_string(),
         version: manifest.version.to_string(),
-        files: entries.len(),
+        files: found.len(),
         bytes,
         signed: key.is_some(),
+        package_bytes,
+        delta: delta_report,
     })
+}
+
+fn new_file(entry: String, path: PathBuf, dst: String) -> Result<NewFile> {
+    let meta = std::fs::metadata(&path).map_err(|e| Error::io(ErrorCode::ValidationError, "stat", &path, &e))?;
+    let (hash, size) = fsutil::hash_file(&path).map_err(|e| Error::io(ErrorCode::ValidationError, "read", &path, &e))?;
+    Ok(NewFile { entry, path, dst, hash, size, mode: meta.permissions().mode() & 0o7777 })
 }
 
 /// Whether deflate is worth it for this file, judged on its first MiB: already-compressed or

@@ -38,8 +38,20 @@ pub struct DeployFile {
     /// Declared uncompressed size; reading enforces it.
     pub size: u64,
     pub expected: Option<Hash>,
-    /// Permission bits from the ZIP entry, if it carries Unix attributes.
+    /// Permission bits from the ZIP entry, if it carries Unix attributes (for a file a delta
+    /// package builds on the device: the mode its manifest records).
     pub zip_mode: Option<u32>,
+    pub content: Content,
+}
+
+/// Where a deployed file's content comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// The ZIP entry `DeployFile::entry`, whole.
+    Entry,
+    /// Built on the device (a delta package): content found by the file's own hash, or one of
+    /// these patches (with its entry's size) applied to content found by its base hash.
+    Delta { patches: Vec<(crate::manifest::Patch, u64)> },
 }
 
 pub struct Package {
@@ -89,8 +101,16 @@ impl Package {
         let file = Arc::new(file);
         let (archive, manifest, files, manifest_bytes) = validate(&file, cfg, roots)?;
         let pinned = pinned_identity(&manifest_bytes, &files);
-        let mut pkg =
-            Package { path: path.to_path_buf(), size: meta.len(), pinned, blake3: PendingHash::NotStarted, file, manifest, files, archive };
+        let mut pkg = Package {
+            path: absolute_path(path),
+            size: meta.len(),
+            pinned,
+            blake3: PendingHash::NotStarted,
+            file,
+            manifest,
+            files,
+            archive,
+        };
         if pkg.pinned.is_none() {
             // Without pinned hashes the identity is the file's hash: computed on another core
             // while the caller observes the old files.
@@ -102,7 +122,7 @@ impl Package {
     fn start_file_hash(&mut self) {
         if let PendingHash::NotStarted = self.blake3 {
             let file = self.file.clone();
-            self.blake3 = PendingHash::Running(std::thread::spawn(move || fsutil::hash_file_at(&file)));
+            self.blake3 = PendingHash::Running(std::thread::spawn(move || hash_whole_file(&file)));
         }
     }
 
@@ -168,6 +188,29 @@ impl Package {
     }
 }
 
+/// The package's path as the journal records it: absolute, so that `recover` (at boot, from
+/// `/`) finds the package a relative `install` named. Not resolved through symlinks (that is
+/// the path the operator gave).
+fn absolute_path(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// The blake3 of the whole package file, by pieces on every core (blake3 subtrees, the same
+/// hash as one sequential pass: `treehash`): a legacy package's identity is on the critical
+/// path of its install (planning waits for it), so it gets both cores.
+fn hash_whole_file(file: &File) -> std::io::Result<(Hash, u64)> {
+    let len = file.metadata()?.len();
+    if len <= crate::treehash::PIECE_BYTES {
+        return fsutil::hash_file_at(file);
+    }
+    let hashes = crate::treehash::hash_split(&[Some(len)], |_, off, n| {
+        crate::treehash::hash_piece(file, len, off, n).map_err(|e| Error::new(ErrorCode::InvalidPackage, e.to_string()))
+    })
+    .map_err(|e| std::io::Error::other(e.message))?;
+    let hash = hashes.into_iter().next().flatten().ok_or_else(|| std::io::Error::other("no hash for the package"))?;
+    Ok((hash, len))
+}
+
 /// A reader over one entry that fails unless exactly the declared size comes out (the zip
 /// crate itself refuses more than declared, and checks the CRC at the end).
 pub fn entry_reader<'a>(archive: &'a mut Archive, name: &str, size: u64) -> Result<impl Read + 'a> {
@@ -192,6 +235,18 @@ fn pinned_identity(manifest_bytes: &[u8], files: &[DeployFile]) -> Option<Hash> 
         h.update(&f.size.to_le_bytes());
         h.update(&f.zip_mode.map_or(u64::MAX, u64::from).to_le_bytes());
         h.update(&pinned.0);
+        // Only files a delta package builds add anything: every other identity stays what
+        // earlier builds journaled.
+        if let Content::Delta { patches } = &f.content {
+            h.update(b"delta");
+            h.update(&(patches.len() as u64).to_le_bytes());
+            for (p, size) in patches {
+                h.update(&p.base.0);
+                h.update(&(p.entry.len() as u64).to_le_bytes());
+                h.update(p.entry.as_bytes());
+                h.update(&size.to_le_bytes());
+            }
+        }
     }
     Some(h.finalize().into())
 }
@@ -213,6 +268,15 @@ fn validate(file: &Arc<File>, cfg: &Config, roots: &AllowedRoots) -> Result<(Arc
     let signed = crate::signing::check(cfg, &manifest_bytes, signature.as_deref())?;
     let manifest = Manifest::parse(&manifest_bytes)?;
     let files = resolve_files(&manifest, &entries, roots)?;
+    if manifest.delta.is_some() {
+        // What a delta package builds on the device counts against the unpacked limit as if
+        // it were shipped whole.
+        let built: u64 = files.iter().filter(|f| matches!(f.content, Content::Delta { .. })).map(|f| f.size).fold(0, u64::saturating_add);
+        let shipped: u64 = entries.values().map(|e| e.size).sum();
+        if built.saturating_add(shipped) > cfg.max_unpacked_bytes {
+            return Err(invalid(format!("the files a delta package builds exceed max_unpacked_bytes = {}", cfg.max_unpacked_bytes)));
+        }
+    }
     if signed && let Some(f) = files.iter().find(|f| f.expected.is_none()) {
         // Without a hash the signature would not cover that file's bytes.
         return Err(Error::new(
@@ -300,20 +364,47 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
     // Files of a directory module share their parents: resolve each directory once.
     let mut cache = crate::paths::ResolveCache::default();
     let mut seen_dst = BTreeSet::new();
+    let delta = manifest.delta.as_ref();
+    let mut used = BTreeSet::new();
     for (mi, m) in manifest.modules.iter().enumerate() {
         let missing = |what: &str| Error::new(ErrorCode::InvalidPackage, format!("module {:?}: {what}", m.name));
         match &m.src {
             ModuleSrc::File(src) => {
-                let info = entries.get(src).ok_or_else(|| missing(&format!("src {src:?} is not a file in the package")))?;
+                let (size, zip_mode, content) = content_of(src, entries, delta, &mut used)?
+                    .ok_or_else(|| missing(&format!("src {src:?} is not a file in the package")))?;
                 let dst = roots.check(&m.dst)?;
-                files.push(DeployFile {
-                    module: mi as u32,
-                    entry: src.clone(),
-                    dst,
-                    size: info.size,
-                    expected: m.blake3,
-                    zip_mode: info.zip_mode,
-                });
+                files.push(DeployFile { module: mi as u32, entry: src.clone(), dst, size, expected: m.blake3, zip_mode, content });
+            }
+            ModuleSrc::Dir(prefix) if delta.is_some() => {
+                // A delta package lists every file of a directory module in `files` (some are
+                // not in the archive), and the archive holds nothing else under the prefix.
+                let dst_dir = crate::paths::check_absolute(&m.dst)?;
+                let map =
+                    m.files.as_ref().ok_or_else(|| Error::new(ErrorCode::InvalidManifest, format!("module {:?}: no files", m.name)))?;
+                if let Some((stray, _)) = entries
+                    .range::<String, _>(prefix.clone()..)
+                    .take_while(|(n, _)| n.starts_with(prefix.as_str()))
+                    .find(|(n, _)| !map.contains_key(&n[prefix.len()..]))
+                {
+                    return Err(Error::new(
+                        ErrorCode::InvalidManifest,
+                        format!("module {:?}: entry {stray:?} is not in its files", m.name),
+                    ));
+                }
+                for (rel, hash) in map {
+                    let name = format!("{prefix}{rel}");
+                    let (size, zip_mode, content) = content_of(&name, entries, delta, &mut used)?.ok_or_else(|| {
+                        Error::new(
+                            ErrorCode::InvalidManifest,
+                            format!("module {:?}: {rel:?} is neither in the package nor in delta.files", m.name),
+                        )
+                    })?;
+                    let dst = roots.check_cached(&format!("{}/{rel}", dst_dir.display()), &mut cache)?;
+                    files.push(DeployFile { module: mi as u32, entry: name, dst, size, expected: Some(*hash), zip_mode, content });
+                }
+                if map.is_empty() {
+                    return Err(missing(&format!("src {prefix:?} holds no files")));
+                }
             }
             ModuleSrc::Dir(prefix) => {
                 let dst_dir = crate::paths::check_absolute(&m.dst)?;
@@ -335,6 +426,7 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
                         size: info.size,
                         expected,
                         zip_mode: info.zip_mode,
+                        content: Content::Entry,
                     });
                     count += 1;
                 }
@@ -360,7 +452,44 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
             return Err(Error::new(ErrorCode::InvalidManifest, format!("two files deploy to {}", f.dst.display())));
         }
     }
+    if let Some(d) = delta {
+        if let Some(unused) = d.files.keys().find(|k| !used.contains(k.as_str())) {
+            return Err(Error::new(ErrorCode::InvalidManifest, format!("delta.files names {unused:?}, which no module deploys")));
+        }
+        // A patch is never deployed as a file.
+        let patches: BTreeSet<&str> = d.files.values().flat_map(|f| f.patches.iter().map(|p| p.entry.as_str())).collect();
+        if let Some(f) = files.iter().find(|f| f.content == Content::Entry && patches.contains(f.entry.as_str())) {
+            return Err(Error::new(ErrorCode::InvalidManifest, format!("entry {:?} is both a patch and a deployed file", f.entry)));
+        }
+    }
     Ok(files)
+}
+
+/// Where the file a full package would hold as entry `name` comes from: the entry itself,
+/// or (in a delta package) the device plus a patch. `None`: from nowhere.
+fn content_of<'a>(
+    name: &str,
+    entries: &BTreeMap<String, EntryInfo>,
+    delta: Option<&'a crate::manifest::Delta>,
+    used: &mut BTreeSet<&'a str>,
+) -> Result<Option<(u64, Option<u32>, Content)>> {
+    match (entries.get(name), delta.and_then(|d| d.files.get_key_value(name))) {
+        (Some(_), Some(_)) => {
+            Err(Error::new(ErrorCode::InvalidManifest, format!("{name:?} is both an entry of the package and in delta.files")))
+        }
+        (Some(info), None) => Ok(Some((info.size, info.zip_mode, Content::Entry))),
+        (None, Some((key, f))) => {
+            used.insert(key.as_str());
+            let mut patches = Vec::with_capacity(f.patches.len());
+            for p in &f.patches {
+                let info =
+                    entries.get(&p.entry).ok_or_else(|| invalid(format!("the patch {:?} for {name:?} is not in the package", p.entry)))?;
+                patches.push((p.clone(), info.size));
+            }
+            Ok(Some((f.size, f.mode, Content::Delta { patches })))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// Yields exactly `remaining` bytes or fails: a short entry is an error, not a short file.
@@ -457,6 +586,16 @@ mod tests {
         let (d, root) = device();
         let path = package(d.path(), "u.zip", &root, FILES, false, zip::CompressionMethod::Deflated);
         assert_eq!(open(&path, &root).identity().unwrap(), Hash::of(&std::fs::read(&path).unwrap()));
+    }
+
+    #[test]
+    fn a_large_unpinned_package_is_hashed_by_pieces_to_the_hash_of_its_bytes() {
+        let (d, root) = device();
+        let big: Vec<u8> = (0..9 * 1024 * 1024 + 12345u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let path = package(d.path(), "big.zip", &root, &[("a", &big)], false, zip::CompressionMethod::Stored);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() as u64 > 2 * crate::treehash::PIECE_BYTES, "split into pieces");
+        assert_eq!(open(&path, &root).identity().unwrap(), Hash::of(&bytes));
     }
 
     #[test]

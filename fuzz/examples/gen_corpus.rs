@@ -1,6 +1,7 @@
 //! Writes the seed corpora under `fuzz/corpus/<target>/`: manifests from SPEC §2, small
-//! packages made with the zip writer, and journal records encoded by the engine's own
-//! `encode`. Deterministic; rerun after a format change and commit the result:
+//! packages made with the zip writer, journal records encoded by the engine's own `encode`,
+//! and delta patches made by `make_patch` (both methods). Deterministic; rerun after a format
+//! change and commit the result:
 //!
 //!     cargo run --manifest-path fuzz/Cargo.toml --example gen_corpus
 
@@ -224,6 +225,9 @@ fn records(dir: &Path) {
         commits: 6,
         started_unix_ms: 1_790_000_000_000,
         updated_unix_ms: 1_790_000_000_500,
+        post_cmds_done: 0,
+        freed_blobs: 0,
+        freed_bytes: 0,
     };
     put(dir, "tx-rolling-back", &encode(&tx, Size::Small).unwrap());
     let committed = TxRecord {
@@ -245,6 +249,7 @@ fn records(dir: &Path) {
         parent: Some(4),
         files: BTreeMap::from([("/opt/tope/a".to_string(), meta(1)), ("/opt/tope/d/b".to_string(), meta(2))]),
         dirs: BTreeSet::from(["/opt/tope/d".to_string()]),
+        services: BTreeMap::new(),
     };
     put(dir, "generation", &encode(&g, Size::Large).unwrap());
     put(dir, "pathstate-absent", &encode(&PathState::Absent, Size::Small).unwrap());
@@ -281,11 +286,136 @@ start = "/opt/tope/device-api/device-api --daemon"
     );
 }
 
+/// Seeds of `delta_apply`: patches `make_patch` makes between small inputs, in the raw layout
+/// (`tope_updater_fuzz::delta::split_raw`). Each is checked to apply to its target; the set
+/// must hold both methods (bsdiff wins on data like relocated code: a byte changed every few
+/// bytes defeats zstd's matches but leaves bsdiff a stream of zeros).
+fn deltas(dir: &Path) {
+    use tope_updater_fuzz::delta::{self as d, Method};
+    let _ = std::fs::remove_dir_all(dir);
+    let mut methods = BTreeSet::new();
+    let mut seed = |name: &str, base: Result<u8, &[u8]>, target: &[u8]| {
+        let base_bytes = match base {
+            Ok(i) => d::fixed_base(i),
+            Err(b) => b.to_vec(),
+        };
+        let patch = d::seed_patch(&base_bytes, target);
+        let m = d::methods(&patch, target.len() as u64, base_bytes.len() as u64);
+        methods.extend(m.iter().map(|m| format!("{m:?}")));
+        let bytes = d::join_raw(base, u32::try_from(target.len()).unwrap(), &patch);
+        assert!(bytes.len() <= 8 * 1024, "seed {name} is {} bytes", bytes.len());
+        println!("delta_apply/{name}: {} bytes, windows {m:?}", bytes.len());
+        put(dir, name, &bytes);
+    };
+    let text = d::fixed_base(1);
+    let edited = String::from_utf8(text.clone()).unwrap().replace("value-3", "value-33").replace("set -eu\n", "set -eux\nulimit -c 0\n");
+    seed("text-edit", Ok(1), edited.as_bytes());
+    seed("from-empty", Ok(0), b"#!/bin/sh\necho from nothing\n");
+    seed("to-empty", Ok(1), b"");
+    let mut noise = d::fixed_base(2);
+    noise[1000..1100].copy_from_slice(&d::noise(100, 9));
+    noise.splice(3000..3000, d::noise(77, 11));
+    seed("noise-splice", Ok(2), &noise);
+    // Relocated code: every address of the table moved by 0x40 (one byte in eight changes).
+    let code = d::fixed_base(3);
+    let mut relocated = code.clone();
+    for chunk in relocated.chunks_exact_mut(8).skip(1) {
+        if chunk[2] == 0x40 && chunk[3..].iter().all(|&b| b == 0) {
+            chunk[0] = chunk[0].wrapping_add(0x40);
+            if chunk[0] < 0x40 {
+                chunk[1] = chunk[1].wrapping_add(1);
+            }
+        }
+    }
+    assert_ne!(relocated, code);
+    seed("code-relocated", Ok(3), &relocated);
+    // Shifted noise-like data: cut at the front, a byte in 40 perturbed.
+    let mut shifted = code[333..].to_vec();
+    for (i, b) in shifted.iter_mut().enumerate() {
+        if i % 40 == 7 {
+            *b ^= 0x10;
+        }
+    }
+    seed("code-shifted", Ok(3), &shifted);
+    // More than one window of output from a small base.
+    let long: Vec<u8> = text.iter().copied().cycle().take(DELTA_WINDOW + 1000).collect();
+    seed("text-two-windows", Ok(1), &long);
+    // The base larger than a reference: one window from its middle, and all of it edited.
+    let big = d::fixed_base(d::BIG_BASE);
+    let mut excerpt = big[3_000_000..3_020_000].to_vec();
+    excerpt[500..520].fill(0xee);
+    seed("big-excerpt", Ok(d::BIG_BASE), &excerpt);
+    let mut big_edit = big.clone();
+    for at in [17, 4_000_000, 8_500_000] {
+        big_edit[at..at + 64].copy_from_slice(&d::noise(64, at as u64));
+    }
+    seed("big-three-windows", Ok(d::BIG_BASE), &big_edit);
+    // Bases carried in the input.
+    let small = d::noise(1500, 21);
+    let mut small_edit = small.clone();
+    small_edit.splice(700..700, b"inserted".iter().copied());
+    seed("input-base-edit", Err(&small), &small_edit);
+    let small_code = d::code_like(3000, 22);
+    let small_rel: Vec<u8> = small_code.iter().enumerate().map(|(i, &b)| if i % 13 == 5 { b.wrapping_add(1) } else { b }).collect();
+    seed("input-base-bsdiff", Err(&small_code), &small_rel);
+    for m in [Method::Zstd, Method::BsdiffZstd] {
+        assert!(methods.contains(&format!("{m:?}")), "no delta seed uses {m:?}");
+    }
+    delta_dict(&Path::new(env!("CARGO_MANIFEST_DIR")).join("dict/delta_apply.dict"));
+}
+
+/// The dictionary of `delta_apply`: zstd magics, window headers, the limits as bincode
+/// varints, bsdiff's extreme control words, declared sizes.
+fn delta_dict(path: &Path) {
+    use tope_updater::limits::*;
+    use tope_updater_fuzz::delta::{self as d, Method, WindowHeader};
+    let esc = |b: &[u8]| b.iter().map(|x| format!("\\x{x:02x}")).collect::<String>();
+    let enc = |v: &dyn Fn(&mut Vec<u8>)| {
+        let mut out = Vec::new();
+        v(&mut out);
+        esc(&out)
+    };
+    let mut s = String::from("# delta_apply: generated by examples/gen_corpus.rs (deltas)\n");
+    s.push_str(&format!("zstd_frame=\"{}\"\n", esc(&0xFD2F_B528u32.to_le_bytes())));
+    s.push_str(&format!("zstd_skippable=\"{}\"\n", esc(&0x184D_2A50u32.to_le_bytes())));
+    for (name, method) in [("zstd", Method::Zstd), ("bsdiff", Method::BsdiffZstd)] {
+        let h = WindowHeader { method, payload_len: 300 };
+        s.push_str(&format!("window_{name}=\"{}\"\n", enc(&|o| d::encode(&h, o))));
+    }
+    for (name, v) in [
+        ("window", DELTA_WINDOW_BYTES),
+        ("ref_max", DELTA_REF_BYTES_MAX),
+        ("payload_max", DELTA_PAYLOAD_BYTES_MAX),
+        ("payload_max_plus_1", DELTA_PAYLOAD_BYTES_MAX + 1),
+        ("stream_max", DELTA_BSDIFF_STREAM_BYTES_MAX),
+        ("u64_max", u64::MAX),
+    ] {
+        s.push_str(&format!("varint_{name}=\"{}\"\n", enc(&|o| d::encode(&v, o))));
+    }
+    s.push_str(&format!("declared_window=\"{}\"\n", esc(&(DELTA_WINDOW_BYTES as u32).to_le_bytes())));
+    s.push_str(&format!("declared_window_plus_1=\"{}\"\n", esc(&(DELTA_WINDOW_BYTES as u32 + 1).to_le_bytes())));
+    s.push_str(&format!("bsdiff_len_huge=\"{}\"\n", esc(&i64::MAX.to_le_bytes())));
+    s.push_str(&format!("bsdiff_seek_negative=\"{}\"\n", esc(&(1u64 << 63 | 1).to_le_bytes())));
+    std::fs::write(path, s).unwrap();
+}
+
+const DELTA_WINDOW: usize = tope_updater::limits::DELTA_WINDOW_BYTES as usize;
+
+/// `gen_corpus [DIR [CORPUS...]]`: writes every corpus (or the ones named) under DIR
+/// (default: `fuzz/corpus`).
 fn main() {
-    let base = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus"));
-    manifests(&base.join("manifest"));
-    packages(&base.join("package"));
-    records(&base.join("records"));
-    configs(&base.join("config"));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let base = args.first().map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus"));
+    let only: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    let all: [(&str, fn(&Path)); 5] =
+        [("manifest", manifests), ("package", packages), ("records", records), ("config", configs), ("delta_apply", deltas)];
+    for name in &only {
+        assert!(all.iter().any(|(n, _)| n == name), "no corpus {name:?}");
+    }
+    for (name, write) in all {
+        if only.is_empty() || only.contains(&name) {
+            write(&base.join(name));
+        }
+    }
     println!("seed corpora written under {}", base.display());
 }

@@ -2,6 +2,8 @@
 //! the package invariants. Nothing here is fuzzing-specific except that it panics on a
 //! violated invariant, which is what libFuzzer reports as a crash.
 
+pub mod delta;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

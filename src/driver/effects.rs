@@ -37,11 +37,48 @@ pub(super) fn stage_one(
                 CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
             })
         }
+        Source::Delta { base, live, patch } => {
+            let base_file = if *live {
+                std::fs::File::open(target).map_err(|e| Error::io(ErrorCode::DeltaBaseMissing, "open delta base", target, &e))?
+            } else {
+                store.open_blob(base).map_err(|e| Error::new(ErrorCode::DeltaBaseMissing, e.message))?
+            };
+            let base_path = if *live { target.to_path_buf() } else { store.blob_path(base) };
+            match patch {
+                None => fsutil::copy_hashed(&base_file, &file).map_err(|e| match e {
+                    CopyError::Read(e) => Error::io(ErrorCode::DeltaBaseMissing, "read delta base", &base_path, &e),
+                    CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
+                }),
+                Some(p) => {
+                    let archive = archive.ok_or_else(|| Error::internal("staging from a package that is not open"))?;
+                    let mut reader = crate::package::entry_reader(archive, &p.entry, p.size)?;
+                    let mut out = HashingWriter { file: &file, hasher: blake3::Hasher::new(), len: 0 };
+                    crate::delta::apply(&mut reader, &base_file, nf.size, &mut out).map_err(|e| {
+                        use crate::delta::PatchError;
+                        let what = format!("patch {:?} for {}", p.entry, t.path);
+                        match e {
+                            PatchError::Invalid(m) => Error::new(ErrorCode::InvalidPackage, format!("{what}: {m}")),
+                            PatchError::Corrupt(m) => {
+                                Error::new(ErrorCode::HashMismatch, format!("{what} does not produce the pinned content: {m}"))
+                            }
+                            PatchError::Read(e) => Error::new(ErrorCode::InvalidPackage, format!("{what}: {e}")),
+                            PatchError::Base(m) => {
+                                Error::new(ErrorCode::DeltaBaseMissing, format!("{what}: base {}: {m}", base_path.display()))
+                            }
+                            PatchError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
+                        }
+                    })?;
+                    Ok((out.hasher.finalize().into(), out.len))
+                }
+            }
+        }
         Source::Nothing => Err(Error::internal(format!("{} has new content but no source", t.path))),
     };
     let (hash, size) = copied?;
     if size != nf.size {
-        return Err(Error::new(ErrorCode::InvalidPackage, format!("{}: {size} bytes staged, {} declared", t.path, nf.size)));
+        // From the package: the package is wrong; from a blob or a delta base: the content is.
+        let code = if matches!(t.source, Source::Package { .. }) { ErrorCode::InvalidPackage } else { ErrorCode::HashMismatch };
+        return Err(Error::new(code, format!("{}: {size} bytes staged, {} declared", t.path, nf.size)));
     }
     if let Some(expected) = nf.hash
         && expected != hash
@@ -51,6 +88,26 @@ pub(super) fn stage_one(
     fsutil::apply_meta(&file, &tmp, nf.mode, nf.uid, nf.gid)?;
     hit("stage.file");
     Ok(Some(hash))
+}
+
+/// The staged file, hashed as the patch output is written (in whole windows: no buffering).
+struct HashingWriter<'f> {
+    file: &'f std::fs::File,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl std::io::Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = std::io::Write::write(&mut &*self.file, buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A large file being staged by pieces on every core: its temporary file is open, and each
@@ -138,6 +195,10 @@ pub(super) fn swap_one(t: &Target, tx: u64) -> Result<()> {
                 hit("swap.file");
                 return Ok(());
             }
+            // A target that already held its new state was not staged: left alone (its
+            // content is read by verification). One staged all the same (a package without
+            // hashes, whose content was only known once staged) is renamed above.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && t.unchanged() => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(ErrorCode::DeploymentFailed, "rename", target, &e)),
         }
@@ -163,7 +224,14 @@ pub(super) fn swap_one(t: &Target, tx: u64) -> Result<()> {
 pub(super) fn undo_one(t: &Target, tx: u64, store: &BackupStore) -> Result<()> {
     let target = Path::new(&t.path);
     let tmp = temp_path(target, tx);
+    // Removing the staged file tells whether there was one: a target that kept its content
+    // was neither staged nor swapped, so there is nothing to undo (and no backup of it).
+    let was_staged = std::fs::symlink_metadata(&tmp).is_ok();
     fsutil::remove_if_present(&tmp)?;
+    if t.unchanged() && !was_staged {
+        hit("rollback.file");
+        return Ok(());
+    }
     let current = fsutil::observe(target)?;
     match restore_action(&t.old, &current) {
         RestoreAction::Nothing => {}

@@ -193,6 +193,10 @@ pub struct Updater {
     /// the `Committed` commit stores. Always filled by this process: a resumed transaction
     /// re-performs its journaled phase, so `Verified` runs again before `Committed`.
     verified: std::collections::BTreeMap<String, crate::engine::known::KnownFile>,
+    /// What each file this process staged was after staging's flush (none when
+    /// `verify_from_media`, or in a process that resumed after it): `Verified` checks targets
+    /// against these instead of reading them back.
+    staged: std::collections::BTreeMap<String, crate::engine::known::StagedIdentity>,
     /// A coarse clock reading taken after the swap of this process's transaction.
     swapped_at: Option<crate::engine::known::Timestamp>,
 }
@@ -288,6 +292,7 @@ impl Updater {
             cancel: None,
             _lock: lock,
             verified: Default::default(),
+            staged: Default::default(),
             swapped_at: None,
         })
     }

@@ -3,11 +3,12 @@
 
 use crate::config::ServiceManager;
 use crate::engine::generation::{self, Generation};
-use crate::engine::plan::{ModulePlan, PackageRef};
+use crate::engine::plan::{ModulePlan, PackageRef, PatchRef};
 use crate::engine::{NewFile, NewState, PathState, Plan, RollbackTarget, Source, Target, TxKind};
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
-use crate::package::Package;
+use crate::manifest::{Manifest, Patch};
+use crate::package::{Content, DeployFile, Package};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -41,13 +42,11 @@ impl Updater {
                 uid: module.uid.or(old_meta.map(|o| o.uid)).unwrap_or(euid),
                 gid: module.gid.or(old_meta.map(|o| o.gid)).unwrap_or(egid),
             };
-            targets.push(Target {
-                path,
-                module: f.module,
-                old,
-                new: NewState::File(new),
-                source: Source::Package { entry: f.entry.clone() },
-            });
+            let source = match &f.content {
+                Content::Entry => Source::Package { entry: f.entry.clone() },
+                Content::Delta { patches } => self.delta_source(f, patches, &old, m)?,
+            };
+            targets.push(Target { path, module: f.module, old, new: NewState::File(new), source });
         }
         targets.sort_by(|a, b| a.path.cmp(&b.path));
         let mut plan = Plan {
@@ -77,12 +76,51 @@ impl Updater {
         self.start(plan, Some(pkg))
     }
 
+    /// Where a file of a delta package comes from: content with its own hash (the live file,
+    /// then a backup blob), else a patch whose base is the live file, else one whose base is
+    /// a backup blob. The live file is the target's old content, which nothing changes before
+    /// the swap (staging, which reads it, always precedes it); whatever is read, staging
+    /// checks the result against the pinned hash.
+    fn delta_source(&self, f: &DeployFile, patches: &[(Patch, u64)], old: &PathState, m: &Manifest) -> Result<Source> {
+        let target = f.expected.ok_or_else(|| Error::internal(format!("{}: a delta file without its hash", f.dst.display())))?;
+        let live = old.hash();
+        let patch = |p: &Patch, size: u64| Some(PatchRef { entry: p.entry.clone(), size });
+        if live == Some(target) {
+            return Ok(Source::Delta { base: target, live: true, patch: None });
+        }
+        if self.store.has(&target) {
+            return Ok(Source::Delta { base: target, live: false, patch: None });
+        }
+        if let Some((p, size)) = patches.iter().find(|(p, _)| live == Some(p.base)) {
+            return Ok(Source::Delta { base: p.base, live: true, patch: patch(p, *size) });
+        }
+        if let Some((p, size)) = patches.iter().find(|(p, _)| self.store.has(&p.base)) {
+            return Ok(Source::Delta { base: p.base, live: false, patch: patch(p, *size) });
+        }
+        let from = m.delta.as_ref().map(|d| d.from_versions.join(", ")).filter(|v| !v.is_empty()).unwrap_or_else(|| "its base".into());
+        Err(Error::new(
+            ErrorCode::DeltaBaseMissing,
+            format!(
+                "{}: this delta package builds it from the content of {from} ({}) or finds its new content ({}), and this device holds neither, there or in its backups (the file holds {}); nothing was changed: install the full package of version {}",
+                f.dst.display(),
+                if patches.is_empty() {
+                    "no patch".to_string()
+                } else {
+                    patches.iter().map(|(p, _)| p.base.to_hex()).collect::<Vec<_>>().join(" or ")
+                },
+                target.to_hex(),
+                live.map_or("nothing".to_string(), |h| h.to_hex()),
+                m.version
+            ),
+        ))
+    }
+
     /// What the targets hold before the transaction: hashes from the known-file records
     /// where the stat signature still matches exactly, read (on every core) otherwise.
     fn observe_old(&self, paths: &[&str]) -> Result<Vec<PathState>> {
         let records = self.journal.known_files(paths.iter().copied())?;
         let seen = crate::observe::observe_all(paths, crate::observe::Source::Records(&records))?;
-        let trusted = seen.iter().filter(|o| o.from_record).count();
+        let trusted = seen.iter().filter(|o| o.unread).count();
         tracing::debug!(paths = paths.len(), from_records = trusted, read = seen.len() - trusted, "old states observed");
         Ok(seen.into_iter().map(|o| o.state).collect())
     }
@@ -174,7 +212,7 @@ impl Updater {
                 Some(d) => *d,
                 None => *dev_of_parent.entry(parent).or_insert(fsutil::device_of(p)?),
             };
-            if let NewState::File(f) = t.new {
+            if let (NewState::File(f), false) = (t.new, t.unchanged()) {
                 need.entry(dev).or_insert_with(|| Need::at(p)).add_file(f.size);
             }
             if let (PathState::File(o), true) = (t.old, dev != store_dev) {
@@ -212,6 +250,14 @@ impl Updater {
                 PathState::Absent => (NewState::Absent, Source::Nothing),
                 PathState::File(m) => {
                     if !self.store.has(&m.hash) {
+                        if generation::desired_state(path, current.as_ref(), &factory) == want {
+                            // No transaction between the two generations changed this path (an
+                            // install that kept a file's content keeps no backup of it): it was
+                            // edited by hand since. A rollback reverses transactions; it leaves
+                            // that edit, which `verify` reports, rather than fail as a whole.
+                            tracing::warn!(path, "edited since it was installed, and no backup holds its recorded content: left as it is");
+                            continue;
+                        }
                         return Err(Error::new(
                             ErrorCode::RollbackFailed,
                             format!("the backup of {path} ({}) is missing; nothing was changed", m.hash),

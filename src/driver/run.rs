@@ -40,6 +40,8 @@ impl Updater {
 
     /// Runs the transaction from its journaled phase to a terminal phase.
     pub(super) fn drive(&mut self, mut rec: TxRecord, mut plan: Plan, pkg: Option<Package>) -> Result<TxReport> {
+        // Identities from another transaction's staging never vouch for this one.
+        self.staged.clear();
         self.verified.clear();
         self.swapped_at = None;
         loop {
@@ -197,6 +199,11 @@ impl Updater {
             &plan.targets,
             || Ok(pkg.map(Package::archive)),
             |archive, t| {
+                if t.unchanged() {
+                    // Already there: nothing to write (SPEC §3).
+                    progress(t);
+                    return Ok(Staging::Done(t.old.hash()));
+                }
                 if let (Some(p), Some(a)) = (pkg, archive.as_mut())
                     && let Some(split) = split_stage(t, tx, p, a)?
                 {
@@ -233,6 +240,7 @@ impl Updater {
         if !fsutil::negative_control("staging") {
             fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
         }
+        self.staged = after_staging_flush(plan, self.cfg.verify_from_media)?;
         hit("stage.synced");
         Ok(())
     }
@@ -242,7 +250,10 @@ impl Updater {
     pub(super) fn back_up(&mut self, plan: &Plan) -> Result<()> {
         // One source per distinct content: two workers must never fill the same blob.
         let mut by_hash: BTreeMap<crate::engine::Hash, &str> = BTreeMap::new();
-        for t in &plan.targets {
+        // A target that keeps its content is not backed up: a hard link would make the blob
+        // the live file itself, which an edit of the file would then change (and nothing
+        // needs it: the path keeps that content, and whatever later changes it backs it up).
+        for t in plan.targets.iter().filter(|t| !t.unchanged()) {
             if let PathState::File(m) = t.old {
                 by_hash.entry(m.hash).or_insert(&t.path);
             }
@@ -285,14 +296,21 @@ impl Updater {
         Ok(())
     }
 
-    /// Re-reads every target (on every core, large files split) and compares it with the
-    /// plan. Targets read with a settled signature become known-file records at the commit.
+    /// Checks every target against the plan: a file this process staged by its identity (it is
+    /// still the staged inode, unwritten: its content was hashed while written and flushed
+    /// before the swap), any other target by reading it (on every core, large files split).
+    /// Targets seen with a settled signature become known-file records at the commit.
     pub(super) fn verify(&mut self, plan: &Plan) -> Result<()> {
         let paths: Vec<&str> = plan.targets.iter().map(|t| t.path.as_str()).collect();
         // Every rename of the swap settled (usually already true after its syncfs), so that
         // every target read here can be recorded. A resumed run waits from now.
         crate::observe::wait_past(self.swapped_at.take().unwrap_or_else(crate::observe::precise_now));
-        let seen = crate::observe::observe_all(&paths, crate::observe::Source::ReadAll)?;
+        // Targets this process staged are checked by identity; the others (kept files, a
+        // resumed transaction, `verify_from_media`) are read back.
+        let staged = std::mem::take(&mut self.staged);
+        let seen = crate::observe::observe_all(&paths, crate::observe::Source::Staged(&staged))?;
+        let by_identity = seen.iter().filter(|o| o.unread).count();
+        tracing::debug!(targets = seen.len(), by_identity, read = seen.len() - by_identity, "targets verified");
         self.verified.clear();
         for (t, got) in plan.targets.iter().zip(seen) {
             let want = t.new.settled().ok_or_else(|| Error::internal(format!("{}: new hash unknown at verification", t.path)))?;
@@ -450,6 +468,44 @@ enum Staging {
 /// starting a service that was never stopped costs a restart, never correctness.
 fn services_may_be_stopped(rec: &TxRecord) -> bool {
     rec.phases.contains(&Phase::ServicesStopped) || rec.phases.first() != Some(&Phase::Planned)
+}
+
+/// After staging's flush: the identity of every staged file (`StagedIdentity`), or, with
+/// `verify_from_media`, none, and the files' pages dropped so that `Verified` reads them
+/// from the medium. Between here and `Verified` no process of ours writes them.
+fn after_staging_flush(plan: &Plan, from_media: bool) -> Result<BTreeMap<String, crate::engine::known::StagedIdentity>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut ids = BTreeMap::new();
+    for t in plan.targets.iter().filter(|t| !t.unchanged()) {
+        let (NewState::File(nf), Some(hash)) = (&t.new, t.new.settled().and_then(|s| s.hash())) else { continue };
+        let tmp = fsutil::temp_path(Path::new(&t.path), plan.tx_id);
+        if from_media {
+            let f = std::fs::File::open(&tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open", &tmp, &e))?;
+            // Clean pages only (after the flush): dropped, so the next read goes to the medium.
+            nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)
+                .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fadvise", &tmp, &std::io::Error::from(e)))?;
+            continue;
+        }
+        let m = std::fs::symlink_metadata(&tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", &tmp, &e))?;
+        let sig = crate::observe::signature(&m);
+        if sig.size != nf.size {
+            return Err(Error::new(ErrorCode::DeploymentFailed, format!("{} changed size after it was staged", tmp.display())));
+        }
+        ids.insert(
+            t.path.clone(),
+            crate::engine::known::StagedIdentity {
+                dev: sig.dev,
+                ino: sig.ino,
+                size: sig.size,
+                mtime: sig.mtime,
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                hash,
+            },
+        );
+    }
+    Ok(ids)
 }
 
 /// Removes every staged file of the plan, best effort (the undo removes any left over).

@@ -38,6 +38,31 @@ pub struct KnownFile {
     pub hash: Hash,
 }
 
+/// What a staged file was after staging's flush: its content hash (taken while it was written)
+/// and the stat fields that identify that inode and change with any write, `chmod` or `chown`.
+/// After the swap, a target whose stat still shows exactly these holds that content: reading
+/// it back from the page cache would prove nothing more (SPEC §3, `Verified`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagedIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: Timestamp,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub hash: Hash,
+}
+
+impl StagedIdentity {
+    /// Whether a target whose stat gives `now` (and `mode`, `uid`, `gid`) is still that inode,
+    /// unwritten: the rename of the swap changes only its ctime.
+    pub fn still_is(&self, now: &StatSignature, mode: u32, uid: u32, gid: u32) -> bool {
+        (self.dev, self.ino, self.size, self.mtime, self.mode, self.uid, self.gid)
+            == (now.dev, now.ino, now.size, now.mtime, mode, uid, gid)
+    }
+}
+
 impl StatSignature {
     /// Whether this signature may be recorded: its last change is older than `clock_before`,
     /// a coarse clock reading taken before the stat that produced it. Otherwise a change
@@ -81,6 +106,19 @@ mod tests {
         for c in changed {
             assert!(!k.vouches_for(&c), "{c:?} must not be vouched for");
         }
+    }
+
+    #[test]
+    fn a_staged_identity_holds_only_for_the_same_unwritten_inode() {
+        let id = StagedIdentity { dev: 8, ino: 42, size: 4096, mtime: ts(100, 5), mode: 0o644, uid: 0, gid: 0, hash: Hash::of(b"n") };
+        // The swap's rename moves the ctime only.
+        assert!(id.still_is(&StatSignature { ctime: ts(200, 0), ..sig() }, 0o644, 0, 0));
+        for other in [StatSignature { ino: 43, ..sig() }, StatSignature { size: 1, ..sig() }, StatSignature { mtime: ts(100, 6), ..sig() }]
+        {
+            assert!(!id.still_is(&other, 0o644, 0, 0), "{other:?}");
+        }
+        assert!(!id.still_is(&sig(), 0o600, 0, 0));
+        assert!(!id.still_is(&sig(), 0o644, 1, 0));
     }
 
     #[test]

@@ -68,6 +68,17 @@ pub enum Source {
     Blob,
     /// Nothing: the new state is `Absent`.
     Nothing,
+    /// Built on the device (a delta package): the content hashing to `base`, read from the
+    /// target path itself (`live`: its old content, which nothing changes before the swap)
+    /// or from the backup store, then `patch` applied to it, or copied as it is.
+    Delta { base: Hash, live: bool, patch: Option<PatchRef> },
+}
+
+/// A patch entry of the package and its size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchRef {
+    pub entry: String,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +90,14 @@ pub struct Target {
     pub old: PathState,
     pub new: NewState,
     pub source: Source,
+}
+
+impl Target {
+    /// Whether the path already holds exactly its new state (content, mode and owner): such a
+    /// target is not staged, not swapped and not rewritten; verification still reads it.
+    pub fn unchanged(&self) -> bool {
+        matches!(self.old, PathState::File(_)) && self.new.settled() == Some(self.old)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

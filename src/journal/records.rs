@@ -265,7 +265,7 @@ mod tests {
             }
             n
         }
-        assert_eq!(check::<ErrorCode>(|c| c as u8), 26, "a new ErrorCode takes the next discriminant");
+        assert_eq!(check::<ErrorCode>(|c| c as u8), 27, "a new ErrorCode takes the next discriminant");
         assert_eq!(check::<crate::engine::Phase>(|p| p as u8) as usize, crate::engine::Phase::ALL.len());
     }
 
@@ -278,6 +278,25 @@ mod tests {
         assert_eq!(index(ErrorCode::InternalError), [23]);
         assert_eq!(index(ErrorCode::RequestRefused), [24]);
         assert_eq!(index(ErrorCode::PackageSizeMismatch), [25]);
+        assert_eq!(index(ErrorCode::DeltaBaseMissing), [26]);
+    }
+
+    /// `Source` variants are appended (journal-format.md §7): the older ones keep their index,
+    /// and a delta source has these bytes.
+    #[test]
+    fn golden_bytes_of_the_plan_sources() {
+        use crate::engine::Source;
+        use crate::engine::plan::PatchRef;
+        let bytes = |s: &Source| bincode::serde::encode_to_vec(s, SMALL).unwrap();
+        assert_eq!(bytes(&Source::Package { entry: "e".into() }), [0, 1, b'e']);
+        assert_eq!(bytes(&Source::Blob), [1]);
+        assert_eq!(bytes(&Source::Nothing), [2]);
+        let delta = Source::Delta { base: Hash([1; 32]), live: true, patch: Some(PatchRef { entry: "p".into(), size: 5 }) };
+        let mut golden = vec![3u8];
+        golden.extend([1; 32]);
+        golden.extend([1, 1, 1, b'p', 5]);
+        assert_eq!(bytes(&delta), golden);
+        assert_eq!(bincode::serde::decode_from_slice::<Source, _>(&golden, SMALL).unwrap().0, delta);
     }
 
     #[test]

@@ -137,6 +137,18 @@ for v in 1.0.0 2.0.0 3.0.0; do
     >"$tmp/src-$v/manifest.json"
   "$bin" pack "$tmp/src-$v" -o "$tmp/packages/app-$v.zip" >/dev/null
 done
+
+step "the legacy manifest rules refuse a delta package (legacy_manifest.py)"
+cp -r "$tmp/src-3.0.0" "$tmp/src-3.0.1"
+printf 'app 3.0.1\n' >"$tmp/src-3.0.1/files/app"
+sed -i 's/"3.0.0"/"3.0.1"/' "$tmp/src-3.0.1/manifest.json"
+"$bin" pack "$tmp/src-3.0.1" -o "$tmp/app-3.0.1-delta.zip" --delta-from "$tmp/packages/app-3.0.0.zip" >/dev/null
+if "$venv/bin/python" tests/contract/legacy_manifest.py "$tmp/packages/app-3.0.0.zip" "$tmp/app-3.0.1-delta.zip"; then
+  record "legacy manifest rules" "passed"
+else
+  record "legacy manifest rules" "FAILED"
+fi
+
 # The scenario serves the packages and device-api's report endpoint on this port.
 sink_port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cat >"$tmp/config.toml" <<EOF

@@ -9,7 +9,7 @@
 #                                        NEG_CAUGHT is, and the normal build is clean)
 #   tests/powercut/run.sh kill N [FS..]  only QEMU kills          (FS: ext4 xfs; default ext4)
 #   tests/powercut/run.sh flakey N [FS]  only one dm-flakey batch
-#   tests/powercut/run.sh lw SCEN [FS] [POLICY]  only one log-writes recording + replay (SCEN: fw many dir rollback factory gc)
+#   tests/powercut/run.sh lw SCEN [FS] [POLICY]  only one log-writes recording + replay (SCEN: fw many dir rollback factory gc delta)
 #   tests/powercut/run.sh selftest       only check the checks (damaged images must fail)
 #   tests/powercut/run.sh prep [FS..]    only build and cache everything (FS default: ext4 xfs); the
 #                                        uncut runs must equal lib/oracle.py's states, or it dies
@@ -27,7 +27,7 @@ REPO=$(cd "$PCDIR/../.." && pwd)
 CACHE=${PC_CACHE:-$REPO/target/powercut-cache}
 OUTROOT=${PC_OUT:-$REPO/target/powercut-out}
 ACCEL=${PC_ACCEL:-tcg}
-SCENARIOS=(fw many dir rollback factory gc)
+SCENARIOS=(fw many dir rollback factory gc delta)
 # The scenarios cuts are drawn from (PC_SCENARIOS="fw dir" restricts them).
 read -r -a CUT_SCENARIOS <<<"${PC_SCENARIOS:-${SCENARIOS[*]}}"
 MNT=/mnt/pc
@@ -297,10 +297,54 @@ EOF
  {"name": "fw-boot", "src": "fw/boot.bin", "dst": "$R/fw/boot.bin"},
  {"name": "device-api", "src": "bin/device-api", "dst": "$R/opt/app/bin/device-api"}]}
 EOF
+    # dv1 and dv2: the delta scenario. dv1 (1.0.0) is installed whole when the v1 image is made;
+    # dv2 (2.0.0) reaches the device as a delta package against dv1.zip. Per file: fw/dsp.bin
+    # (12 MiB, 4 windows of 4 MiB) changed in three places in three windows and grown by 64 KiB
+    # (a patch); etc/dsp.conf, small, new random content (a patch is not worth it: whole); the
+    # library unchanged (not shipped); a new plugin in two new directories (whole).
+    s=$p/src/dv1 && mkdir -p "$s/fw" "$s/etc" "$s/lib"
+    rand_file "$s/fw/dsp.bin" $((12 * 1048576 + 12345)) && chmod 600 "$s/fw/dsp.bin"
+    rand_file "$s/etc/dsp.conf" 3000
+    rand_file "$s/lib/libdsp.so" 300K && chmod 755 "$s/lib/libdsp.so"
+    local dsp="{\"name\": \"dsp-fw\", \"src\": \"fw/dsp.bin\", \"dst\": \"$R/fw/dsp.bin\"},
+ {\"name\": \"dsp-conf\", \"src\": \"etc/dsp.conf\", \"dst\": \"$R/etc/dsp.conf\", \"mode\": \"0640\"},
+ {\"name\": \"dsp-lib\", \"src\": \"lib/libdsp.so\", \"dst\": \"$R/opt/dsp/lib/libdsp.so\"}"
+    printf '{"version": "1.0.0", "modules": [\n %s]}\n' "$dsp" >"$s/manifest.json"
+    s=$p/src/dv2 && mkdir -p "$s/fw" "$s/etc" "$s/lib" "$s/plugins"
+    cp -p "$p/src/dv1/fw/dsp.bin" "$s/fw/dsp.bin"
+    local at
+    for at in $((1048576 + 0)):4096 $((5 * 1048576 + 777)):3000 $((9 * 1048576 + 4096)):16384; do
+        head -c "${at#*:}" /dev/urandom | dd of="$s/fw/dsp.bin" bs=1 seek="${at%:*}" conv=notrunc status=none
+    done
+    head -c 65536 /dev/urandom >>"$s/fw/dsp.bin"
+    rand_file "$s/etc/dsp.conf" 3100
+    cp -p "$p/src/dv1/lib/libdsp.so" "$s/lib/libdsp.so"
+    rand_file "$s/plugins/extra.so" 200K
+    printf '{"version": "2.0.0", "modules": [\n %s,\n %s]}\n' "$dsp" \
+        "{\"name\": \"dsp-extra\", \"src\": \"plugins/extra.so\", \"dst\": \"$R/opt/dsp/plugins/extra/extra.so\"}" >"$s/manifest.json"
     mkdir -p "$p/pkg"
-    for s in fw many dir mixed2 mixed3 mixed4; do
+    for s in fw many dir mixed2 mixed3 mixed4 dv1; do
         "$BIN" pack "$p/src/$s" -o "$p/pkg/$s.zip" >/dev/null
     done
+    # The delta package the device gets, and the full package of the same tree: only the
+    # oracle reads that one (the expected all-new state never comes from the delta package).
+    "$BIN" pack "$p/src/dv2" -o "$p/pkg/dv2.zip" --delta-from "$p/pkg/dv1.zip" >"$p/pkg/dv2.pack.txt"
+    "$BIN" pack "$p/src/dv2" -o "$p/pkg/dv2-full.zip" >/dev/null
+    # The delta package must ship what the scenario says (else it tests something else): the
+    # big file as one patch (against dv1's), the library not at all, the rest whole.
+    python3 - "$p/pkg/dv2.zip" <<'EOF' || die "fixture error: the delta package $p/pkg/dv2.zip does not ship what the delta scenario needs ($(tr '\n' ' ' <"$p/pkg/dv2.pack.txt"))"
+import json, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+m = json.loads(z.read("manifest.json"))
+d = m["delta"]
+names = set(z.namelist())
+files = {k: len(v.get("patches", [])) for k, v in d["files"].items()}
+patches = [n for n in names if n.startswith(".tope-delta/")]
+ok = (m["modules"] == [] and d["from_versions"] == ["1.0.0"] and files == {"fw/dsp.bin": 1, "lib/libdsp.so": 0}
+      and {"etc/dsp.conf", "plugins/extra.so"} <= names and "fw/dsp.bin" not in names and "lib/libdsp.so" not in names
+      and len(patches) == 1 and z.getinfo(patches[0]).file_size < 1024 * 1024)
+sys.exit(0 if ok else f"delta.files {files}, entries {sorted(names)}")
+EOF
 }
 
 # Config files the engine gets in the guest; one per recovery policy.
@@ -334,20 +378,30 @@ scenario_cmd() {
         rollback) echo "rollback" ;;
         gc) echo "install $MNT/pkg/mixed4.zip" ;;
         factory) echo "rollback --to factory" ;;
+        delta) echo "install $MNT/pkg/dv2.zip" ;;
         *) die "unknown scenario $1" ;;
     esac
 }
-scenario_base() { case $1 in fw | many | dir) echo factory ;; *) echo v3 ;; esac; }
+scenario_base() { case $1 in fw | many | dir) echo factory ;; delta) echo v1 ;; *) echo v3 ;; esac; }
+
+# The package lib/oracle.py computes an install of package $1 (a name in the payload's pkg/)
+# from: a delta package's full twin, made by `pack` from the same source tree. The oracle
+# refuses a delta package: the expected tree must not come from what the engine installs.
+oracle_pkg() { case $1 in dv2.zip) echo dv2-full.zip ;; *) echo "$1" ;; esac; }
 
 # scenario_base + scenario_cmd told to lib/oracle.py: the steps from the factory tree to the
 # base of scenario $2 ($3 = before) or to its end ($3 = after). $1: the payload directory.
 oracle_steps() {
     local p=$1 scn=$2 when=$3
-    [ "$(scenario_base "$scn")" = v3 ] && echo "$p/pkg/mixed2.zip" "$p/pkg/mixed3.zip"
+    case $(scenario_base "$scn") in
+        v3) echo "$p/pkg/mixed2.zip" "$p/pkg/mixed3.zip" ;;
+        v1) echo "$p/pkg/dv1.zip" ;;
+    esac
     [ "$when" = after ] || return 0
     case $scn in
         fw | many | dir) echo "$p/pkg/$scn.zip" ;;
         gc) echo "$p/pkg/mixed4.zip" ;;
+        delta) echo "$p/pkg/$(oracle_pkg dv2.zip)" ;;
         rollback) echo rollback ;;
         factory) echo factory ;;
         *) die "unknown scenario $scn" ;;
@@ -356,7 +410,8 @@ oracle_steps() {
 
 # What is done after every cut once `recover` has left the tree on side $2 (old|new) of
 # scenario $1, to show the device is still serviceable: a rollback to the previous generation,
-# then to the factory while something is still installed; a second install when nothing is.
+# then to the factory while something is still installed; a second install when nothing is
+# (delta: when the cut install of 2.0.0 was undone, the same delta package again, over 1.0.0).
 # Prints the operations: rollback (`rollback`), factory (`rollback --to factory`), install:PKG
 # (`install --force MNT/pkg/PKG`, a package on that image; --force because the cut install may
 # have been rolled back, and the engine refuses such a package again without it, SPEC §3).
@@ -368,6 +423,8 @@ post_ops() {
         factory:new) echo install:mixed4.zip ;;                 # factory again
         rollback:old | factory:old | gc:old) echo rollback factory ;;  # 3.0.0 -> 2.0.0 -> factory
         gc:new) echo rollback factory ;;                        # 4.0.0 -> 3.0.0 -> factory
+        delta:old) echo install:dv2.zip ;;                      # 1.0.0: the delta package again
+        delta:new) echo rollback ;;                             # 2.0.0 -> 1.0.0
         *) die "post_ops: unknown scenario side $1 $2" ;;
     esac
 }
@@ -376,7 +433,7 @@ post_ops() {
 post_step() {
     case $2 in
         rollback | factory) echo "$2" ;;
-        install:*) echo "$1/pkg/${2#install:}" ;;
+        install:*) echo "$1/pkg/$(oracle_pkg "${2#install:}")" ;;
         *) die "post_step: unknown operation $2" ;;
     esac
 }
@@ -418,7 +475,7 @@ prep_images() {
     local fslist=("$@") key
     # Keyed by everything that shapes the images: the engine, the scripts that make them.
     key=$( { sha "$BIN" "$PCDIR/lib/dump.sh" "$PCDIR/lib/oracle.py" /bin/busybox
-        declare -f gen_payload write_configs mkfs_img scenario_cmd scenario_base oracle_steps oracle_check prep_images in_ns \
+        declare -f gen_payload write_configs mkfs_img scenario_cmd scenario_base oracle_pkg oracle_steps oracle_check prep_images in_ns \
             post_ops post_step engine_ops prep_fs_images
         echo "${SCENARIOS[*]}"; mkfs.ext4 -V 2>&1 | sed -n 1p; mkfs.xfs -V; } | sha | cut -c1-16)
     IMGS=$CACHE/images-$key
@@ -465,6 +522,17 @@ prep_fs_images() {
             "$bin" --config '"$MNT"'/cfg-resume.toml install '"$MNT"'/pkg/mixed2.zip >/dev/null 2>&1
             "$bin" --config '"$MNT"'/cfg-resume.toml install '"$MNT"'/pkg/mixed3.zip >/dev/null 2>&1
             rm -f '"$MNT"'/pkg/mixed2.zip '"$MNT"'/pkg/mixed3.zip
+            sync' "$payload" "$BIN"
+        # v1.img: factory, then 1.0.0 of the delta scenario installed (committed) from its full
+        # package, and the delta package of 2.0.0.
+        cp --sparse=always "$d/factory.img" "$d/v1.img"
+        in_ns "$d/v1.img" "$fs" '
+            set -e
+            p=$1 bin=$2
+            cp "$p/pkg/dv1.zip" "$p/pkg/dv2.zip" '"$MNT"'/pkg/
+            rm -f '"$MNT"'/pkg/fw.zip '"$MNT"'/pkg/many.zip '"$MNT"'/pkg/dir.zip
+            "$bin" --config '"$MNT"'/cfg-resume.toml install '"$MNT"'/pkg/dv1.zip >/dev/null 2>&1
+            rm -f '"$MNT"'/pkg/dv1.zip
             sync' "$payload" "$BIN"
         # Expected states: before = the base image; after = the action run uncut on a copy.
         local scn
@@ -885,11 +953,11 @@ rnd() {
 #   WIN, FWIN: the transaction, from "transaction planned" (its begin commit is durable) to
 #              "transaction committed" (its end commit is): what cuts aimed at it aim at;
 #   RWIN:      a `recover` that finds a transaction in flight, start to exit (…+recover cuts).
-declare -A DUR=([fw]=2600 [many]=1000 [dir]=500 [rollback]=1900 [factory]=1900 [gc]=1300 [recover]=600)
-declare -A FDUR=([fw]=2800 [many]=1100 [dir]=600 [rollback]=2000 [factory]=2000 [gc]=1400 [recover]=600)
-declare -A WIN=([fw]=900 [many]=330 [dir]=140 [rollback]=850 [factory]=1000 [gc]=550)
-declare -A FWIN=([fw]=1000 [many]=400 [dir]=160 [rollback]=950 [factory]=1050 [gc]=600)
-declare -A RWIN=([fw]=900 [many]=400 [dir]=300 [rollback]=700 [factory]=700 [gc]=600)
+declare -A DUR=([fw]=2600 [many]=1000 [dir]=500 [rollback]=1900 [factory]=1900 [gc]=1300 [delta]=1200 [recover]=600)
+declare -A FDUR=([fw]=2800 [many]=1100 [dir]=600 [rollback]=2000 [factory]=2000 [gc]=1400 [delta]=1300 [recover]=600)
+declare -A WIN=([fw]=900 [many]=330 [dir]=140 [rollback]=850 [factory]=1000 [gc]=550 [delta]=500)
+declare -A FWIN=([fw]=1000 [many]=400 [dir]=160 [rollback]=950 [factory]=1050 [gc]=600 [delta]=550)
+declare -A RWIN=([fw]=900 [many]=400 [dir]=300 [rollback]=700 [factory]=700 [gc]=600 [delta]=600)
 declare -A DUR_SEEN=() FDUR_SEEN=() WIN_SEEN=() FWIN_SEEN=() RWIN_SEEN=()
 # Where in the transaction (percent of WIN) the effects of a phase are done, from the
 # measured runs (dir 45/55/64, many 48/60/76, factory 61/63/66).
@@ -926,10 +994,11 @@ tx_ms() {
 # $5: the side after recover, $6: the class, $7: recover wall time in cs.
 learn_from_check() {
     local rf=$1 id=$2 win=$3 scn=$4 side=$5 cls=$6 rcs=$7 op w
-    for op in install:fw.zip install:many.zip install:dir.zip rollback; do
+    for op in install:fw.zip install:many.zip install:dir.zip install:dv2.zip rollback; do
         w=$(tx_ms "$rf" "$id" "post-$op")
         [ -n "$w" ] || continue
         case $op in
+            install:dv2.zip) learn "$win" "${win/WIN/WIN_SEEN}" delta "$w" ;;
             install:*) learn "$win" "${win/WIN/WIN_SEEN}" "$(basename "${op#install:}" .zip)" "$w" ;;
             rollback) [ "$side" = old ] && [ "$(scenario_base "$scn")" = v3 ] && learn "$win" "${win/WIN/WIN_SEEN}" rollback "$w" ;;
         esac
@@ -1178,7 +1247,7 @@ flakey_run() {
         for ((i = 1; i <= n; i++)); do
             local scn=${PLAN[i - 1]} aim=${AIMS[i - 1]} pol base
             rnd 2; pol=$([ $R = 0 ] && echo resume || echo rollback)
-            base=/dev/vdc; [ "$(scenario_base "$scn")" = v3 ] && base=/dev/vdd
+            case $(scenario_base "$scn") in factory) base=/dev/vdc ;; v3) base=/dev/vdd ;; v1) base=/dev/vde ;; esac
             pick_when "$scn" "$aim" FWIN FDUR
             echo "flakey $pfx$i $base $fs $pol $scn $WHEN $(scenario_cmd "$scn")"
             echo "$pfx$i $scn $pol 0 $WHEN $aim" >>"$plan"
@@ -1196,7 +1265,7 @@ flakey_run() {
     end_ctl "$ctl"
     local t0
     t0=$(now_ms)
-    qemu_start "$logf" "$ctl" "$cow" "$IMGS/$fs/factory.img,snapshot=on" "$IMGS/$fs/v3.img,snapshot=on"
+    qemu_start "$logf" "$ctl" "$cow" "$IMGS/$fs/factory.img,snapshot=on" "$IMGS/$fs/v3.img,snapshot=on" "$IMGS/$fs/v1.img,snapshot=on"
     local timeout=$((120 + n * 60))
     # A check the guest's watchdog found stuck (@@HANG, then its dump) ends the batch at once:
     # its later cuts are judged as not done, and the log keeps where it hung.
@@ -1307,28 +1376,39 @@ lw_run() {
     lw_replay "$@"
 }
 
-# lw_record SCENARIO FS [POLICY]: the QEMU part of lw_run.
+# lw_record SCENARIOS FS [POLICY]: the QEMU part of lw_run, for one scenario or several
+# (space-separated; one boot: each records on its own pair of disks, one after the other).
 lw_record() {
-    local scn=$1 fs=$2 pol=${3:-resume}
-    local tag=${LW_PREFIX:-}$scn-$fs-$pol
-    local data=$RUN/lw-$tag-data.img logdev=$RUN/lw-$tag-log.img ctl=$RUN/lw-$tag.ctl logf=$RUN/lw-$tag.log
-    local base=$IMGS/$fs/$(scenario_base "$scn").img
-    cp --sparse=always "$base" "$data"
-    rm -f "$logdev" && truncate -s 2G "$logdev"
+    local scns=$1 fs=$2 pol=${3:-resume}
+    local scn tag disks=() letters=(b c d e f g h i j k l m n o p q) k=0
+    # One scenario: lw-TAG.ctl and .log, TAG as in lw_replay; several: lw-fw+delta-ext4-resume.log.
+    local name=${LW_PREFIX:-}${scns// /+}-$fs-$pol
+    local ctl=$RUN/lw-$name.ctl logf=$RUN/lw-$name.log
     {
         ctl_head "dm$([ "$fs" = xfs ] && echo ' xfs')"
-        echo "lw $tag /dev/vdb /dev/vdc $fs $(scenario_cmd "$scn")"
+        for scn in $scns; do
+            tag=${LW_PREFIX:-}$scn-$fs-$pol
+            local data=$RUN/lw-$tag-data.img logdev=$RUN/lw-$tag-log.img
+            cp --sparse=always "$IMGS/$fs/$(scenario_base "$scn").img" "$data"
+            rm -f "$logdev" && truncate -s 2G "$logdev"
+            [ $((k + 2)) -lt ${#letters[@]} ] || die "lw_record: too many scenarios in one boot"
+            echo "lw $tag /dev/vd${letters[k]} /dev/vd${letters[k + 1]} $fs $(scenario_cmd "$scn")"
+            disks+=("$data" "$logdev") k=$((k + 2))
+        done
     } >"$ctl"
     end_ctl "$ctl"
     local t0
     t0=$(now_ms)
-    qemu_start "$logf" "$ctl" "$data" "$logdev"
-    wait_for "$logf" '^@@DONE' 900 || { qemu_kill; keep "lw-$tag" "$logf"; die "log-writes recording did not finish; log $logf"; }
+    qemu_start "$logf" "$ctl" "${disks[@]}"
+    wait_for "$logf" '^@@DONE' 900 || { qemu_kill; keep "lw-$name" "$logf"; die "log-writes recording did not finish; log $logf"; }
     wait "$QPID" 2>/dev/null || true
     local t1
     t1=$(now_ms)
-    grep -q "^@@ACTION-EXIT $tag rc=0" "$logf" || { keep "lw-$tag" "$logf"; die "the recorded $scn action failed: $(grep "^@@OUT $tag" "$logf" | tail -3)"; }
-    log "log-writes: $scn on $fs recorded in $(((t1 - t0) / 1000))s"
+    for scn in $scns; do
+        tag=${LW_PREFIX:-}$scn-$fs-$pol
+        grep -q "^@@ACTION-EXIT $tag rc=0" "$logf" || { keep "lw-$tag" "$logf"; die "the recorded $scn action failed: $(grep "^@@OUT $tag" "$logf" | tail -3)"; }
+    done
+    log "log-writes: $scns on $fs recorded in $(((t1 - t0) / 1000))s"
 }
 
 # lw_replay SCENARIO FS [POLICY]: the host part of lw_run (no QEMU: it can run beside one).
@@ -1397,6 +1477,8 @@ selftest() {
         "verify|none|chown 4321 root/fw/boot.bin|VERIFY FAILED|rollback"
         "lost-backups|none|rm -f state/backups/*|POST-CUT \`rollback\` FAILED|rollback"
         "post-tree|none|cp pkg/dir.zip pkg/fw.zip|POST-CUT \`install fw.zip\` left a tree that is not|fw"
+        "pristine-v1|none|:|PASS|delta"
+        "post-delta|none|truncate -s 4096 pkg/dv2.zip|POST-CUT \`install dv2.zip\` FAILED|delta"
     )
     local c name acked damage want scn ok=0 bad=0
     for c in "${cases[@]}"; do
@@ -1665,12 +1747,15 @@ case $mode in
         build_bin normal; prep_all ext4 xfs
         start_run quick
         export PC_BIN_USED=$BIN PC_IMGS=$IMGS
-        # The host-only parts (the self-test, the log-writes replay) run beside the QEMU ones.
+        # The host-only parts (the self-test, the log-writes replays) run beside the QEMU ones.
+        # One kill per scenario (the first round of plan_scenarios holds every scenario once),
+        # and the flakey batch holds every scenario at least once: delta included in each kind.
         bg_job selftest selftest
-        lw_record fw ext4
-        bg_job lw lw_replay fw ext4
-        kill_run "${PC_QUICK_KILLS:-6}" ext4 xfs
-        flakey_run "${PC_QUICK_FLAKEY:-12}" ext4
+        lw_record "fw delta" ext4
+        lw_replay_quick() { lw_replay fw ext4; lw_replay delta ext4; }
+        bg_job lw lw_replay_quick
+        kill_run "${PC_QUICK_KILLS:-${#SCENARIOS[@]}}" ext4 xfs
+        flakey_run "${PC_QUICK_FLAKEY:-11}" ext4
         bg_wait
         finish quick
         ;;
@@ -1680,12 +1765,13 @@ case $mode in
         start_run soak
         export PC_BIN_USED=$BIN PC_IMGS=$IMGS
         # A third of the cuts by QEMU kills, the rest by dm-flakey batches of 25 (ext4 and
-        # xfs in turn), plus one log-writes replay of every scenario on ext4 and of fw on xfs
-        # (those points are counted on top of N; recorded first, replayed beside the kills).
+        # xfs in turn), plus one log-writes replay of every scenario on ext4 and of fw and delta
+        # on xfs (those points are counted on top of N; recorded first, in one boot per
+        # filesystem, replayed beside the kills).
         nk=$((n / 3)); nf=$((n - nk)); b=0
-        for scn in "${SCENARIOS[@]}"; do lw_record "$scn" ext4; done
-        lw_record fw xfs
-        lw_replay_all() { for scn in "${SCENARIOS[@]}"; do lw_replay "$scn" ext4; done; lw_replay fw xfs; }
+        lw_record "${SCENARIOS[*]}" ext4
+        lw_record "fw delta" xfs
+        lw_replay_all() { for scn in "${SCENARIOS[@]}"; do lw_replay "$scn" ext4; done; lw_replay fw xfs; lw_replay delta xfs; }
         bg_job lw lw_replay_all
         kill_run "$nk" ext4 xfs
         while [ $nf -gt 0 ]; do

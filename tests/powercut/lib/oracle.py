@@ -8,7 +8,12 @@ root, e.g. /mnt/pc/root: every manifest `dst` lies under it) once the STEPs have
 applied, in order, to the factory tree FACTORY_DIR (read from disk: the payload's
 `factory/`). No `X` lines: a correct engine leaves no temporary file. A STEP is
 
-  PKG.zip    install that package (its manifest.json and entries) over the current state;
+  PKG.zip    install that package (its manifest.json and entries) over the current state. It
+             must be a full package: a delta package (`pack --delta-from`, manifest with a
+             `delta` object) is refused. The delta scenario installs a delta package of 2.0.0
+             on the device; its expected tree is computed from the full package `pack` made of
+             the same source tree (run.sh, oracle_pkg), never from the patches or the engine:
+             a delta install must give exactly the tree the full install gives (issue 14);
   rollback   `rollback`: back to the previous generation. After a chain of installs from
              the factory, that is exactly the state before the last install (SPEC §3:
              generations record each managed path, paths the last install touched for the
@@ -65,6 +70,8 @@ def install(tree, root, pkg):
     z = zipfile.ZipFile(pkg)
     entries = {i.filename: i for i in z.infolist() if not i.is_dir()}
     manifest = json.loads(z.read("manifest.json"))
+    if "delta" in manifest:
+        sys.exit(f"oracle: {pkg} is a delta package: give the full package of the same version")
     for m in manifest["modules"]:
         src, dst = m["src"], m["dst"]
         if src.endswith("/"):
