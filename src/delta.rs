@@ -106,14 +106,14 @@ fn window_log(bytes: u64) -> u32 {
     (64 - bytes.max(1).saturating_sub(1).leading_zeros()).clamp(10, DELTA_ZSTD_WINDOW_LOG_MAX)
 }
 
-/// zstd at `level` of `data` with `reference` as its prefix, long-distance matching on.
-fn zstd_with_prefix(reference: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>, String> {
+/// zstd at `level` of `data` with `reference` as its prefix, long-distance matching on or off.
+fn zstd_with_prefix(reference: &[u8], data: &[u8], level: i32, long_distance: bool) -> Result<Vec<u8>, String> {
     use zstd::zstd_safe::{CCtx, CParameter};
     let mut cctx = CCtx::create();
     let set = |c: &mut CCtx, p: CParameter| c.set_parameter(p).map(|_| ()).map_err(|e| zstd_err("zstd parameter", e));
     set(&mut cctx, CParameter::CompressionLevel(level))?;
     set(&mut cctx, CParameter::WindowLog(window_log(reference.len() as u64 + data.len() as u64)))?;
-    set(&mut cctx, CParameter::EnableLongDistanceMatching(true))?;
+    set(&mut cctx, CParameter::EnableLongDistanceMatching(long_distance))?;
     set(&mut cctx, CParameter::ContentSizeFlag(true))?;
     set(&mut cctx, CParameter::ChecksumFlag(false))?;
     if !reference.is_empty() {
@@ -160,7 +160,7 @@ fn bsdiff_zstd(reference: &[u8], data: &[u8]) -> Result<Option<Vec<u8>>, String>
     if stream.len() as u64 > DELTA_BSDIFF_STREAM_BYTES_MAX {
         return Ok(None);
     }
-    zstd_with_prefix(&[], &stream, 19).map(Some)
+    zstd_with_prefix(&[], &stream, 19, true).map(Some)
 }
 
 /// Applies one bsdiff stream (zstd-compressed in `payload`) to `reference`.
@@ -222,11 +222,16 @@ pub fn make_patch(base: &File, base_size: u64, target: &File, target_size: u64, 
     for s in spans(target_size, base_size) {
         let reference = read_span(base, s.ref_offset, s.ref_len).map_err(|e| format!("read base: {e}"))?;
         let data = read_span(target, s.out_offset, s.out_len).map_err(|e| format!("read target: {e}"))?;
-        let mut best = (Method::Zstd, zstd_with_prefix(&reference, &data, 1)?);
+        let mut best = (Method::Zstd, zstd_with_prefix(&reference, &data, 1, true)?);
         if worth_more_effort(best.1.len(), data.len()) {
-            let strong = zstd_with_prefix(&reference, &data, 19)?;
-            if strong.len() < best.1.len() {
-                best = (Method::Zstd, strong);
+            // -19 with and without long-distance matching: the zstd CLI's --patch-from turns
+            // it on only for inputs past the match finder's reach, and on small windows it
+            // costs a few hundred bytes as often as it saves them.
+            for long_distance in [true, false] {
+                let strong = zstd_with_prefix(&reference, &data, 19, long_distance)?;
+                if strong.len() < best.1.len() {
+                    best = (Method::Zstd, strong);
+                }
             }
             if let Some(b) = bsdiff_zstd(&reference, &data)?
                 && b.len() < best.1.len()
@@ -401,9 +406,9 @@ mod tests {
         };
         let w = |method, payload_len| WindowHeader { method, payload_len };
         assert!(matches!(forge(w(Method::Zstd, DELTA_PAYLOAD_BYTES_MAX + 1), &[]), Err(PatchError::Invalid(_))));
-        let bomb = zstd_with_prefix(&[], &vec![0u8; 1 << 20], 3).unwrap();
+        let bomb = zstd_with_prefix(&[], &vec![0u8; 1 << 20], 3, true).unwrap();
         assert!(matches!(forge(w(Method::Zstd, bomb.len() as u64), &bomb), Err(PatchError::Invalid(_))));
-        let big_stream = zstd_with_prefix(&[], &vec![0u8; DELTA_BSDIFF_STREAM_BYTES_MAX as usize + 1], 3).unwrap();
+        let big_stream = zstd_with_prefix(&[], &vec![0u8; DELTA_BSDIFF_STREAM_BYTES_MAX as usize + 1], 3, true).unwrap();
         assert!(matches!(forge(w(Method::BsdiffZstd, big_stream.len() as u64), &big_stream), Err(PatchError::Invalid(_))));
         // A bsdiff stream whose entry promises more than its window (it would grow the
         // output before failing), and a payload with a second frame after the first.
@@ -412,14 +417,14 @@ mod tests {
         stream.extend((4u64 << 20).to_le_bytes());
         stream.extend(0i64.to_le_bytes());
         stream.extend(vec![0u8; 4 << 20]);
-        let promising = zstd_with_prefix(&[], &stream, 3).unwrap();
+        let promising = zstd_with_prefix(&[], &stream, 3, true).unwrap();
         assert!(matches!(forge(w(Method::BsdiffZstd, promising.len() as u64), &promising), Err(PatchError::Invalid(_))));
-        let ten = zstd_with_prefix(&[], b"0123456789", 3).unwrap();
+        let ten = zstd_with_prefix(&[], b"0123456789", 3, true).unwrap();
         let two_frames = [ten.clone(), ten.clone()].concat();
         assert!(matches!(forge(w(Method::Zstd, two_frames.len() as u64), &two_frames), Err(PatchError::Invalid(_))));
         assert_eq!(forge(w(Method::Zstd, ten.len() as u64), &ten).unwrap(), b"0123456789");
         // A window of the right declared size but a payload that decodes to less.
-        let short = zstd_with_prefix(&[], b"12345", 3).unwrap();
+        let short = zstd_with_prefix(&[], b"12345", 3, true).unwrap();
         assert!(matches!(forge(w(Method::Zstd, short.len() as u64), &short), Err(PatchError::Invalid(_))));
     }
 }
