@@ -63,6 +63,8 @@ pub struct Config {
     pub log: LogConfig,
     pub gui: GuiConfig,
     pub services: BTreeMap<String, ServiceConfig>,
+    /// The hawkBit DDI client (`src/ddi`): off unless the table is present.
+    pub ddi: Option<crate::ddi::config::DdiConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,6 +150,7 @@ impl Default for Config {
             log: LogConfig::default(),
             gui: GuiConfig::default(),
             services: BTreeMap::new(),
+            ddi: None,
         }
     }
 }
@@ -282,7 +285,8 @@ impl Config {
         if self.log.level.parse::<tracing::level_filters::LevelFilter>().is_err() {
             return bad("[log] level must be one of off, error, warn, info, debug, trace");
         }
-        self.api.validate()
+        self.api.validate()?;
+        self.ddi.as_ref().map_or(Ok(()), |d| d.validate())
     }
 
     pub fn to_toml(&self) -> String {

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod ddi;
 pub mod delta;
 pub mod demo;
 pub mod download;

@@ -102,3 +102,27 @@ pub const OUTPUT_KEPT_BYTES: usize = 64 * 1024;
 pub const LOG_FILE_ROTATE_BYTES: u64 = 10 * 1024 * 1024;
 /// Rotated log files kept beside the live one: `FILE.1` .. `FILE.3`.
 pub const LOG_FILES_KEPT: usize = 3;
+
+// The hawkBit DDI client (src/ddi): what a fleet server can make a device do or keep.
+
+/// The longest poll interval a server can ask for (`config.polling.sleep`): one week.
+pub const DDI_SLEEP_S_MAX: u64 = 7 * 24 * 3600;
+/// The shortest poll interval, whatever the server asks (a `00:00:00` must not make a device spin).
+pub const DDI_POLL_S_MIN: u64 = 5;
+/// The poll interval when a server names none.
+pub const DDI_POLL_S_DEFAULT: u64 = 300;
+/// After a failed poll, the first retry waits this long, doubling per failure...
+pub const DDI_BACKOFF_S_MIN: u64 = 5;
+/// ...up to this (and never past the normal interval).
+pub const DDI_BACKOFF_S_MAX: u64 = 3600;
+/// An action id (hawkBit: a decimal number), in bytes.
+pub const DDI_ID_BYTES_MAX: usize = 64;
+/// Artifacts in one deployment.
+pub const DDI_ARTIFACTS_MAX: usize = 16;
+/// Detail lines in one feedback, and bytes per line.
+pub const DDI_DETAILS_MAX: usize = 8;
+pub const DDI_DETAIL_BYTES_MAX: usize = 512;
+/// A DDI token file.
+pub const DDI_TOKEN_BYTES_MAX: usize = 1024;
+/// A DDI server's answer (poll, deploymentBase, cancelAction).
+pub const DDI_RESPONSE_BYTES_MAX: usize = 1024 * 1024;
