@@ -6,7 +6,8 @@
 //! - **Write-ahead offset.** The record's `offset` counts bytes made durable by `fdatasync`
 //!   *before* the offset was journaled; nothing past it is trusted. A resume (after a dropped
 //!   connection, a SIGTERM or a power cut) truncates the file to the journaled offset, hashes
-//!   that prefix into the MD5, and asks for `Range: bytes=OFFSET-`. The offset is journaled
+//!   that prefix into the expected hash's state (MD5, SHA-1 or SHA-256), and asks for
+//!   `Range: bytes=OFFSET-`. The offset is journaled
 //!   at least every 5 % of the package, before every retry, and on cancellation.
 //! - **Range answers.** A `206` must carry `Content-Range: bytes OFFSET-(size-1)/size` (or
 //!   `/*`), else the attempt fails and nothing is appended. A `200` to a Range request means
@@ -21,13 +22,19 @@
 //! - **Disk.** A statvfs preflight needs the remaining bytes (rounded up to blocks) plus
 //!   `FREE_SPACE_RESERVE_BYTES` free, else `DISK_FULL`; `ENOSPC`/`EDQUOT` while writing is
 //!   `DISK_FULL` too.
-//! - **Verification.** MD5 is computed while writing; a mismatch deletes the file, clears the
-//!   record and is `MD5_MISMATCH`. A match journals `verified_at_unix_ms` (the start of the
-//!   trust window checked by [`check_installable`]).
-//! - **Requests.** A request identical to the journaled one (same URL, name, size, MD5 and
-//!   version) resumes it; an already verified identical download within the trust window is
+//! - **Verification.** The [`ExpectedHash`] (the legacy request's MD5, or the strongest hash a
+//!   DDI deployment gives: SHA-256, SHA-1 or MD5) is computed while writing; a mismatch deletes
+//!   the file, clears the record and is `MD5_MISMATCH` (MD5) or `HASH_MISMATCH` (SHA-1,
+//!   SHA-256). A match journals `verified_at_unix_ms` (the start of the trust window checked
+//!   by [`check_installable`]).
+//! - **Requests.** A request identical to the journaled one (same URL, name, size, expected
+//!   hash and version) resumes it; an already verified identical download within the trust window is
 //!   returned as is, without network. Any other request replaces the record and deletes the
 //!   old file (also a verified one past its trust window: "please re-download").
+//!
+//! Two entry points: [`run`] for the legacy `POST /download` body ([`DownloadRequest`], MD5),
+//! and [`fetch`] for any [`DownloadSpec`] (the DDI client's artifacts). `run` is `fetch` of the
+//! request's spec after the legacy validation.
 //!
 //! Errors and the legacy API's `code` (the daemon maps them; the HTTP status is always 200):
 //!
@@ -38,6 +45,7 @@
 //! | `MD5_NOT_VERIFIED` | 409 | [`check_installable`] |
 //! | `PACKAGE_EXPIRED` | 410 | [`check_installable`] |
 //! | `DOWNLOAD_FAILED`, `MD5_MISMATCH`, `DISK_FULL`, `INTERNAL_ERROR`, `JOURNAL_CORRUPT` | 500 | [`run`] (reported through `/progress` with stage `failed`) |
+//! | `HASH_MISMATCH` | 500 | [`fetch`] of a SHA-1 or SHA-256 [`ExpectedHash`] (never from the legacy [`run`]) |
 //! | `PACKAGE_SIZE_MISMATCH` | 500 | [`run`]: a `Content-Length` (200), `Content-Range` total (206) or body that is not `package_size`; at once, no retry, file and record removed |
 
 use crate::config::Config;
@@ -49,6 +57,8 @@ use crate::limits::{REDIRECTS_MAX, URL_BYTES_MAX};
 use crate::version::Version;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
+use sha1::Sha1;
+use sha2::Sha256;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -77,18 +87,150 @@ pub struct DownloadRequest {
     pub package_md5: String,
 }
 
+impl DownloadRequest {
+    /// What this request downloads: its fields, checked against `package_md5`. Not validated
+    /// (see [`validate`]).
+    pub fn spec(&self) -> DownloadSpec {
+        DownloadSpec {
+            version: self.version.clone(),
+            package_url: self.package_url.clone(),
+            package_name: self.package_name.clone(),
+            package_size: self.package_size,
+            expected: ExpectedHash::Md5(self.package_md5.clone()),
+        }
+    }
+}
+
+/// The hash a downloaded package must have, as lower-case hex digits: 32 for MD5, 40 for
+/// SHA-1, 64 for SHA-256. A variant built directly is checked by [`fetch`] (and by the journal
+/// when a record is written or read); the constructors check at once.
+///
+/// The variant index is part of the journal format (journal-format.md §3: 0 Md5, 1 Sha1,
+/// 2 Sha256); new algorithms go at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpectedHash {
+    Md5(String),
+    Sha1(String),
+    Sha256(String),
+}
+
+impl ExpectedHash {
+    pub fn md5(hex: &str) -> Result<Self> {
+        Self::checked(ExpectedHash::Md5(hex.to_string()))
+    }
+
+    pub fn sha1(hex: &str) -> Result<Self> {
+        Self::checked(ExpectedHash::Sha1(hex.to_string()))
+    }
+
+    pub fn sha256(hex: &str) -> Result<Self> {
+        Self::checked(ExpectedHash::Sha256(hex.to_string()))
+    }
+
+    fn checked(h: ExpectedHash) -> Result<Self> {
+        h.check().map_err(validation)?;
+        Ok(h)
+    }
+
+    /// `md5`, `sha1` or `sha256` (as hawkBit names them in a deployment's `hashes`).
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            ExpectedHash::Md5(_) => "md5",
+            ExpectedHash::Sha1(_) => "sha1",
+            ExpectedHash::Sha256(_) => "sha256",
+        }
+    }
+
+    /// The expected digest, lower-case hex.
+    pub fn hex(&self) -> &str {
+        match self {
+            ExpectedHash::Md5(h) | ExpectedHash::Sha1(h) | ExpectedHash::Sha256(h) => h,
+        }
+    }
+
+    /// Hex digits of this algorithm's digest.
+    fn hex_len(&self) -> usize {
+        match self {
+            ExpectedHash::Md5(_) => 32,
+            ExpectedHash::Sha1(_) => 40,
+            ExpectedHash::Sha256(_) => 64,
+        }
+    }
+
+    /// Lower-case hex of the algorithm's length.
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
+        let (hex, len) = (self.hex(), self.hex_len());
+        if hex.len() != len || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(format!("expected {} hash must be {len} lower-case hexadecimal digits", self.algorithm()));
+        }
+        Ok(())
+    }
+
+    /// The error for a download that hashed to `got`: `MD5_MISMATCH` with the legacy message
+    /// for MD5, `HASH_MISMATCH` naming the algorithm otherwise.
+    fn mismatch(&self, got: &str) -> Error {
+        let expected = self.hex();
+        match self {
+            ExpectedHash::Md5(_) => Error::new(ErrorCode::Md5Mismatch, format!("expected {expected}, got {got}")),
+            _ => Error::new(ErrorCode::HashMismatch, format!("{} mismatch: expected {expected}, got {got}", self.algorithm())),
+        }
+    }
+}
+
+/// What one download fetches and how it is checked: the legacy request's fields with any
+/// [`ExpectedHash`]. The legacy API's requests become one with [`DownloadRequest::spec`]; the
+/// DDI client builds one per artifact with [`DownloadSpec::new`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadSpec {
+    /// `MAJOR.MINOR.PATCH`: what `POST /update` names to install it.
+    pub version: String,
+    pub package_url: String,
+    /// The file name under `<state_dir>/downloads/`.
+    pub package_name: String,
+    pub package_size: u64,
+    pub expected: ExpectedHash,
+}
+
+impl DownloadSpec {
+    pub fn new(
+        version: impl Into<String>,
+        package_url: impl Into<String>,
+        package_name: impl Into<String>,
+        package_size: u64,
+        expected: ExpectedHash,
+    ) -> Self {
+        DownloadSpec { version: version.into(), package_url: package_url.into(), package_name: package_name.into(), package_size, expected }
+    }
+
+    /// The legacy request this spec is, if it is checked by MD5 (the only kind the legacy
+    /// API, and so the daemon's own resume at start-up, knows).
+    pub fn legacy_request(&self) -> Option<DownloadRequest> {
+        match &self.expected {
+            ExpectedHash::Md5(md5) => Some(DownloadRequest {
+                version: self.version.clone(),
+                package_url: self.package_url.clone(),
+                package_name: self.package_name.clone(),
+                package_size: self.package_size,
+                package_md5: md5.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// The durable state of the current download: journal table `downloads`, key `"current"`
 /// (journal-format.md §2, §3, §5.7).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DownloadRecord {
-    /// The request being served, as validated.
-    pub request: DownloadRequest,
+    /// What is being downloaded, as validated (record version 2; a version 1 record held the
+    /// legacy request, decoded as its spec: `expected` is its MD5).
+    pub request: DownloadSpec,
     /// `<state_dir>/downloads/<package_name>`, absolute, UTF-8.
     pub path: String,
     /// Bytes `[0, offset)` of the file were made durable (fdatasync) before this value was
     /// journaled; anything after it is untrusted. `offset <= package_size`.
     pub offset: u64,
-    /// Set iff the whole file's MD5 matched `package_md5` (then `offset == package_size`):
+    /// Set iff the whole file's hash matched `request.expected` (then `offset == package_size`):
     /// wall-clock ms since the epoch, the start of the trust window.
     pub verified_at_unix_ms: Option<u64>,
     /// Wall-clock ms when this download was first requested (informational).
@@ -118,7 +260,7 @@ impl DownloadRecord {
         if self.verified_at_unix_ms.is_some() && !self.is_complete() {
             return Err(format!("verified at offset {} of {}", self.offset, self.request.package_size));
         }
-        Ok(())
+        self.request.expected.check()
     }
 }
 
@@ -137,9 +279,23 @@ fn validate_version(version: &str) -> Result<Version> {
 /// not `.` or `..`); `1 <= package_size <= max_package_bytes`; `package_md5` is 32
 /// lowercase hex digits. Errors are `VALIDATION_ERROR`.
 pub fn validate(req: &DownloadRequest, cfg: &Config) -> Result<()> {
-    validate_version(&req.version)?;
-    validate_url(&req.package_url, cfg.download.allow_http)?;
-    let name = req.package_name.as_str();
+    validate_fields(&req.version, &req.package_url, &req.package_name, req.package_size, cfg)?;
+    if req.package_md5.len() != 32 || !req.package_md5.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(validation("package_md5 must be 32-character hexadecimal string"));
+    }
+    Ok(())
+}
+
+/// Validates a [`DownloadSpec`]: its fields as [`validate`] does a request's, then its
+/// [`ExpectedHash`] (lower-case hex of the algorithm's length). Errors are `VALIDATION_ERROR`.
+pub fn validate_spec(spec: &DownloadSpec, cfg: &Config) -> Result<()> {
+    validate_fields(&spec.version, &spec.package_url, &spec.package_name, spec.package_size, cfg)?;
+    spec.expected.check().map_err(validation)
+}
+
+fn validate_fields(version: &str, url: &str, name: &str, size: u64, cfg: &Config) -> Result<()> {
+    validate_version(version)?;
+    validate_url(url, cfg.download.allow_http)?;
     if name.is_empty()
         || name == "."
         || name == ".."
@@ -150,14 +306,11 @@ pub fn validate(req: &DownloadRequest, cfg: &Config) -> Result<()> {
             "package_name must be a plain file name (1 to {PATH_COMPONENT_BYTES_MAX} bytes, no '/', not '.' or '..')"
         )));
     }
-    if req.package_size == 0 {
+    if size == 0 {
         return Err(validation("package_size must be at least 1"));
     }
-    if req.package_size > cfg.max_package_bytes {
-        return Err(validation(format!("package_size {} exceeds max_package_bytes {}", req.package_size, cfg.max_package_bytes)));
-    }
-    if req.package_md5.len() != 32 || !req.package_md5.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return Err(validation("package_md5 must be 32-character hexadecimal string"));
+    if size > cfg.max_package_bytes {
+        return Err(validation(format!("package_size {size} exceeds max_package_bytes {}", cfg.max_package_bytes)));
     }
     Ok(())
 }
@@ -302,6 +455,23 @@ pub fn run(
     run_tuned(journal, cfg, req, progress, cancel, &Tuning::default())
 }
 
+/// Runs (or resumes) the download of `spec` to a file whose hash is `spec.expected`, exactly
+/// as [`run`] does a legacy request (same journal record, same resume, retry and trust-window
+/// rules; one download at a time, so a spec other than the journaled one replaces it). The
+/// DDI client's entry point. A spec that [`validate_spec`] refuses touches nothing. A hash
+/// mismatch deletes the file and clears the record: `MD5_MISMATCH` for MD5 (the legacy
+/// message `expected X, got Y`), `HASH_MISMATCH` for SHA-1 and SHA-256
+/// (`sha256 mismatch: expected X, got Y`).
+pub fn fetch(
+    journal: &Journal,
+    cfg: &Config,
+    spec: &DownloadSpec,
+    progress: &dyn Fn(u64, u64),
+    cancel: &AtomicBool,
+) -> Result<DownloadRecord> {
+    fetch_tuned(journal, cfg, spec, progress, cancel, &Tuning::default())
+}
+
 fn run_tuned(
     journal: &Journal,
     cfg: &Config,
@@ -311,6 +481,18 @@ fn run_tuned(
     tuning: &Tuning,
 ) -> Result<DownloadRecord> {
     validate(req, cfg)?;
+    fetch_tuned(journal, cfg, &req.spec(), progress, cancel, tuning)
+}
+
+fn fetch_tuned(
+    journal: &Journal,
+    cfg: &Config,
+    req: &DownloadSpec,
+    progress: &dyn Fn(u64, u64),
+    cancel: &AtomicBool,
+    tuning: &Tuning,
+) -> Result<DownloadRecord> {
+    validate_spec(req, cfg)?;
     let dir = cfg.state_dir.join(DOWNLOADS_DIR);
     let path = dir.join(&req.package_name);
     let path_str = path.to_str().ok_or_else(|| Error::internal(format!("state_dir {} is not UTF-8", cfg.state_dir.display())))?;
@@ -369,7 +551,7 @@ fn run_tuned(
         rec,
         path,
         file,
-        md5: Md5::new(),
+        hasher: Hasher::new(&req.expected),
         checkpoint_bytes: size.div_ceil(CHECKPOINTS_PER_PACKAGE),
         buf: vec![0u8; IO_BUFFER_BYTES],
         progress,
@@ -462,7 +644,8 @@ struct Transfer<'a> {
     offset: u64,
     path: PathBuf,
     file: File,
-    md5: Md5,
+    /// The hash of bytes `[0, offset)`.
+    hasher: Hasher,
     checkpoint_bytes: u64,
     buf: Vec<u8>,
     progress: &'a dyn Fn(u64, u64),
@@ -474,7 +657,8 @@ impl Transfer<'_> {
     }
 
     /// Trusts only the journaled prefix: truncates the file to it (or starts over if the file
-    /// is shorter: its durable bytes were lost) and hashes it.
+    /// is shorter: its durable bytes were lost) and hashes it, so the hash state is the one an
+    /// uninterrupted download would have at `offset`.
     fn resume_prefix(&mut self, cancel: &AtomicBool) -> Result<()> {
         let len = self.file.metadata().map_err(|e| file_error("fstat", &self.path, &e))?.len();
         if len < self.rec.offset {
@@ -494,7 +678,7 @@ impl Transfer<'_> {
             if n == 0 {
                 return Err(Error::internal(format!("{} shrank while being hashed", self.path.display())));
             }
-            self.md5.update(&self.buf[..n]);
+            self.hasher.update(&self.buf[..n]);
             self.offset += n as u64;
         }
         (self.progress)(self.offset, self.size());
@@ -607,7 +791,7 @@ impl Transfer<'_> {
                 Err(e) => return Err(Stop::Retry(format!("read at {} of {} bytes: {e}", self.offset, self.size()))),
             };
             self.file.write_all_at(&self.buf[..n], self.offset).map_err(|e| file_error("write", &self.path, &e))?;
-            self.md5.update(&self.buf[..n]);
+            self.hasher.update(&self.buf[..n]);
             self.offset += n as u64;
             (self.progress)(self.offset, self.size());
             if self.offset - self.rec.offset >= self.checkpoint_bytes {
@@ -654,23 +838,23 @@ impl Transfer<'_> {
         self.commit()?;
         self.file.set_len(0).map_err(|e| file_error("truncate", &self.path, &e))?;
         self.offset = 0;
-        self.md5 = Md5::new();
+        self.hasher = Hasher::new(&self.rec.request.expected);
         (self.progress)(0, self.size());
         Ok(())
     }
 
-    /// Every byte is written: durable, then MD5 compared, then `verified_at` journaled.
+    /// Every byte is written: durable, then the hash compared, then `verified_at` journaled.
     fn verify(mut self) -> Result<DownloadRecord> {
         fsutil::sync_data(&self.file, &self.path, ErrorCode::InternalError)?;
-        let got = hex(&std::mem::take(&mut self.md5).finalize());
-        let expected = self.rec.request.package_md5.clone();
-        if got != expected {
+        let expected = self.rec.request.expected.clone();
+        let got = std::mem::replace(&mut self.hasher, Hasher::new(&expected)).finalize_hex();
+        if got != expected.hex() {
             drop(self.file);
             // File first, record second: a crash in between leaves a record whose file is
             // missing, which the next request starts over.
             fsutil::remove_if_present(&self.path).map_err(local)?;
             self.journal.clear_download()?;
-            return Err(Error::new(ErrorCode::Md5Mismatch, format!("expected {expected}, got {got}")));
+            return Err(expected.mismatch(&got));
         }
         self.rec.offset = self.offset;
         let now = crate::driver::now_unix_ms();
@@ -684,6 +868,40 @@ impl Transfer<'_> {
             ErrorCode::DownloadIncomplete,
             format!("download interrupted at {} of {} bytes; the same request resumes it", self.rec.offset, self.size()),
         )
+    }
+}
+
+/// The running hash of an [`ExpectedHash`]'s algorithm.
+enum Hasher {
+    Md5(Md5),
+    Sha1(Sha1),
+    Sha256(Sha256),
+}
+
+impl Hasher {
+    fn new(expected: &ExpectedHash) -> Hasher {
+        match expected {
+            ExpectedHash::Md5(_) => Hasher::Md5(Md5::new()),
+            ExpectedHash::Sha1(_) => Hasher::Sha1(Sha1::new()),
+            ExpectedHash::Sha256(_) => Hasher::Sha256(Sha256::new()),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Hasher::Md5(h) => h.update(bytes),
+            Hasher::Sha1(h) => h.update(bytes),
+            Hasher::Sha256(h) => h.update(bytes),
+        }
+    }
+
+    /// The digest, lower-case hex.
+    fn finalize_hex(self) -> String {
+        match self {
+            Hasher::Md5(h) => hex(&h.finalize()),
+            Hasher::Sha1(h) => hex(&h.finalize()),
+            Hasher::Sha256(h) => hex(&h.finalize()),
+        }
     }
 }
 
@@ -940,6 +1158,23 @@ mod tests {
         }
     }
 
+    fn sha1_hex(bytes: &[u8]) -> String {
+        hex(&Sha1::digest(bytes))
+    }
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        hex(&Sha256::digest(bytes))
+    }
+
+    /// What the DDI client would ask for: the request's fields with `expected`.
+    fn spec(server: &PackageServer, name: &str, body: &[u8], expected: ExpectedHash) -> DownloadSpec {
+        DownloadSpec::new("1.2.3", server.url(name), name, body.len() as u64, expected)
+    }
+
+    fn go_spec(j: &Journal, cfg: &Config, spec: &DownloadSpec) -> Result<DownloadRecord> {
+        fetch_tuned(j, cfg, spec, &|_, _| {}, &AtomicBool::new(false), &fast())
+    }
+
     fn fast() -> Tuning {
         Tuning {
             backoff_base: Duration::from_millis(1),
@@ -1124,6 +1359,201 @@ mod tests {
     }
 
     #[test]
+    fn sha256_download_is_verified() {
+        let (_d, cfg, j) = setup();
+        let body = package(MIB + 7);
+        let server = PackageServer::start(body.clone(), vec![]);
+        let s = spec(&server, "p.zip", &body, ExpectedHash::sha256(&sha256_hex(&body)).unwrap());
+        let rec = go_spec(&j, &cfg, &s).unwrap();
+        assert!(rec.is_complete() && rec.is_verified());
+        assert_eq!(rec.request, s);
+        assert_eq!(j.download().unwrap(), Some(rec.clone()));
+        assert_eq!(std::fs::read(package_path(&cfg, "p.zip")).unwrap(), body);
+        // The same spec again: verified within the trust window, no network.
+        assert_eq!(go_spec(&j, &cfg, &s).unwrap(), rec);
+        assert_eq!(server.seen().len(), 1);
+        // POST /update accepts it like a legacy download.
+        assert!(check_installable(Some(&rec), "1.2.3", 24, rec.verified_at_unix_ms.unwrap()).is_ok());
+    }
+
+    /// gooseBit gives only sha1.
+    #[test]
+    fn sha1_download_is_verified() {
+        let (_d, cfg, j) = setup();
+        let body = package(300_001);
+        let server = PackageServer::start(body.clone(), vec![]);
+        let s = spec(&server, "goose.swu", &body, ExpectedHash::sha1(&sha1_hex(&body)).unwrap());
+        let rec = go_spec(&j, &cfg, &s).unwrap();
+        assert!(rec.is_verified());
+        assert_eq!(rec.request.expected, ExpectedHash::Sha1(sha1_hex(&body)));
+        assert_eq!(std::fs::read(package_path(&cfg, "goose.swu")).unwrap(), body);
+    }
+
+    /// Each kind: the file goes, the record goes, and the code is MD5_MISMATCH for MD5 (the
+    /// legacy message) or HASH_MISMATCH naming the algorithm, the expected and the got digest.
+    #[test]
+    fn each_kind_of_hash_mismatch_deletes_the_file_and_clears_the_record() {
+        let body = package(100_000);
+        let wrong: Vec<u8> = body.iter().map(|b| b ^ 0x5a).collect();
+        let kinds = [
+            (ExpectedHash::Md5(md5_hex(&body)), md5_hex(&wrong), ErrorCode::Md5Mismatch, ""),
+            (ExpectedHash::Sha1(sha1_hex(&body)), sha1_hex(&wrong), ErrorCode::HashMismatch, "sha1 mismatch: "),
+            (ExpectedHash::Sha256(sha256_hex(&body)), sha256_hex(&wrong), ErrorCode::HashMismatch, "sha256 mismatch: "),
+        ];
+        for (expected, got, code, prefix) in kinds {
+            let (_d, cfg, j) = setup();
+            let server = PackageServer::start(body.clone(), vec![Reply::WrongBytes]);
+            let s = spec(&server, "p.zip", &body, expected.clone());
+            let err = go_spec(&j, &cfg, &s).unwrap_err();
+            assert_eq!(err.code, code, "{err}");
+            assert_eq!(err.message, format!("{prefix}expected {}, got {got}", expected.hex()));
+            assert!(!package_path(&cfg, "p.zip").exists(), "{expected:?}");
+            assert_eq!(j.download().unwrap(), None, "{expected:?}");
+        }
+    }
+
+    /// Interrupted mid-way, then a new process: the SHA-256 state is rebuilt over the bytes
+    /// already on disk (and only the journaled ones), the rest comes with Range, and the whole
+    /// is verified. A wrong prefix on disk would fail it: the rebuilt state is really used.
+    #[test]
+    fn sha256_download_interrupted_and_resumed_with_range_rebuilds_the_hash_from_disk() {
+        let (dir, cfg, j) = setup();
+        let body = package(MIB);
+        let server = PackageServer::start(body.clone(), vec![]);
+        let s = spec(&server, "p.zip", &body, ExpectedHash::Sha256(sha256_hex(&body)));
+        let cancel = AtomicBool::new(false);
+        let stop_at = |done: u64, _| {
+            if done >= 400_000 {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        };
+        let err = fetch_tuned(&j, &cfg, &s, &stop_at, &cancel, &fast()).unwrap_err();
+        assert_eq!(err.code, ErrorCode::DownloadIncomplete, "{err}");
+        let n = j.download().unwrap().unwrap().offset;
+        assert!(n >= 400_000 && n < body.len() as u64, "offset {n}");
+        let path = package_path(&cfg, "p.zip");
+
+        // A new process; untrusted bytes past the journaled offset.
+        drop(j);
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&[0xee; 5000]).unwrap();
+        let j = Arc::new(Journal::open(dir.path()).unwrap());
+        server.watch(&j);
+        let progress = Mutex::new(Vec::new());
+        let rec = fetch_tuned(&j, &cfg, &s, &|d, _| progress.lock().unwrap().push(d), &AtomicBool::new(false), &fast()).unwrap();
+        assert!(rec.is_verified());
+        let seen = server.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].range, Some(format!("bytes={n}-")));
+        assert_eq!(seen[1].journaled_offset, Some(n));
+        // The prefix was read back (progress starts at the offset, not 0).
+        assert_eq!(progress.lock().unwrap().first(), Some(&n));
+        assert_eq!(std::fs::read(&path).unwrap(), body);
+
+        // Again, with a prefix on disk that is not the server's: the rebuilt hash catches it.
+        let (_d2, cfg2, j2) = setup();
+        let s2 = DownloadSpec { package_name: "q.zip".into(), ..s.clone() };
+        let cancel = AtomicBool::new(false);
+        let stop_at = |done: u64, _| {
+            if done >= 400_000 {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        };
+        fetch_tuned(&j2, &cfg2, &s2, &stop_at, &cancel, &fast()).unwrap_err();
+        let path2 = package_path(&cfg2, "q.zip");
+        std::fs::OpenOptions::new().write(true).open(&path2).unwrap().write_all_at(&[0u8; 10], 1000).unwrap();
+        let err = go_spec(&j2, &cfg2, &s2).unwrap_err();
+        assert_eq!(err.code, ErrorCode::HashMismatch, "{err}");
+        assert!(!path2.exists());
+    }
+
+    /// Within one run: a dropped connection keeps the SHA-1 state across the Range retry, and
+    /// a server that ignores Range (200) restarts it with the file.
+    #[test]
+    fn sha1_download_resumes_after_a_dropped_connection() {
+        let (_d, cfg, j) = setup();
+        let body = package(MIB);
+        let expected = ExpectedHash::Sha1(sha1_hex(&body));
+        let kept = PackageServer::start(body.clone(), vec![Reply::DropAfter(250_000)]);
+        assert!(go_spec(&j, &cfg, &spec(&kept, "a.zip", &body, expected.clone())).unwrap().is_verified());
+        assert_eq!(kept.ranges(), vec![None, Some("bytes=250000-".into())]);
+        assert_eq!(std::fs::read(package_path(&cfg, "a.zip")).unwrap(), body);
+
+        let restarted = PackageServer::start(body.clone(), vec![Reply::DropAfter(300_000), Reply::IgnoreRange]);
+        assert!(go_spec(&j, &cfg, &spec(&restarted, "b.zip", &body, expected)).unwrap().is_verified());
+        assert_eq!(restarted.ranges(), vec![None, Some("bytes=300000-".into())]);
+        assert_eq!(std::fs::read(package_path(&cfg, "b.zip")).unwrap(), body);
+    }
+
+    /// A download an older build journaled (record version 1, the legacy request) is the
+    /// same download as that request now: it resumes from its offset and checks the MD5.
+    #[test]
+    fn a_download_journaled_by_an_older_build_resumes_as_md5() {
+        let (_d, cfg, j) = setup();
+        let body = package(MIB);
+        let server = PackageServer::start(body.clone(), vec![]);
+        server.watch(&j);
+        let req = request(&server, "p.zip", &body);
+        go_cancelling_at(&j, &cfg, &req, 300_000).unwrap_err();
+        let rec = j.download().unwrap().unwrap();
+        j.put_download_v1(&rec).unwrap();
+        assert_eq!(j.download().unwrap().unwrap().request.expected, ExpectedHash::Md5(req.package_md5.clone()));
+        assert!(go(&j, &cfg, &req).unwrap().is_verified());
+        assert_eq!(server.ranges()[1], Some(format!("bytes={}-", rec.offset)));
+        assert_eq!(std::fs::read(package_path(&cfg, "p.zip")).unwrap(), body);
+    }
+
+    #[test]
+    fn expected_hashes_are_lower_case_hex_of_their_length() {
+        let (md5, sha1, sha256) = ("0".repeat(32), "a".repeat(40), "f".repeat(64));
+        assert_eq!(ExpectedHash::md5(&md5).unwrap(), ExpectedHash::Md5(md5.clone()));
+        assert_eq!(ExpectedHash::sha1(&sha1).unwrap().algorithm(), "sha1");
+        assert_eq!(ExpectedHash::sha256(&sha256).unwrap().hex(), sha256);
+        let bad = [
+            ExpectedHash::md5(&sha1),
+            ExpectedHash::sha1(&md5),
+            ExpectedHash::sha1(&"A".repeat(40)),
+            ExpectedHash::sha256(&sha1),
+            ExpectedHash::sha256(&"g".repeat(64)),
+            ExpectedHash::sha256(""),
+        ];
+        for r in bad {
+            assert_eq!(r.unwrap_err().code, ErrorCode::ValidationError);
+        }
+        assert_eq!(
+            ExpectedHash::sha256("ab").unwrap_err().to_string(),
+            "VALIDATION_ERROR: expected sha256 hash must be 64 lower-case hexadecimal digits"
+        );
+    }
+
+    #[test]
+    fn fetch_validates_the_spec_before_touching_anything() {
+        let (_d, cfg, j) = setup();
+        let body = package(10);
+        let server = PackageServer::start(body.clone(), vec![]);
+        let bad_hash = spec(&server, "p.zip", &body, ExpectedHash::Sha256("0".repeat(63)));
+        assert_eq!(go_spec(&j, &cfg, &bad_hash).unwrap_err().code, ErrorCode::ValidationError);
+        let bad_name = spec(&server, "../p.zip", &body, ExpectedHash::Sha256(sha256_hex(&body)));
+        assert_eq!(go_spec(&j, &cfg, &bad_name).unwrap_err().code, ErrorCode::ValidationError);
+        assert!(server.seen().is_empty());
+        assert_eq!(j.download().unwrap(), None);
+    }
+
+    /// A spec is a legacy request exactly when it is checked by MD5.
+    #[test]
+    fn specs_and_legacy_requests_convert() {
+        let req = DownloadRequest {
+            version: "1.2.3".into(),
+            package_url: "https://e.com/p.zip".into(),
+            package_name: "p.zip".into(),
+            package_size: 5,
+            package_md5: "0".repeat(32),
+        };
+        assert_eq!(req.spec().legacy_request(), Some(req.clone()));
+        let sha = DownloadSpec { expected: ExpectedHash::Sha256("0".repeat(64)), ..req.spec() };
+        assert_eq!(sha.legacy_request(), None);
+    }
+
+    #[test]
     fn disk_full_preflight_refuses_before_any_request() {
         let (_d, mut cfg, j) = setup();
         cfg.max_package_bytes = u64::MAX;
@@ -1150,7 +1580,7 @@ mod tests {
         let new_server = PackageServer::start(new_body.clone(), vec![]);
         let new = request(&new_server, "new.zip", &new_body);
         let rec = go(&j, &cfg, &new).unwrap();
-        assert_eq!(rec.request, new);
+        assert_eq!(rec.request, new.spec());
         assert!(!package_path(&cfg, "old.zip").exists());
         assert_eq!(std::fs::read(package_path(&cfg, "new.zip")).unwrap(), new_body);
         assert_eq!(new_server.ranges(), vec![None]);
@@ -1251,13 +1681,13 @@ mod tests {
 
     fn verified(offset: u64, verified_at: Option<u64>) -> DownloadRecord {
         DownloadRecord {
-            request: DownloadRequest {
-                version: "1.2.3".into(),
-                package_url: "https://e.com/p.zip".into(),
-                package_name: "p.zip".into(),
-                package_size: 100,
-                package_md5: "0123456789abcdef0123456789abcdef".into(),
-            },
+            request: DownloadSpec::new(
+                "1.2.3",
+                "https://e.com/p.zip",
+                "p.zip",
+                100,
+                ExpectedHash::Md5("0123456789abcdef0123456789abcdef".into()),
+            ),
             path: "/var/lib/tope-updater/downloads/p.zip".into(),
             offset,
             verified_at_unix_ms: verified_at,

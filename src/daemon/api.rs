@@ -163,7 +163,7 @@ async fn download(State(d): Shared, body: axum::body::Body) -> Response {
             let rec = d2.held.journal.download()?;
             let now = crate::driver::now_unix_ms();
             Ok(rec.filter(|r| {
-                r.request != req2
+                r.request != req2.spec()
                     && crate::download::check_installable(Some(r), &r.request.version, d2.cfg.download.trust_window_h, now).is_ok()
             }))
         })

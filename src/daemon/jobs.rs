@@ -223,7 +223,15 @@ pub fn resume_download_if_any(d: &Arc<Daemon>) {
         && !rec.is_verified()
         && !rec.failed
     {
-        let req = rec.request.clone();
+        // Only a legacy (MD5) download is this daemon's own job to resume.
+        let Some(req) = rec.request.legacy_request() else {
+            tracing::info!(
+                hash = rec.request.expected.algorithm(),
+                offset = rec.offset,
+                "an interrupted non-MD5 download is not resumed here"
+            );
+            return;
+        };
         tracing::info!(url = req.package_url, offset = rec.offset, "resuming the interrupted download");
         let _ = d.start_download(req);
     }
@@ -278,7 +286,7 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
         Err(e) => {
             // Not resumed by itself at the next start (the same request again resumes it).
             if let Ok(Some(mut rec)) = d.held.journal.download()
-                && rec.request == req
+                && rec.request == req.spec()
             {
                 rec.failed = true;
                 if let Err(e) = d.held.journal.put_download(&rec) {

@@ -2,16 +2,53 @@
 //! journal-format.md (table `downloads`, record `DownloadRecord`, §5.7).
 
 use super::Journal;
-use super::records::{Record, Size, decode, encode};
-use crate::download::DownloadRecord;
+use super::records::{Record, Size, decode, decode_body, encode};
+use crate::download::{DownloadRecord, DownloadRequest};
 use crate::error::{Error, Result};
 use redb::{TableDefinition, WriteTransaction};
+use serde::Deserialize;
 
 pub(super) const DOWNLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("downloads");
 /// The only key of `downloads`: one download at a time.
 const CURRENT_DOWNLOAD: &str = "current";
 
-impl Record for DownloadRecord {}
+/// `DownloadRecord` as record version 1 wrote it: the legacy request (its `package_md5` the
+/// only hash), then the same fields as today.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct DownloadRecordV1 {
+    request: DownloadRequest,
+    path: String,
+    offset: u64,
+    verified_at_unix_ms: Option<u64>,
+    started_unix_ms: u64,
+    updated_unix_ms: u64,
+    failed: bool,
+}
+
+impl Record for DownloadRecord {
+    /// V2: `request` is a `DownloadSpec` (any `ExpectedHash`), journal-format.md §3.
+    const VERSION: u32 = 1;
+
+    fn decode_older(version: u32, body: &[u8], size: Size) -> std::result::Result<Self, String> {
+        match version {
+            0 => {
+                let v1: DownloadRecordV1 = decode_body(body, size)?;
+                Ok(DownloadRecord {
+                    // Version 1 knew only the legacy request: checked by its MD5.
+                    request: v1.request.spec(),
+                    path: v1.path,
+                    offset: v1.offset,
+                    verified_at_unix_ms: v1.verified_at_unix_ms,
+                    started_unix_ms: v1.started_unix_ms,
+                    updated_unix_ms: v1.updated_unix_ms,
+                    failed: v1.failed,
+                })
+            }
+            other => Err(format!("unknown record version {other}")),
+        }
+    }
+}
 
 /// Creates this module's tables (journal creation, and older journals on first write open).
 pub(super) fn create_tables(wt: &WriteTransaction) -> std::result::Result<(), redb::TableError> {
@@ -53,23 +90,61 @@ impl Journal {
         }
         self.commit(wt)
     }
+
+    /// Stores `rec` as record version 1, as builds before `ExpectedHash` wrote it (tests; `rec`
+    /// must be checked by MD5).
+    #[cfg(test)]
+    pub(crate) fn put_download_v1(&self, rec: &DownloadRecord) -> Result<()> {
+        self.put_download_bytes(&encode_v1(rec))
+    }
+
+    /// Stores `bytes` as the current download record, unchecked (tests: records of other builds).
+    #[cfg(test)]
+    pub(crate) fn put_download_bytes(&self, bytes: &[u8]) -> Result<()> {
+        let wt = self.write()?;
+        {
+            let mut t = wt.open_table(DOWNLOADS).map_err(|e| self.storage(e))?;
+            t.insert(CURRENT_DOWNLOAD, bytes).map_err(|e| self.storage(e))?;
+        }
+        self.commit(wt)
+    }
 }
+
+/// The bytes of a version 1 record (what builds before `DownloadSpec` wrote), for tests.
+#[cfg(test)]
+fn encode_v1(rec: &DownloadRecord) -> Vec<u8> {
+    let request = rec.request.legacy_request().expect("a version 1 record holds an MD5 request");
+    let v1 = DownloadRecordV1 {
+        request,
+        path: rec.path.clone(),
+        offset: rec.offset,
+        verified_at_unix_ms: rec.verified_at_unix_ms,
+        started_unix_ms: rec.started_unix_ms,
+        updated_unix_ms: rec.updated_unix_ms,
+        failed: rec.failed,
+    };
+    encode(&v1, Size::Small).unwrap()
+}
+
+/// Version 1 as a record of its own (`VERSION` 0), so `encode` writes its envelope.
+#[cfg(test)]
+impl Record for DownloadRecordV1 {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::download::DownloadRequest;
+    use crate::download::{DownloadSpec, ExpectedHash};
     use crate::error::ErrorCode;
 
     fn record() -> DownloadRecord {
         DownloadRecord {
-            request: DownloadRequest {
-                version: "1.2.3".into(),
-                package_url: "https://example.com/p.zip".into(),
-                package_name: "p.zip".into(),
-                package_size: 300,
-                package_md5: "0123456789abcdef0123456789abcdef".into(),
-            },
+            request: DownloadSpec::new(
+                "1.2.3",
+                "https://example.com/p.zip",
+                "p.zip",
+                300,
+                ExpectedHash::Sha256("0123456789abcdef".repeat(4)),
+            ),
             path: "/var/lib/tope-updater/downloads/p.zip".into(),
             offset: 100,
             verified_at_unix_ms: None,
@@ -98,27 +173,62 @@ mod tests {
         assert_eq!(j.download().unwrap(), None);
     }
 
-    #[test]
-    fn download_record_golden_bytes() {
-        let rec = DownloadRecord {
-            request: DownloadRequest {
-                version: "1".into(),
-                package_url: "u".into(),
-                package_name: "n".into(),
-                package_size: 300,
-                package_md5: "m".into(),
-            },
+    fn tiny(expected: ExpectedHash) -> DownloadRecord {
+        DownloadRecord {
+            request: DownloadSpec::new("1", "u", "n", 300, expected),
             path: "p".into(),
             offset: 7,
             verified_at_unix_ms: Some(9),
             started_unix_ms: 1,
             updated_unix_ms: 2,
             failed: true,
-        };
-        // envelope V1 = 0; five strings and a varint size; path; offset; Some(9); 1; 2; true.
-        let golden = [0, 1, b'1', 1, b'u', 1, b'n', 251, 0x2c, 0x01, 1, b'm', 1, b'p', 7, 1, 9, 1, 2, 1];
+        }
+    }
+
+    /// Record version 2 (envelope 1): the spec's three strings and varint size, then
+    /// `ExpectedHash` (variant index, hex string), then the fields of version 1.
+    #[test]
+    fn download_record_v2_golden_bytes() {
+        let sha256 = "ab".repeat(32);
+        let rec = tiny(ExpectedHash::Sha256(sha256.clone()));
+        let mut golden = vec![1, 1, b'1', 1, b'u', 1, b'n', 251, 0x2c, 0x01, 2, 64];
+        golden.extend(sha256.as_bytes());
+        golden.extend([1, b'p', 7, 1, 9, 1, 2, 1]);
         assert_eq!(encode(&rec, Size::Small).unwrap(), golden);
         assert_eq!(decode::<DownloadRecord>(&golden, Size::Small, "t").unwrap(), rec);
+        // The other variants' indexes: Md5 0, Sha1 1.
+        let md5 = encode(&tiny(ExpectedHash::Md5("m".into())), Size::Small).unwrap();
+        assert_eq!(md5, [1, 1, b'1', 1, b'u', 1, b'n', 251, 0x2c, 0x01, 0, 1, b'm', 1, b'p', 7, 1, 9, 1, 2, 1]);
+        let sha1 = encode(&tiny(ExpectedHash::Sha1("s".into())), Size::Small).unwrap();
+        assert_eq!(sha1[10..13], [1, 1, b's']);
+    }
+
+    /// Record version 1 (envelope 0), as builds before `ExpectedHash` wrote it: the legacy
+    /// request's five fields, its MD5 last. It decodes as the same download checked by MD5.
+    #[test]
+    fn download_record_v1_golden_bytes_decode_as_md5() {
+        let golden = [0, 1, b'1', 1, b'u', 1, b'n', 251, 0x2c, 0x01, 1, b'm', 1, b'p', 7, 1, 9, 1, 2, 1];
+        let rec = decode::<DownloadRecord>(&golden, Size::Small, "t").unwrap();
+        assert_eq!(rec, tiny(ExpectedHash::Md5("m".into())));
+        assert_eq!(encode_v1(&rec), golden);
+        // A version 1 body with a version 2 envelope (or the reverse) does not decode.
+        let mut wrong = golden;
+        wrong[0] = 1;
+        assert_eq!(decode::<DownloadRecord>(&wrong, Size::Small, "t").unwrap_err().code, ErrorCode::JournalCorrupt);
+        let mut v2 = encode(&rec, Size::Small).unwrap();
+        v2[0] = 0;
+        assert_eq!(decode::<DownloadRecord>(&v2, Size::Small, "t").unwrap_err().code, ErrorCode::JournalCorrupt);
+    }
+
+    /// A journal holding a version 1 record (an older build was downloading) reads it back.
+    #[test]
+    fn a_journaled_v1_record_reads_back_as_md5() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut rec = record();
+        rec.request.expected = ExpectedHash::Md5("0123456789abcdef0123456789abcdef".into());
+        j.put_download_bytes(&encode_v1(&rec)).unwrap();
+        assert_eq!(j.download().unwrap(), Some(rec));
     }
 
     #[test]
@@ -131,6 +241,16 @@ mod tests {
         let mut rec = record();
         rec.verified_at_unix_ms = Some(1);
         assert_eq!(j.put_download(&rec).unwrap_err().code, ErrorCode::InternalError);
+        for bad in [ExpectedHash::Sha256("ab".into()), ExpectedHash::Sha1("AB".repeat(20)), ExpectedHash::Md5("0".repeat(40))] {
+            let mut rec = record();
+            rec.request.expected = bad;
+            assert_eq!(j.put_download(&rec).unwrap_err().code, ErrorCode::InternalError);
+        }
         assert_eq!(j.download().unwrap(), None);
+        // ... and on read.
+        let mut rec = record();
+        rec.request.expected = ExpectedHash::Sha1("x".into());
+        j.put_download_bytes(&encode(&rec, Size::Small).unwrap()).unwrap();
+        assert_eq!(j.download().unwrap_err().code, ErrorCode::JournalCorrupt);
     }
 }
