@@ -126,3 +126,10 @@ pub const DDI_DETAIL_BYTES_MAX: usize = 512;
 pub const DDI_TOKEN_BYTES_MAX: usize = 1024;
 /// A DDI server's answer (poll, deploymentBase, cancelAction).
 pub const DDI_RESPONSE_BYTES_MAX: usize = 1024 * 1024;
+/// Finished DDI actions remembered (so the server offering one again is not obeyed); the
+/// oldest go first. Actions in progress are never dropped.
+pub const DDI_ACTIONS_KEPT: usize = 64;
+/// DDI feedbacks waiting for delivery; past it, the oldest progress feedback is dropped.
+pub const DDI_FEEDBACK_MAX: u64 = 1000;
+/// One DDI feedback body (details are bounded by DDI_DETAILS_MAX x DDI_DETAIL_BYTES_MAX).
+pub const DDI_FEEDBACK_BODY_BYTES_MAX: usize = 16 * 1024;

@@ -145,9 +145,14 @@ impl Client {
 
     /// Feedback on a deployment (`cancel` false) or on a cancel action.
     pub fn feedback(&self, action: &str, cancel: bool, f: &Feedback) -> Result<(), ClientError> {
-        let url = self.action_url(if cancel { "cancelAction" } else { "deploymentBase" }, action, "/feedback")?;
         let body = serde_json::to_vec(f).map_err(|e| ClientError::Refused(e.to_string()))?;
-        self.request("POST", &url, Some(&body)).map(|_| ())
+        self.feedback_body(action, cancel, &body)
+    }
+
+    /// The same with the JSON body as queued in the journal.
+    pub fn feedback_body(&self, action: &str, cancel: bool, body: &[u8]) -> Result<(), ClientError> {
+        let url = self.action_url(if cancel { "cancelAction" } else { "deploymentBase" }, action, "/feedback")?;
+        self.request("POST", &url, Some(body)).map(|_| ())
     }
 }
 

@@ -211,18 +211,23 @@ pub fn cancel_accepted(action_is_current: bool, swapped: bool) -> Result<(), &'s
     }
 }
 
-/// Which queued feedbacks (oldest first) to send: a `proceeding` with progress that another
-/// `proceeding` with progress for the same action follows before anything else is dropped
-/// (servers rate-limit and keep a bounded number of status entries per action: hawkbit #1249);
-/// every other feedback is sent, in order. Returns the indices to send.
-pub fn coalesce(queue: &[(String, Feedback)]) -> Vec<usize> {
-    let is_progress = |f: &Feedback| f.status.execution == Execution::Proceeding && f.status.result.progress.is_some();
+/// Which queued feedbacks (oldest first; each its action and whether it is a `proceeding`
+/// with progress) to send: a progress feedback that another progress feedback of the same
+/// action directly follows is dropped (servers rate-limit and keep a bounded number of status
+/// entries per action: hawkbit #1249); every other feedback is sent, in order. Returns the
+/// indices to send.
+pub fn coalesce(queue: &[(&str, bool)]) -> Vec<usize> {
     (0..queue.len())
         .filter(|&i| {
-            let (action, f) = &queue[i];
-            !(is_progress(f) && queue.get(i + 1).is_some_and(|(a, next)| a == action && is_progress(next)))
+            let (action, progress) = queue[i];
+            !(progress && queue.get(i + 1).is_some_and(|&(next, next_progress)| next == action && next_progress))
         })
         .collect()
+}
+
+/// Whether a feedback is progress (coalescible, dropped first when the outbox is full).
+pub fn is_progress(f: &Feedback) -> bool {
+    f.status.execution == Execution::Proceeding && f.status.result.progress.is_some()
 }
 
 #[cfg(test)]
@@ -360,18 +365,11 @@ mod tests {
 
     #[test]
     fn only_progress_followed_by_progress_of_the_same_action_is_coalesced() {
-        let prog = |a: &str, n: u32| (a.to_string(), feedback(&Course::Phase { index: n, count: 9, what: String::new() }, 0));
-        let other = |a: &str, c: Course| (a.to_string(), feedback(&c, 0));
-        let q = vec![
-            prog("1", 1),
-            prog("1", 2),
-            prog("1", 3),
-            other("1", Course::AwaitingConfirm),
-            prog("2", 1),
-            prog("3", 1),
-            prog("3", 2),
-            other("3", Course::Failed { code: "C".into(), message: "m".into() }),
-        ];
+        let prog = |n: u32| feedback(&Course::Phase { index: n, count: 9, what: String::new() }, 0);
+        assert!(is_progress(&prog(1)));
+        assert!(!is_progress(&feedback(&Course::AwaitingConfirm, 0)));
+        assert!(!is_progress(&feedback(&Course::Failed { code: "C".into(), message: "m".into() }, 0)));
+        let q = [("1", true), ("1", true), ("1", true), ("1", false), ("2", true), ("3", true), ("3", true), ("3", false)];
         assert_eq!(coalesce(&q), vec![2, 3, 4, 6, 7]);
         assert_eq!(coalesce(&[]), Vec::<usize>::new());
     }

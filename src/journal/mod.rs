@@ -5,6 +5,7 @@
 //! returns, the change survives a power cut. The on-disk format is specified in
 //! `journal-format.md`, which changes in the same commit as this file.
 
+pub mod ddi;
 mod downloads;
 mod outbox;
 pub mod records;
@@ -84,7 +85,8 @@ fn create_later_tables(wt: &WriteTransaction) -> std::result::Result<(), redb::T
     wt.open_table(TRIAL)?;
     wt.open_table(KNOWN_FILES)?;
     downloads::create_tables(wt)?;
-    outbox::create_tables(wt)
+    outbox::create_tables(wt)?;
+    ddi::create_tables(wt)
 }
 
 fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {

@@ -1,0 +1,56 @@
+//! Delivers the `ddi_feedback` outbox to the server, oldest first: coalesced progress is
+//! removed unsent, a delivered or for-good-refused feedback is removed (one durable commit
+//! each), a transient failure waits with backoff and tries the same feedback again.
+//! journal-format.md §5.9.
+
+use super::client::{Client, ClientError};
+use super::decide::coalesce;
+use crate::journal::Journal;
+use crate::journal::ddi::FeedbackTarget;
+use std::time::Duration;
+
+/// What one round of delivery did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Round {
+    pub sent: usize,
+    pub coalesced: usize,
+    pub refused: usize,
+    /// A transient error stopped the round (the feedback stays, first in line).
+    pub retry: Option<String>,
+}
+
+/// Delivers up to `batch` waiting feedbacks, in order, stopping at the first transient error.
+pub fn deliver_round(journal: &Journal, client: &Client, batch: usize) -> crate::error::Result<Round> {
+    let pending = journal.ddi_feedback_pending(batch)?;
+    let keys: Vec<(&str, bool)> = pending.iter().map(|f| (f.action.as_str(), f.progress)).collect();
+    let keep = coalesce(&keys);
+    let dropped: Vec<u64> = pending.iter().enumerate().filter(|(i, _)| !keep.contains(i)).map(|(_, f)| f.seq).collect();
+    let mut round = Round { coalesced: dropped.len(), ..Round::default() };
+    if !dropped.is_empty() {
+        journal.ddi_feedback_remove(&dropped)?;
+    }
+    for i in keep {
+        let f = &pending[i];
+        match client.feedback_body(&f.action, f.target == FeedbackTarget::Cancel, &f.body) {
+            Ok(()) => round.sent += 1,
+            Err(ClientError::Refused(why)) => {
+                // The server will never take it (the action is gone, or closed on its side):
+                // keeping it would block every later feedback.
+                tracing::warn!(seq = f.seq, action = f.action, why, "DDI feedback refused by the server; dropped");
+                round.refused += 1;
+            }
+            Err(ClientError::Transient(why)) => {
+                round.retry = Some(why);
+                return Ok(round);
+            }
+        }
+        journal.ddi_feedback_remove(&[f.seq])?;
+    }
+    Ok(round)
+}
+
+/// The wait before the next attempt after `failures` transient failures in a row.
+pub fn backoff(failures: u32) -> Duration {
+    let s = crate::limits::DDI_BACKOFF_S_MIN.saturating_mul(1u64 << failures.saturating_sub(1).min(20));
+    Duration::from_secs(s.min(crate::limits::DDI_BACKOFF_S_MAX))
+}
