@@ -19,7 +19,6 @@ fn crash_tests_need_the_failpoints_feature() {
 mod armed {
     use crate::support::*;
     use std::collections::{BTreeMap, BTreeSet};
-    use std::fmt;
     use std::io::Write;
     use std::panic::{AssertUnwindSafe, catch_unwind};
     use std::path::{Path, PathBuf};
@@ -359,31 +358,6 @@ mod armed {
 
     // ---------------------------------------------------------------- arming crash points
 
-    /// A crash point armed to fire on its `hit`-th pass (1-based).
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    struct Arm {
-        point: &'static str,
-        hit: u32,
-    }
-
-    impl Arm {
-        fn new(point: &'static str, hit: u32) -> Arm {
-            assert!(CRASH_POINTS.contains(&point), "{point} is not in CRASH_POINTS");
-            Arm { point, hit }
-        }
-
-        /// `FAILPOINTS` value (fail crate syntax).
-        fn spec(&self) -> String {
-            kill_at(self.point, self.hit)
-        }
-    }
-
-    impl fmt::Display for Arm {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            if self.hit == 1 { write!(f, "{}", self.point) } else { write!(f, "{}#{}", self.point, self.hit) }
-        }
-    }
-
     /// Every point once; a loop point with `n` passes also at its 3rd (mid-loop) and last.
     fn arms(points: &[&'static str], loops: &[(&'static str, u32)]) -> Vec<Arm> {
         let mut out = Vec::new();
@@ -398,24 +372,6 @@ mod armed {
             out.extend(hits.into_iter().map(|h| Arm::new(p, h)));
         }
         out
-    }
-
-    fn run_armed(env: &Env, args: &[&str], arm: Arm) -> Run {
-        Run::from(env.command(args).env("FAILPOINTS", arm.spec()).output().unwrap())
-    }
-
-    /// The command must have been killed by its own crash point; exiting normally means the
-    /// point was never reached.
-    fn expect_killed(run: &Run, arm: Arm, ctx: &str) {
-        assert_eq!(
-            run.signal,
-            Some(9),
-            "{ctx}: crash point {arm} was armed but the process was not killed by it: \
-             the point was never reached (or reached fewer times)\n{}",
-            run.describe()
-        );
-        let marker = format!("crash point {}: SIGKILL", arm.point);
-        assert!(run.stderr.contains(&marker), "{ctx}: killed, but not by crash point {arm}:\n{}", run.describe());
     }
 
     /// `recover`, the invariant, the expected side, then a second `recover` that must find

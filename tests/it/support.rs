@@ -287,6 +287,51 @@ pub fn kill_at(point: &str, hit: u32) -> String {
     }
 }
 
+/// A crash point armed to SIGKILL the process on its `hit`-th pass (1-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arm {
+    pub point: &'static str,
+    pub hit: u32,
+}
+
+impl Arm {
+    #[cfg(feature = "failpoints")]
+    pub fn new(point: &'static str, hit: u32) -> Arm {
+        assert!(tope_updater::failpoint::CRASH_POINTS.contains(&point), "{point} is not in CRASH_POINTS");
+        Arm { point, hit }
+    }
+
+    /// `FAILPOINTS` value (fail crate syntax).
+    pub fn spec(&self) -> String {
+        kill_at(self.point, self.hit)
+    }
+}
+
+impl std::fmt::Display for Arm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.hit == 1 { write!(f, "{}", self.point) } else { write!(f, "{}#{}", self.point, self.hit) }
+    }
+}
+
+/// Runs `args` with `arm` armed.
+pub fn run_armed(env: &Env, args: &[&str], arm: Arm) -> Run {
+    Run::from(env.command(args).env("FAILPOINTS", arm.spec()).output().unwrap())
+}
+
+/// The command must have been killed by its own crash point; exiting normally means the
+/// point was never reached (or reached fewer times), which would prove nothing.
+pub fn expect_killed(run: &Run, arm: Arm, ctx: &str) {
+    assert_eq!(
+        run.signal,
+        Some(9),
+        "{ctx}: crash point {arm} was armed but the process was not killed by it: \
+         the point was never reached (or reached fewer times)\n{}",
+        run.describe()
+    );
+    let marker = format!("crash point {}: SIGKILL", arm.point);
+    assert!(run.stderr.contains(&marker), "{ctx}: killed, but not by crash point {arm}:\n{}", run.describe());
+}
+
 // ---------------------------------------------------------------- root-only tests
 
 /// The first line of every root-only test. build.rs compiles those tests as `#[ignore]`d
