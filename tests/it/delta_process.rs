@@ -444,15 +444,7 @@ mod crash_points {
             let tmp = tempfile::tempdir_in(self.work.path()).unwrap();
             let state = tmp.path().join("state");
             let config = tmp.path().join("config.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "state_dir = {:?}\nallowed_roots = [{:?}]\nservice_manager = \"none\"\n{extra}\n",
-                    state.to_str().unwrap(),
-                    self.root.to_str().unwrap()
-                ),
-            )
-            .unwrap();
+            write_config(&config, &state, &self.root, extra);
             Env { tmp, root: self.root.clone(), state, config }
         }
 

@@ -31,15 +31,7 @@ impl Env {
         let state = tmp.path().join("state");
         std::fs::create_dir_all(&root).unwrap();
         let config = tmp.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = {:?}\nallowed_roots = [{:?}]\nservice_manager = \"none\"\n{extra}\n",
-                state.to_str().unwrap(),
-                root.to_str().unwrap()
-            ),
-        )
-        .unwrap();
+        write_config(&config, &state, &root, extra);
         Env { tmp, root, state, config }
     }
 
@@ -285,6 +277,16 @@ pub fn kill_at(point: &str, hit: u32) -> String {
         1 => format!("{point}=return"),
         n => format!("{point}={}*off->return", n - 1),
     }
+}
+
+/// Writes a test config: `state`, the one allowed root `root`, no service manager, then `extra`.
+pub fn write_config(config: &Path, state: &Path, root: &Path, extra: &str) {
+    let text = format!(
+        "state_dir = {:?}\nallowed_roots = [{:?}]\nservice_manager = \"none\"\n{extra}\n",
+        state.to_str().unwrap(),
+        root.to_str().unwrap()
+    );
+    std::fs::write(config, text).unwrap();
 }
 
 /// A crash point armed to SIGKILL the process on its `hit`-th pass (1-based).
