@@ -81,7 +81,13 @@ async fn read_body(body: axum::body::Body) -> Result<Bytes> {
 /// A JSON body, or `VALIDATION_ERROR` in the envelope (never axum's own 4xx rejection).
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
-    serde_json::from_slice(body).map_err(|e| Error::new(ErrorCode::ValidationError, format!("request body: {e}")))
+    let bad = |e: serde_json::Error| Error::new(ErrorCode::ValidationError, format!("request body: {e}"));
+    // Every body of the contract is an object. serde would also read a struct from a JSON
+    // array (`[null]` as a rollback with no `to`): such a request is refused, not acted on.
+    match serde_json::from_slice(body).map_err(bad)? {
+        v @ serde_json::Value::Object(_) => serde_json::from_value(v).map_err(bad),
+        _ => Err(Error::new(ErrorCode::ValidationError, "request body: expected a JSON object")),
+    }
 }
 
 /// Runs journal work off the runtime thread.

@@ -19,7 +19,6 @@ fn crash_tests_need_the_failpoints_feature() {
 mod armed {
     use crate::support::*;
     use std::collections::{BTreeMap, BTreeSet};
-    use std::fmt;
     use std::io::Write;
     use std::panic::{AssertUnwindSafe, catch_unwind};
     use std::path::{Path, PathBuf};
@@ -359,31 +358,6 @@ mod armed {
 
     // ---------------------------------------------------------------- arming crash points
 
-    /// A crash point armed to fire on its `hit`-th pass (1-based).
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    struct Arm {
-        point: &'static str,
-        hit: u32,
-    }
-
-    impl Arm {
-        fn new(point: &'static str, hit: u32) -> Arm {
-            assert!(CRASH_POINTS.contains(&point), "{point} is not in CRASH_POINTS");
-            Arm { point, hit }
-        }
-
-        /// `FAILPOINTS` value (fail crate syntax).
-        fn spec(&self) -> String {
-            kill_at(self.point, self.hit)
-        }
-    }
-
-    impl fmt::Display for Arm {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            if self.hit == 1 { write!(f, "{}", self.point) } else { write!(f, "{}#{}", self.point, self.hit) }
-        }
-    }
-
     /// Every point once; a loop point with `n` passes also at its 3rd (mid-loop) and last.
     fn arms(points: &[&'static str], loops: &[(&'static str, u32)]) -> Vec<Arm> {
         let mut out = Vec::new();
@@ -398,24 +372,6 @@ mod armed {
             out.extend(hits.into_iter().map(|h| Arm::new(p, h)));
         }
         out
-    }
-
-    fn run_armed(env: &Env, args: &[&str], arm: Arm) -> Run {
-        Run::from(env.command(args).env("FAILPOINTS", arm.spec()).output().unwrap())
-    }
-
-    /// The command must have been killed by its own crash point; exiting normally means the
-    /// point was never reached.
-    fn expect_killed(run: &Run, arm: Arm, ctx: &str) {
-        assert_eq!(
-            run.signal,
-            Some(9),
-            "{ctx}: crash point {arm} was armed but the process was not killed by it: \
-             the point was never reached (or reached fewer times)\n{}",
-            run.describe()
-        );
-        let marker = format!("crash point {}: SIGKILL", arm.point);
-        assert!(run.stderr.contains(&marker), "{ctx}: killed, but not by crash point {arm}:\n{}", run.describe());
     }
 
     /// `recover`, the invariant, the expected side, then a second `recover` that must find
@@ -824,6 +780,39 @@ mod armed {
         Fixture::new(v1, modules, zip::CompressionMethod::Stored)
     }
 
+    /// An install whose stderr is watched for the engine's "transaction planned" line, logged
+    /// just after the journal committed the transaction's beginning.
+    struct WatchedInstall {
+        child: std::process::Child,
+        spawned: Instant,
+        planned: std::sync::mpsc::Receiver<Instant>,
+    }
+
+    impl WatchedInstall {
+        fn spawn(env: &Env, pkg: &str) -> WatchedInstall {
+            use std::io::BufRead;
+            let mut child =
+                env.command(&["--log-level", "info", "install", pkg]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+            let spawned = Instant::now();
+            let stderr = child.stderr.take().unwrap();
+            let (tx, planned) = std::sync::mpsc::channel();
+            // Drains stderr to the end so that the child never blocks on a full pipe.
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                    if line.contains("transaction planned") {
+                        let _ = tx.send(Instant::now());
+                    }
+                }
+            });
+            WatchedInstall { child, spawned, planned }
+        }
+
+        /// When the transaction began, if it did before the process ended.
+        fn wait_planned(&self) -> Option<Instant> {
+            self.planned.recv_timeout(Duration::from_secs(60)).ok()
+        }
+    }
+
     #[test]
     fn sigkill_at_random_moments_during_install_then_recover_leaves_all_old_or_all_new() {
         const ITERATIONS: usize = 15;
@@ -832,25 +821,31 @@ mod armed {
         let mut rng = XorShift::new(seed);
         let fx = big_fixture(&mut rng);
 
-        // Uninterrupted installs set the time scale (the fastest of three, so that a cold
-        // cache or a busy machine does not push most kills past the end).
-        let mut timings = Vec::new();
+        // Uninterrupted installs set the time scales: from the spawn to the end, and from the
+        // transaction's beginning to the end (the fastest of three, so that a cold cache or a
+        // busy machine does not push most kills past the end).
+        let mut totals = Vec::new();
+        let mut in_tx = Vec::new();
         for _ in 0..3 {
             let env = Env::new();
             fx.setup_v1(&env);
             let pkg = fx.package(&env, None);
-            let start = Instant::now();
-            let r = env.run(&["install", &pkg]);
-            timings.push(start.elapsed());
-            assert_eq!(r.code, Some(0), "uninterrupted install:\n{}", r.describe());
+            let mut install = WatchedInstall::spawn(&env, &pkg);
+            let planned = install.wait_planned().expect("an uninterrupted install logs \"transaction planned\"");
+            let status = install.child.wait().unwrap();
+            let end = Instant::now();
+            totals.push(end - install.spawned);
+            in_tx.push(end - planned);
+            assert_eq!(status.code(), Some(0), "uninterrupted install: {status:?}");
             assert_eq!(check_all_or_nothing(&env, &fx.v1_state, &fx.v2_state, "uninterrupted install"), Side::After);
         }
-        let full = *timings.iter().min().unwrap();
+        let full = *totals.iter().min().unwrap();
+        let transaction = *in_tx.iter().min().unwrap();
         println!(
-            "uninterrupted install of {} files: {:?} ms, T = {} ms",
+            "uninterrupted install of {} files: {:?} ms from the spawn, {:?} ms of them in the transaction",
             fx.n_targets(),
-            timings.iter().map(|d| d.as_millis()).collect::<Vec<_>>(),
-            full.as_millis()
+            totals.iter().map(|d| d.as_millis()).collect::<Vec<_>>(),
+            in_tx.iter().map(|d| d.as_millis()).collect::<Vec<_>>(),
         );
 
         let mut sides = BTreeMap::new();
@@ -858,21 +853,33 @@ mod armed {
         let mut in_flight_kills = 0;
         let mut failures = Vec::new();
         for i in 0..ITERATIONS {
-            let delay = Duration::from_micros(rng.below(full.as_micros() as u64 + 1));
+            // Most kills land at a random moment of the transaction, timed from its beginning
+            // as this run logs it (planning takes a varying share of the whole); every fifth at
+            // a random moment from the spawn, so that kills during planning are covered too.
+            let from_spawn = i % 5 == 4;
+            // Both recovery policies: every other iteration rolls back what it finds in flight.
+            let policy = if i % 2 == 0 { "resume" } else { "rollback" };
+            let scale = if from_spawn { full } else { transaction };
+            let delay = Duration::from_micros(rng.below(scale.as_micros() as u64 + 1));
             let result = catch_unwind(AssertUnwindSafe(|| {
-                let env = Env::new();
+                let env = Env::with_config(&format!("recovery = {policy:?}"));
                 fx.setup_v1(&env);
                 let pkg = fx.package(&env, None);
-                let mut child = env.command(&["install", &pkg]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-                std::thread::sleep(delay);
-                let _ = child.kill();
-                let status = child.wait().unwrap();
+                let mut install = WatchedInstall::spawn(&env, &pkg);
+                if from_spawn {
+                    std::thread::sleep(delay.saturating_sub(install.spawned.elapsed()));
+                } else if let Some(planned) = install.wait_planned() {
+                    std::thread::sleep(delay.saturating_sub(planned.elapsed()));
+                }
+                let _ = install.child.kill();
+                let status = install.child.wait().unwrap();
                 let killed = {
                     use std::os::unix::process::ExitStatusExt;
                     status.signal() == Some(9)
                 };
                 assert!(killed || status.code() == Some(0), "install neither finished nor was killed: {status:?}");
-                let ctx = format!("iteration {i} (seed {seed:#x}, kill after {} ms)", delay.as_millis());
+                let anchor = if from_spawn { "the spawn" } else { "the transaction's beginning" };
+                let ctx = format!("iteration {i} (seed {seed:#x}, recovery {policy}, kill {} ms after {anchor})", delay.as_millis());
                 let rec = env.run(&["recover", "--json"]);
                 assert!(matches!(rec.code, Some(0) | Some(4)), "{ctx}: recover:\n{}", rec.describe());
                 // In flight: the journal held a transaction begun and not ended, which only
@@ -880,17 +887,25 @@ mod armed {
                 let in_flight = rec.json()["result"] != "nothing";
                 assert!(killed || !in_flight, "{ctx}: a finished install left a transaction in flight:\n{}", rec.describe());
                 let side = check_all_or_nothing(&env, &fx.v1_state, &fx.v2_state, &ctx);
+                if in_flight {
+                    // What recover reports is what the tree shows: exit 4 = rolled back to the
+                    // old contents, exit 0 = finished; and resume never rolls back a readable
+                    // package's install.
+                    let expected = if rec.code == Some(4) { Side::Before } else { Side::After };
+                    assert_eq!(side, expected, "{ctx}: recover exit {:?} but the tree is all {side:?}", rec.code);
+                    assert!(policy == "rollback" || rec.code == Some(0), "{ctx}: recovery = resume rolled back:\n{}", rec.describe());
+                }
                 let again = env.run(&["recover", "--json"]);
                 assert_eq!(again.code, Some(0), "{ctx}: second recover:\n{}", again.describe());
                 assert_eq!(again.json()["result"], "nothing", "{ctx}: second recover did something");
-                (killed, in_flight, rec.code, side)
+                (killed, in_flight, rec.code, side, anchor)
             }));
             match result {
-                Ok((killed, in_flight, code, side)) => {
+                Ok((killed, in_flight, code, side, anchor)) => {
                     println!(
-                        "  iteration {i:>2}: kill after {:>5} ms of {} ms: {}; recover exit {code:?}; all {side:?}",
+                        "  iteration {i:>2}: kill {:>5} ms after {anchor} (of {} ms): {}; recover ({policy}) exit {code:?}; all {side:?}",
                         delay.as_millis(),
-                        full.as_millis(),
+                        scale.as_millis(),
                         match (killed, in_flight) {
                             (true, true) => "killed in flight",
                             (true, false) => "killed before the transaction began",
@@ -913,7 +928,7 @@ mod armed {
         );
         assert!(failures.is_empty(), "{} iteration(s) failed (seed {seed:#x}):\n\n{}", failures.len(), failures.join("\n\n"));
         // Only a kill inside the transaction tests recovery; a kill before the journal opened
-        // or after the end proves nothing about it.
+        // or after the end proves nothing about it. Twelve of the fifteen are aimed inside.
         assert!(
             in_flight_kills >= ITERATIONS / 2,
             "only {in_flight_kills} of {ITERATIONS} kills landed inside the transaction (seed {seed:#x}): the test exercised too little"

@@ -397,26 +397,6 @@ mod crash_points {
         }
     }
 
-    /// A crash point armed to SIGKILL on its `hit`-th pass.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    struct Arm {
-        point: &'static str,
-        hit: u32,
-    }
-
-    impl Arm {
-        fn new(point: &'static str, hit: u32) -> Arm {
-            assert!(CRASH_POINTS.contains(&point), "{point} is not in CRASH_POINTS");
-            Arm { point, hit }
-        }
-    }
-
-    impl std::fmt::Display for Arm {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            if self.hit == 1 { write!(f, "{}", self.point) } else { write!(f, "{}#{}", self.point, self.hit) }
-        }
-    }
-
     /// One case: where the device starts, the recovery policy, where the delta install is
     /// killed, and optionally where the first `recover` is killed in turn.
     #[derive(Debug, Clone, Copy)]
@@ -464,15 +444,7 @@ mod crash_points {
             let tmp = tempfile::tempdir_in(self.work.path()).unwrap();
             let state = tmp.path().join("state");
             let config = tmp.path().join("config.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "state_dir = {:?}\nallowed_roots = [{:?}]\nservice_manager = \"none\"\n{extra}\n",
-                    state.to_str().unwrap(),
-                    self.root.to_str().unwrap()
-                ),
-            )
-            .unwrap();
+            write_config(&config, &state, &self.root, extra);
             Env { tmp, root: self.root.clone(), state, config }
         }
 
@@ -533,18 +505,6 @@ mod crash_points {
 
     fn path(p: &Path) -> &str {
         p.to_str().unwrap()
-    }
-
-    fn run_armed(dev: &Env, args: &[&str], arm: Arm) -> Run {
-        Run::from(dev.command(args).env("FAILPOINTS", kill_at(arm.point, arm.hit)).output().unwrap())
-    }
-
-    /// The process must have died by its own crash point: an armed point it never reached
-    /// (or reached fewer times) would leave nothing to recover and prove nothing.
-    fn expect_killed(r: &Run, arm: Arm, ctx: &str) {
-        assert_eq!(r.signal, Some(9), "{ctx}: crash point {arm} was armed but did not kill the process:\n{}", r.describe());
-        let marker = format!("crash point {}: SIGKILL", arm.point);
-        assert!(r.stderr.contains(&marker), "{ctx}: killed, but not by {arm}:\n{}", r.describe());
     }
 
     /// Runs one case: the delta install killed, `recover` (itself killed first, if the case

@@ -288,15 +288,7 @@ impl Device {
             Some(b) => b.path("state"),
         };
         let config = tmp.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = {:?}\nallowed_roots = [{:?}]\nservice_manager = \"none\"\n",
-                state.to_str().unwrap(),
-                root.to_str().unwrap()
-            ),
-        )
-        .unwrap();
+        write_config(&config, &state, &root, "");
         Device { env: Env { tmp, root, state, config }, layout, a, b }
     }
 

@@ -31,15 +31,7 @@ impl Env {
         let state = tmp.path().join("state");
         std::fs::create_dir_all(&root).unwrap();
         let config = tmp.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = {:?}\nallowed_roots = [{:?}]\nservice_manager = \"none\"\n{extra}\n",
-                state.to_str().unwrap(),
-                root.to_str().unwrap()
-            ),
-        )
-        .unwrap();
+        write_config(&config, &state, &root, extra);
         Env { tmp, root, state, config }
     }
 
@@ -285,6 +277,61 @@ pub fn kill_at(point: &str, hit: u32) -> String {
         1 => format!("{point}=return"),
         n => format!("{point}={}*off->return", n - 1),
     }
+}
+
+/// Writes a test config: `state`, the one allowed root `root`, no service manager, then `extra`.
+pub fn write_config(config: &Path, state: &Path, root: &Path, extra: &str) {
+    let text = format!(
+        "state_dir = {:?}\nallowed_roots = [{:?}]\nservice_manager = \"none\"\n{extra}\n",
+        state.to_str().unwrap(),
+        root.to_str().unwrap()
+    );
+    std::fs::write(config, text).unwrap();
+}
+
+/// A crash point armed to SIGKILL the process on its `hit`-th pass (1-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arm {
+    pub point: &'static str,
+    pub hit: u32,
+}
+
+impl Arm {
+    #[cfg(feature = "failpoints")]
+    pub fn new(point: &'static str, hit: u32) -> Arm {
+        assert!(tope_updater::failpoint::CRASH_POINTS.contains(&point), "{point} is not in CRASH_POINTS");
+        Arm { point, hit }
+    }
+
+    /// `FAILPOINTS` value (fail crate syntax).
+    pub fn spec(&self) -> String {
+        kill_at(self.point, self.hit)
+    }
+}
+
+impl std::fmt::Display for Arm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.hit == 1 { write!(f, "{}", self.point) } else { write!(f, "{}#{}", self.point, self.hit) }
+    }
+}
+
+/// Runs `args` with `arm` armed.
+pub fn run_armed(env: &Env, args: &[&str], arm: Arm) -> Run {
+    Run::from(env.command(args).env("FAILPOINTS", arm.spec()).output().unwrap())
+}
+
+/// The command must have been killed by its own crash point; exiting normally means the
+/// point was never reached (or reached fewer times), which would prove nothing.
+pub fn expect_killed(run: &Run, arm: Arm, ctx: &str) {
+    assert_eq!(
+        run.signal,
+        Some(9),
+        "{ctx}: crash point {arm} was armed but the process was not killed by it: \
+         the point was never reached (or reached fewer times)\n{}",
+        run.describe()
+    );
+    let marker = format!("crash point {}: SIGKILL", arm.point);
+    assert!(run.stderr.contains(&marker), "{ctx}: killed, but not by crash point {arm}:\n{}", run.describe());
 }
 
 // ---------------------------------------------------------------- root-only tests
