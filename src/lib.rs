@@ -34,3 +34,4 @@ pub mod steplog;
 pub mod store;
 pub mod treehash;
 pub mod version;
+pub mod wakeup;

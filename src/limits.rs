@@ -131,5 +131,11 @@ pub const DDI_RESPONSE_BYTES_MAX: usize = 1024 * 1024;
 pub const DDI_ACTIONS_KEPT: usize = 64;
 /// DDI feedbacks waiting for delivery; past it, the oldest progress feedback is dropped.
 pub const DDI_FEEDBACK_MAX: u64 = 1000;
+/// One request to the DDI server, connect to last byte.
+pub const DDI_REQUEST_TIMEOUT_S: u64 = 30;
+/// DDI feedbacks read from the journal per delivery round.
+pub const DDI_FEEDBACK_BATCH: usize = 64;
+/// With nothing to deliver, the DDI feedback sender looks again this often even unnotified.
+pub const DDI_FEEDBACK_IDLE_POLL_S: u64 = 30;
 /// One DDI feedback body (details are bounded by DDI_DETAILS_MAX x DDI_DETAIL_BYTES_MAX).
 pub const DDI_FEEDBACK_BODY_BYTES_MAX: usize = 16 * 1024;

@@ -13,9 +13,9 @@ use crate::config::Config;
 use crate::journal::Journal;
 use crate::limits::REPORT_RESPONSE_BYTES_MAX;
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use crate::wakeup::{Wakeup, Worker};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// First retry delay after a failed delivery; doubles per failure up to `REPORT_BACKOFF_MAX_MS`.
 pub const REPORT_BACKOFF_BASE_MS: u64 = 500;
@@ -192,50 +192,10 @@ impl Settings {
     }
 }
 
-#[derive(Default)]
-struct Signals {
-    notified: bool,
-    stop: bool,
-}
-
-#[derive(Default)]
-struct Shared {
-    signals: Mutex<Signals>,
-    cv: Condvar,
-}
-
-impl Shared {
-    fn stopping(&self) -> bool {
-        self.signals.lock().unwrap_or_else(PoisonError::into_inner).stop
-    }
-
-    /// Sleeps up to `timeout`; returns `true` when asked to stop. With `wake_on_notify` a
-    /// `notify` (also one made before this call) ends the sleep early.
-    fn sleep(&self, timeout: Duration, wake_on_notify: bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut s = self.signals.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if s.stop {
-                return true;
-            }
-            if wake_on_notify && s.notified {
-                s.notified = false;
-                return false;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            s = self.cv.wait_timeout(s, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
-        }
-    }
-}
-
 /// Delivers the outbox on its own thread until `stop` (or a journal error, which ends it: the
 /// reports stay in the journal for the next start).
 pub struct Reporter {
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    worker: Worker,
 }
 
 impl Reporter {
@@ -245,47 +205,20 @@ impl Reporter {
     }
 
     fn start_with(journal: Arc<Journal>, settings: Settings) -> Reporter {
-        let shared = Arc::new(Shared::default());
-        let for_thread = shared.clone();
-        let thread = std::thread::Builder::new().name("reporter".into()).spawn(move || deliver_loop(&journal, &settings, &for_thread));
-        let thread = match thread {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the reporter thread; reports wait in the outbox for the next start");
-                None
-            }
-        };
-        Reporter { shared, thread }
+        Reporter { worker: Worker::start("reporter", move |w| deliver_loop(&journal, &settings, w)) }
     }
 
-    /// Wakes an idle reporter after a push. Never blocks on delivery (the lock it takes is
-    /// never held across I/O). During a backoff it does not shorten the wait.
+    /// Wakes an idle reporter after a push. Never blocks on delivery. During a backoff it
+    /// does not shorten the wait.
     pub fn notify(&self) {
-        self.shared.signals.lock().unwrap_or_else(PoisonError::into_inner).notified = true;
-        self.shared.cv.notify_all();
+        self.worker.notify();
     }
 
     /// Stops the thread and waits for it: at once when idle or backing off, else after the
     /// POST in progress ends (at most `REPORT_TIMEOUT_MS`). Undelivered reports stay in the
     /// outbox.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.shared.signals.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
-        self.shared.cv.notify_all();
-        if let Some(t) = self.thread.take()
-            && t.join().is_err()
-        {
-            tracing::error!("the reporter thread panicked");
-        }
-    }
-}
-
-impl Drop for Reporter {
-    fn drop(&mut self) {
-        self.shutdown();
+    pub fn stop(self) {
+        self.worker.stop();
     }
 }
 
@@ -321,7 +254,7 @@ fn post(agent: &ureq::Agent, url: &str, r: &Report) -> Verdict {
     }
 }
 
-fn deliver_loop(journal: &Journal, s: &Settings, shared: &Shared) {
+fn deliver_loop(journal: &Journal, s: &Settings, shared: &Wakeup) {
     let agent = agent(s);
     let mut backoff = s.backoff_base;
     let mut failures: u32 = 0;
@@ -392,6 +325,9 @@ pub(crate) mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use std::thread::JoinHandle;
+    use std::time::Instant;
 
     // ---- a real receiver: std TcpListener, minimal HTTP/1.1, one request per connection ----
 

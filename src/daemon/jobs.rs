@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Ends a job with `s`: its report is queued, then the slot freed and `s` shown (see
 /// `Daemon::end_job` for why in that order and under the slot's lock).
-fn publish_end(d: &Daemon, s: Snapshot) {
+pub(super) fn publish_end(d: &Daemon, s: Snapshot) {
     d.end_job(s.clone(), || push_report(d, &s, None, false));
 }
 
@@ -57,18 +57,18 @@ fn push_final(d: &Daemon, tx: u64, s: &Snapshot, version: Option<String>) {
 }
 
 /// A failed job's snapshot, its error as the legacy clients read it.
-fn failed_job(error: &Error, progress: u8, job: progress::Job) -> Snapshot {
+pub(super) fn failed_job(error: &Error, progress: u8, job: progress::Job) -> Snapshot {
     let text = progress::legacy_error_text(error, job);
     Snapshot { stage: Stage::Failed, progress, message: text.clone(), error: Some(text) }
 }
 
 /// A failed install or rollback.
-fn failed(error: &Error, progress: u8) -> Snapshot {
+pub(super) fn failed(error: &Error, progress: u8) -> Snapshot {
     failed_job(error, progress, progress::Job::Transaction)
 }
 
 /// The snapshot a transaction's end shows, and its final report.
-fn ended(d: &Daemon, r: &TxReport) {
+pub(super) fn ended(d: &Daemon, r: &TxReport) {
     let s = match &r.outcome {
         Outcome::Committed => Snapshot {
             stage: Stage::Success,

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod conns;
+pub mod fleet;
 pub mod guard;
 pub mod jobs;
 pub mod peer;
@@ -40,6 +41,11 @@ pub struct Daemon {
     pub cancel: Arc<AtomicBool>,
     pub reporter: crate::reporter::Reporter,
     pub boot_id: String,
+    /// The DDI feedback sender (`[ddi]` set), woken after each push.
+    ddi_feedback: Mutex<Option<crate::wakeup::Worker>>,
+    /// The fleet server canceled the running DDI download (also set at shutdown, so that a
+    /// download passed this one flag stops for either; the job tells them apart by `cancel`).
+    pub fleet_cancel: Arc<AtomicBool>,
 }
 
 impl Daemon {
@@ -129,6 +135,13 @@ impl Daemon {
             .with_cancel(self.cancel.clone()))
     }
 
+    /// Wakes the DDI feedback sender after a push (no-op without `[ddi]`).
+    pub fn notify_ddi_feedback(&self) {
+        if let Some(w) = self.ddi_feedback.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            w.notify();
+        }
+    }
+
     fn join_job(&self) {
         let handle = self.job.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
@@ -151,6 +164,15 @@ pub fn serve(cfg: Config) -> Result<()> {
     jobs::clean_consumed_download(&held);
     jobs::clean_stale_download(&held, cfg.download.trust_window_h);
     let initial = jobs::initial_snapshot(&held, &recovered);
+    let ddi_client = match &cfg.ddi {
+        Some(ddi) => Some(Arc::new(crate::ddi::client::Client::new(
+            ddi,
+            ddi.auth()?,
+            Duration::from_secs(crate::limits::DDI_REQUEST_TIMEOUT_S),
+        ))),
+        None => None,
+    };
+    let ddi_feedback = ddi_client.as_ref().map(|c| crate::ddi::sender::start(held.journal.clone(), c.clone()));
     let daemon = Arc::new(Daemon {
         progress: Progress::new(Duration::from_secs(cfg.api.result_hold_s), initial),
         cfg,
@@ -162,9 +184,15 @@ pub fn serve(cfg: Config) -> Result<()> {
         cancel: Arc::new(AtomicBool::new(false)),
         reporter,
         boot_id,
+        ddi_feedback: Mutex::new(ddi_feedback),
+        fleet_cancel: Arc::new(AtomicBool::new(false)),
     });
     jobs::report_recovered(&daemon, &recovered);
     jobs::resume_download_if_any(&daemon);
+    let poller = ddi_client.map(|c| {
+        tracing::info!(controller = c.controller_url(), "DDI client started");
+        fleet::start_poller(&daemon, c)
+    });
 
     // One core stays with the HTTP thread, so GET /progress answers within a millisecond
     // while an install hashes and writes (SPEC §7).
@@ -178,7 +206,14 @@ pub fn serve(cfg: Config) -> Result<()> {
     rt.block_on(async move { api::run(d).await })?;
     // The server stopped (SIGTERM): let the job finish its current step, then leave.
     daemon.cancel.store(true, Ordering::SeqCst);
+    daemon.fleet_cancel.store(true, Ordering::SeqCst);
+    if let Some(p) = poller {
+        p.stop();
+    }
     daemon.join_job();
+    if let Some(s) = daemon.ddi_feedback.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        s.stop();
+    }
     let _ = std::fs::remove_file(addr_file(&daemon.cfg.state_dir));
     tracing::info!("stopped");
     Ok(())

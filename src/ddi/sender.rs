@@ -7,7 +7,50 @@ use super::client::{Client, ClientError};
 use super::decide::coalesce;
 use crate::journal::Journal;
 use crate::journal::ddi::FeedbackTarget;
+use crate::limits::{DDI_FEEDBACK_BATCH, DDI_FEEDBACK_IDLE_POLL_S};
+use crate::wakeup::{Wakeup, Worker};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Starts the thread that delivers the outbox until stopped: a round whenever notified (a
+/// push) or every `DDI_FEEDBACK_IDLE_POLL_S`; after a transient failure the same feedback
+/// again after `backoff` (a push does not shorten it: the server is struggling). A journal
+/// error ends the thread, logged; the feedback stays for the next start.
+pub fn start(journal: Arc<Journal>, client: Arc<Client>) -> Worker {
+    Worker::start("ddi-feedback", move |w| deliver_loop(&journal, &client, w))
+}
+
+fn deliver_loop(journal: &Journal, client: &Client, w: &Wakeup) {
+    let mut failures = 0u32;
+    while !w.stopping() {
+        let round = match deliver_round(journal, client, DDI_FEEDBACK_BATCH) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "the DDI feedback outbox cannot be read; delivery stops until the next start");
+                return;
+            }
+        };
+        if let Some(why) = &round.retry {
+            failures += 1;
+            let wait = backoff(failures);
+            tracing::warn!(failures, retry_in_s = wait.as_secs(), why, "DDI feedback not delivered; retrying");
+            if w.sleep(wait, false) {
+                return;
+            }
+            continue;
+        }
+        failures = 0;
+        let did = round.sent + round.coalesced + round.refused;
+        if did > 0 {
+            tracing::debug!(sent = round.sent, coalesced = round.coalesced, refused = round.refused, "DDI feedback delivered");
+            // More may wait beyond the batch: look again at once.
+            continue;
+        }
+        if w.sleep(Duration::from_secs(DDI_FEEDBACK_IDLE_POLL_S), true) {
+            return;
+        }
+    }
+}
 
 /// What one round of delivery did.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -1,0 +1,485 @@
+//! The DDI client inside `serve` (issue 15): a poller thread asks the fleet server what to do
+//! and runs a deployment as a job in the daemon's one job slot (so the legacy API and the
+//! server never run two transactions), and every step's feedback goes through the journal's
+//! `ddi_feedback` outbox, delivered by `ddi::sender`.
+//!
+//! The truth comes from the journal, not from memory: each poll first reconciles the actions
+//! that are not final with the transactions that carry them (`reconcile`), so an install that
+//! a power cut interrupted, a trial that `confirm` accepted or that boot-time recovery rolled
+//! back, is reported exactly once, after the fact, whoever ended it.
+
+use super::progress::{Snapshot, Stage};
+use super::{Daemon, jobs};
+use crate::ddi::client::{Client, ClientError};
+use crate::ddi::decide::{self, Allowed, Course, Known, Step};
+use crate::ddi::protocol::{ConfigData, DeploymentBase};
+use crate::download::{DownloadSpec, ExpectedHash};
+use crate::driver::{InstallOptions, Observer, Outcome};
+use crate::engine::Phase;
+use crate::journal::Journal;
+use crate::journal::ddi::{DdiAction, DdiActionState, FeedbackTarget};
+use crate::wakeup::{Wakeup, Worker};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Starts the poller; it runs until stopped (`serve`'s shutdown).
+pub fn start_poller(d: &Arc<Daemon>, client: Arc<Client>) -> Worker {
+    let d = d.clone();
+    Worker::start("ddi-poller", move |w| poll_loop(&d, &client, w))
+}
+
+fn poll_loop(d: &Arc<Daemon>, client: &Client, w: &Wakeup) {
+    let mut errors = 0u32;
+    // In memory: after a restart the first poll sends configData again (cheap, and the
+    // server's view is never older than this process).
+    let mut config_sent_for: Option<String> = None;
+    while !w.stopping() {
+        if let Err(e) = reconcile(d) {
+            tracing::warn!(error = %e, "DDI: cannot reconcile the server's actions with the journal");
+        }
+        let sleep = match client.poll() {
+            Ok(poll) => {
+                errors = 0;
+                if let Err(e) = on_poll(d, client, &poll, &mut config_sent_for) {
+                    tracing::warn!(error = %e, "DDI: cannot act on the poll");
+                }
+                poll.sleep()
+            }
+            Err(e) => {
+                errors = errors.saturating_add(1);
+                tracing::warn!(errors, error = %e, "DDI: poll failed");
+                None
+            }
+        };
+        let wait = decide::next_poll(sleep, errors, jitter());
+        tracing::debug!(wait_ms = wait.as_millis() as u64, "DDI: next poll");
+        if w.sleep(wait, true) {
+            return;
+        }
+    }
+}
+
+/// A value in [-1, 1] that differs between devices and polls (not a secret; only spreads a
+/// fleet's polls): the low bits of the clock mixed with the process id.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let h = blake3::hash(&[nanos.to_le_bytes(), std::process::id().to_le_bytes()].concat());
+    let v = u32::from_le_bytes(h.as_bytes()[..4].try_into().unwrap_or([0; 4]));
+    (v as f64 / u32::MAX as f64) * 2.0 - 1.0
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The version installed now, as configData names it (`factory` before any install).
+fn installed_version(journal: &Journal) -> crate::error::Result<String> {
+    let id = journal.current_generation_id()?;
+    Ok(journal.generations()?.into_iter().find(|g| Some(g.id) == id).map(|g| g.version).unwrap_or_else(|| "factory".into()))
+}
+
+fn known(journal: &Journal, config_sent_for: &Option<String>) -> crate::error::Result<Known> {
+    let actions = journal.ddi_actions()?;
+    Ok(Known {
+        finished_actions: actions.iter().filter(|a| a.state.is_final()).map(|a| a.id.clone()).collect(),
+        current: actions.iter().find(|a| !a.state.is_final()).map(|a| a.id.clone()),
+        config_sent_for: config_sent_for.clone(),
+        installed_version: installed_version(journal)?,
+    })
+}
+
+fn on_poll(
+    d: &Arc<Daemon>,
+    client: &Client,
+    poll: &crate::ddi::protocol::ControllerBase,
+    config_sent_for: &mut Option<String>,
+) -> crate::error::Result<()> {
+    let journal = &d.held.journal;
+    let known = known(journal, config_sent_for)?;
+    for step in decide::on_poll(poll, &known) {
+        match step {
+            Step::PutConfigData => match client.put_config(&config_data(d, &known.installed_version)) {
+                Ok(()) => *config_sent_for = Some(known.installed_version.clone()),
+                Err(e) => tracing::warn!(error = %e, "DDI: configData not accepted"),
+            },
+            Step::FetchCancel { action } => on_cancel(d, client, &action)?,
+            Step::AlreadyFinished { action } => tracing::debug!(action, "DDI: the server still lists a finished action"),
+            Step::FetchDeployment { action } => on_deployment(d, client, &action)?,
+        }
+    }
+    Ok(())
+}
+
+/// What the server learns about the device: its model, the version installed now, the engine.
+fn config_data(d: &Daemon, installed: &str) -> ConfigData {
+    let mut data = std::collections::BTreeMap::new();
+    data.insert("version".to_string(), installed.to_string());
+    data.insert("engine".to_string(), format!("tope-updater {}", env!("CARGO_PKG_VERSION")));
+    if let Some(c) = &d.cfg.compatible {
+        data.insert("compatible".to_string(), c.clone());
+    }
+    ConfigData { mode: "replace", data }
+}
+
+/// Records `action` in state `state` with the feedback of `course`, in one durable commit,
+/// and wakes the sender. `false` when the action was already final (nothing written).
+fn record(d: &Daemon, action: &DdiAction, state: DdiActionState, course: &Course, target: FeedbackTarget) -> bool {
+    let mut a = action.clone();
+    a.state = state;
+    a.updated_unix_ms = now_ms();
+    let f = decide::feedback(course, a.updated_unix_ms);
+    let body = match serde_json::to_vec(&f) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "DDI: cannot encode a feedback");
+            return false;
+        }
+    };
+    match d.held.journal.ddi_record(&a, Some((target, decide::is_progress(&f), body))) {
+        Ok(written) => {
+            if written {
+                d.notify_ddi_feedback();
+                tracing::info!(action = a.id, state = ?state, "DDI: action recorded");
+            }
+            written
+        }
+        Err(e) => {
+            tracing::warn!(action = a.id, error = %e, "DDI: cannot record the action");
+            false
+        }
+    }
+}
+
+fn new_action(id: &str, version: &str, artifact: &str) -> DdiAction {
+    let now = now_ms();
+    DdiAction {
+        id: id.into(),
+        version: version.into(),
+        artifact: artifact.into(),
+        state: DdiActionState::Downloading,
+        tx: None,
+        created_unix_ms: now,
+        updated_unix_ms: now,
+    }
+}
+
+fn on_deployment(d: &Arc<Daemon>, client: &Client, action: &str) -> crate::error::Result<()> {
+    if d.busy() {
+        // The slot is taken (a legacy job, or this action's own job): the next poll asks again.
+        tracing::debug!(action, "DDI: a job is running; the deployment waits for the next poll");
+        return Ok(());
+    }
+    let existing = d.held.journal.ddi_action(action)?;
+    if existing.as_ref().is_some_and(|a| matches!(a.state, DdiActionState::Installing | DdiActionState::AwaitingConfirm)) {
+        // Its transaction carries it now; `reconcile` reports how it ends.
+        return Ok(());
+    }
+    let deployment = match client.deployment(action) {
+        Ok(dep) => dep,
+        Err(ClientError::Transient(e)) => {
+            tracing::warn!(action, error = e, "DDI: deploymentBase not fetched; next poll");
+            return Ok(());
+        }
+        Err(ClientError::Refused(why)) => {
+            let a = existing.unwrap_or_else(|| new_action(action, "", ""));
+            record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason: why.clone() }, FeedbackTarget::Deployment);
+            return Ok(());
+        }
+    };
+    let (version, artifact_name) = match deployment.artifacts().next() {
+        Some((chunk, a)) => (chunk.version.clone(), a.filename.clone()),
+        None => (String::new(), String::new()),
+    };
+    let a = existing.unwrap_or_else(|| new_action(action, &version, &artifact_name));
+    match decide::allowed(&deployment) {
+        Allowed::Wait => tracing::info!(action, "DDI: download: skip; waiting"),
+        Allowed::Reject(reason) => {
+            record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason }, FeedbackTarget::Deployment);
+        }
+        Allowed::DownloadOnly if a.state == DdiActionState::Downloaded => {
+            tracing::debug!(action, "DDI: downloaded; waiting for the update permission or the maintenance window")
+        }
+        allowed => {
+            let install = allowed == Allowed::Install;
+            let spec = match spec_of(&deployment) {
+                Ok(s) => s,
+                Err(reason) => {
+                    record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason }, FeedbackTarget::Deployment);
+                    return Ok(());
+                }
+            };
+            if let Err(e) = crate::download::validate_spec(&spec, &d.cfg) {
+                let reason = format!("action {action}: {e}");
+                record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason }, FeedbackTarget::Deployment);
+                return Ok(());
+            }
+            d.fleet_cancel.store(false, Ordering::SeqCst);
+            let started = d.start_job("ddi", jobs::download_started(), move |d| deployment_job(&d, a, spec, install));
+            if let Err(e) = started {
+                tracing::debug!(action, error = %e, "DDI: the job slot was taken meanwhile; next poll");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The download of the deployment's one artifact, checked with the strongest hash it gives.
+fn spec_of(d: &DeploymentBase) -> Result<DownloadSpec, String> {
+    let (chunk, a) = d.artifacts().next().ok_or_else(|| format!("action {}: no artifact", d.id))?;
+    let url = a.download_url().ok_or_else(|| format!("action {}: artifact {:?} has no download link", d.id, a.filename))?;
+    let size = a.size.filter(|s| *s > 0).ok_or_else(|| format!("action {}: artifact {:?} has no size", d.id, a.filename))?;
+    let expected = match a.hashes.strongest() {
+        Some(crate::ddi::protocol::ArtifactHash::Sha256(h)) => ExpectedHash::sha256(&h),
+        Some(crate::ddi::protocol::ArtifactHash::Sha1(h)) => ExpectedHash::sha1(&h),
+        Some(crate::ddi::protocol::ArtifactHash::Md5(h)) => ExpectedHash::md5(&h),
+        None => return Err(format!("action {}: artifact {:?} has no usable hash", d.id, a.filename)),
+    }
+    .map_err(|e| format!("action {}: {e}", d.id))?;
+    Ok(DownloadSpec::new(chunk.version.clone(), url, a.filename.clone(), size, expected))
+}
+
+/// Downloads (or resumes) the artifact, then installs it as one transaction when allowed.
+fn deployment_job(d: &Arc<Daemon>, action: DdiAction, spec: DownloadSpec, install: bool) {
+    d.set_job_version(Some(spec.version.clone()));
+    let id = action.id.clone();
+    record(d, &action, DdiActionState::Downloading, &Course::Downloading { done: 0, total: spec.package_size }, FeedbackTarget::Deployment);
+    let reported = AtomicU32::new(0);
+    let progress = |done: u64, total: u64| {
+        let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u32;
+        d.progress.set(Snapshot {
+            stage: Stage::Downloading,
+            progress: pct as u8,
+            message: format!("Downloading package... {:.1} MB / {:.1} MB", done as f64 / 1e6, total as f64 / 1e6),
+            error: None,
+        });
+        // Every 10 %: a server keeps a bounded number of status entries per action.
+        let step = pct / 10 * 10;
+        if step > reported.load(Ordering::Relaxed) {
+            reported.store(step, Ordering::Relaxed);
+            record(d, &action, DdiActionState::Downloading, &Course::Downloading { done, total }, FeedbackTarget::Deployment);
+        }
+    };
+    let fetched = crate::download::fetch(&d.held.journal, &d.cfg, &spec, &progress, &d.fleet_cancel);
+    let rec = match fetched {
+        Ok(rec) => rec,
+        Err(_) if d.cancel.load(Ordering::SeqCst) => {
+            tracing::info!(action = id, "DDI: download paused for shutdown; the server's next offer resumes it");
+            return;
+        }
+        Err(_) if d.fleet_cancel.load(Ordering::SeqCst) => {
+            record(d, &action, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
+            jobs::publish_end(d, Snapshot { stage: Stage::Idle, progress: 0, message: format!("Fleet action {id} canceled"), error: None });
+            return;
+        }
+        Err(e) => {
+            let course = Course::Failed { code: e.code.as_str().into(), message: e.message.clone() };
+            record(d, &action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
+            jobs::publish_end(d, jobs::failed_job(&e, 0, super::progress::Job::Download));
+            return;
+        }
+    };
+    if !install {
+        record(d, &action, DdiActionState::Downloaded, &Course::Downloaded, FeedbackTarget::Deployment);
+        jobs::publish_end(
+            d,
+            Snapshot {
+                stage: Stage::Idle,
+                progress: 100,
+                message: format!("Fleet action {id}: downloaded; installing when the server allows"),
+                error: None,
+            },
+        );
+        return;
+    }
+    install_for(d, action, std::path::PathBuf::from(rec.path), spec.version);
+}
+
+fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, version: String) {
+    // The transaction's id, known before it begins (only this job slot starts transactions):
+    // a power cut from here on leaves an action that `reconcile` can match to its record.
+    let tx = match d.held.journal.next_tx_id() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "DDI: cannot read the next transaction id");
+            jobs::publish_end(d, jobs::failed(&e, 0));
+            return;
+        }
+    };
+    let mut action = action;
+    action.tx = Some(tx);
+    record(d, &action, DdiActionState::Installing, &Course::Phase { index: 0, count: PHASES, what: "starting".into() }, FeedbackTarget::Deployment);
+    let observer = Arc::new(FleetObserver { inner: jobs::InstallObserver { daemon: d.clone() }, daemon: d.clone(), action: action.clone() });
+    let result = d.updater().map(|up| up.with_observer(observer)).and_then(|mut up| {
+        up.install(&package, &InstallOptions { version: Some(version.clone()), ..Default::default() })
+    });
+    match result {
+        Ok(r) => {
+            match &r.outcome {
+                Outcome::Committed => {
+                    if let Err(e) = d.held.journal.clear_download() {
+                        tracing::warn!(error = %e, "could not clear the download record");
+                    }
+                    let _ = std::fs::remove_file(&package);
+                    conclude_committed(d, &action);
+                }
+                Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } => {
+                    let course = Course::Failed { code: error.code.as_str().into(), message: error.message.clone() };
+                    record(d, &action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
+                }
+                // Shutdown mid-transaction: the next start finishes it; `reconcile` reports it.
+                Outcome::Interrupted { .. } => {}
+            }
+            jobs::ended(d, &r);
+        }
+        Err(e) => {
+            // Refused before the transaction began: nothing was touched.
+            let course = Course::Failed { code: e.code.as_str().into(), message: e.message.clone() };
+            record(d, &action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
+            jobs::publish_end(d, jobs::failed(&e, 0));
+        }
+    }
+}
+
+/// The phases of an install as `proceeding` progress counts them (Planned .. Committed).
+const PHASES: u32 = 9;
+
+/// A committed install: final now, or a trial waiting for `confirm` (issue 15: success only
+/// once the device has booted and confirmed the new version).
+fn conclude_committed(d: &Daemon, action: &DdiAction) {
+    let trial = d.held.journal.trial().ok().flatten();
+    if trial.is_some_and(|t| Some(t.tx) == action.tx) {
+        record(d, action, DdiActionState::AwaitingConfirm, &Course::AwaitingConfirm, FeedbackTarget::Deployment);
+    } else {
+        record(d, action, DdiActionState::Succeeded, &Course::Succeeded { version: action.version.clone() }, FeedbackTarget::Deployment);
+    }
+}
+
+/// The legacy progress plus a `proceeding` feedback per phase.
+struct FleetObserver {
+    inner: jobs::InstallObserver,
+    daemon: Arc<Daemon>,
+    action: DdiAction,
+}
+
+impl Observer for FleetObserver {
+    fn phase(&self, tx: u64, phase: Phase) {
+        self.inner.phase(tx, phase);
+        if (phase as u32) < PHASES {
+            let course = Course::Phase { index: phase as u32 + 1, count: PHASES, what: phase.to_string() };
+            record(&self.daemon, &self.action, DdiActionState::Installing, &course, FeedbackTarget::Deployment);
+        }
+    }
+
+    fn staged(&self, module: &str, index: usize, modules: usize, done: u64, total: u64) {
+        self.inner.staged(module, index, modules, done, total);
+    }
+}
+
+/// Brings the actions that are not final in line with the journal's transactions: how an
+/// install ended is known only there when the process that ran it died, and a trial's end
+/// (confirmed, or rolled back at boot) comes long after the install job.
+pub fn reconcile(d: &Daemon) -> crate::error::Result<()> {
+    if d.busy() {
+        // A running job records its own action's course.
+        return Ok(());
+    }
+    let journal = &d.held.journal;
+    let in_flight = journal.active()?.map(|(rec, _)| rec.id);
+    for a in journal.ddi_actions()?.into_iter().filter(|a| !a.state.is_final()) {
+        let Some(tx) = a.tx else { continue };
+        if in_flight == Some(tx) {
+            continue;
+        }
+        let trial = journal.trial()?;
+        let is_trial = |tx: u64| trial.as_ref().is_some_and(|t| t.tx == tx);
+        match (journal.tx(tx)?, a.state) {
+            (None, _) => {
+                let course = Course::Failed {
+                    code: "INTERRUPTED".into(),
+                    message: format!("the install of {} was interrupted before its transaction began", a.version),
+                };
+                record(d, &a, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
+            }
+            (Some(rec), state) => match rec.phase {
+                Phase::Confirmed => {
+                    record(d, &a, DdiActionState::Succeeded, &Course::Succeeded { version: a.version.clone() }, FeedbackTarget::Deployment);
+                }
+                // Still a trial: its final feedback waits for `confirm` or its rollback.
+                Phase::Committed if is_trial(tx) && state != DdiActionState::AwaitingConfirm => {
+                    record(d, &a, DdiActionState::AwaitingConfirm, &Course::AwaitingConfirm, FeedbackTarget::Deployment);
+                }
+                Phase::Committed if is_trial(tx) => {}
+                Phase::Committed if state == DdiActionState::AwaitingConfirm => {
+                    // The trial ended without `confirm`: a later transaction rolled it back.
+                    let (code, message) = rolled_back_by(journal, tx)?;
+                    record(d, &a, DdiActionState::Failed, &Course::Failed { code, message }, FeedbackTarget::Deployment);
+                }
+                Phase::Committed => conclude_committed(d, &a),
+                Phase::RolledBack | Phase::RollbackFailed => {
+                    let (code, message) = rec
+                        .error
+                        .map(|e| (e.code.as_str().to_string(), e.message))
+                        .unwrap_or_else(|| ("ROLLED_BACK".into(), "the install was rolled back".into()));
+                    record(d, &a, DdiActionState::Failed, &Course::Failed { code, message }, FeedbackTarget::Deployment);
+                }
+                _ => {}
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Why a committed trial install is no longer current: the error of the first later
+/// transaction (the rollback of an expired trial, or an operator's rollback).
+fn rolled_back_by(journal: &Journal, tx: u64) -> crate::error::Result<(String, String)> {
+    let later = journal.history(usize::MAX)?.into_iter().filter(|r| r.id > tx).min_by_key(|r| r.id);
+    Ok(match later {
+        Some(r) => match r.error {
+            Some(e) => (e.code.as_str().to_string(), format!("rolled back by transaction {}: {}", r.id, e.message)),
+            None => ("ROLLED_BACK".into(), format!("rolled back by transaction {} before it was confirmed", r.id)),
+        },
+        None => ("ROLLED_BACK".into(), "the trial ended without confirmation".into()),
+    })
+}
+
+/// A cancel request: accepted while nothing has been swapped (downloading, downloaded, or an
+/// action never started), rejected with the reason once its transaction has begun.
+fn on_cancel(d: &Arc<Daemon>, client: &Client, cancel_id: &str) -> crate::error::Result<()> {
+    let stop_id = match client.cancel(cancel_id) {
+        Ok(c) => c.cancel_action.stop_id,
+        Err(e) => {
+            tracing::warn!(cancel_id, error = %e, "DDI: cancelAction not fetched");
+            return Ok(());
+        }
+    };
+    let journal = &d.held.journal;
+    let a = journal.ddi_action(&stop_id)?;
+    let state = a.as_ref().map(|a| a.state);
+    match state {
+        Some(s) if s.is_final() => {
+            tracing::debug!(stop_id, "DDI: cancel of a finished action; its final feedback stands");
+        }
+        Some(DdiActionState::Downloading) if d.busy() => {
+            // The running download stops at its next chunk; its job records `canceled`.
+            d.fleet_cancel.store(true, Ordering::SeqCst);
+        }
+        None | Some(DdiActionState::Downloading | DdiActionState::Downloaded) => {
+            let a = a.unwrap_or_else(|| new_action(&stop_id, "", ""));
+            record(d, &a, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
+        }
+        Some(DdiActionState::Installing | DdiActionState::AwaitingConfirm) | Some(_) => {
+            let reason = "the install transaction has begun: it finishes or rolls back as one transaction";
+            let f = crate::ddi::protocol::Feedback::new(
+                crate::ddi::protocol::Execution::Rejected,
+                crate::ddi::protocol::Finished::Failure,
+                None,
+                vec![reason.to_string()],
+                Some(now_ms()),
+            );
+            let body = serde_json::to_vec(&f).map_err(|e| crate::error::Error::internal(e.to_string()))?;
+            journal.ddi_push_feedback(cancel_id, FeedbackTarget::Cancel, false, body)?;
+            d.notify_ddi_feedback();
+        }
+    }
+    Ok(())
+}
