@@ -420,6 +420,10 @@ struct Tuning {
     read_timeout: Duration,
     /// Honour `HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` from the environment.
     env_proxy: bool,
+    /// An `Authorization` value sent with every GET: the DDI server's token, for an artifact
+    /// on the server's own origin (the caller decides; ureq drops it on a redirect). Never
+    /// journaled or logged.
+    authorization: Option<String>,
 }
 
 impl Default for Tuning {
@@ -429,6 +433,7 @@ impl Default for Tuning {
             connect_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(20),
             env_proxy: true,
+            authorization: None,
         }
     }
 }
@@ -470,6 +475,19 @@ pub fn fetch(
     cancel: &AtomicBool,
 ) -> Result<DownloadRecord> {
     fetch_tuned(journal, cfg, spec, progress, cancel, &Tuning::default())
+}
+
+/// [`fetch`] with an `Authorization` header on every request (the DDI client's token, when
+/// the artifact is on its server's origin).
+pub fn fetch_authorized(
+    journal: &Journal,
+    cfg: &Config,
+    spec: &DownloadSpec,
+    authorization: Option<String>,
+    progress: &dyn Fn(u64, u64),
+    cancel: &AtomicBool,
+) -> Result<DownloadRecord> {
+    fetch_tuned(journal, cfg, spec, progress, cancel, &Tuning { authorization, ..Tuning::default() })
 }
 
 fn run_tuned(
@@ -696,7 +714,7 @@ impl Transfer<'_> {
                 self.checkpoint()?;
                 return Err(self.cancelled());
             }
-            let why = match self.attempt(&agent, cancel) {
+            let why = match self.attempt(&agent, tuning.authorization.as_deref(), cancel) {
                 Ok(()) => continue,
                 Err(Stop::Fatal(e)) => return Err(e),
                 Err(Stop::Cancelled) => {
@@ -728,9 +746,12 @@ impl Transfer<'_> {
     }
 
     /// One GET from `self.offset` to the end of the package.
-    fn attempt(&mut self, agent: &ureq::Agent, cancel: &AtomicBool) -> Result<(), Stop> {
+    fn attempt(&mut self, agent: &ureq::Agent, authorization: Option<&str>, cancel: &AtomicBool) -> Result<(), Stop> {
         let url = self.rec.request.package_url.clone();
         let mut request = agent.get(&url);
+        if let Some(a) = authorization {
+            request = request.header("Authorization", a);
+        }
         let ranged = self.offset > 0;
         if ranged {
             request = request.header("Range", format!("bytes={}-", self.offset));
@@ -910,6 +931,8 @@ fn agent(cfg: &Config, tuning: &Tuning) -> ureq::Agent {
         .http_status_as_error(false)
         .https_only(!cfg.download.allow_http)
         .max_redirects(REDIRECTS_MAX)
+        // A DDI token never follows a redirect (ureq's default, stated).
+        .redirect_auth_headers(ureq::config::RedirectAuthHeaders::Never)
         .timeout_connect(Some(tuning.connect_timeout))
         .timeout_recv_response(Some(tuning.read_timeout))
         .timeout_per_read(Some(tuning.read_timeout))
@@ -1181,6 +1204,7 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(5),
             env_proxy: false,
+            authorization: None,
         }
     }
 

@@ -28,7 +28,7 @@ pub fn start_poller(d: &Arc<Daemon>, client: Arc<Client>) -> Worker {
     Worker::start("ddi-poller", move |w| poll_loop(&d, &client, w))
 }
 
-fn poll_loop(d: &Arc<Daemon>, client: &Client, w: &Wakeup) {
+fn poll_loop(d: &Arc<Daemon>, client: &Arc<Client>, w: &Wakeup) {
     let mut errors = 0u32;
     // In memory: after a restart the first poll sends configData again (cheap, and the
     // server's view is never older than this process).
@@ -90,7 +90,7 @@ fn known(journal: &Journal, config_sent_for: &Option<String>) -> crate::error::R
 
 fn on_poll(
     d: &Arc<Daemon>,
-    client: &Client,
+    client: &Arc<Client>,
     poll: &crate::ddi::protocol::ControllerBase,
     config_sent_for: &mut Option<String>,
 ) -> crate::error::Result<()> {
@@ -112,11 +112,14 @@ fn on_poll(
 
 /// What the server learns about the device: its model, the version installed now, the engine.
 fn config_data(d: &Daemon, installed: &str) -> ConfigData {
+    // `sw_version` and `hw_boardname` are the keys SWUpdate's suricatta sends and gooseBit
+    // reads (its installed version, and the hardware an assignment must be compatible with).
     let mut data = std::collections::BTreeMap::new();
-    data.insert("version".to_string(), installed.to_string());
+    data.insert("sw_version".to_string(), installed.to_string());
     data.insert("engine".to_string(), format!("tope-updater {}", env!("CARGO_PKG_VERSION")));
     if let Some(c) = &d.cfg.compatible {
         data.insert("compatible".to_string(), c.clone());
+        data.insert("hw_boardname".to_string(), c.clone());
     }
     ConfigData { mode: "replace", data }
 }
@@ -163,7 +166,7 @@ fn new_action(id: &str, version: &str, artifact: &str) -> DdiAction {
     }
 }
 
-fn on_deployment(d: &Arc<Daemon>, client: &Client, action: &str) -> crate::error::Result<()> {
+fn on_deployment(d: &Arc<Daemon>, client: &Arc<Client>, action: &str) -> crate::error::Result<()> {
     if d.busy() {
         // The slot is taken (a legacy job, or this action's own job): the next poll asks again.
         tracing::debug!(action, "DDI: a job is running; the deployment waits for the next poll");
@@ -214,7 +217,8 @@ fn on_deployment(d: &Arc<Daemon>, client: &Client, action: &str) -> crate::error
                 return Ok(());
             }
             d.fleet_cancel.store(false, Ordering::SeqCst);
-            let started = d.start_job("ddi", jobs::download_started(), move |d| deployment_job(&d, a, spec, install));
+            let client = client.clone();
+            let started = d.start_job("ddi", jobs::download_started(), move |d| deployment_job(&d, &client, a, spec, install));
             if let Err(e) = started {
                 tracing::debug!(action, error = %e, "DDI: the job slot was taken meanwhile; next poll");
             }
@@ -239,7 +243,7 @@ fn spec_of(d: &DeploymentBase) -> Result<DownloadSpec, String> {
 }
 
 /// Downloads (or resumes) the artifact, then installs it as one transaction when allowed.
-fn deployment_job(d: &Arc<Daemon>, action: DdiAction, spec: DownloadSpec, install: bool) {
+fn deployment_job(d: &Arc<Daemon>, client: &Client, action: DdiAction, spec: DownloadSpec, install: bool) {
     d.set_job_version(Some(spec.version.clone()));
     let id = action.id.clone();
     record(d, &action, DdiActionState::Downloading, &Course::Downloading { done: 0, total: spec.package_size }, FeedbackTarget::Deployment);
@@ -259,7 +263,7 @@ fn deployment_job(d: &Arc<Daemon>, action: DdiAction, spec: DownloadSpec, instal
             record(d, &action, DdiActionState::Downloading, &Course::Downloading { done, total }, FeedbackTarget::Deployment);
         }
     };
-    let fetched = crate::download::fetch(&d.held.journal, &d.cfg, &spec, &progress, &d.fleet_cancel);
+    let fetched = crate::download::fetch_authorized(&d.held.journal, &d.cfg, &spec, client.auth_for(&spec.package_url), &progress, &d.fleet_cancel);
     let rec = match fetched {
         Ok(rec) => rec,
         Err(_) if d.cancel.load(Ordering::SeqCst) => {

@@ -144,7 +144,8 @@ pub enum Course {
     /// Final: the action failed or was rolled back, at any time (also a trial rolled back
     /// at boot, long after the install reported its progress).
     Failed { code: String, message: String },
-    /// Final: canceled before anything was swapped.
+    /// Final: canceled before anything was swapped. Sent to the `cancelAction` resource,
+    /// where `closed` + `success` confirms the cancel (hawkBit; `rejected` refuses it).
     Canceled,
     /// Final: refused before anything was downloaded.
     Rejected { reason: String },
@@ -196,7 +197,7 @@ pub fn feedback(c: &Course, now_ms: u64) -> Feedback {
             Feedback::new(Execution::Closed, Finished::Failure, None, vec![format!("{code}: {message}")], ts)
         }
         Course::Canceled => {
-            Feedback::new(Execution::Canceled, Finished::Success, None, vec!["canceled before anything was changed".into()], ts)
+            Feedback::new(Execution::Closed, Finished::Success, None, vec!["canceled before anything was changed".into()], ts)
         }
         Course::Rejected { reason } => Feedback::new(Execution::Rejected, Finished::Failure, None, vec![reason.clone()], ts),
     }
@@ -349,7 +350,7 @@ mod tests {
         assert_eq!(f(Course::Succeeded { version: "2.0.0".into() }).0, Execution::Closed);
         let failed = f(Course::Failed { code: "HASH_MISMATCH".into(), message: "x".into() });
         assert_eq!((failed.0, failed.1, failed.3.as_str()), (Execution::Closed, Finished::Failure, "HASH_MISMATCH: x"));
-        assert_eq!(f(Course::Canceled).0, Execution::Canceled);
+        assert_eq!(f(Course::Canceled).0, Execution::Closed, "closed/success on the cancelAction confirms the cancel");
         assert_eq!(f(Course::Rejected { reason: "r".into() }).1, Finished::Failure);
         assert!(Course::Failed { code: String::new(), message: String::new() }.is_final());
         assert!(!Course::AwaitingConfirm.is_final());

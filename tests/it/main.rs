@@ -8,6 +8,7 @@ mod api_guard;
 mod api_load;
 mod crash;
 mod daemon;
+mod ddi;
 mod delta;
 mod delta_process;
 mod diskfull;

@@ -1,0 +1,250 @@
+//! The DDI client (issue 15) end to end: `tope-updater serve` with a `[ddi]` table, as a real
+//! process, against real DDI servers on loopback:
+//!
+//! - `tests/ddi/spec_server.py`, which validates every request body against hawkBit's DDI
+//!   OpenAPI spec and records every feedback in order (so the exact sequence is asserted),
+//!   and can cancel;
+//! - gooseBit 0.2.12 from PyPI (`tests/ddi/goosebit.sh`), an independent server.
+//!
+//! Both run from the venv `tests/ddi/goosebit.sh venv` makes (`target/ddi-venv`, or
+//! `$DDI_VENV`); the first test that needs it makes it (pip, about a minute), under a lock.
+//!
+//! Run with `cargo test --features failpoints --test it ddi`.
+
+use crate::daemon::{Daemon, PATIENCE, POLL};
+use crate::support::*;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const DEV: &str = "tope-dev-1";
+const TOKEN: &str = "tok-3f9a";
+
+/// The venv's python, made once per test process (and once per machine: a marker file).
+fn python() -> PathBuf {
+    static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    VENV.get_or_init(|| {
+        let venv = std::env::var_os("DDI_VENV").map(PathBuf::from).unwrap_or_else(|| Path::new(REPO).join("target/ddi-venv"));
+        std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
+        // flock: test processes (nextest) and CI steps may make it at the same time.
+        let lock = venv.with_extension("lock");
+        let out = Command::new("flock")
+            .arg(&lock)
+            .arg(Path::new(REPO).join("tests/ddi/goosebit.sh"))
+            .arg("venv")
+            .env("DDI_VENV", &venv)
+            .output()
+            .expect("flock (util-linux) runs tests/ddi/goosebit.sh venv");
+        assert!(
+            out.status.success(),
+            "tests/ddi/goosebit.sh venv failed (it needs python3 with venv and PyPI):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        venv.join("bin/python")
+    })
+    .clone()
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "gave up after {PATIENCE:?} waiting for {what}");
+        std::thread::sleep(POLL.max(Duration::from_millis(100)));
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).proxy(None).timeout_global(Some(Duration::from_secs(30))).build().into()
+}
+
+/// `spec_server.py serve` on a free port, killed on drop.
+struct SpecServer {
+    child: Child,
+    url: String,
+    dir: PathBuf,
+}
+
+impl SpecServer {
+    fn start(dir: &Path) -> SpecServer {
+        std::fs::create_dir_all(dir).unwrap();
+        let child = Command::new(python())
+            .arg(Path::new(REPO).join("tests/ddi/spec_server.py"))
+            .args(["serve", "--state-dir"])
+            .arg(dir)
+            .args(["--fresh-log", "--sleep", "00:00:01", "--target-token", &format!("{DEV}={TOKEN}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let env_file = dir.join("server.env");
+        let url = wait_for("spec_server.py to write server.env", || {
+            std::fs::read_to_string(&env_file).ok()?.lines().find_map(|l| l.strip_prefix("url=").map(str::to_string))
+        });
+        SpecServer { child, url, dir: dir.to_path_buf() }
+    }
+
+    fn ctl(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}/_ctl/{path}", self.url);
+        let a = agent();
+        let r = match body {
+            Some(b) => a.post(&url).header("Content-Type", "application/json").send(b.to_string().as_bytes()),
+            None if method == "GET" => a.get(&url).call(),
+            None => a.post(&url).send_empty(),
+        };
+        let mut r = r.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = r.status().as_u16();
+        let text = r.body_mut().read_to_string().unwrap();
+        assert_eq!(status, 200, "{method} {url}: {text}\nserver log:\n{}", self.stderr());
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    fn deploy(&self, action: u32, artifacts: &[&Path], version: &str, extra: Value) -> Value {
+        let mut req = json!({
+            "controllerId": DEV,
+            "actionId": action,
+            "artifacts": artifacts.iter().map(|p| json!({"path": p})).collect::<Vec<_>>(),
+            "version": version,
+            "name": "tope-image",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        self.ctl("POST", "deployment", Some(req))
+    }
+
+    fn state(&self) -> Value {
+        self.ctl("GET", "state", None)
+    }
+
+    fn action(&self, id: u32) -> Value {
+        self.state()["actions"][id.to_string()].clone()
+    }
+
+    /// Every recorded DDI request of the device, in order.
+    fn log(&self) -> Vec<Value> {
+        self.ctl("GET", "log", None).as_array().unwrap().clone()
+    }
+
+    fn violations(&self) -> Value {
+        self.ctl("GET", "violations", None)
+    }
+}
+
+impl Drop for SpecServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A device configured for the DDI server at `url` (plain http on loopback allowed), with
+/// its target token in a file. `top` goes to the config's top level.
+fn device(url: &str, top: &str) -> Env {
+    let env = Env::with_config(top);
+    let token = env.tmp.path().join("ddi.token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let mut cfg = std::fs::read_to_string(&env.config).unwrap();
+    cfg.push_str(&format!(
+        "\n[download]\nallow_http = true\n\n[ddi]\nserver_url = {url:?}\ncontroller_id = {DEV:?}\ntoken_file = {:?}\nallow_http = true\n",
+        token.to_str().unwrap()
+    ));
+    std::fs::write(&env.config, cfg).unwrap();
+    env
+}
+
+/// A package from `pack` (hashes pinned, signed as the device's config wants: unsigned here)
+/// with one file module `app/bin` holding `content`.
+fn package(env: &Env, version: &str, content: &[u8], extra_manifest: Value) -> PathBuf {
+    let src = env.tmp.path().join(format!("src-{version}"));
+    std::fs::create_dir_all(src.join("files")).unwrap();
+    std::fs::write(src.join("files/bin"), content).unwrap();
+    let mut man = json!({
+        "version": version,
+        "modules": [{"name": "app", "src": "files/bin", "dst": env.dst("app/bin")}],
+    });
+    for (k, v) in extra_manifest.as_object().unwrap() {
+        man[k] = v.clone();
+    }
+    std::fs::write(src.join("manifest.json"), man.to_string()).unwrap();
+    let out = env.pkg_path(&format!("app-{version}.zip"));
+    env.ok(&["pack", src.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    out
+}
+
+/// The deployment feedback executions and results, in the order the server received them.
+fn course(action: &Value) -> Vec<String> {
+    action["feedback"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| format!("{}/{}", f["status"]["execution"].as_str().unwrap(), f["status"]["result"]["finished"].as_str().unwrap()))
+        .collect()
+}
+
+fn details(action: &Value) -> Vec<String> {
+    action["feedback"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|f| f["status"]["details"].as_array().cloned().unwrap_or_default())
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The configData bodies the device PUT, in order.
+fn config_puts(server: &SpecServer) -> Vec<Value> {
+    server.log().into_iter().filter(|r| r["method"] == "PUT" && r["path"].as_str().unwrap().ends_with("/configData")).map(|r| r["body"].clone()).collect()
+}
+
+#[test]
+fn a_deployment_is_downloaded_installed_and_reported_closed_success_with_every_request_as_the_spec_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let env = device(&server.url, "");
+    env.put("app/bin", b"v1", 0o644);
+    let before = tree(&env.root);
+    let pkg = package(&env, "1.1.0", b"version 1.1.0 of the app", json!({}));
+    let _d = Daemon::start(&env, None);
+    server.deploy(7, &[&pkg], "1.1.0", json!({}));
+
+    let action = wait_for("action 7 to be closed", || Some(server.action(7)).filter(|a| a["active"] == false));
+    assert_eq!(action["status"], "FINISHED", "{action:#}");
+    let course = course(&action);
+    println!("feedback course: {course:?}\ndetails: {:?}", details(&action));
+    assert_eq!(course.first().map(String::as_str), Some("proceeding/none"), "{course:?}");
+    assert_eq!(course.last().map(String::as_str), Some("closed/success"), "{course:?}");
+    assert_eq!(course.iter().filter(|c| c.starts_with("closed")).count(), 1, "exactly one final feedback: {course:?}");
+    let details = details(&action);
+    assert!(details.iter().any(|d| d == "Downloaded 100%"), "download progress in gooseBit's wording: {details:?}");
+    assert!(details.iter().any(|d| d == "installing: Swapped"), "install phases: {details:?}");
+    assert_eq!(details.last().map(String::as_str), Some("installed 1.1.0"));
+
+    // The tree is what the package says, from the package rules alone.
+    let mut expected = before.clone();
+    expected.insert("app/bin".into(), format!("file 644 {}", blake3::hash(b"version 1.1.0 of the app").to_hex()));
+    assert_eq!(tree(&env.root), expected);
+
+    // The server's view is brought in line: configData names the new version.
+    let puts = wait_for("a configData naming 1.1.0", || {
+        let p = config_puts(&server);
+        p.iter().any(|b| b["data"]["sw_version"] == "1.1.0").then_some(p)
+    });
+    assert_eq!(puts[0]["data"]["sw_version"], "factory", "the first configData names the factory state: {puts:?}");
+    assert!(puts.iter().all(|b| b["data"]["engine"].as_str().unwrap().starts_with("tope-updater ")), "{puts:?}");
+    assert_eq!(server.violations(), json!([]), "every request conformed to the DDI spec");
+    // The token went with every request; the artifact was downloaded once, whole.
+    let log = server.log();
+    let token = format!("TargetToken {TOKEN}");
+    assert!(log.iter().all(|r| r["auth"] == token.as_str()), "a request without the token: {log:#?}");
+    let downloads = log.iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).count();
+    assert_eq!(downloads, 1, "{log:#?}");
+}
