@@ -289,6 +289,8 @@ async fn confirm(State(d): Shared) -> Response {
         blocking(move || {
             let mut up = d2.updater()?;
             let r = up.confirm()?;
+            // A fleet server learns the trial's end at once, not a poll later.
+            d2.notify_ddi_poller();
             serde_json::to_value(r).map_err(|e| Error::internal(e.to_string()))
         })
         .await,

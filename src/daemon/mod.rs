@@ -43,6 +43,9 @@ pub struct Daemon {
     pub boot_id: String,
     /// The DDI feedback sender (`[ddi]` set), woken after each push.
     ddi_feedback: Mutex<Option<crate::wakeup::Worker>>,
+    /// The DDI poller (`[ddi]` set), woken when a job ends or a trial is confirmed, so that
+    /// the server hears of it without waiting for the next poll.
+    ddi_poller: Mutex<Option<crate::wakeup::Worker>>,
     /// The fleet server canceled the running DDI download (also set at shutdown, so that a
     /// download passed this one flag stops for either; the job tells them apart by `cancel`).
     pub fleet_cancel: Arc<AtomicBool>,
@@ -83,10 +86,13 @@ impl Daemon {
     /// all under the slot's lock. So the next job's first report is always queued after this
     /// one's, and a caller reacting to this report (or to `/progress`) is never refused as busy.
     pub fn end_job(&self, result: Snapshot, queue: impl FnOnce()) {
-        let _slot = self.job.lock().unwrap_or_else(|p| p.into_inner());
-        queue();
-        self.release();
-        self.progress.set(result);
+        {
+            let _slot = self.job.lock().unwrap_or_else(|p| p.into_inner());
+            queue();
+            self.release();
+            self.progress.set(result);
+        }
+        self.notify_ddi_poller();
     }
 
     /// Starts `work` on a job thread unless one runs (`OPERATION_IN_PROGRESS`). `first` is
@@ -135,6 +141,13 @@ impl Daemon {
             .with_cancel(self.cancel.clone()))
     }
 
+    /// Wakes the DDI poller: reconcile and poll now (no-op without `[ddi]`).
+    pub fn notify_ddi_poller(&self) {
+        if let Some(w) = self.ddi_poller.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            w.notify();
+        }
+    }
+
     /// Wakes the DDI feedback sender after a push (no-op without `[ddi]`).
     pub fn notify_ddi_feedback(&self) {
         if let Some(w) = self.ddi_feedback.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
@@ -165,11 +178,9 @@ pub fn serve(cfg: Config) -> Result<()> {
     jobs::clean_stale_download(&held, cfg.download.trust_window_h);
     let initial = jobs::initial_snapshot(&held, &recovered);
     let ddi_client = match &cfg.ddi {
-        Some(ddi) => Some(Arc::new(crate::ddi::client::Client::new(
-            ddi,
-            ddi.auth()?,
-            Duration::from_secs(crate::limits::DDI_REQUEST_TIMEOUT_S),
-        ))),
+        Some(ddi) => {
+            Some(Arc::new(crate::ddi::client::Client::new(ddi, ddi.auth()?, Duration::from_secs(crate::limits::DDI_REQUEST_TIMEOUT_S))))
+        }
         None => None,
     };
     let ddi_feedback = ddi_client.as_ref().map(|c| crate::ddi::sender::start(held.journal.clone(), c.clone()));
@@ -185,14 +196,15 @@ pub fn serve(cfg: Config) -> Result<()> {
         reporter,
         boot_id,
         ddi_feedback: Mutex::new(ddi_feedback),
+        ddi_poller: Mutex::new(None),
         fleet_cancel: Arc::new(AtomicBool::new(false)),
     });
     jobs::report_recovered(&daemon, &recovered);
     jobs::resume_download_if_any(&daemon);
-    let poller = ddi_client.map(|c| {
+    if let Some(c) = ddi_client {
         tracing::info!(controller = c.controller_url(), "DDI client started");
-        fleet::start_poller(&daemon, c)
-    });
+        *daemon.ddi_poller.lock().unwrap_or_else(|p| p.into_inner()) = Some(fleet::start_poller(&daemon, c));
+    }
 
     // One core stays with the HTTP thread, so GET /progress answers within a millisecond
     // while an install hashes and writes (SPEC §7).
@@ -207,11 +219,14 @@ pub fn serve(cfg: Config) -> Result<()> {
     // The server stopped (SIGTERM): let the job finish its current step, then leave.
     daemon.cancel.store(true, Ordering::SeqCst);
     daemon.fleet_cancel.store(true, Ordering::SeqCst);
+    // The poller holds the daemon: taken out and stopped here, not left to a drop.
+    let poller = daemon.ddi_poller.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(p) = poller {
         p.stop();
     }
     daemon.join_job();
-    if let Some(s) = daemon.ddi_feedback.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    let sender = daemon.ddi_feedback.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(s) = sender {
         s.stop();
     }
     let _ = std::fs::remove_file(addr_file(&daemon.cfg.state_dir));

@@ -154,7 +154,7 @@ fn device(url: &str, top: &str) -> Env {
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     let mut cfg = std::fs::read_to_string(&env.config).unwrap();
     cfg.push_str(&format!(
-        "\n[download]\nallow_http = true\n\n[ddi]\nserver_url = {url:?}\ncontroller_id = {DEV:?}\ntoken_file = {:?}\nallow_http = true\n",
+        "\n[api]\nlisten = \"127.0.0.1:0\"\n\n[download]\nallow_http = true\n\n[ddi]\nserver_url = {url:?}\ncontroller_id = {DEV:?}\ntoken_file = {:?}\nallow_http = true\n",
         token.to_str().unwrap()
     ));
     std::fs::write(&env.config, cfg).unwrap();
@@ -162,8 +162,8 @@ fn device(url: &str, top: &str) -> Env {
 }
 
 /// A package from `pack` (hashes pinned, signed as the device's config wants: unsigned here)
-/// with one file module `app/bin` holding `content`.
-fn package(env: &Env, version: &str, content: &[u8], extra_manifest: Value) -> PathBuf {
+/// with one file module `app/bin` holding `content` (`module_extra`: more keys of the module).
+fn package(env: &Env, version: &str, content: &[u8], module_extra: Value) -> PathBuf {
     let src = env.tmp.path().join(format!("src-{version}"));
     std::fs::create_dir_all(src.join("files")).unwrap();
     std::fs::write(src.join("files/bin"), content).unwrap();
@@ -171,8 +171,8 @@ fn package(env: &Env, version: &str, content: &[u8], extra_manifest: Value) -> P
         "version": version,
         "modules": [{"name": "app", "src": "files/bin", "dst": env.dst("app/bin")}],
     });
-    for (k, v) in extra_manifest.as_object().unwrap() {
-        man[k] = v.clone();
+    for (k, v) in module_extra.as_object().unwrap() {
+        man["modules"][0][k] = v.clone();
     }
     std::fs::write(src.join("manifest.json"), man.to_string()).unwrap();
     let out = env.pkg_path(&format!("app-{version}.zip"));
@@ -202,7 +202,12 @@ fn details(action: &Value) -> Vec<String> {
 
 /// The configData bodies the device PUT, in order.
 fn config_puts(server: &SpecServer) -> Vec<Value> {
-    server.log().into_iter().filter(|r| r["method"] == "PUT" && r["path"].as_str().unwrap().ends_with("/configData")).map(|r| r["body"].clone()).collect()
+    server
+        .log()
+        .into_iter()
+        .filter(|r| r["method"] == "PUT" && r["path"].as_str().unwrap().ends_with("/configData"))
+        .map(|r| r["body"].clone())
+        .collect()
 }
 
 #[test]
@@ -247,4 +252,198 @@ fn a_deployment_is_downloaded_installed_and_reported_closed_success_with_every_r
     assert!(log.iter().all(|r| r["auth"] == token.as_str()), "a request without the token: {log:#?}");
     let downloads = log.iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).count();
     assert_eq!(downloads, 1, "{log:#?}");
+}
+
+fn file_entry(content: &[u8]) -> String {
+    format!("file 644 {}", blake3::hash(content).to_hex())
+}
+
+/// A device at v1 (`app/bin` = "v1"), its daemon, and the tree it starts with.
+fn v1_device(server: &SpecServer, top: &str) -> (Env, std::collections::BTreeMap<String, String>) {
+    let env = device(&server.url, top);
+    env.put("app/bin", b"v1", 0o644);
+    let before = tree(&env.root);
+    (env, before)
+}
+
+#[test]
+fn a_trial_install_is_not_reported_success_until_confirmed_and_then_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, _) = v1_device(&server, "confirm_required = true");
+    let pkg = package(&env, "1.2.0", b"trial build", json!({}));
+    let d = Daemon::start(&env, None);
+    server.deploy(8, &[&pkg], "1.2.0", json!({}));
+    let awaiting = wait_for("the awaiting-confirmation feedback", || {
+        let a = server.action(8);
+        details(&a).iter().any(|d| d.starts_with("installed; the result is final once")).then_some(a)
+    });
+    assert_eq!(awaiting["active"], true, "not closed before confirm (rauc-hawkbit-updater #161): {awaiting:#}");
+    assert_eq!(env.read("app/bin").unwrap(), b"trial build");
+    // No final feedback however long the trial runs: two more polls at least.
+    std::thread::sleep(Duration::from_secs(12));
+    let still = server.action(8);
+    assert!(!course(&still).iter().any(|c| c.starts_with("closed")), "{:?}", course(&still));
+
+    let r = d.post("/api/v1.0/confirm", "{}");
+    assert_eq!(r["code"], 200, "{r}");
+    let done = wait_for("action 8 closed after confirm", || Some(server.action(8)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "FINISHED");
+    let c = course(&done);
+    assert_eq!(c.iter().filter(|c| c.starts_with("closed")).count(), 1, "{c:?}");
+    assert_eq!(c.last().map(String::as_str), Some("closed/success"));
+    // Later polls add nothing.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(course(&server.action(8)), c);
+    assert_eq!(server.violations(), json!([]));
+}
+
+#[test]
+fn a_trial_rolled_back_before_confirmation_is_reported_closed_failure_and_configdata_names_the_old_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, before) = v1_device(&server, "confirm_required = true");
+    let pkg = package(&env, "1.3.0", b"bad trial", json!({}));
+    let d = Daemon::start(&env, None);
+    server.deploy(9, &[&pkg], "1.3.0", json!({}));
+    wait_for("the awaiting-confirmation feedback", || {
+        details(&server.action(9)).iter().any(|d| d.starts_with("installed; the result is final once")).then_some(())
+    });
+    let r = d.post("/api/v1.0/rollback", "{}");
+    assert_eq!(r["code"], 200, "{r}");
+    let done = wait_for("action 9 closed after the rollback", || Some(server.action(9)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "ERROR", "{done:#}");
+    let c = course(&done);
+    assert_eq!(c.last().map(String::as_str), Some("closed/failure"), "{c:?}");
+    assert_eq!(c.iter().filter(|c| c.starts_with("closed")).count(), 1, "{c:?}");
+    assert_eq!(tree(&env.root), before, "the rollback restored v1");
+    wait_for("configData naming the factory state again after 1.3.0", || {
+        let puts = config_puts(&server);
+        let i = puts.iter().position(|b| b["data"]["sw_version"] == "1.3.0")?;
+        puts[i + 1..].iter().any(|b| b["data"]["sw_version"] == "factory").then_some(())
+    });
+    assert_eq!(server.violations(), json!([]));
+}
+
+#[test]
+fn a_failed_install_is_reported_once_with_its_error_code_and_never_retried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, before) = v1_device(&server, "");
+    let pkg = package(&env, "1.4.0", b"fails after the swap", json!({"post_cmds": ["exit 3"]}));
+    let _d = Daemon::start(&env, None);
+    server.deploy(10, &[&pkg], "1.4.0", json!({}));
+    let done = wait_for("action 10 closed", || Some(server.action(10)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "ERROR", "{done:#}");
+    let c = course(&done);
+    assert_eq!(c.last().map(String::as_str), Some("closed/failure"), "{c:?}");
+    let last = details(&done).last().cloned().unwrap();
+    assert!(last.starts_with("POST_CMD_FAILED: "), "the stable error code leads the detail: {last}");
+    assert_eq!(tree(&env.root), before, "rolled back to v1");
+    // The server stops offering it; the device neither downloads nor reports it again.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(course(&server.action(10)), c);
+    let downloads = server.log().iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).count();
+    assert_eq!(downloads, 1);
+}
+
+#[test]
+fn an_artifact_whose_bytes_do_not_match_the_deployment_hash_fails_the_action_and_touches_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, before) = v1_device(&server, "");
+    let pkg = package(&env, "1.5.0", b"the real package", json!({}));
+    server.deploy(11, &[&pkg], "1.5.0", json!({}));
+    // The server's hashes are of the original; the bytes it serves now differ (same size).
+    let mut bytes = std::fs::read(&pkg).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&pkg, &bytes).unwrap();
+    let _d = Daemon::start(&env, None);
+    let done = wait_for("action 11 closed", || Some(server.action(11)).filter(|a| a["active"] == false));
+    assert_eq!(course(&done).last().map(String::as_str), Some("closed/failure"));
+    let last = details(&done).last().cloned().unwrap();
+    assert!(last.starts_with("HASH_MISMATCH: sha256 mismatch"), "sha256 is the strongest hash given: {last}");
+    assert_eq!(tree(&env.root), before);
+    let left: Vec<_> =
+        std::fs::read_dir(env.state.join("downloads")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "the mismatching download is deleted: {left:?}");
+}
+
+#[test]
+fn a_deployment_of_two_artifacts_is_rejected_whole_before_any_download() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, before) = v1_device(&server, "");
+    let a = package(&env, "1.6.0", b"a", json!({}));
+    let b = package(&env, "1.6.1", b"b", json!({}));
+    let _d = Daemon::start(&env, None);
+    server.deploy(12, &[&a, &b], "1.6.0", json!({}));
+    let rejected = wait_for("the rejected feedback", || {
+        let act = server.action(12);
+        course(&act).iter().any(|c| c == "rejected/failure").then_some(act)
+    });
+    let why = details(&rejected).join("|");
+    assert!(why.contains("2 artifacts") && why.contains("all or nothing"), "{why}");
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(course(&server.action(12)), vec!["rejected/failure".to_string()], "rejected once, not in a loop");
+    assert!(!server.log().iter().any(|r| r["path"].as_str().unwrap().contains("/artifacts/")), "nothing downloaded");
+    assert_eq!(tree(&env.root), before);
+    assert_eq!(server.violations(), json!([]));
+}
+
+#[test]
+fn outside_the_maintenance_window_it_downloads_only_then_installs_when_the_window_opens_without_downloading_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, before) = v1_device(&server, "");
+    let pkg = package(&env, "1.7.0", b"installed in the window", json!({}));
+    let _d = Daemon::start(&env, None);
+    server.deploy(13, &[&pkg], "1.7.0", json!({"maintenanceWindow": "unavailable"}));
+    wait_for("the downloaded feedback", || course(&server.action(13)).iter().any(|c| c == "downloaded/none").then_some(()));
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(tree(&env.root), before, "nothing installed outside the window");
+    server.ctl("POST", "maintenance", Some(json!({"actionId": 13, "window": "available"})));
+    let done = wait_for("action 13 closed", || Some(server.action(13)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "FINISHED", "{:?}", course(&done));
+    assert_eq!(tree(&env.root).get("app/bin"), Some(&file_entry(b"installed in the window")));
+    let downloads: Vec<_> = server.log().into_iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).collect();
+    assert_eq!(downloads.len(), 1, "the verified download is reused: {downloads:#?}");
+    assert_eq!(server.violations(), json!([]));
+}
+
+#[test]
+fn a_cancel_before_the_install_is_confirmed_and_after_the_install_is_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, before) = v1_device(&server, "confirm_required = true");
+    let pkg = package(&env, "1.8.0", b"never installed", json!({}));
+    let _d = Daemon::start(&env, None);
+    // Downloaded, waiting for the window: canceled.
+    server.deploy(14, &[&pkg], "1.8.0", json!({"maintenanceWindow": "unavailable"}));
+    wait_for("the downloaded feedback", || course(&server.action(14)).iter().any(|c| c == "downloaded/none").then_some(()));
+    server.ctl("POST", "cancel", Some(json!({"actionId": 14})));
+    let canceled = wait_for("action 14 canceled", || Some(server.action(14)).filter(|a| a["status"] == "CANCELED"));
+    let fb = canceled["cancelFeedback"].as_array().unwrap();
+    assert_eq!(fb.len(), 1, "{canceled:#}");
+    assert_eq!((&fb[0]["status"]["execution"], &fb[0]["status"]["result"]["finished"]), (&json!("closed"), &json!("success")));
+    assert_eq!(tree(&env.root), before);
+
+    // Installed (a trial awaiting confirmation): the cancel is refused, the action goes on.
+    let pkg2 = package(&env, "1.9.0", b"installed, then a cancel", json!({}));
+    server.deploy(15, &[&pkg2], "1.9.0", json!({}));
+    wait_for("the awaiting-confirmation feedback", || {
+        details(&server.action(15)).iter().any(|d| d.starts_with("installed; the result is final once")).then_some(())
+    });
+    server.ctl("POST", "cancel", Some(json!({"actionId": 15})));
+    let refused = wait_for("the cancel refused", || {
+        let a = server.action(15);
+        (!a["cancelFeedback"].as_array().unwrap().is_empty()).then_some(a)
+    });
+    let fb = &refused["cancelFeedback"][0]["status"];
+    assert_eq!(fb["execution"], "rejected", "{refused:#}");
+    assert!(fb["details"][0].as_str().unwrap().contains("has begun"), "{fb}");
+    assert_eq!(refused["status"], "RUNNING", "the cancel is withdrawn; the action goes on");
+    assert_eq!(env.read("app/bin").unwrap(), b"installed, then a cancel");
+    assert_eq!(server.violations(), json!([]));
 }
