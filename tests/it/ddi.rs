@@ -447,3 +447,147 @@ fn a_cancel_before_the_install_is_confirmed_and_after_the_install_is_refused_wit
     assert_eq!(env.read("app/bin").unwrap(), b"installed, then a cancel");
     assert_eq!(server.violations(), json!([]));
 }
+
+/// gooseBit 0.2.12 (`tests/ddi/goosebit.sh`) with its state in `dir`, stopped on drop.
+struct GooseBit {
+    dir: PathBuf,
+    url: String,
+}
+
+impl GooseBit {
+    fn script(&self, args: &[&str]) -> String {
+        goosebit_sh(&self.dir, args)
+    }
+
+    fn start(dir: &Path) -> GooseBit {
+        python();
+        std::fs::create_dir_all(dir).unwrap();
+        let out = goosebit_sh(dir, &["start", dir.to_str().unwrap()]);
+        let url =
+            out.split_whitespace().find_map(|w| w.strip_prefix("url=")).unwrap_or_else(|| panic!("goosebit.sh start: {out}")).to_string();
+        GooseBit { dir: dir.to_path_buf(), url }
+    }
+
+    fn assign(&self, pkg: &Path, version: &str) {
+        self.script(&[
+            "seed",
+            self.dir.to_str().unwrap(),
+            "assign",
+            "--device",
+            DEV,
+            "--file",
+            pkg.to_str().unwrap(),
+            "--version",
+            version,
+        ]);
+    }
+
+    fn device(&self) -> Value {
+        serde_json::from_str(&self.script(&["show", self.dir.to_str().unwrap(), "device", "--device", DEV])).unwrap()
+    }
+
+    /// Requests to the artifact download resource in gooseBit's access log.
+    fn downloads(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("server.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&format!("/{DEV}/download")))
+            .count()
+    }
+}
+
+impl Drop for GooseBit {
+    fn drop(&mut self) {
+        let _ = Command::new(Path::new(REPO).join("tests/ddi/goosebit.sh")).arg("stop").arg(&self.dir).env("DDI_VENV", venv_dir()).output();
+    }
+}
+
+fn venv_dir() -> PathBuf {
+    python().parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn goosebit_sh(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(Path::new(REPO).join("tests/ddi/goosebit.sh"))
+        .args(args)
+        .env("DDI_VENV", venv_dir())
+        // Registered devices poll at the client's floor, not gooseBit's default minute.
+        .env("GOOSEBIT_POLL_TIME", "00:00:01")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "goosebit.sh {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn against_goosebit_an_assignment_is_installed_and_the_server_records_finished_then_a_failure_is_recorded_and_not_retried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gb = GooseBit::start(&tmp.path().join("gb"));
+    let env = device(&gb.url, "");
+    env.put("app/bin", b"v1", 0o644);
+    let before = tree(&env.root);
+    let pkg = package(&env, "1.1.0", b"from goosebit", json!({}));
+    gb.assign(&pkg, "1.1.0");
+    let d = Daemon::start(&env, None);
+    let dev = wait_for("gooseBit to record the device finished on 1.1.0", || {
+        let dev = gb.device();
+        (dev["last_state_name"] == "finished" && dev["sw_version"] == "1.1.0").then_some(dev)
+    });
+    assert_eq!(dev["progress"], 100, "{dev:#}");
+    let log: Vec<&str> = dev["last_log_lines"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    assert!(log.contains(&"Downloaded 100%") && log.contains(&"installed 1.1.0"), "{log:?}");
+    let mut expected = before.clone();
+    expected.insert("app/bin".into(), file_entry(b"from goosebit"));
+    assert_eq!(tree(&env.root), expected);
+    assert_eq!(gb.downloads(), 1);
+
+    // A failing update: recorded as an error with the code, and not offered or fetched again.
+    let bad = package(&env, "1.2.0", b"fails", json!({"post_cmds": ["exit 3"]}));
+    gb.assign(&bad, "1.2.0");
+    let dev = wait_for("gooseBit to record the error", || Some(gb.device()).filter(|d| d["last_state_name"] == "error"));
+    assert!(dev["last_log"].as_str().unwrap().contains("POST_CMD_FAILED"), "{dev:#}");
+    assert_eq!(dev["sw_version"], "1.1.0", "gooseBit keeps the version the device still runs");
+    assert_eq!(tree(&env.root), expected, "rolled back to 1.1.0");
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(gb.downloads(), 2, "the failed assignment was fetched once");
+    assert_eq!(gb.device()["last_state_name"], "error");
+    drop(d);
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_daemon_killed_mid_swap_finishes_the_install_at_its_next_start_and_reports_closed_success_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, _) = v1_device(&server, "");
+    let pkg = package(&env, "2.0.0", b"survives a kill", json!({}));
+    server.deploy(21, &[&pkg], "2.0.0", json!({}));
+    let first = Daemon::start(&env, Some(&kill_at("swap.file", 1)));
+    let status = first.wait_exit();
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "killed at swap.file: {status:?}\n{}", first.log_text());
+    }
+    let mid = server.action(21);
+    assert_eq!(mid["active"], true, "{mid:#}");
+    assert!(!course(&mid).iter().any(|c| c.starts_with("closed")), "no final feedback before the end: {:?}", course(&mid));
+    let st = env.run(&["status", "--json"]).json();
+    assert_eq!(st["in_flight"]["phase"], "Swapped", "the kill landed inside the transaction, in its swap: {st:#}");
+
+    let _second = Daemon::start(&env, None);
+    let done = wait_for("action 21 closed after the restart", || Some(server.action(21)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "FINISHED", "{done:#}");
+    let c = course(&done);
+    assert_eq!(c.iter().filter(|c| c.starts_with("closed")).count(), 1, "{c:?}");
+    assert_eq!(tree(&env.root).get("app/bin"), Some(&file_entry(b"survives a kill")));
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(course(&server.action(21)), c, "nothing more after the end");
+    let downloads = server.log().iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).count();
+    assert_eq!(downloads, 1, "the install resumed from the journal, not from a new download");
+    assert_eq!(server.violations(), json!([]));
+}
