@@ -12,8 +12,8 @@
 use crate::config::Config;
 use crate::journal::Journal;
 use crate::limits::REPORT_RESPONSE_BYTES_MAX;
-use serde::{Deserialize, Serialize};
 use crate::wakeup::{Wakeup, Worker};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -324,8 +324,8 @@ pub(crate) mod tests {
     use std::collections::HashMap;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::thread::JoinHandle;
     use std::time::Instant;
 

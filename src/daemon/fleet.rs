@@ -211,7 +211,7 @@ fn on_deployment(d: &Arc<Daemon>, client: &Arc<Client>, action: &str) -> crate::
                     return Ok(());
                 }
             };
-            if let Err(e) = crate::download::validate_spec(&spec, &d.cfg) {
+            if let Err(e) = crate::download::validate_spec(&spec, &download_config(d)) {
                 let reason = format!("action {action}: {e}");
                 record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason }, FeedbackTarget::Deployment);
                 return Ok(());
@@ -225,6 +225,14 @@ fn on_deployment(d: &Arc<Daemon>, client: &Arc<Client>, action: &str) -> crate::
         }
     }
     Ok(())
+}
+
+/// The download rules for the server's artifacts: `[download]`'s, except that `[ddi]
+/// allow_http` decides whether an artifact link may be plain http (the server chose it).
+fn download_config(d: &Daemon) -> crate::config::Config {
+    let mut cfg = d.cfg.clone();
+    cfg.download.allow_http = d.cfg.ddi.as_ref().is_some_and(|x| x.allow_http);
+    cfg
 }
 
 /// The download of the deployment's one artifact, checked with the strongest hash it gives.
@@ -263,7 +271,14 @@ fn deployment_job(d: &Arc<Daemon>, client: &Client, action: DdiAction, spec: Dow
             record(d, &action, DdiActionState::Downloading, &Course::Downloading { done, total }, FeedbackTarget::Deployment);
         }
     };
-    let fetched = crate::download::fetch_authorized(&d.held.journal, &d.cfg, &spec, client.auth_for(&spec.package_url), &progress, &d.fleet_cancel);
+    let fetched = crate::download::fetch_authorized(
+        &d.held.journal,
+        &download_config(d),
+        &spec,
+        client.auth_for(&spec.package_url),
+        &progress,
+        &d.fleet_cancel,
+    );
     let rec = match fetched {
         Ok(rec) => rec,
         Err(_) if d.cancel.load(Ordering::SeqCst) => {
@@ -311,11 +326,19 @@ fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, 
     };
     let mut action = action;
     action.tx = Some(tx);
-    record(d, &action, DdiActionState::Installing, &Course::Phase { index: 0, count: PHASES, what: "starting".into() }, FeedbackTarget::Deployment);
-    let observer = Arc::new(FleetObserver { inner: jobs::InstallObserver { daemon: d.clone() }, daemon: d.clone(), action: action.clone() });
-    let result = d.updater().map(|up| up.with_observer(observer)).and_then(|mut up| {
-        up.install(&package, &InstallOptions { version: Some(version.clone()), ..Default::default() })
-    });
+    record(
+        d,
+        &action,
+        DdiActionState::Installing,
+        &Course::Phase { index: 0, count: PHASES, what: "starting".into() },
+        FeedbackTarget::Deployment,
+    );
+    let observer =
+        Arc::new(FleetObserver { inner: jobs::InstallObserver { daemon: d.clone() }, daemon: d.clone(), action: action.clone() });
+    let result = d
+        .updater()
+        .map(|up| up.with_observer(observer))
+        .and_then(|mut up| up.install(&package, &InstallOptions { version: Some(version.clone()), ..Default::default() }));
     match result {
         Ok(r) => {
             match &r.outcome {

@@ -146,7 +146,8 @@ impl Drop for SpecServer {
     }
 }
 
-/// A device configured for the DDI server at `url` (plain http on loopback allowed), with
+/// A device configured for the DDI server at `url` (plain http on loopback allowed by
+/// `[ddi] allow_http` alone, for the server and its artifact links), with
 /// its target token in a file. `top` goes to the config's top level.
 fn device(url: &str, top: &str) -> Env {
     let env = Env::with_config(top);
@@ -154,7 +155,7 @@ fn device(url: &str, top: &str) -> Env {
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     let mut cfg = std::fs::read_to_string(&env.config).unwrap();
     cfg.push_str(&format!(
-        "\n[api]\nlisten = \"127.0.0.1:0\"\n\n[download]\nallow_http = true\n\n[ddi]\nserver_url = {url:?}\ncontroller_id = {DEV:?}\ntoken_file = {:?}\nallow_http = true\n",
+        "\n[api]\nlisten = \"127.0.0.1:0\"\n\n[ddi]\nserver_url = {url:?}\ncontroller_id = {DEV:?}\ntoken_file = {:?}\nallow_http = true\n",
         token.to_str().unwrap()
     ));
     std::fs::write(&env.config, cfg).unwrap();
