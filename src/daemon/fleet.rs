@@ -204,21 +204,21 @@ fn on_deployment(d: &Arc<Daemon>, client: &Arc<Client>, action: &str) -> crate::
         }
         allowed => {
             let install = allowed == Allowed::Install;
-            let spec = match spec_of(&deployment) {
+            let specs = match specs_of(&deployment) {
                 Ok(s) => s,
                 Err(reason) => {
                     record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason }, FeedbackTarget::Deployment);
                     return Ok(());
                 }
             };
-            if let Err(e) = crate::download::validate_spec(&spec, &download_config(d)) {
+            if let Some(e) = specs.iter().find_map(|spec| crate::download::validate_spec(spec, &download_config(d)).err()) {
                 let reason = format!("action {action}: {e}");
                 record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason }, FeedbackTarget::Deployment);
                 return Ok(());
             }
             d.fleet_cancel.store(false, Ordering::SeqCst);
             let client = client.clone();
-            let started = d.start_job("ddi", jobs::download_started(), move |d| deployment_job(&d, &client, a, spec, install));
+            let started = d.start_job("ddi", jobs::download_started(), move |d| deployment_job(&d, &client, a, specs, install));
             if let Err(e) = started {
                 tracing::debug!(action, error = %e, "DDI: the job slot was taken meanwhile; next poll");
             }
@@ -235,26 +235,76 @@ fn download_config(d: &Daemon) -> crate::config::Config {
     cfg
 }
 
-/// The download of the deployment's one artifact, checked with the strongest hash it gives.
-fn spec_of(d: &DeploymentBase) -> Result<DownloadSpec, String> {
-    let (chunk, a) = d.artifacts().next().ok_or_else(|| format!("action {}: no artifact", d.id))?;
-    let url = a.download_url().ok_or_else(|| format!("action {}: artifact {:?} has no download link", d.id, a.filename))?;
-    let size = a.size.filter(|s| *s > 0).ok_or_else(|| format!("action {}: artifact {:?} has no size", d.id, a.filename))?;
-    let expected = match a.hashes.strongest() {
-        Some(crate::ddi::protocol::ArtifactHash::Sha256(h)) => ExpectedHash::sha256(&h),
-        Some(crate::ddi::protocol::ArtifactHash::Sha1(h)) => ExpectedHash::sha1(&h),
-        Some(crate::ddi::protocol::ArtifactHash::Md5(h)) => ExpectedHash::md5(&h),
-        None => return Err(format!("action {}: artifact {:?} has no usable hash", d.id, a.filename)),
+/// The downloads of the deployment's artifacts, each checked with the strongest hash it
+/// gives, in the order they are tried: the smaller first (of two, the delta package).
+fn specs_of(d: &DeploymentBase) -> Result<Vec<DownloadSpec>, String> {
+    let mut specs = Vec::new();
+    for (chunk, a) in d.artifacts() {
+        let url = a.download_url().ok_or_else(|| format!("action {}: artifact {:?} has no download link", d.id, a.filename))?;
+        let size = a.size.filter(|s| *s > 0).ok_or_else(|| format!("action {}: artifact {:?} has no size", d.id, a.filename))?;
+        let expected = match a.hashes.strongest() {
+            Some(crate::ddi::protocol::ArtifactHash::Sha256(h)) => ExpectedHash::sha256(&h),
+            Some(crate::ddi::protocol::ArtifactHash::Sha1(h)) => ExpectedHash::sha1(&h),
+            Some(crate::ddi::protocol::ArtifactHash::Md5(h)) => ExpectedHash::md5(&h),
+            None => return Err(format!("action {}: artifact {:?} has no usable hash", d.id, a.filename)),
+        }
+        .map_err(|e| format!("action {}: {e}", d.id))?;
+        specs.push(DownloadSpec::new(chunk.version.clone(), url, a.filename.clone(), size, expected));
     }
-    .map_err(|e| format!("action {}: {e}", d.id))?;
-    Ok(DownloadSpec::new(chunk.version.clone(), url, a.filename.clone(), size, expected))
+    if specs.windows(2).any(|w| w[0].version != w[1].version) {
+        return Err(format!("action {}: its artifacts name different versions", d.id));
+    }
+    specs.sort_by_key(|s| s.package_size);
+    Ok(specs)
 }
 
-/// Downloads (or resumes) the artifact, then installs it as one transaction when allowed.
-fn deployment_job(d: &Arc<Daemon>, client: &Client, action: DdiAction, spec: DownloadSpec, install: bool) {
-    d.set_job_version(Some(spec.version.clone()));
+/// Whether a downloaded package is a delta package, and its version: its manifest only, as
+/// a routing hint (the install validates the whole package, signature included).
+fn package_kind(path: &std::path::Path) -> Result<decide::PackageKind, String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut zip = zip::ZipArchive::new(f).map_err(|e| format!("{}: not a ZIP package: {e}", path.display()))?;
+    let entry = zip.by_name("manifest.json").map_err(|e| format!("{}: manifest.json: {e}", path.display()))?;
+    let mut text = Vec::new();
+    entry.take(crate::limits::MANIFEST_BYTES_MAX).read_to_end(&mut text).map_err(|e| format!("{}: manifest.json: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| format!("{}: manifest.json: {e}", path.display()))?;
+    Ok(decide::PackageKind { delta: v.get("delta").is_some(), version: v["version"].as_str().unwrap_or_default().to_string() })
+}
+
+/// Downloads (or resumes) the artifact, then installs it as one transaction when allowed. Of
+/// a delta package and its full twin, the delta is fetched and installed first; the full one
+/// only when the device lacks the delta's base (`DELTA_BASE_MISSING`, refused before anything
+/// was touched), and that is not reported as a failure.
+fn deployment_job(d: &Arc<Daemon>, client: &Client, action: DdiAction, specs: Vec<DownloadSpec>, install: bool) {
+    let pair = specs.len() == 2;
+    for (i, spec) in specs.iter().enumerate() {
+        d.set_job_version(Some(spec.version.clone()));
+        let Some(path) = download_for(d, client, &action, spec) else { return };
+        if pair && let Err(why) = package_kind(&path).and_then(|k| decide::pair_check(i, &k, &spec.version)) {
+            let reason = format!("action {}: {why}", action.id);
+            record(d, &action, DdiActionState::Rejected, &Course::Rejected { reason: reason.clone() }, FeedbackTarget::Deployment);
+            jobs::publish_end(d, jobs::failed(&crate::error::Error::new(crate::error::ErrorCode::ValidationError, reason), 0));
+            return;
+        }
+        if !install {
+            record(d, &action, DdiActionState::Downloaded, &Course::Downloaded, FeedbackTarget::Deployment);
+            let message = format!("Fleet action {}: downloaded; installing when the server allows", action.id);
+            jobs::publish_end(d, Snapshot { stage: Stage::Idle, progress: 100, message, error: None });
+            return;
+        }
+        let fallback = pair && i == 0;
+        if install_for(d, action.clone(), path, spec.version.clone(), fallback) {
+            return;
+        }
+        tracing::info!(action = action.id, "DDI: the device lacks the delta's base; fetching the full package");
+    }
+}
+
+/// Downloads `spec` with progress feedback; the file's path, or `None` when the job ended
+/// (failed, canceled, or paused for shutdown; already recorded and shown).
+fn download_for(d: &Arc<Daemon>, client: &Client, action: &DdiAction, spec: &DownloadSpec) -> Option<std::path::PathBuf> {
     let id = action.id.clone();
-    record(d, &action, DdiActionState::Downloading, &Course::Downloading { done: 0, total: spec.package_size }, FeedbackTarget::Deployment);
+    record(d, action, DdiActionState::Downloading, &Course::Downloading { done: 0, total: spec.package_size }, FeedbackTarget::Deployment);
     let reported = AtomicU32::new(0);
     let progress = |done: u64, total: u64| {
         let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u32;
@@ -268,52 +318,41 @@ fn deployment_job(d: &Arc<Daemon>, client: &Client, action: DdiAction, spec: Dow
         let step = pct / 10 * 10;
         if step > reported.load(Ordering::Relaxed) {
             reported.store(step, Ordering::Relaxed);
-            record(d, &action, DdiActionState::Downloading, &Course::Downloading { done, total }, FeedbackTarget::Deployment);
+            record(d, action, DdiActionState::Downloading, &Course::Downloading { done, total }, FeedbackTarget::Deployment);
         }
     };
     let fetched = crate::download::fetch_authorized(
         &d.held.journal,
         &download_config(d),
-        &spec,
+        spec,
         client.auth_for(&spec.package_url),
         &progress,
         &d.fleet_cancel,
     );
-    let rec = match fetched {
-        Ok(rec) => rec,
+    match fetched {
+        Ok(rec) => Some(std::path::PathBuf::from(rec.path)),
         Err(_) if d.cancel.load(Ordering::SeqCst) => {
             tracing::info!(action = id, "DDI: download paused for shutdown; the server's next offer resumes it");
-            return;
+            None
         }
         Err(_) if d.fleet_cancel.load(Ordering::SeqCst) => {
-            record(d, &action, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
+            record(d, action, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
             jobs::publish_end(d, Snapshot { stage: Stage::Idle, progress: 0, message: format!("Fleet action {id} canceled"), error: None });
-            return;
+            None
         }
         Err(e) => {
             let course = Course::Failed { code: e.code.as_str().into(), message: e.message.clone() };
-            record(d, &action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
+            record(d, action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
             jobs::publish_end(d, jobs::failed_job(&e, 0, super::progress::Job::Download));
-            return;
+            None
         }
-    };
-    if !install {
-        record(d, &action, DdiActionState::Downloaded, &Course::Downloaded, FeedbackTarget::Deployment);
-        jobs::publish_end(
-            d,
-            Snapshot {
-                stage: Stage::Idle,
-                progress: 100,
-                message: format!("Fleet action {id}: downloaded; installing when the server allows"),
-                error: None,
-            },
-        );
-        return;
     }
-    install_for(d, action, std::path::PathBuf::from(rec.path), spec.version);
 }
 
-fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, version: String) {
+/// Installs the package as one transaction and records how it ended. `false` only when
+/// `fallback` is set and the engine refused the package for a missing delta base (nothing
+/// recorded or shown: the caller goes on with the full package).
+fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, version: String, fallback: bool) -> bool {
     // The transaction's id, known before it begins (only this job slot starts transactions):
     // a power cut from here on leaves an action that `reconcile` can match to its record.
     let tx = match d.held.journal.next_tx_id() {
@@ -321,7 +360,7 @@ fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, 
         Err(e) => {
             tracing::warn!(error = %e, "DDI: cannot read the next transaction id");
             jobs::publish_end(d, jobs::failed(&e, 0));
-            return;
+            return true;
         }
     };
     let mut action = action;
@@ -358,6 +397,11 @@ fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, 
             }
             jobs::ended(d, &r);
         }
+        Err(e) if fallback && e.code == crate::error::ErrorCode::DeltaBaseMissing => {
+            tracing::info!(action = action.id, error = %e, "DDI: delta package refused before anything was touched");
+            let _ = std::fs::remove_file(&package);
+            return false;
+        }
         Err(e) => {
             // Refused before the transaction began: nothing was touched.
             let course = Course::Failed { code: e.code.as_str().into(), message: e.message.clone() };
@@ -365,6 +409,7 @@ fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, 
             jobs::publish_end(d, jobs::failed(&e, 0));
         }
     }
+    true
 }
 
 /// The phases of an install as `proceeding` progress counts them (Planned .. Committed).

@@ -90,15 +90,16 @@ pub enum Allowed {
     Reject(String),
 }
 
-/// The decision for a parsed deployment: the action carries exactly one package (one
-/// transaction installs one package; several artifacts would need one transaction across
-/// packages, which the engine does not do, so such an action is refused whole rather than
-/// installed in parts).
+/// The decision for a parsed deployment. The action carries one package, or two: a delta
+/// package and its full twin (issue 15: the delta is tried first, the full one only when the
+/// device lacks the delta's base). One transaction installs one package, so any other set of
+/// artifacts is refused whole rather than installed in parts; whether the smaller of two is
+/// really a delta for the same version is checked once it is downloaded (`pair_check`).
 pub fn allowed(d: &DeploymentBase) -> Allowed {
     let packages: Vec<&str> = d.artifacts().map(|(_, a)| a.filename.as_str()).collect();
-    if packages.len() != 1 {
+    if packages.is_empty() || packages.len() > 2 {
         return Allowed::Reject(format!(
-            "action {}: {} artifacts ({}); tope-updater installs one package per action, all or nothing",
+            "action {}: {} artifacts ({}); tope-updater installs one package per action (or a delta package and its full twin), all or nothing",
             d.id,
             packages.len(),
             packages.join(", ")
@@ -108,6 +109,27 @@ pub fn allowed(d: &DeploymentBase) -> Allowed {
         (Handling::Skip, _, _) => Allowed::Wait,
         (_, Handling::Skip, _) | (_, _, Some(MaintenanceWindow::Unavailable)) => Allowed::DownloadOnly,
         _ => Allowed::Install,
+    }
+}
+
+/// What a downloaded package of a two-artifact action is, from its manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageKind {
+    pub delta: bool,
+    pub version: String,
+}
+
+/// Checks a package of a two-artifact action, in the order tried (0: the smaller one): the
+/// first must be a delta package and the second a full package, both of the deployment's
+/// version; anything else is not a delta and its twin, and the action is refused.
+pub fn pair_check(index: usize, kind: &PackageKind, version: &str) -> Result<(), String> {
+    if kind.version != version {
+        return Err(format!("a package of version {:?} in a deployment of version {version:?}", kind.version));
+    }
+    match (index, kind.delta) {
+        (0, true) | (1, false) => Ok(()),
+        (0, false) => Err("of two artifacts the smaller is not a delta package: two full packages are not one transaction".into()),
+        _ => Err("of two artifacts both are delta packages: no full package to fall back on".into()),
     }
 }
 
@@ -306,10 +328,21 @@ mod tests {
         assert_eq!(allowed(&deployment("skip", "forced", None, 1)), Allowed::Wait);
         assert_eq!(allowed(&deployment("forced", "skip", None, 1)), Allowed::DownloadOnly);
         assert_eq!(allowed(&deployment("attempt", "forced", Some("unavailable"), 1)), Allowed::DownloadOnly);
-        match allowed(&deployment("forced", "forced", None, 2)) {
-            Allowed::Reject(why) => assert!(why.contains("2 artifacts (p0.zip, p1.zip)"), "{why}"),
-            other => panic!("two packages must be refused whole, got {other:?}"),
+        assert_eq!(allowed(&deployment("forced", "forced", None, 2)), Allowed::Install, "a delta and its full twin");
+        match allowed(&deployment("forced", "forced", None, 3)) {
+            Allowed::Reject(why) => assert!(why.contains("3 artifacts (p0.zip, p1.zip, p2.zip)"), "{why}"),
+            other => panic!("three packages must be refused whole, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn of_two_artifacts_the_first_tried_must_be_a_delta_and_the_second_its_full_twin() {
+        let kind = |delta: bool, v: &str| PackageKind { delta, version: v.into() };
+        assert_eq!(pair_check(0, &kind(true, "2.0.0"), "2.0.0"), Ok(()));
+        assert_eq!(pair_check(1, &kind(false, "2.0.0"), "2.0.0"), Ok(()));
+        assert!(pair_check(0, &kind(false, "2.0.0"), "2.0.0").unwrap_err().contains("not a delta"));
+        assert!(pair_check(1, &kind(true, "2.0.0"), "2.0.0").unwrap_err().contains("both are delta"));
+        assert!(pair_check(1, &kind(false, "1.9.0"), "2.0.0").unwrap_err().contains("version \"1.9.0\""));
     }
 
     #[test]

@@ -372,20 +372,21 @@ fn an_artifact_whose_bytes_do_not_match_the_deployment_hash_fails_the_action_and
 }
 
 #[test]
-fn a_deployment_of_two_artifacts_is_rejected_whole_before_any_download() {
+fn a_deployment_of_three_artifacts_is_rejected_whole_before_any_download() {
     let tmp = tempfile::tempdir().unwrap();
     let server = SpecServer::start(&tmp.path().join("spec"));
     let (env, before) = v1_device(&server, "");
     let a = package(&env, "1.6.0", b"a", json!({}));
     let b = package(&env, "1.6.1", b"b", json!({}));
+    let c = package(&env, "1.6.2", b"c", json!({}));
     let _d = Daemon::start(&env, None);
-    server.deploy(12, &[&a, &b], "1.6.0", json!({}));
+    server.deploy(12, &[&a, &b, &c], "1.6.0", json!({}));
     let rejected = wait_for("the rejected feedback", || {
         let act = server.action(12);
         course(&act).iter().any(|c| c == "rejected/failure").then_some(act)
     });
     let why = details(&rejected).join("|");
-    assert!(why.contains("2 artifacts") && why.contains("all or nothing"), "{why}");
+    assert!(why.contains("3 artifacts") && why.contains("all or nothing"), "{why}");
     std::thread::sleep(Duration::from_secs(7));
     assert_eq!(course(&server.action(12)), vec!["rejected/failure".to_string()], "rejected once, not in a loop");
     assert!(!server.log().iter().any(|r| r["path"].as_str().unwrap().contains("/artifacts/")), "nothing downloaded");
@@ -591,4 +592,107 @@ fn a_daemon_killed_mid_swap_finishes_the_install_at_its_next_start_and_reports_c
     let downloads = server.log().iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).count();
     assert_eq!(downloads, 1, "the install resumed from the journal, not from a new download");
     assert_eq!(server.violations(), json!([]));
+}
+
+/// `pack` of a one-file tree (`app/bin` = `content`) at `version`, against `bases` when given.
+fn pack_app(env: &Env, name: &str, version: &str, content: &[u8], bases: &[&Path]) -> PathBuf {
+    let src = env.tmp.path().join(format!("src-{name}"));
+    std::fs::create_dir_all(src.join("files")).unwrap();
+    std::fs::write(src.join("files/bin"), content).unwrap();
+    let man = json!({"version": version, "modules": [{"name": "app", "src": "files/bin", "dst": env.dst("app/bin")}]});
+    std::fs::write(src.join("manifest.json"), man.to_string()).unwrap();
+    let out = env.pkg_path(&format!("{name}.zip"));
+    let mut args = vec!["pack".to_string(), src.to_str().unwrap().into(), "-o".into(), out.to_str().unwrap().into()];
+    for b in bases {
+        args.extend(["--delta-from".to_string(), b.to_str().unwrap().to_string()]);
+    }
+    env.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    out
+}
+
+/// v1 and v2 of a 256 KiB file that differ in a few bytes, the full packages of both, and a
+/// delta package of v2 against v1.
+fn delta_set(env: &Env) -> (Vec<u8>, PathBuf, Vec<u8>, PathBuf, PathBuf) {
+    let v1 = XorShift::new(0xdd1).bytes(256 * 1024);
+    let mut v2 = v1.clone();
+    for i in (0..v2.len()).step_by(64 * 1024) {
+        v2[i] ^= 0x5a;
+    }
+    let full1 = pack_app(env, "app-1.0.0", "1.0.0", &v1, &[]);
+    let full2 = pack_app(env, "app-2.0.0", "2.0.0", &v2, &[]);
+    let delta2 = pack_app(env, "app-2.0.0-delta", "2.0.0", &v2, &[&full1]);
+    let (d, f) = (std::fs::metadata(&delta2).unwrap().len(), std::fs::metadata(&full2).unwrap().len());
+    assert!(d * 4 < f, "the delta ({d} B) is much smaller than the full package ({f} B)");
+    (v1, full1, v2, full2, delta2)
+}
+
+fn artifact_gets(server: &SpecServer) -> Vec<String> {
+    server
+        .log()
+        .into_iter()
+        .filter(|r| r["method"] == "GET" && r["path"].as_str().unwrap().contains("/artifacts/"))
+        .map(|r| r["path"].as_str().unwrap().rsplit('/').next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_delta_and_its_full_twin_install_from_the_delta_alone_when_the_device_holds_its_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let env = device(&server.url, "");
+    let (_, full1, v2, full2, delta2) = delta_set(&env);
+    env.ok(&["install", full1.to_str().unwrap()]);
+    let _d = Daemon::start(&env, None);
+    server.deploy(31, &[&full2, &delta2], "2.0.0", json!({}));
+    let done = wait_for("action 31 closed", || Some(server.action(31)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "FINISHED", "{:?}", course(&done));
+    assert_eq!(env.read("app/bin").unwrap(), v2);
+    assert_eq!(artifact_gets(&server), vec!["app-2.0.0-delta.zip".to_string()], "only the delta was downloaded");
+    assert_eq!(server.violations(), json!([]));
+}
+
+#[test]
+fn without_the_base_the_delta_is_refused_untouched_and_the_full_twin_is_installed_without_a_failure_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let env = device(&server.url, "");
+    env.put("app/bin", b"a drifted device's own file", 0o644);
+    let (_, _, v2, full2, delta2) = delta_set(&env);
+    let _d = Daemon::start(&env, None);
+    server.deploy(32, &[&full2, &delta2], "2.0.0", json!({}));
+    let done = wait_for("action 32 closed", || Some(server.action(32)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "FINISHED", "{:?} {:?}", course(&done), details(&done));
+    let c = course(&done);
+    assert!(!c.iter().any(|c| c.ends_with("/failure")), "the fallback is not a failure: {c:?}");
+    assert_eq!(c.iter().filter(|c| c.starts_with("closed")).count(), 1, "{c:?}");
+    assert_eq!(env.read("app/bin").unwrap(), v2);
+    assert_eq!(
+        artifact_gets(&server),
+        vec!["app-2.0.0-delta.zip".to_string(), "app-2.0.0.zip".to_string()],
+        "the delta first, then the full"
+    );
+    // The engine never began a transaction for the delta: one install in the history.
+    let history = env.run(&["history", "--json"]).json();
+    assert_eq!(history.as_array().map(Vec::len), Some(1), "{history:#}");
+}
+
+#[test]
+fn two_full_packages_in_one_deployment_are_rejected_whole_and_nothing_is_installed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let env = device(&server.url, "");
+    env.put("app/bin", b"v1", 0o644);
+    let before = tree(&env.root);
+    let a = pack_app(&env, "app-3.0.0-a", "3.0.0", b"first package", &[]);
+    let b = pack_app(&env, "app-3.0.0-b", "3.0.0", b"second, larger package", &[]);
+    let _d = Daemon::start(&env, None);
+    server.deploy(33, &[&a, &b], "3.0.0", json!({}));
+    let rejected = wait_for("the rejected feedback", || {
+        let act = server.action(33);
+        course(&act).iter().any(|c| c == "rejected/failure").then_some(act)
+    });
+    let why = details(&rejected).join("|");
+    assert!(why.contains("not a delta package"), "{why}");
+    assert_eq!(tree(&env.root), before);
+    assert_eq!(env.run(&["history", "--json"]).json().as_array().map(Vec::len), Some(0));
 }
