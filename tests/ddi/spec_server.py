@@ -22,6 +22,7 @@ Control (JSON over HTTP on the same port, never recorded in the DDI log; see REA
   POST /_ctl/maintenance  {"actionId", "window": "available"|"unavailable"|null}
   POST /_ctl/cancel       {"actionId"}                    server asks the device to cancel that action
   POST /_ctl/down         {"seconds": N} | {"down": true|false}   DDI requests get 503 meanwhile
+  POST /_ctl/throttle     {"bytesPerSecond": N}             artifact bodies sent at about N B/s (0: unthrottled)
   POST /_ctl/controller   {"controllerId", "sleep"?, "requestConfigData"?: true, "targetToken"?}
   POST /_ctl/auth         {"required": bool, "gatewayToken": str|null, "targetTokens": {dev: token}}
   GET  /_ctl/log[?since=SEQ]   recorded requests;  GET /_ctl/violations;  GET /_ctl/state
@@ -190,6 +191,7 @@ class State:
         self.next_module = 1
         self.down_until = 0.0
         self.down_forever = False
+        self.artifact_rate = 0  # bytes per second for artifact bodies; 0 = as fast as possible
         self.violations: list[dict] = []
         self.log_lock = threading.Lock()
 
@@ -638,6 +640,9 @@ class Handler(BaseHTTPRequestHandler):
                 except (BrokenPipeError, ConnectionResetError):
                     break
                 left -= len(chunk)
+                rate = self.state.artifact_rate
+                if rate:
+                    time.sleep(len(chunk) / rate)
         return status
 
     # ---- control --------------------------------------------------------------------------
@@ -684,6 +689,10 @@ class Handler(BaseHTTPRequestHandler):
                     if not st.down_forever:
                         st.down_until = 0
                 self.send_json(200, {"ok": True, "down": st.is_down()})
+                return
+            if path == "/_ctl/throttle" and self.command == "POST":
+                st.artifact_rate = int(req.get("bytesPerSecond", 0))
+                self.send_json(200, {"ok": True, "bytesPerSecond": st.artifact_rate})
                 return
             if path == "/_ctl/controller" and self.command == "POST":
                 c = st.controller(req["controllerId"])

@@ -696,3 +696,106 @@ fn two_full_packages_in_one_deployment_are_rejected_whole_and_nothing_is_install
     assert_eq!(tree(&env.root), before);
     assert_eq!(env.run(&["history", "--json"]).json().as_array().map(Vec::len), Some(0));
 }
+
+/// Needs `failpoints` for the boot-id test seam (`TOPE_BOOT_ID_FILE`): a test cannot reboot.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_trial_rolled_back_at_the_next_boot_is_reported_closed_failure_after_the_fact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, before) = v1_device(&server, "confirm_required = true\nmax_trial_boots = 1");
+    let pkg = package(&env, "4.0.0", b"never confirmed", json!({}));
+    let d = Daemon::start(&env, None);
+    server.deploy(41, &[&pkg], "4.0.0", json!({}));
+    wait_for("the awaiting-confirmation feedback", || {
+        details(&server.action(41)).iter().any(|d| d.starts_with("installed; the result is final once")).then_some(())
+    });
+    // Power down (the daemon stops), then the next boot: its recover unit counts the boot and
+    // rolls the unconfirmed trial back before the daemon starts.
+    let status = d.sigterm();
+    assert!(status.success(), "{status:?}");
+    let boot = env.tmp.path().join("next-boot-id");
+    std::fs::write(&boot, "a-later-boot\n").unwrap();
+    let rec = Run::from(env.command(&["recover", "--at-boot", "--json"]).env("TOPE_BOOT_ID_FILE", &boot).output().unwrap());
+    assert_eq!(rec.code, Some(4), "exit 4: rolled back\n{}", rec.describe());
+    assert_eq!(rec.json()["result"], "trial_expired", "{}", rec.describe());
+    assert_eq!(tree(&env.root), before, "the trial was rolled back at boot");
+    assert_eq!(server.action(41)["active"], true, "the server has not heard yet");
+
+    let _d = Daemon::start(&env, None);
+    let done = wait_for("action 41 closed after the boot", || Some(server.action(41)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "ERROR", "{done:#}");
+    let c = course(&done);
+    assert_eq!(c.last().map(String::as_str), Some("closed/failure"), "{c:?}");
+    assert_eq!(c.iter().filter(|c| c.starts_with("closed")).count(), 1, "{c:?}");
+    let why = details(&done).last().cloned().unwrap();
+    assert!(why.contains("rolled back by transaction 2"), "{why}");
+    assert_eq!(server.violations(), json!([]));
+}
+
+/// A package of `len` incompressible bytes (stored), so that a throttled download takes a while.
+fn big_package(env: &Env, version: &str, len: usize) -> (PathBuf, Vec<u8>) {
+    let content = XorShift::new(0xb16).bytes(len);
+    (package(&env, version, &content, json!({})), content)
+}
+
+#[test]
+fn a_daemon_killed_mid_download_resumes_with_range_and_the_server_sees_exactly_one_final_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, _) = v1_device(&server, "");
+    let (pkg, content) = big_package(&env, "5.0.0", 2 * 1024 * 1024);
+    let total = std::fs::metadata(&pkg).unwrap().len();
+    server.ctl("POST", "throttle", Some(json!({"bytesPerSecond": 400_000})));
+    server.deploy(51, &[&pkg], "5.0.0", json!({}));
+    let d = Daemon::start(&env, None);
+    let part = env.state.join("downloads").join(pkg.file_name().unwrap());
+    // Past the first durable checkpoint (a sixteenth of the package), well before the end.
+    wait_for("a third of the download", || std::fs::metadata(&part).ok().filter(|m| m.len() > total / 3).map(|_| ()));
+    d.sigkill();
+    let got = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    assert!(got < total, "killed mid-download ({got} of {total} bytes)");
+    assert_eq!(server.action(51)["active"], true);
+
+    server.ctl("POST", "throttle", Some(json!({"bytesPerSecond": 0})));
+    let _d = Daemon::start(&env, None);
+    let done = wait_for("action 51 closed after the restart", || Some(server.action(51)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "FINISHED", "{:?}", course(&done));
+    assert_eq!(course(&done).iter().filter(|c| c.starts_with("closed")).count(), 1);
+    assert_eq!(env.read("app/bin").unwrap(), content);
+    let gets: Vec<Value> = server.log().into_iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).collect();
+    assert_eq!(gets.len(), 2, "{gets:#?}");
+    let resumed_at: u64 = gets[1]["range"].as_str().and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()).unwrap_or(0);
+    assert!(resumed_at > 0 && resumed_at < total, "the second GET resumed with Range from the journaled offset: {:?}", gets[1]);
+    assert_eq!(server.violations(), json!([]));
+}
+
+#[test]
+fn with_the_server_down_for_a_while_the_feedback_waits_and_is_delivered_in_order_when_it_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, _) = v1_device(&server, "");
+    let (pkg, content) = big_package(&env, "6.0.0", 1024 * 1024);
+    server.ctl("POST", "throttle", Some(json!({"bytesPerSecond": 500_000})));
+    server.deploy(61, &[&pkg], "6.0.0", json!({}));
+    let _d = Daemon::start(&env, None);
+    wait_for("the first feedback", || (!server.action(61)["feedback"].as_array().unwrap().is_empty()).then_some(()));
+    // Down while the device downloads and installs: its feedback cannot be delivered.
+    server.ctl("POST", "down", Some(json!({"seconds": 8})));
+    wait_for("the install to finish on the device", || (env.read("app/bin").as_deref() == Some(content.as_slice())).then_some(()));
+    let done = wait_for("action 61 closed once the server is back", || Some(server.action(61)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "FINISHED");
+    let c = course(&done);
+    assert_eq!(c.iter().filter(|c| c.starts_with("closed")).count(), 1, "{c:?}");
+    assert_eq!(c.last().map(String::as_str), Some("closed/success"), "{c:?}");
+    // In order: download progress only grows, then the install's phases, then the result.
+    let d = details(&done);
+    let pct: Vec<u32> = d.iter().filter_map(|x| x.strip_prefix("Downloaded ")?.strip_suffix('%')?.parse().ok()).collect();
+    assert!(pct.windows(2).all(|w| w[0] <= w[1]), "{d:?}");
+    let first_install = d.iter().position(|x| x.starts_with("installing")).unwrap();
+    let last_download = d.iter().rposition(|x| x.starts_with("Downloaded")).unwrap();
+    assert!(last_download < first_install, "{d:?}");
+    let refused = server.log().iter().filter(|r| r["status"] == 503).count();
+    assert!(refused > 0, "some requests met the server down");
+    assert_eq!(server.violations(), json!([]));
+}
