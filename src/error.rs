@@ -59,6 +59,9 @@ pub enum ErrorCode {
     /// A delta package builds a file from content this device holds neither live nor in its
     /// backup store (a drifted or foreign device): nothing touched; the full package would do.
     DeltaBaseMissing = 26,
+    /// The fleet server canceled the update before anything was swapped: rolled back (only
+    /// an install the DDI client runs can be canceled; SPEC §6 does not list it yet).
+    Canceled = 27,
 }
 
 impl ErrorCode {
@@ -91,6 +94,7 @@ impl ErrorCode {
             ErrorCode::RequestRefused => "REQUEST_REFUSED",
             ErrorCode::PackageSizeMismatch => "PACKAGE_SIZE_MISMATCH",
             ErrorCode::DeltaBaseMissing => "DELTA_BASE_MISSING",
+            ErrorCode::Canceled => "CANCELED",
         }
     }
 

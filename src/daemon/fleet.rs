@@ -11,7 +11,7 @@
 use super::progress::{Snapshot, Stage};
 use super::{Daemon, jobs};
 use crate::ddi::client::{Client, ClientError};
-use crate::ddi::decide::{self, Allowed, Course, Known, Step};
+use crate::ddi::decide::{self, Allowed, CancelStep, Course, Known, Step};
 use crate::ddi::protocol::{ConfigData, DeploymentBase};
 use crate::download::{DownloadSpec, ExpectedHash};
 use crate::driver::{InstallOptions, Observer, Outcome};
@@ -217,6 +217,7 @@ fn on_deployment(d: &Arc<Daemon>, client: &Arc<Client>, action: &str) -> crate::
                 return Ok(());
             }
             d.fleet_cancel.store(false, Ordering::SeqCst);
+            d.fleet_abort.store(false, Ordering::SeqCst);
             let client = client.clone();
             let started = d.start_job("ddi", jobs::download_started(), move |d| deployment_job(&d, &client, a, specs, install));
             if let Err(e) = started {
@@ -376,7 +377,7 @@ fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, 
         Arc::new(FleetObserver { inner: jobs::InstallObserver { daemon: d.clone() }, daemon: d.clone(), action: action.clone() });
     let result = d
         .updater()
-        .map(|up| up.with_observer(observer))
+        .map(|up| up.with_observer(observer).with_abort(d.fleet_abort.clone()))
         .and_then(|mut up| up.install(&package, &InstallOptions { version: Some(version.clone()), ..Default::default() }));
     match result {
         Ok(r) => {
@@ -388,12 +389,20 @@ fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, 
                     let _ = std::fs::remove_file(&package);
                     conclude_committed(d, &action);
                 }
+                Outcome::RolledBack { error, .. } if error.code == crate::error::ErrorCode::Canceled => {
+                    record(d, &action, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
+                }
                 Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } => {
                     let course = Course::Failed { code: error.code.as_str().into(), message: error.message.clone() };
                     record(d, &action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
                 }
                 // Shutdown mid-transaction: the next start finishes it; `reconcile` reports it.
                 Outcome::Interrupted { .. } => {}
+            }
+            let canceled = matches!(&r.outcome, Outcome::RolledBack { error, .. } if error.code == crate::error::ErrorCode::Canceled);
+            if d.fleet_abort.load(Ordering::SeqCst) && !canceled {
+                // The cancel came when the swap had begun: refused, the update stands as it ended.
+                refuse_cancel(d, &action.id, decide::SWAP_BEGUN);
             }
             jobs::ended(d, &r);
         }
@@ -487,6 +496,9 @@ pub fn reconcile(d: &Daemon) -> crate::error::Result<()> {
                     record(d, &a, DdiActionState::Failed, &Course::Failed { code, message }, FeedbackTarget::Deployment);
                 }
                 Phase::Committed => conclude_committed(d, &a),
+                Phase::RolledBack if rec.error.as_ref().is_some_and(|e| e.code == crate::error::ErrorCode::Canceled) => {
+                    record(d, &a, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
+                }
                 Phase::RolledBack | Phase::RollbackFailed => {
                     let (code, message) = rec
                         .error
@@ -526,32 +538,39 @@ fn on_cancel(d: &Arc<Daemon>, client: &Client, cancel_id: &str) -> crate::error:
     };
     let journal = &d.held.journal;
     let a = journal.ddi_action(&stop_id)?;
-    let state = a.as_ref().map(|a| a.state);
-    match state {
-        Some(s) if s.is_final() => {
-            tracing::debug!(stop_id, "DDI: cancel of a finished action; its final feedback stands");
-        }
-        Some(DdiActionState::Downloading) if d.busy() => {
-            // The running download stops at its next chunk; its job records `canceled`.
-            d.fleet_cancel.store(true, Ordering::SeqCst);
-        }
-        None | Some(DdiActionState::Downloading | DdiActionState::Downloaded) => {
+    match decide::on_cancel(a.as_ref().map(|a| a.state), d.busy(), swap_begun(journal)?) {
+        CancelStep::Nothing => tracing::debug!(stop_id, "DDI: canceled already; its confirmation stands"),
+        CancelStep::CancelNow => {
             let a = a.unwrap_or_else(|| new_action(&stop_id, "", ""));
             record(d, &a, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
         }
-        Some(DdiActionState::Installing | DdiActionState::AwaitingConfirm) | Some(_) => {
-            let reason = "the install transaction has begun: it finishes or rolls back as one transaction";
-            let f = crate::ddi::protocol::Feedback::new(
-                crate::ddi::protocol::Execution::Rejected,
-                crate::ddi::protocol::Finished::Failure,
-                None,
-                vec![reason.to_string()],
-                Some(now_ms()),
-            );
-            let body = serde_json::to_vec(&f).map_err(|e| crate::error::Error::internal(e.to_string()))?;
-            journal.ddi_push_feedback(cancel_id, FeedbackTarget::Cancel, false, body)?;
-            d.notify_ddi_feedback();
-        }
+        // The running download stops at its next chunk; its job confirms the cancel.
+        CancelStep::StopDownload => d.fleet_cancel.store(true, Ordering::SeqCst),
+        CancelStep::AbortInstall => d.fleet_abort.store(true, Ordering::SeqCst),
+        CancelStep::Refuse(reason) => refuse_cancel(d, cancel_id, reason),
     }
     Ok(())
+}
+
+/// Whether the transaction in flight has begun (or passed) its swap.
+fn swap_begun(journal: &Journal) -> crate::error::Result<bool> {
+    Ok(journal.active()?.is_some_and(|(rec, _)| rec.phases.contains(&Phase::Swapped)))
+}
+
+/// Refuses a cancel with the reason (`rejected` on the cancelAction).
+fn refuse_cancel(d: &Daemon, cancel_id: &str, reason: &str) {
+    let f = crate::ddi::protocol::Feedback::new(
+        crate::ddi::protocol::Execution::Rejected,
+        crate::ddi::protocol::Finished::Failure,
+        None,
+        vec![reason.to_string()],
+        Some(now_ms()),
+    );
+    let pushed = serde_json::to_vec(&f)
+        .map_err(|e| crate::error::Error::internal(e.to_string()))
+        .and_then(|body| d.held.journal.ddi_push_feedback(cancel_id, FeedbackTarget::Cancel, false, body));
+    match pushed {
+        Ok(_) => d.notify_ddi_feedback(),
+        Err(e) => tracing::warn!(cancel_id, error = %e, "DDI: cannot queue the cancel refusal"),
+    }
 }

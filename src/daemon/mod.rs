@@ -49,6 +49,9 @@ pub struct Daemon {
     /// The fleet server canceled the running DDI download (also set at shutdown, so that a
     /// download passed this one flag stops for either; the job tells them apart by `cancel`).
     pub fleet_cancel: Arc<AtomicBool>,
+    /// The fleet server canceled the running DDI install: it rolls back if its swap has not
+    /// begun (`Updater::with_abort`). Never set by a shutdown, which only pauses.
+    pub fleet_abort: Arc<AtomicBool>,
 }
 
 impl Daemon {
@@ -198,6 +201,7 @@ pub fn serve(cfg: Config) -> Result<()> {
         ddi_feedback: Mutex::new(ddi_feedback),
         ddi_poller: Mutex::new(None),
         fleet_cancel: Arc::new(AtomicBool::new(false)),
+        fleet_abort: Arc::new(AtomicBool::new(false)),
     });
     jobs::report_recovered(&daemon, &recovered);
     jobs::resume_download_if_any(&daemon);

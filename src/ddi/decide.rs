@@ -5,6 +5,7 @@
 use super::protocol::{
     ControllerBase, DeploymentBase, Execution, Feedback, Finished, Handling, MaintenanceWindow, Progress, check_action_id,
 };
+use crate::journal::ddi::DdiActionState;
 use crate::limits::{DDI_BACKOFF_S_MAX, DDI_BACKOFF_S_MIN, DDI_POLL_S_DEFAULT, DDI_POLL_S_MIN};
 use std::time::Duration;
 
@@ -225,12 +226,36 @@ pub fn feedback(c: &Course, now_ms: u64) -> Feedback {
     }
 }
 
-/// Whether a cancel is accepted: only while nothing has been swapped (issue 15). `swapped`
-/// is whether the action's transaction has reached `Swapped` or ended as committed.
-pub fn cancel_accepted(action_is_current: bool, swapped: bool) -> Result<(), &'static str> {
-    match (action_is_current, swapped) {
-        (_, true) => Err("the swap has begun: the update finishes or rolls back as one transaction"),
-        _ => Ok(()),
+/// What a cancel of an action asks the device to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelStep {
+    /// Canceled already: its confirmation stands (sent or queued).
+    Nothing,
+    /// Nothing of it runs or was installed: confirm the cancel now.
+    CancelNow,
+    /// Its download runs: stop it; the job confirms the cancel.
+    StopDownload,
+    /// Its install runs and has not begun its swap: the install rolls back (`CANCELED`) at
+    /// the swap's threshold, and the job confirms; if the swap began meanwhile, the job refuses.
+    AbortInstall,
+    /// Refused with the reason (`rejected` on the cancelAction).
+    Refuse(&'static str),
+}
+
+pub const SWAP_BEGUN: &str = "the swap has begun: the update finishes or rolls back as one transaction";
+
+/// The step for a cancel (issue 15: accepted while nothing has been swapped): `state` is the
+/// action's on this device (`None`: never taken on), `job_running` whether its job holds
+/// the slot, `swap_begun` whether the transaction in flight has entered `Swapped`.
+pub fn on_cancel(state: Option<DdiActionState>, job_running: bool, swap_begun: bool) -> CancelStep {
+    use DdiActionState as S;
+    match state {
+        Some(S::Canceled) => CancelStep::Nothing,
+        Some(s) if s.is_final() => CancelStep::Refuse("the update has ended; its result stands"),
+        Some(S::Downloading) if job_running => CancelStep::StopDownload,
+        None | Some(S::Downloading | S::Downloaded) => CancelStep::CancelNow,
+        Some(S::Installing) if job_running && !swap_begun => CancelStep::AbortInstall,
+        Some(_) => CancelStep::Refuse(SWAP_BEGUN),
     }
 }
 
@@ -392,9 +417,19 @@ mod tests {
 
     #[test]
     fn a_cancel_is_accepted_only_before_the_swap() {
-        assert!(cancel_accepted(true, false).is_ok());
-        assert!(cancel_accepted(false, false).is_ok());
-        assert!(cancel_accepted(true, true).unwrap_err().contains("swap has begun"));
+        use DdiActionState as S;
+        assert_eq!(on_cancel(None, false, false), CancelStep::CancelNow, "never taken on");
+        assert_eq!(on_cancel(Some(S::Downloaded), false, false), CancelStep::CancelNow);
+        assert_eq!(on_cancel(Some(S::Downloading), true, false), CancelStep::StopDownload);
+        assert_eq!(on_cancel(Some(S::Downloading), false, false), CancelStep::CancelNow, "a download a restart left");
+        assert_eq!(on_cancel(Some(S::Installing), true, false), CancelStep::AbortInstall);
+        assert_eq!(on_cancel(Some(S::Installing), true, true), CancelStep::Refuse(SWAP_BEGUN));
+        assert_eq!(on_cancel(Some(S::Installing), false, false), CancelStep::Refuse(SWAP_BEGUN), "recovery owns it now");
+        assert_eq!(on_cancel(Some(S::AwaitingConfirm), false, false), CancelStep::Refuse(SWAP_BEGUN));
+        assert_eq!(on_cancel(Some(S::Canceled), false, false), CancelStep::Nothing);
+        for s in [S::Succeeded, S::Failed, S::Rejected] {
+            assert!(matches!(on_cancel(Some(s), false, false), CancelStep::Refuse(r) if r.contains("has ended")), "{s:?}");
+        }
     }
 
     #[test]

@@ -34,6 +34,6 @@ pub mod sender;
 //    (once per action) and a configData naming the version now installed.
 // 6. Cancel: while downloading, the download job stops; while installing, the driver checks a
 //    cancel flag before `BackedUp` (nothing swapped yet) and rolls back; later, `rejected`
-//    feedback on the cancel action with the reason from `decide::cancel_accepted`.
+//    feedback on the cancel action with the reason from `decide::on_cancel`.
 // 7. Delta-aware: two artifacts where one is a delta package for the installed version → try
 //    it first, the full one on DELTA_BASE_MISSING without a failure feedback.

@@ -187,6 +187,10 @@ pub struct Updater {
     /// Set by the daemon's SIGTERM: the transaction stops after journaling its current phase
     /// (it stays in flight; the next start resumes it).
     cancel: Option<Arc<AtomicBool>>,
+    /// Set by the DDI client when the fleet server cancels the update: checked once, when the
+    /// transaction would begin its swap; then it rolls back (`CANCELED`) instead. Later it
+    /// is too late: the update finishes or rolls back as one transaction.
+    abort: Option<Arc<AtomicBool>>,
     /// `None` when the caller holds the state-dir lock itself (the daemon, for its lifetime).
     _lock: Option<Flock<File>>,
     /// Targets the `Verified` phase read with a settled signature: the known-file records
@@ -290,6 +294,7 @@ impl Updater {
             store,
             observer: None,
             cancel: None,
+            abort: None,
             _lock: lock,
             verified: Default::default(),
             staged: Default::default(),
@@ -315,6 +320,12 @@ impl Updater {
 
     pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Updater {
         self.cancel = Some(cancel);
+        self
+    }
+
+    /// See `abort`: a cancel that rolls the transaction back if it comes before the swap.
+    pub fn with_abort(mut self, abort: Arc<AtomicBool>) -> Updater {
+        self.abort = Some(abort);
         self
     }
 

@@ -66,6 +66,15 @@ impl Updater {
                 }
                 Ok(plan_changed) => {
                     let next = transition(rec.phase, Event::Done, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
+                    if next == Phase::Swapped && self.abort.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::SeqCst)) {
+                        // Canceled with nothing swapped yet: undone like a failed phase.
+                        tracing::info!(tx = rec.id, "canceled before the swap; rolling back");
+                        discard_staged(&plan);
+                        let next = transition(rec.phase, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
+                        rec.error = Some(Error::new(ErrorCode::Canceled, "canceled by the fleet server before anything was swapped"));
+                        self.enter(&mut rec, next, &plan, plan_changed)?;
+                        continue;
+                    }
                     self.enter(&mut rec, next, &plan, plan_changed)?;
                     if self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) && next != Phase::Committed {
                         // Shutdown requested: the phase is journaled, nothing of it has run.

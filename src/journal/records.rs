@@ -279,6 +279,7 @@ mod tests {
         assert_eq!(index(ErrorCode::RequestRefused), [24]);
         assert_eq!(index(ErrorCode::PackageSizeMismatch), [25]);
         assert_eq!(index(ErrorCode::DeltaBaseMissing), [26]);
+        assert_eq!(index(ErrorCode::Canceled), [27]);
     }
 
     /// `Source` variants are appended (journal-format.md §7): the older ones keep their index,

@@ -736,7 +736,7 @@ fn a_trial_rolled_back_at_the_next_boot_is_reported_closed_failure_after_the_fac
 /// A package of `len` incompressible bytes (stored), so that a throttled download takes a while.
 fn big_package(env: &Env, version: &str, len: usize) -> (PathBuf, Vec<u8>) {
     let content = XorShift::new(0xb16).bytes(len);
-    (package(&env, version, &content, json!({})), content)
+    (package(env, version, &content, json!({})), content)
 }
 
 #[test]
@@ -797,5 +797,30 @@ fn with_the_server_down_for_a_while_the_feedback_waits_and_is_delivered_in_order
     assert!(last_download < first_install, "{d:?}");
     let refused = server.log().iter().filter(|r| r["status"] == 503).count();
     assert!(refused > 0, "some requests met the server down");
+    assert_eq!(server.violations(), json!([]));
+}
+
+/// Needs `failpoints`: the install is held at `BackedUp` (a sleep there) long enough for the
+/// server's cancel to reach it at the next poll.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_cancel_during_the_install_before_its_swap_rolls_it_back_and_is_confirmed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, before) = v1_device(&server, "");
+    let pkg = package(&env, "7.0.0", b"canceled mid-install", json!({}));
+    let d = Daemon::start(&env, Some("enter.BackedUp=sleep(9000)"));
+    server.deploy(71, &[&pkg], "7.0.0", json!({}));
+    wait_for("the install to reach BackedUp", || (d.status()["in_flight"]["phase"] == "BackedUp").then_some(()));
+    server.ctl("POST", "cancel", Some(json!({"actionId": 71})));
+    let canceled = wait_for("action 71 canceled", || Some(server.action(71)).filter(|a| a["status"] == "CANCELED"));
+    let fb = canceled["cancelFeedback"].as_array().unwrap();
+    assert_eq!(fb.len(), 1, "{canceled:#}");
+    assert_eq!((&fb[0]["status"]["execution"], &fb[0]["status"]["result"]["finished"]), (&json!("closed"), &json!("success")));
+    assert!(!course(&canceled).iter().any(|c| c.starts_with("closed")), "no deployment result besides the cancel: {:?}", course(&canceled));
+    assert_eq!(tree(&env.root), before, "rolled back: nothing was swapped");
+    let history = env.run(&["history", "--json"]).json();
+    let last = &history.as_array().unwrap()[0];
+    assert_eq!((&last["phase"], &last["error"]["code"]), (&json!("RolledBack"), &json!("CANCELED")), "{history:#}");
     assert_eq!(server.violations(), json!([]));
 }
