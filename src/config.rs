@@ -430,6 +430,17 @@ mod tests {
         expected.remove("services");
         let service = serde_json::to_value(ServiceConfig::default()).unwrap();
         expected.extend(service.as_object().unwrap().keys().map(|k| format!("services.*.{k}")));
+        // `[ddi]` is absent by default (off); the example names each of its keys, commented.
+        expected.remove("ddi");
+        let ddi = crate::ddi::config::DdiConfig {
+            server_url: String::new(),
+            tenant: String::new(),
+            controller_id: String::new(),
+            token_file: None,
+            gateway_token_file: None,
+            allow_http: false,
+        };
+        expected.extend(serde_json::to_value(ddi).unwrap().as_object().unwrap().keys().map(|k| format!("ddi.{k}")));
         assert_eq!(keys_named_in(EXAMPLE), expected, "config.example.toml and the Config struct differ");
     }
 
@@ -447,6 +458,8 @@ mod tests {
         assert_eq!(cfg.compatible.as_deref(), Some("printer-model-x"));
         assert!(cfg.log.file.is_some() && cfg.gui.command.is_some());
         assert!(cfg.services["klippy"].start.is_some() && cfg.services["klippy"].exe.is_some());
+        let ddi = cfg.ddi.expect("the [ddi] example");
+        assert!(ddi.token_file.is_some() && ddi.gateway_token_file.is_none(), "one token file, the other stays an example");
     }
 
     #[test]

@@ -265,7 +265,7 @@ mod tests {
             }
             n
         }
-        assert_eq!(check::<ErrorCode>(|c| c as u8), 27, "a new ErrorCode takes the next discriminant");
+        assert_eq!(check::<ErrorCode>(|c| c as u8), 28, "a new ErrorCode takes the next discriminant");
         assert_eq!(check::<crate::engine::Phase>(|p| p as u8) as usize, crate::engine::Phase::ALL.len());
     }
 
