@@ -11,6 +11,9 @@
 #
 # Environment:
 #   DDI_VENV            venv location (default <repo>/target/ddi-venv)
+#   DDI_NICE            niceness of the server and its helpers (default 19: beside other work;
+#                       the Rust tests set 0, or a loaded machine starves the server past
+#                       their patience)
 #   GOOSEBIT_POLL_TIME  polling.sleep gooseBit gives registered devices (its default 00:01:00)
 #   GOOSEBIT_DEVICE_AUTH__ENABLE=true GOOSEBIT_DEVICE_AUTH__MODE=setup|lax|strict
 #                       device TargetToken checking (off by default in gooseBit); any other
@@ -25,6 +28,7 @@ GOOSEBIT_VERSION=0.2.12
 # Everything the DDI test helpers need, pinned loosely; the marker records the set.
 PIP_SET="goosebit==$GOOSEBIT_VERSION jsonschema>=4.18"
 MARKER="$VENV/.ddi-venv-ok"
+NICE="${DDI_NICE:-19}"
 
 die() { echo "goosebit.sh: $*" >&2; exit 1; }
 
@@ -83,13 +87,13 @@ cmd_start() {
     goosebit_env "$dir"
     # Schema through tortoise (gooseBit itself only checks for it and refuses to serve without),
     # plus an API user for goosebit_ctl.py (assignments must go through the running server).
-    (cd "$dir" && nice -n 19 "$PY" "$HERE/goosebit_ctl.py" --dir "$dir" init >/dev/null)
+    (cd "$dir" && nice -n "$NICE" "$PY" "$HERE/goosebit_ctl.py" --dir "$dir" init >/dev/null)
 
     local port pid url attempt
     for attempt in 1 2 3; do
         port="$(free_port)"
         url="http://127.0.0.1:$port"
-        (cd "$dir" && exec setsid nice -n 19 "$VENV/bin/uvicorn" goosebit:app --host 127.0.0.1 --port "$port" \
+        (cd "$dir" && exec setsid nice -n "$NICE" "$VENV/bin/uvicorn" goosebit:app --host 127.0.0.1 --port "$port" \
             --no-server-header >>"$dir/server.log" 2>&1 < /dev/null) &
         pid=$!
         local i code
