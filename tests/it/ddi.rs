@@ -826,3 +826,59 @@ fn a_cancel_during_the_install_before_its_swap_rolls_it_back_and_is_confirmed() 
     assert_eq!((&last["phase"], &last["error"]["code"]), (&json!("RolledBack"), &json!("CANCELED")), "{history:#}");
     assert_eq!(server.violations(), json!([]));
 }
+
+/// gooseBit keeps no feedback history (only the last state and the details appended to its
+/// log), so these check what it shows: the state, the device's version, the log lines.
+#[cfg(feature = "failpoints")]
+#[test]
+fn against_goosebit_a_trial_rolled_back_at_the_next_boot_becomes_an_error_and_the_old_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gb = GooseBit::start(&tmp.path().join("gb"));
+    let env = device(&gb.url, "confirm_required = true\nmax_trial_boots = 1");
+    env.put("app/bin", b"v1", 0o644);
+    let before = tree(&env.root);
+    let pkg = package(&env, "1.1.0", b"a trial nobody confirms", json!({}));
+    gb.assign(&pkg, "1.1.0");
+    let d = Daemon::start(&env, None);
+    let running = wait_for("gooseBit to show the trial awaiting confirmation", || {
+        let dev = gb.device();
+        dev["last_log"].as_str().unwrap_or("").contains("installed; the result is final once").then_some(dev)
+    });
+    assert_eq!(running["last_state_name"], "running", "not finished before confirm: {running:#}");
+    assert!(d.sigterm().success());
+    let boot = env.tmp.path().join("next-boot-id");
+    std::fs::write(&boot, "a-later-boot\n").unwrap();
+    let rec = Run::from(env.command(&["recover", "--at-boot", "--json"]).env("TOPE_BOOT_ID_FILE", &boot).output().unwrap());
+    assert_eq!((rec.code, rec.json()["result"].clone()), (Some(4), json!("trial_expired")), "{}", rec.describe());
+    assert_eq!(tree(&env.root), before);
+    let _d = Daemon::start(&env, None);
+    let dev = wait_for("gooseBit to record the error after the boot", || Some(gb.device()).filter(|d| d["last_state_name"] == "error"));
+    assert!(dev["last_log"].as_str().unwrap().contains("rolled back by transaction 2"), "{dev:#}");
+    let dev = wait_for("configData naming the factory state again", || Some(gb.device()).filter(|d| d["sw_version"] == "factory"));
+    assert_eq!(gb.downloads(), 1, "{dev:#}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn against_goosebit_a_daemon_killed_mid_swap_finishes_at_its_next_start_and_goosebit_records_it_finished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gb = GooseBit::start(&tmp.path().join("gb"));
+    let env = device(&gb.url, "");
+    env.put("app/bin", b"v1", 0o644);
+    let pkg = package(&env, "1.1.0", b"survives a kill, with gooseBit", json!({}));
+    gb.assign(&pkg, "1.1.0");
+    let first = Daemon::start(&env, Some(&kill_at("swap.file", 1)));
+    {
+        use std::os::unix::process::ExitStatusExt;
+        let status = first.wait_exit();
+        assert_eq!(status.signal(), Some(9), "killed at swap.file: {status:?}\n{}", first.log_text());
+    }
+    assert_eq!(env.run(&["status", "--json"]).json()["in_flight"]["phase"], "Swapped");
+    assert_ne!(gb.device()["last_state_name"], "finished");
+    let _d = Daemon::start(&env, None);
+    let dev = wait_for("gooseBit to record the device finished on 1.1.0", || {
+        Some(gb.device()).filter(|d| d["last_state_name"] == "finished" && d["sw_version"] == "1.1.0")
+    });
+    assert_eq!(env.read("app/bin").unwrap(), b"survives a kill, with gooseBit");
+    assert_eq!(gb.downloads(), 1, "resumed from the journal, not downloaded again: {dev:#}");
+}
