@@ -141,6 +141,16 @@ impl SpecServer {
 
 impl Drop for SpecServer {
     fn drop(&mut self) {
+        // For the record (`--nocapture`): what the server recorded of each action.
+        if !std::thread::panicking()
+            && let Ok(mut r) = agent().get(format!("{}/_ctl/state", self.url)).call()
+            && let Ok(text) = r.body_mut().read_to_string()
+            && let Ok(state) = serde_json::from_str::<Value>(&text)
+        {
+            for (id, action) in state["actions"].as_object().into_iter().flatten() {
+                show(&format!("action {id}"), action);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -201,6 +211,31 @@ fn details(action: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Prints what the server recorded for an action (for the record: `--nocapture`).
+fn show(what: &str, action: &Value) {
+    let lines: Vec<String> = action["feedback"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let st = &f["status"];
+            format!(
+                "{}/{} {:?}",
+                st["execution"].as_str().unwrap(),
+                st["result"]["finished"].as_str().unwrap(),
+                st["details"].as_array().cloned().unwrap_or_default().iter().map(|d| d.as_str().unwrap().to_string()).collect::<Vec<_>>()
+            )
+        })
+        .collect();
+    let cancel: Vec<String> = action["cancelFeedback"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| format!("{}/{}", f["status"]["execution"].as_str().unwrap(), f["status"]["result"]["finished"].as_str().unwrap()))
+        .collect();
+    println!("RECORDED {what}: status {} | deployment feedback: {} | cancel feedback: {cancel:?}", action["status"], lines.join(" -> "));
+}
+
 /// The configData bodies the device PUT, in order.
 fn config_puts(server: &SpecServer) -> Vec<Value> {
     server
@@ -225,7 +260,6 @@ fn a_deployment_is_downloaded_installed_and_reported_closed_success_with_every_r
     let action = wait_for("action 7 to be closed", || Some(server.action(7)).filter(|a| a["active"] == false));
     assert_eq!(action["status"], "FINISHED", "{action:#}");
     let course = course(&action);
-    println!("feedback course: {course:?}\ndetails: {:?}", details(&action));
     assert_eq!(course.first().map(String::as_str), Some("proceeding/none"), "{course:?}");
     assert_eq!(course.last().map(String::as_str), Some("closed/success"), "{course:?}");
     assert_eq!(course.iter().filter(|c| c.starts_with("closed")).count(), 1, "exactly one final feedback: {course:?}");
