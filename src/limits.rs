@@ -133,6 +133,9 @@ pub const DDI_ACTIONS_KEPT: usize = 64;
 pub const DDI_FEEDBACK_MAX: u64 = 1000;
 /// One request to the DDI server, connect to last byte.
 pub const DDI_REQUEST_TIMEOUT_S: u64 = 30;
+/// The longest wait between two attempts to deliver a DDI feedback: the result reaches the
+/// server within a minute of its return (polls back off up to the server's interval).
+pub const DDI_FEEDBACK_BACKOFF_S_MAX: u64 = 60;
 /// DDI feedbacks read from the journal per delivery round.
 pub const DDI_FEEDBACK_BATCH: usize = 64;
 /// With nothing to deliver, the DDI feedback sender looks again this often even unnotified.

@@ -33,25 +33,26 @@ fn poll_loop(d: &Arc<Daemon>, client: &Arc<Client>, w: &Wakeup) {
     // In memory: after a restart the first poll sends configData again (cheap, and the
     // server's view is never older than this process).
     let mut config_sent_for: Option<String> = None;
+    // The server's last suggested sleep: after errors the backoff never exceeds it.
+    let mut server_sleep = None;
     while !w.stopping() {
         if let Err(e) = reconcile(d) {
             tracing::warn!(error = %e, "DDI: cannot reconcile the server's actions with the journal");
         }
-        let sleep = match client.poll() {
+        match client.poll() {
             Ok(poll) => {
                 errors = 0;
+                server_sleep = poll.sleep().or(server_sleep);
                 if let Err(e) = on_poll(d, client, &poll, &mut config_sent_for) {
                     tracing::warn!(error = %e, "DDI: cannot act on the poll");
                 }
-                poll.sleep()
             }
             Err(e) => {
                 errors = errors.saturating_add(1);
                 tracing::warn!(errors, error = %e, "DDI: poll failed");
-                None
             }
-        };
-        let wait = decide::next_poll(sleep, errors, jitter());
+        }
+        let wait = decide::next_poll(server_sleep, errors, jitter());
         tracing::debug!(wait_ms = wait.as_millis() as u64, "DDI: next poll");
         if w.sleep(wait, true) {
             return;

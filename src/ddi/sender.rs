@@ -95,5 +95,17 @@ pub fn deliver_round(journal: &Journal, client: &Client, batch: usize) -> crate:
 /// The wait before the next attempt after `failures` transient failures in a row.
 pub fn backoff(failures: u32) -> Duration {
     let s = crate::limits::DDI_BACKOFF_S_MIN.saturating_mul(1u64 << failures.saturating_sub(1).min(20));
-    Duration::from_secs(s.min(crate::limits::DDI_BACKOFF_S_MAX))
+    Duration::from_secs(s.min(crate::limits::DDI_FEEDBACK_BACKOFF_S_MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feedback_backoff_doubles_from_five_seconds_and_stops_at_a_minute() {
+        let s = |n| backoff(n).as_secs();
+        assert_eq!((s(1), s(2), s(3), s(4)), (5, 10, 20, 40));
+        assert_eq!((s(5), s(30), s(u32::MAX)), (60, 60, 60));
+    }
 }

@@ -100,7 +100,9 @@ cmd_start() {
         for i in $(seq 1 150); do
             if ! kill -0 "$pid" 2>/dev/null; then break; fi
             code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url/login" || true)"
-            if [[ "$code" =~ ^[23] ]]; then
+            # Ours, not another gooseBit that took the port between free_port and the bind
+            # (its answer would look the same): the listening socket must be this pid's.
+            if [[ "$code" =~ ^[23] ]] && ss -ltnpH "sport = :$port" | grep -q "pid=$pid,"; then
                 printf 'url=%s\npid=%s\n' "$url" "$pid" > "$dir/server.env"
                 echo "url=$url pid=$pid"
                 return 0

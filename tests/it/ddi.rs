@@ -47,13 +47,20 @@ fn python() -> PathBuf {
     .clone()
 }
 
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_within(PATIENCE, what, f)
+}
+
+/// gooseBit (Python, SQLite) on a machine loaded by the rest of the suite answers slowly.
+const GOOSEBIT_PATIENCE: Duration = Duration::from_secs(300);
+
+fn wait_within<T>(patience: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + patience;
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "gave up after {PATIENCE:?} waiting for {what}");
+        assert!(Instant::now() < deadline, "gave up after {patience:?} waiting for {what}");
         std::thread::sleep(POLL.max(Duration::from_millis(100)));
     }
 }
@@ -488,6 +495,7 @@ fn a_cancel_before_the_install_is_confirmed_and_after_the_install_is_refused_wit
 struct GooseBit {
     dir: PathBuf,
     url: String,
+    _one: std::sync::MutexGuard<'static, ()>,
 }
 
 impl GooseBit {
@@ -497,11 +505,16 @@ impl GooseBit {
 
     fn start(dir: &Path) -> GooseBit {
         python();
+        // One gooseBit test at a time in this process: on a loaded machine two gooseBits
+        // starting together were slow enough to trip over each other's port choice
+        // (goosebit.sh now also checks the socket is its own), and each is a heavy process.
+        static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let one = ONE.lock().unwrap_or_else(|p| p.into_inner());
         std::fs::create_dir_all(dir).unwrap();
         let out = goosebit_sh(dir, &["start", dir.to_str().unwrap()]);
         let url =
             out.split_whitespace().find_map(|w| w.strip_prefix("url=")).unwrap_or_else(|| panic!("goosebit.sh start: {out}")).to_string();
-        GooseBit { dir: dir.to_path_buf(), url }
+        GooseBit { dir: dir.to_path_buf(), url, _one: one }
     }
 
     fn assign(&self, pkg: &Path, version: &str) {
@@ -572,7 +585,7 @@ fn against_goosebit_an_assignment_is_installed_and_the_server_records_finished_t
     let pkg = package(&env, "1.1.0", b"from goosebit", json!({}));
     gb.assign(&pkg, "1.1.0");
     let d = Daemon::start(&env, None);
-    let dev = wait_for("gooseBit to record the device finished on 1.1.0", || {
+    let dev = wait_within(GOOSEBIT_PATIENCE, "gooseBit to record the device finished on 1.1.0", || {
         let dev = gb.device();
         (dev["last_state_name"] == "finished" && dev["sw_version"] == "1.1.0").then_some(dev)
     });
@@ -587,7 +600,8 @@ fn against_goosebit_an_assignment_is_installed_and_the_server_records_finished_t
     // A failing update: recorded as an error with the code, and not offered or fetched again.
     let bad = package(&env, "1.2.0", b"fails", json!({"post_cmds": ["exit 3"]}));
     gb.assign(&bad, "1.2.0");
-    let dev = wait_for("gooseBit to record the error", || Some(gb.device()).filter(|d| d["last_state_name"] == "error"));
+    let dev =
+        wait_within(GOOSEBIT_PATIENCE, "gooseBit to record the error", || Some(gb.device()).filter(|d| d["last_state_name"] == "error"));
     assert!(dev["last_log"].as_str().unwrap().contains("POST_CMD_FAILED"), "{dev:#}");
     assert_eq!(dev["sw_version"], "1.1.0", "gooseBit keeps the version the device still runs");
     assert_eq!(tree(&env.root), expected, "rolled back to 1.1.0");
@@ -874,7 +888,7 @@ fn against_goosebit_a_trial_rolled_back_at_the_next_boot_becomes_an_error_and_th
     let pkg = package(&env, "1.1.0", b"a trial nobody confirms", json!({}));
     gb.assign(&pkg, "1.1.0");
     let d = Daemon::start(&env, None);
-    let running = wait_for("gooseBit to show the trial awaiting confirmation", || {
+    let running = wait_within(GOOSEBIT_PATIENCE, "gooseBit to show the trial awaiting confirmation", || {
         let dev = gb.device();
         dev["last_log"].as_str().unwrap_or("").contains("installed; the result is final once").then_some(dev)
     });
@@ -886,9 +900,13 @@ fn against_goosebit_a_trial_rolled_back_at_the_next_boot_becomes_an_error_and_th
     assert_eq!((rec.code, rec.json()["result"].clone()), (Some(4), json!("trial_expired")), "{}", rec.describe());
     assert_eq!(tree(&env.root), before);
     let _d = Daemon::start(&env, None);
-    let dev = wait_for("gooseBit to record the error after the boot", || Some(gb.device()).filter(|d| d["last_state_name"] == "error"));
+    let dev = wait_within(GOOSEBIT_PATIENCE, "gooseBit to record the error after the boot", || {
+        Some(gb.device()).filter(|d| d["last_state_name"] == "error")
+    });
     assert!(dev["last_log"].as_str().unwrap().contains("rolled back by transaction 2"), "{dev:#}");
-    let dev = wait_for("configData naming the factory state again", || Some(gb.device()).filter(|d| d["sw_version"] == "factory"));
+    let dev = wait_within(GOOSEBIT_PATIENCE, "configData naming the factory state again", || {
+        Some(gb.device()).filter(|d| d["sw_version"] == "factory")
+    });
     assert_eq!(gb.downloads(), 1, "{dev:#}");
 }
 
@@ -910,7 +928,7 @@ fn against_goosebit_a_daemon_killed_mid_swap_finishes_at_its_next_start_and_goos
     assert_eq!(env.run(&["status", "--json"]).json()["in_flight"]["phase"], "Swapped");
     assert_ne!(gb.device()["last_state_name"], "finished");
     let _d = Daemon::start(&env, None);
-    let dev = wait_for("gooseBit to record the device finished on 1.1.0", || {
+    let dev = wait_within(GOOSEBIT_PATIENCE, "gooseBit to record the device finished on 1.1.0", || {
         Some(gb.device()).filter(|d| d["last_state_name"] == "finished" && d["sw_version"] == "1.1.0")
     });
     assert_eq!(env.read("app/bin").unwrap(), b"survives a kill, with gooseBit");
