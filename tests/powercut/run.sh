@@ -1767,13 +1767,16 @@ case $mode in
         # A third of the cuts by QEMU kills, the rest by dm-flakey batches of 25 (ext4 and
         # xfs in turn), plus one log-writes replay of every scenario on ext4 and of fw and delta
         # on xfs (those points are counted on top of N; recorded first, in one boot per
-        # filesystem, replayed beside the kills).
+        # filesystem). The replays and the kills run in the background beside the flakey
+        # batches (one QEMU each: on 2 cores the soak takes about half as long as in turn).
         nk=$((n / 3)); nf=$((n - nk)); b=0
         lw_record "${SCENARIOS[*]}" ext4
         lw_record "fw delta" xfs
         lw_replay_all() { for scn in "${SCENARIOS[@]}"; do lw_replay "$scn" ext4; done; lw_replay fw xfs; lw_replay delta xfs; }
         bg_job lw lw_replay_all
-        kill_run "$nk" ext4 xfs
+        bg_job kills kill_run "$nk" ext4 xfs
+        # The flakey plans draw from another point of the seeded sequence than the kills'.
+        RNG=$((RNG ^ 0x5DEECE66D))
         while [ $nf -gt 0 ]; do
             c=$((nf > 25 ? 25 : nf))
             BATCH_TAG=-$b flakey_run "$c" "$([ $((b % 2)) = 0 ] && echo ext4 || echo xfs)"
