@@ -467,20 +467,27 @@ pub fn reconcile(d: &Daemon) -> crate::error::Result<()> {
     }
     let journal = &d.held.journal;
     let in_flight = journal.active()?.map(|(rec, _)| rec.id);
-    for a in journal.ddi_actions()?.into_iter().filter(|a| !a.state.is_final()) {
+    // Only an install carries an action here: a download is driven again by the server's
+    // next offer (and resumes from its journaled offset).
+    let installs =
+        journal.ddi_actions()?.into_iter().filter(|a| matches!(a.state, DdiActionState::Installing | DdiActionState::AwaitingConfirm));
+    for a in installs {
         let Some(tx) = a.tx else { continue };
         if in_flight == Some(tx) {
             continue;
         }
         let trial = journal.trial()?;
         let is_trial = |tx: u64| trial.as_ref().is_some_and(|t| t.tx == tx);
-        match (journal.tx(tx)?, a.state) {
+        // The id was taken before the transaction began: a record of another version under
+        // it is a later transaction (the legacy API's), not this action's.
+        let rec = journal.tx(tx)?.filter(|r| r.to_version.as_deref() == Some(a.version.as_str()));
+        match (rec, a.state) {
             (None, _) => {
-                let course = Course::Failed {
-                    code: "INTERRUPTED".into(),
-                    message: format!("the install of {} was interrupted before its transaction began", a.version),
-                };
-                record(d, &a, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
+                // Stopped before its transaction began: nothing was touched, and the verified
+                // download is kept. Back to downloaded; the server's next offer installs it.
+                let mut back = a.clone();
+                back.tx = None;
+                record(d, &back, DdiActionState::Downloaded, &Course::Downloaded, FeedbackTarget::Deployment);
             }
             (Some(rec), state) => match rec.phase {
                 Phase::Confirmed => {

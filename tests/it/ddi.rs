@@ -934,3 +934,30 @@ fn against_goosebit_a_daemon_killed_mid_swap_finishes_at_its_next_start_and_goos
     assert_eq!(env.read("app/bin").unwrap(), b"survives a kill, with gooseBit");
     assert_eq!(gb.downloads(), 1, "resumed from the journal, not downloaded again: {dev:#}");
 }
+
+/// Needs `failpoints`: killed after the action was recorded installing, before its
+/// transaction began (`plan.copy_written`): nothing touched; the next start installs it.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_daemon_killed_before_the_transaction_began_installs_at_its_next_start_from_the_kept_download() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, before) = v1_device(&server, "");
+    let pkg = package(&env, "2.1.0", b"installed after a kill before the begin", json!({}));
+    server.deploy(22, &[&pkg], "2.1.0", json!({}));
+    let first = Daemon::start(&env, Some(&kill_at("plan.copy_written", 1)));
+    {
+        use std::os::unix::process::ExitStatusExt;
+        let status = first.wait_exit();
+        assert_eq!(status.signal(), Some(9), "killed at plan.copy_written: {status:?}\n{}", first.log_text());
+    }
+    assert_eq!(tree(&env.root), before, "nothing touched");
+    let _second = Daemon::start(&env, None);
+    let done = wait_for("action 22 closed after the restart", || Some(server.action(22)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "FINISHED", "{:?}", course(&done));
+    assert!(!course(&done).iter().any(|c| c.ends_with("/failure")), "{:?}", course(&done));
+    assert_eq!(env.read("app/bin").unwrap(), b"installed after a kill before the begin");
+    let downloads = server.log().iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).count();
+    assert_eq!(downloads, 1, "the verified download was kept");
+    assert_eq!(server.violations(), json!([]));
+}
