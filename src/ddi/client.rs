@@ -16,6 +16,11 @@ pub struct Client {
     controller: String,
     origin: String,
     auth: Option<Auth>,
+    /// One request at a time (the poller and the feedback sender share the client): a server
+    /// sees a device's requests in the order they were made. gooseBit 0.2.12 loses an update
+    /// otherwise: a configData handled beside a `closed` feedback saves the device's state as
+    /// it read it before the feedback (tests/it/ddi.rs, the trial rolled back at boot).
+    one_at_a_time: std::sync::Mutex<()>,
 }
 
 /// Why a request did not give a usable answer.
@@ -65,7 +70,7 @@ impl Client {
             .build();
         let controller = cfg.controller_url();
         let origin = origin_of(&controller).unwrap_or_default();
-        Client { agent: ureq::Agent::new_with_config(config), controller, origin, auth }
+        Client { agent: ureq::Agent::new_with_config(config), controller, origin, auth, one_at_a_time: std::sync::Mutex::new(()) }
     }
 
     /// The `Authorization` header for `url`: only on the configured server's origin.
@@ -89,6 +94,7 @@ impl Client {
 
     /// One request; the answer's body (at most `DDI_RESPONSE_BYTES_MAX`) on 2xx.
     fn request(&self, method: &str, url: &str, json: Option<&[u8]>) -> Result<Vec<u8>, ClientError> {
+        let _one = self.one_at_a_time.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let auth = self.auth_for(url);
         let sent = match (method, json) {
             ("GET", _) => {
