@@ -385,7 +385,7 @@ fn a_failed_install_is_reported_once_with_its_error_code_and_never_retried() {
     // The server stops offering it; the device neither downloads nor reports it again.
     std::thread::sleep(Duration::from_secs(12));
     assert_eq!(course(&server.action(10)), c);
-    let downloads = server.log().iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).count();
+    let downloads = artifact_gets(&server).len();
     assert_eq!(downloads, 1);
 }
 
@@ -619,12 +619,7 @@ fn a_daemon_killed_mid_swap_finishes_the_install_at_its_next_start_and_reports_c
     let (env, _) = v1_device(&server, "");
     let pkg = package(&env, "2.0.0", b"survives a kill", json!({}));
     server.deploy(21, &[&pkg], "2.0.0", json!({}));
-    let first = Daemon::start(&env, Some(&kill_at("swap.file", 1)));
-    let status = first.wait_exit();
-    {
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(9), "killed at swap.file: {status:?}\n{}", first.log_text());
-    }
+    run_until_killed(&env, "swap.file");
     let mid = server.action(21);
     assert_eq!(mid["active"], true, "{mid:#}");
     assert!(!course(&mid).iter().any(|c| c.starts_with("closed")), "no final feedback before the end: {:?}", course(&mid));
@@ -639,9 +634,18 @@ fn a_daemon_killed_mid_swap_finishes_the_install_at_its_next_start_and_reports_c
     assert_eq!(tree(&env.root).get("app/bin"), Some(&file_entry(b"survives a kill")));
     std::thread::sleep(Duration::from_secs(7));
     assert_eq!(course(&server.action(21)), c, "nothing more after the end");
-    let downloads = server.log().iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).count();
+    let downloads = artifact_gets(&server).len();
     assert_eq!(downloads, 1, "the install resumed from the journal, not from a new download");
     assert_eq!(server.violations(), json!([]));
+}
+
+/// Runs the daemon armed to SIGKILL itself at `point` (first pass) and waits until it did.
+#[cfg(feature = "failpoints")]
+fn run_until_killed(env: &Env, point: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let d = Daemon::start(env, Some(&kill_at(point, 1)));
+    let status = d.wait_exit();
+    assert_eq!(status.signal(), Some(9), "killed at {point}: {status:?}\n{}", d.log_text());
 }
 
 /// `pack` of a one-file tree (`app/bin` = `content`) at `version`, against `bases` when given.
@@ -919,12 +923,7 @@ fn against_goosebit_a_daemon_killed_mid_swap_finishes_at_its_next_start_and_goos
     env.put("app/bin", b"v1", 0o644);
     let pkg = package(&env, "1.1.0", b"survives a kill, with gooseBit", json!({}));
     gb.assign(&pkg, "1.1.0");
-    let first = Daemon::start(&env, Some(&kill_at("swap.file", 1)));
-    {
-        use std::os::unix::process::ExitStatusExt;
-        let status = first.wait_exit();
-        assert_eq!(status.signal(), Some(9), "killed at swap.file: {status:?}\n{}", first.log_text());
-    }
+    run_until_killed(&env, "swap.file");
     assert_eq!(env.run(&["status", "--json"]).json()["in_flight"]["phase"], "Swapped");
     assert_ne!(gb.device()["last_state_name"], "finished");
     let _d = Daemon::start(&env, None);
@@ -945,19 +944,14 @@ fn a_daemon_killed_before_the_transaction_began_installs_at_its_next_start_from_
     let (env, before) = v1_device(&server, "");
     let pkg = package(&env, "2.1.0", b"installed after a kill before the begin", json!({}));
     server.deploy(22, &[&pkg], "2.1.0", json!({}));
-    let first = Daemon::start(&env, Some(&kill_at("plan.copy_written", 1)));
-    {
-        use std::os::unix::process::ExitStatusExt;
-        let status = first.wait_exit();
-        assert_eq!(status.signal(), Some(9), "killed at plan.copy_written: {status:?}\n{}", first.log_text());
-    }
+    run_until_killed(&env, "plan.copy_written");
     assert_eq!(tree(&env.root), before, "nothing touched");
     let _second = Daemon::start(&env, None);
     let done = wait_for("action 22 closed after the restart", || Some(server.action(22)).filter(|a| a["active"] == false));
     assert_eq!(done["status"], "FINISHED", "{:?}", course(&done));
     assert!(!course(&done).iter().any(|c| c.ends_with("/failure")), "{:?}", course(&done));
     assert_eq!(env.read("app/bin").unwrap(), b"installed after a kill before the begin");
-    let downloads = server.log().iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).count();
+    let downloads = artifact_gets(&server).len();
     assert_eq!(downloads, 1, "the verified download was kept");
     assert_eq!(server.violations(), json!([]));
 }
