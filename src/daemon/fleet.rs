@@ -184,6 +184,10 @@ fn on_deployment(d: &Arc<Daemon>, client: &Arc<Client>, action: &str) -> crate::
             tracing::warn!(action, error = e, "DDI: deploymentBase not fetched; next poll");
             return Ok(());
         }
+        Err(ClientError::Withdrawn(e)) => {
+            tracing::info!(action, error = e, "DDI: the deployment was withdrawn after the poll offered it; next poll");
+            return Ok(());
+        }
         Err(ClientError::Refused(why)) => {
             let a = existing.unwrap_or_else(|| new_action(action, "", ""));
             record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason: why.clone() }, FeedbackTarget::Deployment);

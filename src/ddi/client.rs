@@ -31,12 +31,17 @@ pub enum ClientError {
     /// The server answered, but not with what the protocol allows (4xx, bad JSON, bad ids):
     /// trying the same again will not help.
     Refused(String),
+    /// The resource is gone (`404`, `410`; for a deploymentBase also gooseBit's `null` when the
+    /// assignment changed between the poll and the fetch): an offered deployment is then not
+    /// the device's to refuse (the next poll says what is offered now), and a feedback to a
+    /// vanished action is dropped like a refused one.
+    Withdrawn(String),
 }
 
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ClientError::Transient(m) | ClientError::Refused(m) => f.write_str(m),
+            ClientError::Transient(m) | ClientError::Refused(m) | ClientError::Withdrawn(m) => f.write_str(m),
         }
     }
 }
@@ -119,6 +124,7 @@ impl Client {
         match status {
             200..=299 => body.map_err(|e| ClientError::Transient(format!("{method} {url}: HTTP {status}, body unreadable: {e}"))),
             429 | 500..=599 => Err(ClientError::Transient(format!("{method} {url}: HTTP {status}"))),
+            404 | 410 => Err(ClientError::Withdrawn(format!("{method} {url}: HTTP {status}"))),
             _ => Err(ClientError::Refused(format!("{method} {url}: HTTP {status}"))),
         }
     }
@@ -130,6 +136,9 @@ impl Client {
     pub fn deployment(&self, action: &str) -> Result<DeploymentBase, ClientError> {
         let url = self.action_url("deploymentBase", action, "")?;
         let body = self.request("GET", &url, None)?;
+        if body.trim_ascii() == b"null" {
+            return Err(ClientError::Withdrawn(format!("GET {url}: null")));
+        }
         let d = DeploymentBase::parse(&body)?;
         if d.id != action {
             return Err(ClientError::Refused(format!("GET {url}: the answer is about action {:?}", d.id)));

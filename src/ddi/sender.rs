@@ -76,7 +76,7 @@ pub fn deliver_round(journal: &Journal, client: &Client, batch: usize) -> crate:
         let f = &pending[i];
         match client.feedback_body(&f.action, f.target == FeedbackTarget::Cancel, &f.body) {
             Ok(()) => round.sent += 1,
-            Err(ClientError::Refused(why)) => {
+            Err(ClientError::Refused(why) | ClientError::Withdrawn(why)) => {
                 // The server will never take it (the action is gone, or closed on its side):
                 // keeping it would block every later feedback.
                 tracing::warn!(seq = f.seq, action = f.action, why, "DDI feedback refused by the server; dropped");

@@ -21,6 +21,7 @@ Control (JSON over HTTP on the same port, never recorded in the DDI log; see REA
                            "name", "version", "part", "links": ["download", "download-http", "md5sum", "md5sum-http"]}
   POST /_ctl/maintenance  {"actionId", "window": "available"|"unavailable"|null}
   POST /_ctl/cancel       {"actionId"}                    server asks the device to cancel that action
+  POST /_ctl/withdraw     {"actionId", "answer": 404|"null"|null}   deploymentBase answers so while offered
   POST /_ctl/down         {"seconds": N} | {"down": true|false}   DDI requests get 503 meanwhile
   POST /_ctl/throttle     {"bytesPerSecond": N}             artifact bodies sent at about N B/s (0: unthrottled)
   POST /_ctl/controller   {"controllerId", "sleep"?, "requestConfigData"?: true, "targetToken"?}
@@ -160,6 +161,10 @@ class Action:
         self.status = "RUNNING"  # RUNNING | CANCELING | CANCELED | FINISHED | ERROR
         self.active = True
         self.cancel_requested = False
+        # While set, GET deploymentBase answers 404 (hawkBit: the assignment is gone) or `null`
+        # (gooseBit 0.2.12 when the assignment changed between the poll and the fetch); the
+        # poll still offers the action.
+        self.withdrawn: int | str | None = None
         self.feedback: list[dict] = []
         self.cancel_feedback: list[dict] = []
         self.messages: list[str] = ["Assignment initiated by test"]
@@ -312,6 +317,10 @@ class Handler(BaseHTTPRequestHandler):
                 entry["body_raw"] = raw.decode(errors="replace")
         try:
             status, violation = self.ddi_inner(path, raw, entry)
+        except (BrokenPipeError, ConnectionResetError):
+            # The device went away before the answer was written (a test killed it): nginx's
+            # 499, and no violation on either side. The request itself is recorded as handled.
+            status, violation = 499, None
         except Exception as e:
             traceback.print_exc()
             status, violation = 500, {"kind": "server", "error": repr(e)}
@@ -452,6 +461,12 @@ class Handler(BaseHTTPRequestHandler):
             if act is None or act.controller != ctrl["id"]:
                 self.send_json(404, {"message": f"no action {params['actionId']}"})
                 return 404, None
+            if key[1].startswith("/deploymentBase") and act.withdrawn == 404:
+                self.send_json(404, {"message": f"action {act.id} was withdrawn"})
+                return 404, None
+            if key[1].startswith("/deploymentBase") and act.withdrawn == "null":
+                self.send_json(200, None)
+                return 200, None
             if key[1].startswith("/installedBase") and ctrl["installed"] != act.id:
                 self.send_json(404, {"message": f"action {act.id} is not the installed one"})
                 return 404, None
@@ -670,6 +685,13 @@ class Handler(BaseHTTPRequestHandler):
                 if window not in (None, "available", "unavailable"):
                     raise ValueError(f"window={window!r}")
                 st.actions[str(req["actionId"])].maintenance = window
+                self.send_json(200, {"ok": True})
+                return
+            if path == "/_ctl/withdraw" and self.command == "POST":
+                answer = req.get("answer")
+                if answer not in (None, 404, "null"):
+                    raise ValueError(f"answer={answer!r}")
+                st.actions[str(req["actionId"])].withdrawn = answer
                 self.send_json(200, {"ok": True})
                 return
             if path == "/_ctl/cancel" and self.command == "POST":

@@ -351,6 +351,12 @@ fn a_trial_rolled_back_before_confirmation_is_reported_closed_failure_and_config
     wait_for("the awaiting-confirmation feedback", || {
         details(&server.action(9)).iter().any(|d| d.starts_with("installed; the result is final once")).then_some(())
     });
+    // The server first hears of 1.3.0 at the poll after the commit, which may come after the
+    // feedback above: roll back only once it has (else the device never had to name 1.3.0,
+    // and the factory state it names after the rollback is no news).
+    wait_for("configData naming the trial version 1.3.0", || {
+        config_puts(&server).iter().any(|b| b["data"]["sw_version"] == "1.3.0").then_some(())
+    });
     let r = d.post("/api/v1.0/rollback", "{}");
     assert_eq!(r["code"], 200, "{r}");
     let done = wait_for("action 9 closed after the rollback", || Some(server.action(9)).filter(|a| a["active"] == false));
@@ -432,6 +438,45 @@ fn a_deployment_of_three_artifacts_is_rejected_whole_before_any_download() {
     assert_eq!(course(&server.action(12)), vec!["rejected/failure".to_string()], "rejected once, not in a loop");
     assert!(!server.log().iter().any(|r| r["path"].as_str().unwrap().contains("/artifacts/")), "nothing downloaded");
     assert_eq!(tree(&env.root), before);
+    assert_eq!(server.violations(), json!([]));
+}
+
+/// The deploymentBase GETs of `action` the server answered, with their status.
+fn deployment_gets(server: &SpecServer, action: u32) -> Vec<i64> {
+    let tail = format!("/deploymentBase/{action}");
+    server
+        .log()
+        .into_iter()
+        .filter(|r| r["method"] == "GET" && r["path"].as_str().unwrap().ends_with(&tail))
+        .map(|r| r["status"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_deployment_withdrawn_between_the_poll_and_the_fetch_is_not_refused_and_installs_when_offered_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = SpecServer::start(&tmp.path().join("spec"));
+    let (env, before) = v1_device(&server, "");
+    let pkg = package(&env, "1.6.5", b"offered again", json!({}));
+    server.deploy(16, &[&pkg], "1.6.5", json!({}));
+    server.ctl("POST", "withdraw", Some(json!({"actionId": 16, "answer": 404})));
+    let _d = Daemon::start(&env, None);
+    // hawkBit's 404, then gooseBit's `null`: neither is the device's to refuse (the offer
+    // changed after the poll); it asks again at the next polls.
+    let answered = |status: i64| deployment_gets(&server, 16).iter().filter(|s| **s == status).count();
+    wait_for("two deploymentBase fetches answered 404", || (answered(404) >= 2).then_some(()));
+    server.ctl("POST", "withdraw", Some(json!({"actionId": 16, "answer": "null"})));
+    wait_for("two deploymentBase fetches answered null", || (answered(200) >= 2).then_some(()));
+    let a = server.action(16);
+    assert_eq!(course(&a), Vec::<String>::new(), "no feedback about a withdrawn offer: {a:#}");
+    assert!(artifact_gets(&server).is_empty(), "nothing downloaded");
+    assert_eq!(tree(&env.root), before);
+
+    server.ctl("POST", "withdraw", Some(json!({"actionId": 16, "answer": null})));
+    let done = wait_for("action 16 closed", || Some(server.action(16)).filter(|a| a["active"] == false));
+    assert_eq!(done["status"], "FINISHED", "{done:#}");
+    assert_eq!(course(&done).last().map(String::as_str), Some("closed/success"));
+    assert_eq!(tree(&env.root).get("app/bin"), Some(&file_entry(b"offered again")));
     assert_eq!(server.violations(), json!([]));
 }
 
