@@ -56,7 +56,6 @@ use crate::limits::{FREE_SPACE_RESERVE_BYTES, IO_BUFFER_BYTES, PATH_COMPONENT_BY
 use crate::limits::{REDIRECTS_MAX, URL_BYTES_MAX};
 use crate::version::Version;
 use md5::{Digest, Md5};
-use serde::{Deserialize, Serialize};
 use sha1::Sha1;
 use sha2::Sha256;
 use std::fs::{File, OpenOptions};
@@ -76,43 +75,7 @@ const BACKOFF_DOUBLINGS_MAX: u32 = 6;
 const CANCEL_POLL: Duration = Duration::from_millis(50);
 const MS_PER_HOUR: u64 = 3_600_000;
 
-/// The body of `POST /api/v1.0/download` (contracts/updater-api.yaml `DownloadRequest`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DownloadRequest {
-    pub version: String,
-    pub package_url: String,
-    pub package_name: String,
-    pub package_size: u64,
-    /// 32 lowercase hex digits.
-    pub package_md5: String,
-}
-
-impl DownloadRequest {
-    /// What this request downloads: its fields, checked against `package_md5`. Not validated
-    /// (see [`validate`]).
-    pub fn spec(&self) -> DownloadSpec {
-        DownloadSpec {
-            version: self.version.clone(),
-            package_url: self.package_url.clone(),
-            package_name: self.package_name.clone(),
-            package_size: self.package_size,
-            expected: ExpectedHash::Md5(self.package_md5.clone()),
-        }
-    }
-}
-
-/// The hash a downloaded package must have, as lower-case hex digits: 32 for MD5, 40 for
-/// SHA-1, 64 for SHA-256. A variant built directly is checked by [`fetch`] (and by the journal
-/// when a record is written or read); the constructors check at once.
-///
-/// The variant index is part of the journal format (journal-format.md §3: 0 Md5, 1 Sha1,
-/// 2 Sha256); new algorithms go at the end.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ExpectedHash {
-    Md5(String),
-    Sha1(String),
-    Sha256(String),
-}
+pub use crate::journal::downloads::{DownloadRecord, DownloadRequest, DownloadSpec, ExpectedHash};
 
 impl ExpectedHash {
     pub fn md5(hex: &str) -> Result<Self> {
@@ -132,40 +95,6 @@ impl ExpectedHash {
         Ok(h)
     }
 
-    /// `md5`, `sha1` or `sha256` (as hawkBit names them in a deployment's `hashes`).
-    pub fn algorithm(&self) -> &'static str {
-        match self {
-            ExpectedHash::Md5(_) => "md5",
-            ExpectedHash::Sha1(_) => "sha1",
-            ExpectedHash::Sha256(_) => "sha256",
-        }
-    }
-
-    /// The expected digest, lower-case hex.
-    pub fn hex(&self) -> &str {
-        match self {
-            ExpectedHash::Md5(h) | ExpectedHash::Sha1(h) | ExpectedHash::Sha256(h) => h,
-        }
-    }
-
-    /// Hex digits of this algorithm's digest.
-    fn hex_len(&self) -> usize {
-        match self {
-            ExpectedHash::Md5(_) => 32,
-            ExpectedHash::Sha1(_) => 40,
-            ExpectedHash::Sha256(_) => 64,
-        }
-    }
-
-    /// Lower-case hex of the algorithm's length.
-    pub(crate) fn check(&self) -> std::result::Result<(), String> {
-        let (hex, len) = (self.hex(), self.hex_len());
-        if hex.len() != len || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(format!("expected {} hash must be {len} lower-case hexadecimal digits", self.algorithm()));
-        }
-        Ok(())
-    }
-
     /// The error for a download that hashed to `got`: `MD5_MISMATCH` with the legacy message
     /// for MD5, `HASH_MISMATCH` naming the algorithm otherwise.
     fn mismatch(&self, got: &str) -> Error {
@@ -174,93 +103,6 @@ impl ExpectedHash {
             ExpectedHash::Md5(_) => Error::new(ErrorCode::Md5Mismatch, format!("expected {expected}, got {got}")),
             _ => Error::new(ErrorCode::HashMismatch, format!("{} mismatch: expected {expected}, got {got}", self.algorithm())),
         }
-    }
-}
-
-/// What one download fetches and how it is checked: the legacy request's fields with any
-/// [`ExpectedHash`]. The legacy API's requests become one with [`DownloadRequest::spec`]; the
-/// DDI client builds one per artifact with [`DownloadSpec::new`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DownloadSpec {
-    /// `MAJOR.MINOR.PATCH`: what `POST /update` names to install it.
-    pub version: String,
-    pub package_url: String,
-    /// The file name under `<state_dir>/downloads/`.
-    pub package_name: String,
-    pub package_size: u64,
-    pub expected: ExpectedHash,
-}
-
-impl DownloadSpec {
-    pub fn new(
-        version: impl Into<String>,
-        package_url: impl Into<String>,
-        package_name: impl Into<String>,
-        package_size: u64,
-        expected: ExpectedHash,
-    ) -> Self {
-        DownloadSpec { version: version.into(), package_url: package_url.into(), package_name: package_name.into(), package_size, expected }
-    }
-
-    /// The legacy request this spec is, if it is checked by MD5 (the only kind the legacy
-    /// API, and so the daemon's own resume at start-up, knows).
-    pub fn legacy_request(&self) -> Option<DownloadRequest> {
-        match &self.expected {
-            ExpectedHash::Md5(md5) => Some(DownloadRequest {
-                version: self.version.clone(),
-                package_url: self.package_url.clone(),
-                package_name: self.package_name.clone(),
-                package_size: self.package_size,
-                package_md5: md5.clone(),
-            }),
-            _ => None,
-        }
-    }
-}
-
-/// The durable state of the current download: journal table `downloads`, key `"current"`
-/// (journal-format.md §2, §3, §5.7).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DownloadRecord {
-    /// What is being downloaded, as validated (record version 2; a version 1 record held the
-    /// legacy request, decoded as its spec: `expected` is its MD5).
-    pub request: DownloadSpec,
-    /// `<state_dir>/downloads/<package_name>`, absolute, UTF-8.
-    pub path: String,
-    /// Bytes `[0, offset)` of the file were made durable (fdatasync) before this value was
-    /// journaled; anything after it is untrusted. `offset <= package_size`.
-    pub offset: u64,
-    /// Set iff the whole file's hash matched `request.expected` (then `offset == package_size`):
-    /// wall-clock ms since the epoch, the start of the trust window.
-    pub verified_at_unix_ms: Option<u64>,
-    /// Wall-clock ms when this download was first requested (informational).
-    pub started_unix_ms: u64,
-    /// Wall-clock ms of this record's commit (informational).
-    pub updated_unix_ms: u64,
-    /// The last attempt ended in an error (not a shutdown): the daemon does not resume it by
-    /// itself at its next start; the same request again does (from `offset`).
-    pub failed: bool,
-}
-
-impl DownloadRecord {
-    /// Every byte of the package is on disk and journaled.
-    pub fn is_complete(&self) -> bool {
-        self.offset == self.request.package_size
-    }
-
-    pub fn is_verified(&self) -> bool {
-        self.verified_at_unix_ms.is_some()
-    }
-
-    /// The invariants checked when the record is written and when it is read back.
-    pub(crate) fn check(&self) -> std::result::Result<(), String> {
-        if self.offset > self.request.package_size {
-            return Err(format!("offset {} is past package_size {}", self.offset, self.request.package_size));
-        }
-        if self.verified_at_unix_ms.is_some() && !self.is_complete() {
-            return Err(format!("verified at offset {} of {}", self.offset, self.request.package_size));
-        }
-        self.request.expected.check()
     }
 }
 
@@ -514,32 +356,16 @@ fn fetch_tuned(
     let dir = cfg.state_dir.join(DOWNLOADS_DIR);
     let path = dir.join(&req.package_name);
     let path_str = path.to_str().ok_or_else(|| Error::internal(format!("state_dir {} is not UTF-8", cfg.state_dir.display())))?;
-    let now = crate::driver::now_unix_ms();
+    let now = crate::clock::now_unix_ms();
     let size = req.package_size;
 
-    let resumable = match journal.download()? {
-        Some(old) if old.request == *req && old.path == path_str => {
-            let on_disk = std::fs::symlink_metadata(&path).ok().filter(|m| m.is_file()).map(|m| m.len());
-            match old.verified_at_unix_ms {
-                Some(at) if within_trust_window(at, now, cfg.download.trust_window_h) && on_disk == Some(size) => {
-                    progress(size, size);
-                    return Ok(old);
-                }
-                // Expired, or the file is gone: fetch it again.
-                Some(_) => {
-                    fsutil::remove_if_present(&path).map_err(local)?;
-                    None
-                }
-                None => Some(old),
-            }
+    let resumable = match prior_download(journal, req, &path, path_str, now, cfg.download.trust_window_h)? {
+        Prior::Verified(rec) => {
+            progress(size, size);
+            return Ok(rec);
         }
-        Some(old) => {
-            // Deleted before the new record is committed: a crash in between leaves the old
-            // record naming a missing file, which a resume treats as "start from 0".
-            fsutil::remove_if_present(Path::new(&old.path)).map_err(local)?;
-            None
-        }
-        None => None,
+        Prior::Partial(rec) => Some(rec),
+        Prior::Nothing => None,
     };
     preflight(&dir, size - resumable.as_ref().map_or(0, |r| r.offset))?;
     let rec = match resumable {
@@ -583,6 +409,40 @@ fn fetch_tuned(
         Err(e) => Err(e),
         Ok(()) => t.verify(),
     }
+}
+
+/// What the journal's download record is worth for `req`.
+enum Prior {
+    /// `req` downloaded and verified, within the trust window, its file whole: nothing to do.
+    Verified(DownloadRecord),
+    /// `req` partly downloaded: resume from the record's offset.
+    Partial(DownloadRecord),
+    /// Nothing usable (none, another request's, or expired): its file is deleted.
+    Nothing,
+}
+
+fn prior_download(journal: &Journal, req: &DownloadSpec, path: &Path, path_str: &str, now: u64, trust_window_h: u64) -> Result<Prior> {
+    Ok(match journal.download()? {
+        Some(old) if old.request == *req && old.path == path_str => {
+            let on_disk = std::fs::symlink_metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len());
+            match old.verified_at_unix_ms {
+                Some(at) if within_trust_window(at, now, trust_window_h) && on_disk == Some(req.package_size) => Prior::Verified(old),
+                // Expired, or the file is gone: fetch it again.
+                Some(_) => {
+                    fsutil::remove_if_present(path).map_err(local)?;
+                    Prior::Nothing
+                }
+                None => Prior::Partial(old),
+            }
+        }
+        Some(old) => {
+            // Deleted before the new record is committed: a crash in between leaves the old
+            // record naming a missing file, which a resume treats as "start from 0".
+            fsutil::remove_if_present(Path::new(&old.path)).map_err(local)?;
+            Prior::Nothing
+        }
+        None => Prior::Nothing,
+    })
 }
 
 /// statvfs preflight: `remaining` bytes (rounded up to whole blocks) plus the reserve.
@@ -759,6 +619,23 @@ impl Transfer<'_> {
         let response = request.call().map_err(|e| Stop::Retry(e.to_string().replace(&url, &redact(&url))))?;
         let status = response.status().as_u16();
         let content_length = response.headers().get("content-length").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        self.check_answer(status, &response, content_length, ranged)?;
+        let remaining = self.size() - self.offset;
+        if let Some(len) = content_length.filter(|&len| len != remaining) {
+            return Err(Stop::Retry(format!("HTTP {status} with Content-Length {len}, expected {remaining}")));
+        }
+        self.receive(response.into_body().into_reader(), cancel)
+    }
+
+    /// Whether the answer's status and range continue this download (a 200 to a ranged
+    /// request starts over from byte 0; a 416 restarts and retries).
+    fn check_answer(
+        &mut self,
+        status: u16,
+        response: &ureq::http::Response<ureq::Body>,
+        content_length: Option<u64>,
+        ranged: bool,
+    ) -> Result<(), Stop> {
         match status {
             206 => {
                 let range = response.headers().get("content-range").and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -795,11 +672,12 @@ impl Transfer<'_> {
                 )));
             }
         }
-        let remaining = self.size() - self.offset;
-        if let Some(len) = content_length.filter(|&len| len != remaining) {
-            return Err(Stop::Retry(format!("HTTP {status} with Content-Length {len}, expected {remaining}")));
-        }
-        let mut body = response.into_body().into_reader();
+        Ok(())
+    }
+
+    /// Writes the body from `offset` to `package_size`, hashing as it goes and journaling a
+    /// checkpoint every `checkpoint_bytes`.
+    fn receive(&mut self, mut body: impl Read, cancel: &AtomicBool) -> Result<(), Stop> {
         while self.offset < self.size() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Stop::Cancelled);
@@ -849,7 +727,7 @@ impl Transfer<'_> {
     }
 
     fn commit(&mut self) -> Result<()> {
-        self.rec.updated_unix_ms = crate::driver::now_unix_ms();
+        self.rec.updated_unix_ms = crate::clock::now_unix_ms();
         self.journal.put_download(&self.rec)
     }
 
@@ -878,7 +756,7 @@ impl Transfer<'_> {
             return Err(expected.mismatch(&got));
         }
         self.rec.offset = self.offset;
-        let now = crate::driver::now_unix_ms();
+        let now = crate::clock::now_unix_ms();
         self.rec.verified_at_unix_ms = Some(now);
         self.commit()?;
         Ok(self.rec)

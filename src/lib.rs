@@ -3,11 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod ddi;
 pub mod delta;
-pub mod demo;
 pub mod download;
 pub mod driver;
 pub mod engine;

@@ -52,6 +52,40 @@ const PATCH_PREFIX: &str = ".tope-delta/";
 /// with `delta_from`, a delta package against those full packages (`pack_delta.rs`).
 pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path>, delta_from: &[PathBuf]) -> Result<PackReport> {
     let key = sign.map(crate::signing::load_signing_key).transpose()?;
+    let (mut doc, found) = fill_template(dir, version)?;
+    // Two modules may deploy the same source: the archive holds it once.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut shipped: Vec<&NewFile> = found.iter().filter(|f| seen.insert(f.entry.clone())).collect();
+    let mut patches: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut delta_report = None;
+    if !delta_from.is_empty() {
+        let (whole, report) = make_delta(&mut doc, &found, delta_from, &mut patches)?;
+        shipped.retain(|f| whole.contains(&f.entry));
+        delta_report = Some(report);
+    }
+    let manifest_bytes = serde_json::to_vec_pretty(&doc).map_err(|e| Error::internal(e.to_string()))?;
+    // Validate what we produce with the same parser the installer uses.
+    let manifest = Manifest::parse(&manifest_bytes)?;
+    let signature = key.as_ref().map(|k| crate::signing::sign(k, &manifest_bytes));
+    let bytes = write_package(output, &manifest_bytes, signature.as_ref().map(|s| s.as_slice()), &shipped, &patches)?;
+    let package_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    if let Some(r) = delta_report.as_mut() {
+        measure_delta(r, &found, output)?;
+    }
+    Ok(PackReport {
+        output: output.display().to_string(),
+        version: manifest.version.to_string(),
+        files: found.len(),
+        bytes,
+        signed: key.is_some(),
+        package_bytes,
+        delta: delta_report,
+    })
+}
+
+/// The manifest template of `dir` with the version set and every module's hashes filled in
+/// (`blake3`, or `files` for a directory module), and the files it ships.
+fn fill_template(dir: &Path, version: Option<&str>) -> Result<(Value, Vec<NewFile>)> {
     let template_path = dir.join(MANIFEST_NAME);
     let text = std::fs::read_to_string(&template_path).map_err(|e| Error::io(ErrorCode::ValidationError, "read", &template_path, &e))?;
     let mut doc: Value = serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", template_path.display())))?;
@@ -83,76 +117,80 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path
             found.push(f);
         }
     }
-    // Two modules may deploy the same source: the archive holds it once.
-    let mut seen = std::collections::BTreeSet::new();
-    let mut shipped_once: Vec<&NewFile> = found.iter().filter(|f| seen.insert(f.entry.clone())).collect();
-    let mut patches: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut delta_report = None;
-    if !delta_from.is_empty() {
-        let (how, from_versions) = crate::pack_delta::plan(&found, delta_from)?;
-        let mut files = Map::new();
-        let mut report = DeltaReport {
-            from_versions: from_versions.clone(),
-            whole: 0,
-            patched: 0,
-            on_device: 0,
-            full_entries_bytes: 0,
-            entries_bytes: 0,
-        };
-        let mut whole = std::collections::BTreeSet::new();
-        for (f, shipped) in found.iter().zip(how) {
-            match shipped {
-                Shipped::Whole => {
-                    whole.insert(f.entry.clone());
-                    report.whole += 1;
+    Ok((doc, found))
+}
+
+/// Turns the filled manifest into a delta manifest against the base packages: per file, not
+/// shipped, patches (appended to `patches`), or whole. Returns the entries shipped whole.
+fn make_delta(
+    doc: &mut Value,
+    found: &[NewFile],
+    delta_from: &[PathBuf],
+    patches: &mut Vec<(String, Vec<u8>)>,
+) -> Result<(std::collections::BTreeSet<String>, DeltaReport)> {
+    let (how, from_versions) = crate::pack_delta::plan(found, delta_from)?;
+    let mut files = Map::new();
+    let mut report =
+        DeltaReport { from_versions: from_versions.clone(), whole: 0, patched: 0, on_device: 0, full_entries_bytes: 0, entries_bytes: 0 };
+    let mut whole = std::collections::BTreeSet::new();
+    for (f, shipped) in found.iter().zip(how) {
+        match shipped {
+            Shipped::Whole => {
+                whole.insert(f.entry.clone());
+                report.whole += 1;
+            }
+            Shipped::Delta { patches: ps } => {
+                let mut list = Vec::new();
+                for (base, bytes) in ps {
+                    let entry = format!("{PATCH_PREFIX}{}", patches.len());
+                    list.push(serde_json::json!({"base": base.to_hex(), "entry": entry}));
+                    patches.push((entry, bytes));
                 }
-                Shipped::Delta { patches: ps } => {
-                    let mut list = Vec::new();
-                    for (base, bytes) in ps {
-                        let entry = format!("{PATCH_PREFIX}{}", patches.len());
-                        list.push(serde_json::json!({"base": base.to_hex(), "entry": entry}));
-                        patches.push((entry, bytes));
-                    }
-                    if list.is_empty() {
-                        report.on_device += 1
-                    } else {
-                        report.patched += 1
-                    }
-                    files.insert(f.entry.clone(), serde_json::json!({"size": f.size, "mode": format!("{:04o}", f.mode), "patches": list}));
+                if list.is_empty() {
+                    report.on_device += 1
+                } else {
+                    report.patched += 1
                 }
+                files.insert(f.entry.clone(), serde_json::json!({"size": f.size, "mode": format!("{:04o}", f.mode), "patches": list}));
             }
         }
-        shipped_once.retain(|f| whole.contains(&f.entry));
-        // The modules move under `delta`, and the top-level list stays empty: an engine that
-        // does not know deltas refuses the package whole (manifest.rs, RawDelta).
-        let mods = std::mem::take(modules);
-        root.insert(
-            "delta".into(),
-            serde_json::json!({"format": crate::manifest::DELTA_FORMAT, "from_versions": from_versions, "modules": mods, "files": files}),
-        );
-        delta_report = Some(report);
     }
-    let manifest_bytes = serde_json::to_vec_pretty(&doc).map_err(|e| Error::internal(e.to_string()))?;
-    // Validate what we produce with the same parser the installer uses.
-    let manifest = Manifest::parse(&manifest_bytes)?;
+    // The modules move under `delta`, and the top-level list stays empty: an engine that
+    // does not know deltas refuses the package whole (manifest.rs, RawDelta).
+    let root = doc.as_object_mut().ok_or_else(|| bad("manifest template is not a JSON object"))?;
+    let mods = root.get_mut("modules").and_then(Value::as_array_mut).map(std::mem::take).unwrap_or_default();
+    root.insert(
+        "delta".into(),
+        serde_json::json!({"format": crate::manifest::DELTA_FORMAT, "from_versions": from_versions, "modules": mods, "files": files}),
+    );
+    Ok((whole, report))
+}
+
+/// Writes the package: manifest, signature, the files shipped whole, the patches; fsync'd
+/// under a temporary name, then renamed over `output` (a reader never sees half a package).
+/// Returns the bytes of the files shipped whole.
+fn write_package(
+    output: &Path,
+    manifest_bytes: &[u8],
+    signature: Option<&[u8]>,
+    shipped: &[&NewFile],
+    patches: &[(String, Vec<u8>)],
+) -> Result<u64> {
     let tmp = output.with_extension("zip.part");
     let out = File::create(&tmp).map_err(|e| Error::io(ErrorCode::ValidationError, "create", &tmp, &e))?;
     let mut zip = zip::ZipWriter::new(BufWriter::new(out));
     let opts = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated).compression_level(Some(1));
-    let zerr = |e: zip::result::ZipError| Error::internal(format!("write {}: {e}", output.display()));
-    zip.start_file(MANIFEST_NAME, opts.unix_permissions(0o644)).map_err(zerr)?;
-    zip.write_all(&manifest_bytes).map_err(|e| Error::io(ErrorCode::InternalError, "write", &tmp, &e))?;
-    if let Some(key) = &key {
-        zip.start_file(
-            crate::signing::SIGNATURE_NAME,
-            opts.compression_method(zip::CompressionMethod::Stored).compression_level(None).unix_permissions(0o644),
-        )
-        .map_err(zerr)?;
-        zip.write_all(&crate::signing::sign(key, &manifest_bytes)).map_err(|e| Error::io(ErrorCode::InternalError, "write", &tmp, &e))?;
-    }
     let stored = opts.compression_method(zip::CompressionMethod::Stored).compression_level(None);
+    let zerr = |e: zip::result::ZipError| Error::internal(format!("write {}: {e}", output.display()));
+    let werr = |e: std::io::Error| Error::io(ErrorCode::InternalError, "write", &tmp, &e);
+    zip.start_file(MANIFEST_NAME, opts.unix_permissions(0o644)).map_err(zerr)?;
+    zip.write_all(manifest_bytes).map_err(werr)?;
+    if let Some(signature) = signature {
+        zip.start_file(crate::signing::SIGNATURE_NAME, stored.unix_permissions(0o644)).map_err(zerr)?;
+        zip.write_all(signature).map_err(werr)?;
+    }
     let mut bytes = 0u64;
-    for f in &shipped_once {
+    for f in shipped {
         let entry_opts = if compresses(&f.path)? { opts } else { stored };
         zip.start_file(f.entry.as_str(), entry_opts.unix_permissions(f.mode).large_file(true)).map_err(zerr)?;
         let file = File::open(&f.path).map_err(|e| Error::io(ErrorCode::ValidationError, "open", &f.path, &e))?;
@@ -160,9 +198,9 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path
         bytes += n;
     }
     // Patches are zstd already: stored.
-    for (name, patch) in &patches {
+    for (name, patch) in patches {
         zip.start_file(name.as_str(), stored.unix_permissions(0o644).large_file(true)).map_err(zerr)?;
-        zip.write_all(patch).map_err(|e| Error::io(ErrorCode::InternalError, "write", &tmp, &e))?;
+        zip.write_all(patch).map_err(werr)?;
     }
     let writer = zip.finish().map_err(zerr)?;
     writer
@@ -171,31 +209,27 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path
         .sync_all()
         .map_err(|e| Error::io(ErrorCode::InternalError, "fsync", &tmp, &e))?;
     std::fs::rename(&tmp, output).map_err(|e| Error::io(ErrorCode::InternalError, "rename", output, &e))?;
-    let package_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-    if let Some(r) = delta_report.as_mut() {
-        let mut counted = std::collections::BTreeSet::new();
-        for f in found.iter().filter(|f| counted.insert(f.entry.as_str())) {
-            r.full_entries_bytes += full_entry_bytes(&f.path, f.size)?;
-        }
-        let mut archive = zip::ZipArchive::new(File::open(output).map_err(|e| Error::io(ErrorCode::InternalError, "open", output, &e))?)
-            .map_err(|e| Error::internal(format!("read back {}: {e}", output.display())))?;
-        for i in 0..archive.len() {
-            let e = archive.by_index_raw(i).map_err(|e| Error::internal(format!("read back {}: {e}", output.display())))?;
-            let name = e.name().map_err(|e| Error::internal(format!("read back {}: {e}", output.display())))?;
-            if name != MANIFEST_NAME && name != crate::signing::SIGNATURE_NAME {
-                r.entries_bytes += e.compressed_size();
-            }
+    Ok(bytes)
+}
+
+/// The delta report's sizes: the entries of the full package these files would make, and
+/// the entries of the delta package as written (read back from `output`).
+fn measure_delta(r: &mut DeltaReport, found: &[NewFile], output: &Path) -> Result<()> {
+    let mut counted = std::collections::BTreeSet::new();
+    for f in found.iter().filter(|f| counted.insert(f.entry.as_str())) {
+        r.full_entries_bytes += full_entry_bytes(&f.path, f.size)?;
+    }
+    let read_back = |e: zip::result::ZipError| Error::internal(format!("read back {}: {e}", output.display()));
+    let file = File::open(output).map_err(|e| Error::io(ErrorCode::InternalError, "open", output, &e))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(read_back)?;
+    for i in 0..archive.len() {
+        let e = archive.by_index_raw(i).map_err(read_back)?;
+        let name = e.name().map_err(|e| Error::internal(format!("read back {}: {e}", output.display())))?;
+        if name != MANIFEST_NAME && name != crate::signing::SIGNATURE_NAME {
+            r.entries_bytes += e.compressed_size();
         }
     }
-    Ok(PackReport {
-        output: output.display().to_string(),
-        version: manifest.version.to_string(),
-        files: found.len(),
-        bytes,
-        signed: key.is_some(),
-        package_bytes,
-        delta: delta_report,
-    })
+    Ok(())
 }
 
 fn new_file(entry: String, path: PathBuf, dst: String) -> Result<NewFile> {

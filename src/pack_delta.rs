@@ -184,7 +184,7 @@ impl Drop for Scratch {
 }
 
 fn scratch_dir() -> Result<Scratch> {
-    let dir = std::env::temp_dir().join(format!("tope-pack-{}-{}", std::process::id(), crate::driver::now_unix_ms()));
+    let dir = std::env::temp_dir().join(format!("tope-pack-{}-{}", std::process::id(), crate::clock::now_unix_ms()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(ErrorCode::InternalError, "create", &dir, &e))?;
     Ok(Scratch(dir))
 }

@@ -363,94 +363,31 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
     let mut files = Vec::new();
     // Files of a directory module share their parents: resolve each directory once.
     let mut cache = crate::paths::ResolveCache::default();
-    let mut seen_dst = BTreeSet::new();
     let delta = manifest.delta.as_ref();
     let mut used = BTreeSet::new();
     for (mi, m) in manifest.modules.iter().enumerate() {
-        let missing = |what: &str| Error::new(ErrorCode::InvalidPackage, format!("module {:?}: {what}", m.name));
+        let module = mi as u32;
         match &m.src {
             ModuleSrc::File(src) => {
-                let (size, zip_mode, content) = content_of(src, entries, delta, &mut used)?
-                    .ok_or_else(|| missing(&format!("src {src:?} is not a file in the package")))?;
+                let (size, zip_mode, content) = content_of(src, entries, delta, &mut used)?.ok_or_else(|| {
+                    Error::new(ErrorCode::InvalidPackage, format!("module {:?}: src {src:?} is not a file in the package", m.name))
+                })?;
                 let dst = roots.check(&m.dst)?;
-                files.push(DeployFile { module: mi as u32, entry: src.clone(), dst, size, expected: m.blake3, zip_mode, content });
+                files.push(DeployFile { module, entry: src.clone(), dst, size, expected: m.blake3, zip_mode, content });
             }
             ModuleSrc::Dir(prefix) if delta.is_some() => {
-                // A delta package lists every file of a directory module in `files` (some are
-                // not in the archive), and the archive holds nothing else under the prefix.
-                let dst_dir = crate::paths::check_absolute(&m.dst)?;
-                let map =
-                    m.files.as_ref().ok_or_else(|| Error::new(ErrorCode::InvalidManifest, format!("module {:?}: no files", m.name)))?;
-                if let Some((stray, _)) = entries
-                    .range::<String, _>(prefix.clone()..)
-                    .take_while(|(n, _)| n.starts_with(prefix.as_str()))
-                    .find(|(n, _)| !map.contains_key(&n[prefix.len()..]))
-                {
-                    return Err(Error::new(
-                        ErrorCode::InvalidManifest,
-                        format!("module {:?}: entry {stray:?} is not in its files", m.name),
-                    ));
-                }
-                for (rel, hash) in map {
-                    let name = format!("{prefix}{rel}");
-                    let (size, zip_mode, content) = content_of(&name, entries, delta, &mut used)?.ok_or_else(|| {
-                        Error::new(
-                            ErrorCode::InvalidManifest,
-                            format!("module {:?}: {rel:?} is neither in the package nor in delta.files", m.name),
-                        )
-                    })?;
-                    let dst = roots.check_cached(&format!("{}/{rel}", dst_dir.display()), &mut cache)?;
-                    files.push(DeployFile { module: mi as u32, entry: name, dst, size, expected: Some(*hash), zip_mode, content });
-                }
-                if map.is_empty() {
-                    return Err(missing(&format!("src {prefix:?} holds no files")));
-                }
+                let dir = DirModule { module, m, prefix, entries };
+                files.extend(dir.delta_files(delta, &mut used, roots, &mut cache)?);
             }
-            ModuleSrc::Dir(prefix) => {
-                let dst_dir = crate::paths::check_absolute(&m.dst)?;
-                let mut count = 0usize;
-                for (name, info) in entries.range::<String, _>(prefix.clone()..).take_while(|(n, _)| n.starts_with(prefix.as_str())) {
-                    let rel = &name[prefix.len()..];
-                    let dst_str = format!("{}/{rel}", dst_dir.display());
-                    let dst = roots.check_cached(&dst_str, &mut cache)?;
-                    let expected = match &m.files {
-                        Some(map) => Some(*map.get(rel).ok_or_else(|| {
-                            Error::new(ErrorCode::InvalidManifest, format!("module {:?}: files has no hash for {rel:?}", m.name))
-                        })?),
-                        None => None,
-                    };
-                    files.push(DeployFile {
-                        module: mi as u32,
-                        entry: name.clone(),
-                        dst,
-                        size: info.size,
-                        expected,
-                        zip_mode: info.zip_mode,
-                        content: Content::Entry,
-                    });
-                    count += 1;
-                }
-                if count == 0 {
-                    return Err(missing(&format!("src {prefix:?} holds no files")));
-                }
-                if let Some(map) = &m.files
-                    && let Some(extra) = map.keys().find(|rel| !entries.contains_key(&format!("{prefix}{rel}")))
-                {
-                    return Err(Error::new(
-                        ErrorCode::InvalidManifest,
-                        format!("module {:?}: files names {extra:?}, which is not in the package", m.name),
-                    ));
-                }
-            }
+            ModuleSrc::Dir(prefix) => files.extend(DirModule { module, m, prefix, entries }.files(roots, &mut cache)?),
         }
         if files.len() > TARGETS_MAX {
             return Err(invalid(format!("more than {TARGETS_MAX} files")));
         }
     }
-    for f in &files {
-        if !seen_dst.insert(f.dst.clone()) {
-            return Err(Error::new(ErrorCode::InvalidManifest, format!("two files deploy to {}", f.dst.display())));
-        }
+    let mut seen_dst = BTreeSet::new();
+    if let Some(f) = files.iter().find(|f| !seen_dst.insert(f.dst.clone())) {
+        return Err(Error::new(ErrorCode::InvalidManifest, format!("two files deploy to {}", f.dst.display())));
     }
     if let Some(d) = delta {
         if let Some(unused) = d.files.keys().find(|k| !used.contains(k.as_str())) {
@@ -463,6 +400,81 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
         }
     }
     Ok(files)
+}
+
+/// A directory module (`src` ending in `/`) being expanded into its files.
+struct DirModule<'a> {
+    module: u32,
+    m: &'a crate::manifest::Module,
+    prefix: &'a str,
+    entries: &'a BTreeMap<String, EntryInfo>,
+}
+
+impl<'a> DirModule<'a> {
+    fn error(&self, code: ErrorCode, what: String) -> Error {
+        Error::new(code, format!("module {:?}: {what}", self.m.name))
+    }
+
+    /// The archive's entries under the prefix.
+    fn under_prefix(&self) -> impl Iterator<Item = (&'a String, &'a EntryInfo)> + '_ {
+        self.entries.range::<String, _>(self.prefix.to_string()..).take_while(|(n, _)| n.starts_with(self.prefix))
+    }
+
+    /// A full package's directory module: every entry under the prefix, each checked against
+    /// `files` when the manifest gives it (and `files` names nothing else).
+    fn files(&self, roots: &AllowedRoots, cache: &mut crate::paths::ResolveCache) -> Result<Vec<DeployFile>> {
+        let dst_dir = crate::paths::check_absolute(&self.m.dst)?;
+        let mut files = Vec::new();
+        for (name, info) in self.under_prefix() {
+            let rel = &name[self.prefix.len()..];
+            let dst = roots.check_cached(&format!("{}/{rel}", dst_dir.display()), cache)?;
+            let expected = match &self.m.files {
+                Some(map) => {
+                    Some(*map.get(rel).ok_or_else(|| self.error(ErrorCode::InvalidManifest, format!("files has no hash for {rel:?}")))?)
+                }
+                None => None,
+            };
+            let (size, zip_mode) = (info.size, info.zip_mode);
+            files.push(DeployFile { module: self.module, entry: name.clone(), dst, size, expected, zip_mode, content: Content::Entry });
+        }
+        if files.is_empty() {
+            return Err(self.error(ErrorCode::InvalidPackage, format!("src {:?} holds no files", self.prefix)));
+        }
+        if let Some(map) = &self.m.files
+            && let Some(extra) = map.keys().find(|rel| !self.entries.contains_key(&format!("{}{rel}", self.prefix)))
+        {
+            return Err(self.error(ErrorCode::InvalidManifest, format!("files names {extra:?}, which is not in the package")));
+        }
+        Ok(files)
+    }
+
+    /// A delta package's directory module: it lists every file in `files` (some are not in
+    /// the archive), and the archive holds nothing else under the prefix.
+    fn delta_files(
+        &self,
+        delta: Option<&'a crate::manifest::Delta>,
+        used: &mut BTreeSet<&'a str>,
+        roots: &AllowedRoots,
+        cache: &mut crate::paths::ResolveCache,
+    ) -> Result<Vec<DeployFile>> {
+        let dst_dir = crate::paths::check_absolute(&self.m.dst)?;
+        let map = self.m.files.as_ref().ok_or_else(|| self.error(ErrorCode::InvalidManifest, "no files".into()))?;
+        if let Some((stray, _)) = self.under_prefix().find(|(n, _)| !map.contains_key(&n[self.prefix.len()..])) {
+            return Err(self.error(ErrorCode::InvalidManifest, format!("entry {stray:?} is not in its files")));
+        }
+        let mut files = Vec::new();
+        for (rel, hash) in map {
+            let name = format!("{}{rel}", self.prefix);
+            let (size, zip_mode, content) = content_of(&name, self.entries, delta, used)?
+                .ok_or_else(|| self.error(ErrorCode::InvalidManifest, format!("{rel:?} is neither in the package nor in delta.files")))?;
+            let dst = roots.check_cached(&format!("{}/{rel}", dst_dir.display()), cache)?;
+            files.push(DeployFile { module: self.module, entry: name, dst, size, expected: Some(*hash), zip_mode, content });
+        }
+        if map.is_empty() {
+            return Err(self.error(ErrorCode::InvalidPackage, format!("src {:?} holds no files", self.prefix)));
+        }
+        Ok(files)
+    }
 }
 
 /// Where the file a full package would hold as entry `name` comes from: the entry itself,

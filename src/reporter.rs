@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::journal::Journal;
 use crate::limits::REPORT_RESPONSE_BYTES_MAX;
 use crate::wakeup::{Wakeup, Worker};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,37 +29,12 @@ pub const REPORT_IDLE_POLL_MS: u64 = 5_000;
 /// Reports read from the journal per batch.
 pub const REPORT_BATCH_MAX: usize = 64;
 
-/// One report to device-api: the legacy callback body (`stage`, `progress`, `message`,
-/// `error`) plus the transaction id, the boot id and the outbox sequence number. Stored in the
-/// journal's `outbox` table as a record (journal-format.md §3); sent as `body_json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Report {
-    /// One of the contract's stages: `idle, downloading, verifying, toInstall, installing,
-    /// rebooting, success, failed`.
-    pub stage: String,
-    /// 0..=100 (sent clamped to 100).
-    pub progress: u8,
-    pub message: String,
-    /// `"CODE: message"` when `stage == "failed"`, else `None`.
-    pub error: Option<String>,
-    /// The transaction this report belongs to, if any (a download is not a transaction).
-    pub tx: Option<u64>,
-    /// The kernel's boot id when the report was made (not when it was delivered).
-    pub boot_id: String,
-    /// Set by the push: the outbox sequence number, increasing, never reused.
-    pub seq: u64,
-    /// The one final report of a transaction (`Journal::outbox_push_final`); never dropped
-    /// when the outbox is full.
-    pub final_report: bool,
-    /// The version the job is about (downloaded, installed, or rolled back to), sent as
-    /// `"vX.Y.Z"` as the Python service did; `None` when no version is known (record V2).
-    pub version: Option<String>,
-}
+pub use crate::journal::outbox::Report;
 
 impl Report {
     /// A report of the current boot, not tied to a transaction (`with_tx` ties it).
     pub fn new(stage: &str, progress: u8, message: impl Into<String>, error: Option<String>) -> Report {
-        let boot_id = crate::driver::boot_id().unwrap_or_else(|e| {
+        let boot_id = crate::clock::boot_id().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "boot id unreadable; reports say \"unknown\"");
             "unknown".into()
         });

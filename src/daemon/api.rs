@@ -167,7 +167,7 @@ async fn download(State(d): Shared, body: axum::body::Body) -> Response {
         let (d2, req2) = (d.clone(), req.clone());
         let waiting = blocking(move || {
             let rec = d2.held.journal.download()?;
-            let now = crate::driver::now_unix_ms();
+            let now = crate::clock::now_unix_ms();
             Ok(rec.filter(|r| {
                 r.request != req2.spec()
                     && crate::download::check_installable(Some(r), &r.request.version, d2.cfg.download.trust_window_h, now).is_ok()
@@ -221,7 +221,7 @@ async fn update(State(d): Shared, body: axum::body::Body) -> Response {
     let package = blocking(move || {
         let rec = d2.held.journal.download()?;
         let checked =
-            crate::download::check_installable(rec.as_ref(), &version, d2.cfg.download.trust_window_h, crate::driver::now_unix_ms());
+            crate::download::check_installable(rec.as_ref(), &version, d2.cfg.download.trust_window_h, crate::clock::now_unix_ms());
         // An expired package can never be installed: it goes now (device-api downloads again).
         if let (Err(e), Some(rec)) = (&checked, &rec)
             && e.code == ErrorCode::PackageExpired

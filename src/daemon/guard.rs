@@ -98,20 +98,6 @@ fn single<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Result<Option<
     first.to_str().map(Some).map_err(|_| text)
 }
 
-/// `scheme://host[:port]` as a browser sends it in `Origin` (http or https, nothing after).
-pub fn is_origin(o: &str) -> bool {
-    let Ok(uri) = o.parse::<Uri>() else { return false };
-    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
-    let bare = uri.authority().is_some_and(|a| !a.as_str().contains('@')) && !o.ends_with('/') && uri.query().is_none();
-    scheme_ok && bare && uri.path() == "/"
-}
-
-/// A host name or IP address as `api.allowed_hosts` holds it (no port, no brackets needed).
-pub fn is_host_name(h: &str) -> bool {
-    let inner = h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(h);
-    !inner.is_empty() && (inner.parse::<IpAddr>().is_ok() || inner.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
-}
-
 impl Policy {
     pub fn new(api: &crate::config::ApiConfig) -> Policy {
         let lower = |v: &[String]| v.iter().map(|s| s.to_ascii_lowercase()).collect();
@@ -321,16 +307,16 @@ mod tests {
     #[test]
     fn config_entries_are_checked_for_shape() {
         for o in ["http://kiosk.local", "https://a.example:8443", "http://[::1]:80"] {
-            assert!(is_origin(o), "{o}");
+            assert!(crate::config::is_origin(o), "{o}");
         }
         for o in ["null", "http://a.example/", "http://a.example/path", "ftp://a.example", "a.example", "http://u@a.example", ""] {
-            assert!(!is_origin(o), "{o}");
+            assert!(!crate::config::is_origin(o), "{o}");
         }
         for h in ["printer.lan", "192.168.1.5", "[fe80::1]", "fe80::1"] {
-            assert!(is_host_name(h), "{h}");
+            assert!(crate::config::is_host_name(h), "{h}");
         }
         for h in ["", "a.example:80", "a/b", "a b"] {
-            assert!(!is_host_name(h), "{h}");
+            assert!(!crate::config::is_host_name(h), "{h}");
         }
     }
 

@@ -189,7 +189,7 @@ pub fn report_recovered(d: &Arc<Daemon>, recovered: &RecoverReport) {
 /// a verified package past its trust window, or whose file is gone, is removed with its record.
 pub fn clean_stale_download(held: &Held, trust_window_h: u64) {
     let Ok(Some(rec)) = held.journal.download() else { return };
-    let expired = download::is_expired(&rec, trust_window_h, crate::driver::now_unix_ms());
+    let expired = download::is_expired(&rec, trust_window_h, crate::clock::now_unix_ms());
     if rec.is_verified() && (expired || !std::path::Path::new(&rec.path).exists()) {
         tracing::info!(path = rec.path, expired, "removing a downloaded package that can no longer be installed");
         if let Err(e) = download::discard(&held.journal, &rec) {

@@ -175,7 +175,7 @@ pub fn serve(cfg: Config) -> Result<()> {
     }
     let recovered = up.recover(false)?;
     let held = up.into_held().ok_or_else(|| Error::internal("recovery did not hold the state dir"))?;
-    let boot_id = crate::driver::boot_id().unwrap_or_default();
+    let boot_id = crate::clock::boot_id().unwrap_or_default();
     let reporter = crate::reporter::Reporter::start(held.journal.clone(), &cfg);
     jobs::clean_consumed_download(&held);
     jobs::clean_stale_download(&held, cfg.download.trust_window_h);

@@ -6,8 +6,8 @@
 //! `Authorization` header goes only to the configured server's origin; an artifact link on
 //! another host (a CDN) is fetched without it.
 
-use super::config::{Auth, DdiConfig};
 use super::protocol::{Cancel, ConfigData, ControllerBase, DeploymentBase, Feedback, ProtocolError, check_action_id};
+use crate::config::ddi::{Auth, DdiConfig};
 use crate::limits::DDI_RESPONSE_BYTES_MAX;
 use std::time::Duration;
 

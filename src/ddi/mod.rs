@@ -10,7 +10,6 @@
 //! - `sender`: delivery of the journaled feedback outbox (`journal::ddi`).
 
 pub mod client;
-pub mod config;
 pub mod decide;
 pub mod protocol;
 pub mod sender;

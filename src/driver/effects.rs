@@ -37,41 +37,7 @@ pub(super) fn stage_one(
                 CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
             })
         }
-        Source::Delta { base, live, patch } => {
-            let base_file = if *live {
-                std::fs::File::open(target).map_err(|e| Error::io(ErrorCode::DeltaBaseMissing, "open delta base", target, &e))?
-            } else {
-                store.open_blob(base).map_err(|e| Error::new(ErrorCode::DeltaBaseMissing, e.message))?
-            };
-            let base_path = if *live { target.to_path_buf() } else { store.blob_path(base) };
-            match patch {
-                None => fsutil::copy_hashed(&base_file, &file).map_err(|e| match e {
-                    CopyError::Read(e) => Error::io(ErrorCode::DeltaBaseMissing, "read delta base", &base_path, &e),
-                    CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
-                }),
-                Some(p) => {
-                    let archive = archive.ok_or_else(|| Error::internal("staging from a package that is not open"))?;
-                    let mut reader = crate::package::entry_reader(archive, &p.entry, p.size)?;
-                    let mut out = HashingWriter { file: &file, hasher: blake3::Hasher::new(), len: 0 };
-                    crate::delta::apply(&mut reader, &base_file, nf.size, &mut out).map_err(|e| {
-                        use crate::delta::PatchError;
-                        let what = format!("patch {:?} for {}", p.entry, t.path);
-                        match e {
-                            PatchError::Invalid(m) => Error::new(ErrorCode::InvalidPackage, format!("{what}: {m}")),
-                            PatchError::Corrupt(m) => {
-                                Error::new(ErrorCode::HashMismatch, format!("{what} does not produce the pinned content: {m}"))
-                            }
-                            PatchError::Read(e) => Error::new(ErrorCode::InvalidPackage, format!("{what}: {e}")),
-                            PatchError::Base(m) => {
-                                Error::new(ErrorCode::DeltaBaseMissing, format!("{what}: base {}: {m}", base_path.display()))
-                            }
-                            PatchError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
-                        }
-                    })?;
-                    Ok((out.hasher.finalize().into(), out.len))
-                }
-            }
-        }
+        Source::Delta { base, live, patch } => stage_delta(t, nf.size, (base, *live), patch.as_ref(), archive, store, (&tmp, &file)),
         Source::Nothing => Err(Error::internal(format!("{} has new content but no source", t.path))),
     };
     let (hash, size) = copied?;
@@ -88,6 +54,47 @@ pub(super) fn stage_one(
     fsutil::apply_meta(&file, &tmp, nf.mode, nf.uid, nf.gid)?;
     hit("stage.file");
     Ok(Some(hash))
+}
+
+/// A delta file's new content into the staged file `out`: its base (the live target, or the
+/// backup blob of that hash) copied, or with the patch applied. Returns hash and length.
+fn stage_delta(
+    t: &Target,
+    size: u64,
+    (base, live): (&crate::engine::Hash, bool),
+    patch: Option<&crate::engine::plan::PatchRef>,
+    archive: Option<&mut crate::package::Archive>,
+    store: &BackupStore,
+    (tmp, file): (&Path, &std::fs::File),
+) -> Result<(crate::engine::Hash, u64)> {
+    let target = Path::new(&t.path);
+    let base_file = if live {
+        std::fs::File::open(target).map_err(|e| Error::io(ErrorCode::DeltaBaseMissing, "open delta base", target, &e))?
+    } else {
+        store.open_blob(base).map_err(|e| Error::new(ErrorCode::DeltaBaseMissing, e.message))?
+    };
+    let base_path = if live { target.to_path_buf() } else { store.blob_path(base) };
+    let Some(p) = patch else {
+        return fsutil::copy_hashed(&base_file, file).map_err(|e| match e {
+            CopyError::Read(e) => Error::io(ErrorCode::DeltaBaseMissing, "read delta base", &base_path, &e),
+            CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", tmp, &e),
+        });
+    };
+    let archive = archive.ok_or_else(|| Error::internal("staging from a package that is not open"))?;
+    let mut reader = crate::package::entry_reader(archive, &p.entry, p.size)?;
+    let mut out = HashingWriter { file, hasher: blake3::Hasher::new(), len: 0 };
+    crate::delta::apply(&mut reader, &base_file, size, &mut out).map_err(|e| {
+        use crate::delta::PatchError;
+        let what = format!("patch {:?} for {}", p.entry, t.path);
+        match e {
+            PatchError::Invalid(m) => Error::new(ErrorCode::InvalidPackage, format!("{what}: {m}")),
+            PatchError::Corrupt(m) => Error::new(ErrorCode::HashMismatch, format!("{what} does not produce the pinned content: {m}")),
+            PatchError::Read(e) => Error::new(ErrorCode::InvalidPackage, format!("{what}: {e}")),
+            PatchError::Base(m) => Error::new(ErrorCode::DeltaBaseMissing, format!("{what}: base {}: {m}", base_path.display())),
+            PatchError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", tmp, &e),
+        }
+    })?;
+    Ok((out.hasher.finalize().into(), out.len))
 }
 
 /// The staged file, hashed as the patch output is written (in whole windows: no buffering).

@@ -1,13 +1,15 @@
 //! The driver: the one place where a transition is journaled and then performed.
 //!
-//! Write-ahead rule (STYLE rule 1): for every phase, `run::enter` commits the phase durably
-//! *before* `run::perform` starts its effects, and a phase's effects are made durable (batched
-//! `syncfs`) before the next phase is entered. Recovery therefore knows, from the journaled
-//! phase alone, which effects are complete and which may be partial.
+//! Write-ahead rule (STYLE rule 1): for every phase, `transaction::commit_phase` commits the
+//! phase durably *before* `run::perform` starts its effects, and a phase's effects are made
+//! durable (batched `syncfs`) before the next phase is entered. Recovery therefore knows, from
+//! the journaled phase alone, which effects are complete and which may be partial.
 //!
 //! - `mod.rs`: opening the state dir (lock, journal, plan-copy reconciliation), shared types;
 //! - `planning.rs`: package or generation → `Plan`, with every check before the journal;
-//! - `run.rs`: the phase loop, commit effects, rollback;
+//! - `transaction.rs`: the running transaction as a value, and the one place a phase change
+//!   is committed (install, resume, rollback, give-up, confirm and trial expiry all go there);
+//! - `run.rs`: the phase loop, each phase's effects, commit effects, rollback;
 //! - `effects.rs`: the idempotent per-file effects (stage, swap, undo);
 //! - `recovery.rs`: `recover`;
 //! - `reports.rs`: `status` and `verify` (read-only).
@@ -36,11 +38,13 @@ mod planning;
 mod recovery;
 pub mod reports;
 mod run;
+mod transaction;
 mod trial;
 
+pub use crate::clock::{boot_id, now_unix_ms};
 pub use planning::check_rollback_target;
 pub use reports::{GenerationSummary, InFlight, StatusReport, VerifyReport, status, verify_live};
-pub use trial::{ConfirmReport, boot_id};
+pub use trial::ConfirmReport;
 
 #[derive(Debug, Clone, Default)]
 pub struct InstallOptions {
@@ -122,14 +126,7 @@ pub fn lock_state_dir(state_dir: &Path) -> Result<Flock<File>> {
     })
 }
 
-/// Wall-clock milliseconds since the epoch (informational, and the download trust window).
-pub fn now_unix_ms() -> u64 {
-    now_ms()
-}
-
-pub(super) fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub(super) use crate::clock::now_unix_ms as now_ms;
 
 pub(super) fn shape(plan: &Plan) -> Shape {
     Shape { controls_services: plan.controls_services, runs_post_cmds: plan.runs_post_cmds }
@@ -193,16 +190,6 @@ pub struct Updater {
     abort: Option<Arc<AtomicBool>>,
     /// `None` when the caller holds the state-dir lock itself (the daemon, for its lifetime).
     _lock: Option<Flock<File>>,
-    /// Targets the `Verified` phase read with a settled signature: the known-file records
-    /// the `Committed` commit stores. Always filled by this process: a resumed transaction
-    /// re-performs its journaled phase, so `Verified` runs again before `Committed`.
-    verified: std::collections::BTreeMap<String, crate::engine::known::KnownFile>,
-    /// What each file this process staged was after staging's flush (none when
-    /// `verify_from_media`, or in a process that resumed after it): `Verified` checks targets
-    /// against these instead of reading them back.
-    staged: std::collections::BTreeMap<String, crate::engine::known::StagedIdentity>,
-    /// A coarse clock reading taken after the swap of this process's transaction.
-    swapped_at: Option<crate::engine::known::Timestamp>,
 }
 
 /// The state dir held open by a long-running process: the lock and the one journal handle
@@ -266,13 +253,8 @@ impl Updater {
         }
         let journal = Journal::open(&cfg.state_dir)?;
         if let Some(plan) = plan {
-            let mut rec = new_record(&plan);
-            rec.phase = Phase::RollingBack;
-            // The history before the loss is unknown: `phases` starts at RollingBack (so the
-            // rollback treats services as possibly stopped, see `run::services_may_be_stopped`).
-            rec.phases = vec![Phase::RollingBack];
-            rec.error = Some(Error::new(ErrorCode::JournalCorrupt, format!("{}; rolled back from the plan copy", lost.message)));
-            journal.import_in_flight(&mut rec, &plan)?;
+            let mut tx = transaction::Transaction::imported(plan, &lost);
+            journal.import_in_flight(&mut tx.rec, &tx.plan)?;
         }
         Ok((Updater::assemble(cfg, journal, lock)?, Some(lost)))
     }
@@ -296,9 +278,6 @@ impl Updater {
             cancel: None,
             abort: None,
             _lock: lock,
-            verified: Default::default(),
-            staged: Default::default(),
-            swapped_at: None,
         })
     }
 
@@ -388,28 +367,6 @@ impl Updater {
         self.refuse_if_in_flight()?;
         let keep = generation::referenced_blobs(&self.journal.generations()?, &self.journal.factory()?);
         self.store.gc(&keep)
-    }
-}
-
-pub(super) fn new_record(plan: &Plan) -> TxRecord {
-    let now = now_ms();
-    TxRecord {
-        id: plan.tx_id,
-        kind: plan.kind.clone(),
-        from_version: plan.from_version.clone(),
-        to_version: plan.to_version.clone(),
-        phase: Phase::Planned,
-        phases: vec![Phase::Planned],
-        attempts: 0,
-        error: None,
-        targets: plan.targets.len() as u32,
-        new_bytes: plan.new_bytes(),
-        commits: 0,
-        started_unix_ms: now,
-        updated_unix_ms: now,
-        post_cmds_done: 0,
-        freed_blobs: 0,
-        freed_bytes: 0,
     }
 }
 

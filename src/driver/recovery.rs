@@ -1,6 +1,6 @@
 //! `recover`: find the transaction in flight and resume it or roll it back (SPEC §3).
 
-use crate::engine::phase::{Event, transition};
+use crate::engine::phase::Event;
 use crate::engine::recovery::{Decision, Inputs, ResumeNeeds, decide, resume_needs};
 use crate::engine::{NewFile, NewState, PathState, Phase, Plan, TxKind};
 use crate::error::{Error, ErrorCode, Result};
@@ -9,68 +9,63 @@ use crate::fsutil::{self, temp_path};
 use crate::package::Package;
 use std::path::Path;
 
+use super::transaction::Transaction;
 use super::*;
 
 impl Updater {
     /// Finishes or rolls back the transaction in flight, if any (SPEC §3).
     pub fn recover(&mut self, retry: bool) -> Result<RecoverReport> {
-        let Some((mut rec, plan)) = self.journal.active()? else {
+        let Some((rec, plan)) = self.journal.active()? else {
             let report = self.check_trial()?.unwrap_or(RecoverReport::Nothing);
             // Blobs a cut in the middle of the last collection left behind (driver/gc.rs).
             self.collect_garbage();
             return Ok(report);
         };
-        if rec.phase == Phase::RollbackFailed {
+        let mut tx = Transaction::resumed(rec, plan);
+        if tx.phase() == Phase::RollbackFailed {
             if !retry {
-                return Ok(RecoverReport::NeedsOperator { tx: rec.id, error: rec.error });
+                return Ok(RecoverReport::NeedsOperator { tx: tx.rec.id, error: tx.rec.error });
             }
-            let next = transition(rec.phase, Event::OperatorRetry, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
-            rec.attempts = 0;
-            self.enter(&mut rec, next, &plan, false)?;
+            tx.rec.attempts = 0;
+            tx.advance(self, Event::OperatorRetry)?;
         }
-        rec.attempts += 1;
-        rec.updated_unix_ms = now_ms();
-        self.journal.enter_phase(&mut rec, None)?;
+        tx.note_attempt(&self.journal)?;
         hit("recover.attempt");
-        let (inputs, pkg) = self.check_inputs(resume_needs(rec.phase), &plan);
-        let decision = decide(rec.phase, rec.attempts, self.cfg.max_recovery_attempts, self.cfg.recovery, &inputs);
-        tracing::info!(tx = rec.id, phase = %rec.phase, attempt = rec.attempts, ?decision, "recovering");
+        let (inputs, pkg) = self.check_inputs(resume_needs(tx.phase()), &tx.plan);
+        let decision = decide(tx.phase(), tx.rec.attempts, self.cfg.max_recovery_attempts, self.cfg.recovery, &inputs);
+        tracing::info!(tx = tx.rec.id, phase = %tx.phase(), attempt = tx.rec.attempts, ?decision, "recovering");
         let report = match decision {
             Decision::Nothing => return Ok(RecoverReport::Nothing),
             Decision::Resume => {
                 // Services stopped before the crash may have been started again by the
                 // reboot; the files must not change under them, and ServicesStarted must
                 // start them on the new version. Stopping is idempotent.
-                let stopped_before = matches!(rec.phase, Phase::BackedUp | Phase::Swapped | Phase::PostCommands);
-                if plan.controls_services
+                let stopped_before = matches!(tx.phase(), Phase::BackedUp | Phase::Swapped | Phase::PostCommands);
+                if tx.plan.controls_services
                     && stopped_before
-                    && let Err(e) = self.stop_services(&plan)
+                    && let Err(e) = self.stop_services(&tx.plan)
                 {
-                    rec.error = Some(e);
-                    let next = transition(rec.phase, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
-                    self.enter(&mut rec, next, &plan, false)?;
+                    tx.rec.error = Some(e);
+                    tx.advance(self, Event::Failed)?;
                 }
-                self.drive(rec, plan, pkg)?
+                self.drive(tx, pkg)?
             }
             Decision::RollBack { reason } => {
-                if rec.phase != Phase::RollingBack {
-                    super::run::discard_staged(&plan);
-                    rec.error = Some(Error::new(ErrorCode::DeploymentFailed, format!("interrupted in phase {}; {reason}", rec.phase)));
-                    let next = transition(rec.phase, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
-                    self.enter(&mut rec, next, &plan, false)?;
+                if tx.phase() != Phase::RollingBack {
+                    super::run::discard_staged(&tx.plan);
+                    tx.rec.error = Some(Error::new(ErrorCode::DeploymentFailed, format!("interrupted in phase {}; {reason}", tx.phase())));
+                    tx.advance(self, Event::Failed)?;
                 }
-                self.roll_back(rec, plan)?
+                self.roll_back(tx)?
             }
             Decision::GiveUp { reason } => {
                 let err = Error::new(
                     ErrorCode::RollbackFailed,
-                    format!("{reason}; last error: {}", rec.error.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "none".into())),
+                    format!("{reason}; last error: {}", tx.rec.error.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "none".into())),
                 );
-                rec.phase = transition(rec.phase, Event::GaveUp, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
-                rec.phases.push(rec.phase);
-                rec.error = Some(err.clone());
-                self.journal.enter_phase(&mut rec, None)?;
-                report(&rec, &plan, Outcome::RollbackFailed { error: err })
+                tx.rec.error = Some(err.clone());
+                tx.advance(self, Event::GaveUp)?;
+                report(&tx.rec, &tx.plan, Outcome::RollbackFailed { error: err })
             }
         };
         Ok(RecoverReport::Finished { report, journal_lost: None })

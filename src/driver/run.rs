@@ -2,7 +2,8 @@
 //! engine for the next phase; on failure, undo.
 
 use crate::engine::generation;
-use crate::engine::phase::{Event, transition};
+use crate::engine::known::{KnownFile, StagedIdentity, Timestamp};
+use crate::engine::phase::Event;
 use crate::engine::services;
 use crate::engine::trial::Trial;
 use crate::engine::{NewState, PathState, Phase, Plan, RollbackTarget, Target, TxKind};
@@ -20,62 +21,59 @@ use std::path::Path;
 use super::*;
 
 use super::effects::{split_stage, stage_one, swap_one, undo_one};
+use super::transaction::Transaction;
 
 impl Updater {
     pub(super) fn start(&mut self, plan: Plan, pkg: Option<Package>) -> Result<TxReport> {
-        let mut rec = new_record(&plan);
         // The redundant copy first: if the journal is destroyed later, this is what recovery
         // rolls back from.
         plancopy::write(&self.state_dir, &plan)?;
         hit("plan.copy_written");
-        self.journal.begin(&mut rec, &plan)?;
+        let mut tx = Transaction::planned(plan);
+        self.journal.begin(&mut tx.rec, &tx.plan)?;
         hit("enter.Planned");
-        tracing::info!(tx = rec.id, kind = %TxAction::of(&plan.kind), targets = plan.targets.len(), to = ?plan.to_version, "transaction planned");
-        let summary = interrupted_summary(&rec, &plan);
-        self.drive(rec, plan, pkg).or_else(|error| {
+        tracing::info!(tx = tx.rec.id, kind = %TxAction::of(&tx.plan.kind), targets = tx.plan.targets.len(), to = ?tx.plan.to_version, "transaction planned");
+        let summary = interrupted_summary(&tx);
+        self.drive(tx, pkg).or_else(|error| {
             let shutdown = self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst));
             Ok(summary.with(error, shutdown))
         })
     }
 
     /// Runs the transaction from its journaled phase to a terminal phase.
-    pub(super) fn drive(&mut self, mut rec: TxRecord, mut plan: Plan, pkg: Option<Package>) -> Result<TxReport> {
-        // Identities from another transaction's staging never vouch for this one.
-        self.staged.clear();
-        self.verified.clear();
-        self.swapped_at = None;
+    pub(super) fn drive(&mut self, mut tx: Transaction, pkg: Option<Package>) -> Result<TxReport> {
         loop {
-            if rec.phase == Phase::RollingBack {
-                return self.roll_back(rec, plan);
+            if tx.phase() == Phase::RollingBack {
+                return self.roll_back(tx);
             }
             let started = std::time::Instant::now();
-            let performed = self.perform(&mut rec, &mut plan, pkg.as_ref());
-            tracing::debug!(tx = rec.id, phase = %rec.phase, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "phase effects done");
+            let performed = self.perform(&mut tx, pkg.as_ref());
+            tracing::debug!(tx = tx.rec.id, phase = %tx.phase(), elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "phase effects done");
             match performed {
-                Ok(_) if rec.phase == Phase::Committed => {
-                    tracing::info!(tx = rec.id, to = ?plan.to_version, commits = rec.commits, "transaction committed");
+                Ok(()) if tx.phase() == Phase::Committed => {
+                    tracing::info!(tx = tx.rec.id, to = ?tx.plan.to_version, commits = tx.rec.commits, "transaction committed");
                     // The end is durable and the plan copy gone: what it released can go.
                     self.collect_garbage();
-                    return Ok(report(&rec, &plan, Outcome::Committed));
+                    return Ok(report(&tx.rec, &tx.plan, Outcome::Committed));
                 }
-                Err(e) if rec.phase == Phase::Committed => {
+                Err(e) if tx.phase() == Phase::Committed => {
                     // The commit is durable; only the plan copy's removal failed. The next
                     // open removes the stale copy (it names a transaction not in flight).
-                    tracing::warn!(tx = rec.id, error = %e, "committed, but the plan copy could not be removed yet");
-                    return Ok(report(&rec, &plan, Outcome::Committed));
+                    tracing::warn!(tx = tx.rec.id, error = %e, "committed, but the plan copy could not be removed yet");
+                    return Ok(report(&tx.rec, &tx.plan, Outcome::Committed));
                 }
-                Ok(plan_changed) => {
-                    let next = transition(rec.phase, Event::Done, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
-                    if next == Phase::Swapped && self.abort.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::SeqCst)) {
-                        // Canceled with nothing swapped yet: undone like a failed phase.
-                        tracing::info!(tx = rec.id, "canceled before the swap; rolling back");
-                        discard_staged(&plan);
-                        let next = transition(rec.phase, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
-                        rec.error = Some(Error::new(ErrorCode::Canceled, "canceled by the fleet server before anything was swapped"));
-                        self.enter(&mut rec, next, &plan, plan_changed)?;
-                        continue;
-                    }
-                    self.enter(&mut rec, next, &plan, plan_changed)?;
+                Ok(())
+                    if tx.peek(Event::Done)? == Phase::Swapped
+                        && self.abort.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::SeqCst)) =>
+                {
+                    // Canceled with nothing swapped yet: undone like a failed phase.
+                    tracing::info!(tx = tx.rec.id, "canceled before the swap; rolling back");
+                    discard_staged(&tx.plan);
+                    tx.rec.error = Some(Error::new(ErrorCode::Canceled, "canceled by the fleet server before anything was swapped"));
+                    tx.advance(self, Event::Failed)?;
+                }
+                Ok(()) => {
+                    let next = tx.advance(self, Event::Done)?;
                     if self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) && next != Phase::Committed {
                         // Shutdown requested: the phase is journaled, nothing of it has run.
                         return Err(Error::new(
@@ -85,41 +83,21 @@ impl Updater {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(tx = rec.id, phase = %rec.phase, error = %e, "phase failed; rolling back");
+                    tracing::error!(tx = tx.rec.id, phase = %tx.phase(), error = %e, "phase failed; rolling back");
                     // Staged files are never the only copy of anything (the package or the
                     // blobs are): dropping them first frees the space a full disk needs for
                     // the RollingBack commit. A crash right here is recovered like any other.
-                    discard_staged(&plan);
-                    let next = transition(rec.phase, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
-                    rec.error = Some(e);
-                    self.enter(&mut rec, next, &plan, false)?;
+                    discard_staged(&tx.plan);
+                    tx.rec.error = Some(e);
+                    tx.advance(self, Event::Failed)?;
                 }
             }
         }
     }
 
-    /// Journals `next` durably, then fires its crash point. Nothing of `next` has happened yet.
-    pub(super) fn enter(&mut self, rec: &mut TxRecord, next: Phase, plan: &Plan, plan_changed: bool) -> Result<()> {
-        rec.phase = next;
-        rec.phases.push(next);
-        rec.updated_unix_ms = now_ms();
-        if next == Phase::Committed {
-            let fx = self.commit_effects(plan)?;
-            self.note_freed(rec, Some(&fx));
-            self.journal.finish_committed(rec, fx)?;
-        } else {
-            self.journal.enter_phase(rec, plan_changed.then_some(plan))?;
-        }
-        hit(&format!("enter.{}", next.name()));
-        if let Some(o) = &self.observer {
-            o.phase(rec.id, next);
-        }
-        Ok(())
-    }
-
     /// Records in the end commit what it leaves unreferenced (`history` shows it). Only a
     /// count: an unreadable store dir records 0 rather than failing the commit.
-    fn note_freed(&self, rec: &mut TxRecord, fx: Option<&CommitEffects>) {
+    pub(super) fn note_freed(&self, rec: &mut TxRecord, fx: Option<&CommitEffects>) {
         match self.garbage_after(fx) {
             Ok(g) => {
                 rec.freed_blobs = g.entries.len() as u64;
@@ -129,23 +107,35 @@ impl Updater {
         }
     }
 
-    /// The effects of one phase. Returns whether the plan changed (new hashes learnt).
-    pub(super) fn perform(&mut self, rec: &mut TxRecord, plan: &mut Plan, pkg: Option<&Package>) -> Result<bool> {
-        match rec.phase {
-            Phase::Planned => Ok(false),
-            Phase::Staged => self.stage(plan, pkg).map(|()| true),
-            Phase::BackedUp => self.back_up(plan).map(|()| false),
-            Phase::Swapped => self.swap(plan).map(|()| false),
-            Phase::Verified => self.verify(plan).map(|()| false),
+    /// The effects of the transaction's current phase.
+    pub(super) fn perform(&mut self, tx: &mut Transaction, pkg: Option<&Package>) -> Result<()> {
+        match tx.phase() {
+            Phase::Planned => Ok(()),
+            Phase::Staged => {
+                tx.learnt.staged = self.stage(&mut tx.plan, pkg)?;
+                tx.plan_changed = true;
+                Ok(())
+            }
+            Phase::BackedUp => self.back_up(&tx.plan),
+            Phase::Swapped => {
+                tx.learnt.swapped_at = Some(self.swap(&tx.plan)?);
+                Ok(())
+            }
+            Phase::Verified => {
+                let swapped_at = tx.learnt.swapped_at.take();
+                let staged = std::mem::take(&mut tx.learnt.staged);
+                tx.learnt.verified = self.verify(&tx.plan, swapped_at, &staged)?;
+                Ok(())
+            }
             Phase::Committed => {
                 steplog::remove(&self.state_dir)?;
                 plancopy::remove(&self.state_dir)?;
                 hit("commit.cleaned");
-                Ok(false)
+                Ok(())
             }
-            Phase::ServicesStopped => self.stop_services(plan).map(|()| false),
-            Phase::PostCommands => self.run_post_commands(rec, plan).map(|()| false),
-            Phase::ServicesStarted => self.start_services(plan).map(|()| false),
+            Phase::ServicesStopped => self.stop_services(&tx.plan),
+            Phase::PostCommands => self.run_post_commands(&mut tx.rec, &tx.plan),
+            Phase::ServicesStarted => self.start_services(&tx.plan),
             phase @ (Phase::RollingBack | Phase::RolledBack | Phase::RollbackFailed | Phase::Confirmed) => {
                 Err(Error::internal(format!("perform called for {phase}")))
             }
@@ -189,7 +179,8 @@ impl Updater {
     /// Writes every new file beside its target, hashing while writing (on every core), then
     /// one syncfs per filesystem. Idempotent: staged files are recreated from scratch.
     /// Large pinned stored entries are copied by pieces, so both cores share one large file.
-    pub(super) fn stage(&mut self, plan: &mut Plan, pkg: Option<&Package>) -> Result<()> {
+    /// Returns the staged files' identities after the flush (`after_staging_flush`).
+    pub(super) fn stage(&self, plan: &mut Plan, pkg: Option<&Package>) -> Result<BTreeMap<String, StagedIdentity>> {
         for d in &plan.created_dirs {
             fsutil::make_dir(Path::new(d))?;
         }
@@ -249,14 +240,14 @@ impl Updater {
         if !fsutil::negative_control("staging") {
             fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
         }
-        self.staged = after_staging_flush(plan, self.cfg.verify_from_media)?;
+        let staged = after_staging_flush(plan, self.cfg.verify_from_media)?;
         hit("stage.synced");
-        Ok(())
+        Ok(staged)
     }
 
     /// Puts every old file into the backup store (hard link or verified copy, on every
     /// core), then one syncfs of the store's filesystem.
-    pub(super) fn back_up(&mut self, plan: &Plan) -> Result<()> {
+    pub(super) fn back_up(&self, plan: &Plan) -> Result<()> {
         // One source per distinct content: two workers must never fill the same blob.
         let mut by_hash: BTreeMap<crate::engine::Hash, &str> = BTreeMap::new();
         // A target that keeps its content is not backed up: a hard link would make the blob
@@ -284,7 +275,8 @@ impl Updater {
     /// Renames every staged file over its target (or removes the target), removes the
     /// directories a rollback empties, then one syncfs per filesystem. Directories are
     /// worked on in parallel (renames in one directory serialise on its lock anyway).
-    pub(super) fn swap(&mut self, plan: &Plan) -> Result<()> {
+    /// Returns a clock reading taken after the last rename.
+    pub(super) fn swap(&self, plan: &Plan) -> Result<Timestamp> {
         let mut by_dir: BTreeMap<&Path, Vec<&Target>> = BTreeMap::new();
         for t in &plan.targets {
             let p = Path::new(&t.path);
@@ -297,53 +289,55 @@ impl Updater {
         }
         // After the last change to a target and before the syncfs, which usually outlasts
         // the wait `verify` begins with.
-        self.swapped_at = Some(crate::observe::precise_now());
+        let swapped_at = crate::observe::precise_now();
         if !fsutil::negative_control("swap") {
             fsutil::sync_filesystems(plan.targets.iter().map(|t| Path::new(&t.path)))?;
         }
         hit("swap.synced");
-        Ok(())
+        Ok(swapped_at)
     }
 
-    /// Checks every target against the plan: a file this process staged by its identity (it is
+    /// Checks every target against the plan: a file this run staged by its identity (it is
     /// still the staged inode, unwritten: its content was hashed while written and flushed
     /// before the swap), any other target by reading it (on every core, large files split).
-    /// Targets seen with a settled signature become known-file records at the commit.
-    pub(super) fn verify(&mut self, plan: &Plan) -> Result<()> {
+    /// Returns the targets seen with a settled signature: they become known-file records at
+    /// the commit.
+    pub(super) fn verify(
+        &self,
+        plan: &Plan,
+        swapped_at: Option<Timestamp>,
+        staged: &BTreeMap<String, StagedIdentity>,
+    ) -> Result<BTreeMap<String, KnownFile>> {
         let paths: Vec<&str> = plan.targets.iter().map(|t| t.path.as_str()).collect();
         // Every rename of the swap settled (usually already true after its syncfs), so that
         // every target read here can be recorded. A resumed run waits from now.
-        crate::observe::wait_past(self.swapped_at.take().unwrap_or_else(crate::observe::precise_now));
-        // Targets this process staged are checked by identity; the others (kept files, a
-        // resumed transaction, `verify_from_media`) are read back.
-        let staged = std::mem::take(&mut self.staged);
-        let seen = crate::observe::observe_all(&paths, crate::observe::Source::Staged(&staged))?;
+        crate::observe::wait_past(swapped_at.unwrap_or_else(crate::observe::precise_now));
+        // Targets this run staged are checked by identity; the others (kept files, a resumed
+        // transaction, `verify_from_media`) are read back.
+        let seen = crate::observe::observe_all(&paths, crate::observe::Source::Staged(staged))?;
         let by_identity = seen.iter().filter(|o| o.unread).count();
         tracing::debug!(targets = seen.len(), by_identity, read = seen.len() - by_identity, "targets verified");
-        self.verified.clear();
+        let mut verified = BTreeMap::new();
         for (t, got) in plan.targets.iter().zip(seen) {
             let want = t.new.settled().ok_or_else(|| Error::internal(format!("{}: new hash unknown at verification", t.path)))?;
             if got.state != want {
                 return Err(Error::new(ErrorCode::HashMismatch, format!("{} does not hold its new content after the swap", t.path)));
             }
             if let Some(k) = got.recordable {
-                self.verified.insert(t.path.clone(), k);
+                verified.insert(t.path.clone(), k);
             }
             hit("verify.file");
         }
-        Ok(())
+        Ok(verified)
     }
 
-    /// The known-file changes of the `Committed` commit: a record for each target verified
-    /// with a settled signature, and no record for any other target (its old record, if
-    /// any, describes an inode the swap replaced).
-    fn known_file_updates(&mut self, plan: &Plan) -> Vec<(String, Option<crate::engine::known::KnownFile>)> {
-        let verified = std::mem::take(&mut self.verified);
-        plan.targets.iter().map(|t| (t.path.clone(), verified.get(&t.path).copied())).collect()
-    }
-
-    pub(super) fn commit_effects(&mut self, plan: &Plan) -> Result<CommitEffects> {
-        let known_files = self.known_file_updates(plan);
+    /// What the `Committed` commit writes besides the record: for an install the new
+    /// generation, factory additions, pruning and the trial; for a rollback the generations
+    /// it drops. The known-file changes: a record for each target verified with a settled
+    /// signature (`verified`), and no record for any other target (its old record, if any,
+    /// describes an inode the swap replaced).
+    pub(super) fn commit_effects(&self, plan: &Plan, mut verified: BTreeMap<String, KnownFile>) -> Result<CommitEffects> {
+        let known_files: Vec<_> = plan.targets.iter().map(|t| (t.path.clone(), verified.remove(&t.path))).collect();
         let (gens, current) = self.current_generation()?;
         match &plan.kind {
             TxKind::Install { package } => {
@@ -356,7 +350,7 @@ impl Updater {
                 let mut ids: Vec<u64> = gens.iter().map(|g| g.id).collect();
                 ids.push(id);
                 let trial = match self.cfg.confirm_required {
-                    true => Some(Trial::begin(id, &version, package.blake3, &super::trial::boot_id()?)),
+                    true => Some(Trial::begin(id, &version, package.blake3, &crate::clock::boot_id()?)),
                     false => None,
                 };
                 Ok(CommitEffects {
@@ -395,21 +389,21 @@ impl Updater {
     /// transaction had begun to stop services, they are stopped (some may run the new
     /// version, or were restarted by a reboot), the files restored, and all started again on
     /// the old version.
-    pub(super) fn roll_back(&mut self, mut rec: TxRecord, plan: Plan) -> Result<TxReport> {
-        let error = rec.error.clone().unwrap_or_else(|| Error::new(ErrorCode::DeploymentFailed, "rolled back"));
-        let restart = plan.controls_services && services_may_be_stopped(&rec);
+    pub(super) fn roll_back(&mut self, mut tx: Transaction) -> Result<TxReport> {
+        let error = tx.rec.error.clone().unwrap_or_else(|| Error::new(ErrorCode::DeploymentFailed, "rolled back"));
+        let restart = tx.plan.controls_services && services_may_be_stopped(&tx.rec);
         if restart {
-            for s in services::stop_order(&plan.modules) {
+            for s in services::stop_order(&tx.plan.modules) {
                 // The files are restored even if a process will not die: old files under a
                 // stuck process beat new ones, and the start below reports the service.
                 if let Err(e) = self.services.stop(&s) {
-                    tracing::error!(tx = rec.id, service = s.name, error = %e, "could not stop the service for the rollback");
+                    tracing::error!(tx = tx.rec.id, service = s.name, error = %e, "could not stop the service for the rollback");
                 }
             }
         }
-        let undone = self.undo(&plan).and_then(|()| {
+        let undone = self.undo(&tx.plan).and_then(|()| {
             if restart {
-                self.start_services(&plan).map_err(|e| {
+                self.start_services(&tx.plan).map_err(|e| {
                     Error::new(e.code, format!("the old files are back, but a service did not start on them: {}", e.message))
                 })?;
                 hit("rollback.services_started");
@@ -418,35 +412,23 @@ impl Updater {
         });
         match undone {
             Ok(()) => {
-                rec.phase = transition(Phase::RollingBack, Event::Done, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
-                rec.phases.push(rec.phase);
-                rec.updated_unix_ms = now_ms();
-                let failed_package = match &plan.kind {
-                    TxKind::Install { package } => Some(package.blake3),
-                    TxKind::Rollback { .. } => None,
-                };
-                self.note_freed(&mut rec, None);
-                self.journal.finish_rolled_back(&mut rec, failed_package)?;
-                hit("enter.RolledBack");
+                tx.advance(self, Event::Done)?;
                 match steplog::remove(&self.state_dir).and_then(|()| plancopy::remove(&self.state_dir)) {
                     // The backups of what was undone are no longer needed.
                     Ok(()) => self.collect_garbage(),
                     // The end is durable; the next open removes the stale copy.
-                    Err(e) => tracing::warn!(tx = rec.id, error = %e, "rolled back, but the plan copy could not be removed yet"),
+                    Err(e) => tracing::warn!(tx = tx.rec.id, error = %e, "rolled back, but the plan copy could not be removed yet"),
                 }
-                tracing::warn!(tx = rec.id, error = %error, "transaction rolled back");
-                let touched = rec.phases.iter().any(|p| p.has_swapped());
-                Ok(report(&rec, &plan, Outcome::RolledBack { error, touched }))
+                tracing::warn!(tx = tx.rec.id, error = %error, "transaction rolled back");
+                let touched = tx.rec.phases.iter().any(|p| p.has_swapped());
+                Ok(report(&tx.rec, &tx.plan, Outcome::RolledBack { error, touched }))
             }
             Err(e) => {
-                rec.phase = transition(Phase::RollingBack, Event::Failed, shape(&plan)).map_err(|e| Error::internal(e.to_string()))?;
-                rec.phases.push(rec.phase);
-                rec.updated_unix_ms = now_ms();
                 let err = Error::new(ErrorCode::RollbackFailed, format!("{}; it was rolling back because of {error}", e));
-                rec.error = Some(err.clone());
-                self.journal.enter_phase(&mut rec, None)?;
-                tracing::error!(tx = rec.id, error = %err, "ROLLBACK FAILED: an operator is needed");
-                Ok(report(&rec, &plan, Outcome::RollbackFailed { error: err }))
+                tx.rec.error = Some(err.clone());
+                tx.advance(self, Event::Failed)?;
+                tracing::error!(tx = tx.rec.id, error = %err, "ROLLBACK FAILED: an operator is needed");
+                Ok(report(&tx.rec, &tx.plan, Outcome::RollbackFailed { error: err }))
             }
         }
     }
@@ -528,8 +510,8 @@ pub(super) fn discard_staged(plan: &Plan) {
 /// What to report if the loop stops with an error after the transaction was journaled.
 pub(super) struct InterruptedSummary(TxReport);
 
-pub(super) fn interrupted_summary(rec: &TxRecord, plan: &Plan) -> InterruptedSummary {
-    InterruptedSummary(report(rec, plan, Outcome::Committed))
+pub(super) fn interrupted_summary(tx: &Transaction) -> InterruptedSummary {
+    InterruptedSummary(report(&tx.rec, &tx.plan, Outcome::Committed))
 }
 
 impl InterruptedSummary {

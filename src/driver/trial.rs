@@ -1,23 +1,12 @@
 //! Trial installs at run time: `confirm`, and the boot hook inside `recover` (SPEC §3).
 
-use crate::engine::phase::{Event, transition};
-use crate::error::{Error, ErrorCode, Result};
+use crate::engine::phase::{Event, Shape};
+use crate::error::Result;
 use crate::failpoint::hit;
 use serde::Serialize;
 
+use super::transaction::{PhaseCommit, commit_phase};
 use super::*;
-
-/// The kernel's id of the current boot; a new one every boot.
-pub fn boot_id() -> Result<String> {
-    #[cfg(feature = "failpoints")]
-    if let Some(p) = std::env::var_os("TOPE_BOOT_ID_FILE") {
-        // Test seam: tests cannot reboot the machine they run on (the systemd VM test does).
-        let p = PathBuf::from(p);
-        return std::fs::read_to_string(&p).map(|s| s.trim().to_string()).map_err(|e| Error::io(ErrorCode::InternalError, "read", &p, &e));
-    }
-    let p = Path::new("/proc/sys/kernel/random/boot_id");
-    std::fs::read_to_string(p).map(|s| s.trim().to_string()).map_err(|e| Error::io(ErrorCode::InternalError, "read", p, &e))
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -31,13 +20,14 @@ impl Updater {
     /// health check may call it at every boot.
     pub fn confirm(&mut self) -> Result<ConfirmReport> {
         let Some(trial) = self.journal.trial()? else { return Ok(ConfirmReport::NothingToConfirm) };
-        let mut rec = self.journal.tx(trial.tx)?;
-        if let Some(r) = rec.as_mut() {
-            r.phase = transition(r.phase, Event::Confirmed, Default::default()).map_err(|e| Error::internal(e.to_string()))?;
-            r.phases.push(r.phase);
-            r.updated_unix_ms = now_ms();
+        match self.journal.tx(trial.tx)? {
+            Some(mut rec) => {
+                let observer = self.observer.as_deref();
+                commit_phase(&self.journal, observer, &mut rec, Event::Confirmed, Shape::default(), |_, _| Ok(PhaseCommit::Confirmed))?;
+            }
+            // The trial's record was pruned: only the trial ends.
+            None => self.journal.confirm_trial(None)?,
         }
-        self.journal.confirm_trial(rec.as_mut())?;
         tracing::info!(tx = trial.tx, version = trial.version, "trial install confirmed");
         Ok(ConfirmReport::Confirmed { tx: trial.tx, version: trial.version, boots: trial.boots })
     }

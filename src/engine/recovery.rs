@@ -1,7 +1,15 @@
 //! What `recover` does with a transaction found in flight (SPEC §3).
 
 use super::phase::Phase;
-use crate::config::RecoveryPolicy;
+use serde::{Deserialize, Serialize};
+
+/// What `recover` does when both resuming and rolling back are possible (config `recovery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecoveryPolicy {
+    Resume,
+    Rollback,
+}
 
 /// What resuming from a phase needs besides the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,12 +1,173 @@
-//! The durable state of the current download (SPEC §5). Owned by the download work; see
-//! journal-format.md (table `downloads`, record `DownloadRecord`, §5.7).
+//! The durable state of the current download (SPEC §5), and the types its record holds (the
+//! download work in `crate::download` fills them); see journal-format.md (table `downloads`,
+//! record `DownloadRecord`, §5.7).
 
 use super::Journal;
 use super::records::{Record, Size, decode, decode_body, encode};
-use crate::download::{DownloadRecord, DownloadRequest};
 use crate::error::{Error, Result};
 use redb::{TableDefinition, WriteTransaction};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+/// The body of `POST /api/v1.0/download` (contracts/updater-api.yaml `DownloadRequest`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadRequest {
+    pub version: String,
+    pub package_url: String,
+    pub package_name: String,
+    pub package_size: u64,
+    /// 32 lowercase hex digits.
+    pub package_md5: String,
+}
+
+impl DownloadRequest {
+    /// What this request downloads: its fields, checked against `package_md5`. Not validated
+    /// (see `download::validate`).
+    pub fn spec(&self) -> DownloadSpec {
+        DownloadSpec {
+            version: self.version.clone(),
+            package_url: self.package_url.clone(),
+            package_name: self.package_name.clone(),
+            package_size: self.package_size,
+            expected: ExpectedHash::Md5(self.package_md5.clone()),
+        }
+    }
+}
+
+/// The hash a downloaded package must have, as lower-case hex digits: 32 for MD5, 40 for
+/// SHA-1, 64 for SHA-256. A variant built directly is checked by `download::fetch` (and by the journal
+/// when a record is written or read); the constructors check at once.
+///
+/// The variant index is part of the journal format (journal-format.md §3: 0 Md5, 1 Sha1,
+/// 2 Sha256); new algorithms go at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpectedHash {
+    Md5(String),
+    Sha1(String),
+    Sha256(String),
+}
+
+impl ExpectedHash {
+    /// `md5`, `sha1` or `sha256` (as hawkBit names them in a deployment's `hashes`).
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            ExpectedHash::Md5(_) => "md5",
+            ExpectedHash::Sha1(_) => "sha1",
+            ExpectedHash::Sha256(_) => "sha256",
+        }
+    }
+
+    /// The expected digest, lower-case hex.
+    pub fn hex(&self) -> &str {
+        match self {
+            ExpectedHash::Md5(h) | ExpectedHash::Sha1(h) | ExpectedHash::Sha256(h) => h,
+        }
+    }
+
+    /// Hex digits of this algorithm's digest.
+    fn hex_len(&self) -> usize {
+        match self {
+            ExpectedHash::Md5(_) => 32,
+            ExpectedHash::Sha1(_) => 40,
+            ExpectedHash::Sha256(_) => 64,
+        }
+    }
+
+    /// Lower-case hex of the algorithm's length.
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
+        let (hex, len) = (self.hex(), self.hex_len());
+        if hex.len() != len || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(format!("expected {} hash must be {len} lower-case hexadecimal digits", self.algorithm()));
+        }
+        Ok(())
+    }
+}
+
+/// What one download fetches and how it is checked: the legacy request's fields with any
+/// [`ExpectedHash`]. The legacy API's requests become one with [`DownloadRequest::spec`]; the
+/// DDI client builds one per artifact with [`DownloadSpec::new`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadSpec {
+    /// `MAJOR.MINOR.PATCH`: what `POST /update` names to install it.
+    pub version: String,
+    pub package_url: String,
+    /// The file name under `<state_dir>/downloads/`.
+    pub package_name: String,
+    pub package_size: u64,
+    pub expected: ExpectedHash,
+}
+
+impl DownloadSpec {
+    pub fn new(
+        version: impl Into<String>,
+        package_url: impl Into<String>,
+        package_name: impl Into<String>,
+        package_size: u64,
+        expected: ExpectedHash,
+    ) -> Self {
+        DownloadSpec { version: version.into(), package_url: package_url.into(), package_name: package_name.into(), package_size, expected }
+    }
+
+    /// The legacy request this spec is, if it is checked by MD5 (the only kind the legacy
+    /// API, and so the daemon's own resume at start-up, knows).
+    pub fn legacy_request(&self) -> Option<DownloadRequest> {
+        match &self.expected {
+            ExpectedHash::Md5(md5) => Some(DownloadRequest {
+                version: self.version.clone(),
+                package_url: self.package_url.clone(),
+                package_name: self.package_name.clone(),
+                package_size: self.package_size,
+                package_md5: md5.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The durable state of the current download: journal table `downloads`, key `"current"`
+/// (journal-format.md §2, §3, §5.7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadRecord {
+    /// What is being downloaded, as validated (record version 2; a version 1 record held the
+    /// legacy request, decoded as its spec: `expected` is its MD5).
+    pub request: DownloadSpec,
+    /// `<state_dir>/downloads/<package_name>`, absolute, UTF-8.
+    pub path: String,
+    /// Bytes `[0, offset)` of the file were made durable (fdatasync) before this value was
+    /// journaled; anything after it is untrusted. `offset <= package_size`.
+    pub offset: u64,
+    /// Set iff the whole file's hash matched `request.expected` (then `offset == package_size`):
+    /// wall-clock ms since the epoch, the start of the trust window.
+    pub verified_at_unix_ms: Option<u64>,
+    /// Wall-clock ms when this download was first requested (informational).
+    pub started_unix_ms: u64,
+    /// Wall-clock ms of this record's commit (informational).
+    pub updated_unix_ms: u64,
+    /// The last attempt ended in an error (not a shutdown): the daemon does not resume it by
+    /// itself at its next start; the same request again does (from `offset`).
+    pub failed: bool,
+}
+
+impl DownloadRecord {
+    /// Every byte of the package is on disk and journaled.
+    pub fn is_complete(&self) -> bool {
+        self.offset == self.request.package_size
+    }
+
+    pub fn is_verified(&self) -> bool {
+        self.verified_at_unix_ms.is_some()
+    }
+
+    /// The invariants checked when the record is written and when it is read back.
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
+        if self.offset > self.request.package_size {
+            return Err(format!("offset {} is past package_size {}", self.offset, self.request.package_size));
+        }
+        if self.verified_at_unix_ms.is_some() && !self.is_complete() {
+            return Err(format!("verified at offset {} of {}", self.offset, self.request.package_size));
+        }
+        self.request.expected.check()
+    }
+}
 
 pub(super) const DOWNLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("downloads");
 /// The only key of `downloads`: one download at a time.
@@ -133,7 +294,6 @@ impl Record for DownloadRecordV1 {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::download::{DownloadSpec, ExpectedHash};
     use crate::error::ErrorCode;
 
     fn record() -> DownloadRecord {

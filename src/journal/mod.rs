@@ -6,8 +6,8 @@
 //! `journal-format.md`, which changes in the same commit as this file.
 
 pub mod ddi;
-mod downloads;
-mod outbox;
+pub mod downloads;
+pub mod outbox;
 pub mod records;
 
 use crate::engine::generation::{Factory, Generation};
@@ -578,7 +578,7 @@ pub struct JournalDump {
     pub factory: Vec<(String, PathState)>,
     pub failed_packages: Vec<(Hash, u64)>,
     pub trial: Option<Trial>,
-    pub download: Option<crate::download::DownloadRecord>,
-    pub outbox: Vec<crate::reporter::Report>,
+    pub download: Option<downloads::DownloadRecord>,
+    pub outbox: Vec<outbox::Report>,
     pub known_files: Vec<(String, KnownFile)>,
 }

@@ -6,8 +6,35 @@ use super::records::{Record, Size, decode, encode};
 use super::{COUNTERS, Journal};
 use crate::error::Result;
 use crate::limits::{OUTBOX_REPORTS_MAX, REPORT_TEXT_BYTES_MAX};
-use crate::reporter::Report;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+/// One report to device-api: the legacy callback body (`stage`, `progress`, `message`,
+/// `error`) plus the transaction id, the boot id and the outbox sequence number. Stored in the
+/// journal's `outbox` table as a record (journal-format.md §3); sent as `body_json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// One of the contract's stages: `idle, downloading, verifying, toInstall, installing,
+    /// rebooting, success, failed`.
+    pub stage: String,
+    /// 0..=100 (sent clamped to 100).
+    pub progress: u8,
+    pub message: String,
+    /// `"CODE: message"` when `stage == "failed"`, else `None`.
+    pub error: Option<String>,
+    /// The transaction this report belongs to, if any (a download is not a transaction).
+    pub tx: Option<u64>,
+    /// The kernel's boot id when the report was made (not when it was delivered).
+    pub boot_id: String,
+    /// Set by the push: the outbox sequence number, increasing, never reused.
+    pub seq: u64,
+    /// The one final report of a transaction (`Journal::outbox_push_final`); never dropped
+    /// when the outbox is full.
+    pub final_report: bool,
+    /// The version the job is about (downloaded, installed, or rolled back to), sent as
+    /// `"vX.Y.Z"` as the Python service did; `None` when no version is known (record V2).
+    pub version: Option<String>,
+}
 
 pub(super) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 

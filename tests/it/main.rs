@@ -16,6 +16,7 @@ mod dropin;
 mod fastpath;
 mod hostile;
 mod journal_loss;
+mod layers;
 mod longlife;
 mod operator;
 mod services;

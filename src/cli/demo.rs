@@ -2,7 +2,7 @@
 //! Version 1 of a small app is on the "device"; version 2 is packed, installed, inspected,
 //! rolled back, and the tree is shown to be byte-identical to version 1 again.
 
-use crate::cli::{Output, short};
+use super::render::{Output, short};
 use crate::config::{Config, ServiceManager};
 use crate::driver::{self, InstallOptions, RollbackTo, Updater};
 use crate::error::{Error, ErrorCode, Result};
@@ -92,8 +92,8 @@ fn run_in(root: &Path, json: bool) -> Result<u8> {
     println!("\n3. $ tope-updater install build/demo-app-2.0.0.zip");
     let installed = Updater::open(cfg.clone())?.install(&pkg, &InstallOptions::default())?;
     out.tx_report(&installed);
-    if crate::cli::exit_for_report(&installed) != 0 {
-        return Ok(crate::cli::exit_for_report(&installed));
+    if super::exit_for_report(&installed) != 0 {
+        return Ok(super::exit_for_report(&installed));
     }
     show_tree("   the device now holds:", &snapshot(&app)?);
 

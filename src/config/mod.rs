@@ -1,7 +1,10 @@
 //! Configuration (SPEC §6): TOML, every key defaulted, unknown keys rejected so typos are loud.
 
+pub use crate::engine::recovery::RecoveryPolicy;
 use crate::error::{Error, ErrorCode, Result};
 use crate::limits::CONFIG_BYTES_MAX;
+
+pub mod ddi;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,14 +18,6 @@ pub enum ServiceManager {
     Systemd,
     Process,
     None,
-}
-
-/// What `recover` does when both resuming and rolling back are possible.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RecoveryPolicy {
-    Resume,
-    Rollback,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,7 +59,7 @@ pub struct Config {
     pub gui: GuiConfig,
     pub services: BTreeMap<String, ServiceConfig>,
     /// The hawkBit DDI client (`src/ddi`): off unless the table is present.
-    pub ddi: Option<crate::ddi::config::DdiConfig>,
+    pub ddi: Option<ddi::DdiConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -302,14 +297,14 @@ impl ApiConfig {
             return bad(format!("[api] allowed_origins, allowed_hosts and allowed_uids hold at most {max} entries each"));
         }
         for o in &self.allowed_origins {
-            if !crate::daemon::guard::is_origin(o) {
+            if !is_origin(o) {
                 return bad(format!(
                     "[api] allowed_origins entry {o:?}: expected scheme://host[:port] (http or https, no path); \"null\" is never allowed"
                 ));
             }
         }
         for h in &self.allowed_hosts {
-            if !crate::daemon::guard::is_host_name(h) {
+            if !is_host_name(h) {
                 return bad(format!("[api] allowed_hosts entry {h:?}: expected a host name or IP address without a port"));
             }
         }
@@ -330,6 +325,21 @@ fn collect_origins(all: &serde_json::Map<String, serde_json::Value>, file: Optio
             }
         }
     }
+}
+
+/// `scheme://host[:port]` as a browser sends it in `Origin` (http or https, nothing after).
+pub fn is_origin(o: &str) -> bool {
+    let Ok(uri) = o.parse::<http::Uri>() else { return false };
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    let bare = uri.authority().is_some_and(|a| !a.as_str().contains('@')) && !o.ends_with('/') && uri.query().is_none();
+    scheme_ok && bare && uri.path() == "/"
+}
+
+/// A host name or IP address as `api.allowed_hosts` holds it (no port, no brackets needed).
+pub fn is_host_name(h: &str) -> bool {
+    let inner = h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(h);
+    !inner.is_empty()
+        && (inner.parse::<std::net::IpAddr>().is_ok() || inner.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
 }
 
 #[cfg(test)]
@@ -417,7 +427,7 @@ mod tests {
             .collect()
     }
 
-    const EXAMPLE: &str = include_str!("../config.example.toml");
+    const EXAMPLE: &str = include_str!("../../config.example.toml");
 
     #[test]
     fn the_example_config_is_exactly_the_defaults() {
@@ -432,7 +442,7 @@ mod tests {
         expected.extend(service.as_object().unwrap().keys().map(|k| format!("services.*.{k}")));
         // `[ddi]` is absent by default (off); the example names each of its keys, commented.
         expected.remove("ddi");
-        let ddi = crate::ddi::config::DdiConfig {
+        let ddi = ddi::DdiConfig {
             server_url: String::new(),
             tenant: String::new(),
             controller_id: String::new(),
