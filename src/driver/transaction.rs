@@ -49,7 +49,7 @@ pub(super) enum PhaseCommit<'a> {
     /// The record, and the plan when a phase learnt something.
     Record { plan: Option<&'a Plan> },
     /// The end of a transaction that committed: generations, factory, known files, trial.
-    Committed(CommitEffects),
+    Committed(Box<CommitEffects>),
     /// The end of a rollback: the package that failed is remembered (an install's).
     RolledBack { failed_package: Option<Hash> },
     /// A trial install accepted: the trial ends.
@@ -73,7 +73,7 @@ pub(super) fn commit_phase<'a>(
     rec.updated_unix_ms = now_ms();
     match with(next, rec)? {
         PhaseCommit::Record { plan } => journal.enter_phase(rec, plan)?,
-        PhaseCommit::Committed(fx) => journal.finish_committed(rec, fx)?,
+        PhaseCommit::Committed(fx) => journal.finish_committed(rec, *fx)?,
         PhaseCommit::RolledBack { failed_package } => journal.finish_rolled_back(rec, failed_package)?,
         PhaseCommit::Confirmed => journal.confirm_trial(Some(rec))?,
     }
@@ -143,7 +143,7 @@ impl Transaction {
                 Phase::Committed => {
                     let fx = up.commit_effects(plan, std::mem::take(&mut learnt.verified))?;
                     up.note_freed(rec, Some(&fx));
-                    PhaseCommit::Committed(fx)
+                    PhaseCommit::Committed(Box::new(fx))
                 }
                 Phase::RolledBack => {
                     up.note_freed(rec, None);
