@@ -321,10 +321,14 @@ class Profile:
 
 SERVICES = ("tbsvc-a", "tbsvc-b", "tbsvc-c")
 # A service as the process backend sees it (its comm is the script's name): it logs when it
-# starts and when SIGTERM stops it, then exits.
-SERVICE_SCRIPT = """#!/bin/sh
-echo "start $(date +%s.%N)" >>'{log}'
-trap 'echo "stop $(date +%s.%N)" >>"{log}"; exit 0' TERM
+# starts and when SIGTERM stops it, then exits. The time comes from bash's $EPOCHREALTIME, not
+# from `$(date)`: the fork of a command substitution has the service's comm until it execs,
+# so the engine's stop (every process of that comm) could kill it and leave "stop" without a
+# time (seen on a loaded machine).
+SERVICE_SCRIPT = """#!/bin/bash
+LC_ALL=C  # a decimal point in $EPOCHREALTIME
+echo "start $EPOCHREALTIME" >>'{log}'
+trap 'echo "stop $EPOCHREALTIME" >>"{log}"; exit 0' TERM
 while :; do sleep 0.02; done
 """
 
