@@ -48,20 +48,28 @@ fn main() {
         let us = t.elapsed().as_secs_f64() * 1e6;
         all += 1;
         let text = String::from_utf8_lossy(&body);
-        let stage = ["installing", "success", "failed", "downloading", "verifying", "toInstall", "idle"]
-            .into_iter()
-            .find(|s| text.contains(&format!("\"{s}\"")))
-            .unwrap_or("other");
+        let stage =
+            ["installing", "success", "failed", "downloading", "verifying", "toInstall", "idle"]
+                .into_iter()
+                .find(|s| text.contains(&format!("\"{s}\"")))
+                .unwrap_or("other");
         *stages.entry(stage.to_string()).or_default() += 1;
         if stage == "installing" {
             installing.push(us);
         }
-        if (stage == "success" || stage == "failed") && !installing.is_empty() || start.elapsed() > limit {
+        if (stage == "success" || stage == "failed") && !installing.is_empty()
+            || start.elapsed() > limit
+        {
             break;
         }
     }
     installing.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |p: f64| installing.get(((installing.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        installing
+            .get(((installing.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let secs = start.elapsed().as_secs_f64();
     println!(
         "{{\"requests\": {all}, \"rate\": {:.0}, \"installing\": {}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"max_us\": {:.1}, \"stages\": {:?}}}",

@@ -82,7 +82,9 @@ pub fn spans(target_size: u64, base_size: u64) -> Vec<Span> {
             (0, base_size)
         } else {
             let centre = (u128::from(off) * u128::from(base_size) / u128::from(target_size)) as u64;
-            let start = centre.saturating_sub(DELTA_REF_MARGIN_BYTES).min(base_size - DELTA_REF_BYTES_MAX.min(base_size));
+            let start = centre
+                .saturating_sub(DELTA_REF_MARGIN_BYTES)
+                .min(base_size - DELTA_REF_BYTES_MAX.min(base_size));
             (start, DELTA_REF_BYTES_MAX.min(base_size - start))
         };
         out.push(Span { out_offset: off, out_len: len, ref_offset, ref_len });
@@ -107,10 +109,17 @@ fn window_log(bytes: u64) -> u32 {
 }
 
 /// zstd at `level` of `data` with `reference` as its prefix, long-distance matching on or off.
-fn zstd_with_prefix(reference: &[u8], data: &[u8], level: i32, long_distance: bool) -> Result<Vec<u8>, String> {
+fn zstd_with_prefix(
+    reference: &[u8],
+    data: &[u8],
+    level: i32,
+    long_distance: bool,
+) -> Result<Vec<u8>, String> {
     use zstd::zstd_safe::{CCtx, CParameter};
     let mut cctx = CCtx::create();
-    let set = |c: &mut CCtx, p: CParameter| c.set_parameter(p).map(|_| ()).map_err(|e| zstd_err("zstd parameter", e));
+    let set = |c: &mut CCtx, p: CParameter| {
+        c.set_parameter(p).map(|_| ()).map_err(|e| zstd_err("zstd parameter", e))
+    };
     set(&mut cctx, CParameter::CompressionLevel(level))?;
     set(&mut cctx, CParameter::WindowLog(window_log(reference.len() as u64 + data.len() as u64)))?;
     set(&mut cctx, CParameter::EnableLongDistanceMatching(long_distance))?;
@@ -129,8 +138,14 @@ fn unzstd(reference: &[u8], payload: &[u8], out_len: u64) -> Result<Vec<u8>, Pat
     use zstd::zstd_safe::{DCtx, DParameter};
     match zstd::zstd_safe::get_frame_content_size(payload) {
         Ok(Some(n)) if n == out_len => {}
-        Ok(Some(n)) => return Err(PatchError::Invalid(format!("a window declares {out_len} bytes but its frame holds {n}"))),
-        _ => return Err(PatchError::Invalid("a window's zstd frame does not state its size".into())),
+        Ok(Some(n)) => {
+            return Err(PatchError::Invalid(format!(
+                "a window declares {out_len} bytes but its frame holds {n}"
+            )));
+        }
+        _ => {
+            return Err(PatchError::Invalid("a window's zstd frame does not state its size".into()));
+        }
     }
     // Exactly one frame: anything after it (another frame, a skippable one) is not part of
     // the format.
@@ -138,16 +153,20 @@ fn unzstd(reference: &[u8], payload: &[u8], out_len: u64) -> Result<Vec<u8>, Pat
         return Err(PatchError::Invalid("a window's payload is not exactly one zstd frame".into()));
     }
     let mut dctx = DCtx::create();
-    dctx.set_parameter(DParameter::WindowLogMax(DELTA_ZSTD_WINDOW_LOG_MAX)).map_err(|e| PatchError::Invalid(zstd_err("zstd", e)))?;
+    dctx.set_parameter(DParameter::WindowLogMax(DELTA_ZSTD_WINDOW_LOG_MAX))
+        .map_err(|e| PatchError::Invalid(zstd_err("zstd", e)))?;
     if !reference.is_empty() {
         dctx.ref_prefix(reference).map_err(|e| PatchError::Invalid(zstd_err("zstd prefix", e)))?;
     }
     // The output buffer is the frame's whole window (one-shot decoding allocates none of its
     // own) and is never grown: a frame that would write more fails.
     let mut out = Vec::with_capacity(out_len as usize);
-    let n = dctx.decompress(&mut out, payload).map_err(|e| PatchError::Corrupt(zstd_err("zstd", e)))?;
+    let n =
+        dctx.decompress(&mut out, payload).map_err(|e| PatchError::Corrupt(zstd_err("zstd", e)))?;
     if n as u64 != out_len {
-        return Err(PatchError::Corrupt(format!("a window decodes to {n} bytes, {out_len} declared")));
+        return Err(PatchError::Corrupt(format!(
+            "a window decodes to {n} bytes, {out_len} declared"
+        )));
     }
     Ok(out)
 }
@@ -168,9 +187,13 @@ fn unbsdiff(reference: &[u8], payload: &[u8], out_len: u64) -> Result<Vec<u8>, P
     let stream_len = match zstd::zstd_safe::get_frame_content_size(payload) {
         Ok(Some(n)) if n <= DELTA_BSDIFF_STREAM_BYTES_MAX => n,
         Ok(Some(n)) => {
-            return Err(PatchError::Invalid(format!("a bsdiff stream of {n} bytes is over the limit of {DELTA_BSDIFF_STREAM_BYTES_MAX}")));
+            return Err(PatchError::Invalid(format!(
+                "a bsdiff stream of {n} bytes is over the limit of {DELTA_BSDIFF_STREAM_BYTES_MAX}"
+            )));
         }
-        _ => return Err(PatchError::Invalid("a window's zstd frame does not state its size".into())),
+        _ => {
+            return Err(PatchError::Invalid("a window's zstd frame does not state its size".into()));
+        }
     };
     let stream = unzstd(&[], payload, stream_len)?;
     // The entries must add up to exactly the window before any is applied: bsdiff grows its
@@ -178,12 +201,18 @@ fn unbsdiff(reference: &[u8], payload: &[u8], out_len: u64) -> Result<Vec<u8>, P
     // (found by fuzz/delta_structured). Each entry's reads of the reference are checked by
     // bsdiff itself.
     if bsdiff_output_len(&stream) != Some(out_len) {
-        return Err(PatchError::Invalid(format!("a bsdiff stream that does not make exactly its window of {out_len} bytes")));
+        return Err(PatchError::Invalid(format!(
+            "a bsdiff stream that does not make exactly its window of {out_len} bytes"
+        )));
     }
     let mut out = Vec::with_capacity(out_len as usize);
-    bsdiff::patch(reference, &mut stream.as_slice(), &mut out).map_err(|e| PatchError::Corrupt(format!("bsdiff: {e}")))?;
+    bsdiff::patch(reference, &mut stream.as_slice(), &mut out)
+        .map_err(|e| PatchError::Corrupt(format!("bsdiff: {e}")))?;
     if out.len() as u64 != out_len {
-        return Err(PatchError::Corrupt(format!("a window decodes to {} bytes, {out_len} declared", out.len())));
+        return Err(PatchError::Corrupt(format!(
+            "a window decodes to {} bytes, {out_len} declared",
+            out.len()
+        )));
     }
     Ok(out)
 }
@@ -217,11 +246,19 @@ fn worth_more_effort(quick_len: usize, out_len: usize) -> bool {
 /// Makes the patch that turns `base` (`base_size` bytes) into `target` (`target_size` bytes).
 /// Returns `None` as soon as it reaches `give_up_at` bytes (the full entry is the better choice
 /// then).
-pub fn make_patch(base: &File, base_size: u64, target: &File, target_size: u64, give_up_at: u64) -> Result<Option<Vec<u8>>, String> {
+pub fn make_patch(
+    base: &File,
+    base_size: u64,
+    target: &File,
+    target_size: u64,
+    give_up_at: u64,
+) -> Result<Option<Vec<u8>>, String> {
     let mut out = Vec::new();
     for s in spans(target_size, base_size) {
-        let reference = read_span(base, s.ref_offset, s.ref_len).map_err(|e| format!("read base: {e}"))?;
-        let data = read_span(target, s.out_offset, s.out_len).map_err(|e| format!("read target: {e}"))?;
+        let reference =
+            read_span(base, s.ref_offset, s.ref_len).map_err(|e| format!("read base: {e}"))?;
+        let data =
+            read_span(target, s.out_offset, s.out_len).map_err(|e| format!("read target: {e}"))?;
         let mut best = (Method::Zstd, zstd_with_prefix(&reference, &data, 1, true)?);
         if worth_more_effort(best.1.len(), data.len()) {
             // -19 with and without long-distance matching: the zstd CLI's --patch-from turns
@@ -244,7 +281,8 @@ pub fn make_patch(base: &File, base_size: u64, target: &File, target_size: u64, 
             return Ok(None);
         }
         let w = WindowHeader { method, payload_len: payload.len() as u64 };
-        bincode::serde::encode_into_std_write(&w, &mut out, HEADER_CONFIG).map_err(|e| e.to_string())?;
+        bincode::serde::encode_into_std_write(&w, &mut out, HEADER_CONFIG)
+            .map_err(|e| e.to_string())?;
         out.extend_from_slice(&payload);
         if out.len() as u64 >= give_up_at {
             return Ok(None);
@@ -259,15 +297,24 @@ static APPLYING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Applies `patch` to `base` (the content the manifest names as the patch's base; the caller
 /// checks the output against the target hash), writing exactly `target_size` bytes to `out`.
-pub fn apply(patch: &mut impl Read, base: &File, target_size: u64, out: &mut impl Write) -> Result<(), PatchError> {
+pub fn apply(
+    patch: &mut impl Read,
+    base: &File,
+    target_size: u64,
+    out: &mut impl Write,
+) -> Result<(), PatchError> {
     let base_size = base.metadata().map_err(|e| PatchError::Base(format!("stat: {e}")))?.len();
     let _one_at_a_time = APPLYING.lock().unwrap_or_else(|p| p.into_inner());
     for span in spans(target_size, base_size) {
         let w: WindowHeader = decode(patch)?;
         if w.payload_len > DELTA_PAYLOAD_BYTES_MAX {
-            return Err(PatchError::Invalid(format!("a window's payload of {} bytes is over the limit", w.payload_len)));
+            return Err(PatchError::Invalid(format!(
+                "a window's payload of {} bytes is over the limit",
+                w.payload_len
+            )));
         }
-        let reference = read_span(base, span.ref_offset, span.ref_len).map_err(|e| PatchError::Base(format!("read: {e}")))?;
+        let reference = read_span(base, span.ref_offset, span.ref_len)
+            .map_err(|e| PatchError::Base(format!("read: {e}")))?;
         let mut payload = vec![0u8; w.payload_len as usize];
         patch.read_exact(&mut payload).map_err(PatchError::Read)?;
         let data = match w.method {
@@ -317,7 +364,8 @@ mod tests {
 
     fn roundtrip(base: &[u8], target: &[u8]) -> (Vec<u8>, Vec<u8>) {
         let (b, t) = (file_with(base), file_with(target));
-        let patch = make_patch(&b, base.len() as u64, &t, target.len() as u64, u64::MAX).unwrap().unwrap();
+        let patch =
+            make_patch(&b, base.len() as u64, &t, target.len() as u64, u64::MAX).unwrap().unwrap();
         let mut out = Vec::new();
         apply(&mut patch.as_slice(), &b, target.len() as u64, &mut out).unwrap();
         (patch, out)
@@ -345,7 +393,10 @@ mod tests {
         }
         let s = spans(target.len() as u64, base.len() as u64);
         assert_eq!(s.len(), 3);
-        assert!(s.iter().all(|s| s.ref_len <= DELTA_REF_BYTES_MAX && s.ref_offset + s.ref_len <= base.len() as u64));
+        assert!(
+            s.iter().all(|s| s.ref_len <= DELTA_REF_BYTES_MAX
+                && s.ref_offset + s.ref_len <= base.len() as u64)
+        );
         let (patch, out) = roundtrip(&base, &target);
         assert!(out == target, "output differs");
         assert!(patch.len() < 16 * 4096 + 16 * 1024, "patch of {} bytes", patch.len());
@@ -371,7 +422,15 @@ mod tests {
     }
 
     fn patch_for(base: &[u8], target: &[u8]) -> Vec<u8> {
-        make_patch(&file_with(base), base.len() as u64, &file_with(target), target.len() as u64, u64::MAX).unwrap().unwrap()
+        make_patch(
+            &file_with(base),
+            base.len() as u64,
+            &file_with(target),
+            target.len() as u64,
+            u64::MAX,
+        )
+        .unwrap()
+        .unwrap()
     }
 
     fn apply_to(patch: &[u8], base: &[u8], target_size: u64) -> Result<Vec<u8>, PatchError> {
@@ -394,7 +453,10 @@ mod tests {
         let mut bad = good.clone();
         bad[0] = b'X';
         assert!(matches!(apply_to(&bad, &base, n), Err(PatchError::Invalid(_))));
-        assert!(matches!(apply_to(&[good.clone(), vec![0]].concat(), &base, n), Err(PatchError::Invalid(_))));
+        assert!(matches!(
+            apply_to(&[good.clone(), vec![0]].concat(), &base, n),
+            Err(PatchError::Invalid(_))
+        ));
         assert!(matches!(apply_to(&good[..good.len() - 3], &base, n), Err(PatchError::Read(_))));
         // Forged headers: an oversized payload, a frame that declares more output than its
         // window, a bsdiff stream over its bound.
@@ -405,11 +467,22 @@ mod tests {
             apply_to(&p, &base, 10)
         };
         let w = |method, payload_len| WindowHeader { method, payload_len };
-        assert!(matches!(forge(w(Method::Zstd, DELTA_PAYLOAD_BYTES_MAX + 1), &[]), Err(PatchError::Invalid(_))));
+        assert!(matches!(
+            forge(w(Method::Zstd, DELTA_PAYLOAD_BYTES_MAX + 1), &[]),
+            Err(PatchError::Invalid(_))
+        ));
         let bomb = zstd_with_prefix(&[], &vec![0u8; 1 << 20], 3, true).unwrap();
-        assert!(matches!(forge(w(Method::Zstd, bomb.len() as u64), &bomb), Err(PatchError::Invalid(_))));
-        let big_stream = zstd_with_prefix(&[], &vec![0u8; DELTA_BSDIFF_STREAM_BYTES_MAX as usize + 1], 3, true).unwrap();
-        assert!(matches!(forge(w(Method::BsdiffZstd, big_stream.len() as u64), &big_stream), Err(PatchError::Invalid(_))));
+        assert!(matches!(
+            forge(w(Method::Zstd, bomb.len() as u64), &bomb),
+            Err(PatchError::Invalid(_))
+        ));
+        let big_stream =
+            zstd_with_prefix(&[], &vec![0u8; DELTA_BSDIFF_STREAM_BYTES_MAX as usize + 1], 3, true)
+                .unwrap();
+        assert!(matches!(
+            forge(w(Method::BsdiffZstd, big_stream.len() as u64), &big_stream),
+            Err(PatchError::Invalid(_))
+        ));
         // A bsdiff stream whose entry promises more than its window (it would grow the
         // output before failing), and a payload with a second frame after the first.
         let mut stream = Vec::new();
@@ -418,13 +491,22 @@ mod tests {
         stream.extend(0i64.to_le_bytes());
         stream.extend(vec![0u8; 4 << 20]);
         let promising = zstd_with_prefix(&[], &stream, 3, true).unwrap();
-        assert!(matches!(forge(w(Method::BsdiffZstd, promising.len() as u64), &promising), Err(PatchError::Invalid(_))));
+        assert!(matches!(
+            forge(w(Method::BsdiffZstd, promising.len() as u64), &promising),
+            Err(PatchError::Invalid(_))
+        ));
         let ten = zstd_with_prefix(&[], b"0123456789", 3, true).unwrap();
         let two_frames = [ten.clone(), ten.clone()].concat();
-        assert!(matches!(forge(w(Method::Zstd, two_frames.len() as u64), &two_frames), Err(PatchError::Invalid(_))));
+        assert!(matches!(
+            forge(w(Method::Zstd, two_frames.len() as u64), &two_frames),
+            Err(PatchError::Invalid(_))
+        ));
         assert_eq!(forge(w(Method::Zstd, ten.len() as u64), &ten).unwrap(), b"0123456789");
         // A window of the right declared size but a payload that decodes to less.
         let short = zstd_with_prefix(&[], b"12345", 3, true).unwrap();
-        assert!(matches!(forge(w(Method::Zstd, short.len() as u64), &short), Err(PatchError::Invalid(_))));
+        assert!(matches!(
+            forge(w(Method::Zstd, short.len() as u64), &short),
+            Err(PatchError::Invalid(_))
+        ));
     }
 }

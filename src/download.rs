@@ -100,8 +100,13 @@ impl ExpectedHash {
     fn mismatch(&self, got: &str) -> Error {
         let expected = self.hex();
         match self {
-            ExpectedHash::Md5(_) => Error::new(ErrorCode::Md5Mismatch, format!("expected {expected}, got {got}")),
-            _ => Error::new(ErrorCode::HashMismatch, format!("{} mismatch: expected {expected}, got {got}", self.algorithm())),
+            ExpectedHash::Md5(_) => {
+                Error::new(ErrorCode::Md5Mismatch, format!("expected {expected}, got {got}"))
+            }
+            _ => Error::new(
+                ErrorCode::HashMismatch,
+                format!("{} mismatch: expected {expected}, got {got}", self.algorithm()),
+            ),
         }
     }
 }
@@ -111,7 +116,8 @@ fn validation(message: impl Into<String>) -> Error {
 }
 
 fn validate_version(version: &str) -> Result<Version> {
-    Version::parse(version).map_err(|_| validation("version must match semantic versioning pattern"))
+    Version::parse(version)
+        .map_err(|_| validation("version must match semantic versioning pattern"))
 }
 
 /// Validates a `POST /download` body as the contract says (messages follow its examples):
@@ -122,7 +128,9 @@ fn validate_version(version: &str) -> Result<Version> {
 /// lowercase hex digits. Errors are `VALIDATION_ERROR`.
 pub fn validate(req: &DownloadRequest, cfg: &Config) -> Result<()> {
     validate_fields(&req.version, &req.package_url, &req.package_name, req.package_size, cfg)?;
-    if req.package_md5.len() != 32 || !req.package_md5.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if req.package_md5.len() != 32
+        || !req.package_md5.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(validation("package_md5 must be 32-character hexadecimal string"));
     }
     Ok(())
@@ -152,7 +160,10 @@ fn validate_fields(version: &str, url: &str, name: &str, size: u64, cfg: &Config
         return Err(validation("package_size must be at least 1"));
     }
     if size > cfg.max_package_bytes {
-        return Err(validation(format!("package_size {size} exceeds max_package_bytes {}", cfg.max_package_bytes)));
+        return Err(validation(format!(
+            "package_size {size} exceeds max_package_bytes {}",
+            cfg.max_package_bytes
+        )));
     }
     Ok(())
 }
@@ -169,7 +180,8 @@ fn validate_url(url: &str, allow_http: bool) -> Result<()> {
             "package_url must use HTTPS protocol"
         }));
     }
-    let uri: ureq::http::Uri = url.parse().map_err(|_| validation("package_url is not a valid URL"))?;
+    let uri: ureq::http::Uri =
+        url.parse().map_err(|_| validation("package_url is not a valid URL"))?;
     if uri.host().is_none_or(str::is_empty) {
         return Err(validation("package_url has no host"));
     }
@@ -184,27 +196,47 @@ fn validate_url(url: &str, allow_http: bool) -> Result<()> {
 /// trust_window_h` → `PACKAGE_EXPIRED` (410). A clock earlier than `verified_at` (set back,
 /// or lost without an RTC) cannot vouch for the package's age: `PACKAGE_EXPIRED` too, which a
 /// re-download fixes.
-pub fn check_installable(rec: Option<&DownloadRecord>, version: &str, trust_window_h: u64, now_ms: u64) -> Result<PathBuf> {
+pub fn check_installable(
+    rec: Option<&DownloadRecord>,
+    version: &str,
+    trust_window_h: u64,
+    now_ms: u64,
+) -> Result<PathBuf> {
     let wanted = validate_version(version)?;
     let Some(rec) = rec else {
-        return Err(Error::new(ErrorCode::DownloadIncomplete, "Cannot install, package download not completed"));
+        return Err(Error::new(
+            ErrorCode::DownloadIncomplete,
+            "Cannot install, package download not completed",
+        ));
     };
     if Version::parse(&rec.request.version).ok() != Some(wanted) {
-        return Err(validation(format!("version {version} does not match the downloaded package version {}", rec.request.version)));
+        return Err(validation(format!(
+            "version {version} does not match the downloaded package version {}",
+            rec.request.version
+        )));
     }
     if !rec.is_complete() {
         return Err(Error::new(
             ErrorCode::DownloadIncomplete,
-            format!("Cannot install, package download not completed ({} / {} bytes)", rec.offset, rec.request.package_size),
+            format!(
+                "Cannot install, package download not completed ({} / {} bytes)",
+                rec.offset, rec.request.package_size
+            ),
         ));
     }
     let Some(verified_at) = rec.verified_at_unix_ms else {
-        return Err(Error::new(ErrorCode::Md5NotVerified, "Cannot install, MD5 verification in progress"));
+        return Err(Error::new(
+            ErrorCode::Md5NotVerified,
+            "Cannot install, MD5 verification in progress",
+        ));
     };
     if !within_trust_window(verified_at, now_ms, trust_window_h) {
         return Err(Error::new(
             ErrorCode::PackageExpired,
-            format!("Package verified at {} has exceeded {trust_window_h}-hour trust window, please re-download", iso8601_utc(verified_at)),
+            format!(
+                "Package verified at {} has exceeded {trust_window_h}-hour trust window, please re-download",
+                iso8601_utc(verified_at)
+            ),
         ));
     }
     Ok(PathBuf::from(&rec.path))
@@ -248,7 +280,12 @@ fn iso8601_utc(unix_ms: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Knobs that tests shrink; production uses `Tuning::default()`.
@@ -329,7 +366,14 @@ pub fn fetch_authorized(
     progress: &dyn Fn(u64, u64),
     cancel: &AtomicBool,
 ) -> Result<DownloadRecord> {
-    fetch_tuned(journal, cfg, spec, progress, cancel, &Tuning { authorization, ..Tuning::default() })
+    fetch_tuned(
+        journal,
+        cfg,
+        spec,
+        progress,
+        cancel,
+        &Tuning { authorization, ..Tuning::default() },
+    )
 }
 
 fn run_tuned(
@@ -355,18 +399,21 @@ fn fetch_tuned(
     validate_spec(req, cfg)?;
     let dir = cfg.state_dir.join(DOWNLOADS_DIR);
     let path = dir.join(&req.package_name);
-    let path_str = path.to_str().ok_or_else(|| Error::internal(format!("state_dir {} is not UTF-8", cfg.state_dir.display())))?;
+    let path_str = path.to_str().ok_or_else(|| {
+        Error::internal(format!("state_dir {} is not UTF-8", cfg.state_dir.display()))
+    })?;
     let now = crate::clock::now_unix_ms();
     let size = req.package_size;
 
-    let resumable = match prior_download(journal, req, &path, path_str, now, cfg.download.trust_window_h)? {
-        Prior::Verified(rec) => {
-            progress(size, size);
-            return Ok(rec);
-        }
-        Prior::Partial(rec) => Some(rec),
-        Prior::Nothing => None,
-    };
+    let resumable =
+        match prior_download(journal, req, &path, path_str, now, cfg.download.trust_window_h)? {
+            Prior::Verified(rec) => {
+                progress(size, size);
+                return Ok(rec);
+            }
+            Prior::Partial(rec) => Some(rec),
+            Prior::Nothing => None,
+        };
     preflight(&dir, size - resumable.as_ref().map_or(0, |r| r.offset))?;
     let rec = match resumable {
         Some(mut rec) => {
@@ -421,12 +468,25 @@ enum Prior {
     Nothing,
 }
 
-fn prior_download(journal: &Journal, req: &DownloadSpec, path: &Path, path_str: &str, now: u64, trust_window_h: u64) -> Result<Prior> {
+fn prior_download(
+    journal: &Journal,
+    req: &DownloadSpec,
+    path: &Path,
+    path_str: &str,
+    now: u64,
+    trust_window_h: u64,
+) -> Result<Prior> {
     Ok(match journal.download()? {
         Some(old) if old.request == *req && old.path == path_str => {
-            let on_disk = std::fs::symlink_metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len());
+            let on_disk =
+                std::fs::symlink_metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len());
             match old.verified_at_unix_ms {
-                Some(at) if within_trust_window(at, now, trust_window_h) && on_disk == Some(req.package_size) => Prior::Verified(old),
+                Some(at)
+                    if within_trust_window(at, now, trust_window_h)
+                        && on_disk == Some(req.package_size) =>
+                {
+                    Prior::Verified(old)
+                }
                 // Expired, or the file is gone: fetch it again.
                 Some(_) => {
                     fsutil::remove_if_present(path).map_err(local)?;
@@ -480,15 +540,25 @@ fn file_error(op: &str, path: &Path, e: &std::io::Error) -> Error {
 fn open_package_file(state_dir: &Path, dir: &Path, path: &Path) -> Result<File> {
     fsutil::make_dir(dir).map_err(local)?;
     let flags = nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC;
-    let file = match OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).custom_flags(flags).open(path) {
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(flags)
+        .open(path)
+    {
         Ok(f) => {
             fsutil::fsync_dir(dir).map_err(local)?;
             fsutil::fsync_dir(state_dir).map_err(local)?;
             f
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            OpenOptions::new().read(true).write(true).custom_flags(flags).open(path).map_err(|e| file_error("open", path, &e))?
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| file_error("open", path, &e))?,
         Err(e) => return Err(file_error("create", path, &e)),
     };
     let meta = file.metadata().map_err(|e| file_error("fstat", path, &e))?;
@@ -545,16 +615,24 @@ impl Transfer<'_> {
             self.commit()?;
         }
         if len != self.rec.offset {
-            self.file.set_len(self.rec.offset).map_err(|e| file_error("truncate", &self.path, &e))?;
+            self.file
+                .set_len(self.rec.offset)
+                .map_err(|e| file_error("truncate", &self.path, &e))?;
         }
         while self.offset < self.rec.offset {
             if cancel.load(Ordering::Relaxed) {
                 return Err(self.cancelled());
             }
             let want = (self.rec.offset - self.offset).min(self.buf.len() as u64) as usize;
-            let n = self.file.read_at(&mut self.buf[..want], self.offset).map_err(|e| file_error("read", &self.path, &e))?;
+            let n = self
+                .file
+                .read_at(&mut self.buf[..want], self.offset)
+                .map_err(|e| file_error("read", &self.path, &e))?;
             if n == 0 {
-                return Err(Error::internal(format!("{} shrank while being hashed", self.path.display())));
+                return Err(Error::internal(format!(
+                    "{} shrank while being hashed",
+                    self.path.display()
+                )));
             }
             self.hasher.update(&self.buf[..n]);
             self.offset += n as u64;
@@ -593,11 +671,21 @@ impl Transfer<'_> {
             if failures > retries {
                 return Err(Error::new(
                     ErrorCode::DownloadFailed,
-                    format!("GET {url} failed {failures} times in a row ({} / {} bytes): {why}", self.rec.offset, self.size()),
+                    format!(
+                        "GET {url} failed {failures} times in a row ({} / {} bytes): {why}",
+                        self.rec.offset,
+                        self.size()
+                    ),
                 ));
             }
             let wait = tuning.backoff(failures);
-            tracing::warn!(url, offset = self.rec.offset, failures, wait_ms = wait.as_millis() as u64, "download attempt failed: {why}");
+            tracing::warn!(
+                url,
+                offset = self.rec.offset,
+                failures,
+                wait_ms = wait.as_millis() as u64,
+                "download attempt failed: {why}"
+            );
             if !sleep_unless_cancelled(wait, cancel) {
                 return Err(self.cancelled());
             }
@@ -606,7 +694,12 @@ impl Transfer<'_> {
     }
 
     /// One GET from `self.offset` to the end of the package.
-    fn attempt(&mut self, agent: &ureq::Agent, authorization: Option<&str>, cancel: &AtomicBool) -> Result<(), Stop> {
+    fn attempt(
+        &mut self,
+        agent: &ureq::Agent,
+        authorization: Option<&str>,
+        cancel: &AtomicBool,
+    ) -> Result<(), Stop> {
         let url = self.rec.request.package_url.clone();
         let mut request = agent.get(&url);
         if let Some(a) = authorization {
@@ -616,13 +709,19 @@ impl Transfer<'_> {
         if ranged {
             request = request.header("Range", format!("bytes={}-", self.offset));
         }
-        let response = request.call().map_err(|e| Stop::Retry(e.to_string().replace(&url, &redact(&url))))?;
+        let response =
+            request.call().map_err(|e| Stop::Retry(e.to_string().replace(&url, &redact(&url))))?;
         let status = response.status().as_u16();
-        let content_length = response.headers().get("content-length").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        let content_length = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
         self.check_answer(status, &response, content_length, ranged)?;
         let remaining = self.size() - self.offset;
         if let Some(len) = content_length.filter(|&len| len != remaining) {
-            return Err(Stop::Retry(format!("HTTP {status} with Content-Length {len}, expected {remaining}")));
+            return Err(Stop::Retry(format!(
+                "HTTP {status} with Content-Length {len}, expected {remaining}"
+            )));
         }
         self.receive(response.into_body().into_reader(), cancel)
     }
@@ -638,9 +737,15 @@ impl Transfer<'_> {
     ) -> Result<(), Stop> {
         match status {
             206 => {
-                let range = response.headers().get("content-range").and_then(|v| v.to_str().ok()).unwrap_or("");
+                let range = response
+                    .headers()
+                    .get("content-range")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
                 if let Some(total) = range_total(range).filter(|&t| t != self.size()) {
-                    return Err(Stop::Fatal(self.size_mismatch(&format!("the server's file has {total}"))));
+                    return Err(Stop::Fatal(
+                        self.size_mismatch(&format!("the server's file has {total}")),
+                    ));
                 }
                 if !continues_at(range, self.offset, self.size()) {
                     return Err(Stop::Retry(format!(
@@ -653,16 +758,24 @@ impl Transfer<'_> {
             }
             200 => {
                 if let Some(len) = content_length.filter(|&len| len != self.size()) {
-                    return Err(Stop::Fatal(self.size_mismatch(&format!("the server's file has {len}"))));
+                    return Err(Stop::Fatal(
+                        self.size_mismatch(&format!("the server's file has {len}")),
+                    ));
                 }
                 if ranged {
-                    tracing::warn!(offset = self.offset, "server ignored Range (200): starting over from byte 0");
+                    tracing::warn!(
+                        offset = self.offset,
+                        "server ignored Range (200): starting over from byte 0"
+                    );
                     self.restart_from_zero()?;
                 }
             }
             416 => {
                 self.restart_from_zero()?;
-                return Err(Stop::Retry(format!("416 Range Not Satisfiable for bytes={}-", self.rec.offset)));
+                return Err(Stop::Retry(format!(
+                    "416 Range Not Satisfiable for bytes={}-",
+                    self.rec.offset
+                )));
             }
             408 | 429 | 500..=599 => return Err(Stop::Retry(format!("HTTP {status}"))),
             _ => {
@@ -684,12 +797,26 @@ impl Transfer<'_> {
             }
             let want = (self.size() - self.offset).min(self.buf.len() as u64) as usize;
             let n = match body.read(&mut self.buf[..want]) {
-                Ok(0) => return Err(Stop::Retry(format!("connection closed at {} of {} bytes", self.offset, self.size()))),
+                Ok(0) => {
+                    return Err(Stop::Retry(format!(
+                        "connection closed at {} of {} bytes",
+                        self.offset,
+                        self.size()
+                    )));
+                }
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Stop::Retry(format!("read at {} of {} bytes: {e}", self.offset, self.size()))),
+                Err(e) => {
+                    return Err(Stop::Retry(format!(
+                        "read at {} of {} bytes: {e}",
+                        self.offset,
+                        self.size()
+                    )));
+                }
             };
-            self.file.write_all_at(&self.buf[..n], self.offset).map_err(|e| file_error("write", &self.path, &e))?;
+            self.file
+                .write_all_at(&self.buf[..n], self.offset)
+                .map_err(|e| file_error("write", &self.path, &e))?;
             self.hasher.update(&self.buf[..n]);
             self.offset += n as u64;
             (self.progress)(self.offset, self.size());
@@ -705,7 +832,10 @@ impl Transfer<'_> {
     }
 
     fn size_mismatch(&self, what: &str) -> Error {
-        Error::new(ErrorCode::PackageSizeMismatch, format!("expected {} bytes, but {what} bytes", self.size()))
+        Error::new(
+            ErrorCode::PackageSizeMismatch,
+            format!("expected {} bytes, but {what} bytes", self.size()),
+        )
     }
 
     /// A download that cannot succeed (the server's file is another size): the file and the
@@ -765,7 +895,11 @@ impl Transfer<'_> {
     fn cancelled(&self) -> Error {
         Error::new(
             ErrorCode::DownloadIncomplete,
-            format!("download interrupted at {} of {} bytes; the same request resumes it", self.rec.offset, self.size()),
+            format!(
+                "download interrupted at {} of {} bytes; the same request resumes it",
+                self.rec.offset,
+                self.size()
+            ),
         )
     }
 }
@@ -824,12 +958,22 @@ fn agent(cfg: &Config, tuning: &Tuning) -> ureq::Agent {
 /// TOTAL of `bytes START-END/TOTAL`, when it is a number.
 fn range_total(content_range: &str) -> Option<u64> {
     let total = content_range.trim().rsplit_once('/')?.1;
-    if total.is_empty() || !total.bytes().all(|b| b.is_ascii_digit()) { None } else { total.parse().ok() }
+    if total.is_empty() || !total.bytes().all(|b| b.is_ascii_digit()) {
+        None
+    } else {
+        total.parse().ok()
+    }
 }
 
 /// `bytes START-END/TOTAL` (TOTAL may be `*`) continues at `offset` to the end of `size`.
 fn continues_at(content_range: &str, offset: u64, size: u64) -> bool {
-    let number = |s: &str| if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) { s.parse::<u64>().ok() } else { None };
+    let number = |s: &str| {
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            s.parse::<u64>().ok()
+        } else {
+            None
+        }
+    };
     let parsed = (|| {
         let (range, total) = content_range.trim().strip_prefix("bytes ")?.split_once('/')?;
         let (start, end) = range.split_once('-')?;
@@ -959,7 +1103,13 @@ mod tests {
         }
     }
 
-    fn serve(stream: TcpStream, body: &[u8], reply: Reply, seen: &Mutex<Vec<Seen>>, journal: &Mutex<Option<Arc<Journal>>>) {
+    fn serve(
+        stream: TcpStream,
+        body: &[u8],
+        reply: Reply,
+        seen: &Mutex<Vec<Seen>>,
+        journal: &Mutex<Option<Arc<Journal>>>,
+    ) {
         stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut request_line = String::new();
@@ -978,19 +1128,29 @@ mod tests {
                 range = Some(value.trim().to_string());
             }
         }
-        let journaled_offset = journal.lock().unwrap().as_ref().and_then(|j| j.download().unwrap()).map(|r| r.offset);
-        seen.lock().unwrap().push(Seen { request_line: request_line.trim_end().to_string(), range: range.clone(), journaled_offset });
+        let journaled_offset =
+            journal.lock().unwrap().as_ref().and_then(|j| j.download().unwrap()).map(|r| r.offset);
+        seen.lock().unwrap().push(Seen {
+            request_line: request_line.trim_end().to_string(),
+            range: range.clone(),
+            journaled_offset,
+        });
 
         let mut out = stream;
         if let Reply::Status(code) = reply {
-            let _ = write!(out, "HTTP/1.1 {code} Test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = write!(
+                out,
+                "HTTP/1.1 {code} Test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
             return;
         }
         let data: Vec<u8> = match reply {
             Reply::WrongBytes => body.iter().map(|b| b ^ 0x5a).collect(),
             _ => body.to_vec(),
         };
-        let start = range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse::<usize>().ok());
+        let start = range
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse::<usize>().ok());
         let from = match (reply, start) {
             (Reply::IgnoreRange, _) | (_, None) => None,
             (_, Some(n)) => Some(n),
@@ -1068,7 +1228,12 @@ mod tests {
     }
 
     /// What the DDI client would ask for: the request's fields with `expected`.
-    fn spec(server: &PackageServer, name: &str, body: &[u8], expected: ExpectedHash) -> DownloadSpec {
+    fn spec(
+        server: &PackageServer,
+        name: &str,
+        body: &[u8],
+        expected: ExpectedHash,
+    ) -> DownloadSpec {
         DownloadSpec::new("1.2.3", server.url(name), name, body.len() as u64, expected)
     }
 
@@ -1091,7 +1256,12 @@ mod tests {
     }
 
     /// Runs with `cancel` set by the progress callback once `at` bytes are done.
-    fn go_cancelling_at(j: &Journal, cfg: &Config, req: &DownloadRequest, at: u64) -> Result<DownloadRecord> {
+    fn go_cancelling_at(
+        j: &Journal,
+        cfg: &Config,
+        req: &DownloadRequest,
+        at: u64,
+    ) -> Result<DownloadRecord> {
         let cancel = AtomicBool::new(false);
         run_tuned(
             j,
@@ -1120,7 +1290,15 @@ mod tests {
         let server = PackageServer::start(body.clone(), vec![]);
         let req = request(&server, "pkg-1.2.3.zip", &body);
         let last = Mutex::new((0, 0));
-        let rec = run_tuned(&j, &cfg, &req, &|d, t| *last.lock().unwrap() = (d, t), &AtomicBool::new(false), &fast()).unwrap();
+        let rec = run_tuned(
+            &j,
+            &cfg,
+            &req,
+            &|d, t| *last.lock().unwrap() = (d, t),
+            &AtomicBool::new(false),
+            &fast(),
+        )
+        .unwrap();
         assert_eq!(std::fs::read(package_path(&cfg, "pkg-1.2.3.zip")).unwrap(), body);
         assert!(rec.is_complete() && rec.is_verified());
         assert_eq!(rec.path, package_path(&cfg, "pkg-1.2.3.zip").to_str().unwrap());
@@ -1167,7 +1345,12 @@ mod tests {
         // "Restart": a new process opens the journal again. Bytes written after the journaled
         // offset (not vouched for) must not be trusted.
         drop(j);
-        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&[0xee; 5000]).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&[0xee; 5000])
+            .unwrap();
         let j = Arc::new(Journal::open(dir.path()).unwrap());
         server.watch(&j);
         go(&j, &cfg, &req).unwrap();
@@ -1182,7 +1365,8 @@ mod tests {
     fn two_503s_then_success_retries_with_backoff() {
         let (_d, cfg, j) = setup();
         let body = package(50_000);
-        let server = PackageServer::start(body.clone(), vec![Reply::Status(503), Reply::Status(503)]);
+        let server =
+            PackageServer::start(body.clone(), vec![Reply::Status(503), Reply::Status(503)]);
         let req = request(&server, "p.zip", &body);
         assert!(go(&j, &cfg, &req).unwrap().is_verified());
         assert_eq!(server.ranges(), vec![None, None, None]);
@@ -1228,7 +1412,8 @@ mod tests {
     fn server_answering_200_to_range_restarts_from_zero_and_is_still_correct() {
         let (_d, cfg, j) = setup();
         let body = package(MIB);
-        let server = PackageServer::start(body.clone(), vec![Reply::DropAfter(300_000), Reply::IgnoreRange]);
+        let server =
+            PackageServer::start(body.clone(), vec![Reply::DropAfter(300_000), Reply::IgnoreRange]);
         let req = request(&server, "p.zip", &body);
         let rec = go(&j, &cfg, &req).unwrap();
         assert!(rec.is_verified());
@@ -1240,10 +1425,16 @@ mod tests {
     fn a_206_with_the_wrong_content_range_is_not_appended() {
         let (_d, cfg, j) = setup();
         let body = package(200_000);
-        let server = PackageServer::start(body.clone(), vec![Reply::DropAfter(1000), Reply::BadContentRange]);
+        let server = PackageServer::start(
+            body.clone(),
+            vec![Reply::DropAfter(1000), Reply::BadContentRange],
+        );
         let req = request(&server, "p.zip", &body);
         assert!(go(&j, &cfg, &req).unwrap().is_verified());
-        assert_eq!(server.ranges(), vec![None, Some("bytes=1000-".into()), Some("bytes=1000-".into())]);
+        assert_eq!(
+            server.ranges(),
+            vec![None, Some("bytes=1000-".into()), Some("bytes=1000-".into())]
+        );
         assert_eq!(std::fs::read(package_path(&cfg, "p.zip")).unwrap(), body);
     }
 
@@ -1275,7 +1466,9 @@ mod tests {
         assert_eq!(go_spec(&j, &cfg, &s).unwrap(), rec);
         assert_eq!(server.seen().len(), 1);
         // POST /update accepts it like a legacy download.
-        assert!(check_installable(Some(&rec), "1.2.3", 24, rec.verified_at_unix_ms.unwrap()).is_ok());
+        assert!(
+            check_installable(Some(&rec), "1.2.3", 24, rec.verified_at_unix_ms.unwrap()).is_ok()
+        );
     }
 
     /// gooseBit gives only sha1.
@@ -1299,8 +1492,18 @@ mod tests {
         let wrong: Vec<u8> = body.iter().map(|b| b ^ 0x5a).collect();
         let kinds = [
             (ExpectedHash::Md5(md5_hex(&body)), md5_hex(&wrong), ErrorCode::Md5Mismatch, ""),
-            (ExpectedHash::Sha1(sha1_hex(&body)), sha1_hex(&wrong), ErrorCode::HashMismatch, "sha1 mismatch: "),
-            (ExpectedHash::Sha256(sha256_hex(&body)), sha256_hex(&wrong), ErrorCode::HashMismatch, "sha256 mismatch: "),
+            (
+                ExpectedHash::Sha1(sha1_hex(&body)),
+                sha1_hex(&wrong),
+                ErrorCode::HashMismatch,
+                "sha1 mismatch: ",
+            ),
+            (
+                ExpectedHash::Sha256(sha256_hex(&body)),
+                sha256_hex(&wrong),
+                ErrorCode::HashMismatch,
+                "sha256 mismatch: ",
+            ),
         ];
         for (expected, got, code, prefix) in kinds {
             let (_d, cfg, j) = setup();
@@ -1337,11 +1540,24 @@ mod tests {
 
         // A new process; untrusted bytes past the journaled offset.
         drop(j);
-        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&[0xee; 5000]).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&[0xee; 5000])
+            .unwrap();
         let j = Arc::new(Journal::open(dir.path()).unwrap());
         server.watch(&j);
         let progress = Mutex::new(Vec::new());
-        let rec = fetch_tuned(&j, &cfg, &s, &|d, _| progress.lock().unwrap().push(d), &AtomicBool::new(false), &fast()).unwrap();
+        let rec = fetch_tuned(
+            &j,
+            &cfg,
+            &s,
+            &|d, _| progress.lock().unwrap().push(d),
+            &AtomicBool::new(false),
+            &fast(),
+        )
+        .unwrap();
         assert!(rec.is_verified());
         let seen = server.seen();
         assert_eq!(seen.len(), 2);
@@ -1362,7 +1578,12 @@ mod tests {
         };
         fetch_tuned(&j2, &cfg2, &s2, &stop_at, &cancel, &fast()).unwrap_err();
         let path2 = package_path(&cfg2, "q.zip");
-        std::fs::OpenOptions::new().write(true).open(&path2).unwrap().write_all_at(&[0u8; 10], 1000).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path2)
+            .unwrap()
+            .write_all_at(&[0u8; 10], 1000)
+            .unwrap();
         let err = go_spec(&j2, &cfg2, &s2).unwrap_err();
         assert_eq!(err.code, ErrorCode::HashMismatch, "{err}");
         assert!(!path2.exists());
@@ -1376,12 +1597,19 @@ mod tests {
         let body = package(MIB);
         let expected = ExpectedHash::Sha1(sha1_hex(&body));
         let kept = PackageServer::start(body.clone(), vec![Reply::DropAfter(250_000)]);
-        assert!(go_spec(&j, &cfg, &spec(&kept, "a.zip", &body, expected.clone())).unwrap().is_verified());
+        assert!(
+            go_spec(&j, &cfg, &spec(&kept, "a.zip", &body, expected.clone()))
+                .unwrap()
+                .is_verified()
+        );
         assert_eq!(kept.ranges(), vec![None, Some("bytes=250000-".into())]);
         assert_eq!(std::fs::read(package_path(&cfg, "a.zip")).unwrap(), body);
 
-        let restarted = PackageServer::start(body.clone(), vec![Reply::DropAfter(300_000), Reply::IgnoreRange]);
-        assert!(go_spec(&j, &cfg, &spec(&restarted, "b.zip", &body, expected)).unwrap().is_verified());
+        let restarted =
+            PackageServer::start(body.clone(), vec![Reply::DropAfter(300_000), Reply::IgnoreRange]);
+        assert!(
+            go_spec(&j, &cfg, &spec(&restarted, "b.zip", &body, expected)).unwrap().is_verified()
+        );
         assert_eq!(restarted.ranges(), vec![None, Some("bytes=300000-".into())]);
         assert_eq!(std::fs::read(package_path(&cfg, "b.zip")).unwrap(), body);
     }
@@ -1398,7 +1626,10 @@ mod tests {
         go_cancelling_at(&j, &cfg, &req, 300_000).unwrap_err();
         let rec = j.download().unwrap().unwrap();
         j.put_download_v1(&rec).unwrap();
-        assert_eq!(j.download().unwrap().unwrap().request.expected, ExpectedHash::Md5(req.package_md5.clone()));
+        assert_eq!(
+            j.download().unwrap().unwrap().request.expected,
+            ExpectedHash::Md5(req.package_md5.clone())
+        );
         assert!(go(&j, &cfg, &req).unwrap().is_verified());
         assert_eq!(server.ranges()[1], Some(format!("bytes={}-", rec.offset)));
         assert_eq!(std::fs::read(package_path(&cfg, "p.zip")).unwrap(), body);
@@ -1526,7 +1757,8 @@ mod tests {
         let mut cfg = Config::default();
         let ok = DownloadRequest {
             version: "1.2.3".into(),
-            package_url: "https://s3.example.com/ota/tope-update-1.2.3.zip?X-Amz-Signature=abc".into(),
+            package_url: "https://s3.example.com/ota/tope-update-1.2.3.zip?X-Amz-Signature=abc"
+                .into(),
             package_name: "tope-update-1.2.3.zip".into(),
             package_size: 104_857_600,
             package_md5: "0123456789abcdef0123456789abcdef".into(),
@@ -1534,21 +1766,42 @@ mod tests {
         validate(&ok, &cfg).unwrap();
         type Change = fn(&mut DownloadRequest);
         let cases: &[(Change, &str)] = &[
-            (|r| r.package_url = "http://s3.example.com/p.zip".into(), "package_url must use HTTPS protocol"),
-            (|r| r.package_url = "ftp://s3.example.com/p.zip".into(), "package_url must use HTTPS protocol"),
+            (
+                |r| r.package_url = "http://s3.example.com/p.zip".into(),
+                "package_url must use HTTPS protocol",
+            ),
+            (
+                |r| r.package_url = "ftp://s3.example.com/p.zip".into(),
+                "package_url must use HTTPS protocol",
+            ),
             (|r| r.package_url = "https://".into(), "package_url"),
             (|r| r.package_url = "https://exa mple.com/p".into(), "package_url is not a valid URL"),
-            (|r| r.package_url = format!("https://e.com/{}", "a".repeat(URL_BYTES_MAX)), "package_url is longer than"),
-            (|r| r.package_md5 = "0123456789ABCDEF0123456789ABCDEF".into(), "package_md5 must be 32-character hexadecimal string"),
-            (|r| r.package_md5 = "a1b2c3d4e5f6g7h8i9j0k1l2m3n4o5p6".into(), "package_md5 must be 32-character hexadecimal string"),
-            (|r| r.package_md5 = "0123".into(), "package_md5 must be 32-character hexadecimal string"),
+            (
+                |r| r.package_url = format!("https://e.com/{}", "a".repeat(URL_BYTES_MAX)),
+                "package_url is longer than",
+            ),
+            (
+                |r| r.package_md5 = "0123456789ABCDEF0123456789ABCDEF".into(),
+                "package_md5 must be 32-character hexadecimal string",
+            ),
+            (
+                |r| r.package_md5 = "a1b2c3d4e5f6g7h8i9j0k1l2m3n4o5p6".into(),
+                "package_md5 must be 32-character hexadecimal string",
+            ),
+            (
+                |r| r.package_md5 = "0123".into(),
+                "package_md5 must be 32-character hexadecimal string",
+            ),
             (|r| r.version = "1.2".into(), "version must match semantic versioning pattern"),
             (|r| r.version = "v1.2.3".into(), "version must match semantic versioning pattern"),
             (|r| r.package_name = "a/b.zip".into(), "package_name must be a plain file name"),
             (|r| r.package_name = "..".into(), "package_name must be a plain file name"),
             (|r| r.package_name = ".".into(), "package_name must be a plain file name"),
             (|r| r.package_name = "".into(), "package_name must be a plain file name"),
-            (|r| r.package_name = "../../etc/passwd".into(), "package_name must be a plain file name"),
+            (
+                |r| r.package_name = "../../etc/passwd".into(),
+                "package_name must be a plain file name",
+            ),
             (|r| r.package_name = "a\nb".into(), "package_name must be a plain file name"),
             (|r| r.package_name = "x".repeat(256), "package_name must be a plain file name"),
             (|r| r.package_size = 0, "package_size must be at least 1"),
@@ -1562,11 +1815,15 @@ mod tests {
             assert!(err.message.contains(message), "{r:?}: {err}");
         }
         // http:// only with download.allow_http.
-        let http = DownloadRequest { package_url: "http://10.0.0.2:8080/p.zip".into(), ..ok.clone() };
+        let http =
+            DownloadRequest { package_url: "http://10.0.0.2:8080/p.zip".into(), ..ok.clone() };
         cfg.download.allow_http = true;
         validate(&http, &cfg).unwrap();
         let ftp = DownloadRequest { package_url: "ftp://10.0.0.2/p.zip".into(), ..ok };
-        assert_eq!(validate(&ftp, &cfg).unwrap_err().message, "package_url must use HTTP or HTTPS protocol");
+        assert_eq!(
+            validate(&ftp, &cfg).unwrap_err().message,
+            "package_url must use HTTP or HTTPS protocol"
+        );
     }
 
     #[test]
@@ -1604,12 +1861,20 @@ mod tests {
         const H: u64 = MS_PER_HOUR;
         let at = 1_764_153_000_000; // 2025-11-26T10:30:00Z
         let good = verified(100, Some(at));
-        let code = |rec: Option<&DownloadRecord>, v: &str, now: u64| check_installable(rec, v, 24, now).map_err(|e| e.code);
-        assert_eq!(check_installable(Some(&good), "1.2.3", 24, at + H).unwrap(), PathBuf::from("/var/lib/tope-updater/downloads/p.zip"));
+        let code = |rec: Option<&DownloadRecord>, v: &str, now: u64| {
+            check_installable(rec, v, 24, now).map_err(|e| e.code)
+        };
+        assert_eq!(
+            check_installable(Some(&good), "1.2.3", 24, at + H).unwrap(),
+            PathBuf::from("/var/lib/tope-updater/downloads/p.zip")
+        );
         assert_eq!(code(Some(&good), "1.2.3", at), Ok(PathBuf::from(&good.path)));
         assert_eq!(code(Some(&good), "1.2.3", at + 24 * H - 1).map(|_| ()), Ok(()));
         assert_eq!(code(None, "1.2.3", at), Err(ErrorCode::DownloadIncomplete));
-        assert_eq!(code(Some(&verified(99, None)), "1.2.3", at), Err(ErrorCode::DownloadIncomplete));
+        assert_eq!(
+            code(Some(&verified(99, None)), "1.2.3", at),
+            Err(ErrorCode::DownloadIncomplete)
+        );
         assert_eq!(code(Some(&verified(100, None)), "1.2.3", at), Err(ErrorCode::Md5NotVerified));
         assert_eq!(code(Some(&good), "1.2.4", at), Err(ErrorCode::ValidationError));
         assert_eq!(code(Some(&good), "1.2", at), Err(ErrorCode::ValidationError));
@@ -1652,7 +1917,10 @@ mod tests {
 
     #[test]
     fn urls_are_redacted_in_messages() {
-        assert_eq!(redact("https://s3.example.com/p.zip?X-Amz-Signature=secret"), "https://s3.example.com/p.zip?…");
+        assert_eq!(
+            redact("https://s3.example.com/p.zip?X-Amz-Signature=secret"),
+            "https://s3.example.com/p.zip?…"
+        );
         assert_eq!(redact("https://s3.example.com/p.zip"), "https://s3.example.com/p.zip");
     }
 }

@@ -144,7 +144,11 @@ impl Error {
     /// caller's code, because the operator's remedy is the same.
     pub fn io(code: ErrorCode, op: &str, path: &Path, err: &std::io::Error) -> Error {
         let code = match err.raw_os_error() {
-            Some(libc_enospc) if libc_enospc == nix::libc::ENOSPC || libc_enospc == nix::libc::EDQUOT => ErrorCode::DiskFull,
+            Some(libc_enospc)
+                if libc_enospc == nix::libc::ENOSPC || libc_enospc == nix::libc::EDQUOT =>
+            {
+                ErrorCode::DiskFull
+            }
             _ => code,
         };
         Error::new(code, format!("{op} {}: {err}", path.display()))

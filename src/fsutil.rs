@@ -114,15 +114,30 @@ pub fn observe(path: &Path) -> Result<PathState> {
         Err(e) => return Err(Error::io(ErrorCode::DeploymentFailed, "stat", path, &e)),
     };
     if !meta.file_type().is_file() {
-        return Err(Error::new(ErrorCode::PathNotAllowed, format!("{} exists and is not a regular file", path.display())));
+        return Err(Error::new(
+            ErrorCode::PathNotAllowed,
+            format!("{} exists and is not a regular file", path.display()),
+        ));
     }
-    let (hash, size) = hash_file(path).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "read", path, &e))?;
-    Ok(PathState::File(FileMeta { hash, size, mode: meta.mode() & 0o7777, uid: meta.uid(), gid: meta.gid() }))
+    let (hash, size) =
+        hash_file(path).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "read", path, &e))?;
+    Ok(PathState::File(FileMeta {
+        hash,
+        size,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+    }))
 }
 
 /// Creates a new file for writing, refusing to follow or reuse anything already there.
 pub fn create_exclusive(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC).open(path)
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
 }
 
 /// `create_exclusive` for one of the engine's own temporary names: a leftover from an
@@ -132,7 +147,8 @@ pub fn create_replacing(path: &Path) -> Result<File> {
         Ok(f) => Ok(f),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             remove_if_present(path)?;
-            create_exclusive(path).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", path, &e))
+            create_exclusive(path)
+                .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", path, &e))
         }
         Err(e) => Err(Error::io(ErrorCode::DeploymentFailed, "create", path, &e)),
     }
@@ -141,12 +157,18 @@ pub fn create_replacing(path: &Path) -> Result<File> {
 /// Applies owner then mode (chown clears set-id bits, so mode goes last). chown only when the
 /// owner differs, so unprivileged runs work for files they own.
 pub fn apply_meta(file: &File, path: &Path, mode: u32, uid: u32, gid: u32) -> Result<()> {
-    let meta = file.metadata().map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fstat", path, &e))?;
+    let meta =
+        file.metadata().map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fstat", path, &e))?;
     if meta.uid() != uid || meta.gid() != gid {
-        nix::unistd::fchown(file, Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fchown", path, &e.into()))?;
+        nix::unistd::fchown(
+            file,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fchown", path, &e.into()))?;
     }
-    file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fchmod", path, &e))
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fchmod", path, &e))
 }
 
 /// Removes a file; absent is fine (every effect must be idempotent).
@@ -163,7 +185,17 @@ pub fn remove_if_present(path: &Path) -> Result<bool> {
 pub fn remove_dir_if_empty(path: &Path) -> Result<()> {
     match std::fs::remove_dir(path) {
         Ok(()) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(nix::libc::ENOENT | nix::libc::ENOTEMPTY | nix::libc::EEXIST | nix::libc::ENOTDIR)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(
+                    nix::libc::ENOENT
+                        | nix::libc::ENOTEMPTY
+                        | nix::libc::EEXIST
+                        | nix::libc::ENOTDIR
+                )
+            ) =>
+        {
             Ok(())
         }
         Err(e) => Err(Error::io(ErrorCode::DeploymentFailed, "rmdir", path, &e)),
@@ -211,8 +243,10 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
     if negative_control("dirfsync") {
         return Ok(());
     }
-    let f = File::open(dir).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open dir", dir, &e))?;
-    nix::unistd::fsync(&f).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fsync dir", dir, &e.into()))
+    let f =
+        File::open(dir).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open dir", dir, &e))?;
+    nix::unistd::fsync(&f)
+        .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fsync dir", dir, &e.into()))
 }
 
 /// The nearest existing ancestor (or the path itself), to stat or statvfs a path that may not
@@ -237,16 +271,21 @@ pub fn existing_ancestor(path: &Path) -> &Path {
 /// writeback errors; the verification phase re-reads content for that reason.
 pub fn sync_filesystems<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<usize> {
     // Thousands of targets share a few parent directories: stat each directory once.
-    let parents: std::collections::BTreeSet<&Path> = paths.into_iter().map(|p| p.parent().unwrap_or(p)).collect();
+    let parents: std::collections::BTreeSet<&Path> =
+        paths.into_iter().map(|p| p.parent().unwrap_or(p)).collect();
     let mut by_dev: BTreeMap<u64, &Path> = BTreeMap::new();
     for p in parents {
         let anchor = existing_ancestor(p);
-        let dev = std::fs::metadata(anchor).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", anchor, &e))?.dev();
+        let dev = std::fs::metadata(anchor)
+            .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", anchor, &e))?
+            .dev();
         by_dev.entry(dev).or_insert(anchor);
     }
     for anchor in by_dev.values() {
-        let f = File::open(anchor).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open", anchor, &e))?;
-        nix::unistd::syncfs(&f).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "syncfs", anchor, &e.into()))?;
+        let f = File::open(anchor)
+            .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open", anchor, &e))?;
+        nix::unistd::syncfs(&f)
+            .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "syncfs", anchor, &e.into()))?;
     }
     Ok(by_dev.len())
 }
@@ -255,14 +294,22 @@ pub fn sync_filesystems<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result
 /// power cut), rename (readers see old or new, never a torn file), fsync of the directory
 /// (the rename itself survives a power cut).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().ok_or_else(|| Error::internal(format!("{} has no parent", path.display())))?;
-    let tmp = dir.join(format!("{TEMP_PREFIX}{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::internal(format!("{} has no parent", path.display())))?;
+    let tmp = dir.join(format!(
+        "{TEMP_PREFIX}{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
     remove_if_present(&tmp)?;
-    let mut f = create_exclusive(&tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", &tmp, &e))?;
+    let mut f = create_exclusive(&tmp)
+        .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", &tmp, &e))?;
     f.write_all(bytes).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e))?;
-    nix::unistd::fsync(&f).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fsync", &tmp, &e.into()))?;
+    nix::unistd::fsync(&f)
+        .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fsync", &tmp, &e.into()))?;
     drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", path, &e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", path, &e))?;
     fsync_dir(dir)
 }
 
@@ -270,7 +317,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// size.
 pub fn available_bytes_and_block(path: &Path) -> Result<(u64, u64)> {
     let anchor = existing_ancestor(path);
-    let st = nix::sys::statvfs::statvfs(anchor).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "statvfs", anchor, &e.into()))?;
+    let st = nix::sys::statvfs::statvfs(anchor)
+        .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "statvfs", anchor, &e.into()))?;
     let block = st.fragment_size() as u64;
     Ok(((st.blocks_available() as u64).saturating_mul(block), block))
 }
@@ -278,7 +326,9 @@ pub fn available_bytes_and_block(path: &Path) -> Result<(u64, u64)> {
 /// st_dev of the filesystem holding `path` (or its nearest existing ancestor).
 pub fn device_of(path: &Path) -> Result<u64> {
     let anchor = existing_ancestor(path);
-    Ok(std::fs::metadata(anchor).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", anchor, &e))?.dev())
+    Ok(std::fs::metadata(anchor)
+        .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", anchor, &e))?
+        .dev())
 }
 
 /// fdatasync of a file whose first bytes a journal record is about to vouch for (a download's

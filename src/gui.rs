@@ -50,11 +50,14 @@ pub fn spawn(command: &str) -> Option<u32> {
     let pid = child.id();
     tracing::info!(command, pid, "GUI started");
     let command = command.to_string();
-    let reaper = std::thread::Builder::new().name("gui-reaper".into()).spawn(move || match child.wait() {
-        Ok(status) if !status.success() => tracing::warn!(command, %status, "gui.command ended with a failure"),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(command, error = %e, "gui.command: waiting for it failed"),
-    });
+    let reaper =
+        std::thread::Builder::new().name("gui-reaper".into()).spawn(move || match child.wait() {
+            Ok(status) if !status.success() => {
+                tracing::warn!(command, %status, "gui.command ended with a failure")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(command, error = %e, "gui.command: waiting for it failed"),
+        });
     if let Err(e) = reaper {
         // Only a zombie until the updater exits.
         tracing::warn!(error = %e, "gui.command: no thread to reap it");
@@ -65,7 +68,8 @@ pub fn spawn(command: &str) -> Option<u32> {
 /// The executable `program` names: a path (with a `/`) as it is, a bare name looked up in
 /// `path` (`$PATH`), like the shell does.
 pub fn find_program(program: &str, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
-    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let executable =
+        |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if program.contains('/') {
         let p = PathBuf::from(program);
         return executable(&p).then_some(p);

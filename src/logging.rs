@@ -55,18 +55,25 @@ fn stderr_dev_ino() -> Option<(u64, u64)> {
 
 /// Installs the global subscriber (once per process; later calls do nothing).
 pub fn init(level: LevelFilter, file: Option<&Path>) {
-    let journal = stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref(), stderr_dev_ino());
-    let ansi = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let journal =
+        stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref(), stderr_dev_ino());
+    let ansi =
+        io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let stderr = (!journal).then(|| text_layer(StderrWriter, ansi));
-    let journal = journal.then(|| fmt::layer().with_writer(JournalStream).without_time().with_ansi(false).with_target(false));
-    let file = file.and_then(|path| match RotatingFile::open(path, LOG_FILE_ROTATE_BYTES, LOG_FILES_KEPT) {
-        Ok(f) => Some(text_layer(Mutex::new(f), false).log_internal_errors(false)),
-        Err(e) => {
-            eprintln!("warning: log file {}: {e}; logging to stderr only", path.display());
-            None
+    let journal = journal.then(|| {
+        fmt::layer().with_writer(JournalStream).without_time().with_ansi(false).with_target(false)
+    });
+    let file = file.and_then(|path| {
+        match RotatingFile::open(path, LOG_FILE_ROTATE_BYTES, LOG_FILES_KEPT) {
+            Ok(f) => Some(text_layer(Mutex::new(f), false).log_internal_errors(false)),
+            Err(e) => {
+                eprintln!("warning: log file {}: {e}; logging to stderr only", path.display());
+                None
+            }
         }
     });
-    let _ = tracing_subscriber::registry().with(level).with(stderr).with(journal).with(file).try_init();
+    let _ =
+        tracing_subscriber::registry().with(level).with(stderr).with(journal).with(file).try_init();
 }
 
 /// Stderr when it is a journal stream: each line of an event becomes one entry, prefixed with
@@ -129,12 +136,20 @@ pub fn with_priority(priority: u8, text: &[u8]) -> Vec<u8> {
 }
 
 /// One line per event: `TIMESTAMP LEVEL message fields`.
-pub fn text_layer<S, W>(writer: W, ansi: bool) -> fmt::Layer<S, format::DefaultFields, format::Format, W>
+pub fn text_layer<S, W>(
+    writer: W,
+    ansi: bool,
+) -> fmt::Layer<S, format::DefaultFields, format::Format, W>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + 'static,
 {
-    fmt::layer().with_writer(writer).with_timer(SystemTime).with_ansi(ansi).with_target(false).with_level(true)
+    fmt::layer()
+        .with_writer(writer)
+        .with_timer(SystemTime)
+        .with_ansi(ansi)
+        .with_target(false)
+        .with_level(true)
 }
 
 /// A file that is renamed to `PATH.1` (and `.1` to `.2`, ...; the oldest dropped) before a
@@ -297,15 +312,28 @@ impl InstallProgress {
     fn redraw(&self, force: bool) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        if !force && s.drawn.is_some_and(|t| now.duration_since(t) < BAR_REDRAW) && s.done < s.total {
+        if !force && s.drawn.is_some_and(|t| now.duration_since(t) < BAR_REDRAW) && s.done < s.total
+        {
             return;
         }
         s.drawn = Some(now);
-        let columns = std::env::var("COLUMNS").ok().and_then(|c| c.parse::<usize>().ok()).filter(|c| *c > 1).unwrap_or(BAR_COLUMNS_DEFAULT);
-        let line: String = render_bar(s.phase, s.done, s.total, &s.module, s.index, s.modules, now.duration_since(self.started))
-            .chars()
-            .take(columns - 1)
-            .collect();
+        let columns = std::env::var("COLUMNS")
+            .ok()
+            .and_then(|c| c.parse::<usize>().ok())
+            .filter(|c| *c > 1)
+            .unwrap_or(BAR_COLUMNS_DEFAULT);
+        let line: String = render_bar(
+            s.phase,
+            s.done,
+            s.total,
+            &s.module,
+            s.index,
+            s.modules,
+            now.duration_since(self.started),
+        )
+        .chars()
+        .take(columns - 1)
+        .collect();
         let mut err = io::stderr().lock();
         let _ = err.write_all(CLEAR_LINE);
         let _ = err.write_all(line.as_bytes());
@@ -341,8 +369,20 @@ impl Observer for InstallProgress {
 }
 
 /// One line of the bar: `Staged          [=========>      ]  62%  12.0/19.3 MiB  app (1/3)  4s`.
-pub fn render_bar(phase: &str, done: u64, total: u64, module: &str, index: usize, modules: usize, elapsed: Duration) -> String {
-    let fraction = if total == 0 { if done > 0 { 1.0 } else { 0.0 } } else { (done.min(total) as f64) / (total as f64) };
+pub fn render_bar(
+    phase: &str,
+    done: u64,
+    total: u64,
+    module: &str,
+    index: usize,
+    modules: usize,
+    elapsed: Duration,
+) -> String {
+    let fraction = if total == 0 {
+        if done > 0 { 1.0 } else { 0.0 }
+    } else {
+        (done.min(total) as f64) / (total as f64)
+    };
     let filled = (fraction * BAR_WIDTH as f64).round() as usize;
     let mut bar = "=".repeat(filled);
     if filled < BAR_WIDTH {
@@ -389,7 +429,10 @@ mod tests {
         assert!(read(&path).starts_with("line 18"), "{}", read(&path));
         assert!(read(&rotated(1)).starts_with("line 15"));
         assert!(read(&rotated(3)).starts_with("line 09"));
-        assert!(read(&rotated(3)).ends_with("line 11 ........................\n"), "lines are never split");
+        assert!(
+            read(&rotated(3)).ends_with("line 11 ........................\n"),
+            "lines are never split"
+        );
     }
 
     #[test]
@@ -399,7 +442,11 @@ mod tests {
         std::fs::write(&path, "x".repeat(90)).unwrap();
         let mut f = RotatingFile::open(&path, 100, 3).unwrap();
         f.write_all(b"0123456789abcdef\n").unwrap();
-        assert_eq!(read(&path), "0123456789abcdef\n", "90 + 17 bytes would pass 100: rotated first");
+        assert_eq!(
+            read(&path),
+            "0123456789abcdef\n",
+            "90 + 17 bytes would pass 100: rotated first"
+        );
         assert_eq!(read(&dir.path().join("u.log.1")).len(), 90);
     }
 
@@ -424,15 +471,25 @@ mod tests {
     fn parse_iso8601_utc(s: &str) -> Option<i64> {
         let b = s.as_bytes();
         let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-        if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' || !s.ends_with('Z') {
+        if b.len() < 20
+            || b[4] != b'-'
+            || b[7] != b'-'
+            || b[10] != b'T'
+            || b[13] != b':'
+            || b[16] != b':'
+            || !s.ends_with('Z')
+        {
             return None;
         }
         let frac = &s[19..s.len() - 1];
-        let digits = frac.strip_prefix('.').is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()));
+        let digits = frac
+            .strip_prefix('.')
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()));
         if !frac.is_empty() && !digits {
             return None;
         }
-        let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+        let (y, mo, d, h, mi, se) =
+            (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
         if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
             return None;
         }
@@ -444,7 +501,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.log");
         let file = RotatingFile::open(&path, LOG_FILE_ROTATE_BYTES, LOG_FILES_KEPT).unwrap();
-        let subscriber = tracing_subscriber::registry().with(LevelFilter::INFO).with(text_layer(Mutex::new(file), false));
+        let subscriber = tracing_subscriber::registry()
+            .with(LevelFilter::INFO)
+            .with(text_layer(Mutex::new(file), false));
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(tx = 7, "something to see");
             tracing::debug!("filtered out");
@@ -453,8 +512,11 @@ mod tests {
         let line = text.lines().next().unwrap_or_else(|| panic!("no line in {text:?}"));
         let mut words = line.split_whitespace();
         let stamp = words.next().unwrap();
-        let secs = parse_iso8601_utc(stamp).unwrap_or_else(|| panic!("not ISO 8601 UTC: {stamp:?} in {line:?}"));
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let secs = parse_iso8601_utc(stamp)
+            .unwrap_or_else(|| panic!("not ISO 8601 UTC: {stamp:?} in {line:?}"));
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+                as i64;
         assert!((now - secs).abs() < 120, "the timestamp is now, in UTC: {stamp} vs {now}");
         assert_eq!(words.next(), Some("WARN"), "{line}");
         assert!(line.contains("something to see") && line.contains("tx=7"), "{line}");
@@ -466,7 +528,12 @@ mod tests {
     fn the_iso8601_checker_rejects_what_is_not() {
         assert_eq!(parse_iso8601_utc("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_iso8601_utc("2000-03-01T00:00:01.5Z"), Some(951868801));
-        for bad in ["2026-11-26 22:20:57Z", "2026-11-26T22:20:57", "2026-13-26T22:20:57Z", "2026-11-26T22:20:57.Z"] {
+        for bad in [
+            "2026-11-26 22:20:57Z",
+            "2026-11-26T22:20:57",
+            "2026-13-26T22:20:57Z",
+            "2026-11-26T22:20:57.Z",
+        ] {
             assert_eq!(parse_iso8601_utc(bad), None, "{bad}");
         }
     }
@@ -496,7 +563,15 @@ mod tests {
 
     #[test]
     fn the_bar_shows_phase_fraction_and_module() {
-        let l = render_bar("Staged", 512 * 1024, 1024 * 1024, "a-very-long-module-name-indeed", 2, 3, Duration::from_secs(4));
+        let l = render_bar(
+            "Staged",
+            512 * 1024,
+            1024 * 1024,
+            "a-very-long-module-name-indeed",
+            2,
+            3,
+            Duration::from_secs(4),
+        );
         assert!(l.starts_with("Staged          ["), "{l}");
         assert!(l.contains("  50%  0.5/1.0 MiB  a-very-long- (2/3)  4s"), "{l}");
         assert!(l.chars().count() < 80, "{} chars: {l}", l.chars().count());

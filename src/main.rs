@@ -8,7 +8,11 @@ fn main() -> std::process::ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return std::process::ExitCode::from(if e.use_stderr() { tope_updater::cli::exit::USAGE } else { 0 });
+            return std::process::ExitCode::from(if e.use_stderr() {
+                tope_updater::cli::exit::USAGE
+            } else {
+                0
+            });
         }
     };
     std::process::ExitCode::from(tope_updater::cli::run(cli))

@@ -161,12 +161,16 @@ fn invalid(msg: impl Into<String>) -> Error {
 impl Manifest {
     pub fn parse(bytes: &[u8]) -> Result<Manifest> {
         if bytes.len() as u64 > MANIFEST_BYTES_MAX {
-            return Err(invalid(format!("manifest.json is larger than {MANIFEST_BYTES_MAX} bytes")));
+            return Err(invalid(format!(
+                "manifest.json is larger than {MANIFEST_BYTES_MAX} bytes"
+            )));
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("manifest.json is not UTF-8: {e}")))?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| invalid(format!("manifest.json is not UTF-8: {e}")))?;
         // serde_json stops at 128 levels of nesting, so a nesting bomb is an error, not a
         // stack overflow.
-        let raw: RawManifest = serde_json::from_str(text).map_err(|e| invalid(format!("manifest.json: {e}")))?;
+        let raw: RawManifest =
+            serde_json::from_str(text).map_err(|e| invalid(format!("manifest.json: {e}")))?;
         Manifest::validate(raw)
     }
 
@@ -177,7 +181,9 @@ impl Manifest {
             None => (std::mem::take(&mut raw.modules), "modules", None),
             Some(d) => {
                 if !raw.modules.is_empty() {
-                    return Err(invalid("a delta package keeps its modules in delta.modules; the top-level modules must be empty"));
+                    return Err(invalid(
+                        "a delta package keeps its modules in delta.modules; the top-level modules must be empty",
+                    ));
                 }
                 if d.format != DELTA_FORMAT {
                     return Err(invalid(format!(
@@ -200,10 +206,13 @@ impl Manifest {
         let mut modules = Vec::with_capacity(raw_modules.len());
         for (i, m) in raw_modules.into_iter().enumerate() {
             unknown_fields.extend(m.unknown.keys().map(|k| format!("{at}[{i}].{k}")));
-            let module = validate_module(m).map_err(|e| invalid(format!("{at}[{i}]: {}", e.message)))?;
+            let module =
+                validate_module(m).map_err(|e| invalid(format!("{at}[{i}]: {}", e.message)))?;
             if delta.is_some() && module.blake3.is_none() && module.files.is_none() {
                 // The content is built on the device: only a pinned hash can check it.
-                return Err(invalid(format!("{at}[{i}]: a delta package must pin every file (blake3 or files)")));
+                return Err(invalid(format!(
+                    "{at}[{i}]: a delta package must pin every file (blake3 or files)"
+                )));
             }
             if !names.insert(module.name.clone()) {
                 return Err(invalid(format!("module name {:?} is used twice", module.name)));
@@ -229,9 +238,14 @@ impl Manifest {
     }
 }
 
-fn validate_delta(from_versions: Vec<String>, files: BTreeMap<String, RawDeltaFile>) -> Result<Delta> {
+fn validate_delta(
+    from_versions: Vec<String>,
+    files: BTreeMap<String, RawDeltaFile>,
+) -> Result<Delta> {
     if from_versions.len() > DELTA_BASES_MAX {
-        return Err(invalid(format!("delta.from_versions has more than {DELTA_BASES_MAX} versions")));
+        return Err(invalid(format!(
+            "delta.from_versions has more than {DELTA_BASES_MAX} versions"
+        )));
     }
     for v in &from_versions {
         Version::parse(v).map_err(|e| invalid(format!("delta.from_versions: {}", e.message)))?;
@@ -240,7 +254,9 @@ fn validate_delta(from_versions: Vec<String>, files: BTreeMap<String, RawDeltaFi
     for (name, f) in files {
         check_relative("delta.files key", &name, false)?;
         if f.patches.len() > DELTA_BASES_MAX {
-            return Err(invalid(format!("delta.files[{name:?}] has more than {DELTA_BASES_MAX} patches")));
+            return Err(invalid(format!(
+                "delta.files[{name:?}] has more than {DELTA_BASES_MAX} patches"
+            )));
         }
         let mut patches = Vec::with_capacity(f.patches.len());
         for p in f.patches {
@@ -255,13 +271,16 @@ fn validate_delta(from_versions: Vec<String>, files: BTreeMap<String, RawDeltaFi
 
 fn check_name(what: &str, s: &str) -> Result<()> {
     if s.is_empty() || s.len() > NAME_BYTES_MAX || s.chars().any(|c| c.is_control()) {
-        return Err(invalid(format!("{what} {s:?} must be 1..{NAME_BYTES_MAX} bytes without control characters")));
+        return Err(invalid(format!(
+            "{what} {s:?} must be 1..{NAME_BYTES_MAX} bytes without control characters"
+        )));
     }
     Ok(())
 }
 
 fn parse_hash(what: &str, s: &str) -> Result<Hash> {
-    Hash::from_hex(&s.to_ascii_lowercase()).ok_or_else(|| invalid(format!("{what} {s:?} is not 64 hex digits")))
+    Hash::from_hex(&s.to_ascii_lowercase())
+        .ok_or_else(|| invalid(format!("{what} {s:?} is not 64 hex digits")))
 }
 
 /// A relative path inside the package: no leading `/`, no `.`/`..`/empty components, no NUL or
@@ -292,7 +311,11 @@ pub fn check_relative(what: &str, s: &str, allow_trailing_slash: bool) -> Result
 fn validate_module(m: RawModule) -> Result<Module> {
     check_name("name", &m.name)?;
     check_relative("src", &m.src, true)?;
-    let src = if m.src.ends_with('/') { ModuleSrc::Dir(m.src.clone()) } else { ModuleSrc::File(m.src.clone()) };
+    let src = if m.src.ends_with('/') {
+        ModuleSrc::Dir(m.src.clone())
+    } else {
+        ModuleSrc::File(m.src.clone())
+    };
     if let Some(p) = &m.process_name {
         check_name("process_name", p)?;
     }
@@ -318,8 +341,12 @@ fn validate_module(m: RawModule) -> Result<Module> {
         }
     };
     match (&src, &blake3, &files) {
-        (ModuleSrc::Dir(_), Some(_), _) => return Err(invalid("blake3 is for file modules; directory modules use files")),
-        (ModuleSrc::File(_), _, Some(_)) => return Err(invalid("files is for directory modules (src ending in '/')")),
+        (ModuleSrc::Dir(_), Some(_), _) => {
+            return Err(invalid("blake3 is for file modules; directory modules use files"));
+        }
+        (ModuleSrc::File(_), _, Some(_)) => {
+            return Err(invalid("files is for directory modules (src ending in '/')"));
+        }
         _ => {}
     }
     let mode = m.mode.as_deref().map(parse_mode).transpose()?;
@@ -340,7 +367,8 @@ fn validate_module(m: RawModule) -> Result<Module> {
 
 fn parse_mode(s: &str) -> Result<u32> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
-    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
         return Err(invalid(format!("mode {s:?} is not an octal string")));
     }
     let mode = u32::from_str_radix(digits, 8).map_err(|_| invalid(format!("mode {s:?}")))?;
@@ -398,13 +426,20 @@ mod tests {
 
     #[test]
     fn nesting_bomb_is_an_error_not_a_crash() {
-        let bomb = format!("{{\"version\":\"1.0.0\",\"x\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        let bomb = format!(
+            "{{\"version\":\"1.0.0\",\"x\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
         assert_eq!(parse(&bomb).unwrap_err().code, ErrorCode::InvalidManifest);
     }
 
     #[test]
     fn non_utf8_and_oversized_manifests_are_rejected() {
-        assert_eq!(Manifest::parse(&[0xff, 0xfe, b'{']).unwrap_err().code, ErrorCode::InvalidManifest);
+        assert_eq!(
+            Manifest::parse(&[0xff, 0xfe, b'{']).unwrap_err().code,
+            ErrorCode::InvalidManifest
+        );
         let big = vec![b' '; MANIFEST_BYTES_MAX as usize + 1];
         assert_eq!(Manifest::parse(&big).unwrap_err().code, ErrorCode::InvalidManifest);
     }

@@ -56,7 +56,10 @@ enum First {
 pub fn observe_all(paths: &[&str], source: Source<'_>) -> Result<Vec<Observation>> {
     let first = crate::parallel::try_map(paths, |p| observe_first(p, &source))?;
     // Large files: every piece of every one of them is one work item.
-    let lens: Vec<Option<u64>> = first.iter().map(|f| if let First::Split(p) = f { Some(p.meta.size()) } else { None }).collect();
+    let lens: Vec<Option<u64>> = first
+        .iter()
+        .map(|f| if let First::Split(p) = f { Some(p.meta.size()) } else { None })
+        .collect();
     let hashes = treehash::hash_split(&lens, |i, off, len| {
         let First::Split(p) = &first[i] else { unreachable!("only split files have a length") };
         treehash::hash_piece(&p.file, p.meta.size(), off, len).map_err(|e| read_error(paths[i], &e))
@@ -67,7 +70,9 @@ pub fn observe_all(paths: &[&str], source: Source<'_>) -> Result<Vec<Observation
         .enumerate()
         .map(|(i, (f, hash))| match (f, hash) {
             (First::Done(o), _) => Ok(o),
-            (First::Split(p), Some(hash)) => finish_read(paths[i], &p.file, &p.meta, hash, p.clock_before),
+            (First::Split(p), Some(hash)) => {
+                finish_read(paths[i], &p.file, &p.meta, hash, p.clock_before)
+            }
             (First::Split(_), None) => Err(Error::internal("a split file without its hash")),
         })
         .collect()
@@ -82,12 +87,19 @@ fn observe_first(path: &str, source: &Source<'_>) -> Result<First> {
     let meta = match std::fs::symlink_metadata(p) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(First::Done(Observation { state: PathState::Absent, recordable: None, unread: false }));
+            return Ok(First::Done(Observation {
+                state: PathState::Absent,
+                recordable: None,
+                unread: false,
+            }));
         }
         Err(e) => return Err(Error::io(ErrorCode::DeploymentFailed, "stat", p, &e)),
     };
     if !meta.file_type().is_file() {
-        return Err(Error::new(ErrorCode::PathNotAllowed, format!("{path} exists and is not a regular file")));
+        return Err(Error::new(
+            ErrorCode::PathNotAllowed,
+            format!("{path} exists and is not a regular file"),
+        ));
     }
     if let Source::Records(records) = source
         && let Some(k) = records.get(path)
@@ -102,7 +114,11 @@ fn observe_first(path: &str, source: &Source<'_>) -> Result<First> {
         let sig = signature(&meta);
         if id.still_is(&sig, meta.mode() & 0o7777, meta.uid(), meta.gid()) {
             let recordable = sig.settled(clock_before).then_some(KnownFile { sig, hash: id.hash });
-            return Ok(First::Done(Observation { state: PathState::File(file_meta(&meta, id.hash)), recordable, unread: true }));
+            return Ok(First::Done(Observation {
+                state: PathState::File(file_meta(&meta, id.hash)),
+                recordable,
+                unread: true,
+            }));
         }
     }
     // The descriptor read is the one described: O_NOFOLLOW, and its own fstat.
@@ -113,7 +129,10 @@ fn observe_first(path: &str, source: &Source<'_>) -> Result<First> {
         .map_err(|e| read_error(path, &e))?;
     let meta = file.metadata().map_err(|e| read_error(path, &e))?;
     if !meta.file_type().is_file() {
-        return Err(Error::new(ErrorCode::PathNotAllowed, format!("{path} exists and is not a regular file")));
+        return Err(Error::new(
+            ErrorCode::PathNotAllowed,
+            format!("{path} exists and is not a regular file"),
+        ));
     }
     if meta.size() > treehash::PIECE_BYTES {
         return Ok(First::Split(Pending { file, meta, clock_before }));
@@ -127,7 +146,13 @@ fn observe_first(path: &str, source: &Source<'_>) -> Result<First> {
 
 /// A read file: its state, and its record when nothing changed it while it was read and its
 /// last change is settled.
-fn finish_read(path: &str, file: &File, before: &Metadata, hash: Hash, clock_before: Timestamp) -> Result<Observation> {
+fn finish_read(
+    path: &str,
+    file: &File,
+    before: &Metadata,
+    hash: Hash,
+    clock_before: Timestamp,
+) -> Result<Observation> {
     let after = file.metadata().map_err(|e| read_error(path, &e))?;
     let sig = signature(&after);
     if sig != signature(before) {
@@ -216,8 +241,14 @@ mod tests {
     #[test]
     fn small_large_and_absent_files_hash_as_a_plain_read_would() {
         let d = tempfile::tempdir().unwrap();
-        let big: Vec<u8> = (0..(3 * treehash::PIECE_BYTES + 999)).map(|i| (i * 7 % 251) as u8).collect();
-        let files = [d.path().join("small"), d.path().join("big"), d.path().join("absent"), d.path().join("empty")];
+        let big: Vec<u8> =
+            (0..(3 * treehash::PIECE_BYTES + 999)).map(|i| (i * 7 % 251) as u8).collect();
+        let files = [
+            d.path().join("small"),
+            d.path().join("big"),
+            d.path().join("absent"),
+            d.path().join("empty"),
+        ];
         write(&files[0], b"hello");
         write(&files[1], &big);
         write(&files[3], b"");
@@ -242,7 +273,10 @@ mod tests {
         assert_eq!(got[0].state.hash(), Some(lie));
         assert!(got[0].unread);
         // Verification never uses records.
-        assert_eq!(observe_all(&[p.as_str()], Source::ReadAll).unwrap()[0].state.hash(), Some(Hash::of(b"old content")));
+        assert_eq!(
+            observe_all(&[p.as_str()], Source::ReadAll).unwrap()[0].state.hash(),
+            Some(Hash::of(b"old content"))
+        );
         // Rewritten with the same size: ctime moves, the record no longer vouches.
         std::thread::sleep(std::time::Duration::from_millis(20));
         write(&f, b"new content");
@@ -277,7 +311,11 @@ mod tests {
         let link = d.path().join("l");
         std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
         for p in [d.path().to_str().unwrap(), link.to_str().unwrap()] {
-            assert_eq!(observe_all(&[p], Source::ReadAll).unwrap_err().code, ErrorCode::PathNotAllowed, "{p}");
+            assert_eq!(
+                observe_all(&[p], Source::ReadAll).unwrap_err().code,
+                ErrorCode::PathNotAllowed,
+                "{p}"
+            );
         }
     }
 }

@@ -50,12 +50,19 @@ const PATCH_PREFIX: &str = ".tope-delta/";
 
 /// Builds the package; with `sign`, also `manifest.json.sig` over the exact manifest bytes;
 /// with `delta_from`, a delta package against those full packages (`pack_delta.rs`).
-pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path>, delta_from: &[PathBuf]) -> Result<PackReport> {
+pub fn pack(
+    dir: &Path,
+    output: &Path,
+    version: Option<&str>,
+    sign: Option<&Path>,
+    delta_from: &[PathBuf],
+) -> Result<PackReport> {
     let key = sign.map(crate::signing::load_signing_key).transpose()?;
     let (mut doc, found) = fill_template(dir, version)?;
     // Two modules may deploy the same source: the archive holds it once.
     let mut seen = std::collections::BTreeSet::new();
-    let mut shipped: Vec<&NewFile> = found.iter().filter(|f| seen.insert(f.entry.clone())).collect();
+    let mut shipped: Vec<&NewFile> =
+        found.iter().filter(|f| seen.insert(f.entry.clone())).collect();
     let mut patches: Vec<(String, Vec<u8>)> = Vec::new();
     let mut delta_report = None;
     if !delta_from.is_empty() {
@@ -63,11 +70,18 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path
         shipped.retain(|f| whole.contains(&f.entry));
         delta_report = Some(report);
     }
-    let manifest_bytes = serde_json::to_vec_pretty(&doc).map_err(|e| Error::internal(e.to_string()))?;
+    let manifest_bytes =
+        serde_json::to_vec_pretty(&doc).map_err(|e| Error::internal(e.to_string()))?;
     // Validate what we produce with the same parser the installer uses.
     let manifest = Manifest::parse(&manifest_bytes)?;
     let signature = key.as_ref().map(|k| crate::signing::sign(k, &manifest_bytes));
-    let bytes = write_package(output, &manifest_bytes, signature.as_ref().map(|s| s.as_slice()), &shipped, &patches)?;
+    let bytes = write_package(
+        output,
+        &manifest_bytes,
+        signature.as_ref().map(|s| s.as_slice()),
+        &shipped,
+        &patches,
+    )?;
     let package_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     if let Some(r) = delta_report.as_mut() {
         measure_delta(r, &found, output)?;
@@ -87,26 +101,45 @@ pub fn pack(dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path
 /// (`blake3`, or `files` for a directory module), and the files it ships.
 fn fill_template(dir: &Path, version: Option<&str>) -> Result<(Value, Vec<NewFile>)> {
     let template_path = dir.join(MANIFEST_NAME);
-    let text = std::fs::read_to_string(&template_path).map_err(|e| Error::io(ErrorCode::ValidationError, "read", &template_path, &e))?;
-    let mut doc: Value = serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", template_path.display())))?;
+    let text = std::fs::read_to_string(&template_path)
+        .map_err(|e| Error::io(ErrorCode::ValidationError, "read", &template_path, &e))?;
+    let mut doc: Value = serde_json::from_str(&text)
+        .map_err(|e| bad(format!("{}: {e}", template_path.display())))?;
     let root = doc.as_object_mut().ok_or_else(|| bad("manifest template is not a JSON object"))?;
     if let Some(v) = version {
         root.insert("version".into(), Value::String(v.to_string()));
     }
-    let modules = root.get_mut("modules").and_then(Value::as_array_mut).ok_or_else(|| bad("manifest template has no modules array"))?;
+    let modules = root
+        .get_mut("modules")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| bad("manifest template has no modules array"))?;
     let mut found: Vec<NewFile> = Vec::new();
     for m in modules.iter_mut() {
         let m = m.as_object_mut().ok_or_else(|| bad("a module is not an object"))?;
-        let src = m.get("src").and_then(Value::as_str).ok_or_else(|| bad("a module has no src"))?.to_string();
-        let dst = m.get("dst").and_then(Value::as_str).ok_or_else(|| bad("a module has no dst"))?.to_string();
+        let src = m
+            .get("src")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("a module has no src"))?
+            .to_string();
+        let dst = m
+            .get("dst")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("a module has no dst"))?
+            .to_string();
         if src.starts_with(PATCH_PREFIX) {
-            return Err(bad(format!("src {src:?}: {PATCH_PREFIX} is where delta packages keep their patches")));
+            return Err(bad(format!(
+                "src {src:?}: {PATCH_PREFIX} is where delta packages keep their patches"
+            )));
         }
         if let Some(prefix) = src.strip_suffix('/') {
             let base = dir.join(prefix);
             let mut files = Map::new();
             for rel in walk_files(&base)? {
-                let f = new_file(format!("{src}{rel}"), base.join(&rel), format!("{}/{rel}", dst.trim_end_matches('/')))?;
+                let f = new_file(
+                    format!("{src}{rel}"),
+                    base.join(&rel),
+                    format!("{}/{rel}", dst.trim_end_matches('/')),
+                )?;
                 files.insert(rel.clone(), Value::String(f.hash.to_hex()));
                 found.push(f);
             }
@@ -130,8 +163,14 @@ fn make_delta(
 ) -> Result<(std::collections::BTreeSet<String>, DeltaReport)> {
     let (how, from_versions) = crate::pack_delta::plan(found, delta_from)?;
     let mut files = Map::new();
-    let mut report =
-        DeltaReport { from_versions: from_versions.clone(), whole: 0, patched: 0, on_device: 0, full_entries_bytes: 0, entries_bytes: 0 };
+    let mut report = DeltaReport {
+        from_versions: from_versions.clone(),
+        whole: 0,
+        patched: 0,
+        on_device: 0,
+        full_entries_bytes: 0,
+        entries_bytes: 0,
+    };
     let mut whole = std::collections::BTreeSet::new();
     for (f, shipped) in found.iter().zip(how) {
         match shipped {
@@ -158,7 +197,11 @@ fn make_delta(
     // The modules move under `delta`, and the top-level list stays empty: an engine that
     // does not know deltas refuses the package whole (manifest.rs, RawDelta).
     let root = doc.as_object_mut().ok_or_else(|| bad("manifest template is not a JSON object"))?;
-    let mods = root.get_mut("modules").and_then(Value::as_array_mut).map(std::mem::take).unwrap_or_default();
+    let mods = root
+        .get_mut("modules")
+        .and_then(Value::as_array_mut)
+        .map(std::mem::take)
+        .unwrap_or_default();
     root.insert(
         "delta".into(),
         serde_json::json!({"format": crate::manifest::DELTA_FORMAT, "from_versions": from_versions, "modules": mods, "files": files}),
@@ -177,29 +220,38 @@ fn write_package(
     patches: &[(String, Vec<u8>)],
 ) -> Result<u64> {
     let tmp = output.with_extension("zip.part");
-    let out = File::create(&tmp).map_err(|e| Error::io(ErrorCode::ValidationError, "create", &tmp, &e))?;
+    let out = File::create(&tmp)
+        .map_err(|e| Error::io(ErrorCode::ValidationError, "create", &tmp, &e))?;
     let mut zip = zip::ZipWriter::new(BufWriter::new(out));
-    let opts = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated).compression_level(Some(1));
+    let opts = SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .compression_level(Some(1));
     let stored = opts.compression_method(zip::CompressionMethod::Stored).compression_level(None);
-    let zerr = |e: zip::result::ZipError| Error::internal(format!("write {}: {e}", output.display()));
+    let zerr =
+        |e: zip::result::ZipError| Error::internal(format!("write {}: {e}", output.display()));
     let werr = |e: std::io::Error| Error::io(ErrorCode::InternalError, "write", &tmp, &e);
     zip.start_file(MANIFEST_NAME, opts.unix_permissions(0o644)).map_err(zerr)?;
     zip.write_all(manifest_bytes).map_err(werr)?;
     if let Some(signature) = signature {
-        zip.start_file(crate::signing::SIGNATURE_NAME, stored.unix_permissions(0o644)).map_err(zerr)?;
+        zip.start_file(crate::signing::SIGNATURE_NAME, stored.unix_permissions(0o644))
+            .map_err(zerr)?;
         zip.write_all(signature).map_err(werr)?;
     }
     let mut bytes = 0u64;
     for f in shipped {
         let entry_opts = if compresses(&f.path)? { opts } else { stored };
-        zip.start_file(f.entry.as_str(), entry_opts.unix_permissions(f.mode).large_file(true)).map_err(zerr)?;
-        let file = File::open(&f.path).map_err(|e| Error::io(ErrorCode::ValidationError, "open", &f.path, &e))?;
-        let (_, n) = fsutil::copy_hashed(file, &mut zip).map_err(|e| Error::internal(format!("pack {}: {e:?}", f.path.display())))?;
+        zip.start_file(f.entry.as_str(), entry_opts.unix_permissions(f.mode).large_file(true))
+            .map_err(zerr)?;
+        let file = File::open(&f.path)
+            .map_err(|e| Error::io(ErrorCode::ValidationError, "open", &f.path, &e))?;
+        let (_, n) = fsutil::copy_hashed(file, &mut zip)
+            .map_err(|e| Error::internal(format!("pack {}: {e:?}", f.path.display())))?;
         bytes += n;
     }
     // Patches are zstd already: stored.
     for (name, patch) in patches {
-        zip.start_file(name.as_str(), stored.unix_permissions(0o644).large_file(true)).map_err(zerr)?;
+        zip.start_file(name.as_str(), stored.unix_permissions(0o644).large_file(true))
+            .map_err(zerr)?;
         zip.write_all(patch).map_err(werr)?;
     }
     let writer = zip.finish().map_err(zerr)?;
@@ -208,7 +260,8 @@ fn write_package(
         .map_err(|e| Error::internal(format!("flush {}: {e}", tmp.display())))?
         .sync_all()
         .map_err(|e| Error::io(ErrorCode::InternalError, "fsync", &tmp, &e))?;
-    std::fs::rename(&tmp, output).map_err(|e| Error::io(ErrorCode::InternalError, "rename", output, &e))?;
+    std::fs::rename(&tmp, output)
+        .map_err(|e| Error::io(ErrorCode::InternalError, "rename", output, &e))?;
     Ok(bytes)
 }
 
@@ -219,12 +272,16 @@ fn measure_delta(r: &mut DeltaReport, found: &[NewFile], output: &Path) -> Resul
     for f in found.iter().filter(|f| counted.insert(f.entry.as_str())) {
         r.full_entries_bytes += full_entry_bytes(&f.path, f.size)?;
     }
-    let read_back = |e: zip::result::ZipError| Error::internal(format!("read back {}: {e}", output.display()));
-    let file = File::open(output).map_err(|e| Error::io(ErrorCode::InternalError, "open", output, &e))?;
+    let read_back =
+        |e: zip::result::ZipError| Error::internal(format!("read back {}: {e}", output.display()));
+    let file =
+        File::open(output).map_err(|e| Error::io(ErrorCode::InternalError, "open", output, &e))?;
     let mut archive = zip::ZipArchive::new(file).map_err(read_back)?;
     for i in 0..archive.len() {
         let e = archive.by_index_raw(i).map_err(read_back)?;
-        let name = e.name().map_err(|e| Error::internal(format!("read back {}: {e}", output.display())))?;
+        let name = e
+            .name()
+            .map_err(|e| Error::internal(format!("read back {}: {e}", output.display())))?;
         if name != MANIFEST_NAME && name != crate::signing::SIGNATURE_NAME {
             r.entries_bytes += e.compressed_size();
         }
@@ -233,8 +290,10 @@ fn measure_delta(r: &mut DeltaReport, found: &[NewFile], output: &Path) -> Resul
 }
 
 fn new_file(entry: String, path: PathBuf, dst: String) -> Result<NewFile> {
-    let meta = std::fs::metadata(&path).map_err(|e| Error::io(ErrorCode::ValidationError, "stat", &path, &e))?;
-    let (hash, size) = fsutil::hash_file(&path).map_err(|e| Error::io(ErrorCode::ValidationError, "read", &path, &e))?;
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| Error::io(ErrorCode::ValidationError, "stat", &path, &e))?;
+    let (hash, size) = fsutil::hash_file(&path)
+        .map_err(|e| Error::io(ErrorCode::ValidationError, "read", &path, &e))?;
     Ok(NewFile { entry, path, dst, hash, size, mode: meta.permissions().mode() & 0o7777 })
 }
 
@@ -263,17 +322,29 @@ fn walk_files(base: &Path) -> Result<Vec<String>> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let abs = base.join(&rel);
-        let rd = std::fs::read_dir(&abs).map_err(|e| Error::io(ErrorCode::ValidationError, "read dir", &abs, &e))?;
+        let rd = std::fs::read_dir(&abs)
+            .map_err(|e| Error::io(ErrorCode::ValidationError, "read dir", &abs, &e))?;
         for entry in rd {
-            let entry = entry.map_err(|e| Error::io(ErrorCode::ValidationError, "read dir", &abs, &e))?;
+            let entry =
+                entry.map_err(|e| Error::io(ErrorCode::ValidationError, "read dir", &abs, &e))?;
             let child = rel.join(entry.file_name());
-            let ft = entry.file_type().map_err(|e| Error::io(ErrorCode::ValidationError, "stat", &entry.path(), &e))?;
+            let ft = entry
+                .file_type()
+                .map_err(|e| Error::io(ErrorCode::ValidationError, "stat", &entry.path(), &e))?;
             if ft.is_dir() {
                 stack.push(child);
             } else if ft.is_file() {
-                out.push(child.to_str().ok_or_else(|| bad(format!("{} is not UTF-8", child.display())))?.to_string());
+                out.push(
+                    child
+                        .to_str()
+                        .ok_or_else(|| bad(format!("{} is not UTF-8", child.display())))?
+                        .to_string(),
+                );
             } else {
-                return Err(bad(format!("{} is neither a file nor a directory", entry.path().display())));
+                return Err(bad(format!(
+                    "{} is neither a file nor a directory",
+                    entry.path().display()
+                )));
             }
         }
     }
@@ -283,5 +354,7 @@ fn walk_files(base: &Path) -> Result<Vec<String>> {
 
 /// blake3 of a file as hex, for callers that print it.
 pub fn file_hash(path: &Path) -> Result<Hash> {
-    fsutil::hash_file(path).map(|(h, _)| h).map_err(|e| Error::io(ErrorCode::ValidationError, "read", path, &e))
+    fsutil::hash_file(path)
+        .map(|(h, _)| h)
+        .map_err(|e| Error::io(ErrorCode::ValidationError, "read", path, &e))
 }

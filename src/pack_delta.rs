@@ -55,19 +55,27 @@ struct Base {
 }
 
 fn open_base(path: &Path) -> Result<Base> {
-    let file = File::open(path).map_err(|e| Error::io(ErrorCode::ValidationError, "open base package", path, &e))?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| bad(format!("base {}: {e}", path.display())))?;
+    let file = File::open(path)
+        .map_err(|e| Error::io(ErrorCode::ValidationError, "open base package", path, &e))?;
+    let mut archive =
+        zip::ZipArchive::new(file).map_err(|e| bad(format!("base {}: {e}", path.display())))?;
     let manifest = {
         let mut bytes = Vec::new();
-        let entry = archive.by_name(MANIFEST_NAME).map_err(|e| bad(format!("base {}: {MANIFEST_NAME}: {e}", path.display())))?;
+        let entry = archive
+            .by_name(MANIFEST_NAME)
+            .map_err(|e| bad(format!("base {}: {MANIFEST_NAME}: {e}", path.display())))?;
         entry
             .take(crate::limits::MANIFEST_BYTES_MAX + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| bad(format!("base {}: {e}", path.display())))?;
-        Manifest::parse(&bytes).map_err(|e| bad(format!("base {}: {}", path.display(), e.message)))?
+        Manifest::parse(&bytes)
+            .map_err(|e| bad(format!("base {}: {}", path.display(), e.message)))?
     };
     if manifest.delta.is_some() {
-        return Err(bad(format!("base {} is a delta package; a base must be a full package", path.display())));
+        return Err(bad(format!(
+            "base {} is a delta package; a base must be a full package",
+            path.display()
+        )));
     }
     let names: Vec<String> = archive
         .file_names()
@@ -83,13 +91,19 @@ fn open_base(path: &Path) -> Result<Base> {
                 .filter(|n| n.starts_with(prefix.as_str()) && !n.ends_with('/'))
                 .map(|n| {
                     let rel = &n[prefix.len()..];
-                    (n.clone(), format!("{}/{rel}", m.dst.trim_end_matches('/')), m.files.as_ref().and_then(|f| f.get(rel).copied()))
+                    (
+                        n.clone(),
+                        format!("{}/{rel}", m.dst.trim_end_matches('/')),
+                        m.files.as_ref().and_then(|f| f.get(rel).copied()),
+                    )
                 })
                 .collect(),
         };
         for (entry, dst, pinned) in files {
             let (hash, size) = {
-                let mut e = archive.by_name(&entry).map_err(|e| bad(format!("base {}: {entry:?}: {e}", path.display())))?;
+                let mut e = archive
+                    .by_name(&entry)
+                    .map_err(|e| bad(format!("base {}: {entry:?}: {e}", path.display())))?;
                 let size = e.size();
                 match pinned {
                     Some(h) => (h, size),
@@ -117,8 +131,10 @@ pub fn full_entry_bytes(path: &Path, size: u64) -> Result<u64> {
         }
     }
     let mut enc = flate2::write::DeflateEncoder::new(Count(0), flate2::Compression::fast());
-    let f = File::open(path).map_err(|e| Error::io(ErrorCode::ValidationError, "open", path, &e))?;
-    crate::fsutil::copy_hashed(f, &mut enc).map_err(|e| bad(format!("{}: {e:?}", path.display())))?;
+    let f =
+        File::open(path).map_err(|e| Error::io(ErrorCode::ValidationError, "open", path, &e))?;
+    crate::fsutil::copy_hashed(f, &mut enc)
+        .map_err(|e| bad(format!("{}: {e:?}", path.display())))?;
     let n = enc.finish().map_err(|e| bad(format!("{}: {e}", path.display())))?.0;
     Ok(n.min(size))
 }
@@ -152,7 +168,8 @@ fn ship_one(f: &NewFile, bases: &mut [Base], scratch: &Path) -> Result<Shipped> 
     // A patch is shipped whenever it is smaller than the full entry: applying one costs
     // about what inflating the entry does (bench/delta.sh).
     let give_up_at = full_entry_bytes(&f.path, f.size)?;
-    let target = File::open(&f.path).map_err(|e| Error::io(ErrorCode::ValidationError, "open", &f.path, &e))?;
+    let target = File::open(&f.path)
+        .map_err(|e| Error::io(ErrorCode::ValidationError, "open", &f.path, &e))?;
     let mut patches = Vec::new();
     for (hash, i) in contents {
         // `hash` names the base in the manifest; the patch itself holds none (delta.rs).
@@ -161,12 +178,20 @@ fn ship_one(f: &NewFile, bases: &mut [Base], scratch: &Path) -> Result<Shipped> 
         let (entry, size) = (bf.entry.clone(), bf.size);
         let tmp = scratch.join("base");
         {
-            let mut e = base.archive.by_name(&entry).map_err(|e| bad(format!("base {}: {entry:?}: {e}", base.path.display())))?;
-            let mut w = File::create(&tmp).map_err(|e| Error::io(ErrorCode::InternalError, "create", &tmp, &e))?;
-            std::io::copy(&mut e, &mut w).map_err(|e| bad(format!("base {}: {entry:?}: {e}", base.path.display())))?;
+            let mut e = base
+                .archive
+                .by_name(&entry)
+                .map_err(|e| bad(format!("base {}: {entry:?}: {e}", base.path.display())))?;
+            let mut w = File::create(&tmp)
+                .map_err(|e| Error::io(ErrorCode::InternalError, "create", &tmp, &e))?;
+            std::io::copy(&mut e, &mut w)
+                .map_err(|e| bad(format!("base {}: {entry:?}: {e}", base.path.display())))?;
         }
-        let base_file = File::open(&tmp).map_err(|e| Error::io(ErrorCode::InternalError, "open", &tmp, &e))?;
-        match delta::make_patch(&base_file, size, &target, f.size, give_up_at).map_err(|e| bad(format!("{}: {e}", f.path.display())))? {
+        let base_file =
+            File::open(&tmp).map_err(|e| Error::io(ErrorCode::InternalError, "open", &tmp, &e))?;
+        match delta::make_patch(&base_file, size, &target, f.size, give_up_at)
+            .map_err(|e| bad(format!("{}: {e}", f.path.display())))?
+        {
             Some(p) => patches.push((hash, p)),
             None => return Ok(Shipped::Whole),
         }
@@ -184,7 +209,12 @@ impl Drop for Scratch {
 }
 
 fn scratch_dir() -> Result<Scratch> {
-    let dir = std::env::temp_dir().join(format!("tope-pack-{}-{}", std::process::id(), crate::clock::now_unix_ms()));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(ErrorCode::InternalError, "create", &dir, &e))?;
+    let dir = std::env::temp_dir().join(format!(
+        "tope-pack-{}-{}",
+        std::process::id(),
+        crate::clock::now_unix_ms()
+    ));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::io(ErrorCode::InternalError, "create", &dir, &e))?;
     Ok(Scratch(dir))
 }

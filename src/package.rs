@@ -89,14 +89,25 @@ struct EntryInfo {
 
 impl Package {
     pub fn open(path: &Path, cfg: &Config, roots: &AllowedRoots) -> Result<Package> {
-        let file = File::open(path).map_err(|e| Error::new(ErrorCode::ValidationError, format!("package {}: {e}", path.display())))?;
+        let file = File::open(path).map_err(|e| {
+            Error::new(ErrorCode::ValidationError, format!("package {}: {e}", path.display()))
+        })?;
         // Checked on the descriptor that is then read: the path could be replaced meanwhile.
-        let meta = file.metadata().map_err(|e| Error::io(ErrorCode::InvalidPackage, "fstat package", path, &e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(ErrorCode::InvalidPackage, "fstat package", path, &e))?;
         if !meta.is_file() {
-            return Err(Error::new(ErrorCode::ValidationError, format!("package {} is not a regular file", path.display())));
+            return Err(Error::new(
+                ErrorCode::ValidationError,
+                format!("package {} is not a regular file", path.display()),
+            ));
         }
         if meta.len() > cfg.max_package_bytes {
-            return Err(invalid(format!("package is {} bytes, more than max_package_bytes = {}", meta.len(), cfg.max_package_bytes)));
+            return Err(invalid(format!(
+                "package is {} bytes, more than max_package_bytes = {}",
+                meta.len(),
+                cfg.max_package_bytes
+            )));
         }
         let file = Arc::new(file);
         let (archive, manifest, files, manifest_bytes) = validate(&file, cfg, roots)?;
@@ -152,13 +163,19 @@ impl Package {
     pub fn blake3(&mut self) -> Result<Hash> {
         self.start_file_hash();
         if let PendingHash::Running(_) = self.blake3 {
-            let PendingHash::Running(h) = std::mem::replace(&mut self.blake3, PendingHash::Failed) else { unreachable!() };
-            let (hash, size) = h
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))
-                .map_err(|e| Error::io(ErrorCode::InvalidPackage, "read package", &self.path, &e))?;
+            let PendingHash::Running(h) = std::mem::replace(&mut self.blake3, PendingHash::Failed)
+            else {
+                unreachable!()
+            };
+            let (hash, size) =
+                h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)).map_err(|e| {
+                    Error::io(ErrorCode::InvalidPackage, "read package", &self.path, &e)
+                })?;
             if size != self.size {
-                return Err(invalid(format!("package changed size while being read ({} then {size} bytes)", self.size)));
+                return Err(invalid(format!(
+                    "package changed size while being read ({} then {size} bytes)",
+                    self.size
+                )));
             }
             self.blake3 = PendingHash::Done(hash);
         }
@@ -173,9 +190,17 @@ impl Package {
     /// For a stored (uncompressed) entry of `size` bytes: the package descriptor and the
     /// offset of the entry's bytes in it, so that pieces of it can be read in parallel.
     /// `None` for a compressed entry (it can only be read from its start).
-    pub fn stored_entry(&self, archive: &mut Archive, name: &str, size: u64) -> Result<Option<(Arc<File>, u64)>> {
+    pub fn stored_entry(
+        &self,
+        archive: &mut Archive,
+        name: &str,
+        size: u64,
+    ) -> Result<Option<(Arc<File>, u64)>> {
         let f = archive.by_name(name).map_err(|e| invalid(format!("entry {name:?}: {e}")))?;
-        if f.compression() != zip::CompressionMethod::Stored || f.compressed_size() != size || f.size() != size {
+        if f.compression() != zip::CompressionMethod::Stored
+            || f.compressed_size() != size
+            || f.size() != size
+        {
             return Ok(None);
         }
         Ok(f.data_start().map(|start| (self.file.clone(), start)))
@@ -204,10 +229,15 @@ fn hash_whole_file(file: &File) -> std::io::Result<(Hash, u64)> {
         return fsutil::hash_file_at(file);
     }
     let hashes = crate::treehash::hash_split(&[Some(len)], |_, off, n| {
-        crate::treehash::hash_piece(file, len, off, n).map_err(|e| Error::new(ErrorCode::InvalidPackage, e.to_string()))
+        crate::treehash::hash_piece(file, len, off, n)
+            .map_err(|e| Error::new(ErrorCode::InvalidPackage, e.to_string()))
     })
     .map_err(|e| std::io::Error::other(e.message))?;
-    let hash = hashes.into_iter().next().flatten().ok_or_else(|| std::io::Error::other("no hash for the package"))?;
+    let hash = hashes
+        .into_iter()
+        .next()
+        .flatten()
+        .ok_or_else(|| std::io::Error::other("no hash for the package"))?;
     Ok((hash, len))
 }
 
@@ -224,7 +254,9 @@ pub fn entry_reader<'a>(archive: &'a mut Archive, name: &str, size: u64) -> Resu
 /// Two packages with the same identity deploy the same bytes to the same paths with the same
 /// modes, or one of them fails staging with `HASH_MISMATCH` before any target is touched.
 fn pinned_identity(manifest_bytes: &[u8], files: &[DeployFile]) -> Option<Hash> {
-    let mut h = blake3::Hasher::new_derive_key("tope-updater package identity v1 (manifest and deployed entries)");
+    let mut h = blake3::Hasher::new_derive_key(
+        "tope-updater package identity v1 (manifest and deployed entries)",
+    );
     h.update(&(manifest_bytes.len() as u64).to_le_bytes());
     h.update(manifest_bytes);
     h.update(&(files.len() as u64).to_le_bytes());
@@ -253,8 +285,13 @@ fn pinned_identity(manifest_bytes: &[u8], files: &[DeployFile]) -> Option<Hash> 
 
 /// Everything but the hash: container, entries, manifest (parsed and its exact bytes),
 /// destinations.
-fn validate(file: &Arc<File>, cfg: &Config, roots: &AllowedRoots) -> Result<(Archive, Manifest, Vec<DeployFile>, Vec<u8>)> {
-    let mut archive = ZipArchive::new(PosReader::new(file.clone())).map_err(|e| invalid(format!("not a readable ZIP archive: {e}")))?;
+fn validate(
+    file: &Arc<File>,
+    cfg: &Config,
+    roots: &AllowedRoots,
+) -> Result<(Archive, Manifest, Vec<DeployFile>, Vec<u8>)> {
+    let mut archive = ZipArchive::new(PosReader::new(file.clone()))
+        .map_err(|e| invalid(format!("not a readable ZIP archive: {e}")))?;
     if archive.len() > ZIP_ENTRIES_MAX {
         return Err(invalid(format!("{} entries, more than {ZIP_ENTRIES_MAX}", archive.len())));
     }
@@ -271,17 +308,28 @@ fn validate(file: &Arc<File>, cfg: &Config, roots: &AllowedRoots) -> Result<(Arc
     if manifest.delta.is_some() {
         // What a delta package builds on the device counts against the unpacked limit as if
         // it were shipped whole.
-        let built: u64 = files.iter().filter(|f| matches!(f.content, Content::Delta { .. })).map(|f| f.size).fold(0, u64::saturating_add);
+        let built: u64 = files
+            .iter()
+            .filter(|f| matches!(f.content, Content::Delta { .. }))
+            .map(|f| f.size)
+            .fold(0, u64::saturating_add);
         let shipped: u64 = entries.values().map(|e| e.size).sum();
         if built.saturating_add(shipped) > cfg.max_unpacked_bytes {
-            return Err(invalid(format!("the files a delta package builds exceed max_unpacked_bytes = {}", cfg.max_unpacked_bytes)));
+            return Err(invalid(format!(
+                "the files a delta package builds exceed max_unpacked_bytes = {}",
+                cfg.max_unpacked_bytes
+            )));
         }
     }
     if signed && let Some(f) = files.iter().find(|f| f.expected.is_none()) {
         // Without a hash the signature would not cover that file's bytes.
         return Err(Error::new(
             ErrorCode::SignatureInvalid,
-            format!("the signed manifest has no blake3 for {} (entry {:?}): every deployed byte must be signed", f.dst.display(), f.entry),
+            format!(
+                "the signed manifest has no blake3 for {} (entry {:?}): every deployed byte must be signed",
+                f.dst.display(),
+                f.entry
+            ),
         ));
     }
     Ok((archive, manifest, files, manifest_bytes))
@@ -289,12 +337,20 @@ fn validate(file: &Arc<File>, cfg: &Config, roots: &AllowedRoots) -> Result<(Arc
 
 /// `manifest.json.sig`, if the package has one (a signature is 64 bytes; more is refused
 /// before reading).
-fn read_signature(archive: &mut Archive, entries: &BTreeMap<String, EntryInfo>) -> Result<Option<Vec<u8>>> {
+fn read_signature(
+    archive: &mut Archive,
+    entries: &BTreeMap<String, EntryInfo>,
+) -> Result<Option<Vec<u8>>> {
     let Some(info) = entries.get(crate::signing::SIGNATURE_NAME) else { return Ok(None) };
     if info.size > 1024 {
-        return Err(Error::new(ErrorCode::SignatureInvalid, format!("{} is {} bytes", crate::signing::SIGNATURE_NAME, info.size)));
+        return Err(Error::new(
+            ErrorCode::SignatureInvalid,
+            format!("{} is {} bytes", crate::signing::SIGNATURE_NAME, info.size),
+        ));
     }
-    let f = archive.by_index(info.index).map_err(|e| invalid(format!("{}: {e}", crate::signing::SIGNATURE_NAME)))?;
+    let f = archive
+        .by_index(info.index)
+        .map_err(|e| invalid(format!("{}: {e}", crate::signing::SIGNATURE_NAME)))?;
     let mut bytes = Vec::with_capacity(info.size as usize);
     ExactReader { inner: f, remaining: info.size, name: crate::signing::SIGNATURE_NAME.into() }
         .read_to_end(&mut bytes)
@@ -308,9 +364,14 @@ fn scan_entries(archive: &mut Archive, cfg: &Config) -> Result<BTreeMap<String, 
     let mut total: u64 = 0;
     for index in 0..archive.len() {
         let e = archive.by_index_data(index).map_err(|e| invalid(format!("entry {index}: {e}")))?;
-        let name = e.name().map_err(|e| invalid(format!("entry {index}: name is not valid UTF-8: {e}")))?.to_string();
+        let name = e
+            .name()
+            .map_err(|e| invalid(format!("entry {index}: name is not valid UTF-8: {e}")))?
+            .to_string();
         if e.enclosed_name().is_none() {
-            return Err(invalid(format!("entry {name:?} escapes the archive (absolute, '..' or NUL)")));
+            return Err(invalid(format!(
+                "entry {name:?} escapes the archive (absolute, '..' or NUL)"
+            )));
         }
         check_relative("entry", &name, true).map_err(|e| invalid(e.message))?;
         if e.is_symlink() {
@@ -322,15 +383,26 @@ fn scan_entries(archive: &mut Archive, cfg: &Config) -> Result<BTreeMap<String, 
         if e.is_dir() {
             continue;
         }
-        if !matches!(e.compression(), zip::CompressionMethod::Stored | zip::CompressionMethod::Deflated) {
-            return Err(invalid(format!("entry {name:?} uses {:?}; only stored and deflate are supported", e.compression())));
+        if !matches!(
+            e.compression(),
+            zip::CompressionMethod::Stored | zip::CompressionMethod::Deflated
+        ) {
+            return Err(invalid(format!(
+                "entry {name:?} uses {:?}; only stored and deflate are supported",
+                e.compression()
+            )));
         }
         let size = e.size();
         total = total.checked_add(size).ok_or_else(|| invalid("declared sizes overflow"))?;
         if total > cfg.max_unpacked_bytes {
-            return Err(invalid(format!("unpacked size exceeds max_unpacked_bytes = {}", cfg.max_unpacked_bytes)));
+            return Err(invalid(format!(
+                "unpacked size exceeds max_unpacked_bytes = {}",
+                cfg.max_unpacked_bytes
+            )));
         }
-        if size > RATIO_EXEMPT_BYTES && size / e.compressed_size().max(1) > cfg.max_compression_ratio {
+        if size > RATIO_EXEMPT_BYTES
+            && size / e.compressed_size().max(1) > cfg.max_compression_ratio
+        {
             return Err(invalid(format!(
                 "entry {name:?} expands {} bytes to {size} (ratio above max_compression_ratio = {})",
                 e.compressed_size(),
@@ -345,10 +417,18 @@ fn scan_entries(archive: &mut Archive, cfg: &Config) -> Result<BTreeMap<String, 
     Ok(out)
 }
 
-fn read_manifest_bytes(archive: &mut Archive, entries: &BTreeMap<String, EntryInfo>) -> Result<Vec<u8>> {
-    let info = entries.get(MANIFEST_NAME).ok_or_else(|| Error::new(ErrorCode::InvalidManifest, "package has no manifest.json"))?;
+fn read_manifest_bytes(
+    archive: &mut Archive,
+    entries: &BTreeMap<String, EntryInfo>,
+) -> Result<Vec<u8>> {
+    let info = entries
+        .get(MANIFEST_NAME)
+        .ok_or_else(|| Error::new(ErrorCode::InvalidManifest, "package has no manifest.json"))?;
     if info.size > MANIFEST_BYTES_MAX {
-        return Err(Error::new(ErrorCode::InvalidManifest, format!("manifest.json is larger than {MANIFEST_BYTES_MAX} bytes")));
+        return Err(Error::new(
+            ErrorCode::InvalidManifest,
+            format!("manifest.json is larger than {MANIFEST_BYTES_MAX} bytes"),
+        ));
     }
     let f = archive.by_index(info.index).map_err(|e| invalid(format!("manifest.json: {e}")))?;
     let mut bytes = Vec::with_capacity(info.size as usize);
@@ -359,7 +439,11 @@ fn read_manifest_bytes(archive: &mut Archive, entries: &BTreeMap<String, EntryIn
 }
 
 /// Expands modules into deploy files, checking every destination.
-fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roots: &AllowedRoots) -> Result<Vec<DeployFile>> {
+fn resolve_files(
+    manifest: &Manifest,
+    entries: &BTreeMap<String, EntryInfo>,
+    roots: &AllowedRoots,
+) -> Result<Vec<DeployFile>> {
     let mut files = Vec::new();
     // Files of a directory module share their parents: resolve each directory once.
     let mut cache = crate::paths::ResolveCache::default();
@@ -369,17 +453,34 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
         let module = mi as u32;
         match &m.src {
             ModuleSrc::File(src) => {
-                let (size, zip_mode, content) = content_of(src, entries, delta, &mut used)?.ok_or_else(|| {
-                    Error::new(ErrorCode::InvalidPackage, format!("module {:?}: src {src:?} is not a file in the package", m.name))
-                })?;
+                let (size, zip_mode, content) = content_of(src, entries, delta, &mut used)?
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorCode::InvalidPackage,
+                            format!(
+                                "module {:?}: src {src:?} is not a file in the package",
+                                m.name
+                            ),
+                        )
+                    })?;
                 let dst = roots.check(&m.dst)?;
-                files.push(DeployFile { module, entry: src.clone(), dst, size, expected: m.blake3, zip_mode, content });
+                files.push(DeployFile {
+                    module,
+                    entry: src.clone(),
+                    dst,
+                    size,
+                    expected: m.blake3,
+                    zip_mode,
+                    content,
+                });
             }
             ModuleSrc::Dir(prefix) if delta.is_some() => {
                 let dir = DirModule { module, m, prefix, entries };
                 files.extend(dir.delta_files(delta, &mut used, roots, &mut cache)?);
             }
-            ModuleSrc::Dir(prefix) => files.extend(DirModule { module, m, prefix, entries }.files(roots, &mut cache)?),
+            ModuleSrc::Dir(prefix) => {
+                files.extend(DirModule { module, m, prefix, entries }.files(roots, &mut cache)?)
+            }
         }
         if files.len() > TARGETS_MAX {
             return Err(invalid(format!("more than {TARGETS_MAX} files")));
@@ -387,16 +488,28 @@ fn resolve_files(manifest: &Manifest, entries: &BTreeMap<String, EntryInfo>, roo
     }
     let mut seen_dst = BTreeSet::new();
     if let Some(f) = files.iter().find(|f| !seen_dst.insert(f.dst.clone())) {
-        return Err(Error::new(ErrorCode::InvalidManifest, format!("two files deploy to {}", f.dst.display())));
+        return Err(Error::new(
+            ErrorCode::InvalidManifest,
+            format!("two files deploy to {}", f.dst.display()),
+        ));
     }
     if let Some(d) = delta {
         if let Some(unused) = d.files.keys().find(|k| !used.contains(k.as_str())) {
-            return Err(Error::new(ErrorCode::InvalidManifest, format!("delta.files names {unused:?}, which no module deploys")));
+            return Err(Error::new(
+                ErrorCode::InvalidManifest,
+                format!("delta.files names {unused:?}, which no module deploys"),
+            ));
         }
         // A patch is never deployed as a file.
-        let patches: BTreeSet<&str> = d.files.values().flat_map(|f| f.patches.iter().map(|p| p.entry.as_str())).collect();
-        if let Some(f) = files.iter().find(|f| f.content == Content::Entry && patches.contains(f.entry.as_str())) {
-            return Err(Error::new(ErrorCode::InvalidManifest, format!("entry {:?} is both a patch and a deployed file", f.entry)));
+        let patches: BTreeSet<&str> =
+            d.files.values().flat_map(|f| f.patches.iter().map(|p| p.entry.as_str())).collect();
+        if let Some(f) =
+            files.iter().find(|f| f.content == Content::Entry && patches.contains(f.entry.as_str()))
+        {
+            return Err(Error::new(
+                ErrorCode::InvalidManifest,
+                format!("entry {:?} is both a patch and a deployed file", f.entry),
+            ));
         }
     }
     Ok(files)
@@ -417,33 +530,54 @@ impl<'a> DirModule<'a> {
 
     /// The archive's entries under the prefix.
     fn under_prefix(&self) -> impl Iterator<Item = (&'a String, &'a EntryInfo)> + '_ {
-        self.entries.range::<String, _>(self.prefix.to_string()..).take_while(|(n, _)| n.starts_with(self.prefix))
+        self.entries
+            .range::<String, _>(self.prefix.to_string()..)
+            .take_while(|(n, _)| n.starts_with(self.prefix))
     }
 
     /// A full package's directory module: every entry under the prefix, each checked against
     /// `files` when the manifest gives it (and `files` names nothing else).
-    fn files(&self, roots: &AllowedRoots, cache: &mut crate::paths::ResolveCache) -> Result<Vec<DeployFile>> {
+    fn files(
+        &self,
+        roots: &AllowedRoots,
+        cache: &mut crate::paths::ResolveCache,
+    ) -> Result<Vec<DeployFile>> {
         let dst_dir = crate::paths::check_absolute(&self.m.dst)?;
         let mut files = Vec::new();
         for (name, info) in self.under_prefix() {
             let rel = &name[self.prefix.len()..];
             let dst = roots.check_cached(&format!("{}/{rel}", dst_dir.display()), cache)?;
             let expected = match &self.m.files {
-                Some(map) => {
-                    Some(*map.get(rel).ok_or_else(|| self.error(ErrorCode::InvalidManifest, format!("files has no hash for {rel:?}")))?)
-                }
+                Some(map) => Some(*map.get(rel).ok_or_else(|| {
+                    self.error(ErrorCode::InvalidManifest, format!("files has no hash for {rel:?}"))
+                })?),
                 None => None,
             };
             let (size, zip_mode) = (info.size, info.zip_mode);
-            files.push(DeployFile { module: self.module, entry: name.clone(), dst, size, expected, zip_mode, content: Content::Entry });
+            files.push(DeployFile {
+                module: self.module,
+                entry: name.clone(),
+                dst,
+                size,
+                expected,
+                zip_mode,
+                content: Content::Entry,
+            });
         }
         if files.is_empty() {
-            return Err(self.error(ErrorCode::InvalidPackage, format!("src {:?} holds no files", self.prefix)));
+            return Err(self.error(
+                ErrorCode::InvalidPackage,
+                format!("src {:?} holds no files", self.prefix),
+            ));
         }
         if let Some(map) = &self.m.files
-            && let Some(extra) = map.keys().find(|rel| !self.entries.contains_key(&format!("{}{rel}", self.prefix)))
+            && let Some(extra) =
+                map.keys().find(|rel| !self.entries.contains_key(&format!("{}{rel}", self.prefix)))
         {
-            return Err(self.error(ErrorCode::InvalidManifest, format!("files names {extra:?}, which is not in the package")));
+            return Err(self.error(
+                ErrorCode::InvalidManifest,
+                format!("files names {extra:?}, which is not in the package"),
+            ));
         }
         Ok(files)
     }
@@ -458,20 +592,45 @@ impl<'a> DirModule<'a> {
         cache: &mut crate::paths::ResolveCache,
     ) -> Result<Vec<DeployFile>> {
         let dst_dir = crate::paths::check_absolute(&self.m.dst)?;
-        let map = self.m.files.as_ref().ok_or_else(|| self.error(ErrorCode::InvalidManifest, "no files".into()))?;
-        if let Some((stray, _)) = self.under_prefix().find(|(n, _)| !map.contains_key(&n[self.prefix.len()..])) {
-            return Err(self.error(ErrorCode::InvalidManifest, format!("entry {stray:?} is not in its files")));
+        let map = self
+            .m
+            .files
+            .as_ref()
+            .ok_or_else(|| self.error(ErrorCode::InvalidManifest, "no files".into()))?;
+        if let Some((stray, _)) =
+            self.under_prefix().find(|(n, _)| !map.contains_key(&n[self.prefix.len()..]))
+        {
+            return Err(self.error(
+                ErrorCode::InvalidManifest,
+                format!("entry {stray:?} is not in its files"),
+            ));
         }
         let mut files = Vec::new();
         for (rel, hash) in map {
             let name = format!("{}{rel}", self.prefix);
             let (size, zip_mode, content) = content_of(&name, self.entries, delta, used)?
-                .ok_or_else(|| self.error(ErrorCode::InvalidManifest, format!("{rel:?} is neither in the package nor in delta.files")))?;
+                .ok_or_else(|| {
+                    self.error(
+                        ErrorCode::InvalidManifest,
+                        format!("{rel:?} is neither in the package nor in delta.files"),
+                    )
+                })?;
             let dst = roots.check_cached(&format!("{}/{rel}", dst_dir.display()), cache)?;
-            files.push(DeployFile { module: self.module, entry: name, dst, size, expected: Some(*hash), zip_mode, content });
+            files.push(DeployFile {
+                module: self.module,
+                entry: name,
+                dst,
+                size,
+                expected: Some(*hash),
+                zip_mode,
+                content,
+            });
         }
         if map.is_empty() {
-            return Err(self.error(ErrorCode::InvalidPackage, format!("src {:?} holds no files", self.prefix)));
+            return Err(self.error(
+                ErrorCode::InvalidPackage,
+                format!("src {:?} holds no files", self.prefix),
+            ));
         }
         Ok(files)
     }
@@ -486,16 +645,18 @@ fn content_of<'a>(
     used: &mut BTreeSet<&'a str>,
 ) -> Result<Option<(u64, Option<u32>, Content)>> {
     match (entries.get(name), delta.and_then(|d| d.files.get_key_value(name))) {
-        (Some(_), Some(_)) => {
-            Err(Error::new(ErrorCode::InvalidManifest, format!("{name:?} is both an entry of the package and in delta.files")))
-        }
+        (Some(_), Some(_)) => Err(Error::new(
+            ErrorCode::InvalidManifest,
+            format!("{name:?} is both an entry of the package and in delta.files"),
+        )),
         (Some(info), None) => Ok(Some((info.size, info.zip_mode, Content::Entry))),
         (None, Some((key, f))) => {
             used.insert(key.as_str());
             let mut patches = Vec::with_capacity(f.patches.len());
             for p in &f.patches {
-                let info =
-                    entries.get(&p.entry).ok_or_else(|| invalid(format!("the patch {:?} for {name:?} is not in the package", p.entry)))?;
+                let info = entries.get(&p.entry).ok_or_else(|| {
+                    invalid(format!("the patch {:?} for {name:?} is not in the package", p.entry))
+                })?;
                 patches.push((p.clone(), info.size));
             }
             Ok(Some((f.size, f.mode, Content::Delta { patches })))
@@ -518,13 +679,19 @@ impl<R: Read> Read for ExactReader<R> {
             let mut probe = [0u8; 1];
             return match self.inner.read(&mut probe)? {
                 0 => Ok(0),
-                _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("entry {:?} is longer than declared", self.name))),
+                _ => Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("entry {:?} is longer than declared", self.name),
+                )),
             };
         }
         let want = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
         let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("entry {:?} is shorter than declared", self.name)));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("entry {:?} is shorter than declared", self.name),
+            ));
         }
         self.remaining -= n as u64;
         Ok(n)
@@ -538,11 +705,19 @@ mod tests {
 
     /// A package deploying `files` (name → content) to `root`, every file pinned when `pin`,
     /// written stored or deflated.
-    fn package(dir: &Path, name: &str, root: &Path, files: &[(&str, &[u8])], pin: bool, method: zip::CompressionMethod) -> PathBuf {
+    fn package(
+        dir: &Path,
+        name: &str,
+        root: &Path,
+        files: &[(&str, &[u8])],
+        pin: bool,
+        method: zip::CompressionMethod,
+    ) -> PathBuf {
         let mods: Vec<serde_json::Value> = files
             .iter()
             .map(|(n, c)| {
-                let mut m = serde_json::json!({"name": n, "src": n, "dst": root.join(n).to_str().unwrap()});
+                let mut m =
+                    serde_json::json!({"name": n, "src": n, "dst": root.join(n).to_str().unwrap()});
                 if pin {
                     m["blake3"] = Hash::of(c).to_hex().into();
                 }
@@ -552,7 +727,9 @@ mod tests {
         let manifest = serde_json::json!({"version": "1.0.0", "modules": mods}).to_string();
         let path = dir.join(name);
         let mut z = zip::ZipWriter::new(File::create(&path).unwrap());
-        let opts = zip::write::SimpleFileOptions::default().compression_method(method).unix_permissions(0o644);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(method)
+            .unix_permissions(0o644);
         z.start_file(MANIFEST_NAME, opts).unwrap();
         z.write_all(manifest.as_bytes()).unwrap();
         for (n, c) in files {
@@ -581,7 +758,8 @@ mod tests {
     fn a_pinned_package_is_identified_by_its_manifest_and_entries_whatever_its_zip_bytes() {
         let (d, root) = device();
         let stored = package(d.path(), "s.zip", &root, FILES, true, zip::CompressionMethod::Stored);
-        let deflated = package(d.path(), "d.zip", &root, FILES, true, zip::CompressionMethod::Deflated);
+        let deflated =
+            package(d.path(), "d.zip", &root, FILES, true, zip::CompressionMethod::Deflated);
         assert_ne!(std::fs::read(&stored).unwrap(), std::fs::read(&deflated).unwrap());
         let (mut s, mut z) = (open(&stored, &root), open(&deflated, &root));
         let id = s.identity().unwrap();
@@ -589,22 +767,42 @@ mod tests {
         assert_ne!(id, s.blake3().unwrap(), "the identity is not the file hash");
         assert_eq!(s.blake3().unwrap(), Hash::of(&std::fs::read(&stored).unwrap()));
         // Another manifest (another pinned content) is another package.
-        let other = package(d.path(), "o.zip", &root, &[("a", b"alpha\n"), ("b", b"BETA\n")], true, zip::CompressionMethod::Stored);
+        let other = package(
+            d.path(),
+            "o.zip",
+            &root,
+            &[("a", b"alpha\n"), ("b", b"BETA\n")],
+            true,
+            zip::CompressionMethod::Stored,
+        );
         assert_ne!(open(&other, &root).identity().unwrap(), id);
     }
 
     #[test]
     fn an_unpinned_package_is_identified_by_the_hash_of_its_bytes() {
         let (d, root) = device();
-        let path = package(d.path(), "u.zip", &root, FILES, false, zip::CompressionMethod::Deflated);
-        assert_eq!(open(&path, &root).identity().unwrap(), Hash::of(&std::fs::read(&path).unwrap()));
+        let path =
+            package(d.path(), "u.zip", &root, FILES, false, zip::CompressionMethod::Deflated);
+        assert_eq!(
+            open(&path, &root).identity().unwrap(),
+            Hash::of(&std::fs::read(&path).unwrap())
+        );
     }
 
     #[test]
     fn a_large_unpinned_package_is_hashed_by_pieces_to_the_hash_of_its_bytes() {
         let (d, root) = device();
-        let big: Vec<u8> = (0..9 * 1024 * 1024 + 12345u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-        let path = package(d.path(), "big.zip", &root, &[("a", &big)], false, zip::CompressionMethod::Stored);
+        let big: Vec<u8> = (0..9 * 1024 * 1024 + 12345u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let path = package(
+            d.path(),
+            "big.zip",
+            &root,
+            &[("a", &big)],
+            false,
+            zip::CompressionMethod::Stored,
+        );
         let bytes = std::fs::read(&path).unwrap();
         assert!(bytes.len() as u64 > 2 * crate::treehash::PIECE_BYTES, "split into pieces");
         assert_eq!(open(&path, &root).identity().unwrap(), Hash::of(&bytes));

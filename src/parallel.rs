@@ -21,7 +21,11 @@ pub fn workers() -> usize {
 }
 
 /// `f` over `items`, each worker with its own state from `init` (e.g. its own archive reader).
-pub fn try_map_with<T, S, R>(items: &[T], init: impl Fn() -> Result<S> + Sync, f: impl Fn(&mut S, &T) -> Result<R> + Sync) -> Result<Vec<R>>
+pub fn try_map_with<T, S, R>(
+    items: &[T],
+    init: impl Fn() -> Result<S> + Sync,
+    f: impl Fn(&mut S, &T) -> Result<R> + Sync,
+) -> Result<Vec<R>>
 where
     T: Sync,
     R: Send,
@@ -51,7 +55,10 @@ where
     };
     let results: Vec<Result<Vec<(usize, R)>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n).map(|_| s.spawn(run)).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
     });
     let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
     for r in results {
@@ -59,11 +66,17 @@ where
             slots[i] = Some(v);
         }
     }
-    Ok(slots.into_iter().map(|s| s.expect("every item was processed when no worker failed")).collect())
+    Ok(slots
+        .into_iter()
+        .map(|s| s.expect("every item was processed when no worker failed"))
+        .collect())
 }
 
 /// `f` over `items` on several threads.
-pub fn try_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> Result<R> + Sync) -> Result<Vec<R>> {
+pub fn try_map<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
     try_map_with(items, || Ok(()), |_, t| f(t))
 }
 
@@ -75,7 +88,10 @@ mod tests {
     #[test]
     fn results_keep_input_order() {
         let items: Vec<u32> = (0..1000).collect();
-        assert_eq!(try_map(&items, |x| Ok(x * 2)).unwrap(), items.iter().map(|x| x * 2).collect::<Vec<_>>());
+        assert_eq!(
+            try_map(&items, |x| Ok(x * 2)).unwrap(),
+            items.iter().map(|x| x * 2).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -94,7 +110,9 @@ mod tests {
     fn each_worker_gets_its_own_state() {
         let inits = AtomicUsize::new(0);
         let items: Vec<u32> = (0..100).collect();
-        let out = try_map_with(&items, || Ok(inits.fetch_add(1, Ordering::Relaxed)), |_state, x| Ok(*x)).unwrap();
+        let out =
+            try_map_with(&items, || Ok(inits.fetch_add(1, Ordering::Relaxed)), |_state, x| Ok(*x))
+                .unwrap();
         assert_eq!(out.len(), 100);
         assert!(inits.load(Ordering::Relaxed) <= workers());
     }

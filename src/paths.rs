@@ -59,8 +59,9 @@ impl AllowedRoots {
             .iter()
             .map(|r| {
                 // A root may itself be a symlink (/opt/tope -> /data/tope): resolve it fully.
-                let resolved =
-                    std::fs::canonicalize(r).or_else(|_| resolve_existing_prefix(r).map_err(|_| ())).unwrap_or_else(|_| r.clone());
+                let resolved = std::fs::canonicalize(r)
+                    .or_else(|_| resolve_existing_prefix(r).map_err(|_| ()))
+                    .unwrap_or_else(|_| r.clone());
                 (r.clone(), resolved)
             })
             .collect();
@@ -86,31 +87,49 @@ impl AllowedRoots {
         let resolved_parent = match cache.parents.get(parent) {
             Some(r) => r.clone(),
             None => {
-                let r = resolve_existing_prefix(&path).map(|p| p.parent().map(Path::to_path_buf).unwrap_or(p)).map_err(|e| match e {
-                    // The path is allowed, but this device holds a file where the package
-                    // needs a directory: the package cannot be deployed here (what the legacy
-                    // service said, DEPLOYMENT_FAILED), found before anything is touched.
-                    PrefixError::NotADirectory { existing, resolved }
-                        if self.roots.iter().any(|(_, root)| is_strictly_under(&resolved, root)) =>
-                    {
-                        Error::new(
-                            ErrorCode::DeploymentFailed,
-                            format!("destination {dst:?} cannot be created: {} is not a directory", existing.display()),
-                        )
-                    }
-                    PrefixError::NotADirectory { existing, resolved } => not_allowed(
-                        dst,
-                        &format!("resolves through {} to {}, outside the allowed roots", existing.display(), resolved.display()),
-                    ),
-                    PrefixError::Io(e) => not_allowed(dst, &format!("cannot be resolved: {e}")),
-                })?;
+                let r = resolve_existing_prefix(&path)
+                    .map(|p| p.parent().map(Path::to_path_buf).unwrap_or(p))
+                    .map_err(|e| match e {
+                        // The path is allowed, but this device holds a file where the package
+                        // needs a directory: the package cannot be deployed here (what the legacy
+                        // service said, DEPLOYMENT_FAILED), found before anything is touched.
+                        PrefixError::NotADirectory { existing, resolved }
+                            if self
+                                .roots
+                                .iter()
+                                .any(|(_, root)| is_strictly_under(&resolved, root)) =>
+                        {
+                            Error::new(
+                                ErrorCode::DeploymentFailed,
+                                format!(
+                                    "destination {dst:?} cannot be created: {} is not a directory",
+                                    existing.display()
+                                ),
+                            )
+                        }
+                        PrefixError::NotADirectory { existing, resolved } => not_allowed(
+                            dst,
+                            &format!(
+                                "resolves through {} to {}, outside the allowed roots",
+                                existing.display(),
+                                resolved.display()
+                            ),
+                        ),
+                        PrefixError::Io(e) => not_allowed(dst, &format!("cannot be resolved: {e}")),
+                    })?;
                 cache.parents.insert(parent.to_path_buf(), r.clone());
                 r
             }
         };
         let resolved = resolved_parent.join(name);
         if !self.roots.iter().any(|(_, root)| is_strictly_under(&resolved, root)) {
-            return Err(not_allowed(dst, &format!("resolves through a symlink to {} outside the allowed roots", resolved.display())));
+            return Err(not_allowed(
+                dst,
+                &format!(
+                    "resolves through a symlink to {} outside the allowed roots",
+                    resolved.display()
+                ),
+            ));
         }
         match std::fs::symlink_metadata(&resolved) {
             Ok(m) if m.file_type().is_file() => Ok(resolved),
@@ -170,7 +189,15 @@ mod tests {
 
     #[test]
     fn lexical_rules() {
-        for bad in ["opt/tope/a", "/opt/tope/../etc/passwd", "/opt/tope//a", "/opt/tope/./a", "/opt/tope/a/", "/", "/opt/tope/a\0b"] {
+        for bad in [
+            "opt/tope/a",
+            "/opt/tope/../etc/passwd",
+            "/opt/tope//a",
+            "/opt/tope/./a",
+            "/opt/tope/a/",
+            "/",
+            "/opt/tope/a\0b",
+        ] {
             assert_eq!(check_absolute(bad).unwrap_err().code, ErrorCode::PathNotAllowed, "{bad:?}");
         }
         assert!(check_absolute("/opt/tope/a").is_ok());
@@ -190,13 +217,25 @@ mod tests {
         let s = |p: &Path| p.to_str().unwrap().to_string();
         assert!(roots.check(&s(&root.join("a/b"))).is_ok());
         assert_eq!(roots.check(&s(&root)).unwrap_err().code, ErrorCode::PathNotAllowed);
-        assert_eq!(roots.check(&s(&outside.join("x"))).unwrap_err().code, ErrorCode::PathNotAllowed);
-        assert_eq!(roots.check(&s(&root.join("escape/x"))).unwrap_err().code, ErrorCode::PathNotAllowed);
+        assert_eq!(
+            roots.check(&s(&outside.join("x"))).unwrap_err().code,
+            ErrorCode::PathNotAllowed
+        );
+        assert_eq!(
+            roots.check(&s(&root.join("escape/x"))).unwrap_err().code,
+            ErrorCode::PathNotAllowed
+        );
         // A symlink that stays inside the root resolves to the real path.
-        assert_eq!(roots.check(&s(&root.join("alias/x"))).unwrap(), std::fs::canonicalize(root.join("inner")).unwrap().join("x"));
+        assert_eq!(
+            roots.check(&s(&root.join("alias/x"))).unwrap(),
+            std::fs::canonicalize(root.join("inner")).unwrap().join("x")
+        );
         // A dangling symlink on the way is refused, not taken for a directory to create.
         std::os::unix::fs::symlink(outside.join("nowhere"), root.join("dangling")).unwrap();
-        assert_eq!(roots.check(&s(&root.join("dangling/x"))).unwrap_err().code, ErrorCode::PathNotAllowed);
+        assert_eq!(
+            roots.check(&s(&root.join("dangling/x"))).unwrap_err().code,
+            ErrorCode::PathNotAllowed
+        );
         // A regular file where the package needs a directory: allowed, but not deployable.
         std::fs::write(root.join("file"), b"x").unwrap();
         let e = roots.check(&s(&root.join("file/x"))).unwrap_err();
@@ -205,9 +244,15 @@ mod tests {
         // ... and a symlink to a file outside the roots is still outside.
         std::fs::write(outside.join("file"), b"x").unwrap();
         std::os::unix::fs::symlink(outside.join("file"), root.join("to-file")).unwrap();
-        assert_eq!(roots.check(&s(&root.join("to-file/x"))).unwrap_err().code, ErrorCode::PathNotAllowed);
+        assert_eq!(
+            roots.check(&s(&root.join("to-file/x"))).unwrap_err().code,
+            ErrorCode::PathNotAllowed
+        );
         // A symlink at the destination itself is refused, not followed.
         std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
-        assert_eq!(roots.check(&s(&root.join("link"))).unwrap_err().code, ErrorCode::PathNotAllowed);
+        assert_eq!(
+            roots.check(&s(&root.join("link"))).unwrap_err().code,
+            ErrorCode::PathNotAllowed
+        );
     }
 }

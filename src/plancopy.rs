@@ -46,7 +46,9 @@ pub fn read(state_dir: &Path) -> Result<Option<Plan>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(ErrorCode::JournalCorrupt, "read", &path, &e)),
     };
-    parse(&bytes).map(Some).map_err(|why| Error::new(ErrorCode::JournalCorrupt, format!("plan copy {}: {why}", path.display())))
+    parse(&bytes).map(Some).map_err(|why| {
+        Error::new(ErrorCode::JournalCorrupt, format!("plan copy {}: {why}", path.display()))
+    })
 }
 
 fn parse(bytes: &[u8]) -> std::result::Result<Plan, String> {
@@ -81,7 +83,9 @@ mod tests {
     fn plan() -> Plan {
         Plan {
             tx_id: 3,
-            kind: TxKind::Install { package: PackageRef { path: "/p.zip".into(), blake3: Hash([1; 32]), size: 9 } },
+            kind: TxKind::Install {
+                package: PackageRef { path: "/p.zip".into(), blake3: Hash([1; 32]), size: 9 },
+            },
             from_version: None,
             to_version: Some("1.0.0".into()),
             modules: vec![],

@@ -28,7 +28,13 @@ impl PosReader {
 
 impl Clone for PosReader {
     fn clone(&self) -> PosReader {
-        PosReader { file: self.file.clone(), pos: self.pos, buf: vec![0; BUF_BYTES], buf_start: 0, buf_len: 0 }
+        PosReader {
+            file: self.file.clone(),
+            pos: self.pos,
+            buf: vec![0; BUF_BYTES],
+            buf_start: 0,
+            buf_len: 0,
+        }
     }
 }
 
@@ -63,7 +69,9 @@ impl Seek for PosReader {
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
             SeekFrom::End(d) => self.file.metadata()?.len().checked_add_signed(d),
         };
-        self.pos = new.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start"))?;
+        self.pos = new.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start")
+        })?;
         Ok(self.pos)
     }
 }

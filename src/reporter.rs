@@ -33,7 +33,12 @@ pub use crate::journal::outbox::Report;
 
 impl Report {
     /// A report of the current boot, not tied to a transaction (`with_tx` ties it).
-    pub fn new(stage: &str, progress: u8, message: impl Into<String>, error: Option<String>) -> Report {
+    pub fn new(
+        stage: &str,
+        progress: u8,
+        message: impl Into<String>,
+        error: Option<String>,
+    ) -> Report {
         let boot_id = crate::clock::boot_id().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "boot id unreadable; reports say \"unknown\"");
             "unknown".into()
@@ -116,7 +121,9 @@ pub fn judge_response(status: u16, body: &str) -> Verdict {
     match status {
         200..=299 => match envelope(body) {
             None | Some((200, _)) => Verdict::Acknowledged,
-            Some((code @ 400..=499, msg)) => Verdict::Rejected(format!("HTTP {status}, code {code}: {msg}")),
+            Some((code @ 400..=499, msg)) => {
+                Verdict::Rejected(format!("HTTP {status}, code {code}: {msg}"))
+            }
             Some((code, msg)) => Verdict::RetryLater(format!("HTTP {status}, code {code}: {msg}")),
         },
         408 | 429 => Verdict::RetryLater(format!("HTTP {status}: {}", excerpt(body))),
@@ -180,7 +187,9 @@ impl Reporter {
     }
 
     fn start_with(journal: Arc<Journal>, settings: Settings) -> Reporter {
-        Reporter { worker: Worker::start("reporter", move |w| deliver_loop(&journal, &settings, w)) }
+        Reporter {
+            worker: Worker::start("reporter", move |w| deliver_loop(&journal, &settings, w)),
+        }
     }
 
     /// Wakes an idle reporter after a push. Never blocks on delivery. During a backoff it
@@ -258,7 +267,12 @@ fn deliver_loop(journal: &Journal, s: &Settings, shared: &Wakeup) {
                 Verdict::RetryLater(why) => {
                     failures += 1;
                     if failures == 1 {
-                        tracing::warn!(seq = r.seq, stage = r.stage, why, "report not delivered; retrying with backoff");
+                        tracing::warn!(
+                            seq = r.seq,
+                            stage = r.stage,
+                            why,
+                            "report not delivered; retrying with backoff"
+                        );
                     } else {
                         tracing::debug!(seq = r.seq, failures, why, "report not delivered");
                     }
@@ -271,7 +285,13 @@ fn deliver_loop(journal: &Journal, s: &Settings, shared: &Wakeup) {
                 }
                 verdict => {
                     if let Verdict::Rejected(why) = &verdict {
-                        tracing::error!(seq = r.seq, stage = r.stage, tx = r.tx, why, "device-api rejected the report: dropped");
+                        tracing::error!(
+                            seq = r.seq,
+                            stage = r.stage,
+                            tx = r.tx,
+                            why,
+                            "device-api rejected the report: dropped"
+                        );
                     }
                     if failures > 0 {
                         tracing::info!(seq = r.seq, failures, "report delivered after retries");
@@ -381,7 +401,9 @@ pub(crate) mod tests {
                             let inner = inner.clone();
                             std::thread::spawn(move || serve(stream, &inner));
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(2))
+                        }
                         Err(e) => panic!("accept: {e}"),
                     }
                 }
@@ -428,7 +450,8 @@ pub(crate) mod tests {
         let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
         let mut lines = head.split("\r\n");
         let mut request_line = lines.next().unwrap().split(' ');
-        let (method, path) = (request_line.next().unwrap().to_string(), request_line.next().unwrap().to_string());
+        let (method, path) =
+            (request_line.next().unwrap().to_string(), request_line.next().unwrap().to_string());
         let mut headers = HashMap::new();
         for l in lines.filter(|l| !l.is_empty()) {
             let (k, v) = l.split_once(':').unwrap();
@@ -445,7 +468,12 @@ pub(crate) mod tests {
         let before = {
             let mut got = inner.got.lock().unwrap();
             let before = got.iter().filter(|r| r.body["seq"] == body["seq"]).count();
-            got.push(Received { method, path, content_type: headers.get("content-type").cloned().unwrap_or_default(), body: body.clone() });
+            got.push(Received {
+                method,
+                path,
+                content_type: headers.get("content-type").cloned().unwrap_or_default(),
+                body: body.clone(),
+            });
             before
         };
         let mut answer = (inner.policy.lock().unwrap())(&body, before);
@@ -459,7 +487,9 @@ pub(crate) mod tests {
             answer = Answer::Ack;
         }
         let (status, reply) = match answer {
-            Answer::Ack => (200, json!({"code": 200, "msg": "success", "data": {"status": "received"}})),
+            Answer::Ack => {
+                (200, json!({"code": 200, "msg": "success", "data": {"status": "received"}}))
+            }
             Answer::Code(c) => (200, json!({"code": c, "msg": format!("code {c}")})),
             Answer::Status(s) => (s, json!({"error": "no"})),
             Answer::Hang => unreachable!(),
@@ -541,7 +571,10 @@ pub(crate) mod tests {
         assert!(
             matches!(judge_response(200, r#"{"code":400,"msg":"VALIDATION_ERROR: stage"}"#), Verdict::Rejected(m) if m.contains("VALIDATION_ERROR"))
         );
-        assert!(matches!(judge_response(200, r#"{"code":500,"msg":"INTERNAL_ERROR: db"}"#), Verdict::RetryLater(_)));
+        assert!(matches!(
+            judge_response(200, r#"{"code":500,"msg":"INTERNAL_ERROR: db"}"#),
+            Verdict::RetryLater(_)
+        ));
         for s in [500, 502, 503, 504, 301, 307, 408, 429] {
             assert!(matches!(judge_response(s, ""), Verdict::RetryLater(_)), "HTTP {s}");
         }
@@ -575,7 +608,10 @@ pub(crate) mod tests {
             r#"{"stage":"failed","progress":100,"message":"failed 120","error":"MD5_MISMATCH: x","version":"v1.2.3","tx_id":4,"boot_id":"boot-a","seq":9,"final":true}"#
         );
         let v: Value = serde_json::from_slice(&body_json(&report("idle", 0))).unwrap();
-        assert_eq!((&v["error"], &v["version"], &v["tx_id"], &v["final"]), (&Value::Null, &Value::Null, &Value::Null, &json!(false)));
+        assert_eq!(
+            (&v["error"], &v["version"], &v["tx_id"], &v["final"]),
+            (&Value::Null, &Value::Null, &Value::Null, &json!(false))
+        );
     }
 
     // ---- against a real receiver ----
@@ -593,17 +629,25 @@ pub(crate) mod tests {
             j.outbox_push(report("downloading", p * 5)).unwrap();
             reporter.notify();
         }
-        wait_until("10 reports arrived and the outbox is empty", || rx.got().len() >= 10 && j.outbox_len().unwrap() == 0);
+        wait_until("10 reports arrived and the outbox is empty", || {
+            rx.got().len() >= 10 && j.outbox_len().unwrap() == 0
+        });
         reporter.stop();
         let got = rx.got();
         // A healthy receiver gets each report exactly once.
-        assert_eq!(got.iter().map(|r| r.body["seq"].as_u64().unwrap()).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().map(|r| r.body["seq"].as_u64().unwrap()).collect::<Vec<_>>(),
+            (1..=10).collect::<Vec<_>>()
+        );
         assert_eq!(
             got.iter().map(|r| r.body["progress"].as_u64().unwrap()).collect::<Vec<_>>(),
             (0..10).map(|p| p * 5).collect::<Vec<_>>()
         );
         for r in &got {
-            assert_eq!((r.method.as_str(), r.path.as_str(), r.content_type.as_str()), ("POST", "/api/v1.0/ota/report", "application/json"));
+            assert_eq!(
+                (r.method.as_str(), r.path.as_str(), r.content_type.as_str()),
+                ("POST", "/api/v1.0/ota/report", "application/json")
+            );
             assert_eq!(r.body["stage"], "downloading");
             assert_eq!(r.body["boot_id"], "boot-a");
             assert_eq!(r.body["error"], Value::Null);
@@ -666,7 +710,10 @@ pub(crate) mod tests {
             assert_eq!(Arc::strong_count(&j), 1);
         }
         let j = open(dir.path());
-        assert_eq!(j.outbox_pending(10).unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            j.outbox_pending(10).unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         rx.bring_up();
         let reporter = Reporter::start_with(j.clone(), settings(rx.url()));
         j.outbox_push(report("verifying", 100)).unwrap();
@@ -742,7 +789,10 @@ pub(crate) mod tests {
             reporter.notify();
         }
         let took = started.elapsed();
-        assert!(took < Duration::from_secs(10), "3 pushes took {took:?} while the POST hangs (timeout 30 s)");
+        assert!(
+            took < Duration::from_secs(10),
+            "3 pushes took {took:?} while the POST hangs (timeout 30 s)"
+        );
         assert_eq!(rx.got().len(), 1, "the hanging POST is still in progress");
         rx.release();
         wait_until("the outbox is empty", || j.outbox_len().unwrap() == 0);

@@ -39,12 +39,18 @@ pub fn keygen(prefix: &Path) -> Result<KeygenReport> {
     let public = with_suffix(prefix, "pub");
     for p in [&secret, &public] {
         if p.exists() {
-            return Err(Error::new(ErrorCode::ValidationError, format!("{} exists; not overwriting a key", p.display())));
+            return Err(Error::new(
+                ErrorCode::ValidationError,
+                format!("{} exists; not overwriting a key", p.display()),
+            ));
         }
     }
     write_new(&secret, 0o600, &format!("{SECRET_TAG} {}\n", hex(&seed)))?;
     write_new(&public, 0o644, &format!("{PUBLIC_TAG} {}\n", hex(key.verifying_key().as_bytes())))?;
-    Ok(KeygenReport { secret_key: secret.display().to_string(), public_key: public.display().to_string() })
+    Ok(KeygenReport {
+        secret_key: secret.display().to_string(),
+        public_key: public.display().to_string(),
+    })
 }
 
 fn with_suffix(prefix: &Path, ext: &str) -> PathBuf {
@@ -56,7 +62,12 @@ fn with_suffix(prefix: &Path, ext: &str) -> PathBuf {
 
 fn write_new(path: &Path, mode: u32, text: &str) -> Result<()> {
     let io = |e: std::io::Error| Error::io(ErrorCode::InternalError, "write", path, &e);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
     f.write_all(text.as_bytes()).map_err(io)?;
     f.sync_all().map_err(io)
 }
@@ -80,9 +91,9 @@ fn read_key_file(path: &Path, tag: &str) -> std::result::Result<[u8; 32], String
 }
 
 pub fn load_signing_key(path: &Path) -> Result<SigningKey> {
-    read_key_file(path, SECRET_TAG)
-        .map(|seed| SigningKey::from_bytes(&seed))
-        .map_err(|why| Error::new(ErrorCode::ValidationError, format!("secret key {}: {why}", path.display())))
+    read_key_file(path, SECRET_TAG).map(|seed| SigningKey::from_bytes(&seed)).map_err(|why| {
+        Error::new(ErrorCode::ValidationError, format!("secret key {}: {why}", path.display()))
+    })
 }
 
 /// Signs the exact manifest bytes.
@@ -98,7 +109,12 @@ pub fn trusted_keys(cfg: &Config) -> Result<Vec<VerifyingKey>> {
         .map(|p| {
             read_key_file(p, PUBLIC_TAG)
                 .and_then(|b| VerifyingKey::from_bytes(&b).map_err(|e| e.to_string()))
-                .map_err(|why| Error::new(ErrorCode::ValidationError, format!("trusted key {}: {why}", p.display())))
+                .map_err(|why| {
+                    Error::new(
+                        ErrorCode::ValidationError,
+                        format!("trusted key {}: {why}", p.display()),
+                    )
+                })
         })
         .collect()
 }
@@ -109,23 +125,31 @@ pub fn trusted_keys(cfg: &Config) -> Result<Vec<VerifyingKey>> {
 pub fn check(cfg: &Config, manifest: &[u8], signature: Option<&[u8]>) -> Result<bool> {
     let Some(sig) = signature else {
         return if cfg.require_signature {
-            Err(invalid(format!("the package is not signed (no {SIGNATURE_NAME}) and require_signature = true")))
+            Err(invalid(format!(
+                "the package is not signed (no {SIGNATURE_NAME}) and require_signature = true"
+            )))
         } else {
             Ok(false)
         };
     };
     let keys = trusted_keys(cfg)?;
     if keys.is_empty() {
-        tracing::warn!("the package is signed but no trusted_keys are configured: the signature is not checked");
+        tracing::warn!(
+            "the package is signed but no trusted_keys are configured: the signature is not checked"
+        );
         return Ok(false);
     }
-    let bytes: [u8; 64] =
-        sig.try_into().map_err(|_| invalid(format!("{SIGNATURE_NAME} is {} bytes; an ed25519 signature is 64", sig.len())))?;
+    let bytes: [u8; 64] = sig.try_into().map_err(|_| {
+        invalid(format!("{SIGNATURE_NAME} is {} bytes; an ed25519 signature is 64", sig.len()))
+    })?;
     let sig = Signature::from_bytes(&bytes);
     if keys.iter().any(|k| k.verify_strict(manifest, &sig).is_ok()) {
         Ok(true)
     } else {
-        Err(invalid(format!("{SIGNATURE_NAME} does not verify under any of the {} trusted key(s)", keys.len())))
+        Err(invalid(format!(
+            "{SIGNATURE_NAME} does not verify under any of the {} trusted key(s)",
+            keys.len()
+        )))
     }
 }
 
@@ -140,12 +164,22 @@ mod tests {
         let other = keygen(&dir.path().join("other")).unwrap();
         let key = load_signing_key(Path::new(&r.secret_key)).unwrap();
         let sig = sign(&key, b"{\"version\":\"1.0.0\"}");
-        let mut cfg = Config { trusted_keys: vec![PathBuf::from(&r.public_key)], ..Config::default() };
+        let mut cfg =
+            Config { trusted_keys: vec![PathBuf::from(&r.public_key)], ..Config::default() };
         assert!(check(&cfg, b"{\"version\":\"1.0.0\"}", Some(&sig)).unwrap());
-        assert_eq!(check(&cfg, b"{\"version\":\"1.0.1\"}", Some(&sig)).unwrap_err().code, ErrorCode::SignatureInvalid);
-        assert_eq!(check(&cfg, b"x", Some(&sig[..63])).unwrap_err().code, ErrorCode::SignatureInvalid);
+        assert_eq!(
+            check(&cfg, b"{\"version\":\"1.0.1\"}", Some(&sig)).unwrap_err().code,
+            ErrorCode::SignatureInvalid
+        );
+        assert_eq!(
+            check(&cfg, b"x", Some(&sig[..63])).unwrap_err().code,
+            ErrorCode::SignatureInvalid
+        );
         cfg.trusted_keys = vec![PathBuf::from(&other.public_key)];
-        assert_eq!(check(&cfg, b"{\"version\":\"1.0.0\"}", Some(&sig)).unwrap_err().code, ErrorCode::SignatureInvalid);
+        assert_eq!(
+            check(&cfg, b"{\"version\":\"1.0.0\"}", Some(&sig)).unwrap_err().code,
+            ErrorCode::SignatureInvalid
+        );
         cfg.require_signature = true;
         assert_eq!(check(&cfg, b"{}", None).unwrap_err().code, ErrorCode::SignatureInvalid);
     }

@@ -75,7 +75,11 @@ mod tests {
         record(dir.path(), 7, 0).unwrap();
         record(dir.path(), 7, 1).unwrap();
         assert_eq!(completed(dir.path(), 7).unwrap(), 2);
-        assert_eq!(completed(dir.path(), 8).unwrap(), 0, "another transaction's lines do not count");
+        assert_eq!(
+            completed(dir.path(), 8).unwrap(),
+            0,
+            "another transaction's lines do not count"
+        );
         // A torn append (power cut mid-write) does not count.
         let mut f = std::fs::OpenOptions::new().append(true).open(path_in(dir.path())).unwrap();
         f.write_all(b"7 2").unwrap();

@@ -43,7 +43,8 @@ pub fn usage_in(state_dir: &Path) -> Result<(u64, u64)> {
 impl BackupStore {
     pub fn open(state_dir: &Path) -> Result<BackupStore> {
         let dir = state_dir.join("backups");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", &dir, &e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", &dir, &e))?;
         Ok(BackupStore { dir })
     }
 
@@ -67,17 +68,24 @@ impl BackupStore {
         }
         match std::fs::hard_link(src, &blob) {
             Ok(()) => return Ok(Put::Linked),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(Put::AlreadyThere),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Ok(Put::AlreadyThere);
+            }
             // EXDEV: another filesystem. EPERM: protected_hardlinks for a file we do not own.
-            Err(e) if matches!(e.raw_os_error(), Some(nix::libc::EXDEV | nix::libc::EPERM | nix::libc::EMLINK)) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EXDEV | nix::libc::EPERM | nix::libc::EMLINK)
+                ) => {}
             Err(e) => return Err(Error::io(ErrorCode::DeploymentFailed, "link backup", &blob, &e)),
         }
         // Copy under a temporary name and rename, so a blob name only ever holds whole content.
         let tmp = self.dir.join(format!("{TEMP_PREFIX}{}.tmp", hash.to_hex()));
         fsutil::remove_if_present(&tmp)?;
-        let copied = self
-            .copy_in(src, hash, &tmp)
-            .and_then(|()| std::fs::rename(&tmp, &blob).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", &blob, &e)));
+        let copied = self.copy_in(src, hash, &tmp).and_then(|()| {
+            std::fs::rename(&tmp, &blob)
+                .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", &blob, &e))
+        });
         if copied.is_err() {
             // A partial (or unnamed) copy must not keep the space a full disk needs for the
             // rollback.
@@ -88,16 +96,23 @@ impl BackupStore {
 
     /// Copies `src` to `tmp`, verifying that it still has content `hash`.
     fn copy_in(&self, src: &Path, hash: &Hash, tmp: &Path) -> Result<()> {
-        let out = fsutil::create_exclusive(tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", tmp, &e))?;
-        let input = File::open(src).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open", src, &e))?;
+        let out = fsutil::create_exclusive(tmp)
+            .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", tmp, &e))?;
+        let input =
+            File::open(src).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open", src, &e))?;
         let (got, _) = fsutil::copy_hashed(input, &out).map_err(|e| match e {
             fsutil::CopyError::Read(e) => Error::io(ErrorCode::DeploymentFailed, "read", src, &e),
-            fsutil::CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write backup", tmp, &e),
+            fsutil::CopyError::Write(e) => {
+                Error::io(ErrorCode::DeploymentFailed, "write backup", tmp, &e)
+            }
         })?;
         if got != *hash {
             return Err(Error::new(
                 ErrorCode::HashMismatch,
-                format!("{} changed while being backed up (expected {hash}, read {got})", src.display()),
+                format!(
+                    "{} changed while being backed up (expected {hash}, read {got})",
+                    src.display()
+                ),
             ));
         }
         Ok(())
@@ -113,7 +128,8 @@ impl BackupStore {
         if b.nlink() == 1 {
             return Ok(true);
         }
-        let s = std::fs::metadata(src).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", src, &e))?;
+        let s = std::fs::metadata(src)
+            .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", src, &e))?;
         if b.dev() == s.dev() && b.ino() == s.ino() {
             return Ok(true);
         }
@@ -132,7 +148,8 @@ impl BackupStore {
     /// restored.
     pub fn restore_to(&self, meta: &FileMeta, dst: &Path) -> Result<()> {
         let blob = self.blob_path(&meta.hash);
-        let input = File::open(&blob).map_err(|e| Error::io(ErrorCode::RollbackFailed, "open backup", &blob, &e))?;
+        let input = File::open(&blob)
+            .map_err(|e| Error::io(ErrorCode::RollbackFailed, "open backup", &blob, &e))?;
         fsutil::remove_if_present(dst)?;
         let restored = Self::copy_verified(input, &blob, meta, dst);
         if restored.is_err() {
@@ -142,13 +159,19 @@ impl BackupStore {
     }
 
     fn copy_verified(input: File, blob: &Path, meta: &FileMeta, dst: &Path) -> Result<()> {
-        let out = fsutil::create_exclusive(dst).map_err(|e| Error::io(ErrorCode::RollbackFailed, "create", dst, &e))?;
+        let out = fsutil::create_exclusive(dst)
+            .map_err(|e| Error::io(ErrorCode::RollbackFailed, "create", dst, &e))?;
         let (got, _) = fsutil::copy_hashed(input, &out).map_err(|e| match e {
-            fsutil::CopyError::Read(e) => Error::io(ErrorCode::RollbackFailed, "read backup", blob, &e),
+            fsutil::CopyError::Read(e) => {
+                Error::io(ErrorCode::RollbackFailed, "read backup", blob, &e)
+            }
             fsutil::CopyError::Write(e) => Error::io(ErrorCode::RollbackFailed, "write", dst, &e),
         })?;
         if got != meta.hash {
-            return Err(Error::new(ErrorCode::HashMismatch, format!("backup blob {} is damaged (read {got})", blob.display())));
+            return Err(Error::new(
+                ErrorCode::HashMismatch,
+                format!("backup blob {} is damaged (read {got})", blob.display()),
+            ));
         }
         fsutil::apply_meta(&out, dst, meta.mode, meta.uid, meta.gid)
     }
@@ -156,7 +179,8 @@ impl BackupStore {
     /// Opens a blob for reading (staging a rollback's new content).
     pub fn open_blob(&self, hash: &Hash) -> Result<File> {
         let blob = self.blob_path(hash);
-        File::open(&blob).map_err(|e| Error::io(ErrorCode::RollbackFailed, "open backup", &blob, &e))
+        File::open(&blob)
+            .map_err(|e| Error::io(ErrorCode::RollbackFailed, "open backup", &blob, &e))
     }
 
     /// Removes every blob not in `keep` (and stray temporaries), then fsyncs the directory so
@@ -208,10 +232,12 @@ impl BackupStore {
     /// Every entry's name and size (a name that is not UTF-8 is kept out: the store never
     /// writes one).
     fn entries(&self) -> Result<Vec<(String, u64)>> {
-        let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
+        let rd = std::fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
         let mut out = Vec::new();
         for entry in rd {
-            let entry = entry.map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
+            let entry = entry
+                .map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
             let Ok(name) = entry.file_name().into_string() else { continue };
             let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
             out.push((name, len));

@@ -8,7 +8,9 @@
 //! right. `pieces` and `merge` walk that same shape, so they always agree.
 
 use crate::engine::Hash;
-use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root};
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
+};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -120,7 +122,12 @@ pub fn hash_split(
 
 /// Hashes the piece (`offset`, `piece_len`) of `file`, an input of `len` bytes, with pread
 /// (threads share the descriptor). A file shorter than `len` is an error, never a short hash.
-pub fn hash_piece(file: &File, len: u64, offset: u64, piece_len: u64) -> std::io::Result<PieceHash> {
+pub fn hash_piece(
+    file: &File,
+    len: u64,
+    offset: u64,
+    piece_len: u64,
+) -> std::io::Result<PieceHash> {
     crate::fsutil::with_io_buffer(|buf| {
         let mut hasher = piece_hasher(offset, len);
         let mut done = 0u64;
@@ -128,7 +135,10 @@ pub fn hash_piece(file: &File, len: u64, offset: u64, piece_len: u64) -> std::io
             let want = buf.len().min((piece_len - done) as usize);
             let n = file.read_at(&mut buf[..want], offset + done)?;
             if n == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being hashed"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shrank while being hashed",
+                ));
             }
             hasher.update(&buf[..n]);
             done += n as u64;
@@ -215,7 +225,10 @@ mod tests {
             Ok(h.finish())
         })
         .unwrap();
-        assert_eq!(got, vec![Some(Hash::of(&all)), None, Some(Hash::of(&all[..10])), Some(Hash::of(b""))]);
+        assert_eq!(
+            got,
+            vec![Some(Hash::of(&all)), None, Some(Hash::of(&all[..10])), Some(Hash::of(b""))]
+        );
         let failed = hash_split(&lens, |_, _, _| Err(crate::error::Error::internal("boom")));
         assert_eq!(failed.unwrap_err().code, crate::error::ErrorCode::InternalError);
     }
@@ -226,10 +239,14 @@ mod tests {
         let bytes = data(len as usize);
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&bytes).unwrap();
-        let hashes: Vec<PieceHash> = pieces(len).iter().map(|&(o, n)| hash_piece(&f, len, o, n).unwrap()).collect();
+        let hashes: Vec<PieceHash> =
+            pieces(len).iter().map(|&(o, n)| hash_piece(&f, len, o, n).unwrap()).collect();
         assert_eq!(merge(len, &hashes), Hash::of(&bytes));
         f.set_len(len - 10).unwrap();
         let last = *pieces(len).last().unwrap();
-        assert_eq!(hash_piece(&f, len, last.0, last.1).err().unwrap().kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            hash_piece(&f, len, last.0, last.1).err().unwrap().kind(),
+            std::io::ErrorKind::UnexpectedEof
+        );
     }
 }

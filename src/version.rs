@@ -13,7 +13,12 @@ pub struct Version {
 
 impl Version {
     pub fn parse(s: &str) -> Result<Version> {
-        let bad = || Error::new(ErrorCode::InvalidManifest, format!("version {s:?} is not MAJOR.MINOR.PATCH"));
+        let bad = || {
+            Error::new(
+                ErrorCode::InvalidManifest,
+                format!("version {s:?} is not MAJOR.MINOR.PATCH"),
+            )
+        };
         if s.is_empty() || s.len() > VERSION_BYTES_MAX {
             return Err(bad());
         }
@@ -51,8 +56,23 @@ mod tests {
 
     #[test]
     fn rejects_anything_but_three_numbers() {
-        for bad in ["", "1", "1.2", "1.2.3.4", "1.2.x", "v1.2.3", "1..3", "1.2.3-rc1", " 1.2.3", "99999999999999999999.0.0"] {
-            assert_eq!(Version::parse(bad).unwrap_err().code, ErrorCode::InvalidManifest, "{bad:?}");
+        for bad in [
+            "",
+            "1",
+            "1.2",
+            "1.2.3.4",
+            "1.2.x",
+            "v1.2.3",
+            "1..3",
+            "1.2.3-rc1",
+            " 1.2.3",
+            "99999999999999999999.0.0",
+        ] {
+            assert_eq!(
+                Version::parse(bad).unwrap_err().code,
+                ErrorCode::InvalidManifest,
+                "{bad:?}"
+            );
         }
     }
 }

@@ -70,7 +70,10 @@ impl Worker {
     pub fn start(name: &'static str, work: impl FnOnce(&Wakeup) + Send + 'static) -> Worker {
         let wakeup = Arc::new(Wakeup::default());
         let for_thread = wakeup.clone();
-        let thread = match std::thread::Builder::new().name(name.into()).spawn(move || work(&for_thread)) {
+        let thread = match std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || work(&for_thread))
+        {
             Ok(t) => Some(t),
             Err(e) => {
                 tracing::error!(thread = name, error = %e, "cannot start a thread; its work waits in the journal for the next start");
@@ -120,7 +123,10 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(5));
         let t = Instant::now();
         assert!(!w.sleep(Duration::from_millis(50), true));
-        assert!(t.elapsed() >= Duration::from_millis(50), "the notify was consumed by the first sleep");
+        assert!(
+            t.elapsed() >= Duration::from_millis(50),
+            "the notify was consumed by the first sleep"
+        );
     }
 
     #[test]

@@ -18,12 +18,14 @@ pub(super) fn dispatch(cli: Cli) -> Exit {
     match &cli.cmd {
         Cmd::Completions { shell } => return completions(*shell),
         Cmd::Man => {
-            man_page(&mut std::io::stdout().lock()).map_err(|e| Error::internal(format!("writing the man page: {e}")))?;
+            man_page(&mut std::io::stdout().lock())
+                .map_err(|e| Error::internal(format!("writing the man page: {e}")))?;
             return Ok(exit::DONE);
         }
         _ => {}
     }
-    let (cfg, source, origins) = Config::load_with_origins(cli.config.as_deref()).map_err(Failure::Setup)?;
+    let (cfg, source, origins) =
+        Config::load_with_origins(cli.config.as_deref()).map_err(Failure::Setup)?;
     init_logging(&cli, &cfg);
     let out = Output { json: cli.json };
     match cli.cmd {
@@ -40,7 +42,9 @@ pub(super) fn dispatch(cli: Cli) -> Exit {
         Cmd::Journal => journal(&cfg),
         Cmd::Gc => gc(cfg, &out),
         Cmd::Config => config(&cfg, &source, &origins, &out),
-        Cmd::Pack { dir, output, version, sign, delta_from } => pack(&out, &dir, &output, version.as_deref(), sign.as_deref(), &delta_from),
+        Cmd::Pack { dir, output, version, sign, delta_from } => {
+            pack(&out, &dir, &output, version.as_deref(), sign.as_deref(), &delta_from)
+        }
         Cmd::Keygen { output } => keygen(&out, &output),
         Cmd::Demo { keep } => Ok(super::demo::run(keep, out.json)?),
         Cmd::Serve => {
@@ -61,7 +65,8 @@ fn completions(shell: clap_complete::Shell) -> Exit {
 
 fn install(cfg: Config, out: &Output, package: &Path, options: InstallOptions) -> Exit {
     crate::gui::launch(&cfg);
-    let bar = crate::logging::progress_wanted(out.json).then(crate::logging::InstallProgress::start);
+    let bar =
+        crate::logging::progress_wanted(out.json).then(crate::logging::InstallProgress::start);
     let result = Updater::open(cfg).and_then(|up| {
         let mut up = match &bar {
             Some(b) => up.with_observer(b.clone()),
@@ -83,7 +88,9 @@ fn recover(mut cfg: Config, out: &Output, retry: bool, at_boot: bool) -> Exit {
     }
     let (mut up, lost) = Updater::open_for_recovery(cfg)?;
     let r = match (up.recover(retry)?, lost) {
-        (RecoverReport::Finished { report, .. }, Some(l)) => RecoverReport::Finished { report, journal_lost: Some(l) },
+        (RecoverReport::Finished { report, .. }, Some(l)) => {
+            RecoverReport::Finished { report, journal_lost: Some(l) }
+        }
         (RecoverReport::Nothing, Some(l)) => {
             let why = format!("{}; a fresh journal was started, nothing was in flight", l.message);
             return Err(Error::new(ErrorCode::JournalCorrupt, why).into());
@@ -133,7 +140,9 @@ fn confirm(cfg: Config, out: &Output) -> Exit {
         driver::ConfirmReport::Confirmed { tx, version, boots } => {
             format!("confirmed: {version} (tx {tx}) is no longer a trial, after {boots} boot(s)")
         }
-        driver::ConfirmReport::NothingToConfirm => "confirm: nothing to confirm (no trial install)".into(),
+        driver::ConfirmReport::NothingToConfirm => {
+            "confirm: nothing to confirm (no trial install)".into()
+        }
     });
     Ok(exit::DONE)
 }
@@ -151,7 +160,9 @@ fn status(cfg: &Config, out: &Output) -> Exit {
             backups: Default::default(),
         },
         // The daemon holds the journal for its lifetime: ask it.
-        Err(e) if e.code == ErrorCode::OperationInProgress => ask_daemon(cfg, "/api/v1.0/status", &e)?,
+        Err(e) if e.code == ErrorCode::OperationInProgress => {
+            ask_daemon(cfg, "/api/v1.0/status", &e)?
+        }
         Err(e) => return Err(e.into()),
     };
     out.status(&s);
@@ -162,7 +173,9 @@ fn history(cfg: &Config, out: &Output, limit: usize) -> Exit {
     let h = match read_journal(cfg) {
         Ok(Some(j)) => j.history(limit)?,
         Ok(None) => vec![],
-        Err(e) if e.code == ErrorCode::OperationInProgress => ask_daemon(cfg, &format!("/api/v1.0/history?limit={limit}"), &e)?,
+        Err(e) if e.code == ErrorCode::OperationInProgress => {
+            ask_daemon(cfg, &format!("/api/v1.0/history?limit={limit}"), &e)?
+        }
         Err(e) => return Err(e.into()),
     };
     out.history(&h);
@@ -171,8 +184,15 @@ fn history(cfg: &Config, out: &Output, limit: usize) -> Exit {
 
 /// The daemon's answer at `path`, when the journal is held (`busy`) by the daemon.
 fn ask_daemon<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str, busy: &Error) -> Result<T> {
-    from_daemon(cfg, path)
-        .map_err(|d| Error::new(busy.code, format!("{}; asking the daemon at {} failed too: {}", busy.message, cfg.api.listen, d.message)))
+    from_daemon(cfg, path).map_err(|d| {
+        Error::new(
+            busy.code,
+            format!(
+                "{}; asking the daemon at {} failed too: {}",
+                busy.message, cfg.api.listen, d.message
+            ),
+        )
+    })
 }
 
 fn verify(cfg: &Config, out: &Output) -> Exit {
@@ -182,24 +202,34 @@ fn verify(cfg: &Config, out: &Output) -> Exit {
     };
     out.verify(&r);
     if !r.mismatches.is_empty() {
-        let why = format!("{} of {} managed paths differ from the recorded state", r.mismatches.len(), r.checked);
+        let why = format!(
+            "{} of {} managed paths differ from the recorded state",
+            r.mismatches.len(),
+            r.checked
+        );
         return Err(Error::new(ErrorCode::HashMismatch, why).into());
     }
     Ok(exit::DONE)
 }
 
 fn journal(cfg: &Config) -> Exit {
-    let j =
-        read_journal(cfg)?.ok_or_else(|| Error::new(ErrorCode::ValidationError, format!("no journal in {}", cfg.state_dir.display())))?;
+    let j = read_journal(cfg)?.ok_or_else(|| {
+        Error::new(ErrorCode::ValidationError, format!("no journal in {}", cfg.state_dir.display()))
+    })?;
     let dump = j.dump()?;
     // The dump is structured data; pretty JSON is its readable form too.
-    println!("{}", serde_json::to_string_pretty(&dump).map_err(|e| Error::internal(e.to_string()))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&dump).map_err(|e| Error::internal(e.to_string()))?
+    );
     Ok(exit::DONE)
 }
 
 fn gc(cfg: Config, out: &Output) -> Exit {
     let s = Updater::open(cfg)?.gc()?;
-    out.emit(&s, || format!("gc: removed {} backups ({} bytes), kept {}", s.removed, s.removed_bytes, s.kept));
+    out.emit(&s, || {
+        format!("gc: removed {} backups ({} bytes), kept {}", s.removed, s.removed_bytes, s.kept)
+    });
     Ok(exit::DONE)
 }
 
@@ -219,7 +249,14 @@ fn config(cfg: &Config, source: &ConfigSource, origins: &KeyOrigins, out: &Outpu
     Ok(exit::DONE)
 }
 
-fn pack(out: &Output, dir: &Path, output: &Path, version: Option<&str>, sign: Option<&Path>, delta_from: &[PathBuf]) -> Exit {
+fn pack(
+    out: &Output,
+    dir: &Path,
+    output: &Path,
+    version: Option<&str>,
+    sign: Option<&Path>,
+    delta_from: &[PathBuf],
+) -> Exit {
     let r = crate::pack::pack(dir, output, version, sign, delta_from)?;
     out.emit(&r, || {
         let signed = if r.signed { ", signed" } else { "" };

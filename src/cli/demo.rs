@@ -23,16 +23,25 @@ fn snapshot(dir: &Path) -> Result<BTreeMap<String, (String, u32)>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &d, &e))? {
+        for e in std::fs::read_dir(&d)
+            .map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &d, &e))?
+        {
             let e = e.map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &d, &e))?;
             let p = e.path();
-            let meta = std::fs::symlink_metadata(&p).map_err(|e| Error::io(ErrorCode::InternalError, "stat", &p, &e))?;
+            let meta = std::fs::symlink_metadata(&p)
+                .map_err(|e| Error::io(ErrorCode::InternalError, "stat", &p, &e))?;
             if meta.is_dir() {
-                out.insert(format!("{}/", short(dir, &p)), (String::new(), meta.permissions().mode() & 0o7777));
+                out.insert(
+                    format!("{}/", short(dir, &p)),
+                    (String::new(), meta.permissions().mode() & 0o7777),
+                );
                 stack.push(p);
             } else {
                 let h = crate::pack::file_hash(&p)?;
-                out.insert(short(dir, &p), (h.to_hex()[..12].to_string(), meta.permissions().mode() & 0o7777));
+                out.insert(
+                    short(dir, &p),
+                    (h.to_hex()[..12].to_string(), meta.permissions().mode() & 0o7777),
+                );
             }
         }
     }
@@ -71,7 +80,10 @@ fn run_in(root: &Path, json: bool) -> Result<u8> {
         service_manager: ServiceManager::None,
         ..Config::default()
     };
-    println!("demo root: {}  (allowed root /opt/tope, state dir /var/lib/tope-updater)\n", root.display());
+    println!(
+        "demo root: {}  (allowed root /opt/tope, state dir /var/lib/tope-updater)\n",
+        root.display()
+    );
 
     write(&app.join("bin/demo-app"), "#!/bin/sh\necho 'demo-app 1.0.0'\n", 0o755)?;
     write(&app.join("etc/demo-app.conf"), "greeting = hello\n", 0o640)?;
@@ -80,14 +92,23 @@ fn run_in(root: &Path, json: bool) -> Result<u8> {
 
     let src = root.join("build/demo-app-2.0.0");
     write(&src.join("manifest.json"), &manifest(root), 0o644)?;
-    write(&src.join("modules/demo-app/demo-app"), "#!/bin/sh\necho 'demo-app 2.0.0, now with a web UI'\n", 0o755)?;
+    write(
+        &src.join("modules/demo-app/demo-app"),
+        "#!/bin/sh\necho 'demo-app 2.0.0, now with a web UI'\n",
+        0o755,
+    )?;
     write(&src.join("modules/demo-app/demo-app.conf"), "greeting = hello\nweb = on\n", 0o640)?;
     write(&src.join("modules/web/index.html"), "<h1>demo-app 2</h1>\n", 0o644)?;
     write(&src.join("modules/web/js/app.js"), "console.log('v2');\n", 0o644)?;
     let pkg = root.join("build/demo-app-2.0.0.zip");
     println!("\n2. $ tope-updater pack build/demo-app-2.0.0 -o build/demo-app-2.0.0.zip");
     let r = crate::pack::pack(&src, &pkg, None, None, &[])?;
-    out.emit(&r, || format!("   packed {} files ({} bytes), version {}, every file hashed into the manifest", r.files, r.bytes, r.version));
+    out.emit(&r, || {
+        format!(
+            "   packed {} files ({} bytes), version {}, every file hashed into the manifest",
+            r.files, r.bytes, r.version
+        )
+    });
 
     println!("\n3. $ tope-updater install build/demo-app-2.0.0.zip");
     let installed = Updater::open(cfg.clone())?.install(&pkg, &InstallOptions::default())?;
@@ -119,7 +140,11 @@ fn run_in(root: &Path, json: bool) -> Result<u8> {
         "\n   byte-identical to version 1 (content and modes, created files and directories gone): {}",
         if identical { "yes" } else { "NO" }
     );
-    if identical && v.mismatches.is_empty() { Ok(0) } else { Err(Error::internal("the demo's rollback did not restore version 1 exactly")) }
+    if identical && v.mismatches.is_empty() {
+        Ok(0)
+    } else {
+        Err(Error::internal("the demo's rollback did not restore version 1 exactly"))
+    }
 }
 
 /// The package manifest; destinations live under the demo root, the demo's stand-in for `/`.

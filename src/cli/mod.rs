@@ -82,8 +82,12 @@ pub fn exit_for_report(r: &TxReport) -> u8 {
         Outcome::Committed => exit::DONE,
         Outcome::RollbackFailed { .. } => exit::NEEDS_OPERATOR,
         // A rollback command that had to be undone did not restore what was asked for.
-        Outcome::RolledBack { .. } if r.kind == crate::driver::TxAction::Rollback => exit::NEEDS_OPERATOR,
-        Outcome::RolledBack { error, touched: false } if error.code.is_rejection() => exit::REJECTED,
+        Outcome::RolledBack { .. } if r.kind == crate::driver::TxAction::Rollback => {
+            exit::NEEDS_OPERATOR
+        }
+        Outcome::RolledBack { error, touched: false } if error.code.is_rejection() => {
+            exit::REJECTED
+        }
         Outcome::RolledBack { .. } => exit::ROLLED_BACK,
         Outcome::Interrupted { .. } => exit::OTHER,
     }
@@ -94,7 +98,11 @@ pub fn exit_for_report(r: &TxReport) -> u8 {
 fn init_logging(cli: &Cli, cfg: &Config) {
     use tracing::level_filters::LevelFilter;
     // The demo is for reading: only warnings and errors on stderr unless asked.
-    let default = if matches!(cli.cmd, Cmd::Demo { .. }) { LevelFilter::WARN } else { cfg.log.level.parse().unwrap_or(LevelFilter::INFO) };
+    let default = if matches!(cli.cmd, Cmd::Demo { .. }) {
+        LevelFilter::WARN
+    } else {
+        cfg.log.level.parse().unwrap_or(LevelFilter::INFO)
+    };
     crate::logging::init(cli.log_level.unwrap_or(default), cfg.log.file.as_deref());
 }
 

@@ -24,10 +24,15 @@ pub fn annotate_config(toml_text: &str, origins: &KeyOrigins) -> String {
     let parent = |k: &str| k.rsplit_once('.').map_or(String::new(), |(p, _)| p.to_string());
     let mut shown = std::collections::BTreeSet::new();
     // The unset keys of `section`, before the blank lines that end it.
-    let flush = |lines: &mut Vec<String>, section: &str, shown: &mut std::collections::BTreeSet<String>| {
-        let unset: Vec<(&String, &KeyOrigin)> = origins.iter().filter(|(k, _)| parent(k) == section && !shown.contains(*k)).collect();
+    let flush = |lines: &mut Vec<String>,
+                 section: &str,
+                 shown: &mut std::collections::BTreeSet<String>| {
+        let unset: Vec<(&String, &KeyOrigin)> =
+            origins.iter().filter(|(k, _)| parent(k) == section && !shown.contains(*k)).collect();
         let at = lines.len() - lines.iter().rev().take_while(|l| l.is_empty()).count();
-        let comments = unset.iter().map(|(k, o)| format!("# {}: unset  # {}", k.rsplit('.').next().unwrap_or(k), label(o)));
+        let comments = unset.iter().map(|(k, o)| {
+            format!("# {}: unset  # {}", k.rsplit('.').next().unwrap_or(k), label(o))
+        });
         lines.splice(at..at, comments.collect::<Vec<_>>());
         shown.extend(unset.into_iter().map(|(k, _)| k.clone()));
     };
@@ -55,8 +60,11 @@ pub fn annotate_config(toml_text: &str, origins: &KeyOrigins) -> String {
         }
     }
     flush(&mut lines, &section, &mut shown);
-    let rest: Vec<String> =
-        origins.iter().filter(|(k, _)| !shown.contains(*k)).map(|(k, o)| format!("# {k}: unset  # {}", label(o))).collect();
+    let rest: Vec<String> = origins
+        .iter()
+        .filter(|(k, _)| !shown.contains(*k))
+        .map(|(k, o)| format!("# {k}: unset  # {}", label(o)))
+        .collect();
     if !rest.is_empty() {
         lines.push(String::new());
         lines.extend(rest);
@@ -71,7 +79,10 @@ pub struct Output {
 impl Output {
     pub fn emit<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
         if self.json {
-            println!("{}", serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+            println!(
+                "{}",
+                serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+            );
         } else {
             println!("{}", human());
         }
@@ -80,7 +91,10 @@ impl Output {
     pub fn tx_report(&self, r: &TxReport) {
         self.emit(r, || render_tx(r));
         // A failed transaction is an error like any other: the stable code goes to stderr.
-        if let Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } | Outcome::Interrupted { error } = &r.outcome {
+        if let Outcome::RolledBack { error, .. }
+        | Outcome::RollbackFailed { error }
+        | Outcome::Interrupted { error } = &r.outcome
+        {
             eprintln!("error: {}: {}", error.code, error.message);
         }
     }
@@ -88,12 +102,16 @@ impl Output {
     pub fn recover(&self, r: &RecoverReport) {
         let failed = match r {
             RecoverReport::Finished { report, .. } => match &report.outcome {
-                Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } | Outcome::Interrupted { error } => Some(error),
+                Outcome::RolledBack { error, .. }
+                | Outcome::RollbackFailed { error }
+                | Outcome::Interrupted { error } => Some(error),
                 Outcome::Committed => None,
             },
             RecoverReport::NeedsOperator { error, .. } => error.as_ref(),
             RecoverReport::TrialExpired { report, .. } => match &report.outcome {
-                Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } | Outcome::Interrupted { error } => Some(error),
+                Outcome::RolledBack { error, .. }
+                | Outcome::RollbackFailed { error }
+                | Outcome::Interrupted { error } => Some(error),
                 Outcome::Committed => None,
             },
             RecoverReport::Nothing | RecoverReport::Trial { .. } => None,
@@ -126,13 +144,26 @@ impl Output {
         self.emit(s, || {
             let mut o = String::new();
             match &s.current {
-                Some(g) => o += &format!("current:     {} (generation {}, {} files)\n", g.version, g.id, g.files),
+                Some(g) => {
+                    o += &format!(
+                        "current:     {} (generation {}, {} files)\n",
+                        g.version, g.id, g.files
+                    )
+                }
                 None => o += "current:     factory baseline (nothing installed)\n",
             }
-            let kept: Vec<String> = s.generations.iter().map(|g| format!("{} (gen {})", g.version, g.id)).collect();
-            o += &format!("generations: {}\n", if kept.is_empty() { "none".into() } else { kept.join(", ") });
+            let kept: Vec<String> =
+                s.generations.iter().map(|g| format!("{} (gen {})", g.version, g.id)).collect();
+            o += &format!(
+                "generations: {}\n",
+                if kept.is_empty() { "none".into() } else { kept.join(", ") }
+            );
             o += &format!("factory:     {} paths recorded\n", s.factory_paths);
-            o += &format!("backups:     {} blobs, {}\n", s.backups.blobs, human_bytes(s.backups.bytes));
+            o += &format!(
+                "backups:     {} blobs, {}\n",
+                s.backups.blobs,
+                human_bytes(s.backups.bytes)
+            );
             match &s.in_flight {
                 Some(f) => {
                     o += &format!(
@@ -183,7 +214,11 @@ impl Output {
                         r.targets,
                         r.commits,
                         if r.freed_blobs > 0 {
-                            format!(", freed {} blobs ({})", r.freed_blobs, human_bytes(r.freed_bytes))
+                            format!(
+                                ", freed {} blobs ({})",
+                                r.freed_blobs,
+                                human_bytes(r.freed_bytes)
+                            )
                         } else {
                             String::new()
                         },
@@ -197,8 +232,16 @@ impl Output {
 
     pub fn verify(&self, r: &driver::VerifyReport) {
         self.emit(r, || {
-            let head = format!("verify: {} managed paths against {}", r.checked, r.version.as_deref().unwrap_or("the factory baseline"));
-            if r.mismatches.is_empty() { format!("{head}: all match") } else { format!("{head}:\n  {}", r.mismatches.join("\n  ")) }
+            let head = format!(
+                "verify: {} managed paths against {}",
+                r.checked,
+                r.version.as_deref().unwrap_or("the factory baseline")
+            );
+            if r.mismatches.is_empty() {
+                format!("{head}: all match")
+            } else {
+                format!("{head}:\n  {}", r.mismatches.join("\n  "))
+            }
         });
     }
 }
@@ -212,7 +255,10 @@ fn render_tx(r: &TxReport) -> String {
     let to = r.to_version.as_deref().unwrap_or("factory");
     match &r.outcome {
         Outcome::Committed => {
-            format!("{} {from} -> {to}: committed (tx {}, {} files, {} journal commits)", r.kind, r.tx, r.targets, r.commits)
+            format!(
+                "{} {from} -> {to}: committed (tx {}, {} files, {} journal commits)",
+                r.kind, r.tx, r.targets, r.commits
+            )
         }
         Outcome::RolledBack { error, touched } => format!(
             "{} {from} -> {to}: FAILED and rolled back (tx {}): {error}{}",
@@ -221,7 +267,10 @@ fn render_tx(r: &TxReport) -> String {
             if *touched { "" } else { "; no target file was changed" }
         ),
         Outcome::RollbackFailed { error } => {
-            format!("{} {from} -> {to}: ROLLBACK FAILED (tx {}), an operator is needed: {error}", r.kind, r.tx)
+            format!(
+                "{} {from} -> {to}: ROLLBACK FAILED (tx {}), an operator is needed: {error}",
+                r.kind, r.tx
+            )
         }
         Outcome::Interrupted { error } => format!(
             "{} {from} -> {to}: INTERRUPTED (tx {}), still in flight: fix the cause, then run `tope-updater recover`: {error}",
@@ -232,7 +281,9 @@ fn render_tx(r: &TxReport) -> String {
 
 /// For `demo`: a path relative to the demo root, for readable output.
 pub fn short(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).map(|r| format!("/{}", r.display())).unwrap_or_else(|_| p.display().to_string())
+    p.strip_prefix(root)
+        .map(|r| format!("/{}", r.display()))
+        .unwrap_or_else(|_| p.display().to_string())
 }
 
 /// `1.5 MiB`, `300 B`: sizes as people read them.

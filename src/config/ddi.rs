@@ -67,19 +67,32 @@ impl DdiConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::new(ErrorCode::ValidationError, format!("[ddi] {m}")));
         let url = &self.server_url;
-        let scheme_ok = url.starts_with("https://") || (self.allow_http && url.starts_with("http://"));
+        let scheme_ok =
+            url.starts_with("https://") || (self.allow_http && url.starts_with("http://"));
         if !scheme_ok {
             return bad(format!(
                 "server_url {url:?} must be https://{}",
-                if self.allow_http { " or http://" } else { " (allow_http = true permits http://)" }
+                if self.allow_http {
+                    " or http://"
+                } else {
+                    " (allow_http = true permits http://)"
+                }
             ));
         }
-        if url.contains(['?', '#']) || url.len() > crate::limits::URL_BYTES_MAX || url.chars().any(|c| c.is_whitespace() || c.is_control())
+        if url.contains(['?', '#'])
+            || url.len() > crate::limits::URL_BYTES_MAX
+            || url.chars().any(|c| c.is_whitespace() || c.is_control())
         {
-            return bad(format!("server_url {url:?}: no query, fragment or spaces, at most {} bytes", crate::limits::URL_BYTES_MAX));
+            return bad(format!(
+                "server_url {url:?}: no query, fragment or spaces, at most {} bytes",
+                crate::limits::URL_BYTES_MAX
+            ));
         }
         if !is_path_id(&self.tenant) {
-            return bad(format!("tenant {:?}: letters, digits, '-', '_' or '.', at most {DDI_ID_BYTES_MAX} bytes", self.tenant));
+            return bad(format!(
+                "tenant {:?}: letters, digits, '-', '_' or '.', at most {DDI_ID_BYTES_MAX} bytes",
+                self.tenant
+            ));
         }
         if !is_path_id(&self.controller_id) {
             return bad(format!(
@@ -99,7 +112,12 @@ impl DdiConfig {
     /// `{server_url}/{tenant}/controller/v1/{controller_id}`: the poll resource, and the
     /// prefix of every other resource the client calls.
     pub fn controller_url(&self) -> String {
-        format!("{}/{}/controller/v1/{}", self.server_url.trim_end_matches('/'), self.tenant, self.controller_id)
+        format!(
+            "{}/{}/controller/v1/{}",
+            self.server_url.trim_end_matches('/'),
+            self.tenant,
+            self.controller_id
+        )
     }
 
     /// Reads the token from its file: at most `DDI_TOKEN_BYTES_MAX` bytes, trimmed, printable
@@ -107,7 +125,12 @@ impl DdiConfig {
     /// as gooseBit in its default setup accept any device).
     pub fn auth(&self) -> Result<Option<Auth>> {
         let read = |p: &Path| -> Result<String> {
-            let bad = |m: String| Error::new(ErrorCode::ValidationError, format!("[ddi] token file {}: {m}", p.display()));
+            let bad = |m: String| {
+                Error::new(
+                    ErrorCode::ValidationError,
+                    format!("[ddi] token file {}: {m}", p.display()),
+                )
+            };
             let meta = std::fs::metadata(p).map_err(|e| bad(e.to_string()))?;
             if meta.len() > DDI_TOKEN_BYTES_MAX as u64 {
                 return Err(bad(format!("larger than {DDI_TOKEN_BYTES_MAX} bytes")));
@@ -156,14 +179,28 @@ mod tests {
             assert!(e.message.contains(why), "{} should say {why}", e.message);
         };
         refused(DdiConfig { server_url: "http://h".into(), ..cfg() }, "allow_http = true permits");
-        assert!(DdiConfig { server_url: "http://h".into(), allow_http: true, ..cfg() }.validate().is_ok());
-        refused(DdiConfig { server_url: "ftp://h".into(), allow_http: true, ..cfg() }, "must be https://");
+        assert!(
+            DdiConfig { server_url: "http://h".into(), allow_http: true, ..cfg() }
+                .validate()
+                .is_ok()
+        );
+        refused(
+            DdiConfig { server_url: "ftp://h".into(), allow_http: true, ..cfg() },
+            "must be https://",
+        );
         refused(DdiConfig { server_url: "https://h/?x=1".into(), ..cfg() }, "no query");
         for id in ["", "..", "a/b", "a b", "ü", &"x".repeat(DDI_ID_BYTES_MAX + 1)] {
             refused(DdiConfig { controller_id: id.into(), ..cfg() }, "controller_id");
             refused(DdiConfig { tenant: id.into(), ..cfg() }, "tenant");
         }
-        refused(DdiConfig { token_file: Some("/a".into()), gateway_token_file: Some("/b".into()), ..cfg() }, "not both");
+        refused(
+            DdiConfig {
+                token_file: Some("/a".into()),
+                gateway_token_file: Some("/b".into()),
+                ..cfg()
+            },
+            "not both",
+        );
         refused(DdiConfig { token_file: Some("token".into()), ..cfg() }, "absolute path");
     }
 

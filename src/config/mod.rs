@@ -208,7 +208,9 @@ impl Config {
 
     /// `load`, plus where each setting came from: the file is parsed a second time into a
     /// plain TOML table to see which keys it names.
-    pub fn load_with_origins(explicit: Option<&Path>) -> Result<(Config, ConfigSource, KeyOrigins)> {
+    pub fn load_with_origins(
+        explicit: Option<&Path>,
+    ) -> Result<(Config, ConfigSource, KeyOrigins)> {
         let env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
         let (path, required) = match (explicit, env) {
             (Some(p), _) => (p.to_path_buf(), true),
@@ -220,7 +222,9 @@ impl Config {
             let origins = cfg.key_origins(&toml::Table::new());
             return Ok((cfg, ConfigSource::Defaults, origins));
         }
-        let bad = |msg: String| Error::new(ErrorCode::ValidationError, format!("config {}: {msg}", path.display()));
+        let bad = |msg: String| {
+            Error::new(ErrorCode::ValidationError, format!("config {}: {msg}", path.display()))
+        };
         let meta = std::fs::metadata(&path).map_err(|e| bad(e.to_string()))?;
         if meta.len() > CONFIG_BYTES_MAX {
             return Err(bad(format!("larger than {CONFIG_BYTES_MAX} bytes")));
@@ -243,7 +247,8 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config> {
-        let cfg: Config = toml::from_str(text).map_err(|e| Error::new(ErrorCode::ValidationError, e.to_string()))?;
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| Error::new(ErrorCode::ValidationError, e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -253,7 +258,9 @@ impl Config {
         if !self.state_dir.is_absolute() {
             return bad("state_dir must be an absolute path");
         }
-        if self.allowed_roots.is_empty() || self.allowed_roots.iter().any(|r| !r.is_absolute() || r == Path::new("/")) {
+        if self.allowed_roots.is_empty()
+            || self.allowed_roots.iter().any(|r| !r.is_absolute() || r == Path::new("/"))
+        {
             return bad("allowed_roots must be non-empty absolute paths other than /");
         }
         if self.keep_generations == 0 {
@@ -293,8 +300,13 @@ impl ApiConfig {
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::new(ErrorCode::ValidationError, m));
         let max = crate::limits::API_ALLOW_LIST_MAX;
-        if self.allowed_origins.len() > max || self.allowed_hosts.len() > max || self.allowed_uids.len() > max {
-            return bad(format!("[api] allowed_origins, allowed_hosts and allowed_uids hold at most {max} entries each"));
+        if self.allowed_origins.len() > max
+            || self.allowed_hosts.len() > max
+            || self.allowed_uids.len() > max
+        {
+            return bad(format!(
+                "[api] allowed_origins, allowed_hosts and allowed_uids hold at most {max} entries each"
+            ));
         }
         for o in &self.allowed_origins {
             if !is_origin(o) {
@@ -305,7 +317,9 @@ impl ApiConfig {
         }
         for h in &self.allowed_hosts {
             if !is_host_name(h) {
-                return bad(format!("[api] allowed_hosts entry {h:?}: expected a host name or IP address without a port"));
+                return bad(format!(
+                    "[api] allowed_hosts entry {h:?}: expected a host name or IP address without a port"
+                ));
             }
         }
         Ok(())
@@ -314,14 +328,24 @@ impl ApiConfig {
 
 /// Walks the effective settings (as JSON, so unset optional keys appear as null) beside the
 /// file's table.
-fn collect_origins(all: &serde_json::Map<String, serde_json::Value>, file: Option<&toml::Table>, prefix: &str, out: &mut KeyOrigins) {
+fn collect_origins(
+    all: &serde_json::Map<String, serde_json::Value>,
+    file: Option<&toml::Table>,
+    prefix: &str,
+    out: &mut KeyOrigins,
+) {
     for (key, value) in all {
         let name = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
         let in_file = file.and_then(|t| t.get(key));
         match value {
-            serde_json::Value::Object(inner) if !inner.is_empty() => collect_origins(inner, in_file.and_then(|v| v.as_table()), &name, out),
+            serde_json::Value::Object(inner) if !inner.is_empty() => {
+                collect_origins(inner, in_file.and_then(|v| v.as_table()), &name, out)
+            }
             _ => {
-                out.insert(name, if in_file.is_some() { KeyOrigin::File } else { KeyOrigin::Default });
+                out.insert(
+                    name,
+                    if in_file.is_some() { KeyOrigin::File } else { KeyOrigin::Default },
+                );
             }
         }
     }
@@ -331,7 +355,9 @@ fn collect_origins(all: &serde_json::Map<String, serde_json::Value>, file: Optio
 pub fn is_origin(o: &str) -> bool {
     let Ok(uri) = o.parse::<http::Uri>() else { return false };
     let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
-    let bare = uri.authority().is_some_and(|a| !a.as_str().contains('@')) && !o.ends_with('/') && uri.query().is_none();
+    let bare = uri.authority().is_some_and(|a| !a.as_str().contains('@'))
+        && !o.ends_with('/')
+        && uri.query().is_none();
     scheme_ok && bare && uri.path() == "/"
 }
 
@@ -339,7 +365,8 @@ pub fn is_origin(o: &str) -> bool {
 pub fn is_host_name(h: &str) -> bool {
     let inner = h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(h);
     !inner.is_empty()
-        && (inner.parse::<std::net::IpAddr>().is_ok() || inner.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+        && (inner.parse::<std::net::IpAddr>().is_ok()
+            || inner.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
 }
 
 #[cfg(test)]
@@ -360,7 +387,10 @@ mod tests {
 
     #[test]
     fn relative_state_dir_is_rejected() {
-        assert_eq!(Config::parse("state_dir = \"var/x\"").unwrap_err().code, ErrorCode::ValidationError);
+        assert_eq!(
+            Config::parse("state_dir = \"var/x\"").unwrap_err().code,
+            ErrorCode::ValidationError
+        );
     }
 
     #[test]
@@ -377,7 +407,9 @@ mod tests {
 
     #[test]
     fn key_origins_say_which_keys_the_file_set_nested_tables_too() {
-        let o = origins_of("keep_generations = 2\n[api]\nlisten = \"0.0.0.0:1\"\n[services.klippy]\nstart = \"run\"\n");
+        let o = origins_of(
+            "keep_generations = 2\n[api]\nlisten = \"0.0.0.0:1\"\n[services.klippy]\nstart = \"run\"\n",
+        );
         assert_eq!(o["keep_generations"], KeyOrigin::File);
         assert_eq!(o["state_dir"], KeyOrigin::Default);
         assert_eq!(o["api.listen"], KeyOrigin::File);
@@ -390,7 +422,11 @@ mod tests {
         let d = origins_of("");
         assert!(d.values().all(|o| *o == KeyOrigin::Default), "{d:?}");
         assert_eq!(d["services"], KeyOrigin::Default, "an empty table is one entry");
-        assert_eq!(d.len(), o.len() - 1, "the same keys, with services.klippy.{{start,exe}} for services");
+        assert_eq!(
+            d.len(),
+            o.len() - 1,
+            "the same keys, with services.klippy.{{start,exe}} for services"
+        );
     }
 
     /// Dotted names of every key a TOML text names, commented-out ones (`# key = value`, under
@@ -436,7 +472,8 @@ mod tests {
 
     #[test]
     fn the_example_config_names_every_key_of_config() {
-        let mut expected: std::collections::BTreeSet<String> = Config::default().key_origins(&toml::Table::new()).into_keys().collect();
+        let mut expected: std::collections::BTreeSet<String> =
+            Config::default().key_origins(&toml::Table::new()).into_keys().collect();
         expected.remove("services");
         let service = serde_json::to_value(ServiceConfig::default()).unwrap();
         expected.extend(service.as_object().unwrap().keys().map(|k| format!("services.*.{k}")));
@@ -450,8 +487,19 @@ mod tests {
             gateway_token_file: None,
             allow_http: false,
         };
-        expected.extend(serde_json::to_value(ddi).unwrap().as_object().unwrap().keys().map(|k| format!("ddi.{k}")));
-        assert_eq!(keys_named_in(EXAMPLE), expected, "config.example.toml and the Config struct differ");
+        expected.extend(
+            serde_json::to_value(ddi)
+                .unwrap()
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|k| format!("ddi.{k}")),
+        );
+        assert_eq!(
+            keys_named_in(EXAMPLE),
+            expected,
+            "config.example.toml and the Config struct differ"
+        );
     }
 
     #[test]
@@ -464,12 +512,16 @@ mod tests {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let cfg = Config::parse(&uncommented).unwrap_or_else(|e| panic!("{}:\n{uncommented}", e.message));
+        let cfg =
+            Config::parse(&uncommented).unwrap_or_else(|e| panic!("{}:\n{uncommented}", e.message));
         assert_eq!(cfg.compatible.as_deref(), Some("printer-model-x"));
         assert!(cfg.log.file.is_some() && cfg.gui.command.is_some());
         assert!(cfg.services["klippy"].start.is_some() && cfg.services["klippy"].exe.is_some());
         let ddi = cfg.ddi.expect("the [ddi] example");
-        assert!(ddi.token_file.is_some() && ddi.gateway_token_file.is_none(), "one token file, the other stays an example");
+        assert!(
+            ddi.token_file.is_some() && ddi.gateway_token_file.is_none(),
+            "one token file, the other stays an example"
+        );
     }
 
     #[test]

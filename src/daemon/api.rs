@@ -26,7 +26,9 @@ pub fn http_code(code: ErrorCode) -> u16 {
     match code {
         ErrorCode::ValidationError | ErrorCode::RequestRefused => 400,
         ErrorCode::NothingToRollBack => 404,
-        ErrorCode::OperationInProgress | ErrorCode::DownloadIncomplete | ErrorCode::Md5NotVerified => 409,
+        ErrorCode::OperationInProgress
+        | ErrorCode::DownloadIncomplete
+        | ErrorCode::Md5NotVerified => 409,
         ErrorCode::PackageExpired => 410,
         _ => 500,
     }
@@ -37,7 +39,8 @@ fn ok(data: Value) -> Response {
 }
 
 fn err(e: &Error) -> Response {
-    Json(json!({ "code": http_code(e.code), "msg": format!("{}: {}", e.code, e.message) })).into_response()
+    Json(json!({ "code": http_code(e.code), "msg": format!("{}: {}", e.code, e.message) }))
+        .into_response()
 }
 
 /// An error answer of the legacy operations (`/download`, `/update`): a conflict (409) or an
@@ -72,16 +75,30 @@ fn reply(r: Result<Value>) -> Response {
 /// answers (the contract always answers HTTP 200).
 async fn read_body(body: axum::body::Body) -> Result<Bytes> {
     let (max, ms) = (API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS);
-    match tokio::time::timeout(std::time::Duration::from_millis(ms), axum::body::to_bytes(body, max)).await {
-        Ok(read) => read.map_err(|e| Error::new(ErrorCode::ValidationError, format!("request body (at most {max} bytes): {e}"))),
-        Err(_) => Err(Error::new(ErrorCode::ValidationError, format!("request body not received within {ms} ms"))),
+    match tokio::time::timeout(
+        std::time::Duration::from_millis(ms),
+        axum::body::to_bytes(body, max),
+    )
+    .await
+    {
+        Ok(read) => read.map_err(|e| {
+            Error::new(
+                ErrorCode::ValidationError,
+                format!("request body (at most {max} bytes): {e}"),
+            )
+        }),
+        Err(_) => Err(Error::new(
+            ErrorCode::ValidationError,
+            format!("request body not received within {ms} ms"),
+        )),
     }
 }
 
 /// A JSON body, or `VALIDATION_ERROR` in the envelope (never axum's own 4xx rejection).
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
-    let bad = |e: serde_json::Error| Error::new(ErrorCode::ValidationError, format!("request body: {e}"));
+    let bad =
+        |e: serde_json::Error| Error::new(ErrorCode::ValidationError, format!("request body: {e}"));
     // Every body of the contract is an object. serde would also read a struct from a JSON
     // array (`[null]` as a rollback with no `to`): such a request is refused, not acted on.
     match serde_json::from_slice(body).map_err(bad)? {
@@ -170,7 +187,13 @@ async fn download(State(d): Shared, body: axum::body::Body) -> Response {
             let now = crate::clock::now_unix_ms();
             Ok(rec.filter(|r| {
                 r.request != req2.spec()
-                    && crate::download::check_installable(Some(r), &r.request.version, d2.cfg.download.trust_window_h, now).is_ok()
+                    && crate::download::check_installable(
+                        Some(r),
+                        &r.request.version,
+                        d2.cfg.download.trust_window_h,
+                        now,
+                    )
+                    .is_ok()
             }))
         })
         .await;
@@ -211,17 +234,30 @@ async fn update(State(d): Shared, body: axum::body::Body) -> Response {
         Err(e) => return err(&e),
     };
     if crate::version::Version::parse(&req.version).is_err() {
-        return err(&Error::new(ErrorCode::ValidationError, "version must match semantic versioning pattern"));
+        return err(&Error::new(
+            ErrorCode::ValidationError,
+            "version must match semantic versioning pattern",
+        ));
     }
     if d.busy() {
-        return err_in(&d, &Error::new(ErrorCode::OperationInProgress, "Cannot install, another operation is in progress"));
+        return err_in(
+            &d,
+            &Error::new(
+                ErrorCode::OperationInProgress,
+                "Cannot install, another operation is in progress",
+            ),
+        );
     }
     let d2 = d.clone();
     let version = req.version.clone();
     let package = blocking(move || {
         let rec = d2.held.journal.download()?;
-        let checked =
-            crate::download::check_installable(rec.as_ref(), &version, d2.cfg.download.trust_window_h, crate::clock::now_unix_ms());
+        let checked = crate::download::check_installable(
+            rec.as_ref(),
+            &version,
+            d2.cfg.download.trust_window_h,
+            crate::clock::now_unix_ms(),
+        );
         // An expired package can never be installed: it goes now (device-api downloads again).
         if let (Err(e), Some(rec)) = (&checked, &rec)
             && e.code == ErrorCode::PackageExpired
@@ -238,8 +274,10 @@ async fn update(State(d): Shared, body: axum::body::Body) -> Response {
     };
     reply_in(
         &d,
-        d.start_job("install", jobs::install_started(), move |d| jobs::install_job(&d, package, req.version))
-            .map(|()| json!({ "status": "installing" })),
+        d.start_job("install", jobs::install_started(), move |d| {
+            jobs::install_job(&d, package, req.version)
+        })
+        .map(|()| json!({ "status": "installing" })),
     )
 }
 
@@ -262,27 +300,39 @@ async fn rollback(State(d): Shared, body: axum::body::Body) -> Response {
         Some("factory") => RollbackTo::Factory,
         Some(v) if crate::version::Version::parse(v).is_ok() => RollbackTo::Version(v.to_string()),
         Some(v) => {
-            return err(&Error::new(ErrorCode::ValidationError, format!("to {v:?}: expected previous, factory or MAJOR.MINOR.PATCH")));
+            return err(&Error::new(
+                ErrorCode::ValidationError,
+                format!("to {v:?}: expected previous, factory or MAJOR.MINOR.PATCH"),
+            ));
         }
     };
     if d.busy() {
-        return err(&Error::new(ErrorCode::OperationInProgress, "Cannot roll back, another operation is in progress"));
+        return err(&Error::new(
+            ErrorCode::OperationInProgress,
+            "Cannot roll back, another operation is in progress",
+        ));
     }
     // Refuse up front what would fail at once (nothing to roll back to), so the caller gets
     // 404 instead of a failed stage.
     let d2 = d.clone();
     let to2 = to.clone();
-    if let Err(e) = blocking(move || crate::driver::check_rollback_target(&d2.held.journal, &to2)).await {
+    if let Err(e) =
+        blocking(move || crate::driver::check_rollback_target(&d2.held.journal, &to2)).await
+    {
         return err(&e);
     }
     reply(
-        d.start_job("rollback", jobs::rollback_started(), move |d| jobs::rollback_job(&d, to)).map(|()| json!({ "status": "installing" })),
+        d.start_job("rollback", jobs::rollback_started(), move |d| jobs::rollback_job(&d, to))
+            .map(|()| json!({ "status": "installing" })),
     )
 }
 
 async fn confirm(State(d): Shared) -> Response {
     if d.busy() {
-        return err(&Error::new(ErrorCode::OperationInProgress, "Cannot confirm while an operation is in progress"));
+        return err(&Error::new(
+            ErrorCode::OperationInProgress,
+            "Cannot confirm while an operation is in progress",
+        ));
     }
     let d2 = d.clone();
     reply(
@@ -310,13 +360,19 @@ async fn status(State(d): Shared) -> Response {
 
 /// Past transactions, newest first (what `tope-updater history --json` prints); `?limit=N`.
 async fn history(State(d): Shared, q: axum::extract::RawQuery) -> Response {
-    let limit = match q.0.as_deref().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit="))) {
-        None => 20,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) => n.min(crate::limits::HISTORY_TX_MAX),
-            Err(_) => return err(&Error::new(ErrorCode::ValidationError, format!("limit {v:?}: expected a non-negative integer"))),
-        },
-    };
+    let limit =
+        match q.0.as_deref().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit="))) {
+            None => 20,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) => n.min(crate::limits::HISTORY_TX_MAX),
+                Err(_) => {
+                    return err(&Error::new(
+                        ErrorCode::ValidationError,
+                        format!("limit {v:?}: expected a non-negative integer"),
+                    ));
+                }
+            },
+        };
     let d2 = d.clone();
     reply(
         blocking(move || {
@@ -330,9 +386,9 @@ async fn history(State(d): Shared, q: axum::extract::RawQuery) -> Response {
 /// Serves until SIGTERM or SIGINT, then returns (the caller lets the job finish its step).
 pub async fn run(d: Arc<Daemon>) -> Result<()> {
     let listen = d.cfg.api.listen.clone();
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .map_err(|e| Error::new(ErrorCode::InternalError, format!("cannot listen on {listen}: {e}")))?;
+    let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
+        Error::new(ErrorCode::InternalError, format!("cannot listen on {listen}: {e}"))
+    })?;
     let addr = listener.local_addr().map_err(|e| Error::internal(e.to_string()))?;
     {
         use std::io::Write;
@@ -351,9 +407,11 @@ pub async fn run(d: Arc<Daemon>) -> Result<()> {
     // without fsync: no durability to pay for.
     let addr_file = super::addr_file(&d.cfg.state_dir);
     let d_addr = addr.to_string();
-    let written =
-        blocking(move || std::fs::write(&addr_file, d_addr).map_err(|e| Error::io(ErrorCode::InternalError, "write", &addr_file, &e)))
-            .await;
+    let written = blocking(move || {
+        std::fs::write(&addr_file, d_addr)
+            .map_err(|e| Error::io(ErrorCode::InternalError, "write", &addr_file, &e))
+    })
+    .await;
     if let Err(e) = written {
         tracing::warn!(error = %e, "could not record the API address for the CLI");
     }

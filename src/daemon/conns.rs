@@ -16,7 +16,8 @@
 
 use super::guard::{PeerUid, Policy, Refusal};
 use crate::limits::{
-    API_CONNECTIONS_MAX, API_HEADER_BYTES_MAX, API_HEADER_READ_TIMEOUT_MS, API_HEADERS_MAX, API_SHUTDOWN_GRACE_MS, API_STALL_TIMEOUT_MS,
+    API_CONNECTIONS_MAX, API_HEADER_BYTES_MAX, API_HEADER_READ_TIMEOUT_MS, API_HEADERS_MAX,
+    API_SHUTDOWN_GRACE_MS, API_STALL_TIMEOUT_MS,
 };
 use axum::body::Body;
 use http::{Request, Response};
@@ -45,7 +46,8 @@ struct Entry {
 
 impl Entry {
     fn idle_for(&self, now_ms: u64) -> Option<u64> {
-        (self.in_handler.load(Ordering::SeqCst) == 0).then(|| now_ms.saturating_sub(self.last_io_ms.load(Ordering::Relaxed)))
+        (self.in_handler.load(Ordering::SeqCst) == 0)
+            .then(|| now_ms.saturating_sub(self.last_io_ms.load(Ordering::Relaxed)))
     }
 }
 
@@ -102,7 +104,12 @@ impl Conns {
     fn close_idle_for(&self, ms: u64) -> usize {
         let now = self.now_ms();
         let mut t = self.lock();
-        let stale: Vec<u64> = t.open.iter().filter(|(_, e)| e.idle_for(now).is_some_and(|i| i >= ms)).map(|(id, _)| *id).collect();
+        let stale: Vec<u64> = t
+            .open
+            .iter()
+            .filter(|(_, e)| e.idle_for(now).is_some_and(|i| i >= ms))
+            .map(|(id, _)| *id)
+            .collect();
         for id in &stale {
             if let Some(e) = t.open.remove(id) {
                 e.close.notify_one();
@@ -118,7 +125,8 @@ impl Conns {
             in_handler: Arc::new(AtomicUsize::new(0)),
             close: Arc::new(Notify::new()),
         };
-        let (last_io_ms, in_handler, close) = (e.last_io_ms.clone(), e.in_handler.clone(), e.close.clone());
+        let (last_io_ms, in_handler, close) =
+            (e.last_io_ms.clone(), e.in_handler.clone(), e.close.clone());
         let mut t = self.lock();
         let id = t.next_id;
         t.next_id += 1;
@@ -166,7 +174,11 @@ impl Tracked {
 }
 
 impl AsyncRead for Tracked {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -177,7 +189,11 @@ impl AsyncRead for Tracked {
 }
 
 impl AsyncWrite for Tracked {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.touch();
@@ -185,7 +201,11 @@ impl AsyncWrite for Tracked {
         r
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.touch();
@@ -255,7 +275,10 @@ fn refused(r: &Refusal) -> Response<Body> {
     resp
 }
 
-async fn handle(req: Request<hyper::body::Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> Result<Response<Body>, Infallible> {
     let _in = InHandler::enter(&ctx.in_handler);
     if let Err(r) = ctx.policy.admit(req.method(), req.uri(), req.headers(), ctx.peer_uid()) {
         // The refused header and value only: the body is never read, and never logged.
@@ -289,8 +312,16 @@ async fn serve_conn(
         conns.finished(id);
         return;
     };
-    let ctx = Arc::new(ConnCtx { router, policy, peer, ours, peer_uid: OnceLock::new(), in_handler: in_handler.clone() });
-    let io = hyper_util::rt::TokioIo::new(Tracked { inner: stream, last_io_ms, conns: conns.clone() });
+    let ctx = Arc::new(ConnCtx {
+        router,
+        policy,
+        peer,
+        ours,
+        peer_uid: OnceLock::new(),
+        in_handler: in_handler.clone(),
+    });
+    let io =
+        hyper_util::rt::TokioIo::new(Tracked { inner: stream, last_io_ms, conns: conns.clone() });
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_millis(API_HEADER_READ_TIMEOUT_MS))
@@ -298,7 +329,9 @@ async fn serve_conn(
         .max_headers(API_HEADERS_MAX)
         .keep_alive(true);
     // Boxed, so that it (and its socket) can be dropped before the slot is given back.
-    let mut conn = Box::pin(http.serve_connection(io, hyper::service::service_fn(move |req| handle(req, ctx.clone()))));
+    let mut conn = Box::pin(
+        http.serve_connection(io, hyper::service::service_fn(move |req| handle(req, ctx.clone()))),
+    );
     tokio::select! {
         _ = conn.as_mut() => {}
         _ = close.notified() => {}
@@ -319,9 +352,18 @@ async fn serve_conn(
 
 /// Accepts and serves until `shutdown` resolves, then closes idle connections at once and
 /// gives requests in handlers `API_SHUTDOWN_GRACE_MS`.
-pub async fn serve(listener: TcpListener, router: axum::Router, policy: Policy, shutdown: impl std::future::Future<Output = ()>) {
-    let conns =
-        Arc::new(Conns { epoch: Instant::now(), table: Mutex::new(Table::default()), live: AtomicUsize::new(0), closed: Notify::new() });
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    policy: Policy,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let conns = Arc::new(Conns {
+        epoch: Instant::now(),
+        table: Mutex::new(Table::default()),
+        live: AtomicUsize::new(0),
+        closed: Notify::new(),
+    });
     let policy = Arc::new(policy);
     let (stop_tx, stop_rx) = watch::channel(false);
     let sweeper = {
@@ -351,7 +393,15 @@ pub async fn serve(listener: TcpListener, router: axum::Router, policy: Policy, 
         match accepted {
             Ok((stream, peer)) => {
                 let slot = conns.add();
-                tokio::spawn(serve_conn(stream, peer, slot, conns.clone(), router.clone(), policy.clone(), stop_rx.clone()));
+                tokio::spawn(serve_conn(
+                    stream,
+                    peer,
+                    slot,
+                    conns.clone(),
+                    router.clone(),
+                    policy.clone(),
+                    stop_rx.clone(),
+                ));
             }
             Err(e) => {
                 // EMFILE/ENFILE (or a transient error): free a descriptor and pause briefly,
@@ -375,6 +425,9 @@ pub async fn serve(listener: TcpListener, router: axum::Router, policy: Policy, 
         }
     };
     if tokio::time::timeout(Duration::from_millis(API_SHUTDOWN_GRACE_MS), waited).await.is_err() {
-        tracing::warn!(open = conns.live(), "requests still in handlers after the shutdown grace; closing them");
+        tracing::warn!(
+            open = conns.live(),
+            "requests still in handlers after the shutdown grace; closing them"
+        );
     }
 }

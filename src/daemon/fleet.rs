@@ -63,26 +63,41 @@ fn poll_loop(d: &Arc<Daemon>, client: &Arc<Client>, w: &Wakeup) {
 /// A value in [-1, 1] that differs between devices and polls (not a secret; only spreads a
 /// fleet's polls): the low bits of the clock mixed with the process id.
 fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let h = blake3::hash(&[nanos.to_le_bytes(), std::process::id().to_le_bytes()].concat());
     let v = u32::from_le_bytes(h.as_bytes()[..4].try_into().unwrap_or([0; 4]));
     (v as f64 / u32::MAX as f64) * 2.0 - 1.0
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The version installed now, as configData names it (`factory` before any install).
 fn installed_version(journal: &Journal) -> crate::error::Result<String> {
     let id = journal.current_generation_id()?;
-    Ok(journal.generations()?.into_iter().find(|g| Some(g.id) == id).map(|g| g.version).unwrap_or_else(|| "factory".into()))
+    Ok(journal
+        .generations()?
+        .into_iter()
+        .find(|g| Some(g.id) == id)
+        .map(|g| g.version)
+        .unwrap_or_else(|| "factory".into()))
 }
 
 fn known(journal: &Journal, config_sent_for: &Option<String>) -> crate::error::Result<Known> {
     let actions = journal.ddi_actions()?;
     Ok(Known {
-        finished_actions: actions.iter().filter(|a| a.state.is_final()).map(|a| a.id.clone()).collect(),
+        finished_actions: actions
+            .iter()
+            .filter(|a| a.state.is_final())
+            .map(|a| a.id.clone())
+            .collect(),
         current: actions.iter().find(|a| !a.state.is_final()).map(|a| a.id.clone()),
         config_sent_for: config_sent_for.clone(),
         installed_version: installed_version(journal)?,
@@ -99,12 +114,16 @@ fn on_poll(
     let known = known(journal, config_sent_for)?;
     for step in decide::on_poll(poll, &known) {
         match step {
-            Step::PutConfigData => match client.put_config(&config_data(d, &known.installed_version)) {
-                Ok(()) => *config_sent_for = Some(known.installed_version.clone()),
-                Err(e) => tracing::warn!(error = %e, "DDI: configData not accepted"),
-            },
+            Step::PutConfigData => {
+                match client.put_config(&config_data(d, &known.installed_version)) {
+                    Ok(()) => *config_sent_for = Some(known.installed_version.clone()),
+                    Err(e) => tracing::warn!(error = %e, "DDI: configData not accepted"),
+                }
+            }
             Step::FetchCancel { action } => on_cancel(d, client, &action)?,
-            Step::AlreadyFinished { action } => tracing::debug!(action, "DDI: the server still lists a finished action"),
+            Step::AlreadyFinished { action } => {
+                tracing::debug!(action, "DDI: the server still lists a finished action")
+            }
             Step::FetchDeployment { action } => on_deployment(d, client, &action)?,
         }
     }
@@ -127,7 +146,13 @@ fn config_data(d: &Daemon, installed: &str) -> ConfigData {
 
 /// Records `action` in state `state` with the feedback of `course`, in one durable commit,
 /// and wakes the sender. `false` when the action was already final (nothing written).
-fn record(d: &Daemon, action: &DdiAction, state: DdiActionState, course: &Course, target: FeedbackTarget) -> bool {
+fn record(
+    d: &Daemon,
+    action: &DdiAction,
+    state: DdiActionState,
+    course: &Course,
+    target: FeedbackTarget,
+) -> bool {
     let mut a = action.clone();
     a.state = state;
     a.updated_unix_ms = now_ms();
@@ -174,7 +199,9 @@ fn on_deployment(d: &Arc<Daemon>, client: &Arc<Client>, action: &str) -> crate::
         return Ok(());
     }
     let existing = d.held.journal.ddi_action(action)?;
-    if existing.as_ref().is_some_and(|a| matches!(a.state, DdiActionState::Installing | DdiActionState::AwaitingConfirm)) {
+    if existing.as_ref().is_some_and(|a| {
+        matches!(a.state, DdiActionState::Installing | DdiActionState::AwaitingConfirm)
+    }) {
         // Its transaction carries it now; `reconcile` reports how it ends.
         return Ok(());
     }
@@ -185,12 +212,22 @@ fn on_deployment(d: &Arc<Daemon>, client: &Arc<Client>, action: &str) -> crate::
             return Ok(());
         }
         Err(ClientError::Withdrawn(e)) => {
-            tracing::info!(action, error = e, "DDI: the deployment was withdrawn after the poll offered it; next poll");
+            tracing::info!(
+                action,
+                error = e,
+                "DDI: the deployment was withdrawn after the poll offered it; next poll"
+            );
             return Ok(());
         }
         Err(ClientError::Refused(why)) => {
             let a = existing.unwrap_or_else(|| new_action(action, "", ""));
-            record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason: why.clone() }, FeedbackTarget::Deployment);
+            record(
+                d,
+                &a,
+                DdiActionState::Rejected,
+                &Course::Rejected { reason: why.clone() },
+                FeedbackTarget::Deployment,
+            );
             return Ok(());
         }
     };
@@ -202,29 +239,55 @@ fn on_deployment(d: &Arc<Daemon>, client: &Arc<Client>, action: &str) -> crate::
     match decide::allowed(&deployment) {
         Allowed::Wait => tracing::info!(action, "DDI: download: skip; waiting"),
         Allowed::Reject(reason) => {
-            record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason }, FeedbackTarget::Deployment);
+            record(
+                d,
+                &a,
+                DdiActionState::Rejected,
+                &Course::Rejected { reason },
+                FeedbackTarget::Deployment,
+            );
         }
         Allowed::DownloadOnly if a.state == DdiActionState::Downloaded => {
-            tracing::debug!(action, "DDI: downloaded; waiting for the update permission or the maintenance window")
+            tracing::debug!(
+                action,
+                "DDI: downloaded; waiting for the update permission or the maintenance window"
+            )
         }
         allowed => {
             let install = allowed == Allowed::Install;
             let specs = match specs_of(&deployment) {
                 Ok(s) => s,
                 Err(reason) => {
-                    record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason }, FeedbackTarget::Deployment);
+                    record(
+                        d,
+                        &a,
+                        DdiActionState::Rejected,
+                        &Course::Rejected { reason },
+                        FeedbackTarget::Deployment,
+                    );
                     return Ok(());
                 }
             };
-            if let Some(e) = specs.iter().find_map(|spec| crate::download::validate_spec(spec, &download_config(d)).err()) {
+            if let Some(e) = specs
+                .iter()
+                .find_map(|spec| crate::download::validate_spec(spec, &download_config(d)).err())
+            {
                 let reason = format!("action {action}: {e}");
-                record(d, &a, DdiActionState::Rejected, &Course::Rejected { reason }, FeedbackTarget::Deployment);
+                record(
+                    d,
+                    &a,
+                    DdiActionState::Rejected,
+                    &Course::Rejected { reason },
+                    FeedbackTarget::Deployment,
+                );
                 return Ok(());
             }
             d.fleet_cancel.store(false, Ordering::SeqCst);
             d.fleet_abort.store(false, Ordering::SeqCst);
             let client = client.clone();
-            let started = d.start_job("ddi", jobs::download_started(), move |d| deployment_job(&d, &client, a, specs, install));
+            let started = d.start_job("ddi", jobs::download_started(), move |d| {
+                deployment_job(&d, &client, a, specs, install)
+            });
             if let Err(e) = started {
                 tracing::debug!(action, error = %e, "DDI: the job slot was taken meanwhile; next poll");
             }
@@ -246,16 +309,32 @@ fn download_config(d: &Daemon) -> crate::config::Config {
 fn specs_of(d: &DeploymentBase) -> Result<Vec<DownloadSpec>, String> {
     let mut specs = Vec::new();
     for (chunk, a) in d.artifacts() {
-        let url = a.download_url().ok_or_else(|| format!("action {}: artifact {:?} has no download link", d.id, a.filename))?;
-        let size = a.size.filter(|s| *s > 0).ok_or_else(|| format!("action {}: artifact {:?} has no size", d.id, a.filename))?;
+        let url = a.download_url().ok_or_else(|| {
+            format!("action {}: artifact {:?} has no download link", d.id, a.filename)
+        })?;
+        let size = a
+            .size
+            .filter(|s| *s > 0)
+            .ok_or_else(|| format!("action {}: artifact {:?} has no size", d.id, a.filename))?;
         let expected = match a.hashes.strongest() {
             Some(crate::ddi::protocol::ArtifactHash::Sha256(h)) => ExpectedHash::sha256(&h),
             Some(crate::ddi::protocol::ArtifactHash::Sha1(h)) => ExpectedHash::sha1(&h),
             Some(crate::ddi::protocol::ArtifactHash::Md5(h)) => ExpectedHash::md5(&h),
-            None => return Err(format!("action {}: artifact {:?} has no usable hash", d.id, a.filename)),
+            None => {
+                return Err(format!(
+                    "action {}: artifact {:?} has no usable hash",
+                    d.id, a.filename
+                ));
+            }
         }
         .map_err(|e| format!("action {}: {e}", d.id))?;
-        specs.push(DownloadSpec::new(chunk.version.clone(), url, a.filename.clone(), size, expected));
+        specs.push(DownloadSpec::new(
+            chunk.version.clone(),
+            url,
+            a.filename.clone(),
+            size,
+            expected,
+        ));
     }
     if specs.windows(2).any(|w| w[0].version != w[1].version) {
         return Err(format!("action {}: its artifacts name different versions", d.id));
@@ -269,62 +348,129 @@ fn specs_of(d: &DeploymentBase) -> Result<Vec<DownloadSpec>, String> {
 fn package_kind(path: &std::path::Path) -> Result<decide::PackageKind, String> {
     use std::io::Read;
     let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut zip = zip::ZipArchive::new(f).map_err(|e| format!("{}: not a ZIP package: {e}", path.display()))?;
-    let entry = zip.by_name("manifest.json").map_err(|e| format!("{}: manifest.json: {e}", path.display()))?;
+    let mut zip = zip::ZipArchive::new(f)
+        .map_err(|e| format!("{}: not a ZIP package: {e}", path.display()))?;
+    let entry = zip
+        .by_name("manifest.json")
+        .map_err(|e| format!("{}: manifest.json: {e}", path.display()))?;
     let mut text = Vec::new();
-    entry.take(crate::limits::MANIFEST_BYTES_MAX).read_to_end(&mut text).map_err(|e| format!("{}: manifest.json: {e}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| format!("{}: manifest.json: {e}", path.display()))?;
-    Ok(decide::PackageKind { delta: v.get("delta").is_some(), version: v["version"].as_str().unwrap_or_default().to_string() })
+    entry
+        .take(crate::limits::MANIFEST_BYTES_MAX)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("{}: manifest.json: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("{}: manifest.json: {e}", path.display()))?;
+    Ok(decide::PackageKind {
+        delta: v.get("delta").is_some(),
+        version: v["version"].as_str().unwrap_or_default().to_string(),
+    })
 }
 
 /// Downloads (or resumes) the artifact, then installs it as one transaction when allowed. Of
 /// a delta package and its full twin, the delta is fetched and installed first; the full one
 /// only when the device lacks the delta's base (`DELTA_BASE_MISSING`, refused before anything
 /// was touched), and that is not reported as a failure.
-fn deployment_job(d: &Arc<Daemon>, client: &Client, action: DdiAction, specs: Vec<DownloadSpec>, install: bool) {
+fn deployment_job(
+    d: &Arc<Daemon>,
+    client: &Client,
+    action: DdiAction,
+    specs: Vec<DownloadSpec>,
+    install: bool,
+) {
     let pair = specs.len() == 2;
     for (i, spec) in specs.iter().enumerate() {
         d.set_job_version(Some(spec.version.clone()));
         let Some(path) = download_for(d, client, &action, spec) else { return };
-        if pair && let Err(why) = package_kind(&path).and_then(|k| decide::pair_check(i, &k, &spec.version)) {
+        if pair
+            && let Err(why) =
+                package_kind(&path).and_then(|k| decide::pair_check(i, &k, &spec.version))
+        {
             let reason = format!("action {}: {why}", action.id);
-            record(d, &action, DdiActionState::Rejected, &Course::Rejected { reason: reason.clone() }, FeedbackTarget::Deployment);
-            jobs::publish_end(d, jobs::failed(&crate::error::Error::new(crate::error::ErrorCode::ValidationError, reason), 0));
+            record(
+                d,
+                &action,
+                DdiActionState::Rejected,
+                &Course::Rejected { reason: reason.clone() },
+                FeedbackTarget::Deployment,
+            );
+            jobs::publish_end(
+                d,
+                jobs::failed(
+                    &crate::error::Error::new(crate::error::ErrorCode::ValidationError, reason),
+                    0,
+                ),
+            );
             return;
         }
         if !install {
-            record(d, &action, DdiActionState::Downloaded, &Course::Downloaded, FeedbackTarget::Deployment);
-            let message = format!("Fleet action {}: downloaded; installing when the server allows", action.id);
-            jobs::publish_end(d, Snapshot { stage: Stage::Idle, progress: 100, message, error: None });
+            record(
+                d,
+                &action,
+                DdiActionState::Downloaded,
+                &Course::Downloaded,
+                FeedbackTarget::Deployment,
+            );
+            let message = format!(
+                "Fleet action {}: downloaded; installing when the server allows",
+                action.id
+            );
+            jobs::publish_end(
+                d,
+                Snapshot { stage: Stage::Idle, progress: 100, message, error: None },
+            );
             return;
         }
         let fallback = pair && i == 0;
         if install_for(d, action.clone(), path, spec.version.clone(), fallback) {
             return;
         }
-        tracing::info!(action = action.id, "DDI: the device lacks the delta's base; fetching the full package");
+        tracing::info!(
+            action = action.id,
+            "DDI: the device lacks the delta's base; fetching the full package"
+        );
     }
 }
 
 /// Downloads `spec` with progress feedback; the file's path, or `None` when the job ended
 /// (failed, canceled, or paused for shutdown; already recorded and shown).
-fn download_for(d: &Arc<Daemon>, client: &Client, action: &DdiAction, spec: &DownloadSpec) -> Option<std::path::PathBuf> {
+fn download_for(
+    d: &Arc<Daemon>,
+    client: &Client,
+    action: &DdiAction,
+    spec: &DownloadSpec,
+) -> Option<std::path::PathBuf> {
     let id = action.id.clone();
-    record(d, action, DdiActionState::Downloading, &Course::Downloading { done: 0, total: spec.package_size }, FeedbackTarget::Deployment);
+    record(
+        d,
+        action,
+        DdiActionState::Downloading,
+        &Course::Downloading { done: 0, total: spec.package_size },
+        FeedbackTarget::Deployment,
+    );
     let reported = AtomicU32::new(0);
     let progress = |done: u64, total: u64| {
         let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u32;
         d.progress.set(Snapshot {
             stage: Stage::Downloading,
             progress: pct as u8,
-            message: format!("Downloading package... {:.1} MB / {:.1} MB", done as f64 / 1e6, total as f64 / 1e6),
+            message: format!(
+                "Downloading package... {:.1} MB / {:.1} MB",
+                done as f64 / 1e6,
+                total as f64 / 1e6
+            ),
             error: None,
         });
         // Every 10 %: a server keeps a bounded number of status entries per action.
         let step = pct / 10 * 10;
         if step > reported.load(Ordering::Relaxed) {
             reported.store(step, Ordering::Relaxed);
-            record(d, action, DdiActionState::Downloading, &Course::Downloading { done, total }, FeedbackTarget::Deployment);
+            record(
+                d,
+                action,
+                DdiActionState::Downloading,
+                &Course::Downloading { done, total },
+                FeedbackTarget::Deployment,
+            );
         }
     };
     let fetched = crate::download::fetch_authorized(
@@ -338,16 +484,28 @@ fn download_for(d: &Arc<Daemon>, client: &Client, action: &DdiAction, spec: &Dow
     match fetched {
         Ok(rec) => Some(std::path::PathBuf::from(rec.path)),
         Err(_) if d.cancel.load(Ordering::SeqCst) => {
-            tracing::info!(action = id, "DDI: download paused for shutdown; the server's next offer resumes it");
+            tracing::info!(
+                action = id,
+                "DDI: download paused for shutdown; the server's next offer resumes it"
+            );
             None
         }
         Err(_) if d.fleet_cancel.load(Ordering::SeqCst) => {
             record(d, action, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
-            jobs::publish_end(d, Snapshot { stage: Stage::Idle, progress: 0, message: format!("Fleet action {id} canceled"), error: None });
+            jobs::publish_end(
+                d,
+                Snapshot {
+                    stage: Stage::Idle,
+                    progress: 0,
+                    message: format!("Fleet action {id} canceled"),
+                    error: None,
+                },
+            );
             None
         }
         Err(e) => {
-            let course = Course::Failed { code: e.code.as_str().into(), message: e.message.clone() };
+            let course =
+                Course::Failed { code: e.code.as_str().into(), message: e.message.clone() };
             record(d, action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
             jobs::publish_end(d, jobs::failed_job(&e, 0, super::progress::Job::Download));
             None
@@ -358,7 +516,13 @@ fn download_for(d: &Arc<Daemon>, client: &Client, action: &DdiAction, spec: &Dow
 /// Installs the package as one transaction and records how it ended. `false` only when
 /// `fallback` is set and the engine refused the package for a missing delta base (nothing
 /// recorded or shown: the caller goes on with the full package).
-fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, version: String, fallback: bool) -> bool {
+fn install_for(
+    d: &Arc<Daemon>,
+    action: DdiAction,
+    package: std::path::PathBuf,
+    version: String,
+    fallback: bool,
+) -> bool {
     // The transaction's id, known before it begins (only this job slot starts transactions):
     // a power cut from here on leaves an action that `reconcile` can match to its record.
     let tx = match d.held.journal.next_tx_id() {
@@ -378,12 +542,20 @@ fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, 
         &Course::Phase { index: 0, count: PHASES, what: "starting".into() },
         FeedbackTarget::Deployment,
     );
-    let observer =
-        Arc::new(FleetObserver { inner: jobs::InstallObserver { daemon: d.clone() }, daemon: d.clone(), action: action.clone() });
+    let observer = Arc::new(FleetObserver {
+        inner: jobs::InstallObserver { daemon: d.clone() },
+        daemon: d.clone(),
+        action: action.clone(),
+    });
     let result = d
         .updater()
         .map(|up| up.with_observer(observer).with_abort(d.fleet_abort.clone()))
-        .and_then(|mut up| up.install(&package, &InstallOptions { version: Some(version.clone()), ..Default::default() }));
+        .and_then(|mut up| {
+            up.install(
+                &package,
+                &InstallOptions { version: Some(version.clone()), ..Default::default() },
+            )
+        });
     match result {
         Ok(r) => {
             match &r.outcome {
@@ -394,11 +566,22 @@ fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, 
                     let _ = std::fs::remove_file(&package);
                     conclude_committed(d, &action);
                 }
-                Outcome::RolledBack { error, .. } if error.code == crate::error::ErrorCode::Canceled => {
-                    record(d, &action, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
+                Outcome::RolledBack { error, .. }
+                    if error.code == crate::error::ErrorCode::Canceled =>
+                {
+                    record(
+                        d,
+                        &action,
+                        DdiActionState::Canceled,
+                        &Course::Canceled,
+                        FeedbackTarget::Cancel,
+                    );
                 }
                 Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } => {
-                    let course = Course::Failed { code: error.code.as_str().into(), message: error.message.clone() };
+                    let course = Course::Failed {
+                        code: error.code.as_str().into(),
+                        message: error.message.clone(),
+                    };
                     record(d, &action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
                 }
                 // Shutdown mid-transaction: the next start finishes it; `reconcile` reports it.
@@ -418,7 +601,8 @@ fn install_for(d: &Arc<Daemon>, action: DdiAction, package: std::path::PathBuf, 
         }
         Err(e) => {
             // Refused before the transaction began: nothing was touched.
-            let course = Course::Failed { code: e.code.as_str().into(), message: e.message.clone() };
+            let course =
+                Course::Failed { code: e.code.as_str().into(), message: e.message.clone() };
             record(d, &action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
             jobs::publish_end(d, jobs::failed(&e, 0));
         }
@@ -434,9 +618,21 @@ const PHASES: u32 = 9;
 fn conclude_committed(d: &Daemon, action: &DdiAction) {
     let trial = d.held.journal.trial().ok().flatten();
     if trial.is_some_and(|t| Some(t.tx) == action.tx) {
-        record(d, action, DdiActionState::AwaitingConfirm, &Course::AwaitingConfirm, FeedbackTarget::Deployment);
+        record(
+            d,
+            action,
+            DdiActionState::AwaitingConfirm,
+            &Course::AwaitingConfirm,
+            FeedbackTarget::Deployment,
+        );
     } else {
-        record(d, action, DdiActionState::Succeeded, &Course::Succeeded { version: action.version.clone() }, FeedbackTarget::Deployment);
+        record(
+            d,
+            action,
+            DdiActionState::Succeeded,
+            &Course::Succeeded { version: action.version.clone() },
+            FeedbackTarget::Deployment,
+        );
     }
 }
 
@@ -451,8 +647,15 @@ impl Observer for FleetObserver {
     fn phase(&self, tx: u64, phase: Phase) {
         self.inner.phase(tx, phase);
         if (phase as u32) < PHASES {
-            let course = Course::Phase { index: phase as u32 + 1, count: PHASES, what: phase.to_string() };
-            record(&self.daemon, &self.action, DdiActionState::Installing, &course, FeedbackTarget::Deployment);
+            let course =
+                Course::Phase { index: phase as u32 + 1, count: PHASES, what: phase.to_string() };
+            record(
+                &self.daemon,
+                &self.action,
+                DdiActionState::Installing,
+                &course,
+                FeedbackTarget::Deployment,
+            );
         }
     }
 
@@ -473,8 +676,9 @@ pub fn reconcile(d: &Daemon) -> crate::error::Result<()> {
     let in_flight = journal.active()?.map(|(rec, _)| rec.id);
     // Only an install carries an action here: a download is driven again by the server's
     // next offer (and resumes from its journaled offset).
-    let installs =
-        journal.ddi_actions()?.into_iter().filter(|a| matches!(a.state, DdiActionState::Installing | DdiActionState::AwaitingConfirm));
+    let installs = journal.ddi_actions()?.into_iter().filter(|a| {
+        matches!(a.state, DdiActionState::Installing | DdiActionState::AwaitingConfirm)
+    });
     for a in installs {
         let Some(tx) = a.tx else { continue };
         if in_flight == Some(tx) {
@@ -491,32 +695,73 @@ pub fn reconcile(d: &Daemon) -> crate::error::Result<()> {
                 // download is kept. Back to downloaded; the server's next offer installs it.
                 let mut back = a.clone();
                 back.tx = None;
-                record(d, &back, DdiActionState::Downloaded, &Course::Downloaded, FeedbackTarget::Deployment);
+                record(
+                    d,
+                    &back,
+                    DdiActionState::Downloaded,
+                    &Course::Downloaded,
+                    FeedbackTarget::Deployment,
+                );
             }
             (Some(rec), state) => match rec.phase {
                 Phase::Confirmed => {
-                    record(d, &a, DdiActionState::Succeeded, &Course::Succeeded { version: a.version.clone() }, FeedbackTarget::Deployment);
+                    record(
+                        d,
+                        &a,
+                        DdiActionState::Succeeded,
+                        &Course::Succeeded { version: a.version.clone() },
+                        FeedbackTarget::Deployment,
+                    );
                 }
                 // Still a trial: its final feedback waits for `confirm` or its rollback.
                 Phase::Committed if is_trial(tx) && state != DdiActionState::AwaitingConfirm => {
-                    record(d, &a, DdiActionState::AwaitingConfirm, &Course::AwaitingConfirm, FeedbackTarget::Deployment);
+                    record(
+                        d,
+                        &a,
+                        DdiActionState::AwaitingConfirm,
+                        &Course::AwaitingConfirm,
+                        FeedbackTarget::Deployment,
+                    );
                 }
                 Phase::Committed if is_trial(tx) => {}
                 Phase::Committed if state == DdiActionState::AwaitingConfirm => {
                     // The trial ended without `confirm`: a later transaction rolled it back.
                     let (code, message) = rolled_back_by(journal, tx)?;
-                    record(d, &a, DdiActionState::Failed, &Course::Failed { code, message }, FeedbackTarget::Deployment);
+                    record(
+                        d,
+                        &a,
+                        DdiActionState::Failed,
+                        &Course::Failed { code, message },
+                        FeedbackTarget::Deployment,
+                    );
                 }
                 Phase::Committed => conclude_committed(d, &a),
-                Phase::RolledBack if rec.error.as_ref().is_some_and(|e| e.code == crate::error::ErrorCode::Canceled) => {
-                    record(d, &a, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
+                Phase::RolledBack
+                    if rec
+                        .error
+                        .as_ref()
+                        .is_some_and(|e| e.code == crate::error::ErrorCode::Canceled) =>
+                {
+                    record(
+                        d,
+                        &a,
+                        DdiActionState::Canceled,
+                        &Course::Canceled,
+                        FeedbackTarget::Cancel,
+                    );
                 }
                 Phase::RolledBack | Phase::RollbackFailed => {
-                    let (code, message) = rec
-                        .error
-                        .map(|e| (e.code.as_str().to_string(), e.message))
-                        .unwrap_or_else(|| ("ROLLED_BACK".into(), "the install was rolled back".into()));
-                    record(d, &a, DdiActionState::Failed, &Course::Failed { code, message }, FeedbackTarget::Deployment);
+                    let (code, message) =
+                        rec.error.map(|e| (e.code.as_str().to_string(), e.message)).unwrap_or_else(
+                            || ("ROLLED_BACK".into(), "the install was rolled back".into()),
+                        );
+                    record(
+                        d,
+                        &a,
+                        DdiActionState::Failed,
+                        &Course::Failed { code, message },
+                        FeedbackTarget::Deployment,
+                    );
                 }
                 _ => {}
             },
@@ -531,8 +776,14 @@ fn rolled_back_by(journal: &Journal, tx: u64) -> crate::error::Result<(String, S
     let later = journal.history(usize::MAX)?.into_iter().filter(|r| r.id > tx).min_by_key(|r| r.id);
     Ok(match later {
         Some(r) => match r.error {
-            Some(e) => (e.code.as_str().to_string(), format!("rolled back by transaction {}: {}", r.id, e.message)),
-            None => ("ROLLED_BACK".into(), format!("rolled back by transaction {} before it was confirmed", r.id)),
+            Some(e) => (
+                e.code.as_str().to_string(),
+                format!("rolled back by transaction {}: {}", r.id, e.message),
+            ),
+            None => (
+                "ROLLED_BACK".into(),
+                format!("rolled back by transaction {} before it was confirmed", r.id),
+            ),
         },
         None => ("ROLLED_BACK".into(), "the trial ended without confirmation".into()),
     })
@@ -551,7 +802,9 @@ fn on_cancel(d: &Arc<Daemon>, client: &Client, cancel_id: &str) -> crate::error:
     let journal = &d.held.journal;
     let a = journal.ddi_action(&stop_id)?;
     match decide::on_cancel(a.as_ref().map(|a| a.state), d.busy(), swap_begun(journal)?) {
-        CancelStep::Nothing => tracing::debug!(stop_id, "DDI: canceled already; its confirmation stands"),
+        CancelStep::Nothing => {
+            tracing::debug!(stop_id, "DDI: canceled already; its confirmation stands")
+        }
         CancelStep::CancelNow => {
             let a = a.unwrap_or_else(|| new_action(&stop_id, "", ""));
             record(d, &a, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
@@ -578,9 +831,10 @@ fn refuse_cancel(d: &Daemon, cancel_id: &str, reason: &str) {
         vec![reason.to_string()],
         Some(now_ms()),
     );
-    let pushed = serde_json::to_vec(&f)
-        .map_err(|e| crate::error::Error::internal(e.to_string()))
-        .and_then(|body| d.held.journal.ddi_push_feedback(cancel_id, FeedbackTarget::Cancel, false, body));
+    let pushed =
+        serde_json::to_vec(&f).map_err(|e| crate::error::Error::internal(e.to_string())).and_then(
+            |body| d.held.journal.ddi_push_feedback(cancel_id, FeedbackTarget::Cancel, false, body),
+        );
     match pushed {
         Ok(_) => d.notify_ddi_feedback(),
         Err(e) => tracing::warn!(cancel_id, error = %e, "DDI: cannot queue the cancel refusal"),

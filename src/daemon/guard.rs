@@ -62,7 +62,9 @@ impl Refusal {
         match self {
             Refusal::Uid(PeerUid::Known(u)) => u.to_string(),
             Refusal::Uid(_) => "unknown".into(),
-            Refusal::Host(v) | Refusal::ContentType(v) => v.as_deref().map(quote).unwrap_or_else(|| "(none)".into()),
+            Refusal::Host(v) | Refusal::ContentType(v) => {
+                v.as_deref().map(quote).unwrap_or_else(|| "(none)".into())
+            }
             Refusal::Origin(v) => quote(v),
         }
     }
@@ -72,9 +74,13 @@ impl Refusal {
         let v = self.value();
         match self {
             Refusal::Uid(_) => format!("the caller's uid {v} is not in api.allowed_uids"),
-            Refusal::Host(_) => format!("Host {v} is not a loopback address, localhost or in api.allowed_hosts"),
+            Refusal::Host(_) => {
+                format!("Host {v} is not a loopback address, localhost or in api.allowed_hosts")
+            }
             Refusal::Origin(_) => format!("Origin {v} is not in api.allowed_origins"),
-            Refusal::ContentType(_) => format!("Content-Type {v}: a request body must be application/json"),
+            Refusal::ContentType(_) => {
+                format!("Content-Type {v}: a request body must be application/json")
+            }
         }
     }
 }
@@ -101,7 +107,11 @@ fn single<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Result<Option<
 impl Policy {
     pub fn new(api: &crate::config::ApiConfig) -> Policy {
         let lower = |v: &[String]| v.iter().map(|s| s.to_ascii_lowercase()).collect();
-        let hosts = api.allowed_hosts.iter().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase()).collect();
+        let hosts = api
+            .allowed_hosts
+            .iter()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase())
+            .collect();
         Policy { origins: lower(&api.allowed_origins), hosts, uids: api.allowed_uids.clone() }
     }
 
@@ -112,7 +122,13 @@ impl Policy {
 
     /// Admits or refuses one request. The order is the cheapest proof first; every check runs
     /// before routing, so even an unknown path is not answered to a refused caller.
-    pub fn admit(&self, method: &Method, uri: &Uri, headers: &HeaderMap, peer: PeerUid) -> Result<(), Refusal> {
+    pub fn admit(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        peer: PeerUid,
+    ) -> Result<(), Refusal> {
         if self.checks_uids() && !matches!(peer, PeerUid::Known(u) if self.uids.contains(&u)) {
             return Err(Refusal::Uid(peer));
         }
@@ -159,15 +175,19 @@ impl Policy {
         let host = a.host();
         let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
         if let Ok(ip) = bare.parse::<IpAddr>() {
-            return ip.to_canonical().is_loopback() || self.hosts.iter().any(|h| h.parse::<IpAddr>() == Ok(ip));
+            return ip.to_canonical().is_loopback()
+                || self.hosts.iter().any(|h| h.parse::<IpAddr>() == Ok(ip));
         }
-        bare.eq_ignore_ascii_case("localhost") || self.hosts.iter().any(|h| h.eq_ignore_ascii_case(bare))
+        bare.eq_ignore_ascii_case("localhost")
+            || self.hosts.iter().any(|h| h.eq_ignore_ascii_case(bare))
     }
 }
 
 /// `application/json`, parameters (such as `charset`) allowed.
 fn is_json(content_type: &str) -> bool {
-    content_type.parse::<mime::Mime>().is_ok_and(|m| m.type_() == mime::APPLICATION && m.subtype() == mime::JSON && m.suffix().is_none())
+    content_type.parse::<mime::Mime>().is_ok_and(|m| {
+        m.type_() == mime::APPLICATION && m.subtype() == mime::JSON && m.suffix().is_none()
+    })
 }
 
 #[cfg(test)]
@@ -193,7 +213,12 @@ mod tests {
     }
 
     fn post(p: &Policy, pairs: &[(&str, &str)]) -> Result<(), Refusal> {
-        p.admit(&Method::POST, &"/api/v1.0/update".parse().unwrap(), &headers(pairs), PeerUid::NotChecked)
+        p.admit(
+            &Method::POST,
+            &"/api/v1.0/update".parse().unwrap(),
+            &headers(pairs),
+            PeerUid::NotChecked,
+        )
     }
 
     fn get(p: &Policy, target: &str, pairs: &[(&str, &str)]) -> Result<(), Refusal> {
@@ -210,7 +235,15 @@ mod tests {
         assert_eq!(post(&p, &[LOCAL, ("content-type", "application/json; charset=utf-8")]), Ok(()));
         assert_eq!(post(&p, &[LOCAL, ("content-type", "Application/JSON")]), Ok(()));
         assert_eq!(post(&p, &[LOCAL]), Ok(()), "no content type and no Origin: a legacy POST");
-        for host in ["localhost", "localhost:12315", "LOCALHOST", "127.0.0.1", "127.1.2.3:80", "[::1]:12315", "[::ffff:127.0.0.1]:1"] {
+        for host in [
+            "localhost",
+            "localhost:12315",
+            "LOCALHOST",
+            "127.0.0.1",
+            "127.1.2.3:80",
+            "[::1]:12315",
+            "[::ffff:127.0.0.1]:1",
+        ] {
             assert_eq!(get(&p, "/api/v1.0/progress", &[("host", host)]), Ok(()), "{host}");
         }
     }
@@ -228,18 +261,33 @@ mod tests {
             "json",
             "",
         ] {
-            assert_eq!(post(&p, &[LOCAL, ("content-type", ct)]), Err(Refusal::ContentType(Some(ct.into()))), "{ct:?}");
+            assert_eq!(
+                post(&p, &[LOCAL, ("content-type", ct)]),
+                Err(Refusal::ContentType(Some(ct.into()))),
+                "{ct:?}"
+            );
         }
         let two = post(&p, &[LOCAL, JSON, JSON]);
-        assert!(matches!(two, Err(Refusal::ContentType(Some(ref v))) if v.contains("repeated")), "{two:?}");
+        assert!(
+            matches!(two, Err(Refusal::ContentType(Some(ref v))) if v.contains("repeated")),
+            "{two:?}"
+        );
     }
 
     #[test]
     fn any_origin_not_listed_is_refused_even_with_json() {
         let p = Policy::default();
         for o in ["http://evil.example", "null", "http://127.0.0.1:12315", "http://localhost"] {
-            assert_eq!(post(&p, &[LOCAL, JSON, ("origin", o)]), Err(Refusal::Origin(o.into())), "{o}");
-            assert_eq!(get(&p, "/api/v1.0/progress", &[LOCAL, ("origin", o)]), Err(Refusal::Origin(o.into())), "{o}");
+            assert_eq!(
+                post(&p, &[LOCAL, JSON, ("origin", o)]),
+                Err(Refusal::Origin(o.into())),
+                "{o}"
+            );
+            assert_eq!(
+                get(&p, "/api/v1.0/progress", &[LOCAL, ("origin", o)]),
+                Err(Refusal::Origin(o.into())),
+                "{o}"
+            );
         }
     }
 
@@ -247,8 +295,14 @@ mod tests {
     fn a_listed_origin_is_admitted_but_must_send_json() {
         let p = policy(&["http://Kiosk.local:8080"], &[], &[]);
         assert_eq!(post(&p, &[LOCAL, JSON, ("origin", "http://kiosk.local:8080")]), Ok(()));
-        assert_eq!(post(&p, &[LOCAL, ("origin", "http://kiosk.local:8080")]), Err(Refusal::ContentType(None)));
-        assert_eq!(post(&p, &[LOCAL, JSON, ("origin", "http://kiosk.local:8081")]), Err(Refusal::Origin("http://kiosk.local:8081".into())));
+        assert_eq!(
+            post(&p, &[LOCAL, ("origin", "http://kiosk.local:8080")]),
+            Err(Refusal::ContentType(None))
+        );
+        assert_eq!(
+            post(&p, &[LOCAL, JSON, ("origin", "http://kiosk.local:8081")]),
+            Err(Refusal::Origin("http://kiosk.local:8081".into()))
+        );
     }
 
     #[test]
@@ -266,11 +320,18 @@ mod tests {
             "localhost.",
             "",
         ] {
-            assert_eq!(get(&p, "/api/v1.0/progress", &[("host", host)]), Err(Refusal::Host(Some(host.into()))), "{host}");
+            assert_eq!(
+                get(&p, "/api/v1.0/progress", &[("host", host)]),
+                Err(Refusal::Host(Some(host.into()))),
+                "{host}"
+            );
         }
         assert_eq!(get(&p, "/api/v1.0/progress", &[]), Err(Refusal::Host(None)));
         let two = get(&p, "/api/v1.0/progress", &[LOCAL, ("host", "evil.example")]);
-        assert!(matches!(two, Err(Refusal::Host(Some(ref v))) if v.contains("repeated")), "{two:?}");
+        assert!(
+            matches!(two, Err(Refusal::Host(Some(ref v))) if v.contains("repeated")),
+            "{two:?}"
+        );
     }
 
     #[test]
@@ -300,8 +361,20 @@ mod tests {
         assert_eq!(at(PeerUid::Known(1000)), Ok(()));
         assert_eq!(at(PeerUid::Known(65534)), Err(Refusal::Uid(PeerUid::Known(65534))));
         assert_eq!(at(PeerUid::Unknown), Err(Refusal::Uid(PeerUid::Unknown)));
-        assert_eq!(at(PeerUid::NotChecked), Err(Refusal::Uid(PeerUid::NotChecked)), "a policy with uids never admits an unchecked peer");
-        assert_eq!(Policy::default().admit(&Method::GET, &"/".parse().unwrap(), &headers(&[LOCAL]), PeerUid::Known(65534)), Ok(()));
+        assert_eq!(
+            at(PeerUid::NotChecked),
+            Err(Refusal::Uid(PeerUid::NotChecked)),
+            "a policy with uids never admits an unchecked peer"
+        );
+        assert_eq!(
+            Policy::default().admit(
+                &Method::GET,
+                &"/".parse().unwrap(),
+                &headers(&[LOCAL]),
+                PeerUid::Known(65534)
+            ),
+            Ok(())
+        );
     }
 
     #[test]
@@ -309,7 +382,15 @@ mod tests {
         for o in ["http://kiosk.local", "https://a.example:8443", "http://[::1]:80"] {
             assert!(crate::config::is_origin(o), "{o}");
         }
-        for o in ["null", "http://a.example/", "http://a.example/path", "ftp://a.example", "a.example", "http://u@a.example", ""] {
+        for o in [
+            "null",
+            "http://a.example/",
+            "http://a.example/path",
+            "ftp://a.example",
+            "a.example",
+            "http://u@a.example",
+            "",
+        ] {
             assert!(!crate::config::is_origin(o), "{o}");
         }
         for h in ["printer.lan", "192.168.1.5", "[fe80::1]", "fe80::1"] {

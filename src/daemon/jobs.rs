@@ -5,7 +5,9 @@
 use super::Daemon;
 use super::progress::{self, Snapshot, Stage};
 use crate::download::{self, DownloadRequest};
-use crate::driver::{Held, InstallOptions, Observer, Outcome, RecoverReport, RollbackTo, TxAction, TxReport};
+use crate::driver::{
+    Held, InstallOptions, Observer, Outcome, RecoverReport, RollbackTo, TxAction, TxReport,
+};
 use crate::engine::Phase;
 use crate::error::Error;
 use crate::reporter::Report;
@@ -25,7 +27,13 @@ pub fn publish(d: &Daemon, s: Snapshot, tx: Option<u64>) {
     }
 }
 
-fn report_of(d: &Daemon, s: &Snapshot, tx: Option<u64>, final_report: bool, version: Option<String>) -> Report {
+fn report_of(
+    d: &Daemon,
+    s: &Snapshot,
+    tx: Option<u64>,
+    final_report: bool,
+    version: Option<String>,
+) -> Report {
     Report {
         version,
         stage: s.stage.name().to_string(),
@@ -74,7 +82,10 @@ pub(super) fn ended(d: &Daemon, r: &TxReport) {
             stage: Stage::Success,
             progress: 100,
             message: match r.kind {
-                TxAction::Rollback => format!("Rolled back to {}", r.to_version.as_deref().unwrap_or("the factory state")),
+                TxAction::Rollback => format!(
+                    "Rolled back to {}",
+                    r.to_version.as_deref().unwrap_or("the factory state")
+                ),
                 _ => "Update completed successfully".into(),
             },
             error: None,
@@ -83,8 +94,13 @@ pub(super) fn ended(d: &Daemon, r: &TxReport) {
         Outcome::Interrupted { error } => {
             // Shutdown or a journal failure: the transaction is still in flight; the next
             // start finishes it and sends the final report then.
-            if d.cancel.load(Ordering::SeqCst) && error.code == crate::error::ErrorCode::OperationInProgress {
-                tracing::info!(tx = r.tx, "transaction paused for shutdown; the next start resumes it");
+            if d.cancel.load(Ordering::SeqCst)
+                && error.code == crate::error::ErrorCode::OperationInProgress
+            {
+                tracing::info!(
+                    tx = r.tx,
+                    "transaction paused for shutdown; the next start resumes it"
+                );
             } else {
                 tracing::warn!(tx = r.tx, error = %error, "transaction interrupted");
             }
@@ -108,7 +124,16 @@ pub struct InstallObserver {
 impl Observer for InstallObserver {
     fn phase(&self, tx: u64, phase: Phase) {
         if let Some((pct, msg)) = progress::install_percent_for_phase(phase) {
-            publish(&self.daemon, Snapshot { stage: Stage::Installing, progress: pct, message: msg.into(), error: None }, Some(tx));
+            publish(
+                &self.daemon,
+                Snapshot {
+                    stage: Stage::Installing,
+                    progress: pct,
+                    message: msg.into(),
+                    error: None,
+                },
+                Some(tx),
+            );
         }
     }
 
@@ -126,13 +151,20 @@ impl Observer for InstallObserver {
 /// What `/progress` shows right after start-up.
 pub fn initial_snapshot(held: &Held, recovered: &RecoverReport) -> Snapshot {
     match recovered {
-        RecoverReport::Finished { report, .. } | RecoverReport::TrialExpired { report, .. } => match &report.outcome {
-            Outcome::Committed if report.kind == TxAction::Install => {
-                Snapshot { stage: Stage::Success, progress: 100, message: "Update completed successfully".into(), error: None }
+        RecoverReport::Finished { report, .. } | RecoverReport::TrialExpired { report, .. } => {
+            match &report.outcome {
+                Outcome::Committed if report.kind == TxAction::Install => Snapshot {
+                    stage: Stage::Success,
+                    progress: 100,
+                    message: "Update completed successfully".into(),
+                    error: None,
+                },
+                Outcome::RolledBack { error, .. }
+                | Outcome::RollbackFailed { error }
+                | Outcome::Interrupted { error } => failed(error, 100),
+                Outcome::Committed => Snapshot::idle(),
             }
-            Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } | Outcome::Interrupted { error } => failed(error, 100),
-            Outcome::Committed => Snapshot::idle(),
-        },
+        }
         RecoverReport::NeedsOperator { error: Some(e), .. } => failed(e, 100),
         // A transaction that ended just before a crash, its result never shown: show it.
         _ if let Some(s) = unreported_end(held) => s,
@@ -165,17 +197,27 @@ fn end_of_record(last: &crate::journal::records::TxRecord) -> Snapshot {
         (_, _, crate::engine::TxKind::Rollback { .. }) => Snapshot {
             stage: Stage::Success,
             progress: 100,
-            message: format!("Rolled back to {}", last.to_version.as_deref().unwrap_or("the factory state")),
+            message: format!(
+                "Rolled back to {}",
+                last.to_version.as_deref().unwrap_or("the factory state")
+            ),
             error: None,
         },
-        _ => Snapshot { stage: Stage::Success, progress: 100, message: "Update completed successfully".into(), error: None },
+        _ => Snapshot {
+            stage: Stage::Success,
+            progress: 100,
+            message: "Update completed successfully".into(),
+            error: None,
+        },
     }
 }
 
 /// Sends the final report of a transaction that recovery finished, and of the last
 /// transaction if its end was never reported (a crash right after it, or the CLI ran it).
 pub fn report_recovered(d: &Arc<Daemon>, recovered: &RecoverReport) {
-    if let RecoverReport::Finished { report, .. } | RecoverReport::TrialExpired { report, .. } = recovered {
+    if let RecoverReport::Finished { report, .. } | RecoverReport::TrialExpired { report, .. } =
+        recovered
+    {
         ended(d, report);
     }
     if let Ok(Some(last)) = d.held.journal.history(1).map(|h| h.into_iter().next())
@@ -191,7 +233,11 @@ pub fn clean_stale_download(held: &Held, trust_window_h: u64) {
     let Ok(Some(rec)) = held.journal.download() else { return };
     let expired = download::is_expired(&rec, trust_window_h, crate::clock::now_unix_ms());
     if rec.is_verified() && (expired || !std::path::Path::new(&rec.path).exists()) {
-        tracing::info!(path = rec.path, expired, "removing a downloaded package that can no longer be installed");
+        tracing::info!(
+            path = rec.path,
+            expired,
+            "removing a downloaded package that can no longer be installed"
+        );
         if let Err(e) = download::discard(&held.journal, &rec) {
             tracing::warn!(error = %e, "could not remove the stale download");
         }
@@ -201,7 +247,9 @@ pub fn clean_stale_download(held: &Held, trust_window_h: u64) {
 /// The package of a committed install is consumed (SPEC §3). After a crash between the
 /// commit and the cleanup (or a recovery that finished the install), the start-up does it.
 pub fn clean_consumed_download(held: &Held) {
-    let (Ok(Some(rec)), Ok(Some(last))) = (held.journal.download(), held.journal.history(1).map(|h| h.into_iter().next())) else {
+    let (Ok(Some(rec)), Ok(Some(last))) =
+        (held.journal.download(), held.journal.history(1).map(|h| h.into_iter().next()))
+    else {
         return;
     };
     let committed = matches!(last.phase, Phase::Committed | Phase::Confirmed);
@@ -209,7 +257,11 @@ pub fn clean_consumed_download(held: &Held) {
         && committed
         && package.path == rec.path
     {
-        tracing::info!(tx = last.id, path = rec.path, "removing the package its committed install consumed");
+        tracing::info!(
+            tx = last.id,
+            path = rec.path,
+            "removing the package its committed install consumed"
+        );
         if let Err(e) = held.journal.clear_download() {
             tracing::warn!(error = %e, "could not clear the download record");
         }
@@ -232,18 +284,32 @@ pub fn resume_download_if_any(d: &Arc<Daemon>) {
             );
             return;
         };
-        tracing::info!(url = req.package_url, offset = rec.offset, "resuming the interrupted download");
+        tracing::info!(
+            url = req.package_url,
+            offset = rec.offset,
+            "resuming the interrupted download"
+        );
         let _ = d.start_download(req);
     }
 }
 
 /// What `/progress` shows when a download starts.
 pub fn download_started() -> Snapshot {
-    Snapshot { stage: Stage::Downloading, progress: 0, message: "Downloading package...".into(), error: None }
+    Snapshot {
+        stage: Stage::Downloading,
+        progress: 0,
+        message: "Downloading package...".into(),
+        error: None,
+    }
 }
 
 pub fn install_started() -> Snapshot {
-    Snapshot { stage: Stage::Installing, progress: 0, message: "Preparing installation".into(), error: None }
+    Snapshot {
+        stage: Stage::Installing,
+        progress: 0,
+        message: "Preparing installation".into(),
+        error: None,
+    }
 }
 
 pub fn rollback_started() -> Snapshot {
@@ -256,20 +322,39 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
     let last_reported = AtomicU8::new(0);
     let progress = |done: u64, total: u64| {
         let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u8;
-        let msg = format!("Downloading package... {:.1} MB / {:.1} MB", done as f64 / 1e6, total as f64 / 1e6);
-        d.progress.set(Snapshot { stage: Stage::Downloading, progress: pct, message: msg.clone(), error: None });
+        let msg = format!(
+            "Downloading package... {:.1} MB / {:.1} MB",
+            done as f64 / 1e6,
+            total as f64 / 1e6
+        );
+        d.progress.set(Snapshot {
+            stage: Stage::Downloading,
+            progress: pct,
+            message: msg.clone(),
+            error: None,
+        });
         // Every 5 % goes to device-api too.
         let step = pct / 5 * 5;
         if step > last_reported.load(Ordering::Relaxed) {
             last_reported.store(step, Ordering::Relaxed);
-            push_report(d, &Snapshot { stage: Stage::Downloading, progress: step, message: msg, error: None }, None, false);
+            push_report(
+                d,
+                &Snapshot { stage: Stage::Downloading, progress: step, message: msg, error: None },
+                None,
+                false,
+            );
         }
     };
     match download::run(&d.held.journal, &d.cfg, &req, &progress, &d.cancel) {
         Ok(_) => {
             publish(
                 d,
-                Snapshot { stage: Stage::Verifying, progress: 100, message: "Verifying package integrity...".into(), error: None },
+                Snapshot {
+                    stage: Stage::Verifying,
+                    progress: 100,
+                    message: "Verifying package integrity...".into(),
+                    error: None,
+                },
                 None,
             );
             publish_end(
@@ -282,7 +367,9 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
                 },
             );
         }
-        Err(_) if d.cancel.load(Ordering::SeqCst) => tracing::info!("download paused for shutdown; it resumes at the next start"),
+        Err(_) if d.cancel.load(Ordering::SeqCst) => {
+            tracing::info!("download paused for shutdown; it resumes at the next start")
+        }
         Err(e) => {
             // Not resumed by itself at the next start (the same request again resumes it).
             if let Ok(Some(mut rec)) = d.held.journal.download()
@@ -295,7 +382,11 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
             }
             // A package of the wrong size was discarded: nothing of it is kept (the legacy
             // service showed 0 too).
-            let pct = if e.code == crate::error::ErrorCode::PackageSizeMismatch { 0 } else { d.progress.get().progress };
+            let pct = if e.code == crate::error::ErrorCode::PackageSizeMismatch {
+                0
+            } else {
+                d.progress.get().progress
+            };
             publish_end(d, failed_job(&e, pct, progress::Job::Download));
         }
     }
@@ -305,7 +396,9 @@ pub fn install_job(d: &Arc<Daemon>, package: std::path::PathBuf, version: String
     d.set_job_version(Some(version.clone()));
     crate::gui::launch(&d.cfg);
     push_report(d, &install_started(), None, false);
-    let result = d.updater().and_then(|mut up| up.install(&package, &InstallOptions { version: Some(version), ..Default::default() }));
+    let result = d.updater().and_then(|mut up| {
+        up.install(&package, &InstallOptions { version: Some(version), ..Default::default() })
+    });
     match result {
         Ok(r) => {
             if matches!(r.outcome, Outcome::Committed) {

@@ -82,7 +82,9 @@ impl Daemon {
     /// Starts a download job (see `start_job`).
     pub fn start_download(self: &Arc<Self>, req: crate::download::DownloadRequest) -> Result<()> {
         let r = req.clone();
-        self.start_job_for("download", Some(req), jobs::download_started(), move |d| jobs::download_job(&d, r))
+        self.start_job_for("download", Some(req), jobs::download_started(), move |d| {
+            jobs::download_job(&d, r)
+        })
     }
 
     /// Ends a job: queues its last report (`queue`), then frees the slot and shows `result`,
@@ -101,7 +103,12 @@ impl Daemon {
     /// Starts `work` on a job thread unless one runs (`OPERATION_IN_PROGRESS`). `first` is
     /// shown by `/progress` before this returns, so a poll right after the 200 never sees
     /// the previous operation's result as this one's.
-    pub fn start_job(self: &Arc<Self>, what: &str, first: Snapshot, work: impl FnOnce(Arc<Daemon>) + Send + 'static) -> Result<()> {
+    pub fn start_job(
+        self: &Arc<Self>,
+        what: &str,
+        first: Snapshot,
+        work: impl FnOnce(Arc<Daemon>) + Send + 'static,
+    ) -> Result<()> {
         self.start_job_for(what, None, first, work)
     }
 
@@ -113,8 +120,16 @@ impl Daemon {
         work: impl FnOnce(Arc<Daemon>) + Send + 'static,
     ) -> Result<()> {
         let mut slot = self.job.lock().unwrap_or_else(|p| p.into_inner());
-        if self.cancel.load(Ordering::SeqCst) || self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-            return Err(Error::new(ErrorCode::OperationInProgress, format!("Cannot start {what}, another operation is in progress")));
+        if self.cancel.load(Ordering::SeqCst)
+            || self
+                .running
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return Err(Error::new(
+                ErrorCode::OperationInProgress,
+                format!("Cannot start {what}, another operation is in progress"),
+            ));
         }
         *self.downloading.lock().unwrap_or_else(|p| p.into_inner()) = download;
         // The previous thread has released the slot and may still be queuing its last report
@@ -174,19 +189,23 @@ pub fn serve(cfg: Config) -> Result<()> {
         tracing::error!(error = %l, "journal lost; recovered from the plan copy");
     }
     let recovered = up.recover(false)?;
-    let held = up.into_held().ok_or_else(|| Error::internal("recovery did not hold the state dir"))?;
+    let held =
+        up.into_held().ok_or_else(|| Error::internal("recovery did not hold the state dir"))?;
     let boot_id = crate::clock::boot_id().unwrap_or_default();
     let reporter = crate::reporter::Reporter::start(held.journal.clone(), &cfg);
     jobs::clean_consumed_download(&held);
     jobs::clean_stale_download(&held, cfg.download.trust_window_h);
     let initial = jobs::initial_snapshot(&held, &recovered);
     let ddi_client = match &cfg.ddi {
-        Some(ddi) => {
-            Some(Arc::new(crate::ddi::client::Client::new(ddi, ddi.auth()?, Duration::from_secs(crate::limits::DDI_REQUEST_TIMEOUT_S))))
-        }
+        Some(ddi) => Some(Arc::new(crate::ddi::client::Client::new(
+            ddi,
+            ddi.auth()?,
+            Duration::from_secs(crate::limits::DDI_REQUEST_TIMEOUT_S),
+        ))),
         None => None,
     };
-    let ddi_feedback = ddi_client.as_ref().map(|c| crate::ddi::sender::start(held.journal.clone(), c.clone()));
+    let ddi_feedback =
+        ddi_client.as_ref().map(|c| crate::ddi::sender::start(held.journal.clone(), c.clone()));
     let daemon = Arc::new(Daemon {
         progress: Progress::new(Duration::from_secs(cfg.api.result_hold_s), initial),
         cfg,
@@ -207,7 +226,8 @@ pub fn serve(cfg: Config) -> Result<()> {
     jobs::resume_download_if_any(&daemon);
     if let Some(c) = ddi_client {
         tracing::info!(controller = c.controller_url(), "DDI client started");
-        *daemon.ddi_poller.lock().unwrap_or_else(|p| p.into_inner()) = Some(fleet::start_poller(&daemon, c));
+        *daemon.ddi_poller.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(fleet::start_poller(&daemon, c));
     }
 
     // One core stays with the HTTP thread, so GET /progress answers within a millisecond

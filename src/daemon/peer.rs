@@ -39,7 +39,8 @@ pub fn find_uid(table: &str, local: SocketAddr, remote: SocketAddr) -> Option<u3
 fn parse_addr(field: &str) -> Option<SocketAddr> {
     let (addr, port) = field.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
-    let word = |i: usize| u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok().map(u32::to_ne_bytes);
+    let word =
+        |i: usize| u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok().map(u32::to_ne_bytes);
     let ip = match addr.len() {
         8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
         32 => {
@@ -76,12 +77,19 @@ mod tests {
     fn an_ipv6_loopback_connection_is_found() {
         let Ok(listener) = TcpListener::bind("[::1]:0") else {
             // IPv6 disabled in this kernel: the path is covered by the parser test below.
-            assert!(std::fs::read_to_string("/proc/net/if_inet6").map(|t| !t.contains("00000000000000000000000000000001")).unwrap_or(true));
+            assert!(
+                std::fs::read_to_string("/proc/net/if_inet6")
+                    .map(|t| !t.contains("00000000000000000000000000000001"))
+                    .unwrap_or(true)
+            );
             return;
         };
         let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_server, peer) = listener.accept().unwrap();
-        assert_eq!(uid_of(peer, listener.local_addr().unwrap()), PeerUid::Known(nix::unistd::geteuid().as_raw()));
+        assert_eq!(
+            uid_of(peer, listener.local_addr().unwrap()),
+            PeerUid::Known(nix::unistd::geteuid().as_raw())
+        );
     }
 
     #[test]
@@ -96,10 +104,20 @@ mod tests {
             assert_eq!(find_uid(v4, l, r), Some(1000));
             assert_eq!(find_uid(v4, r, l), None, "the listener is not connected to the caller");
             // A dual-stack listener names the caller in its IPv4-mapped form.
-            assert_eq!(find_uid(v4, "[::ffff:127.0.0.1]:54321".parse().unwrap(), "[::ffff:127.0.0.1]:12345".parse().unwrap()), Some(1000));
+            assert_eq!(
+                find_uid(
+                    v4,
+                    "[::ffff:127.0.0.1]:54321".parse().unwrap(),
+                    "[::ffff:127.0.0.1]:12345".parse().unwrap()
+                ),
+                Some(1000)
+            );
             let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
                       0: 00000000000000000000000001000000:D431 00000000000000000000000001000000:3039 01 00000000:00000000 00:00000000 00000000    65534        0 3 1\n";
-            assert_eq!(find_uid(v6, "[::1]:54321".parse().unwrap(), "[::1]:12345".parse().unwrap()), Some(65534));
+            assert_eq!(
+                find_uid(v6, "[::1]:54321".parse().unwrap(), "[::1]:12345".parse().unwrap()),
+                Some(65534)
+            );
         }
         assert_eq!(find_uid("header\ngarbage line\n", l, r), None);
     }

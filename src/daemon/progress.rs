@@ -132,14 +132,23 @@ pub enum Job {
 pub fn legacy_error_text(e: &crate::error::Error, job: Job) -> String {
     use crate::error::ErrorCode::*;
     let known = match job {
-        Job::Download => matches!(e.code, DownloadFailed | Md5Mismatch | DiskFull | PackageSizeMismatch),
-        Job::Transaction => matches!(e.code, DeploymentFailed | DiskFull | InvalidManifest | ProcessKillFailed | Md5Mismatch),
+        Job::Download => {
+            matches!(e.code, DownloadFailed | Md5Mismatch | DiskFull | PackageSizeMismatch)
+        }
+        Job::Transaction => matches!(
+            e.code,
+            DeploymentFailed | DiskFull | InvalidManifest | ProcessKillFailed | Md5Mismatch
+        ),
     };
     let umbrella = match job {
         Job::Download => DownloadFailed,
         Job::Transaction => DeploymentFailed,
     };
-    if known { format!("{}: {}", e.code, e.message) } else { format!("{umbrella}: {}: {}", e.code, e.message) }
+    if known {
+        format!("{}: {}", e.code, e.message)
+    } else {
+        format!("{umbrella}: {}: {}", e.code, e.message)
+    }
 }
 
 pub fn staged_percent(done: u64, total: u64) -> u8 {
@@ -153,7 +162,12 @@ mod tests {
     #[test]
     fn a_result_is_held_then_reads_as_idle() {
         let p = Progress::new(Duration::from_millis(50), Snapshot::idle());
-        assert!(p.set(Snapshot { stage: Stage::Success, progress: 100, message: "done".into(), error: None }));
+        assert!(p.set(Snapshot {
+            stage: Stage::Success,
+            progress: 100,
+            message: "done".into(),
+            error: None
+        }));
         assert_eq!(p.get().stage, Stage::Success);
         std::thread::sleep(Duration::from_millis(80));
         assert_eq!(p.get().stage, Stage::Idle);
@@ -162,10 +176,20 @@ mod tests {
     #[test]
     fn an_acknowledged_result_reads_as_idle_and_other_stages_stay() {
         let p = Progress::new(Duration::from_secs(600), Snapshot::idle());
-        p.set(Snapshot { stage: Stage::ToInstall, progress: 100, message: "ready".into(), error: None });
+        p.set(Snapshot {
+            stage: Stage::ToInstall,
+            progress: 100,
+            message: "ready".into(),
+            error: None,
+        });
         p.acknowledge();
         assert_eq!(p.get().stage, Stage::ToInstall);
-        p.set(Snapshot { stage: Stage::Failed, progress: 40, message: "x".into(), error: Some("x".into()) });
+        p.set(Snapshot {
+            stage: Stage::Failed,
+            progress: 40,
+            message: "x".into(),
+            error: Some("x".into()),
+        });
         p.acknowledge();
         assert_eq!(p.get(), Snapshot::idle());
     }
@@ -174,14 +198,38 @@ mod tests {
     fn legacy_clients_see_only_the_codes_they_know() {
         use crate::error::{Error, ErrorCode};
         let e = |c| Error::new(c, "why");
-        assert_eq!(legacy_error_text(&e(ErrorCode::PostCmdFailed), Job::Transaction), "DEPLOYMENT_FAILED: POST_CMD_FAILED: why");
-        assert_eq!(legacy_error_text(&e(ErrorCode::ServiceStartFailed), Job::Transaction), "DEPLOYMENT_FAILED: SERVICE_START_FAILED: why");
-        assert_eq!(legacy_error_text(&e(ErrorCode::ProcessKillFailed), Job::Transaction), "PROCESS_KILL_FAILED: why");
-        assert_eq!(legacy_error_text(&e(ErrorCode::InvalidManifest), Job::Transaction), "INVALID_MANIFEST: why");
-        assert_eq!(legacy_error_text(&e(ErrorCode::DeploymentFailed), Job::Transaction), "DEPLOYMENT_FAILED: why");
-        assert_eq!(legacy_error_text(&e(ErrorCode::Md5Mismatch), Job::Download), "MD5_MISMATCH: why");
-        assert_eq!(legacy_error_text(&e(ErrorCode::PackageSizeMismatch), Job::Download), "PACKAGE_SIZE_MISMATCH: why");
-        assert_eq!(legacy_error_text(&e(ErrorCode::InternalError), Job::Download), "DOWNLOAD_FAILED: INTERNAL_ERROR: why");
+        assert_eq!(
+            legacy_error_text(&e(ErrorCode::PostCmdFailed), Job::Transaction),
+            "DEPLOYMENT_FAILED: POST_CMD_FAILED: why"
+        );
+        assert_eq!(
+            legacy_error_text(&e(ErrorCode::ServiceStartFailed), Job::Transaction),
+            "DEPLOYMENT_FAILED: SERVICE_START_FAILED: why"
+        );
+        assert_eq!(
+            legacy_error_text(&e(ErrorCode::ProcessKillFailed), Job::Transaction),
+            "PROCESS_KILL_FAILED: why"
+        );
+        assert_eq!(
+            legacy_error_text(&e(ErrorCode::InvalidManifest), Job::Transaction),
+            "INVALID_MANIFEST: why"
+        );
+        assert_eq!(
+            legacy_error_text(&e(ErrorCode::DeploymentFailed), Job::Transaction),
+            "DEPLOYMENT_FAILED: why"
+        );
+        assert_eq!(
+            legacy_error_text(&e(ErrorCode::Md5Mismatch), Job::Download),
+            "MD5_MISMATCH: why"
+        );
+        assert_eq!(
+            legacy_error_text(&e(ErrorCode::PackageSizeMismatch), Job::Download),
+            "PACKAGE_SIZE_MISMATCH: why"
+        );
+        assert_eq!(
+            legacy_error_text(&e(ErrorCode::InternalError), Job::Download),
+            "DOWNLOAD_FAILED: INTERNAL_ERROR: why"
+        );
     }
 
     #[test]
@@ -195,6 +243,8 @@ mod tests {
             last = pct;
         }
         assert_eq!(staged_percent(50, 100), 37);
-        assert!(staged_percent(100, 100) < install_percent_for_phase(Phase::ServicesStopped).unwrap().0);
+        assert!(
+            staged_percent(100, 100) < install_percent_for_phase(Phase::ServicesStopped).unwrap().0
+        );
     }
 }

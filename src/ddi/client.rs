@@ -6,7 +6,9 @@
 //! `Authorization` header goes only to the configured server's origin; an artifact link on
 //! another host (a CDN) is fetched without it.
 
-use super::protocol::{Cancel, ConfigData, ControllerBase, DeploymentBase, Feedback, ProtocolError, check_action_id};
+use super::protocol::{
+    Cancel, ConfigData, ControllerBase, DeploymentBase, Feedback, ProtocolError, check_action_id,
+};
 use crate::config::ddi::{Auth, DdiConfig};
 use crate::limits::DDI_RESPONSE_BYTES_MAX;
 use std::time::Duration;
@@ -41,7 +43,9 @@ pub enum ClientError {
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ClientError::Transient(m) | ClientError::Refused(m) | ClientError::Withdrawn(m) => f.write_str(m),
+            ClientError::Transient(m) | ClientError::Refused(m) | ClientError::Withdrawn(m) => {
+                f.write_str(m)
+            }
         }
     }
 }
@@ -75,12 +79,21 @@ impl Client {
             .build();
         let controller = cfg.controller_url();
         let origin = origin_of(&controller).unwrap_or_default();
-        Client { agent: ureq::Agent::new_with_config(config), controller, origin, auth, one_at_a_time: std::sync::Mutex::new(()) }
+        Client {
+            agent: ureq::Agent::new_with_config(config),
+            controller,
+            origin,
+            auth,
+            one_at_a_time: std::sync::Mutex::new(()),
+        }
     }
 
     /// The `Authorization` header for `url`: only on the configured server's origin.
     pub fn auth_for(&self, url: &str) -> Option<String> {
-        self.auth.as_ref().filter(|_| origin_of(url).as_deref() == Some(self.origin.as_str())).map(Auth::header)
+        self.auth
+            .as_ref()
+            .filter(|_| origin_of(url).as_deref() == Some(self.origin.as_str()))
+            .map(Auth::header)
     }
 
     pub fn controller_url(&self) -> &str {
@@ -98,12 +111,18 @@ impl Client {
     }
 
     /// One request; the answer's body (at most `DDI_RESPONSE_BYTES_MAX`) on 2xx.
-    fn request(&self, method: &str, url: &str, json: Option<&[u8]>) -> Result<Vec<u8>, ClientError> {
+    fn request(
+        &self,
+        method: &str,
+        url: &str,
+        json: Option<&[u8]>,
+    ) -> Result<Vec<u8>, ClientError> {
         let _one = self.one_at_a_time.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let auth = self.auth_for(url);
         let sent = match (method, json) {
             ("GET", _) => {
-                let mut r = self.agent.get(url).header("Accept", "application/hal+json, application/json");
+                let mut r =
+                    self.agent.get(url).header("Accept", "application/hal+json, application/json");
                 if let Some(a) = &auth {
                     r = r.header("Authorization", a);
                 }
@@ -111,7 +130,9 @@ impl Client {
             }
             (m, body) => {
                 let mut r = if m == "PUT" { self.agent.put(url) } else { self.agent.post(url) };
-                r = r.header("Content-Type", "application/json").header("Accept", "application/json");
+                r = r
+                    .header("Content-Type", "application/json")
+                    .header("Accept", "application/json");
                 if let Some(a) = &auth {
                     r = r.header("Authorization", a);
                 }
@@ -122,8 +143,14 @@ impl Client {
         let status = resp.status().as_u16();
         let body = resp.body_mut().with_config().limit(DDI_RESPONSE_BYTES_MAX as u64).read_to_vec();
         match status {
-            200..=299 => body.map_err(|e| ClientError::Transient(format!("{method} {url}: HTTP {status}, body unreadable: {e}"))),
-            429 | 500..=599 => Err(ClientError::Transient(format!("{method} {url}: HTTP {status}"))),
+            200..=299 => body.map_err(|e| {
+                ClientError::Transient(format!(
+                    "{method} {url}: HTTP {status}, body unreadable: {e}"
+                ))
+            }),
+            429 | 500..=599 => {
+                Err(ClientError::Transient(format!("{method} {url}: HTTP {status}")))
+            }
             404 | 410 => Err(ClientError::Withdrawn(format!("{method} {url}: HTTP {status}"))),
             _ => Err(ClientError::Refused(format!("{method} {url}: HTTP {status}"))),
         }
@@ -141,7 +168,10 @@ impl Client {
         }
         let d = DeploymentBase::parse(&body)?;
         if d.id != action {
-            return Err(ClientError::Refused(format!("GET {url}: the answer is about action {:?}", d.id)));
+            return Err(ClientError::Refused(format!(
+                "GET {url}: the answer is about action {:?}",
+                d.id
+            )));
         }
         Ok(d)
     }
@@ -165,8 +195,17 @@ impl Client {
     }
 
     /// The same with the JSON body as queued in the journal.
-    pub fn feedback_body(&self, action: &str, cancel: bool, body: &[u8]) -> Result<(), ClientError> {
-        let url = self.action_url(if cancel { "cancelAction" } else { "deploymentBase" }, action, "/feedback")?;
+    pub fn feedback_body(
+        &self,
+        action: &str,
+        cancel: bool,
+        body: &[u8],
+    ) -> Result<(), ClientError> {
+        let url = self.action_url(
+            if cancel { "cancelAction" } else { "deploymentBase" },
+            action,
+            "/feedback",
+        )?;
         self.request("POST", &url, Some(body)).map(|_| ())
     }
 }
@@ -177,7 +216,10 @@ mod tests {
 
     #[test]
     fn origins_compare_scheme_host_and_port() {
-        assert_eq!(origin_of("https://H.example:8443/DEFAULT/x?y").as_deref(), Some("https://h.example:8443"));
+        assert_eq!(
+            origin_of("https://H.example:8443/DEFAULT/x?y").as_deref(),
+            Some("https://h.example:8443")
+        );
         assert_eq!(origin_of("http://127.0.0.1:8060").as_deref(), Some("http://127.0.0.1:8060"));
         assert_eq!(origin_of("https://user@h/x"), None);
         assert_eq!(origin_of("nonsense"), None);
@@ -194,10 +236,17 @@ mod tests {
             allow_http: false,
         };
         let c = Client::new(&cfg, Some(Auth::Target("t0k".into())), Duration::from_secs(5));
-        assert_eq!(c.auth_for("https://fleet.example/DEFAULT/controller/v1/dev1").as_deref(), Some("TargetToken t0k"));
+        assert_eq!(
+            c.auth_for("https://fleet.example/DEFAULT/controller/v1/dev1").as_deref(),
+            Some("TargetToken t0k")
+        );
         assert_eq!(c.auth_for("https://FLEET.example/a/b").as_deref(), Some("TargetToken t0k"));
-        for other in ["https://cdn.example/a.zip", "http://fleet.example/a", "https://fleet.example:444/a", "https://fleet.example.evil/a"]
-        {
+        for other in [
+            "https://cdn.example/a.zip",
+            "http://fleet.example/a",
+            "https://fleet.example:444/a",
+            "https://fleet.example.evil/a",
+        ] {
             assert_eq!(c.auth_for(other), None, "{other}");
         }
         assert!(matches!(c.action_url("deploymentBase", "../x", ""), Err(ClientError::Refused(_))));

@@ -3,7 +3,8 @@
 //! feedback a transaction's course sends, and which queued feedback can be coalesced.
 
 use super::protocol::{
-    ControllerBase, DeploymentBase, Execution, Feedback, Finished, Handling, MaintenanceWindow, Progress, check_action_id,
+    ControllerBase, DeploymentBase, Execution, Feedback, Finished, Handling, MaintenanceWindow,
+    Progress, check_action_id,
 };
 use crate::journal::ddi::DdiActionState;
 use crate::limits::{DDI_BACKOFF_S_MAX, DDI_BACKOFF_S_MIN, DDI_POLL_S_DEFAULT, DDI_POLL_S_MIN};
@@ -58,7 +59,8 @@ pub fn action_of(href: &str) -> Option<&str> {
 /// logged by the caller): it would go into URLs and the journal.
 pub fn on_poll(poll: &ControllerBase, known: &Known) -> Vec<Step> {
     let mut steps = Vec::new();
-    let version_changed = known.config_sent_for.as_deref() != Some(known.installed_version.as_str());
+    let version_changed =
+        known.config_sent_for.as_deref() != Some(known.installed_version.as_str());
     if poll.link("configData").is_some() || version_changed {
         steps.push(Step::PutConfigData);
     }
@@ -108,7 +110,9 @@ pub fn allowed(d: &DeploymentBase) -> Allowed {
     }
     match (d.deployment.download, d.deployment.update, d.deployment.maintenance_window) {
         (Handling::Skip, _, _) => Allowed::Wait,
-        (_, Handling::Skip, _) | (_, _, Some(MaintenanceWindow::Unavailable)) => Allowed::DownloadOnly,
+        (_, Handling::Skip, _) | (_, _, Some(MaintenanceWindow::Unavailable)) => {
+            Allowed::DownloadOnly
+        }
         _ => Allowed::Install,
     }
 }
@@ -125,7 +129,10 @@ pub struct PackageKind {
 /// version; anything else is not a delta and its twin, and the action is refused.
 pub fn pair_check(index: usize, kind: &PackageKind, version: &str) -> Result<(), String> {
     if kind.version != version {
-        return Err(format!("a package of version {:?} in a deployment of version {version:?}", kind.version));
+        return Err(format!(
+            "a package of version {:?} in a deployment of version {version:?}",
+            kind.version
+        ));
     }
     match (index, kind.delta) {
         (0, true) | (1, false) => Ok(()),
@@ -139,12 +146,15 @@ pub fn pair_check(index: usize, kind: &PackageKind, version: &str) -> Result<(),
 /// smaller of the normal interval and `DDI_BACKOFF_S_MAX`; then a jitter of up to ±10 %
 /// (`jitter` in [-1, 1], drawn by the caller) so that a fleet does not poll in lockstep.
 pub fn next_poll(server_sleep: Option<Duration>, consecutive_errors: u32, jitter: f64) -> Duration {
-    let normal = server_sleep.unwrap_or(Duration::from_secs(DDI_POLL_S_DEFAULT)).max(Duration::from_secs(DDI_POLL_S_MIN));
+    let normal = server_sleep
+        .unwrap_or(Duration::from_secs(DDI_POLL_S_DEFAULT))
+        .max(Duration::from_secs(DDI_POLL_S_MIN));
     let base = if consecutive_errors == 0 {
         normal
     } else {
         let backoff = DDI_BACKOFF_S_MIN.saturating_mul(1u64 << (consecutive_errors - 1).min(20));
-        Duration::from_secs(backoff.min(DDI_BACKOFF_S_MAX)).min(normal.max(Duration::from_secs(DDI_BACKOFF_S_MIN)))
+        Duration::from_secs(backoff.min(DDI_BACKOFF_S_MAX))
+            .min(normal.max(Duration::from_secs(DDI_BACKOFF_S_MIN)))
     };
     let j = jitter.clamp(-1.0, 1.0) * 0.1;
     base.mul_f64(1.0 + j)
@@ -177,7 +187,13 @@ pub enum Course {
 impl Course {
     /// Whether this ends the action: the client never acts on it again.
     pub fn is_final(&self) -> bool {
-        matches!(self, Course::Succeeded { .. } | Course::Failed { .. } | Course::Canceled | Course::Rejected { .. })
+        matches!(
+            self,
+            Course::Succeeded { .. }
+                | Course::Failed { .. }
+                | Course::Canceled
+                | Course::Rejected { .. }
+        )
     }
 }
 
@@ -186,7 +202,8 @@ pub fn feedback(c: &Course, now_ms: u64) -> Feedback {
     let ts = Some(now_ms);
     match c {
         Course::Downloading { done, total } => {
-            let pct = if *total == 0 { 0 } else { (done.saturating_mul(100) / total).min(100) as u32 };
+            let pct =
+                if *total == 0 { 0 } else { (done.saturating_mul(100) / total).min(100) as u32 };
             Feedback::new(
                 Execution::Proceeding,
                 Finished::None,
@@ -196,9 +213,13 @@ pub fn feedback(c: &Course, now_ms: u64) -> Feedback {
                 ts,
             )
         }
-        Course::Downloaded => {
-            Feedback::new(Execution::Downloaded, Finished::None, None, vec!["downloaded and validated; waiting to install".into()], ts)
-        }
+        Course::Downloaded => Feedback::new(
+            Execution::Downloaded,
+            Finished::None,
+            None,
+            vec!["downloaded and validated; waiting to install".into()],
+            ts,
+        ),
         Course::Phase { index, count, what } => Feedback::new(
             Execution::Proceeding,
             Finished::None,
@@ -213,16 +234,30 @@ pub fn feedback(c: &Course, now_ms: u64) -> Feedback {
             vec!["installed; the result is final once the device confirms it".into()],
             ts,
         ),
-        Course::Succeeded { version } => {
-            Feedback::new(Execution::Closed, Finished::Success, None, vec![format!("installed {version}")], ts)
+        Course::Succeeded { version } => Feedback::new(
+            Execution::Closed,
+            Finished::Success,
+            None,
+            vec![format!("installed {version}")],
+            ts,
+        ),
+        Course::Failed { code, message } => Feedback::new(
+            Execution::Closed,
+            Finished::Failure,
+            None,
+            vec![format!("{code}: {message}")],
+            ts,
+        ),
+        Course::Canceled => Feedback::new(
+            Execution::Closed,
+            Finished::Success,
+            None,
+            vec!["canceled before anything was changed".into()],
+            ts,
+        ),
+        Course::Rejected { reason } => {
+            Feedback::new(Execution::Rejected, Finished::Failure, None, vec![reason.clone()], ts)
         }
-        Course::Failed { code, message } => {
-            Feedback::new(Execution::Closed, Finished::Failure, None, vec![format!("{code}: {message}")], ts)
-        }
-        Course::Canceled => {
-            Feedback::new(Execution::Closed, Finished::Success, None, vec!["canceled before anything was changed".into()], ts)
-        }
-        Course::Rejected { reason } => Feedback::new(Execution::Rejected, Finished::Failure, None, vec![reason.clone()], ts),
     }
 }
 
@@ -242,7 +277,8 @@ pub enum CancelStep {
     Refuse(&'static str),
 }
 
-pub const SWAP_BEGUN: &str = "the swap has begun: the update finishes or rolls back as one transaction";
+pub const SWAP_BEGUN: &str =
+    "the swap has begun: the update finishes or rolls back as one transaction";
 
 /// The step for a cancel (issue 15: accepted while nothing has been swapped): `state` is the
 /// action's on this device (`None`: never taken on), `job_running` whether its job holds
@@ -268,7 +304,10 @@ pub fn coalesce(queue: &[(&str, bool)]) -> Vec<usize> {
     (0..queue.len())
         .filter(|&i| {
             let (action, progress) = queue[i];
-            !(progress && queue.get(i + 1).is_some_and(|&(next, next_progress)| next == action && next_progress))
+            !(progress
+                && queue
+                    .get(i + 1)
+                    .is_some_and(|&(next, next_progress)| next == action && next_progress))
         })
         .collect()
 }
@@ -286,24 +325,40 @@ mod tests {
     fn poll(links: &[(&str, &str)]) -> ControllerBase {
         let links: serde_json::Map<String, serde_json::Value> =
             links.iter().map(|(k, v)| (k.to_string(), serde_json::json!({"href": v}))).collect();
-        serde_json::from_value(serde_json::json!({"config": {"polling": {"sleep": "00:01:00"}}, "_links": links})).unwrap()
+        serde_json::from_value(
+            serde_json::json!({"config": {"polling": {"sleep": "00:01:00"}}, "_links": links}),
+        )
+        .unwrap()
     }
 
     fn known() -> Known {
-        Known { installed_version: "1.0.0".into(), config_sent_for: Some("1.0.0".into()), ..Known::default() }
+        Known {
+            installed_version: "1.0.0".into(),
+            config_sent_for: Some("1.0.0".into()),
+            ..Known::default()
+        }
     }
 
     #[test]
     fn config_data_goes_when_asked_for_or_when_the_installed_version_changed() {
-        assert_eq!(on_poll(&poll(&[]), &Known { config_sent_for: None, ..known() }), vec![Step::PutConfigData]);
+        assert_eq!(
+            on_poll(&poll(&[]), &Known { config_sent_for: None, ..known() }),
+            vec![Step::PutConfigData]
+        );
         // After a rollback (local, or a trial at boot) the server hears of 1.0.0 unasked.
-        assert_eq!(on_poll(&poll(&[]), &Known { config_sent_for: Some("2.0.0".into()), ..known() }), vec![Step::PutConfigData]);
+        assert_eq!(
+            on_poll(&poll(&[]), &Known { config_sent_for: Some("2.0.0".into()), ..known() }),
+            vec![Step::PutConfigData]
+        );
         assert_eq!(on_poll(&poll(&[]), &known()), vec![]);
     }
 
     #[test]
     fn action_ids_come_from_the_last_path_segment_and_must_be_plain() {
-        assert_eq!(action_of("http://h/DEFAULT/controller/v1/dev/deploymentBase/8?c=-2129030598"), Some("8"));
+        assert_eq!(
+            action_of("http://h/DEFAULT/controller/v1/dev/deploymentBase/8?c=-2129030598"),
+            Some("8")
+        );
         assert_eq!(action_of("http://h/DEFAULT/controller/v1/dev/cancelAction/11"), Some("11"));
         assert_eq!(action_of("http://h/x/deploymentBase/8/"), None);
         assert_eq!(action_of("http://h/x/installedBase/8"), None);
@@ -320,7 +375,11 @@ mod tests {
         ]);
         assert_eq!(
             on_poll(&p, &known()),
-            vec![Step::PutConfigData, Step::FetchCancel { action: "8".into() }, Step::FetchDeployment { action: "9".into() }]
+            vec![
+                Step::PutConfigData,
+                Step::FetchCancel { action: "8".into() },
+                Step::FetchDeployment { action: "9".into() }
+            ]
         );
         assert_eq!(on_poll(&poll(&[]), &known()), vec![]);
     }
@@ -332,10 +391,17 @@ mod tests {
         assert_eq!(on_poll(&p, &k), vec![Step::AlreadyFinished { action: "9".into() }]);
         // A new action of the same server is taken.
         let p = poll(&[("deploymentBase", "http://h/t/controller/v1/d/deploymentBase/10")]);
-        assert!(matches!(&on_poll(&p, &k)[..], [Step::FetchDeployment { action, .. }] if action == "10"));
+        assert!(
+            matches!(&on_poll(&p, &k)[..], [Step::FetchDeployment { action, .. }] if action == "10")
+        );
     }
 
-    fn deployment(download: &str, update: &str, window: Option<&str>, artifacts: usize) -> DeploymentBase {
+    fn deployment(
+        download: &str,
+        update: &str,
+        window: Option<&str>,
+        artifacts: usize,
+    ) -> DeploymentBase {
         let arts: Vec<serde_json::Value> = (0..artifacts)
             .map(|i| serde_json::json!({"filename": format!("p{i}.zip"), "hashes": {"sha1": "986a1ade8b8a2f758ce951340cc5e21335cc2a00"}, "_links": {"download": {"href": "https://h/p"}}}))
             .collect();
@@ -349,13 +415,25 @@ mod tests {
     #[test]
     fn download_and_update_modes_and_the_maintenance_window_decide_what_happens_now() {
         assert_eq!(allowed(&deployment("forced", "forced", None, 1)), Allowed::Install);
-        assert_eq!(allowed(&deployment("attempt", "attempt", Some("available"), 1)), Allowed::Install);
+        assert_eq!(
+            allowed(&deployment("attempt", "attempt", Some("available"), 1)),
+            Allowed::Install
+        );
         assert_eq!(allowed(&deployment("skip", "forced", None, 1)), Allowed::Wait);
         assert_eq!(allowed(&deployment("forced", "skip", None, 1)), Allowed::DownloadOnly);
-        assert_eq!(allowed(&deployment("attempt", "forced", Some("unavailable"), 1)), Allowed::DownloadOnly);
-        assert_eq!(allowed(&deployment("forced", "forced", None, 2)), Allowed::Install, "a delta and its full twin");
+        assert_eq!(
+            allowed(&deployment("attempt", "forced", Some("unavailable"), 1)),
+            Allowed::DownloadOnly
+        );
+        assert_eq!(
+            allowed(&deployment("forced", "forced", None, 2)),
+            Allowed::Install,
+            "a delta and its full twin"
+        );
         match allowed(&deployment("forced", "forced", None, 3)) {
-            Allowed::Reject(why) => assert!(why.contains("3 artifacts (p0.zip, p1.zip, p2.zip)"), "{why}"),
+            Allowed::Reject(why) => {
+                assert!(why.contains("3 artifacts (p0.zip, p1.zip, p2.zip)"), "{why}")
+            }
             other => panic!("three packages must be refused whole, got {other:?}"),
         }
     }
@@ -366,8 +444,14 @@ mod tests {
         assert_eq!(pair_check(0, &kind(true, "2.0.0"), "2.0.0"), Ok(()));
         assert_eq!(pair_check(1, &kind(false, "2.0.0"), "2.0.0"), Ok(()));
         assert!(pair_check(0, &kind(false, "2.0.0"), "2.0.0").unwrap_err().contains("not a delta"));
-        assert!(pair_check(1, &kind(true, "2.0.0"), "2.0.0").unwrap_err().contains("both are delta"));
-        assert!(pair_check(1, &kind(false, "1.9.0"), "2.0.0").unwrap_err().contains("version \"1.9.0\""));
+        assert!(
+            pair_check(1, &kind(true, "2.0.0"), "2.0.0").unwrap_err().contains("both are delta")
+        );
+        assert!(
+            pair_check(1, &kind(false, "1.9.0"), "2.0.0")
+                .unwrap_err()
+                .contains("version \"1.9.0\"")
+        );
     }
 
     #[test]
@@ -396,19 +480,44 @@ mod tests {
         let f = |c: Course| {
             let fb = feedback(&c, 7);
             assert_eq!(fb.timestamp, Some(7));
-            (fb.status.execution, fb.status.result.finished, fb.status.result.progress, fb.status.details.join("|"))
+            (
+                fb.status.execution,
+                fb.status.result.finished,
+                fb.status.result.progress,
+                fb.status.details.join("|"),
+            )
         };
         let d = f(Course::Downloading { done: 50, total: 200 });
-        assert_eq!((d.2, d.3.as_str()), (Some(Progress { cnt: 25, of: 100 }), "Downloaded 25%|50 of 200 bytes"));
-        assert_eq!(f(Course::Downloading { done: 1, total: 0 }).2, Some(Progress { cnt: 0, of: 100 }));
+        assert_eq!(
+            (d.2, d.3.as_str()),
+            (Some(Progress { cnt: 25, of: 100 }), "Downloaded 25%|50 of 200 bytes")
+        );
+        assert_eq!(
+            f(Course::Downloading { done: 1, total: 0 }).2,
+            Some(Progress { cnt: 0, of: 100 })
+        );
         assert_eq!(f(Course::Downloaded).0, Execution::Downloaded);
         let p = f(Course::Phase { index: 3, count: 9, what: "BackedUp".into() });
-        assert_eq!((p.0, p.1, p.2), (Execution::Proceeding, Finished::None, Some(Progress { cnt: 3, of: 9 })));
-        assert_eq!(f(Course::AwaitingConfirm).1, Finished::None, "not final before confirm (rauc-hawkbit-updater #161)");
+        assert_eq!(
+            (p.0, p.1, p.2),
+            (Execution::Proceeding, Finished::None, Some(Progress { cnt: 3, of: 9 }))
+        );
+        assert_eq!(
+            f(Course::AwaitingConfirm).1,
+            Finished::None,
+            "not final before confirm (rauc-hawkbit-updater #161)"
+        );
         assert_eq!(f(Course::Succeeded { version: "2.0.0".into() }).0, Execution::Closed);
         let failed = f(Course::Failed { code: "HASH_MISMATCH".into(), message: "x".into() });
-        assert_eq!((failed.0, failed.1, failed.3.as_str()), (Execution::Closed, Finished::Failure, "HASH_MISMATCH: x"));
-        assert_eq!(f(Course::Canceled).0, Execution::Closed, "closed/success on the cancelAction confirms the cancel");
+        assert_eq!(
+            (failed.0, failed.1, failed.3.as_str()),
+            (Execution::Closed, Finished::Failure, "HASH_MISMATCH: x")
+        );
+        assert_eq!(
+            f(Course::Canceled).0,
+            Execution::Closed,
+            "closed/success on the cancelAction confirms the cancel"
+        );
         assert_eq!(f(Course::Rejected { reason: "r".into() }).1, Finished::Failure);
         assert!(Course::Failed { code: String::new(), message: String::new() }.is_final());
         assert!(!Course::AwaitingConfirm.is_final());
@@ -421,14 +530,28 @@ mod tests {
         assert_eq!(on_cancel(None, false, false), CancelStep::CancelNow, "never taken on");
         assert_eq!(on_cancel(Some(S::Downloaded), false, false), CancelStep::CancelNow);
         assert_eq!(on_cancel(Some(S::Downloading), true, false), CancelStep::StopDownload);
-        assert_eq!(on_cancel(Some(S::Downloading), false, false), CancelStep::CancelNow, "a download a restart left");
+        assert_eq!(
+            on_cancel(Some(S::Downloading), false, false),
+            CancelStep::CancelNow,
+            "a download a restart left"
+        );
         assert_eq!(on_cancel(Some(S::Installing), true, false), CancelStep::AbortInstall);
         assert_eq!(on_cancel(Some(S::Installing), true, true), CancelStep::Refuse(SWAP_BEGUN));
-        assert_eq!(on_cancel(Some(S::Installing), false, false), CancelStep::Refuse(SWAP_BEGUN), "recovery owns it now");
-        assert_eq!(on_cancel(Some(S::AwaitingConfirm), false, false), CancelStep::Refuse(SWAP_BEGUN));
+        assert_eq!(
+            on_cancel(Some(S::Installing), false, false),
+            CancelStep::Refuse(SWAP_BEGUN),
+            "recovery owns it now"
+        );
+        assert_eq!(
+            on_cancel(Some(S::AwaitingConfirm), false, false),
+            CancelStep::Refuse(SWAP_BEGUN)
+        );
         assert_eq!(on_cancel(Some(S::Canceled), false, false), CancelStep::Nothing);
         for s in [S::Succeeded, S::Failed, S::Rejected] {
-            assert!(matches!(on_cancel(Some(s), false, false), CancelStep::Refuse(r) if r.contains("has ended")), "{s:?}");
+            assert!(
+                matches!(on_cancel(Some(s), false, false), CancelStep::Refuse(r) if r.contains("has ended")),
+                "{s:?}"
+            );
         }
     }
 
@@ -437,8 +560,20 @@ mod tests {
         let prog = |n: u32| feedback(&Course::Phase { index: n, count: 9, what: String::new() }, 0);
         assert!(is_progress(&prog(1)));
         assert!(!is_progress(&feedback(&Course::AwaitingConfirm, 0)));
-        assert!(!is_progress(&feedback(&Course::Failed { code: "C".into(), message: "m".into() }, 0)));
-        let q = [("1", true), ("1", true), ("1", true), ("1", false), ("2", true), ("3", true), ("3", true), ("3", false)];
+        assert!(!is_progress(&feedback(
+            &Course::Failed { code: "C".into(), message: "m".into() },
+            0
+        )));
+        let q = [
+            ("1", true),
+            ("1", true),
+            ("1", true),
+            ("1", false),
+            ("2", true),
+            ("3", true),
+            ("3", true),
+            ("3", false),
+        ];
         assert_eq!(coalesce(&q), vec![2, 3, 4, 6, 7]);
         assert_eq!(coalesce(&[]), Vec::<usize>::new());
     }
@@ -446,29 +581,47 @@ mod tests {
     /// Answers recorded from a real gooseBit 0.2.12 and from the spec-driven server
     /// (tests/ddi/smoke.sh): the decisions on what real servers send.
     fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ddi/fixtures").join(name)).unwrap()
+        std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ddi/fixtures").join(name),
+        )
+        .unwrap()
     }
 
     #[test]
     fn real_server_answers_lead_to_the_right_steps() {
         let k = known();
-        let unregistered: ControllerBase = serde_json::from_slice(&fixture("goosebit-poll-unregistered.json")).unwrap();
+        let unregistered: ControllerBase =
+            serde_json::from_slice(&fixture("goosebit-poll-unregistered.json")).unwrap();
         assert_eq!(on_poll(&unregistered, &k), vec![Step::PutConfigData]);
-        let offered: ControllerBase = serde_json::from_slice(&fixture("goosebit-poll-deployment.json")).unwrap();
+        let offered: ControllerBase =
+            serde_json::from_slice(&fixture("goosebit-poll-deployment.json")).unwrap();
         assert_eq!(offered.sleep(), Some(Duration::from_secs(60)));
-        assert!(matches!(&on_poll(&offered, &k)[..], [Step::FetchDeployment { action, .. }] if action == "1"));
-        let idle: ControllerBase = serde_json::from_slice(&fixture("goosebit-poll-after-success.json")).unwrap();
+        assert!(
+            matches!(&on_poll(&offered, &k)[..], [Step::FetchDeployment { action, .. }] if action == "1")
+        );
+        let idle: ControllerBase =
+            serde_json::from_slice(&fixture("goosebit-poll-after-success.json")).unwrap();
         assert_eq!(on_poll(&idle, &k), vec![]);
         let goose = DeploymentBase::parse(&fixture("goosebit-deploymentbase.json")).unwrap();
         assert_eq!(allowed(&goose), Allowed::Install);
-        assert!(matches!(goose.artifacts().next().unwrap().1.hashes.strongest(), Some(crate::ddi::protocol::ArtifactHash::Sha1(_))));
-        let later = DeploymentBase::parse(&fixture("spec-deploymentbase-window-unavailable.json")).unwrap();
+        assert!(matches!(
+            goose.artifacts().next().unwrap().1.hashes.strongest(),
+            Some(crate::ddi::protocol::ArtifactHash::Sha1(_))
+        ));
+        let later =
+            DeploymentBase::parse(&fixture("spec-deploymentbase-window-unavailable.json")).unwrap();
         assert_eq!(allowed(&later), Allowed::DownloadOnly);
-        let now = DeploymentBase::parse(&fixture("spec-deploymentbase-window-available.json")).unwrap();
-        assert!(matches!(now.artifacts().next().unwrap().1.hashes.strongest(), Some(crate::ddi::protocol::ArtifactHash::Sha256(_))));
-        let cancel: ControllerBase = serde_json::from_slice(&fixture("spec-poll-cancel.json")).unwrap();
+        let now =
+            DeploymentBase::parse(&fixture("spec-deploymentbase-window-available.json")).unwrap();
+        assert!(matches!(
+            now.artifacts().next().unwrap().1.hashes.strongest(),
+            Some(crate::ddi::protocol::ArtifactHash::Sha256(_))
+        ));
+        let cancel: ControllerBase =
+            serde_json::from_slice(&fixture("spec-poll-cancel.json")).unwrap();
         assert!(on_poll(&cancel, &k).iter().any(|s| matches!(s, Step::FetchCancel { .. })));
-        let c: crate::ddi::protocol::Cancel = serde_json::from_slice(&fixture("spec-cancelaction.json")).unwrap();
+        let c: crate::ddi::protocol::Cancel =
+            serde_json::from_slice(&fixture("spec-cancelaction.json")).unwrap();
         assert_eq!(c.cancel_action.stop_id, "8");
         // gooseBit answers `null` for a deploymentBase with nothing behind it: an error, not an action.
         assert!(DeploymentBase::parse(b"null").is_err());

@@ -3,7 +3,9 @@
 //! would make the device act (ids, hashes, sizes, download/update modes) and lenient where
 //! servers differ (unknown fields, optional links): gooseBit sends a subset of hawkBit's fields.
 
-use crate::limits::{DDI_ARTIFACTS_MAX, DDI_DETAIL_BYTES_MAX, DDI_DETAILS_MAX, DDI_ID_BYTES_MAX, DDI_SLEEP_S_MAX};
+use crate::limits::{
+    DDI_ARTIFACTS_MAX, DDI_DETAIL_BYTES_MAX, DDI_DETAILS_MAX, DDI_ID_BYTES_MAX, DDI_SLEEP_S_MAX,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -142,7 +144,9 @@ pub enum ArtifactHash {
 impl Hashes {
     pub fn strongest(&self) -> Option<ArtifactHash> {
         let hex = |h: &Option<String>, len: usize| {
-            h.as_ref().map(|s| s.to_ascii_lowercase()).filter(|s| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            h.as_ref()
+                .map(|s| s.to_ascii_lowercase())
+                .filter(|s| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()))
         };
         hex(&self.sha256, 64)
             .map(ArtifactHash::Sha256)
@@ -155,7 +159,10 @@ impl Artifact {
     /// `download` (https on hawkBit) before `download-http`: the caller still applies
     /// `allow_http` to whichever it gets.
     pub fn download_url(&self) -> Option<&str> {
-        self.links.get("download").or_else(|| self.links.get("download-http")).map(|l| l.href.as_str())
+        self.links
+            .get("download")
+            .or_else(|| self.links.get("download-http"))
+            .map(|l| l.href.as_str())
     }
 }
 
@@ -239,8 +246,20 @@ impl Feedback {
         details: Vec<String>,
         timestamp: Option<u64>,
     ) -> Feedback {
-        let details = details.into_iter().take(DDI_DETAILS_MAX).map(|d| truncate(d, DDI_DETAIL_BYTES_MAX)).collect();
-        Feedback { timestamp, status: Status { execution, result: FeedbackResult { finished, progress }, code: None, details } }
+        let details = details
+            .into_iter()
+            .take(DDI_DETAILS_MAX)
+            .map(|d| truncate(d, DDI_DETAIL_BYTES_MAX))
+            .collect();
+        Feedback {
+            timestamp,
+            status: Status {
+                execution,
+                result: FeedbackResult { finished, progress },
+                code: None,
+                details,
+            },
+        }
     }
 }
 
@@ -275,29 +294,50 @@ impl std::fmt::Display for ProtocolError {
 /// An action id as it appears in paths: a short string of ASCII letters, digits, `-` or `_`
 /// (hawkBit: decimal; the id goes back into URLs and the journal, so nothing else is accepted).
 pub fn check_action_id(id: &str) -> Result<(), ProtocolError> {
-    let ok = !id.is_empty() && id.len() <= DDI_ID_BYTES_MAX && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok { Ok(()) } else { Err(ProtocolError(format!("action id {:?} is not a short alphanumeric id", truncate(id.to_string(), 64)))) }
+    let ok = !id.is_empty()
+        && id.len() <= DDI_ID_BYTES_MAX
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError(format!(
+            "action id {:?} is not a short alphanumeric id",
+            truncate(id.to_string(), 64)
+        )))
+    }
 }
 
 impl DeploymentBase {
     /// Parses and checks a deploymentBase answer: the id, and every artifact has a name, a
     /// download link and a usable hash, and there are at most `DDI_ARTIFACTS_MAX`.
     pub fn parse(body: &[u8]) -> Result<DeploymentBase, ProtocolError> {
-        let d: DeploymentBase = serde_json::from_slice(body).map_err(|e| ProtocolError(format!("deploymentBase: {e}")))?;
+        let d: DeploymentBase = serde_json::from_slice(body)
+            .map_err(|e| ProtocolError(format!("deploymentBase: {e}")))?;
         check_action_id(&d.id)?;
-        let artifacts: Vec<&Artifact> = d.deployment.chunks.iter().flat_map(|c| &c.artifacts).collect();
+        let artifacts: Vec<&Artifact> =
+            d.deployment.chunks.iter().flat_map(|c| &c.artifacts).collect();
         if artifacts.is_empty() {
             return Err(ProtocolError(format!("action {}: the deployment has no artifact", d.id)));
         }
         if artifacts.len() > DDI_ARTIFACTS_MAX {
-            return Err(ProtocolError(format!("action {}: {} artifacts, at most {DDI_ARTIFACTS_MAX}", d.id, artifacts.len())));
+            return Err(ProtocolError(format!(
+                "action {}: {} artifacts, at most {DDI_ARTIFACTS_MAX}",
+                d.id,
+                artifacts.len()
+            )));
         }
         for a in artifacts {
             if a.download_url().is_none() {
-                return Err(ProtocolError(format!("action {}: artifact {:?} has no download link", d.id, a.filename)));
+                return Err(ProtocolError(format!(
+                    "action {}: artifact {:?} has no download link",
+                    d.id, a.filename
+                )));
             }
             if a.hashes.strongest().is_none() {
-                return Err(ProtocolError(format!("action {}: artifact {:?} has no sha256, sha1 or md5 in hex", d.id, a.filename)));
+                return Err(ProtocolError(format!(
+                    "action {}: artifact {:?} has no sha256, sha1 or md5 in hex",
+                    d.id, a.filename
+                )));
             }
         }
         Ok(d)
@@ -317,7 +357,18 @@ mod tests {
         assert_eq!(parse_sleep("00:01:00"), Some(Duration::from_secs(60)));
         assert_eq!(parse_sleep("12:00:05"), Some(Duration::from_secs(12 * 3600 + 5)));
         assert_eq!(parse_sleep("00:00:00"), Some(Duration::ZERO));
-        for bad in ["", "60", "00:60:00", "00:00:60", "-1:00:00", "1:2", "00:00:01:00", "aa:bb:cc", "+1:00:00", " 1:00:00"] {
+        for bad in [
+            "",
+            "60",
+            "00:60:00",
+            "00:00:60",
+            "-1:00:00",
+            "1:2",
+            "00:00:01:00",
+            "aa:bb:cc",
+            "+1:00:00",
+            " 1:00:00",
+        ] {
             assert_eq!(parse_sleep(bad), None, "{bad:?}");
         }
         // Past the bound: a server cannot park a device for a year.
@@ -334,11 +385,20 @@ mod tests {
         let s1 = "2D86C2A659E364E9ABBA49EA6FFCD53DD5559F05";
         let m5 = "0d1b08c34858921bc7c662b228acb7ba";
         let s256 = "a03b221c6c6eae7122ca51695d456d5222e524889136394944b2f9763b483615";
-        assert_eq!(h(Some(s1), Some(m5), Some(s256)).strongest(), Some(ArtifactHash::Sha256(s256.into())));
-        assert_eq!(h(Some(s1), Some(m5), None).strongest(), Some(ArtifactHash::Sha1(s1.to_ascii_lowercase())));
+        assert_eq!(
+            h(Some(s1), Some(m5), Some(s256)).strongest(),
+            Some(ArtifactHash::Sha256(s256.into()))
+        );
+        assert_eq!(
+            h(Some(s1), Some(m5), None).strongest(),
+            Some(ArtifactHash::Sha1(s1.to_ascii_lowercase()))
+        );
         assert_eq!(h(None, Some(m5), None).strongest(), Some(ArtifactHash::Md5(m5.into())));
         // A malformed stronger hash does not hide a good weaker one, and is never used.
-        assert_eq!(h(Some(s1), None, Some("abc")).strongest(), Some(ArtifactHash::Sha1(s1.to_ascii_lowercase())));
+        assert_eq!(
+            h(Some(s1), None, Some("abc")).strongest(),
+            Some(ArtifactHash::Sha1(s1.to_ascii_lowercase()))
+        );
         assert_eq!(h(None, None, None).strongest(), None);
         assert_eq!(h(Some(&s1[..39]), Some("zz"), None).strongest(), None);
     }
@@ -372,7 +432,10 @@ mod tests {
         let good_hashes = r#"{"sha1":"986a1ade8b8a2f758ce951340cc5e21335cc2a00"}"#;
         let d = DeploymentBase::parse(art(good_links, good_hashes).as_bytes()).unwrap();
         // Absent modes are forced (the spec's default behaviour of servers that omit them).
-        assert_eq!((d.deployment.download, d.deployment.update), (Handling::Forced, Handling::Forced));
+        assert_eq!(
+            (d.deployment.download, d.deployment.update),
+            (Handling::Forced, Handling::Forced)
+        );
         let refused = |body: String, why: &str| {
             let e = DeploymentBase::parse(body.as_bytes()).unwrap_err();
             assert!(e.0.contains(why), "{e} should say {why}");
@@ -381,11 +444,24 @@ mod tests {
         refused(art(good_links, "{}"), "no sha256, sha1 or md5");
         refused(art(good_links, r#"{"sha256":"not hex"}"#), "no sha256, sha1 or md5");
         refused(r#"{"id":"7","deployment":{"chunks":[]}}"#.into(), "no artifact");
-        refused(art(good_links, good_hashes).replace(r#""id":"7""#, r#""id":"../7""#), "not a short alphanumeric id");
-        refused(art(good_links, good_hashes).replace(r#""id":"7""#, r#""id":"""#), "not a short alphanumeric id");
-        refused(art(good_links, good_hashes).replace(r#""chunks""#, r#""download":"sometimes","chunks""#), "deploymentBase");
-        let many: Vec<String> =
-            (0..=DDI_ARTIFACTS_MAX).map(|i| format!(r#"{{"filename":"a{i}.zip","hashes":{good_hashes},"_links":{good_links}}}"#)).collect();
+        refused(
+            art(good_links, good_hashes).replace(r#""id":"7""#, r#""id":"../7""#),
+            "not a short alphanumeric id",
+        );
+        refused(
+            art(good_links, good_hashes).replace(r#""id":"7""#, r#""id":"""#),
+            "not a short alphanumeric id",
+        );
+        refused(
+            art(good_links, good_hashes)
+                .replace(r#""chunks""#, r#""download":"sometimes","chunks""#),
+            "deploymentBase",
+        );
+        let many: Vec<String> = (0..=DDI_ARTIFACTS_MAX)
+            .map(|i| {
+                format!(r#"{{"filename":"a{i}.zip","hashes":{good_hashes},"_links":{good_links}}}"#)
+            })
+            .collect();
         refused(
             format!(
                 r#"{{"id":"7","deployment":{{"chunks":[{{"part":"os","version":"1","name":"n","artifacts":[{}]}}]}}}}"#,
@@ -398,8 +474,16 @@ mod tests {
     #[test]
     fn feedback_serialises_as_the_spec_names_it_with_bounded_details() {
         let long = "é".repeat(DDI_DETAIL_BYTES_MAX);
-        let details = std::iter::once(long).chain((0..DDI_DETAILS_MAX + 5).map(|i| format!("line {i}"))).collect();
-        let f = Feedback::new(Execution::Proceeding, Finished::None, Some(Progress { cnt: 2, of: 5 }), details, Some(1627997501890));
+        let details = std::iter::once(long)
+            .chain((0..DDI_DETAILS_MAX + 5).map(|i| format!("line {i}")))
+            .collect();
+        let f = Feedback::new(
+            Execution::Proceeding,
+            Finished::None,
+            Some(Progress { cnt: 2, of: 5 }),
+            details,
+            Some(1627997501890),
+        );
         let v = serde_json::to_value(&f).unwrap();
         assert_eq!(v["status"]["execution"], "proceeding");
         assert_eq!(v["status"]["result"]["finished"], "none");
@@ -409,8 +493,18 @@ mod tests {
         assert_eq!(d.len(), DDI_DETAILS_MAX);
         assert!(d[0].as_str().unwrap().len() <= DDI_DETAIL_BYTES_MAX);
         assert!(v["status"].get("code").is_none());
-        let closed = serde_json::to_value(Feedback::new(Execution::Closed, Finished::Success, None, vec![], None)).unwrap();
-        assert_eq!(closed, serde_json::json!({"status": {"execution": "closed", "result": {"finished": "success"}}}));
+        let closed = serde_json::to_value(Feedback::new(
+            Execution::Closed,
+            Finished::Success,
+            None,
+            vec![],
+            None,
+        ))
+        .unwrap();
+        assert_eq!(
+            closed,
+            serde_json::json!({"status": {"execution": "closed", "result": {"finished": "success"}}})
+        );
     }
 
     #[test]

@@ -33,7 +33,12 @@ fn deliver_loop(journal: &Journal, client: &Client, w: &Wakeup) {
         if let Some(why) = &round.retry {
             failures += 1;
             let wait = backoff(failures);
-            tracing::warn!(failures, retry_in_s = wait.as_secs(), why, "DDI feedback not delivered; retrying");
+            tracing::warn!(
+                failures,
+                retry_in_s = wait.as_secs(),
+                why,
+                "DDI feedback not delivered; retrying"
+            );
             if w.sleep(wait, false) {
                 return;
             }
@@ -42,7 +47,12 @@ fn deliver_loop(journal: &Journal, client: &Client, w: &Wakeup) {
         failures = 0;
         let did = round.sent + round.coalesced + round.refused;
         if did > 0 {
-            tracing::debug!(sent = round.sent, coalesced = round.coalesced, refused = round.refused, "DDI feedback delivered");
+            tracing::debug!(
+                sent = round.sent,
+                coalesced = round.coalesced,
+                refused = round.refused,
+                "DDI feedback delivered"
+            );
             // More may wait beyond the batch: look again at once.
             continue;
         }
@@ -63,11 +73,16 @@ pub struct Round {
 }
 
 /// Delivers up to `batch` waiting feedbacks, in order, stopping at the first transient error.
-pub fn deliver_round(journal: &Journal, client: &Client, batch: usize) -> crate::error::Result<Round> {
+pub fn deliver_round(
+    journal: &Journal,
+    client: &Client,
+    batch: usize,
+) -> crate::error::Result<Round> {
     let pending = journal.ddi_feedback_pending(batch)?;
     let keys: Vec<(&str, bool)> = pending.iter().map(|f| (f.action.as_str(), f.progress)).collect();
     let keep = coalesce(&keys);
-    let dropped: Vec<u64> = pending.iter().enumerate().filter(|(i, _)| !keep.contains(i)).map(|(_, f)| f.seq).collect();
+    let dropped: Vec<u64> =
+        pending.iter().enumerate().filter(|(i, _)| !keep.contains(i)).map(|(_, f)| f.seq).collect();
     let mut round = Round { coalesced: dropped.len(), ..Round::default() };
     if !dropped.is_empty() {
         journal.ddi_feedback_remove(&dropped)?;
@@ -79,7 +94,12 @@ pub fn deliver_round(journal: &Journal, client: &Client, batch: usize) -> crate:
             Err(ClientError::Refused(why) | ClientError::Withdrawn(why)) => {
                 // The server will never take it (the action is gone, or closed on its side):
                 // keeping it would block every later feedback.
-                tracing::warn!(seq = f.seq, action = f.action, why, "DDI feedback refused by the server; dropped");
+                tracing::warn!(
+                    seq = f.seq,
+                    action = f.action,
+                    why,
+                    "DDI feedback refused by the server; dropped"
+                );
                 round.refused += 1;
             }
             Err(ClientError::Transient(why)) => {
@@ -94,7 +114,8 @@ pub fn deliver_round(journal: &Journal, client: &Client, batch: usize) -> crate:
 
 /// The wait before the next attempt after `failures` transient failures in a row.
 pub fn backoff(failures: u32) -> Duration {
-    let s = crate::limits::DDI_BACKOFF_S_MIN.saturating_mul(1u64 << failures.saturating_sub(1).min(20));
+    let s =
+        crate::limits::DDI_BACKOFF_S_MIN.saturating_mul(1u64 << failures.saturating_sub(1).min(20));
     Duration::from_secs(s.min(crate::limits::DDI_FEEDBACK_BACKOFF_S_MAX))
 }
 

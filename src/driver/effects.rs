@@ -23,33 +23,52 @@ pub(super) fn stage_one(
     let file = fsutil::create_replacing(&tmp)?;
     let copied = match &t.source {
         Source::Package { entry } => {
-            let archive = archive.ok_or_else(|| Error::internal("staging from a package that is not open"))?;
+            let archive = archive
+                .ok_or_else(|| Error::internal("staging from a package that is not open"))?;
             let reader = crate::package::entry_reader(archive, entry, nf.size)?;
             fsutil::copy_hashed(reader, &file).map_err(|e| match e {
-                CopyError::Read(e) => Error::new(ErrorCode::InvalidPackage, format!("entry {entry:?}: {e}")),
+                CopyError::Read(e) => {
+                    Error::new(ErrorCode::InvalidPackage, format!("entry {entry:?}: {e}"))
+                }
                 CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
             })
         }
         Source::Blob => {
             let hash = nf.hash.ok_or_else(|| Error::internal("blob source without a hash"))?;
             fsutil::copy_hashed(store.open_blob(&hash)?, &file).map_err(|e| match e {
-                CopyError::Read(e) => Error::io(ErrorCode::RollbackFailed, "read backup", &store.blob_path(&hash), &e),
+                CopyError::Read(e) => {
+                    Error::io(ErrorCode::RollbackFailed, "read backup", &store.blob_path(&hash), &e)
+                }
                 CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", &tmp, &e),
             })
         }
-        Source::Delta { base, live, patch } => stage_delta(t, nf.size, (base, *live), patch.as_ref(), archive, store, (&tmp, &file)),
-        Source::Nothing => Err(Error::internal(format!("{} has new content but no source", t.path))),
+        Source::Delta { base, live, patch } => {
+            stage_delta(t, nf.size, (base, *live), patch.as_ref(), archive, store, (&tmp, &file))
+        }
+        Source::Nothing => {
+            Err(Error::internal(format!("{} has new content but no source", t.path)))
+        }
     };
     let (hash, size) = copied?;
     if size != nf.size {
         // From the package: the package is wrong; from a blob or a delta base: the content is.
-        let code = if matches!(t.source, Source::Package { .. }) { ErrorCode::InvalidPackage } else { ErrorCode::HashMismatch };
-        return Err(Error::new(code, format!("{}: {size} bytes staged, {} declared", t.path, nf.size)));
+        let code = if matches!(t.source, Source::Package { .. }) {
+            ErrorCode::InvalidPackage
+        } else {
+            ErrorCode::HashMismatch
+        };
+        return Err(Error::new(
+            code,
+            format!("{}: {size} bytes staged, {} declared", t.path, nf.size),
+        ));
     }
     if let Some(expected) = nf.hash
         && expected != hash
     {
-        return Err(Error::new(ErrorCode::HashMismatch, format!("content for {} hashes to {hash}, expected {expected}", t.path)));
+        return Err(Error::new(
+            ErrorCode::HashMismatch,
+            format!("content for {} hashes to {hash}, expected {expected}", t.path),
+        ));
     }
     fsutil::apply_meta(&file, &tmp, nf.mode, nf.uid, nf.gid)?;
     hit("stage.file");
@@ -69,18 +88,22 @@ fn stage_delta(
 ) -> Result<(crate::engine::Hash, u64)> {
     let target = Path::new(&t.path);
     let base_file = if live {
-        std::fs::File::open(target).map_err(|e| Error::io(ErrorCode::DeltaBaseMissing, "open delta base", target, &e))?
+        std::fs::File::open(target)
+            .map_err(|e| Error::io(ErrorCode::DeltaBaseMissing, "open delta base", target, &e))?
     } else {
         store.open_blob(base).map_err(|e| Error::new(ErrorCode::DeltaBaseMissing, e.message))?
     };
     let base_path = if live { target.to_path_buf() } else { store.blob_path(base) };
     let Some(p) = patch else {
         return fsutil::copy_hashed(&base_file, file).map_err(|e| match e {
-            CopyError::Read(e) => Error::io(ErrorCode::DeltaBaseMissing, "read delta base", &base_path, &e),
+            CopyError::Read(e) => {
+                Error::io(ErrorCode::DeltaBaseMissing, "read delta base", &base_path, &e)
+            }
             CopyError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", tmp, &e),
         });
     };
-    let archive = archive.ok_or_else(|| Error::internal("staging from a package that is not open"))?;
+    let archive =
+        archive.ok_or_else(|| Error::internal("staging from a package that is not open"))?;
     let mut reader = crate::package::entry_reader(archive, &p.entry, p.size)?;
     let mut out = HashingWriter { file, hasher: blake3::Hasher::new(), len: 0 };
     crate::delta::apply(&mut reader, &base_file, size, &mut out).map_err(|e| {
@@ -88,9 +111,15 @@ fn stage_delta(
         let what = format!("patch {:?} for {}", p.entry, t.path);
         match e {
             PatchError::Invalid(m) => Error::new(ErrorCode::InvalidPackage, format!("{what}: {m}")),
-            PatchError::Corrupt(m) => Error::new(ErrorCode::HashMismatch, format!("{what} does not produce the pinned content: {m}")),
+            PatchError::Corrupt(m) => Error::new(
+                ErrorCode::HashMismatch,
+                format!("{what} does not produce the pinned content: {m}"),
+            ),
             PatchError::Read(e) => Error::new(ErrorCode::InvalidPackage, format!("{what}: {e}")),
-            PatchError::Base(m) => Error::new(ErrorCode::DeltaBaseMissing, format!("{what}: base {}: {m}", base_path.display())),
+            PatchError::Base(m) => Error::new(
+                ErrorCode::DeltaBaseMissing,
+                format!("{what}: base {}: {m}", base_path.display()),
+            ),
             PatchError::Write(e) => Error::io(ErrorCode::DeploymentFailed, "write", tmp, &e),
         }
     })?;
@@ -137,12 +166,16 @@ pub(super) fn split_stage(
     pkg: &crate::package::Package,
     archive: &mut crate::package::Archive,
 ) -> Result<Option<SplitStage>> {
-    let (NewState::File(nf), Source::Package { entry }) = (&t.new, &t.source) else { return Ok(None) };
+    let (NewState::File(nf), Source::Package { entry }) = (&t.new, &t.source) else {
+        return Ok(None);
+    };
     let Some(expected) = nf.hash else { return Ok(None) };
     if nf.size <= crate::treehash::PIECE_BYTES {
         return Ok(None);
     }
-    let Some((package, data_start)) = pkg.stored_entry(archive, entry, nf.size)? else { return Ok(None) };
+    let Some((package, data_start)) = pkg.stored_entry(archive, entry, nf.size)? else {
+        return Ok(None);
+    };
     let tmp = temp_path(Path::new(&t.path), tx);
     let out = fsutil::create_replacing(&tmp)?;
     Ok(Some(SplitStage { tmp, out, package, data_start, size: nf.size, expected }))
@@ -161,9 +194,17 @@ impl SplitStage {
                 let n = self
                     .package
                     .read_at(&mut buf[..want], self.data_start + offset + done)
-                    .map_err(|e| Error::new(ErrorCode::InvalidPackage, format!("package entry for {}: {e}", self.tmp.display())))?;
+                    .map_err(|e| {
+                        Error::new(
+                            ErrorCode::InvalidPackage,
+                            format!("package entry for {}: {e}", self.tmp.display()),
+                        )
+                    })?;
                 if n == 0 {
-                    return Err(Error::new(ErrorCode::InvalidPackage, format!("package entry for {} is truncated", self.tmp.display())));
+                    return Err(Error::new(
+                        ErrorCode::InvalidPackage,
+                        format!("package entry for {} is truncated", self.tmp.display()),
+                    ));
                 }
                 hasher.update(&buf[..n]);
                 self.out
@@ -177,7 +218,9 @@ impl SplitStage {
 
     /// After every piece: the merged hash must be the pinned one; then mode and owner.
     pub(super) fn finish(self, t: &Target, hash: crate::engine::Hash) -> Result<()> {
-        let NewState::File(nf) = &t.new else { return Err(Error::internal("split staging of a target without new content")) };
+        let NewState::File(nf) = &t.new else {
+            return Err(Error::internal("split staging of a target without new content"));
+        };
         if hash != self.expected {
             return Err(Error::new(
                 ErrorCode::HashMismatch,
@@ -216,12 +259,18 @@ pub(super) fn swap_one(t: &Target, tx: u64) -> Result<()> {
         _ => Some(fsutil::observe(target)?),
     };
     match swap_action(&t.new, staged, current.as_ref()) {
-        SwapAction::Rename => std::fs::rename(&tmp, target).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", target, &e))?,
+        SwapAction::Rename => std::fs::rename(&tmp, target)
+            .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", target, &e))?,
         SwapAction::Remove => {
             fsutil::remove_if_present(target)?;
         }
         SwapAction::Done => {}
-        SwapAction::Lost => return Err(Error::new(ErrorCode::DeploymentFailed, format!("{}: staged content is missing", t.path))),
+        SwapAction::Lost => {
+            return Err(Error::new(
+                ErrorCode::DeploymentFailed,
+                format!("{}: staged content is missing", t.path),
+            ));
+        }
     }
     hit("swap.file");
     Ok(())
@@ -246,12 +295,16 @@ pub(super) fn undo_one(t: &Target, tx: u64, store: &BackupStore) -> Result<()> {
             fsutil::remove_if_present(target)?;
         }
         RestoreAction::Restore => {
-            let PathState::File(meta) = t.old else { unreachable!("restore_action returns Restore only for old files") };
+            let PathState::File(meta) = t.old else {
+                unreachable!("restore_action returns Restore only for old files")
+            };
             if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| Error::io(ErrorCode::RollbackFailed, "create", parent, &e))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| Error::io(ErrorCode::RollbackFailed, "create", parent, &e))?;
             }
             store.restore_to(&meta, &tmp)?;
-            std::fs::rename(&tmp, target).map_err(|e| Error::io(ErrorCode::RollbackFailed, "rename", target, &e))?;
+            std::fs::rename(&tmp, target)
+                .map_err(|e| Error::io(ErrorCode::RollbackFailed, "rename", target, &e))?;
         }
     }
     hit("rollback.file");

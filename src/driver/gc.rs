@@ -27,9 +27,13 @@ impl Updater {
         let gens = self.journal.generations()?;
         let factory = self.journal.factory()?;
         let keep = match fx {
-            Some(fx) => {
-                generation::referenced_after(&gens, &fx.remove_generations, fx.new_generation.as_ref(), &factory, &fx.factory_additions)
-            }
+            Some(fx) => generation::referenced_after(
+                &gens,
+                &fx.remove_generations,
+                fx.new_generation.as_ref(),
+                &factory,
+                &fx.factory_additions,
+            ),
             None => generation::referenced_blobs(&gens, &factory),
         };
         self.store.garbage(&keep)
@@ -41,7 +45,9 @@ impl Updater {
     /// is collected next time.
     pub(super) fn collect_garbage(&self) {
         let collected = (|| {
-            if self.journal.active()?.is_some() || crate::plancopy::path_in(&self.state_dir).exists() {
+            if self.journal.active()?.is_some()
+                || crate::plancopy::path_in(&self.state_dir).exists()
+            {
                 return Ok(None);
             }
             let garbage = self.garbage_after(None)?;
@@ -49,10 +55,17 @@ impl Updater {
         })();
         match collected {
             Ok(Some(s)) if s.removed > 0 => {
-                tracing::info!(removed = s.removed, bytes = s.removed_bytes, kept = s.kept, "backup blobs collected")
+                tracing::info!(
+                    removed = s.removed,
+                    bytes = s.removed_bytes,
+                    kept = s.kept,
+                    "backup blobs collected"
+                )
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not collect backup blobs; the next transaction tries again"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not collect backup blobs; the next transaction tries again")
+            }
         }
     }
 }

@@ -112,7 +112,8 @@ pub enum RecoverReport {
 
 /// Exclusive lock on `<state_dir>/lock`: one transaction at a time, across processes.
 pub fn lock_state_dir(state_dir: &Path) -> Result<Flock<File>> {
-    std::fs::create_dir_all(state_dir).map_err(|e| Error::io(ErrorCode::InternalError, "create state dir", state_dir, &e))?;
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| Error::io(ErrorCode::InternalError, "create state dir", state_dir, &e))?;
     let path = state_dir.join("lock");
     let f = File::options()
         .create(true)
@@ -121,7 +122,10 @@ pub fn lock_state_dir(state_dir: &Path) -> Result<Flock<File>> {
         .open(&path)
         .map_err(|e| Error::io(ErrorCode::InternalError, "open", &path, &e))?;
     Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
-        nix::errno::Errno::EWOULDBLOCK => Error::new(ErrorCode::OperationInProgress, "another tope-updater transaction is running"),
+        nix::errno::Errno::EWOULDBLOCK => Error::new(
+            ErrorCode::OperationInProgress,
+            "another tope-updater transaction is running",
+        ),
         other => Error::io(ErrorCode::InternalError, "flock", &path, &other.into()),
     })
 }
@@ -207,7 +211,8 @@ impl Updater {
         // A plan copy without a journal means the journal was lost mid-transaction: creating a
         // fresh journal here would make the copy look stale and delete the only record of
         // what to undo. Only `recover` may handle that.
-        if !Journal::path_in(&cfg.state_dir).exists() && plancopy::path_in(&cfg.state_dir).exists() {
+        if !Journal::path_in(&cfg.state_dir).exists() && plancopy::path_in(&cfg.state_dir).exists()
+        {
             return Err(Error::new(
                 ErrorCode::JournalCorrupt,
                 "the journal is missing but a transaction was in flight; run `tope-updater recover`",
@@ -226,7 +231,10 @@ impl Updater {
         let path = Journal::path_in(&cfg.state_dir);
         let copy_exists = plancopy::path_in(&cfg.state_dir).exists();
         let lost = if !path.exists() && copy_exists {
-            Error::new(ErrorCode::JournalCorrupt, format!("{} is missing but a transaction was in flight", path.display()))
+            Error::new(
+                ErrorCode::JournalCorrupt,
+                format!("{} is missing but a transaction was in flight", path.display()),
+            )
         } else {
             match Journal::open(&cfg.state_dir) {
                 Ok(journal) => return Ok((Updater::assemble(cfg, journal, lock)?, None)),
@@ -248,7 +256,8 @@ impl Updater {
         if path.exists() {
             let aside = cfg.state_dir.join(format!("journal.redb.corrupt-{}", now_ms()));
             tracing::error!(error = %lost, moved_to = %aside.display(), "journal unreadable; starting a fresh one");
-            std::fs::rename(&path, &aside).map_err(|io| Error::io(ErrorCode::JournalCorrupt, "move aside", &path, &io))?;
+            std::fs::rename(&path, &aside)
+                .map_err(|io| Error::io(ErrorCode::JournalCorrupt, "move aside", &path, &io))?;
             fsutil::fsync_dir(&cfg.state_dir)?;
         }
         let journal = Journal::open(&cfg.state_dir)?;
@@ -350,7 +359,10 @@ impl Updater {
             )),
             Some((rec, _)) => Err(Error::new(
                 ErrorCode::OperationInProgress,
-                format!("transaction {} was interrupted in phase {}; run `tope-updater recover` first", rec.id, rec.phase),
+                format!(
+                    "transaction {} was interrupted in phase {}; run `tope-updater recover` first",
+                    rec.id, rec.phase
+                ),
             )),
         }
     }
@@ -365,7 +377,8 @@ impl Updater {
     /// Removes blobs that no kept generation and no factory entry references.
     pub fn gc(&mut self) -> Result<GcStats> {
         self.refuse_if_in_flight()?;
-        let keep = generation::referenced_blobs(&self.journal.generations()?, &self.journal.factory()?);
+        let keep =
+            generation::referenced_blobs(&self.journal.generations()?, &self.journal.factory()?);
         self.store.gc(&keep)
     }
 }
@@ -383,5 +396,7 @@ pub(super) fn report(rec: &TxRecord, plan: &Plan, outcome: Outcome) -> TxReport 
 }
 
 pub(super) fn path_string(p: &Path) -> Result<String> {
-    p.to_str().map(str::to_string).ok_or_else(|| Error::new(ErrorCode::PathNotAllowed, format!("{} is not UTF-8", p.display())))
+    p.to_str().map(str::to_string).ok_or_else(|| {
+        Error::new(ErrorCode::PathNotAllowed, format!("{} is not UTF-8", p.display()))
+    })
 }

@@ -19,10 +19,15 @@ impl Updater {
         self.refuse_if_in_flight()?;
         let started = std::time::Instant::now();
         let mut pkg = Package::open(package, &self.cfg, &self.roots)?;
-        tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, files = pkg.files.len(), "package validated");
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            files = pkg.files.len(),
+            "package validated"
+        );
         let (_, current) = self.current_generation()?;
         self.check_acceptable(&pkg, current.as_ref(), opts)?;
-        let dsts: Vec<String> = pkg.files.iter().map(|f| path_string(&f.dst)).collect::<Result<_>>()?;
+        let dsts: Vec<String> =
+            pkg.files.iter().map(|f| path_string(&f.dst)).collect::<Result<_>>()?;
         let olds = self.observe_old(&dsts.iter().map(String::as_str).collect::<Vec<_>>())?;
         let blake3 = pkg.identity()?;
         self.check_not_failed_before(&blake3, opts)?;
@@ -51,7 +56,9 @@ impl Updater {
         targets.sort_by(|a, b| a.path.cmp(&b.path));
         let mut plan = Plan {
             tx_id: self.journal.next_tx_id()?,
-            kind: TxKind::Install { package: PackageRef { path: path_string(&pkg.path)?, blake3, size: pkg.size } },
+            kind: TxKind::Install {
+                package: PackageRef { path: path_string(&pkg.path)?, blake3, size: pkg.size },
+            },
             from_version: current.as_ref().map(|g| g.version.clone()),
             to_version: Some(m.version.to_string()),
             modules: m
@@ -81,8 +88,16 @@ impl Updater {
     /// a backup blob. The live file is the target's old content, which nothing changes before
     /// the swap (staging, which reads it, always precedes it); whatever is read, staging
     /// checks the result against the pinned hash.
-    fn delta_source(&self, f: &DeployFile, patches: &[(Patch, u64)], old: &PathState, m: &Manifest) -> Result<Source> {
-        let target = f.expected.ok_or_else(|| Error::internal(format!("{}: a delta file without its hash", f.dst.display())))?;
+    fn delta_source(
+        &self,
+        f: &DeployFile,
+        patches: &[(Patch, u64)],
+        old: &PathState,
+        m: &Manifest,
+    ) -> Result<Source> {
+        let target = f.expected.ok_or_else(|| {
+            Error::internal(format!("{}: a delta file without its hash", f.dst.display()))
+        })?;
         let live = old.hash();
         let patch = |p: &Patch, size: u64| Some(PatchRef { entry: p.entry.clone(), size });
         if live == Some(target) {
@@ -97,7 +112,12 @@ impl Updater {
         if let Some((p, size)) = patches.iter().find(|(p, _)| self.store.has(&p.base)) {
             return Ok(Source::Delta { base: p.base, live: false, patch: patch(p, *size) });
         }
-        let from = m.delta.as_ref().map(|d| d.from_versions.join(", ")).filter(|v| !v.is_empty()).unwrap_or_else(|| "its base".into());
+        let from = m
+            .delta
+            .as_ref()
+            .map(|d| d.from_versions.join(", "))
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "its base".into());
         Err(Error::new(
             ErrorCode::DeltaBaseMissing,
             format!(
@@ -121,7 +141,12 @@ impl Updater {
         let records = self.journal.known_files(paths.iter().copied())?;
         let seen = crate::observe::observe_all(paths, crate::observe::Source::Records(&records))?;
         let trusted = seen.iter().filter(|o| o.unread).count();
-        tracing::debug!(paths = paths.len(), from_records = trusted, read = seen.len() - trusted, "old states observed");
+        tracing::debug!(
+            paths = paths.len(),
+            from_records = trusted,
+            read = seen.len() - trusted,
+            "old states observed"
+        );
         Ok(seen.into_iter().map(|o| o.state).collect())
     }
 
@@ -131,7 +156,8 @@ impl Updater {
     /// could not start again.
     fn decide_service_work(&self, plan: &mut Plan) -> Result<()> {
         let services = crate::engine::services::start_order(&plan.modules);
-        plan.controls_services = !services.is_empty() && self.cfg.service_manager != ServiceManager::None;
+        plan.controls_services =
+            !services.is_empty() && self.cfg.service_manager != ServiceManager::None;
         plan.runs_post_cmds = !crate::engine::services::post_commands(plan).is_empty();
         if plan.controls_services {
             self.services.check_startable(&services)?;
@@ -140,21 +166,36 @@ impl Updater {
     }
 
     /// Version, compatibility and no-loop rules (SPEC §2, §3).
-    pub(super) fn check_acceptable(&self, pkg: &Package, current: Option<&Generation>, opts: &InstallOptions) -> Result<()> {
+    pub(super) fn check_acceptable(
+        &self,
+        pkg: &Package,
+        current: Option<&Generation>,
+        opts: &InstallOptions,
+    ) -> Result<()> {
         let m = &pkg.manifest;
         if let Some(want) = &opts.version
             && *want != m.version.to_string()
         {
-            return Err(Error::new(ErrorCode::VersionMismatch, format!("package is version {}, caller asked for {want}", m.version)));
+            return Err(Error::new(
+                ErrorCode::VersionMismatch,
+                format!("package is version {}, caller asked for {want}", m.version),
+            ));
         }
         if let Some(c) = &m.compatible {
             match &self.cfg.compatible {
                 Some(mine) if mine == c => {}
-                Some(mine) => return Err(Error::new(ErrorCode::Incompatible, format!("package is for {c:?}, this device is {mine:?}"))),
+                Some(mine) => {
+                    return Err(Error::new(
+                        ErrorCode::Incompatible,
+                        format!("package is for {c:?}, this device is {mine:?}"),
+                    ));
+                }
                 None => {
                     return Err(Error::new(
                         ErrorCode::Incompatible,
-                        format!("package is for {c:?}, and this device has no `compatible` configured"),
+                        format!(
+                            "package is for {c:?}, and this device has no `compatible` configured"
+                        ),
                     ));
                 }
             }
@@ -164,7 +205,10 @@ impl Updater {
             if m.version < cur_v && !opts.allow_downgrade {
                 return Err(Error::new(
                     ErrorCode::VersionMismatch,
-                    format!("package {} is older than installed {}; use --allow-downgrade", m.version, cur.version),
+                    format!(
+                        "package {} is older than installed {}; use --allow-downgrade",
+                        m.version, cur.version
+                    ),
                 ));
             }
             if let Some(min) = m.min_from_version
@@ -182,13 +226,20 @@ impl Updater {
     }
 
     /// The no-loop rule (SPEC §3): a package whose install was rolled back needs `--force`.
-    pub(super) fn check_not_failed_before(&self, blake3: &crate::engine::Hash, opts: &InstallOptions) -> Result<()> {
+    pub(super) fn check_not_failed_before(
+        &self,
+        blake3: &crate::engine::Hash,
+        opts: &InstallOptions,
+    ) -> Result<()> {
         if let Some(tx) = self.journal.failed_package(blake3)?
             && !opts.force
         {
             return Err(Error::new(
                 ErrorCode::ValidationError,
-                format!("this package ({}) was installed by transaction {tx} and rolled back; use --force to try it again", blake3),
+                format!(
+                    "this package ({}) was installed by transaction {tx} and rolled back; use --force to try it again",
+                    blake3
+                ),
             ));
         }
         Ok(())
@@ -204,7 +255,8 @@ impl Updater {
         let mut dev_of_parent: BTreeMap<&Path, u64> = BTreeMap::new();
         // The state filesystem also takes the plan twice (journal and plan copy) and the
         // journal's growth; a generous per-target estimate plus the fixed reserve.
-        need.entry(store_dev).or_insert_with(|| Need::at(self.store.dir())).bytes += plan.targets.len() as u64 * PLAN_BYTES_PER_TARGET;
+        need.entry(store_dev).or_insert_with(|| Need::at(self.store.dir())).bytes +=
+            plan.targets.len() as u64 * PLAN_BYTES_PER_TARGET;
         for t in &plan.targets {
             let p = Path::new(&t.path);
             let parent = p.parent().unwrap_or(p);
@@ -216,17 +268,24 @@ impl Updater {
                 need.entry(dev).or_insert_with(|| Need::at(p)).add_file(f.size);
             }
             if let (PathState::File(o), true) = (t.old, dev != store_dev) {
-                need.entry(store_dev).or_insert_with(|| Need::at(self.store.dir())).add_file(o.size);
+                need.entry(store_dev)
+                    .or_insert_with(|| Need::at(self.store.dir()))
+                    .add_file(o.size);
             }
         }
         for n in need.values() {
             let (avail, block) = fsutil::available_bytes_and_block(&n.anchor)?;
-            let bytes = n.bytes + n.files * block.saturating_sub(1) + crate::limits::FREE_SPACE_RESERVE_BYTES;
+            let bytes = n.bytes
+                + n.files * block.saturating_sub(1)
+                + crate::limits::FREE_SPACE_RESERVE_BYTES;
             let bytes = bytes.next_multiple_of(block.max(1));
             if avail < bytes {
                 return Err(Error::new(
                     ErrorCode::DiskFull,
-                    format!("{} needs {bytes} bytes (whole blocks), {avail} available", fsutil::existing_ancestor(&n.anchor).display()),
+                    format!(
+                        "{} needs {bytes} bytes (whole blocks), {avail} available",
+                        fsutil::existing_ancestor(&n.anchor).display()
+                    ),
                 ));
             }
         }
@@ -238,7 +297,8 @@ impl Updater {
         let (gens, current) = self.current_generation()?;
         let factory = self.journal.factory()?;
         let (target, rollback_to) = rollback_target(&gens, current.as_ref(), to)?;
-        let managed: Vec<&str> = generation::managed_paths(current.as_ref(), &factory).into_iter().collect();
+        let managed: Vec<&str> =
+            generation::managed_paths(current.as_ref(), &factory).into_iter().collect();
         let observed = self.observe_old(&managed)?;
         let mut targets = Vec::new();
         for (path, have) in managed.into_iter().zip(observed) {
@@ -255,15 +315,30 @@ impl Updater {
                             // install that kept a file's content keeps no backup of it): it was
                             // edited by hand since. A rollback reverses transactions; it leaves
                             // that edit, which `verify` reports, rather than fail as a whole.
-                            tracing::warn!(path, "edited since it was installed, and no backup holds its recorded content: left as it is");
+                            tracing::warn!(
+                                path,
+                                "edited since it was installed, and no backup holds its recorded content: left as it is"
+                            );
                             continue;
                         }
                         return Err(Error::new(
                             ErrorCode::RollbackFailed,
-                            format!("the backup of {path} ({}) is missing; nothing was changed", m.hash),
+                            format!(
+                                "the backup of {path} ({}) is missing; nothing was changed",
+                                m.hash
+                            ),
                         ));
                     }
-                    (NewState::File(NewFile { hash: Some(m.hash), size: m.size, mode: m.mode, uid: m.uid, gid: m.gid }), Source::Blob)
+                    (
+                        NewState::File(NewFile {
+                            hash: Some(m.hash),
+                            size: m.size,
+                            mode: m.mode,
+                            uid: m.uid,
+                            gid: m.gid,
+                        }),
+                        Source::Blob,
+                    )
                 }
             };
             targets.push(Target { path: path.to_string(), module: 0, old: have, new, source });
@@ -300,14 +375,17 @@ pub(super) fn rollback_target<'a>(
     let nothing = |m: String| Error::new(ErrorCode::NothingToRollBack, m);
     match to {
         RollbackTo::Previous => {
-            let cur = current.ok_or_else(|| nothing("nothing installed: already at the factory baseline".into()))?;
+            let cur = current.ok_or_else(|| {
+                nothing("nothing installed: already at the factory baseline".into())
+            })?;
             match cur.parent {
                 None => Ok((None, RollbackTarget::Factory)),
                 Some(p) => {
-                    let g = gens
-                        .iter()
-                        .find(|g| g.id == p)
-                        .ok_or_else(|| nothing(format!("the previous generation ({p}) is no longer kept; use --to factory")))?;
+                    let g = gens.iter().find(|g| g.id == p).ok_or_else(|| {
+                        nothing(format!(
+                            "the previous generation ({p}) is no longer kept; use --to factory"
+                        ))
+                    })?;
                     Ok((Some(g), RollbackTarget::Generation(g.id)))
                 }
             }
@@ -323,7 +401,11 @@ pub(super) fn rollback_target<'a>(
                 .iter()
                 .rev()
                 .find(|g| g.version == *v && Some(g.id) != current.map(|c| c.id))
-                .ok_or_else(|| nothing(format!("no kept generation other than the current one has version {v}")))?;
+                .ok_or_else(|| {
+                    nothing(format!(
+                        "no kept generation other than the current one has version {v}"
+                    ))
+                })?;
             Ok((Some(g), RollbackTarget::Generation(g.id)))
         }
     }

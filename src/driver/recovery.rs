@@ -32,7 +32,13 @@ impl Updater {
         tx.note_attempt(&self.journal)?;
         hit("recover.attempt");
         let (inputs, pkg) = self.check_inputs(resume_needs(tx.phase()), &tx.plan);
-        let decision = decide(tx.phase(), tx.rec.attempts, self.cfg.max_recovery_attempts, self.cfg.recovery, &inputs);
+        let decision = decide(
+            tx.phase(),
+            tx.rec.attempts,
+            self.cfg.max_recovery_attempts,
+            self.cfg.recovery,
+            &inputs,
+        );
         tracing::info!(tx = tx.rec.id, phase = %tx.phase(), attempt = tx.rec.attempts, ?decision, "recovering");
         let report = match decision {
             Decision::Nothing => return Ok(RecoverReport::Nothing),
@@ -40,7 +46,8 @@ impl Updater {
                 // Services stopped before the crash may have been started again by the
                 // reboot; the files must not change under them, and ServicesStarted must
                 // start them on the new version. Stopping is idempotent.
-                let stopped_before = matches!(tx.phase(), Phase::BackedUp | Phase::Swapped | Phase::PostCommands);
+                let stopped_before =
+                    matches!(tx.phase(), Phase::BackedUp | Phase::Swapped | Phase::PostCommands);
                 if tx.plan.controls_services
                     && stopped_before
                     && let Err(e) = self.stop_services(&tx.plan)
@@ -53,7 +60,10 @@ impl Updater {
             Decision::RollBack { reason } => {
                 if tx.phase() != Phase::RollingBack {
                     super::run::discard_staged(&tx.plan);
-                    tx.rec.error = Some(Error::new(ErrorCode::DeploymentFailed, format!("interrupted in phase {}; {reason}", tx.phase())));
+                    tx.rec.error = Some(Error::new(
+                        ErrorCode::DeploymentFailed,
+                        format!("interrupted in phase {}; {reason}", tx.phase()),
+                    ));
                     tx.advance(self, Event::Failed)?;
                 }
                 self.roll_back(tx)?
@@ -61,7 +71,14 @@ impl Updater {
             Decision::GiveUp { reason } => {
                 let err = Error::new(
                     ErrorCode::RollbackFailed,
-                    format!("{reason}; last error: {}", tx.rec.error.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "none".into())),
+                    format!(
+                        "{reason}; last error: {}",
+                        tx.rec
+                            .error
+                            .as_ref()
+                            .map(|e| e.to_string())
+                            .unwrap_or_else(|| "none".into())
+                    ),
                 );
                 tx.rec.error = Some(err.clone());
                 tx.advance(self, Event::GaveUp)?;
@@ -72,21 +89,34 @@ impl Updater {
     }
 
     /// Whether what resuming needs is there (`ResumeNeeds`), and the reopened package.
-    pub(super) fn check_inputs(&self, needs: ResumeNeeds, plan: &Plan) -> (Inputs, Option<Package>) {
+    pub(super) fn check_inputs(
+        &self,
+        needs: ResumeNeeds,
+        plan: &Plan,
+    ) -> (Inputs, Option<Package>) {
         match needs {
             ResumeNeeds::Nothing => (Inputs::Available, None),
             ResumeNeeds::Source => match &plan.kind {
-                TxKind::Install { package } => match Package::open(Path::new(&package.path), &self.cfg, &self.roots) {
-                    Ok(mut p) => match p.is(&package.blake3) {
-                        Ok(true) => (Inputs::Available, Some(p)),
-                        Ok(false) => (Inputs::Missing(format!("package {} has changed", package.path)), None),
+                TxKind::Install { package } => {
+                    match Package::open(Path::new(&package.path), &self.cfg, &self.roots) {
+                        Ok(mut p) => match p.is(&package.blake3) {
+                            Ok(true) => (Inputs::Available, Some(p)),
+                            Ok(false) => (
+                                Inputs::Missing(format!("package {} has changed", package.path)),
+                                None,
+                            ),
+                            Err(e) => {
+                                (Inputs::Missing(format!("package {}: {e}", package.path)), None)
+                            }
+                        },
                         Err(e) => (Inputs::Missing(format!("package {}: {e}", package.path)), None),
-                    },
-                    Err(e) => (Inputs::Missing(format!("package {}: {e}", package.path)), None),
-                },
+                    }
+                }
                 TxKind::Rollback { .. } => {
                     let missing = plan.targets.iter().find_map(|t| match t.new {
-                        NewState::File(NewFile { hash: Some(h), .. }) if !self.store.has(&h) => Some(t.path.clone()),
+                        NewState::File(NewFile { hash: Some(h), .. }) if !self.store.has(&h) => {
+                            Some(t.path.clone())
+                        }
                         _ => None,
                     });
                     match missing {
@@ -97,15 +127,21 @@ impl Updater {
             },
             ResumeNeeds::StagedContent => {
                 let checked = crate::parallel::try_map(&plan.targets, |t| {
-                    let missing = |why: &str| Error::new(ErrorCode::DeploymentFailed, format!("{}: {why}", t.path));
-                    let want = t.new.settled().ok_or_else(|| missing("new hash was never recorded"))?;
+                    let missing = |why: &str| {
+                        Error::new(ErrorCode::DeploymentFailed, format!("{}: {why}", t.path))
+                    };
+                    let want =
+                        t.new.settled().ok_or_else(|| missing("new hash was never recorded"))?;
                     if want == PathState::Absent {
                         return Ok(());
                     }
                     let target = Path::new(&t.path);
-                    let staged_ok = fsutil::observe(&temp_path(target, plan.tx_id)).is_ok_and(|s| s == want);
+                    let staged_ok =
+                        fsutil::observe(&temp_path(target, plan.tx_id)).is_ok_and(|s| s == want);
                     if !staged_ok && (fsutil::observe(target) != Ok(want)) {
-                        return Err(missing("neither the staged nor the live file holds the new content"));
+                        return Err(missing(
+                            "neither the staged nor the live file holds the new content",
+                        ));
                     }
                     Ok(())
                 });

@@ -31,12 +31,18 @@ pub fn verify_live(journal: &Journal) -> Result<VerifyReport> {
         match fsutil::observe(Path::new(path)) {
             Ok(have) if have == want => {}
             Ok(PathState::Absent) => mismatches.push(format!("{path}: missing")),
-            Ok(_) if want == PathState::Absent => mismatches.push(format!("{path}: should not exist")),
+            Ok(_) if want == PathState::Absent => {
+                mismatches.push(format!("{path}: should not exist"))
+            }
             Ok(_) => mismatches.push(format!("{path}: content, mode or owner differs")),
             Err(e) => mismatches.push(format!("{path}: {e}")),
         }
     }
-    Ok(VerifyReport { version: current.map(|g| g.version.clone()), checked: paths.len(), mismatches })
+    Ok(VerifyReport {
+        version: current.map(|g| g.version.clone()),
+        checked: paths.len(),
+        mismatches,
+    })
 }
 
 /// What `status` shows.
@@ -88,7 +94,12 @@ pub struct InFlight {
 pub fn status(journal: &Journal, max_trial_boots: u32) -> Result<StatusReport> {
     let gens = journal.generations()?;
     let id = journal.current_generation_id()?;
-    let summary = |g: &Generation| GenerationSummary { id: g.id, version: g.version.clone(), tx: g.tx_id, files: g.files.len() };
+    let summary = |g: &Generation| GenerationSummary {
+        id: g.id,
+        version: g.version.clone(),
+        tx: g.tx_id,
+        files: g.files.len(),
+    };
     let in_flight = journal.active()?.map(|(rec, plan)| InFlight {
         tx: rec.id,
         kind: TxAction::of(&plan.kind),
@@ -96,14 +107,23 @@ pub fn status(journal: &Journal, max_trial_boots: u32) -> Result<StatusReport> {
         to_version: rec.to_version,
         error: rec.error,
     });
-    let last = journal.history(usize::MAX)?.into_iter().find(|r| r.phase.is_terminal() && r.phase != Phase::RollbackFailed);
+    let last = journal
+        .history(usize::MAX)?
+        .into_iter()
+        .find(|r| r.phase.is_terminal() && r.phase != Phase::RollbackFailed);
     Ok(StatusReport {
         current: gens.iter().find(|g| Some(g.id) == id).map(summary),
         generations: gens.iter().map(summary).collect(),
         factory_paths: journal.factory()?.len(),
         in_flight,
         last,
-        trial: journal.trial()?.map(|t| TrialStatus { tx: t.tx, version: t.version, boots: t.boots, max_boots: max_trial_boots }),
-        backups: crate::store::usage_in(journal.state_dir()).map(|(blobs, bytes)| BackupUsage { blobs, bytes })?,
+        trial: journal.trial()?.map(|t| TrialStatus {
+            tx: t.tx,
+            version: t.version,
+            boots: t.boots,
+            max_boots: max_trial_boots,
+        }),
+        backups: crate::store::usage_in(journal.state_dir())
+            .map(|(blobs, bytes)| BackupUsage { blobs, bytes })?,
     })
 }

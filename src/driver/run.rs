@@ -35,7 +35,8 @@ impl Updater {
         tracing::info!(tx = tx.rec.id, kind = %TxAction::of(&tx.plan.kind), targets = tx.plan.targets.len(), to = ?tx.plan.to_version, "transaction planned");
         let summary = interrupted_summary(&tx);
         self.drive(tx, pkg).or_else(|error| {
-            let shutdown = self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst));
+            let shutdown =
+                self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst));
             Ok(summary.with(error, shutdown))
         })
     }
@@ -64,17 +65,28 @@ impl Updater {
                 }
                 Ok(())
                     if tx.peek(Event::Done)? == Phase::Swapped
-                        && self.abort.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::SeqCst)) =>
+                        && self
+                            .abort
+                            .as_ref()
+                            .is_some_and(|a| a.load(std::sync::atomic::Ordering::SeqCst)) =>
                 {
                     // Canceled with nothing swapped yet: undone like a failed phase.
                     tracing::info!(tx = tx.rec.id, "canceled before the swap; rolling back");
                     discard_staged(&tx.plan);
-                    tx.rec.error = Some(Error::new(ErrorCode::Canceled, "canceled by the fleet server before anything was swapped"));
+                    tx.rec.error = Some(Error::new(
+                        ErrorCode::Canceled,
+                        "canceled by the fleet server before anything was swapped",
+                    ));
                     tx.advance(self, Event::Failed)?;
                 }
                 Ok(()) => {
                     let next = tx.advance(self, Event::Done)?;
-                    if self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) && next != Phase::Committed {
+                    if self
+                        .cancel
+                        .as_ref()
+                        .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+                        && next != Phase::Committed
+                    {
                         // Shutdown requested: the phase is journaled, nothing of it has run.
                         return Err(Error::new(
                             ErrorCode::OperationInProgress,
@@ -103,7 +115,9 @@ impl Updater {
                 rec.freed_blobs = g.entries.len() as u64;
                 rec.freed_bytes = g.bytes();
             }
-            Err(e) => tracing::warn!(tx = rec.id, error = %e, "could not list the backup store before the end commit"),
+            Err(e) => {
+                tracing::warn!(tx = rec.id, error = %e, "could not list the backup store before the end commit")
+            }
         }
     }
 
@@ -136,9 +150,10 @@ impl Updater {
             Phase::ServicesStopped => self.stop_services(&tx.plan),
             Phase::PostCommands => self.run_post_commands(&mut tx.rec, &tx.plan),
             Phase::ServicesStarted => self.start_services(&tx.plan),
-            phase @ (Phase::RollingBack | Phase::RolledBack | Phase::RollbackFailed | Phase::Confirmed) => {
-                Err(Error::internal(format!("perform called for {phase}")))
-            }
+            phase @ (Phase::RollingBack
+            | Phase::RolledBack
+            | Phase::RollbackFailed
+            | Phase::Confirmed) => Err(Error::internal(format!("perform called for {phase}"))),
         }
     }
 
@@ -167,7 +182,12 @@ impl Updater {
     pub(super) fn run_post_commands(&mut self, rec: &mut TxRecord, plan: &Plan) -> Result<()> {
         let done = rec.post_cmds_done.max(steplog::completed(&self.state_dir, plan.tx_id)?);
         for c in services::remaining_post_commands(plan, done) {
-            self.services.run_post_command(c.command, c.module, plan.tx_id, plan.to_version.as_deref())?;
+            self.services.run_post_command(
+                c.command,
+                c.module,
+                plan.tx_id,
+                plan.to_version.as_deref(),
+            )?;
             hit("post_cmd.ran");
             steplog::record(&self.state_dir, plan.tx_id, c.index)?;
             rec.post_cmds_done = c.index + 1;
@@ -180,7 +200,11 @@ impl Updater {
     /// one syncfs per filesystem. Idempotent: staged files are recreated from scratch.
     /// Large pinned stored entries are copied by pieces, so both cores share one large file.
     /// Returns the staged files' identities after the flush (`after_staging_flush`).
-    pub(super) fn stage(&self, plan: &mut Plan, pkg: Option<&Package>) -> Result<BTreeMap<String, StagedIdentity>> {
+    pub(super) fn stage(
+        &self,
+        plan: &mut Plan,
+        pkg: Option<&Package>,
+    ) -> Result<BTreeMap<String, StagedIdentity>> {
         for d in &plan.created_dirs {
             fsutil::make_dir(Path::new(d))?;
         }
@@ -190,7 +214,8 @@ impl Updater {
         let progress = |t: &Target| {
             if let (Some(o), NewState::File(f)) = (observer, t.new) {
                 let now = done.fetch_add(f.size, std::sync::atomic::Ordering::Relaxed) + f.size;
-                let name = plan.modules.get(t.module as usize).map(|m| m.name.as_str()).unwrap_or("");
+                let name =
+                    plan.modules.get(t.module as usize).map(|m| m.name.as_str()).unwrap_or("");
                 o.staged(name, t.module as usize + 1, plan.modules.len(), now, total);
             }
         };
@@ -215,7 +240,10 @@ impl Updater {
             },
         )?;
         // Pass 2: the pieces of every split target, all in one pool.
-        let lens: Vec<Option<u64>> = first.iter().map(|s| if let Staging::Split(split) = s { Some(split.size) } else { None }).collect();
+        let lens: Vec<Option<u64>> = first
+            .iter()
+            .map(|s| if let Staging::Split(split) = s { Some(split.size) } else { None })
+            .collect();
         let merged = crate::treehash::hash_split(&lens, |i, off, len| match &first[i] {
             Staging::Split(split) => split.copy_piece(off, len),
             Staging::Done(_) => Err(Error::internal("piece of a target staged whole")),
@@ -229,7 +257,9 @@ impl Updater {
                     progress(t);
                     Some(h)
                 }
-                (Staging::Split(_), None) => return Err(Error::internal("a split target without its hash")),
+                (Staging::Split(_), None) => {
+                    return Err(Error::internal("a split target without its hash"));
+                }
             });
         }
         for (t, hash) in plan.targets.iter_mut().zip(hashes) {
@@ -283,7 +313,9 @@ impl Updater {
             by_dir.entry(p.parent().unwrap_or(p)).or_default().push(t);
         }
         let groups: Vec<Vec<&Target>> = by_dir.into_values().collect();
-        crate::parallel::try_map(&groups, |group| group.iter().try_for_each(|t| swap_one(t, plan.tx_id)))?;
+        crate::parallel::try_map(&groups, |group| {
+            group.iter().try_for_each(|t| swap_one(t, plan.tx_id))
+        })?;
         for d in &plan.removed_dirs {
             fsutil::remove_dir_if_empty(Path::new(d))?;
         }
@@ -316,12 +348,22 @@ impl Updater {
         // transaction, `verify_from_media`) are read back.
         let seen = crate::observe::observe_all(&paths, crate::observe::Source::Staged(staged))?;
         let by_identity = seen.iter().filter(|o| o.unread).count();
-        tracing::debug!(targets = seen.len(), by_identity, read = seen.len() - by_identity, "targets verified");
+        tracing::debug!(
+            targets = seen.len(),
+            by_identity,
+            read = seen.len() - by_identity,
+            "targets verified"
+        );
         let mut verified = BTreeMap::new();
         for (t, got) in plan.targets.iter().zip(seen) {
-            let want = t.new.settled().ok_or_else(|| Error::internal(format!("{}: new hash unknown at verification", t.path)))?;
+            let want = t.new.settled().ok_or_else(|| {
+                Error::internal(format!("{}: new hash unknown at verification", t.path))
+            })?;
             if got.state != want {
-                return Err(Error::new(ErrorCode::HashMismatch, format!("{} does not hold its new content after the swap", t.path)));
+                return Err(Error::new(
+                    ErrorCode::HashMismatch,
+                    format!("{} does not hold its new content after the swap", t.path),
+                ));
             }
             if let Some(k) = got.recordable {
                 verified.insert(t.path.clone(), k);
@@ -336,8 +378,13 @@ impl Updater {
     /// it drops. The known-file changes: a record for each target verified with a settled
     /// signature (`verified`), and no record for any other target (its old record, if any,
     /// describes an inode the swap replaced).
-    pub(super) fn commit_effects(&self, plan: &Plan, mut verified: BTreeMap<String, KnownFile>) -> Result<CommitEffects> {
-        let known_files: Vec<_> = plan.targets.iter().map(|t| (t.path.clone(), verified.remove(&t.path))).collect();
+    pub(super) fn commit_effects(
+        &self,
+        plan: &Plan,
+        mut verified: BTreeMap<String, KnownFile>,
+    ) -> Result<CommitEffects> {
+        let known_files: Vec<_> =
+            plan.targets.iter().map(|t| (t.path.clone(), verified.remove(&t.path))).collect();
         let (gens, current) = self.current_generation()?;
         match &plan.kind {
             TxKind::Install { package } => {
@@ -350,7 +397,9 @@ impl Updater {
                 let mut ids: Vec<u64> = gens.iter().map(|g| g.id).collect();
                 ids.push(id);
                 let trial = match self.cfg.confirm_required {
-                    true => Some(Trial::begin(id, &version, package.blake3, &crate::clock::boot_id()?)),
+                    true => {
+                        Some(Trial::begin(id, &version, package.blake3, &crate::clock::boot_id()?))
+                    }
                     false => None,
                 };
                 Ok(CommitEffects {
@@ -372,12 +421,20 @@ impl Updater {
                 Ok(CommitEffects {
                     new_generation: None,
                     current: keep_upto,
-                    remove_generations: gens.iter().map(|g| g.id).filter(|id| keep_upto.is_none_or(|k| *id > k)).collect(),
+                    remove_generations: gens
+                        .iter()
+                        .map(|g| g.id)
+                        .filter(|id| keep_upto.is_none_or(|k| *id > k))
+                        .collect(),
                     factory_additions: Vec::new(),
                     clear_failed_package: None,
                     // Rolling back an expired trial: its package is not installed again
                     // without --force (no reinstall loops).
-                    mark_failed_package: self.journal.trial()?.filter(|t| t.expired(self.cfg.max_trial_boots)).map(|t| (t.package, t.tx)),
+                    mark_failed_package: self
+                        .journal
+                        .trial()?
+                        .filter(|t| t.expired(self.cfg.max_trial_boots))
+                        .map(|t| (t.package, t.tx)),
                     trial: None,
                     known_files,
                 })
@@ -390,7 +447,11 @@ impl Updater {
     /// version, or were restarted by a reboot), the files restored, and all started again on
     /// the old version.
     pub(super) fn roll_back(&mut self, mut tx: Transaction) -> Result<TxReport> {
-        let error = tx.rec.error.clone().unwrap_or_else(|| Error::new(ErrorCode::DeploymentFailed, "rolled back"));
+        let error = tx
+            .rec
+            .error
+            .clone()
+            .unwrap_or_else(|| Error::new(ErrorCode::DeploymentFailed, "rolled back"));
         let restart = tx.plan.controls_services && services_may_be_stopped(&tx.rec);
         if restart {
             for s in services::stop_order(&tx.plan.modules) {
@@ -404,7 +465,13 @@ impl Updater {
         let undone = self.undo(&tx.plan).and_then(|()| {
             if restart {
                 self.start_services(&tx.plan).map_err(|e| {
-                    Error::new(e.code, format!("the old files are back, but a service did not start on them: {}", e.message))
+                    Error::new(
+                        e.code,
+                        format!(
+                            "the old files are back, but a service did not start on them: {}",
+                            e.message
+                        ),
+                    )
                 })?;
                 hit("rollback.services_started");
             }
@@ -413,18 +480,25 @@ impl Updater {
         match undone {
             Ok(()) => {
                 tx.advance(self, Event::Done)?;
-                match steplog::remove(&self.state_dir).and_then(|()| plancopy::remove(&self.state_dir)) {
+                match steplog::remove(&self.state_dir)
+                    .and_then(|()| plancopy::remove(&self.state_dir))
+                {
                     // The backups of what was undone are no longer needed.
                     Ok(()) => self.collect_garbage(),
                     // The end is durable; the next open removes the stale copy.
-                    Err(e) => tracing::warn!(tx = tx.rec.id, error = %e, "rolled back, but the plan copy could not be removed yet"),
+                    Err(e) => {
+                        tracing::warn!(tx = tx.rec.id, error = %e, "rolled back, but the plan copy could not be removed yet")
+                    }
                 }
                 tracing::warn!(tx = tx.rec.id, error = %error, "transaction rolled back");
                 let touched = tx.rec.phases.iter().any(|p| p.has_swapped());
                 Ok(report(&tx.rec, &tx.plan, Outcome::RolledBack { error, touched }))
             }
             Err(e) => {
-                let err = Error::new(ErrorCode::RollbackFailed, format!("{}; it was rolling back because of {error}", e));
+                let err = Error::new(
+                    ErrorCode::RollbackFailed,
+                    format!("{}; it was rolling back because of {error}", e),
+                );
                 tx.rec.error = Some(err.clone());
                 tx.advance(self, Event::Failed)?;
                 tracing::error!(tx = tx.rec.id, error = %err, "ROLLBACK FAILED: an operator is needed");
@@ -464,23 +538,41 @@ fn services_may_be_stopped(rec: &TxRecord) -> bool {
 /// After staging's flush: the identity of every staged file (`StagedIdentity`), or, with
 /// `verify_from_media`, none, and the files' pages dropped so that `Verified` reads them
 /// from the medium. Between here and `Verified` no process of ours writes them.
-fn after_staging_flush(plan: &Plan, from_media: bool) -> Result<BTreeMap<String, crate::engine::known::StagedIdentity>> {
+fn after_staging_flush(
+    plan: &Plan,
+    from_media: bool,
+) -> Result<BTreeMap<String, crate::engine::known::StagedIdentity>> {
     use std::os::unix::fs::MetadataExt;
     let mut ids = BTreeMap::new();
     for t in plan.targets.iter().filter(|t| !t.unchanged()) {
-        let (NewState::File(nf), Some(hash)) = (&t.new, t.new.settled().and_then(|s| s.hash())) else { continue };
+        let (NewState::File(nf), Some(hash)) = (&t.new, t.new.settled().and_then(|s| s.hash()))
+        else {
+            continue;
+        };
         let tmp = fsutil::temp_path(Path::new(&t.path), plan.tx_id);
         if from_media {
-            let f = std::fs::File::open(&tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open", &tmp, &e))?;
+            let f = std::fs::File::open(&tmp)
+                .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "open", &tmp, &e))?;
             // Clean pages only (after the flush): dropped, so the next read goes to the medium.
-            nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)
-                .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "fadvise", &tmp, &std::io::Error::from(e)))?;
+            nix::fcntl::posix_fadvise(
+                &f,
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+            .map_err(|e| {
+                Error::io(ErrorCode::DeploymentFailed, "fadvise", &tmp, &std::io::Error::from(e))
+            })?;
             continue;
         }
-        let m = std::fs::symlink_metadata(&tmp).map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", &tmp, &e))?;
+        let m = std::fs::symlink_metadata(&tmp)
+            .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", &tmp, &e))?;
         let sig = crate::observe::signature(&m);
         if sig.size != nf.size {
-            return Err(Error::new(ErrorCode::DeploymentFailed, format!("{} changed size after it was staged", tmp.display())));
+            return Err(Error::new(
+                ErrorCode::DeploymentFailed,
+                format!("{} changed size after it was staged", tmp.display()),
+            ));
         }
         ids.insert(
             t.path.clone(),

@@ -74,7 +74,9 @@ pub(super) fn commit_phase<'a>(
     match with(next, rec)? {
         PhaseCommit::Record { plan } => journal.enter_phase(rec, plan)?,
         PhaseCommit::Committed(fx) => journal.finish_committed(rec, *fx)?,
-        PhaseCommit::RolledBack { failed_package } => journal.finish_rolled_back(rec, failed_package)?,
+        PhaseCommit::RolledBack { failed_package } => {
+            journal.finish_rolled_back(rec, failed_package)?
+        }
         PhaseCommit::Confirmed => journal.confirm_trial(Some(rec))?,
     }
     hit(&format!("enter.{}", next.name()));
@@ -116,7 +118,10 @@ impl Transaction {
         let mut tx = Transaction::planned(plan);
         tx.rec.phase = Phase::RollingBack;
         tx.rec.phases = vec![Phase::RollingBack];
-        tx.rec.error = Some(Error::new(ErrorCode::JournalCorrupt, format!("{}; rolled back from the plan copy", lost.message)));
+        tx.rec.error = Some(Error::new(
+            ErrorCode::JournalCorrupt,
+            format!("{}; rolled back from the plan copy", lost.message),
+        ));
         tx
     }
 
@@ -131,7 +136,8 @@ impl Transaction {
 
     /// The phase `event` would lead to, without entering it.
     pub fn peek(&self, event: Event) -> Result<Phase> {
-        transition(self.rec.phase, event, shape(&self.plan)).map_err(|e| Error::internal(e.to_string()))
+        transition(self.rec.phase, event, shape(&self.plan))
+            .map_err(|e| Error::internal(e.to_string()))
     }
 
     /// Enters the phase `event` leads to, with what that phase commits (`commit_phase`).

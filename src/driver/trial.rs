@@ -23,7 +23,14 @@ impl Updater {
         match self.journal.tx(trial.tx)? {
             Some(mut rec) => {
                 let observer = self.observer.as_deref();
-                commit_phase(&self.journal, observer, &mut rec, Event::Confirmed, Shape::default(), |_, _| Ok(PhaseCommit::Confirmed))?;
+                commit_phase(
+                    &self.journal,
+                    observer,
+                    &mut rec,
+                    Event::Confirmed,
+                    Shape::default(),
+                    |_, _| Ok(PhaseCommit::Confirmed),
+                )?;
             }
             // The trial's record was pruned: only the trial ends.
             None => self.journal.confirm_trial(None)?,
@@ -43,10 +50,27 @@ impl Updater {
         }
         let max = self.cfg.max_trial_boots;
         if !trial.expired(max) {
-            tracing::info!(tx = trial.tx, version = trial.version, boots = trial.boots, max, "trial install not confirmed yet");
-            return Ok(Some(RecoverReport::Trial { tx: trial.tx, version: trial.version, boots: trial.boots, max_boots: max }));
+            tracing::info!(
+                tx = trial.tx,
+                version = trial.version,
+                boots = trial.boots,
+                max,
+                "trial install not confirmed yet"
+            );
+            return Ok(Some(RecoverReport::Trial {
+                tx: trial.tx,
+                version: trial.version,
+                boots: trial.boots,
+                max_boots: max,
+            }));
         }
-        tracing::warn!(tx = trial.tx, version = trial.version, boots = trial.boots, max, "trial install never confirmed: rolling it back");
+        tracing::warn!(
+            tx = trial.tx,
+            version = trial.version,
+            boots = trial.boots,
+            max,
+            "trial install never confirmed: rolling it back"
+        );
         // Its commit marks the package failed and ends the trial (run::commit_effects).
         let report = self.rollback(&RollbackTo::Previous)?;
         Ok(Some(RecoverReport::TrialExpired { version: trial.version, boots: trial.boots, report }))

@@ -38,15 +38,21 @@ pub fn desired_state(path: &str, generation: Option<&Generation>, factory: &Fact
 
 /// The generation an install plan produces on top of `previous`. Every new hash must be
 /// known (the driver calls this only after staging).
-pub fn after_install(previous: Option<&Generation>, id: u64, plan: &Plan, version: &str) -> Option<Generation> {
+pub fn after_install(
+    previous: Option<&Generation>,
+    id: u64,
+    plan: &Plan,
+    version: &str,
+) -> Option<Generation> {
     let mut files = previous.map(|g| g.files.clone()).unwrap_or_default();
     let mut dirs = previous.map(|g| g.dirs.clone()).unwrap_or_default();
     let mut services = previous.map(|g| g.services.clone()).unwrap_or_default();
     for t in &plan.targets {
-        let owner = plan
-            .modules
-            .get(t.module as usize)
-            .and_then(|m| m.process_name.as_ref().map(|name| ServiceRef { name: name.clone(), restart_order: m.restart_order }));
+        let owner = plan.modules.get(t.module as usize).and_then(|m| {
+            m.process_name
+                .as_ref()
+                .map(|name| ServiceRef { name: name.clone(), restart_order: m.restart_order })
+        });
         match owner {
             Some(s) => services.insert(t.path.clone(), s),
             None => services.remove(&t.path),
@@ -61,20 +67,40 @@ pub fn after_install(previous: Option<&Generation>, id: u64, plan: &Plan, versio
         }
     }
     dirs.extend(plan.created_dirs.iter().cloned());
-    Some(Generation { id, version: version.to_string(), tx_id: plan.tx_id, parent: previous.map(|g| g.id), files, dirs, services })
+    Some(Generation {
+        id,
+        version: version.to_string(),
+        tx_id: plan.tx_id,
+        parent: previous.map(|g| g.id),
+        files,
+        dirs,
+        services,
+    })
 }
 
 /// The modules of a rollback plan: module 0 owns paths without a service; then one module per
 /// service that owns a changed path in the generation left (`current`) or the one returned
 /// to (`target`). Returns the modules and, for each path, its module index.
-pub fn rollback_modules(paths: &[&str], current: Option<&Generation>, target: Option<&Generation>) -> (Vec<ModulePlan>, Vec<u32>) {
-    let mut modules = vec![ModulePlan { name: "rollback".into(), process_name: None, restart_order: None, post_cmds: Vec::new() }];
+pub fn rollback_modules(
+    paths: &[&str],
+    current: Option<&Generation>,
+    target: Option<&Generation>,
+) -> (Vec<ModulePlan>, Vec<u32>) {
+    let mut modules = vec![ModulePlan {
+        name: "rollback".into(),
+        process_name: None,
+        restart_order: None,
+        post_cmds: Vec::new(),
+    }];
     let mut index = Vec::with_capacity(paths.len());
     for path in paths {
         let owners = [current, target].into_iter().flatten().filter_map(|g| g.services.get(*path));
         let mut first = 0;
         for s in owners {
-            let i = match modules.iter().position(|m| m.process_name.as_deref() == Some(s.name.as_str())) {
+            let i = match modules
+                .iter()
+                .position(|m| m.process_name.as_deref() == Some(s.name.as_str()))
+            {
                 Some(i) => i,
                 None => {
                     modules.push(ModulePlan {
@@ -97,11 +123,18 @@ pub fn rollback_modules(paths: &[&str], current: Option<&Generation>, target: Op
 
 /// Paths an install touches for the first time, with their state before it.
 pub fn factory_additions(factory: &Factory, plan: &Plan) -> Vec<(String, PathState)> {
-    plan.targets.iter().filter(|t| !factory.contains_key(&t.path)).map(|t| (t.path.clone(), t.old)).collect()
+    plan.targets
+        .iter()
+        .filter(|t| !factory.contains_key(&t.path))
+        .map(|t| (t.path.clone(), t.old))
+        .collect()
 }
 
 /// Every path whose state is recorded anywhere: a rollback considers all of them.
-pub fn managed_paths<'a>(current: Option<&'a Generation>, factory: &'a Factory) -> BTreeSet<&'a str> {
+pub fn managed_paths<'a>(
+    current: Option<&'a Generation>,
+    factory: &'a Factory,
+) -> BTreeSet<&'a str> {
     let mut paths: BTreeSet<&str> = factory.keys().map(String::as_str).collect();
     if let Some(g) = current {
         paths.extend(g.files.keys().map(String::as_str));
@@ -122,7 +155,10 @@ pub fn dirs_to_remove(current: Option<&Generation>, target: Option<&Generation>)
 }
 
 /// Blobs that kept generations and the factory baseline may need for a rollback.
-pub fn referenced_blobs<'a>(generations: impl IntoIterator<Item = &'a Generation>, factory: &Factory) -> BTreeSet<Hash> {
+pub fn referenced_blobs<'a>(
+    generations: impl IntoIterator<Item = &'a Generation>,
+    factory: &Factory,
+) -> BTreeSet<Hash> {
     let mut out: BTreeSet<Hash> = factory.values().filter_map(PathState::hash).collect();
     for g in generations {
         out.extend(g.files.values().map(|m| m.hash));
@@ -164,7 +200,9 @@ mod tests {
     fn plan(targets: &[(&str, PathState, u8)], dirs: &[&str]) -> Plan {
         Plan {
             tx_id: 7,
-            kind: TxKind::Install { package: PackageRef { path: "p.zip".into(), blake3: Hash([0; 32]), size: 0 } },
+            kind: TxKind::Install {
+                package: PackageRef { path: "p.zip".into(), blake3: Hash([0; 32]), size: 0 },
+            },
             from_version: None,
             to_version: Some("1.0.0".into()),
             modules: vec![],
@@ -174,7 +212,13 @@ mod tests {
                     path: p.to_string(),
                     module: 0,
                     old: *old,
-                    new: NewState::File(NewFile { hash: Some(Hash([*h; 32])), size: 1, mode: 0o644, uid: 0, gid: 0 }),
+                    new: NewState::File(NewFile {
+                        hash: Some(Hash([*h; 32])),
+                        size: 1,
+                        mode: 0o644,
+                        uid: 0,
+                        gid: 0,
+                    }),
                     source: Source::Package { entry: p.to_string() },
                 })
                 .collect(),
@@ -187,8 +231,12 @@ mod tests {
 
     #[test]
     fn generations_accumulate_files_and_dirs() {
-        let g1 = after_install(None, 1, &plan(&[("/r/a", PathState::Absent, 1)], &["/r/d"]), "1.0.0").unwrap();
-        let g2 = after_install(Some(&g1), 2, &plan(&[("/r/b", PathState::Absent, 2)], &[]), "2.0.0").unwrap();
+        let g1 =
+            after_install(None, 1, &plan(&[("/r/a", PathState::Absent, 1)], &["/r/d"]), "1.0.0")
+                .unwrap();
+        let g2 =
+            after_install(Some(&g1), 2, &plan(&[("/r/b", PathState::Absent, 2)], &[]), "2.0.0")
+                .unwrap();
         assert_eq!(g2.files.len(), 2);
         assert!(g2.dirs.contains("/r/d"));
     }
@@ -198,7 +246,8 @@ mod tests {
         let mut factory = Factory::new();
         factory.insert("/r/a".into(), PathState::File(meta(9)));
         factory.insert("/r/b".into(), PathState::Absent);
-        let g = after_install(None, 1, &plan(&[("/r/b", PathState::Absent, 2)], &[]), "1.0.0").unwrap();
+        let g =
+            after_install(None, 1, &plan(&[("/r/b", PathState::Absent, 2)], &[]), "1.0.0").unwrap();
         assert_eq!(desired_state("/r/a", Some(&g), &factory), PathState::File(meta(9)));
         assert_eq!(desired_state("/r/b", Some(&g), &factory), PathState::File(meta(2)));
         assert_eq!(desired_state("/r/b", None, &factory), PathState::Absent);
@@ -229,10 +278,21 @@ mod tests {
 
     #[test]
     fn generations_remember_which_service_owns_each_path_and_rollbacks_control_them() {
-        let mut p1 = plan(&[("/r/api", PathState::Absent, 1), ("/r/cfg", PathState::Absent, 2)], &[]);
+        let mut p1 =
+            plan(&[("/r/api", PathState::Absent, 1), ("/r/cfg", PathState::Absent, 2)], &[]);
         p1.modules = vec![
-            ModulePlan { name: "api".into(), process_name: Some("device-api".into()), restart_order: Some(2), post_cmds: vec![] },
-            ModulePlan { name: "cfg".into(), process_name: None, restart_order: None, post_cmds: vec![] },
+            ModulePlan {
+                name: "api".into(),
+                process_name: Some("device-api".into()),
+                restart_order: Some(2),
+                post_cmds: vec![],
+            },
+            ModulePlan {
+                name: "cfg".into(),
+                process_name: None,
+                restart_order: None,
+                post_cmds: vec![],
+            },
         ];
         p1.targets[1].module = 1;
         let g1 = after_install(None, 1, &p1, "1.0.0").unwrap();
@@ -240,7 +300,12 @@ mod tests {
         assert!(!g1.services.contains_key("/r/cfg"));
         // v2 moves /r/cfg under the gui service.
         let mut p2 = plan(&[("/r/cfg", PathState::File(meta(2)), 3)], &[]);
-        p2.modules = vec![ModulePlan { name: "gui".into(), process_name: Some("gui".into()), restart_order: Some(1), post_cmds: vec![] }];
+        p2.modules = vec![ModulePlan {
+            name: "gui".into(),
+            process_name: Some("gui".into()),
+            restart_order: Some(1),
+            post_cmds: vec![],
+        }];
         let g2 = after_install(Some(&g1), 2, &p2, "2.0.0").unwrap();
         assert_eq!(g2.services.get("/r/cfg").map(|s| s.name.as_str()), Some("gui"));
         assert_eq!(g2.services.get("/r/api").map(|s| s.name.as_str()), Some("device-api"));
@@ -250,7 +315,10 @@ mod tests {
         assert_eq!(names, ["gui"]);
         assert_eq!(idx, [1]);
         let (mods, idx) = rollback_modules(&["/r/api", "/r/cfg", "/r/other"], Some(&g2), None);
-        assert_eq!(mods.iter().filter_map(|m| m.process_name.as_deref()).collect::<Vec<_>>(), ["device-api", "gui"]);
+        assert_eq!(
+            mods.iter().filter_map(|m| m.process_name.as_deref()).collect::<Vec<_>>(),
+            ["device-api", "gui"]
+        );
         assert_eq!(idx, [1, 2, 0]);
     }
 

@@ -110,11 +110,23 @@ mod tests {
 
     #[test]
     fn a_staged_identity_holds_only_for_the_same_unwritten_inode() {
-        let id = StagedIdentity { dev: 8, ino: 42, size: 4096, mtime: ts(100, 5), mode: 0o644, uid: 0, gid: 0, hash: Hash::of(b"n") };
+        let id = StagedIdentity {
+            dev: 8,
+            ino: 42,
+            size: 4096,
+            mtime: ts(100, 5),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            hash: Hash::of(b"n"),
+        };
         // The swap's rename moves the ctime only.
         assert!(id.still_is(&StatSignature { ctime: ts(200, 0), ..sig() }, 0o644, 0, 0));
-        for other in [StatSignature { ino: 43, ..sig() }, StatSignature { size: 1, ..sig() }, StatSignature { mtime: ts(100, 6), ..sig() }]
-        {
+        for other in [
+            StatSignature { ino: 43, ..sig() },
+            StatSignature { size: 1, ..sig() },
+            StatSignature { mtime: ts(100, 6), ..sig() },
+        ] {
             assert!(!id.still_is(&other, 0o644, 0, 0), "{other:?}");
         }
         assert!(!id.still_is(&sig(), 0o600, 0, 0));

@@ -14,7 +14,9 @@ pub mod trial;
 
 pub use generation::{Factory, Generation};
 pub use phase::{Event, Phase};
-pub use plan::{FileMeta, NewFile, NewState, PathState, Plan, RollbackTarget, Source, Target, TxKind};
+pub use plan::{
+    FileMeta, NewFile, NewState, PathState, Plan, RollbackTarget, Source, Target, TxKind,
+};
 pub use recovery::{Decision, Inputs, ResumeNeeds};
 
 /// A blake3 digest. Serialised as 32 raw bytes in binary formats (the journal) and as 64 hex

@@ -99,7 +99,12 @@ impl Phase {
     /// Targets may have been modified: the swap has begun.
     pub fn has_swapped(self) -> bool {
         match self {
-            Phase::Swapped | Phase::PostCommands | Phase::ServicesStarted | Phase::Verified | Phase::Committed | Phase::Confirmed => true,
+            Phase::Swapped
+            | Phase::PostCommands
+            | Phase::ServicesStarted
+            | Phase::Verified
+            | Phase::Committed
+            | Phase::Confirmed => true,
             Phase::Planned
             | Phase::Staged
             | Phase::ServicesStopped
@@ -144,7 +149,11 @@ pub fn transition(from: Phase, event: Event, shape: Shape) -> Result<Phase, Inva
         (Phase::Staged, Event::Done) => Ok(services(Phase::ServicesStopped)),
         (Phase::ServicesStopped, Event::Done) => Ok(Phase::BackedUp),
         (Phase::BackedUp, Event::Done) => Ok(Phase::Swapped),
-        (Phase::Swapped, Event::Done) => Ok(if shape.runs_post_cmds { Phase::PostCommands } else { services(Phase::ServicesStarted) }),
+        (Phase::Swapped, Event::Done) => Ok(if shape.runs_post_cmds {
+            Phase::PostCommands
+        } else {
+            services(Phase::ServicesStarted)
+        }),
         (Phase::PostCommands, Event::Done) => Ok(services(Phase::ServicesStarted)),
         (Phase::ServicesStarted, Event::Done) => Ok(Phase::Verified),
         (Phase::Verified, Event::Done) => Ok(Phase::Committed),
@@ -190,8 +199,14 @@ pub fn transition(from: Phase, event: Event, shape: Shape) -> Result<Phase, Inva
             | Phase::RollingBack,
             Event::GaveUp,
         ) => Ok(Phase::RollbackFailed),
-        (Phase::Committed | Phase::RolledBack | Phase::RollbackFailed | Phase::Confirmed, Event::GaveUp) => invalid,
-        (Phase::Committed | Phase::RolledBack | Phase::RollbackFailed | Phase::Confirmed, Event::Done | Event::Failed) => invalid,
+        (
+            Phase::Committed | Phase::RolledBack | Phase::RollbackFailed | Phase::Confirmed,
+            Event::GaveUp,
+        ) => invalid,
+        (
+            Phase::Committed | Phase::RolledBack | Phase::RollbackFailed | Phase::Confirmed,
+            Event::Done | Event::Failed,
+        ) => invalid,
         (
             Phase::Planned
             | Phase::Staged
@@ -274,7 +289,10 @@ mod tests {
 
     #[test]
     fn only_a_failed_rollback_can_be_retried() {
-        assert_eq!(transition(Phase::RollbackFailed, Event::OperatorRetry, BARE), Ok(Phase::RollingBack));
+        assert_eq!(
+            transition(Phase::RollbackFailed, Event::OperatorRetry, BARE),
+            Ok(Phase::RollingBack)
+        );
         assert!(transition(Phase::Swapped, Event::OperatorRetry, BARE).is_err());
     }
 

@@ -54,7 +54,15 @@ impl NewState {
     pub fn settled(&self) -> Option<PathState> {
         match self {
             NewState::Absent => Some(PathState::Absent),
-            NewState::File(f) => f.hash.map(|hash| PathState::File(FileMeta { hash, size: f.size, mode: f.mode, uid: f.uid, gid: f.gid })),
+            NewState::File(f) => f.hash.map(|hash| {
+                PathState::File(FileMeta {
+                    hash,
+                    size: f.size,
+                    mode: f.mode,
+                    uid: f.uid,
+                    gid: f.gid,
+                })
+            }),
         }
     }
 }
@@ -205,7 +213,11 @@ pub enum SwapAction {
     Lost,
 }
 
-pub fn swap_action(new: &NewState, staged_present: bool, current: Option<&PathState>) -> SwapAction {
+pub fn swap_action(
+    new: &NewState,
+    staged_present: bool,
+    current: Option<&PathState>,
+) -> SwapAction {
     match (new, staged_present) {
         (NewState::Absent, _) => match current {
             Some(PathState::Absent) => SwapAction::Done,
@@ -228,7 +240,13 @@ mod tests {
     }
 
     fn new_file(h: Option<u8>) -> NewState {
-        NewState::File(NewFile { hash: h.map(|h| Hash([h; 32])), size: 1, mode: 0o644, uid: 0, gid: 0 })
+        NewState::File(NewFile {
+            hash: h.map(|h| Hash([h; 32])),
+            size: 1,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        })
     }
 
     #[test]
@@ -248,11 +266,18 @@ mod tests {
     #[test]
     fn swap_prefers_the_staged_file_and_detects_lost_input() {
         assert_eq!(swap_action(&new_file(Some(1)), true, None), SwapAction::Rename);
-        let swapped = PathState::File(FileMeta { hash: Hash([1; 32]), size: 1, mode: 0o644, uid: 0, gid: 0 });
+        let swapped =
+            PathState::File(FileMeta { hash: Hash([1; 32]), size: 1, mode: 0o644, uid: 0, gid: 0 });
         assert_eq!(swap_action(&new_file(Some(1)), false, Some(&swapped)), SwapAction::Done);
         assert_eq!(swap_action(&new_file(Some(1)), false, Some(&file(9, 0o644))), SwapAction::Lost);
         assert_eq!(swap_action(&new_file(None), false, Some(&swapped)), SwapAction::Lost);
-        assert_eq!(swap_action(&NewState::Absent, false, Some(&file(9, 0o644))), SwapAction::Remove);
-        assert_eq!(swap_action(&NewState::Absent, false, Some(&PathState::Absent)), SwapAction::Done);
+        assert_eq!(
+            swap_action(&NewState::Absent, false, Some(&file(9, 0o644))),
+            SwapAction::Remove
+        );
+        assert_eq!(
+            swap_action(&NewState::Absent, false, Some(&PathState::Absent)),
+            SwapAction::Done
+        );
     }
 }

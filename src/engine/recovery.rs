@@ -59,12 +59,23 @@ pub enum Decision {
 }
 
 /// `attempts` counts recovery runs for this transaction, including the current one.
-pub fn decide(phase: Phase, attempts: u32, max_attempts: u32, policy: RecoveryPolicy, inputs: &Inputs) -> Decision {
+pub fn decide(
+    phase: Phase,
+    attempts: u32,
+    max_attempts: u32,
+    policy: RecoveryPolicy,
+    inputs: &Inputs,
+) -> Decision {
     if phase.is_terminal() {
         return Decision::Nothing;
     }
     if attempts > max_attempts {
-        return Decision::GiveUp { reason: format!("recovery attempted {} times (max_recovery_attempts = {max_attempts})", attempts - 1) };
+        return Decision::GiveUp {
+            reason: format!(
+                "recovery attempted {} times (max_recovery_attempts = {max_attempts})",
+                attempts - 1
+            ),
+        };
     }
     if phase == Phase::RollingBack {
         return Decision::RollBack { reason: "a rollback was in progress".into() };
@@ -72,7 +83,9 @@ pub fn decide(phase: Phase, attempts: u32, max_attempts: u32, policy: RecoveryPo
     match (inputs, policy) {
         (Inputs::Missing(why), _) => Decision::RollBack { reason: format!("cannot resume: {why}") },
         (Inputs::Available, RecoveryPolicy::Resume) => Decision::Resume,
-        (Inputs::Available, RecoveryPolicy::Rollback) => Decision::RollBack { reason: "recovery = \"rollback\"".into() },
+        (Inputs::Available, RecoveryPolicy::Rollback) => {
+            Decision::RollBack { reason: "recovery = \"rollback\"".into() }
+        }
     }
 }
 
@@ -92,24 +105,42 @@ mod tests {
     #[test]
     fn rolls_back_when_an_input_is_missing_even_after_the_swap() {
         let missing = Inputs::Missing("staged file gone".into());
-        assert!(matches!(decide(Phase::Swapped, 1, 5, RecoveryPolicy::Resume, &missing), Decision::RollBack { .. }));
-        assert!(matches!(decide(Phase::Staged, 1, 5, RecoveryPolicy::Resume, &missing), Decision::RollBack { .. }));
+        assert!(matches!(
+            decide(Phase::Swapped, 1, 5, RecoveryPolicy::Resume, &missing),
+            Decision::RollBack { .. }
+        ));
+        assert!(matches!(
+            decide(Phase::Staged, 1, 5, RecoveryPolicy::Resume, &missing),
+            Decision::RollBack { .. }
+        ));
     }
 
     #[test]
     fn policy_rollback_is_honoured() {
-        assert!(matches!(decide(Phase::BackedUp, 1, 5, RecoveryPolicy::Rollback, &OK), Decision::RollBack { .. }));
+        assert!(matches!(
+            decide(Phase::BackedUp, 1, 5, RecoveryPolicy::Rollback, &OK),
+            Decision::RollBack { .. }
+        ));
     }
 
     #[test]
     fn an_interrupted_rollback_continues_as_a_rollback() {
-        assert!(matches!(decide(Phase::RollingBack, 2, 5, RecoveryPolicy::Resume, &OK), Decision::RollBack { .. }));
+        assert!(matches!(
+            decide(Phase::RollingBack, 2, 5, RecoveryPolicy::Resume, &OK),
+            Decision::RollBack { .. }
+        ));
     }
 
     #[test]
     fn gives_up_after_max_attempts_instead_of_looping() {
-        assert!(matches!(decide(Phase::Swapped, 6, 5, RecoveryPolicy::Resume, &OK), Decision::GiveUp { .. }));
-        assert!(matches!(decide(Phase::RollingBack, 6, 5, RecoveryPolicy::Resume, &OK), Decision::GiveUp { .. }));
+        assert!(matches!(
+            decide(Phase::Swapped, 6, 5, RecoveryPolicy::Resume, &OK),
+            Decision::GiveUp { .. }
+        ));
+        assert!(matches!(
+            decide(Phase::RollingBack, 6, 5, RecoveryPolicy::Resume, &OK),
+            Decision::GiveUp { .. }
+        ));
         assert_eq!(decide(Phase::Swapped, 5, 5, RecoveryPolicy::Resume, &OK), Decision::Resume);
     }
 

@@ -20,7 +20,9 @@ pub fn start_order(modules: &[ModulePlan]) -> Vec<ServiceRef> {
         let Some(name) = &m.process_name else { continue };
         match out.iter_mut().find(|(s, _)| s.name == *name) {
             Some((s, _)) => s.restart_order = lowest(s.restart_order, m.restart_order),
-            None => out.push((ServiceRef { name: name.clone(), restart_order: m.restart_order }, i)),
+            None => {
+                out.push((ServiceRef { name: name.clone(), restart_order: m.restart_order }, i))
+            }
         }
     }
     out.sort_by_key(|(s, first)| (s.restart_order.is_none(), s.restart_order, *first));
@@ -85,8 +87,11 @@ mod tests {
 
     #[test]
     fn starts_ascending_and_stops_descending() {
-        let mods =
-            [module("c", Some("svc-c"), Some(3), &[]), module("a", Some("svc-a"), Some(1), &[]), module("b", Some("svc-b"), Some(2), &[])];
+        let mods = [
+            module("c", Some("svc-c"), Some(3), &[]),
+            module("a", Some("svc-a"), Some(1), &[]),
+            module("b", Some("svc-b"), Some(2), &[]),
+        ];
         assert_eq!(names(&start_order(&mods)), ["svc-a", "svc-b", "svc-c"]);
         assert_eq!(names(&stop_order(&mods)), ["svc-c", "svc-b", "svc-a"]);
     }
@@ -121,7 +126,10 @@ mod tests {
             kind: super::super::TxKind::Rollback { to: super::super::RollbackTarget::Factory },
             from_version: None,
             to_version: None,
-            modules: vec![module("a", None, Some(2), &["one", "two"]), module("b", None, Some(1), &["three"])],
+            modules: vec![
+                module("a", None, Some(2), &["one", "two"]),
+                module("b", None, Some(1), &["three"]),
+            ],
             targets: Vec::new(),
             created_dirs: Vec::new(),
             removed_dirs: Vec::new(),
@@ -130,7 +138,8 @@ mod tests {
         };
         let all: Vec<&str> = post_commands(&plan).iter().map(|c| c.command).collect();
         assert_eq!(all, ["one", "two", "three"]);
-        let rest: Vec<(u32, &str)> = remaining_post_commands(&plan, 1).iter().map(|c| (c.index, c.command)).collect();
+        let rest: Vec<(u32, &str)> =
+            remaining_post_commands(&plan, 1).iter().map(|c| (c.index, c.command)).collect();
         assert_eq!(rest, [(1, "two"), (2, "three")]);
         assert!(remaining_post_commands(&plan, 3).is_empty());
     }

@@ -26,7 +26,11 @@ impl Trial {
 
     /// The trial as counted in boot `boot_id`; `None` when this boot is already counted.
     pub fn count_boot(&self, boot_id: &str) -> Option<Trial> {
-        (self.boot_id != boot_id).then(|| Trial { boots: self.boots.saturating_add(1), boot_id: boot_id.to_string(), ..self.clone() })
+        (self.boot_id != boot_id).then(|| Trial {
+            boots: self.boots.saturating_add(1),
+            boot_id: boot_id.to_string(),
+            ..self.clone()
+        })
     }
 
     /// It has run in more than `max_boots` boots without confirmation: roll it back. With

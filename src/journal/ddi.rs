@@ -39,7 +39,13 @@ pub enum DdiActionState {
 impl DdiActionState {
     /// Whether the action's final feedback is queued: it is never acted on again.
     pub fn is_final(self) -> bool {
-        matches!(self, DdiActionState::Succeeded | DdiActionState::Failed | DdiActionState::Canceled | DdiActionState::Rejected)
+        matches!(
+            self,
+            DdiActionState::Succeeded
+                | DdiActionState::Failed
+                | DdiActionState::Canceled
+                | DdiActionState::Rejected
+        )
     }
 }
 
@@ -103,7 +109,11 @@ impl Journal {
             let (k, v) = item.map_err(|e| self.storage(e))?;
             let a: DdiAction = decode(v.value(), Size::Small, "ddi action")?;
             if a.id != k.value() {
-                return Err(self.corrupt(format!("ddi_actions row {:?} holds action {:?}", k.value(), a.id)));
+                return Err(self.corrupt(format!(
+                    "ddi_actions row {:?} holds action {:?}",
+                    k.value(),
+                    a.id
+                )));
             }
             out.push(a);
         }
@@ -119,7 +129,11 @@ impl Journal {
     /// disagree after a crash. A final action's state cannot change any more (the call
     /// writes nothing and returns `false`). At most `DDI_ACTIONS_KEPT` final actions are
     /// kept: the oldest go in the same commit.
-    pub fn ddi_record(&self, action: &DdiAction, feedback: Option<(FeedbackTarget, bool, Vec<u8>)>) -> Result<bool> {
+    pub fn ddi_record(
+        &self,
+        action: &DdiAction,
+        feedback: Option<(FeedbackTarget, bool, Vec<u8>)>,
+    ) -> Result<bool> {
         let wt = self.write()?;
         {
             let mut t = wt.open_table(DDI_ACTIONS).map_err(|e| self.storage(e))?;
@@ -130,7 +144,8 @@ impl Journal {
                     return Ok(false);
                 }
             }
-            t.insert(action.id.as_str(), encode(action, Size::Small)?.as_slice()).map_err(|e| self.storage(e))?;
+            t.insert(action.id.as_str(), encode(action, Size::Small)?.as_slice())
+                .map_err(|e| self.storage(e))?;
             self.prune_actions(&mut t)?;
         }
         if let Some((target, progress, body)) = feedback {
@@ -141,11 +156,24 @@ impl Journal {
     }
 
     /// Queues a feedback that changes no action (a cancel refused, configData is not one).
-    pub fn ddi_push_feedback(&self, action: &str, target: FeedbackTarget, progress: bool, body: Vec<u8>) -> Result<u64> {
+    pub fn ddi_push_feedback(
+        &self,
+        action: &str,
+        target: FeedbackTarget,
+        progress: bool,
+        body: Vec<u8>,
+    ) -> Result<u64> {
         self.ddi_push_feedback_capped(action, target, progress, body, DDI_FEEDBACK_MAX)
     }
 
-    fn ddi_push_feedback_capped(&self, action: &str, target: FeedbackTarget, progress: bool, body: Vec<u8>, cap: u64) -> Result<u64> {
+    fn ddi_push_feedback_capped(
+        &self,
+        action: &str,
+        target: FeedbackTarget,
+        progress: bool,
+        body: Vec<u8>,
+        cap: u64,
+    ) -> Result<u64> {
         let wt = self.write()?;
         let seq = self.push_feedback_in(&wt, action, target, progress, body, cap)?;
         self.commit(wt)?;
@@ -189,7 +217,11 @@ impl Journal {
             )));
         }
         let mut c = wt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
-        let seq = c.get(DDI_FEEDBACK_NEXT_SEQ).map_err(|e| self.storage(e))?.map(|v| v.value()).unwrap_or(1);
+        let seq = c
+            .get(DDI_FEEDBACK_NEXT_SEQ)
+            .map_err(|e| self.storage(e))?
+            .map(|v| v.value())
+            .unwrap_or(1);
         c.insert(DDI_FEEDBACK_NEXT_SEQ, seq + 1).map_err(|e| self.storage(e))?;
         let mut t = wt.open_table(DDI_FEEDBACK).map_err(|e| self.storage(e))?;
         if t.len().map_err(|e| self.storage(e))? >= cap {
@@ -205,10 +237,17 @@ impl Journal {
             match victim {
                 Some(old) => {
                     t.remove(old).map_err(|e| self.storage(e))?;
-                    tracing::warn!(dropped_seq = old, pushed_seq = seq, "DDI feedback outbox full: dropped the oldest progress feedback");
+                    tracing::warn!(
+                        dropped_seq = old,
+                        pushed_seq = seq,
+                        "DDI feedback outbox full: dropped the oldest progress feedback"
+                    );
                 }
                 None if progress => {
-                    tracing::warn!(dropped_seq = seq, "DDI feedback outbox full of final feedback: dropped this progress feedback");
+                    tracing::warn!(
+                        dropped_seq = seq,
+                        "DDI feedback outbox full of final feedback: dropped this progress feedback"
+                    );
                     return Ok(seq);
                 }
                 None => {}
@@ -228,7 +267,11 @@ impl Journal {
             let (k, v) = item.map_err(|e| self.storage(e))?;
             let f: DdiFeedback = decode(v.value(), Size::Small, "ddi feedback")?;
             if f.seq != k.value() {
-                return Err(self.corrupt(format!("ddi_feedback row {} holds seq {}", k.value(), f.seq)));
+                return Err(self.corrupt(format!(
+                    "ddi_feedback row {} holds seq {}",
+                    k.value(),
+                    f.seq
+                )));
             }
             out.push(f);
         }
@@ -271,12 +314,24 @@ mod tests {
         {
             let j = Journal::open(dir.path()).unwrap();
             let a = action("8", DdiActionState::Downloading, 1);
-            assert!(j.ddi_record(&a, Some((FeedbackTarget::Deployment, true, b"{\"p\":1}".to_vec()))).unwrap());
+            assert!(
+                j.ddi_record(&a, Some((FeedbackTarget::Deployment, true, b"{\"p\":1}".to_vec())))
+                    .unwrap()
+            );
             let done = DdiAction { state: DdiActionState::Failed, tx: Some(3), ..a.clone() };
-            assert!(j.ddi_record(&done, Some((FeedbackTarget::Deployment, false, b"{\"closed\":1}".to_vec()))).unwrap());
+            assert!(
+                j.ddi_record(
+                    &done,
+                    Some((FeedbackTarget::Deployment, false, b"{\"closed\":1}".to_vec()))
+                )
+                .unwrap()
+            );
             // A final action does not change again, and queues nothing more.
             let again = DdiAction { state: DdiActionState::Succeeded, ..a };
-            assert!(!j.ddi_record(&again, Some((FeedbackTarget::Deployment, false, b"{}".to_vec()))).unwrap());
+            assert!(
+                !j.ddi_record(&again, Some((FeedbackTarget::Deployment, false, b"{}".to_vec())))
+                    .unwrap()
+            );
         }
         let j = Journal::open(dir.path()).unwrap();
         let a = j.ddi_action("8").unwrap().unwrap();
@@ -287,9 +342,15 @@ mod tests {
             vec![(1, true, &b"{\"p\":1}"[..]), (2, false, &b"{\"closed\":1}"[..])]
         );
         j.ddi_feedback_remove(&[1]).unwrap();
-        assert_eq!(j.ddi_feedback_pending(10).unwrap().iter().map(|f| f.seq).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(
+            j.ddi_feedback_pending(10).unwrap().iter().map(|f| f.seq).collect::<Vec<_>>(),
+            vec![2]
+        );
         // Seqs are never reused.
-        assert_eq!(j.ddi_push_feedback("8", FeedbackTarget::Cancel, false, b"{}".to_vec()).unwrap(), 3);
+        assert_eq!(
+            j.ddi_push_feedback("8", FeedbackTarget::Cancel, false, b"{}".to_vec()).unwrap(),
+            3
+        );
     }
 
     #[test]
@@ -297,13 +358,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
         for i in 0..(DDI_ACTIONS_KEPT as u64 + 5) {
-            j.ddi_record(&action(&format!("a{i}"), DdiActionState::Succeeded, 100 + i), None).unwrap();
+            j.ddi_record(&action(&format!("a{i}"), DdiActionState::Succeeded, 100 + i), None)
+                .unwrap();
         }
         j.ddi_record(&action("live", DdiActionState::Installing, 1), None).unwrap();
         let ids: Vec<String> = j.ddi_actions().unwrap().into_iter().map(|a| a.id).collect();
         assert_eq!(ids.len(), DDI_ACTIONS_KEPT + 1);
         assert!(ids.contains(&"live".to_string()), "an action in progress is never pruned");
-        assert!(!ids.contains(&"a0".to_string()) && ids.contains(&format!("a{}", DDI_ACTIONS_KEPT + 4)));
+        assert!(
+            !ids.contains(&"a0".to_string()) && ids.contains(&format!("a{}", DDI_ACTIONS_KEPT + 4))
+        );
     }
 
     #[test]
@@ -312,22 +376,49 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         let cap = 10;
         for i in 0..cap {
-            j.ddi_push_feedback_capped("1", FeedbackTarget::Deployment, i % 2 == 0, vec![b'0'; 2], cap).unwrap();
+            j.ddi_push_feedback_capped(
+                "1",
+                FeedbackTarget::Deployment,
+                i % 2 == 0,
+                vec![b'0'; 2],
+                cap,
+            )
+            .unwrap();
         }
         // Full: a final one replaces the oldest progress one (seq 1).
-        let s = j.ddi_push_feedback_capped("1", FeedbackTarget::Deployment, false, b"{}".to_vec(), cap).unwrap();
-        let seqs: Vec<u64> = j.ddi_feedback_pending(usize::MAX).unwrap().iter().map(|f| f.seq).collect();
+        let s = j
+            .ddi_push_feedback_capped("1", FeedbackTarget::Deployment, false, b"{}".to_vec(), cap)
+            .unwrap();
+        let seqs: Vec<u64> =
+            j.ddi_feedback_pending(usize::MAX).unwrap().iter().map(|f| f.seq).collect();
         assert_eq!(seqs.len() as u64, cap);
         assert!(!seqs.contains(&1) && seqs.contains(&s));
         // Only final ones left: a progress feedback is the one dropped.
-        let finals: Vec<u64> = j.ddi_feedback_pending(usize::MAX).unwrap().iter().filter(|f| f.progress).map(|f| f.seq).collect();
+        let finals: Vec<u64> = j
+            .ddi_feedback_pending(usize::MAX)
+            .unwrap()
+            .iter()
+            .filter(|f| f.progress)
+            .map(|f| f.seq)
+            .collect();
         j.ddi_feedback_remove(&finals).unwrap();
         while (j.ddi_feedback_pending(usize::MAX).unwrap().len() as u64) < cap {
-            j.ddi_push_feedback_capped("1", FeedbackTarget::Deployment, false, b"{}".to_vec(), cap).unwrap();
+            j.ddi_push_feedback_capped("1", FeedbackTarget::Deployment, false, b"{}".to_vec(), cap)
+                .unwrap();
         }
-        let p = j.ddi_push_feedback_capped("1", FeedbackTarget::Deployment, true, b"{}".to_vec(), cap).unwrap();
+        let p = j
+            .ddi_push_feedback_capped("1", FeedbackTarget::Deployment, true, b"{}".to_vec(), cap)
+            .unwrap();
         assert!(!j.ddi_feedback_pending(usize::MAX).unwrap().iter().any(|f| f.seq == p));
-        assert!(j.ddi_push_feedback("1", FeedbackTarget::Deployment, false, vec![b' '; DDI_FEEDBACK_BODY_BYTES_MAX + 1]).is_err());
+        assert!(
+            j.ddi_push_feedback(
+                "1",
+                FeedbackTarget::Deployment,
+                false,
+                vec![b' '; DDI_FEEDBACK_BODY_BYTES_MAX + 1]
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -357,9 +448,19 @@ mod tests {
             DdiActionState::Rejected,
         ];
         for (i, st) in states.into_iter().enumerate() {
-            assert_eq!(encode(&DdiAction { state: st, ..a.clone() }, Size::Small).unwrap()[7], i as u8, "{st:?}");
+            assert_eq!(
+                encode(&DdiAction { state: st, ..a.clone() }, Size::Small).unwrap()[7],
+                i as u8,
+                "{st:?}"
+            );
         }
-        let f = DdiFeedback { seq: 7, action: "8".into(), target: FeedbackTarget::Cancel, progress: false, body: b"{}".to_vec() };
+        let f = DdiFeedback {
+            seq: 7,
+            action: "8".into(),
+            target: FeedbackTarget::Cancel,
+            progress: false,
+            body: b"{}".to_vec(),
+        };
         let golden = [0, 7, 1, b'8', 1, 0, 2, b'{', b'}'];
         assert_eq!(encode(&f, Size::Small).unwrap(), golden);
         assert_eq!(decode::<DdiFeedback>(&golden, Size::Small, "t").unwrap(), f);

@@ -75,8 +75,13 @@ impl ExpectedHash {
     /// Lower-case hex of the algorithm's length.
     pub(crate) fn check(&self) -> std::result::Result<(), String> {
         let (hex, len) = (self.hex(), self.hex_len());
-        if hex.len() != len || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(format!("expected {} hash must be {len} lower-case hexadecimal digits", self.algorithm()));
+        if hex.len() != len
+            || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!(
+                "expected {} hash must be {len} lower-case hexadecimal digits",
+                self.algorithm()
+            ));
         }
         Ok(())
     }
@@ -104,7 +109,13 @@ impl DownloadSpec {
         package_size: u64,
         expected: ExpectedHash,
     ) -> Self {
-        DownloadSpec { version: version.into(), package_url: package_url.into(), package_name: package_name.into(), package_size, expected }
+        DownloadSpec {
+            version: version.into(),
+            package_url: package_url.into(),
+            package_name: package_name.into(),
+            package_size,
+            expected,
+        }
     }
 
     /// The legacy request this spec is, if it is checked by MD5 (the only kind the legacy
@@ -160,10 +171,16 @@ impl DownloadRecord {
     /// The invariants checked when the record is written and when it is read back.
     pub(crate) fn check(&self) -> std::result::Result<(), String> {
         if self.offset > self.request.package_size {
-            return Err(format!("offset {} is past package_size {}", self.offset, self.request.package_size));
+            return Err(format!(
+                "offset {} is past package_size {}",
+                self.offset, self.request.package_size
+            ));
         }
         if self.verified_at_unix_ms.is_some() && !self.is_complete() {
-            return Err(format!("verified at offset {} of {}", self.offset, self.request.package_size));
+            return Err(format!(
+                "verified at offset {} of {}",
+                self.offset, self.request.package_size
+            ));
         }
         self.request.expected.check()
     }
@@ -223,7 +240,9 @@ impl Journal {
     pub fn download(&self) -> Result<Option<DownloadRecord>> {
         let rt = self.read()?;
         let Some(t) = self.later_table(&rt, DOWNLOADS)? else { return Ok(None) };
-        let Some(v) = t.get(CURRENT_DOWNLOAD).map_err(|e| self.storage(e))? else { return Ok(None) };
+        let Some(v) = t.get(CURRENT_DOWNLOAD).map_err(|e| self.storage(e))? else {
+            return Ok(None);
+        };
         let rec: DownloadRecord = decode(v.value(), Size::Small, "download")?;
         rec.check().map_err(|why| self.corrupt(format!("download record: {why}")))?;
         Ok(Some(rec))
@@ -232,7 +251,9 @@ impl Journal {
     /// Replaces the current download record (one durable commit). The caller has made the
     /// file's first `offset` bytes durable (fdatasync) before calling.
     pub fn put_download(&self, rec: &DownloadRecord) -> Result<()> {
-        rec.check().map_err(|why| Error::internal(format!("refusing to journal a download record: {why}")))?;
+        rec.check().map_err(|why| {
+            Error::internal(format!("refusing to journal a download record: {why}"))
+        })?;
         let bytes = encode(rec, Size::Small)?;
         let wt = self.write()?;
         {
@@ -358,7 +379,10 @@ mod tests {
         assert_eq!(decode::<DownloadRecord>(&golden, Size::Small, "t").unwrap(), rec);
         // The other variants' indexes: Md5 0, Sha1 1.
         let md5 = encode(&tiny(ExpectedHash::Md5("m".into())), Size::Small).unwrap();
-        assert_eq!(md5, [1, 1, b'1', 1, b'u', 1, b'n', 251, 0x2c, 0x01, 0, 1, b'm', 1, b'p', 7, 1, 9, 1, 2, 1]);
+        assert_eq!(
+            md5,
+            [1, 1, b'1', 1, b'u', 1, b'n', 251, 0x2c, 0x01, 0, 1, b'm', 1, b'p', 7, 1, 9, 1, 2, 1]
+        );
         let sha1 = encode(&tiny(ExpectedHash::Sha1("s".into())), Size::Small).unwrap();
         assert_eq!(sha1[10..13], [1, 1, b's']);
     }
@@ -367,17 +391,24 @@ mod tests {
     /// request's five fields, its MD5 last. It decodes as the same download checked by MD5.
     #[test]
     fn download_record_v1_golden_bytes_decode_as_md5() {
-        let golden = [0, 1, b'1', 1, b'u', 1, b'n', 251, 0x2c, 0x01, 1, b'm', 1, b'p', 7, 1, 9, 1, 2, 1];
+        let golden =
+            [0, 1, b'1', 1, b'u', 1, b'n', 251, 0x2c, 0x01, 1, b'm', 1, b'p', 7, 1, 9, 1, 2, 1];
         let rec = decode::<DownloadRecord>(&golden, Size::Small, "t").unwrap();
         assert_eq!(rec, tiny(ExpectedHash::Md5("m".into())));
         assert_eq!(encode_v1(&rec), golden);
         // A version 1 body with a version 2 envelope (or the reverse) does not decode.
         let mut wrong = golden;
         wrong[0] = 1;
-        assert_eq!(decode::<DownloadRecord>(&wrong, Size::Small, "t").unwrap_err().code, ErrorCode::JournalCorrupt);
+        assert_eq!(
+            decode::<DownloadRecord>(&wrong, Size::Small, "t").unwrap_err().code,
+            ErrorCode::JournalCorrupt
+        );
         let mut v2 = encode(&rec, Size::Small).unwrap();
         v2[0] = 0;
-        assert_eq!(decode::<DownloadRecord>(&v2, Size::Small, "t").unwrap_err().code, ErrorCode::JournalCorrupt);
+        assert_eq!(
+            decode::<DownloadRecord>(&v2, Size::Small, "t").unwrap_err().code,
+            ErrorCode::JournalCorrupt
+        );
     }
 
     /// A journal holding a version 1 record (an older build was downloading) reads it back.
@@ -401,7 +432,11 @@ mod tests {
         let mut rec = record();
         rec.verified_at_unix_ms = Some(1);
         assert_eq!(j.put_download(&rec).unwrap_err().code, ErrorCode::InternalError);
-        for bad in [ExpectedHash::Sha256("ab".into()), ExpectedHash::Sha1("AB".repeat(20)), ExpectedHash::Md5("0".repeat(40))] {
+        for bad in [
+            ExpectedHash::Sha256("ab".into()),
+            ExpectedHash::Sha1("AB".repeat(20)),
+            ExpectedHash::Md5("0".repeat(40)),
+        ] {
             let mut rec = record();
             rec.request.expected = bad;
             assert_eq!(j.put_download(&rec).unwrap_err().code, ErrorCode::InternalError);

@@ -19,8 +19,8 @@ use crate::fsutil;
 use crate::limits::HISTORY_TX_MAX;
 use records::{Size, TxRecord, decode, encode};
 use redb::{
-    Database, Durability, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    TableHandle, WriteTransaction,
+    Database, Durability, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction,
 };
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -95,10 +95,13 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
 
 fn map_open_error(path: &Path, e: redb::DatabaseError) -> Error {
     match e {
-        redb::DatabaseError::DatabaseAlreadyOpen => {
-            Error::new(ErrorCode::OperationInProgress, "the journal is open in another tope-updater process")
-        }
-        redb::DatabaseError::Storage(redb::StorageError::Io(io)) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+        redb::DatabaseError::DatabaseAlreadyOpen => Error::new(
+            ErrorCode::OperationInProgress,
+            "the journal is open in another tope-updater process",
+        ),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
             Error::io(ErrorCode::InternalError, "open journal", path, &io)
         }
         other => corrupt(path, other),
@@ -117,7 +120,10 @@ impl Journal {
         if !path.exists() {
             Journal::create_atomically(state_dir, &path)?;
         }
-        let db = redb::Builder::new().set_check_integrity_on_open(true).open(&path).map_err(|e| map_open_error(&path, e))?;
+        let db = redb::Builder::new()
+            .set_check_integrity_on_open(true)
+            .open(&path)
+            .map_err(|e| map_open_error(&path, e))?;
         let j = Journal { db: Db::ReadWrite(db), path };
         j.check_format()?;
         j.add_missing_tables()?;
@@ -128,7 +134,8 @@ impl Journal {
     /// (journal-format.md §7: adding a table is compatible). Readers treat them as empty.
     fn add_missing_tables(&self) -> Result<()> {
         let rt = self.read()?;
-        let names: Vec<String> = rt.list_tables().map_err(|e| self.storage(e))?.map(|h| h.name().to_string()).collect();
+        let names: Vec<String> =
+            rt.list_tables().map_err(|e| self.storage(e))?.map(|h| h.name().to_string()).collect();
         drop(rt);
         if [TRIAL.name(), KNOWN_FILES.name(), downloads::DOWNLOADS.name(), outbox::OUTBOX.name()]
             .iter()
@@ -147,7 +154,8 @@ impl Journal {
         if !path.exists() {
             return Ok(None);
         }
-        let db = redb::Builder::new().open_read_only(&path).map_err(|e| map_open_error(&path, e))?;
+        let db =
+            redb::Builder::new().open_read_only(&path).map_err(|e| map_open_error(&path, e))?;
         let j = Journal { db: Db::ReadOnly(db), path };
         j.check_format()?;
         Ok(Some(j))
@@ -164,8 +172,13 @@ impl Journal {
         let wt = db.begin_write().map_err(|e| corrupt(&tmp, e))?;
         {
             let mut meta = wt.open_table(META).map_err(|e| corrupt(&tmp, e))?;
-            meta.insert("format_version", FORMAT_VERSION.to_le_bytes().as_slice()).map_err(|e| corrupt(&tmp, e))?;
-            meta.insert("created_by", concat!("tope-updater ", env!("CARGO_PKG_VERSION")).as_bytes()).map_err(|e| corrupt(&tmp, e))?;
+            meta.insert("format_version", FORMAT_VERSION.to_le_bytes().as_slice())
+                .map_err(|e| corrupt(&tmp, e))?;
+            meta.insert(
+                "created_by",
+                concat!("tope-updater ", env!("CARGO_PKG_VERSION")).as_bytes(),
+            )
+            .map_err(|e| corrupt(&tmp, e))?;
             let mut c = wt.open_table(COUNTERS).map_err(|e| corrupt(&tmp, e))?;
             c.insert(NEXT_TX_ID, 1).map_err(|e| corrupt(&tmp, e))?;
             c.insert(NEXT_GENERATION_ID, 1).map_err(|e| corrupt(&tmp, e))?;
@@ -178,18 +191,25 @@ impl Journal {
         }
         wt.commit().map_err(|e| corrupt(&tmp, e))?;
         drop(db);
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(ErrorCode::InternalError, "rename", path, &e))?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| Error::io(ErrorCode::InternalError, "rename", path, &e))?;
         fsutil::fsync_dir(state_dir)
     }
 
     fn check_format(&self) -> Result<()> {
         let rt = self.read()?;
         let meta = rt.open_table(META).map_err(|e| self.storage(e))?;
-        let v = meta.get("format_version").map_err(|e| self.storage(e))?.ok_or_else(|| self.corrupt("no format_version"))?;
-        let bytes: [u8; 4] = v.value().try_into().map_err(|_| self.corrupt("format_version is not 4 bytes"))?;
+        let v = meta
+            .get("format_version")
+            .map_err(|e| self.storage(e))?
+            .ok_or_else(|| self.corrupt("no format_version"))?;
+        let bytes: [u8; 4] =
+            v.value().try_into().map_err(|_| self.corrupt("format_version is not 4 bytes"))?;
         match u32::from_le_bytes(bytes) {
             FORMAT_VERSION => Ok(()),
-            other => Err(self.corrupt(format!("format version {other}; this tope-updater reads version {FORMAT_VERSION}"))),
+            other => Err(self.corrupt(format!(
+                "format version {other}; this tope-updater reads version {FORMAT_VERSION}"
+            ))),
         }
     }
 
@@ -222,7 +242,11 @@ impl Journal {
         let mut wt = db.begin_write().map_err(|e| self.storage(e))?;
         // The default, stated: the commit is durable (one fdatasync) when it returns. (Not in
         // the power-cut harness's `journal` negative control: fsutil::negative_control.)
-        let durability = if crate::fsutil::negative_control("journal") { Durability::None } else { Durability::Immediate };
+        let durability = if crate::fsutil::negative_control("journal") {
+            Durability::None
+        } else {
+            Durability::Immediate
+        };
         wt.set_durability(durability).map_err(|e| self.storage(e))?;
         Ok(wt)
     }
@@ -230,8 +254,12 @@ impl Journal {
     fn commit(&self, wt: WriteTransaction) -> Result<()> {
         // A failed commit is not retried: storage errors stop the engine (STYLE rule 7).
         wt.commit().map_err(|e| match redb::Error::from(e) {
-            redb::Error::Io(io) => Error::io(ErrorCode::InternalError, "journal commit", &self.path, &io),
-            other => Error::new(ErrorCode::InternalError, format!("journal commit failed: {other}")),
+            redb::Error::Io(io) => {
+                Error::io(ErrorCode::InternalError, "journal commit", &self.path, &io)
+            }
+            other => {
+                Error::new(ErrorCode::InternalError, format!("journal commit failed: {other}"))
+            }
         })
     }
 
@@ -269,7 +297,10 @@ impl Journal {
     pub fn tx(&self, id: u64) -> Result<Option<TxRecord>> {
         let rt = self.read()?;
         let t = rt.open_table(TRANSACTIONS).map_err(|e| self.storage(e))?;
-        t.get(id).map_err(|e| self.storage(e))?.map(|v| decode(v.value(), Size::Small, "transaction")).transpose()
+        t.get(id)
+            .map_err(|e| self.storage(e))?
+            .map(|v| decode(v.value(), Size::Small, "transaction"))
+            .transpose()
     }
 
     /// The transaction in flight (or waiting for an operator) with its plan.
@@ -279,12 +310,19 @@ impl Journal {
         let txs = rt.open_table(TRANSACTIONS).map_err(|e| self.storage(e))?;
         let plans = rt.open_table(PLANS).map_err(|e| self.storage(e))?;
         let rec: TxRecord = decode(
-            txs.get(id).map_err(|e| self.storage(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no record")))?.value(),
+            txs.get(id)
+                .map_err(|e| self.storage(e))?
+                .ok_or_else(|| self.corrupt(format!("active tx {id} has no record")))?
+                .value(),
             Size::Small,
             "transaction",
         )?;
         let plan: Plan = decode(
-            plans.get(id).map_err(|e| self.storage(e))?.ok_or_else(|| self.corrupt(format!("active tx {id} has no plan")))?.value(),
+            plans
+                .get(id)
+                .map_err(|e| self.storage(e))?
+                .ok_or_else(|| self.corrupt(format!("active tx {id} has no plan")))?
+                .value(),
             Size::Large,
             "plan",
         )?;
@@ -342,11 +380,17 @@ impl Journal {
     pub fn trial(&self) -> Result<Option<Trial>> {
         let rt = self.read()?;
         let Some(t) = self.later_table(&rt, TRIAL)? else { return Ok(None) };
-        t.get(CURRENT_TRIAL).map_err(|e| self.storage(e))?.map(|v| decode(v.value(), Size::Small, "trial")).transpose()
+        t.get(CURRENT_TRIAL)
+            .map_err(|e| self.storage(e))?
+            .map(|v| decode(v.value(), Size::Small, "trial"))
+            .transpose()
     }
 
     /// The known-file records of `paths` (those that have one), in one read transaction.
-    pub fn known_files<'a>(&self, paths: impl IntoIterator<Item = &'a str>) -> Result<std::collections::BTreeMap<String, KnownFile>> {
+    pub fn known_files<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a str>,
+    ) -> Result<std::collections::BTreeMap<String, KnownFile>> {
         let rt = self.read()?;
         let Some(t) = self.later_table(&rt, KNOWN_FILES)? else { return Ok(Default::default()) };
         let mut out = std::collections::BTreeMap::new();
@@ -377,7 +421,8 @@ impl Journal {
         let wt = self.write()?;
         {
             let mut t = wt.open_table(TRIAL).map_err(|e| self.storage(e))?;
-            t.insert(CURRENT_TRIAL, encode(trial, Size::Small)?.as_slice()).map_err(|e| self.storage(e))?;
+            t.insert(CURRENT_TRIAL, encode(trial, Size::Small)?.as_slice())
+                .map_err(|e| self.storage(e))?;
         }
         self.commit(wt)
     }
@@ -442,7 +487,8 @@ impl Journal {
             let mut gens = wt.open_table(GENERATIONS).map_err(|e| self.storage(e))?;
             let mut c = wt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
             if let Some(g) = &fx.new_generation {
-                gens.insert(g.id, encode(g, Size::Large)?.as_slice()).map_err(|e| self.storage(e))?;
+                gens.insert(g.id, encode(g, Size::Large)?.as_slice())
+                    .map_err(|e| self.storage(e))?;
                 c.insert(NEXT_GENERATION_ID, g.id + 1).map_err(|e| self.storage(e))?;
             }
             for id in &fx.remove_generations {
@@ -455,7 +501,8 @@ impl Journal {
             c.remove(ACTIVE_TX).map_err(|e| self.storage(e))?;
             let mut f = wt.open_table(FACTORY).map_err(|e| self.storage(e))?;
             for (path, state) in &fx.factory_additions {
-                f.insert(path.as_str(), encode(state, Size::Small)?.as_slice()).map_err(|e| self.storage(e))?;
+                f.insert(path.as_str(), encode(state, Size::Small)?.as_slice())
+                    .map_err(|e| self.storage(e))?;
             }
             let mut fp = wt.open_table(FAILED_PACKAGES).map_err(|e| self.storage(e))?;
             if let Some(h) = fx.clear_failed_package {
@@ -466,13 +513,17 @@ impl Journal {
             }
             let mut trial = wt.open_table(TRIAL).map_err(|e| self.storage(e))?;
             match &fx.trial {
-                Some(tr) => trial.insert(CURRENT_TRIAL, encode(tr, Size::Small)?.as_slice()).map_err(|e| self.storage(e))?,
+                Some(tr) => trial
+                    .insert(CURRENT_TRIAL, encode(tr, Size::Small)?.as_slice())
+                    .map_err(|e| self.storage(e))?,
                 None => trial.remove(CURRENT_TRIAL).map_err(|e| self.storage(e))?,
             };
             let mut known = wt.open_table(KNOWN_FILES).map_err(|e| self.storage(e))?;
             for (path, k) in &fx.known_files {
                 match k {
-                    Some(k) => known.insert(path.as_str(), encode(k, Size::Small)?.as_slice()).map_err(|e| self.storage(e))?,
+                    Some(k) => known
+                        .insert(path.as_str(), encode(k, Size::Small)?.as_slice())
+                        .map_err(|e| self.storage(e))?,
                     None => known.remove(path.as_str()).map_err(|e| self.storage(e))?,
                 };
             }
@@ -483,7 +534,11 @@ impl Journal {
 
     /// The `RolledBack` commit: the transaction ends; an install's package is remembered as
     /// failed so it is not retried in a loop.
-    pub fn finish_rolled_back(&self, rec: &mut TxRecord, failed_package: Option<Hash>) -> Result<()> {
+    pub fn finish_rolled_back(
+        &self,
+        rec: &mut TxRecord,
+        failed_package: Option<Hash>,
+    ) -> Result<()> {
         let wt = self.write()?;
         self.put_tx(&wt, rec)?;
         {
@@ -503,10 +558,15 @@ impl Journal {
         let mut plans = wt.open_table(PLANS).map_err(|e| self.storage(e))?;
         plans.remove(id).map_err(|e| self.storage(e))?;
         let mut txs = wt.open_table(TRANSACTIONS).map_err(|e| self.storage(e))?;
-        let excess = (txs.len().map_err(|e| self.storage(e))? as usize).saturating_sub(HISTORY_TX_MAX);
+        let excess =
+            (txs.len().map_err(|e| self.storage(e))? as usize).saturating_sub(HISTORY_TX_MAX);
         if excess > 0 {
-            let old: Vec<u64> =
-                txs.iter().map_err(|e| self.storage(e))?.take(excess).filter_map(|r| r.ok().map(|(k, _)| k.value())).collect();
+            let old: Vec<u64> = txs
+                .iter()
+                .map_err(|e| self.storage(e))?
+                .take(excess)
+                .filter_map(|r| r.ok().map(|(k, _)| k.value()))
+                .collect();
             for k in old {
                 txs.remove(k).map_err(|e| self.storage(e))?;
             }
@@ -523,7 +583,8 @@ impl Journal {
         {
             let mut c = wt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
             c.insert(ACTIVE_TX, rec.id).map_err(|e| self.storage(e))?;
-            let next = c.get(NEXT_TX_ID).map_err(|e| self.storage(e))?.map(|v| v.value()).unwrap_or(1);
+            let next =
+                c.get(NEXT_TX_ID).map_err(|e| self.storage(e))?.map(|v| v.value()).unwrap_or(1);
             c.insert(NEXT_TX_ID, next.max(rec.id + 1)).map_err(|e| self.storage(e))?;
         }
         self.commit(wt)
@@ -533,19 +594,37 @@ impl Journal {
     pub fn dump(&self) -> Result<JournalDump> {
         let rt = self.read()?;
         let mut counters = Vec::new();
-        for item in rt.open_table(COUNTERS).map_err(|e| self.storage(e))?.iter().map_err(|e| self.storage(e))? {
+        for item in rt
+            .open_table(COUNTERS)
+            .map_err(|e| self.storage(e))?
+            .iter()
+            .map_err(|e| self.storage(e))?
+        {
             let (k, v) = item.map_err(|e| self.storage(e))?;
             counters.push((k.value().to_string(), v.value()));
         }
         let mut plans = Vec::new();
-        for item in rt.open_table(PLANS).map_err(|e| self.storage(e))?.iter().map_err(|e| self.storage(e))? {
+        for item in rt
+            .open_table(PLANS)
+            .map_err(|e| self.storage(e))?
+            .iter()
+            .map_err(|e| self.storage(e))?
+        {
             let (_, v) = item.map_err(|e| self.storage(e))?;
             plans.push(decode(v.value(), Size::Large, "plan")?);
         }
         let mut failed_packages = Vec::new();
-        for item in rt.open_table(FAILED_PACKAGES).map_err(|e| self.storage(e))?.iter().map_err(|e| self.storage(e))? {
+        for item in rt
+            .open_table(FAILED_PACKAGES)
+            .map_err(|e| self.storage(e))?
+            .iter()
+            .map_err(|e| self.storage(e))?
+        {
             let (k, v) = item.map_err(|e| self.storage(e))?;
-            let h: [u8; 32] = k.value().try_into().map_err(|_| self.corrupt("failed_packages key is not 32 bytes"))?;
+            let h: [u8; 32] = k
+                .value()
+                .try_into()
+                .map_err(|_| self.corrupt("failed_packages key is not 32 bytes"))?;
             failed_packages.push((Hash(h), v.value()));
         }
         let mut transactions = self.history(usize::MAX)?;

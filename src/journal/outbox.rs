@@ -153,7 +153,8 @@ impl Journal {
             truncate(e, REPORT_TEXT_BYTES_MAX);
         }
         let mut c = wt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
-        let seq = c.get(OUTBOX_NEXT_SEQ).map_err(|e| self.storage(e))?.map(|v| v.value()).unwrap_or(1);
+        let seq =
+            c.get(OUTBOX_NEXT_SEQ).map_err(|e| self.storage(e))?.map(|v| v.value()).unwrap_or(1);
         c.insert(OUTBOX_NEXT_SEQ, seq + 1).map_err(|e| self.storage(e))?;
         r.seq = seq;
         let mut t = wt.open_table(OUTBOX).map_err(|e| self.storage(e))?;
@@ -205,7 +206,11 @@ impl Journal {
             let (k, v) = item.map_err(|e| self.storage(e))?;
             let r: Report = decode(v.value(), Size::Small, "outbox")?;
             if r.seq != k.value() {
-                return Err(self.corrupt(format!("outbox row {} holds a report with seq {}", k.value(), r.seq)));
+                return Err(self.corrupt(format!(
+                    "outbox row {} holds a report with seq {}",
+                    k.value(),
+                    r.seq
+                )));
             }
             out.push(r);
         }
@@ -266,7 +271,10 @@ mod tests {
         assert_eq!(j.outbox_push(report("verifying", 100)).unwrap(), 4);
         let p = j.outbox_pending(10).unwrap();
         assert_eq!(p.len(), 1);
-        assert_eq!((p[0].seq, p[0].stage.as_str(), p[0].progress, p[0].boot_id.as_str()), (4, "verifying", 100, "boot-a"));
+        assert_eq!(
+            (p[0].seq, p[0].stage.as_str(), p[0].progress, p[0].boot_id.as_str()),
+            (4, "verifying", 100, "boot-a")
+        );
     }
 
     #[test]

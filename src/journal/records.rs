@@ -140,7 +140,8 @@ impl Record for TxRecord {
 
     fn decode_older(version: u32, body: &[u8], size: Size) -> std::result::Result<Self, String> {
         match version {
-            1 => decode_body::<(TxRecordV1, u32)>(body, size).map(|(v1, post_cmds_done)| v1.upgrade(post_cmds_done)),
+            1 => decode_body::<(TxRecordV1, u32)>(body, size)
+                .map(|(v1, post_cmds_done)| v1.upgrade(post_cmds_done)),
             0 => decode_body::<TxRecordV1>(body, size).map(|v1| v1.upgrade(0)),
             other => Err(format!("unknown record version {other}")),
         }
@@ -185,7 +186,10 @@ fn encode_parts<T: Serialize, C: bincode::config::Config>(
 }
 
 /// Decodes a body with the size limit; every byte must be consumed.
-pub(super) fn decode_body<T: DeserializeOwned>(body: &[u8], size: Size) -> std::result::Result<T, String> {
+pub(super) fn decode_body<T: DeserializeOwned>(
+    body: &[u8],
+    size: Size,
+) -> std::result::Result<T, String> {
     let r: std::result::Result<(T, usize), _> = match size {
         Size::Small => bincode::serde::decode_from_slice(body, SMALL),
         Size::Large => bincode::serde::decode_from_slice(body, LARGE),
@@ -200,11 +204,17 @@ pub(super) fn decode_body<T: DeserializeOwned>(body: &[u8], size: Size) -> std::
 /// Decodes a record of any version this build knows; trailing bytes, an unknown version or
 /// an oversized length are `JOURNAL_CORRUPT`.
 pub fn decode<T: Record>(bytes: &[u8], size: Size, what: &str) -> Result<T> {
-    let corrupt = |why: String| Error::new(ErrorCode::JournalCorrupt, format!("{what} record: {why}"));
-    let (version, used): (u32, usize) =
-        bincode::serde::decode_from_slice(bytes, SMALL).map_err(|e| corrupt(format!("record version: {e}")))?;
+    let corrupt =
+        |why: String| Error::new(ErrorCode::JournalCorrupt, format!("{what} record: {why}"));
+    let (version, used): (u32, usize) = bincode::serde::decode_from_slice(bytes, SMALL)
+        .map_err(|e| corrupt(format!("record version: {e}")))?;
     let body = &bytes[used..];
-    if version == T::VERSION { decode_body(body, size) } else { T::decode_older(version, body, size) }.map_err(corrupt)
+    if version == T::VERSION {
+        decode_body(body, size)
+    } else {
+        T::decode_older(version, body, size)
+    }
+    .map_err(corrupt)
 }
 
 #[cfg(test)]
@@ -241,14 +251,26 @@ mod tests {
             b
         };
         let old = decode::<TxRecord>(&with(0, &[]), Size::Small, "t").unwrap();
-        assert_eq!((old.id, old.commits, old.post_cmds_done, old.freed_blobs, old.freed_bytes), (4, 5, 0, 0, 0));
+        assert_eq!(
+            (old.id, old.commits, old.post_cmds_done, old.freed_blobs, old.freed_bytes),
+            (4, 5, 0, 0, 0)
+        );
         let v2 = decode::<TxRecord>(&with(1, &[7]), Size::Small, "t").unwrap();
-        assert_eq!((v2.post_cmds_done, v2.freed_blobs, v2.freed_bytes, v2.updated_unix_ms), (7, 0, 0, 11));
-        assert!(decode::<TxRecord>(&with(1, &[]), Size::Small, "t").is_err(), "a V2 body without post_cmds_done is short");
+        assert_eq!(
+            (v2.post_cmds_done, v2.freed_blobs, v2.freed_bytes, v2.updated_unix_ms),
+            (7, 0, 0, 11)
+        );
+        assert!(
+            decode::<TxRecord>(&with(1, &[]), Size::Small, "t").is_err(),
+            "a V2 body without post_cmds_done is short"
+        );
         // The current version round-trips the new fields.
         let mut now = v2.clone();
         (now.freed_blobs, now.freed_bytes) = (3, 4096);
-        assert_eq!(decode::<TxRecord>(&encode(&now, Size::Small).unwrap(), Size::Small, "t").unwrap(), now);
+        assert_eq!(
+            decode::<TxRecord>(&encode(&now, Size::Small).unwrap(), Size::Small, "t").unwrap(),
+            now
+        );
     }
 
     /// The on-disk enums state their bincode index as their discriminant: every index that
@@ -256,7 +278,9 @@ mod tests {
     /// index that does not decode is the variant count (no gap, nothing renumbered).
     #[test]
     fn on_disk_enum_indexes_are_their_discriminants() {
-        fn check<T: serde::Serialize + serde::de::DeserializeOwned + Copy + std::fmt::Debug>(discriminant: impl Fn(T) -> u8) -> u8 {
+        fn check<T: serde::Serialize + serde::de::DeserializeOwned + Copy + std::fmt::Debug>(
+            discriminant: impl Fn(T) -> u8,
+        ) -> u8 {
             let mut n = 0u8;
             while let Ok((v, _)) = bincode::serde::decode_from_slice::<T, _>(&[n], SMALL) {
                 assert_eq!(discriminant(v), n, "{v:?} is bincode index {n}");
@@ -265,8 +289,15 @@ mod tests {
             }
             n
         }
-        assert_eq!(check::<ErrorCode>(|c| c as u8), 28, "a new ErrorCode takes the next discriminant");
-        assert_eq!(check::<crate::engine::Phase>(|p| p as u8) as usize, crate::engine::Phase::ALL.len());
+        assert_eq!(
+            check::<ErrorCode>(|c| c as u8),
+            28,
+            "a new ErrorCode takes the next discriminant"
+        );
+        assert_eq!(
+            check::<crate::engine::Phase>(|p| p as u8) as usize,
+            crate::engine::Phase::ALL.len()
+        );
     }
 
     /// `ErrorCode` indices are part of the format (journal-format.md): new codes only at the end.
@@ -292,17 +323,30 @@ mod tests {
         assert_eq!(bytes(&Source::Package { entry: "e".into() }), [0, 1, b'e']);
         assert_eq!(bytes(&Source::Blob), [1]);
         assert_eq!(bytes(&Source::Nothing), [2]);
-        let delta = Source::Delta { base: Hash([1; 32]), live: true, patch: Some(PatchRef { entry: "p".into(), size: 5 }) };
+        let delta = Source::Delta {
+            base: Hash([1; 32]),
+            live: true,
+            patch: Some(PatchRef { entry: "p".into(), size: 5 }),
+        };
         let mut golden = vec![3u8];
         golden.extend([1; 32]);
         golden.extend([1, 1, 1, b'p', 5]);
         assert_eq!(bytes(&delta), golden);
-        assert_eq!(bincode::serde::decode_from_slice::<Source, _>(&golden, SMALL).unwrap().0, delta);
+        assert_eq!(
+            bincode::serde::decode_from_slice::<Source, _>(&golden, SMALL).unwrap().0,
+            delta
+        );
     }
 
     #[test]
     fn round_trip_and_golden_bytes_of_a_path_state() {
-        let s = PathState::File(FileMeta { hash: Hash([0xab; 32]), size: 300, mode: 0o644, uid: 0, gid: 1000 });
+        let s = PathState::File(FileMeta {
+            hash: Hash([0xab; 32]),
+            size: 300,
+            mode: 0o644,
+            uid: 0,
+            gid: 1000,
+        });
         let bytes = encode(&s, Size::Small).unwrap();
         // envelope V1 = 0, PathState::File = 1, 32 hash bytes, size 300 = 251 0x2c 0x01,
         // mode 420 = 251 0xa4 0x01, uid 0, gid 1000 = 251 0xe8 0x03.
@@ -317,10 +361,19 @@ mod tests {
     fn trailing_bytes_unknown_versions_and_huge_lengths_are_corrupt() {
         let mut bytes = encode(&PathState::Absent, Size::Small).unwrap();
         bytes.push(0);
-        assert_eq!(decode::<PathState>(&bytes, Size::Small, "t").unwrap_err().code, ErrorCode::JournalCorrupt);
-        assert_eq!(decode::<PathState>(&[7, 0], Size::Small, "t").unwrap_err().code, ErrorCode::JournalCorrupt);
+        assert_eq!(
+            decode::<PathState>(&bytes, Size::Small, "t").unwrap_err().code,
+            ErrorCode::JournalCorrupt
+        );
+        assert_eq!(
+            decode::<PathState>(&[7, 0], Size::Small, "t").unwrap_err().code,
+            ErrorCode::JournalCorrupt
+        );
         // A String whose length prefix claims 2^40 bytes must fail, not allocate.
         let bomb = [0u8, 253, 0, 0, 0, 0, 0, 1, 0, 0];
-        assert_eq!(decode::<String>(&bomb, Size::Small, "t").unwrap_err().code, ErrorCode::JournalCorrupt);
+        assert_eq!(
+            decode::<String>(&bomb, Size::Small, "t").unwrap_err().code,
+            ErrorCode::JournalCorrupt
+        );
     }
 }

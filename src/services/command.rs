@@ -49,9 +49,12 @@ pub fn run(mut cmd: Command, limit: Duration) -> std::io::Result<Finished> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
     let mut child = cmd.spawn()?;
     let (tx, rx) = mpsc::channel::<(usize, Vec<u8>)>();
-    for (i, pipe) in [child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>), child.stderr.take().map(|p| Box::new(p) as _)]
-        .into_iter()
-        .enumerate()
+    for (i, pipe) in [
+        child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child.stderr.take().map(|p| Box::new(p) as _),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let Some(mut pipe) = pipe else { continue };
         let tx = tx.clone();
@@ -145,7 +148,10 @@ mod tests {
         let started = Instant::now();
         let f = run(sh("sleep 20 & echo $!"), Duration::from_secs(10)).unwrap();
         let pid: i32 = f.output().trim().parse().unwrap();
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         assert!(f.success());
         assert!(started.elapsed() < Duration::from_secs(10), "waited for the background child");
     }

@@ -59,7 +59,8 @@ impl Services {
             tracing::info!(service = s.name, "stopping");
         }
         match self.cfg.service_manager {
-            ServiceManager::Systemd => systemd::Systemctl::new(&self.cfg.systemctl).stop(&systemd::unit_name(&s.name), timeout),
+            ServiceManager::Systemd => systemd::Systemctl::new(&self.cfg.systemctl)
+                .stop(&systemd::unit_name(&s.name), timeout),
             ServiceManager::Process => process::stop(&s.name, &self.matcher(&s.name), timeout),
             ServiceManager::None => Ok(()),
         }
@@ -72,10 +73,17 @@ impl Services {
             tracing::info!(service = s.name, "starting");
         }
         match self.cfg.service_manager {
-            ServiceManager::Systemd => systemd::Systemctl::new(&self.cfg.systemctl).start(&systemd::unit_name(&s.name), timeout, settle),
+            ServiceManager::Systemd => systemd::Systemctl::new(&self.cfg.systemctl).start(
+                &systemd::unit_name(&s.name),
+                timeout,
+                settle,
+            ),
             ServiceManager::Process => {
                 let cmd = self.start_command(&s.name).ok_or_else(|| {
-                    Error::new(ErrorCode::ServiceStartFailed, format!("{}: no [services.{:?}] start in the config", s.name, s.name))
+                    Error::new(
+                        ErrorCode::ServiceStartFailed,
+                        format!("{}: no [services.{:?}] start in the config", s.name, s.name),
+                    )
                 })?;
                 process::start(&s.name, &self.matcher(&s.name), cmd, timeout, settle)
             }
@@ -85,12 +93,27 @@ impl Services {
 
     /// Runs one post command with `/bin/sh -c` (as the legacy service did), cwd `/`, with
     /// the transaction's id and version in its environment; its output goes to the log.
-    pub fn run_post_command(&self, command: &str, module: &str, tx: u64, version: Option<&str>) -> Result<()> {
+    pub fn run_post_command(
+        &self,
+        command: &str,
+        module: &str,
+        tx: u64,
+        version: Option<&str>,
+    ) -> Result<()> {
         let limit = Duration::from_secs(self.cfg.post_cmd_timeout_s);
         let mut c = std::process::Command::new("/bin/sh");
-        c.arg("-c").arg(command).current_dir("/").env("TOPE_TX_ID", tx.to_string()).env("TOPE_VERSION", version.unwrap_or(""));
+        c.arg("-c")
+            .arg(command)
+            .current_dir("/")
+            .env("TOPE_TX_ID", tx.to_string())
+            .env("TOPE_VERSION", version.unwrap_or(""));
         tracing::info!(module, command, "post command");
-        let failed = |why: String| Error::new(ErrorCode::PostCmdFailed, format!("module {module}: post command {command:?} {why}"));
+        let failed = |why: String| {
+            Error::new(
+                ErrorCode::PostCmdFailed,
+                format!("module {module}: post command {command:?} {why}"),
+            )
+        };
         let f = command::run(c, limit).map_err(|e| failed(format!("could not run: {e}")))?;
         for line in f.output().lines() {
             tracing::info!(target: "post_cmd", module, "{line}");
@@ -99,7 +122,11 @@ impl Services {
             Ok(())
         } else {
             let last = command::last_line(f.output());
-            Err(failed(if last.is_empty() { f.describe(limit) } else { format!("{}: {last}", f.describe(limit)) }))
+            Err(failed(if last.is_empty() {
+                f.describe(limit)
+            } else {
+                format!("{}: {last}", f.describe(limit))
+            }))
         }
     }
 }

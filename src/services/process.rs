@@ -44,7 +44,8 @@ impl Matcher {
     fn matches(&self, pid: &str) -> bool {
         let proc_dir = Path::new("/proc").join(pid);
         match self {
-            Matcher::Comm(name) => std::fs::read_to_string(proc_dir.join("comm")).is_ok_and(|c| c.trim_end_matches('\n') == name),
+            Matcher::Comm(name) => std::fs::read_to_string(proc_dir.join("comm"))
+                .is_ok_and(|c| c.trim_end_matches('\n') == name),
             Matcher::Exe(path) => std::fs::read_link(proc_dir.join("exe")).is_ok_and(|target| {
                 let t = target.as_os_str().as_encoded_bytes();
                 let t = t.strip_suffix(b" (deleted)").unwrap_or(t);
@@ -63,7 +64,11 @@ pub fn find(matcher: &Matcher) -> Vec<Pid> {
     for entry in dir.flatten() {
         let name = entry.file_name();
         let Some(pid) = name.to_str() else { continue };
-        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me || !matcher.matches(pid) || is_dead(pid) {
+        if !pid.bytes().all(|b| b.is_ascii_digit())
+            || pid == me
+            || !matcher.matches(pid)
+            || is_dead(pid)
+        {
             continue;
         }
         if let Ok(n) = pid.parse() {
@@ -76,7 +81,9 @@ pub fn find(matcher: &Matcher) -> Vec<Pid> {
 /// Zombie (`Z`) or dead (`X`/`x`), from the state field of `/proc/PID/stat` (after the last
 /// `)`: the command name may itself contain parentheses). A vanished process is dead too.
 fn is_dead(pid: &str) -> bool {
-    let Ok(stat) = std::fs::read_to_string(Path::new("/proc").join(pid).join("stat")) else { return true };
+    let Ok(stat) = std::fs::read_to_string(Path::new("/proc").join(pid).join("stat")) else {
+        return true;
+    };
     let state = stat.rfind(')').and_then(|i| stat[i + 1..].trim_start().chars().next());
     matches!(state, Some('Z' | 'X' | 'x') | None)
 }
@@ -84,7 +91,10 @@ fn is_dead(pid: &str) -> bool {
 fn signal(pid: Pid, sig: Signal, name: &str) -> Result<()> {
     match kill(pid, sig) {
         Ok(()) | Err(Errno::ESRCH) => Ok(()),
-        Err(e) => Err(Error::new(ErrorCode::ProcessKillFailed, format!("{name}: cannot send {sig} to process {pid}: {}", e.desc()))),
+        Err(e) => Err(Error::new(
+            ErrorCode::ProcessKillFailed,
+            format!("{name}: cannot send {sig} to process {pid}: {}", e.desc()),
+        )),
     }
 }
 
@@ -121,7 +131,11 @@ pub fn stop(name: &str, matcher: &Matcher, timeout: Duration) -> Result<()> {
             let pids: Vec<String> = live.iter().map(|p| p.to_string()).collect();
             return Err(Error::new(
                 ErrorCode::ProcessKillFailed,
-                format!("{name}: process {} still running after SIGTERM, {} s and SIGKILL", pids.join(", "), timeout.as_secs_f64()),
+                format!(
+                    "{name}: process {} still running after SIGTERM, {} s and SIGKILL",
+                    pids.join(", "),
+                    timeout.as_secs_f64()
+                ),
             ));
         }
         let fresh: Vec<Pid> = live.into_iter().filter(|p| !killed.contains(p)).collect();
@@ -136,10 +150,17 @@ pub fn stop(name: &str, matcher: &Matcher, timeout: Duration) -> Result<()> {
 
 /// Starts the service with its configured command unless a matching process already runs,
 /// then requires a matching process to appear within `timeout` and to stay for `settle`.
-pub fn start(name: &str, matcher: &Matcher, command: &str, timeout: Duration, settle: Duration) -> Result<()> {
+pub fn start(
+    name: &str,
+    matcher: &Matcher,
+    command: &str,
+    timeout: Duration,
+    settle: Duration,
+) -> Result<()> {
     let failed = |why: String| Error::new(ErrorCode::ServiceStartFailed, format!("{name}: {why}"));
     if find(matcher).is_empty() {
-        spawn_detached(command).map_err(|e| failed(format!("cannot run start command {command:?}: {e}")))?;
+        spawn_detached(command)
+            .map_err(|e| failed(format!("cannot run start command {command:?}: {e}")))?;
         tracing::info!(service = name, command, "started");
     } else {
         tracing::info!(service = name, "already running");
@@ -152,12 +173,18 @@ pub fn start(name: &str, matcher: &Matcher, command: &str, timeout: Duration, se
             (false, Some(t)) if now.duration_since(t) >= settle => return Ok(()),
             (false, None) => up_since = Some(now),
             (true, Some(_)) => {
-                return Err(failed(format!("exited within {} ms of starting (start command {command:?})", settle.as_millis())));
+                return Err(failed(format!(
+                    "exited within {} ms of starting (start command {command:?})",
+                    settle.as_millis()
+                )));
             }
             _ => {}
         }
         if now >= deadline + settle {
-            return Err(failed(format!("no process appeared within {} s (start command {command:?})", timeout.as_secs_f64())));
+            return Err(failed(format!(
+                "no process appeared within {} s (start command {command:?})",
+                timeout.as_secs_f64()
+            )));
         }
         std::thread::sleep(POLL);
     }
@@ -187,7 +214,10 @@ mod tests {
 
     #[test]
     fn comm_names_are_cut_like_the_kernel_cuts_them() {
-        assert_eq!(Matcher::for_service("a-very-long-service-name", None), Matcher::Comm("a-very-long-ser".into()));
+        assert_eq!(
+            Matcher::for_service("a-very-long-service-name", None),
+            Matcher::Comm("a-very-long-ser".into())
+        );
         let cfg = ServiceConfig { start: None, exe: Some("/opt/x/bin".into()) };
         assert_eq!(Matcher::for_service("x", Some(&cfg)), Matcher::Exe("/opt/x/bin".into()));
     }

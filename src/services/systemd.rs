@@ -10,18 +10,36 @@ use std::time::{Duration, Instant};
 const POLL: Duration = Duration::from_millis(100);
 /// Limit for one `is-active` call.
 const QUERY_LIMIT: Duration = Duration::from_secs(10);
-const UNIT_SUFFIXES: &[&str] =
-    &[".service", ".socket", ".target", ".timer", ".path", ".mount", ".automount", ".swap", ".slice", ".scope", ".device"];
+const UNIT_SUFFIXES: &[&str] = &[
+    ".service",
+    ".socket",
+    ".target",
+    ".timer",
+    ".path",
+    ".mount",
+    ".automount",
+    ".swap",
+    ".slice",
+    ".scope",
+    ".device",
+];
 
 /// `device-api` → `device-api.service`; names with a unit suffix stay as they are.
 pub fn unit_name(name: &str) -> String {
-    if UNIT_SUFFIXES.iter().any(|s| name.ends_with(s)) { name.to_string() } else { format!("{name}.service") }
+    if UNIT_SUFFIXES.iter().any(|s| name.ends_with(s)) {
+        name.to_string()
+    } else {
+        format!("{name}.service")
+    }
 }
 
 /// The unit this process runs in, from its cgroup (`0::/system.slice/NAME.service`).
 pub fn own_unit() -> Option<String> {
     let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    cg.lines().filter_map(|l| l.rsplit('/').next()).find(|u| u.ends_with(".service")).map(str::to_string)
+    cg.lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .find(|u| u.ends_with(".service"))
+        .map(str::to_string)
 }
 
 pub struct Systemctl {
@@ -53,25 +71,37 @@ impl Systemctl {
     /// Stops the unit and waits until it is not running. A unit that does not exist (a
     /// package installing it for the first time) counts as stopped.
     pub fn stop(&self, unit: &str, timeout: Duration) -> Result<()> {
-        let failed = |why: String| Error::new(ErrorCode::ServiceStopFailed, format!("{unit}: {why}"));
+        let failed =
+            |why: String| Error::new(ErrorCode::ServiceStopFailed, format!("{unit}: {why}"));
         if own_unit().as_deref() == Some(unit) {
-            tracing::warn!(unit, "this is tope-updater's own unit: not stopped (its new files take effect at its next restart)");
+            tracing::warn!(
+                unit,
+                "this is tope-updater's own unit: not stopped (its new files take effect at its next restart)"
+            );
             return Ok(());
         }
         let deadline = Instant::now() + timeout;
-        let stopped = self.run(&["stop", unit], timeout).map_err(|e| failed(format!("cannot run {}: {e}", self.program)))?;
+        let stopped = self
+            .run(&["stop", unit], timeout)
+            .map_err(|e| failed(format!("cannot run {}: {e}", self.program)))?;
         if !stopped.success() {
             // Judged by the state below: "not loaded" is fine, anything else shows there.
             tracing::info!(unit, result = %stopped.describe(timeout), output = command::last_line(stopped.output()), "systemctl stop");
         }
         loop {
-            let state = self.state(unit).map_err(|e| failed(format!("cannot run {}: {e}", self.program)))?;
+            let state = self
+                .state(unit)
+                .map_err(|e| failed(format!("cannot run {}: {e}", self.program)))?;
             if matches!(state.as_str(), "inactive" | "failed" | "unknown" | "") {
                 tracing::info!(unit, state, "stopped");
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(failed(format!("still {state} after {} s ({})", timeout.as_secs_f64(), command::last_line(stopped.output()))));
+                return Err(failed(format!(
+                    "still {state} after {} s ({})",
+                    timeout.as_secs_f64(),
+                    command::last_line(stopped.output())
+                )));
             }
             std::thread::sleep(POLL);
         }
@@ -79,15 +109,24 @@ impl Systemctl {
 
     /// Starts the unit and waits until it is active and stays active for `settle`.
     pub fn start(&self, unit: &str, timeout: Duration, settle: Duration) -> Result<()> {
-        let failed = |why: String| Error::new(ErrorCode::ServiceStartFailed, format!("{unit}: {why}"));
+        let failed =
+            |why: String| Error::new(ErrorCode::ServiceStartFailed, format!("{unit}: {why}"));
         let deadline = Instant::now() + timeout;
-        let started = self.run(&["start", unit], timeout).map_err(|e| failed(format!("cannot run {}: {e}", self.program)))?;
+        let started = self
+            .run(&["start", unit], timeout)
+            .map_err(|e| failed(format!("cannot run {}: {e}", self.program)))?;
         if !started.success() {
-            return Err(failed(format!("systemctl start: {} ({})", started.describe(timeout), command::last_line(started.output()))));
+            return Err(failed(format!(
+                "systemctl start: {} ({})",
+                started.describe(timeout),
+                command::last_line(started.output())
+            )));
         }
         let mut active_since: Option<Instant> = None;
         loop {
-            let state = self.state(unit).map_err(|e| failed(format!("cannot run {}: {e}", self.program)))?;
+            let state = self
+                .state(unit)
+                .map_err(|e| failed(format!("cannot run {}: {e}", self.program)))?;
             let now = Instant::now();
             match state.as_str() {
                 "active" | "reloading" => match active_since {
@@ -102,7 +141,10 @@ impl Systemctl {
                 _ => active_since = None,
             }
             if now >= deadline + settle {
-                return Err(failed(format!("not active {} s after start (state: {state})", timeout.as_secs_f64())));
+                return Err(failed(format!(
+                    "not active {} s after start (state: {state})",
+                    timeout.as_secs_f64()
+                )));
             }
             std::thread::sleep(POLL);
         }

@@ -32,13 +32,22 @@ fn raw(d: &Daemon, head: &str, body: &str) -> Answer {
     let addr = d.base.strip_prefix("http://").unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let len = if body.is_empty() && head.starts_with("GET ") { String::new() } else { format!("Content-Length: {}\r\n", body.len()) };
+    let len = if body.is_empty() && head.starts_with("GET ") {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
     write!(s, "{head}\r\n{len}Connection: close\r\n\r\n{body}").unwrap();
     let mut text = Vec::new();
     s.read_to_end(&mut text).unwrap_or_else(|e| panic!("{head}: {e}"));
     let text = String::from_utf8_lossy(&text).into_owned();
-    let (status_line, rest) = text.split_once("\r\n").unwrap_or_else(|| panic!("{head}: no answer: {text:?}"));
-    let status = status_line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("{status_line:?}"));
+    let (status_line, rest) =
+        text.split_once("\r\n").unwrap_or_else(|| panic!("{head}: no answer: {text:?}"));
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{status_line:?}"));
     let payload = rest.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     let body = serde_json::from_str(payload).unwrap_or(Value::String(payload.to_string()));
     Answer { status, body }
@@ -53,7 +62,10 @@ fn assert_refused(a: &Answer, what: &str, ctx: &str) {
     assert_eq!(a.status, 200, "{ctx}: {a:?}");
     assert_eq!(a.body["code"], 400, "{ctx}: {a:?}");
     let msg = a.body["msg"].as_str().unwrap_or_else(|| panic!("{ctx}: no msg: {a:?}"));
-    assert!(msg.starts_with("REQUEST_REFUSED: ") && msg.contains(what), "{ctx}: expected REQUEST_REFUSED naming {what:?}: {msg}");
+    assert!(
+        msg.starts_with("REQUEST_REFUSED: ") && msg.contains(what),
+        "{ctx}: expected REQUEST_REFUSED naming {what:?}: {msg}"
+    );
 }
 
 /// The device's observable state: what a refused request must leave unchanged.
@@ -99,7 +111,9 @@ fn armed(setup: Setup) -> Armed {
     let rig = Rig::with(setup);
     rig.put(FACTORY);
     let marker = rig.env.tmp.path().join("post-cmd-ran");
-    let with_marker = |m: &mut Value| m["modules"][0]["post_cmds"] = json!([format!("touch {}", marker.display())]);
+    let with_marker = |m: &mut Value| {
+        m["modules"][0]["post_cmds"] = json!([format!("touch {}", marker.display())])
+    };
     let v1 = build_pkg(&rig.env, "1.0.0", &small_modules("1.0.0"));
     let p1 = rig.env.pkg_path(&v1.name);
     std::fs::write(&p1, &v1.bytes).unwrap();
@@ -123,7 +137,8 @@ fn posts(a: &Armed) -> Vec<(&'static str, String)> {
     ]
 }
 
-const GETS: &[&str] = &["/api/v1.0/progress", "/api/v1.0/status", "/api/v1.0/history", "/api/v1.0/no-such-path"];
+const GETS: &[&str] =
+    &["/api/v1.0/progress", "/api/v1.0/status", "/api/v1.0/history", "/api/v1.0/no-such-path"];
 
 #[test]
 fn browser_borne_and_rebinding_requests_are_refused_at_every_endpoint_and_touch_nothing() {
@@ -145,9 +160,15 @@ fn browser_borne_and_rebinding_requests_are_refused_at_every_endpoint_and_touch_
         (format!("{local}\r\nContent-Type: application/x-www-form-urlencoded"), "Content-Type"),
         (format!("{local}\r\nContent-Type: multipart/form-data; boundary=xyz"), "Content-Type"),
         (format!("{local}\r\nOrigin: http://evil.example"), "Origin"),
-        (format!("{local}\r\nContent-Type: application/json\r\nOrigin: http://evil.example"), "Origin"),
+        (
+            format!("{local}\r\nContent-Type: application/json\r\nOrigin: http://evil.example"),
+            "Origin",
+        ),
         (format!("{local}\r\nContent-Type: application/json\r\nOrigin: null"), "Origin"),
-        (format!("{local}\r\nContent-Type: application/json\r\nOrigin: http://127.0.0.1:{p}"), "Origin"),
+        (
+            format!("{local}\r\nContent-Type: application/json\r\nOrigin: http://127.0.0.1:{p}"),
+            "Origin",
+        ),
         (format!("{evil_host}\r\nContent-Type: application/json"), "Host"),
         (format!("Host: 127.0.0.1.evil.example:{p}\r\nContent-Type: application/json"), "Host"),
         (format!("{local}\r\n{evil_host}\r\nContent-Type: application/json"), "Host"),
@@ -161,7 +182,13 @@ fn browser_borne_and_rebinding_requests_are_refused_at_every_endpoint_and_touch_
             tried += 1;
         }
         // Absolute-form target naming another host, with a loopback Host header.
-        let ans = raw(d, &format!("POST http://evil.example:{p}{path} HTTP/1.1\r\n{local}\r\nContent-Type: application/json"), &body);
+        let ans = raw(
+            d,
+            &format!(
+                "POST http://evil.example:{p}{path} HTTP/1.1\r\n{local}\r\nContent-Type: application/json"
+            ),
+            &body,
+        );
         assert_refused(&ans, "Host", &format!("absolute-form POST {path}"));
         tried += 1;
     }
@@ -173,7 +200,11 @@ fn browser_borne_and_rebinding_requests_are_refused_at_every_endpoint_and_touch_
             "Host: evil.example".into(),
         ] {
             let ans = raw(d, &format!("GET {path} HTTP/1.1\r\n{headers}"), "");
-            assert_refused(&ans, if headers.contains("Origin") { "Origin" } else { "Host" }, &format!("GET {path} with {headers:?}"));
+            assert_refused(
+                &ans,
+                if headers.contains("Origin") { "Origin" } else { "Host" },
+                &format!("GET {path} with {headers:?}"),
+            );
             tried += 1;
         }
         let ans = raw(d, &format!("GET http://evil.example:{p}{path} HTTP/1.1\r\n{local}"), "");
@@ -188,7 +219,8 @@ fn browser_borne_and_rebinding_requests_are_refused_at_every_endpoint_and_touch_
     let log = d.log_text();
     for header in ["header=\"origin\"", "header=\"host\"", "header=\"content-type\""] {
         assert!(
-            log.lines().any(|l| l.contains("WARN") && l.contains("request refused") && l.contains(header)),
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains("request refused") && l.contains(header)),
             "no warn line with {header}:\n{log}"
         );
     }
@@ -202,7 +234,10 @@ fn browser_borne_and_rebinding_requests_are_refused_at_every_endpoint_and_touch_
     let d = &a.d;
 
     // The legacy way, the same actions run: the refusals above were the guard's.
-    assert_eq!(d.post("/api/v1.0/update", &json!({"version": "2.0.0"}).to_string()), started("installing"));
+    assert_eq!(
+        d.post("/api/v1.0/update", &json!({"version": "2.0.0"}).to_string()),
+        started("installing")
+    );
     d.watch("the legacy update to succeed", |s| s.stage == "success");
     assert!(a.marker.exists(), "the package's post command runs when the request is admitted");
     assert_eq!(a.rig.env.read("voice-app/voice-app").unwrap(), b"voice-app 2.0.0\n");
@@ -211,7 +246,9 @@ fn browser_borne_and_rebinding_requests_are_refused_at_every_endpoint_and_touch_
 #[test]
 fn legacy_callers_loopback_hosts_and_listed_origins_are_served() {
     let rig = Rig::with(Setup {
-        api_extra: "allowed_origins = [\"http://kiosk.local:8080\"]\nallowed_hosts = [\"printer.lan\"]".into(),
+        api_extra:
+            "allowed_origins = [\"http://kiosk.local:8080\"]\nallowed_hosts = [\"printer.lan\"]"
+                .into(),
         ..Setup::default()
     });
     let d = rig.start();
@@ -224,28 +261,57 @@ fn legacy_callers_loopback_hosts_and_listed_origins_are_served() {
         format!("printer.lan:{p}"),
     ] {
         let ans = raw(&d, &format!("GET /api/v1.0/progress HTTP/1.1\r\nHost: {host}"), "");
-        assert_eq!((ans.status, &ans.body["data"]["stage"]), (200, &json!("idle")), "Host {host}: {ans:?}");
+        assert_eq!(
+            (ans.status, &ans.body["data"]["stage"]),
+            (200, &json!("idle")),
+            "Host {host}: {ans:?}"
+        );
     }
     let local = format!("Host: 127.0.0.1:{p}");
     // A listed origin with JSON is served; the same origin without a content type is not.
     let ans = raw(
         &d,
-        &format!("POST /api/v1.0/confirm HTTP/1.1\r\n{local}\r\nOrigin: http://kiosk.local:8080\r\nContent-Type: application/json"),
+        &format!(
+            "POST /api/v1.0/confirm HTTP/1.1\r\n{local}\r\nOrigin: http://kiosk.local:8080\r\nContent-Type: application/json"
+        ),
         "{}",
     );
-    assert_eq!(ans.body, json!({"code": 200, "msg": "success", "data": {"result": "nothing_to_confirm"}}), "{ans:?}");
-    let ans = raw(&d, &format!("POST /api/v1.0/confirm HTTP/1.1\r\n{local}\r\nOrigin: http://kiosk.local:8080"), "");
+    assert_eq!(
+        ans.body,
+        json!({"code": 200, "msg": "success", "data": {"result": "nothing_to_confirm"}}),
+        "{ans:?}"
+    );
+    let ans = raw(
+        &d,
+        &format!("POST /api/v1.0/confirm HTTP/1.1\r\n{local}\r\nOrigin: http://kiosk.local:8080"),
+        "",
+    );
     assert_refused(&ans, "Content-Type", "a listed origin without a content type");
     // Legacy POSTs: no content type and no Origin (curl -X POST), or JSON with a charset.
     let ans = raw(&d, &format!("POST /api/v1.0/confirm HTTP/1.1\r\n{local}"), "");
     assert_eq!(ans.body["code"], 200, "{ans:?}");
-    let ans = raw(&d, &format!("POST /api/v1.0/rollback HTTP/1.1\r\n{local}\r\nContent-Type: application/json; charset=utf-8"), "{}");
-    assert_eq!((ans.status, &ans.body["code"]), (200, &json!(404)), "NOTHING_TO_ROLL_BACK, in the legacy envelope: {ans:?}");
+    let ans = raw(
+        &d,
+        &format!(
+            "POST /api/v1.0/rollback HTTP/1.1\r\n{local}\r\nContent-Type: application/json; charset=utf-8"
+        ),
+        "{}",
+    );
+    assert_eq!(
+        (ans.status, &ans.body["code"]),
+        (200, &json!(404)),
+        "NOTHING_TO_ROLL_BACK, in the legacy envelope: {ans:?}"
+    );
     // Unknown paths stay plain 404s for admitted callers.
     assert_eq!(raw(&d, &format!("GET /nope HTTP/1.1\r\n{local}"), "").status, 404);
     // Unsigned packages and no allowed_uids: said once at start.
-    let warned =
-        d.log_text().lines().filter(|l| l.contains("WARN") && l.contains("accepts unsigned packages from every local user")).count();
+    let warned = d
+        .log_text()
+        .lines()
+        .filter(|l| {
+            l.contains("WARN") && l.contains("accepts unsigned packages from every local user")
+        })
+        .count();
     assert_eq!(warned, 1, "{}", d.log_text());
 }
 
@@ -256,19 +322,40 @@ fn allowed_uids_serve_a_listed_caller_and_refuse_any_other() {
     let me = nix::unistd::geteuid().as_raw();
     let other = if me == 0 { 65534 } else { me + 1 };
     for (uids, admitted) in [(format!("[{me}]"), true), (format!("[{other}]"), false)] {
-        let rig = Rig::with(Setup { api_extra: format!("allowed_uids = {uids}"), ..Setup::default() });
+        let rig =
+            Rig::with(Setup { api_extra: format!("allowed_uids = {uids}"), ..Setup::default() });
         let pkg = build_pkg(&rig.env, "2.0.0", &small_modules("2.0.0"));
         rig.server.add(&pkg);
         let d = rig.start();
-        let ans = raw(&d, "POST /api/v1.0/download HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json", &rig.request(&pkg));
+        let ans = raw(
+            &d,
+            "POST /api/v1.0/download HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json",
+            &rig.request(&pkg),
+        );
         if admitted {
             assert_eq!(ans.body, started("downloading"), "uid {me} listed in {uids}: {ans:?}");
             d.wait_stage("toInstall");
-            assert!(!d.log_text().contains("accepts unsigned packages"), "no warning once allowed_uids is set:\n{}", d.log_text());
+            assert!(
+                !d.log_text().contains("accepts unsigned packages"),
+                "no warning once allowed_uids is set:\n{}",
+                d.log_text()
+            );
         } else {
-            assert_refused(&ans, &format!("uid {me} is not in api.allowed_uids"), &format!("uid {me}, allowed_uids = {uids}"));
-            assert_refused(&raw(&d, "GET /api/v1.0/progress HTTP/1.1\r\nHost: 127.0.0.1", ""), "api.allowed_uids", "GET");
-            assert!(rig.server.hits().is_empty(), "a refused download was fetched: {:?}", rig.server.hits());
+            assert_refused(
+                &ans,
+                &format!("uid {me} is not in api.allowed_uids"),
+                &format!("uid {me}, allowed_uids = {uids}"),
+            );
+            assert_refused(
+                &raw(&d, "GET /api/v1.0/progress HTTP/1.1\r\nHost: 127.0.0.1", ""),
+                "api.allowed_uids",
+                "GET",
+            );
+            assert!(
+                rig.server.hits().is_empty(),
+                "a refused download was fetched: {:?}",
+                rig.server.hits()
+            );
             assert!(d.log_text().contains("header=\"peer uid\""), "{}", d.log_text());
         }
     }
@@ -277,9 +364,15 @@ fn allowed_uids_serve_a_listed_caller_and_refuse_any_other() {
 /// Needs root (another user's process): `curl` run as `nobody` through `setpriv` is refused,
 /// the same request from root is served.
 #[test]
-#[cfg_attr(tope_unprivileged, ignore = "needs root: runs curl as another user; run as root (README.md: Tests that need root)")]
+#[cfg_attr(
+    tope_unprivileged,
+    ignore = "needs root: runs curl as another user; run as root (README.md: Tests that need root)"
+)]
 fn allowed_uids_refuse_a_process_of_another_user() {
-    crate::support::require_root("allowed_uids_refuse_a_process_of_another_user", "it runs curl as nobody through setpriv");
+    crate::support::require_root(
+        "allowed_uids_refuse_a_process_of_another_user",
+        "it runs curl as nobody through setpriv",
+    );
     let rig = Rig::with(Setup { api_extra: "allowed_uids = [0]".into(), ..Setup::default() });
     let d = rig.start();
     let url = format!("{}/api/v1.0/progress", d.base);
@@ -291,8 +384,10 @@ fn allowed_uids_refuse_a_process_of_another_user() {
         } else {
             std::process::Command::new("curl")
         };
-        let out =
-            c.args(["-sS", "--noproxy", "*", "-w", "\n%{http_code}", &url]).output().expect("curl and setpriv are installed (.ci/run)");
+        let out = c
+            .args(["-sS", "--noproxy", "*", "-w", "\n%{http_code}", &url])
+            .output()
+            .expect("curl and setpriv are installed (.ci/run)");
         assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8(out.stdout).unwrap();
         let (body, code) = text.rsplit_once('\n').unwrap();
@@ -300,7 +395,13 @@ fn allowed_uids_refuse_a_process_of_another_user() {
     };
     let (code, body) = curl(true);
     assert_eq!((code.as_str(), &body["code"]), ("200", &json!(400)), "{body}");
-    assert!(body["msg"].as_str().unwrap().starts_with("REQUEST_REFUSED: the caller's uid 65534 is not in api.allowed_uids"), "{body}");
+    assert!(
+        body["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("REQUEST_REFUSED: the caller's uid 65534 is not in api.allowed_uids"),
+        "{body}"
+    );
     let (code, body) = curl(false);
     assert_eq!((code.as_str(), &body["data"]["stage"]), ("200", &json!("idle")), "{body}");
 }

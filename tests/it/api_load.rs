@@ -28,7 +28,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tope_updater::limits::{API_BODY_READ_TIMEOUT_MS, API_CONNECTIONS_MAX, API_HEADER_READ_TIMEOUT_MS, API_STALL_TIMEOUT_MS};
+use tope_updater::limits::{
+    API_BODY_READ_TIMEOUT_MS, API_CONNECTIONS_MAX, API_HEADER_READ_TIMEOUT_MS, API_STALL_TIMEOUT_MS,
+};
 use tope_updater::reporter::REPORT_TIMEOUT_MS;
 
 const fn ms(n: u64) -> Duration {
@@ -57,12 +59,16 @@ const FULL_HEAD: &[u8] = b"GET /api/v1.0/progress HTTP/1.1\r\nHost: 127.0.0.1\r\
 // ---------------------------------------------------------------- raw clients
 
 fn addr_of(d: &Daemon) -> SocketAddr {
-    d.base.strip_prefix("http://").and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("daemon base {:?}", d.base))
+    d.base
+        .strip_prefix("http://")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("daemon base {:?}", d.base))
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
     // Fails only when the daemon stopped accepting and its listen backlog is full.
-    let s = TcpStream::connect_timeout(&addr, HANG).unwrap_or_else(|e| panic!("connect to the daemon at {addr}: {e} (not accepting?)"));
+    let s = TcpStream::connect_timeout(&addr, HANG)
+        .unwrap_or_else(|e| panic!("connect to the daemon at {addr}: {e} (not accepting?)"));
     s.set_nodelay(true).unwrap();
     s
 }
@@ -106,7 +112,12 @@ fn read_until(
                     return Ended::Complete;
                 }
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
                 assert!(
                     since.elapsed() < limit,
                     "{what}: nothing after {:?} (limit {limit:?}); read so far: {:?}",
@@ -131,7 +142,8 @@ struct Answer {
 
 impl Answer {
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("answer body is not JSON ({e}): {self:?}"))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("answer body is not JSON ({e}): {self:?}"))
     }
 }
 
@@ -142,8 +154,10 @@ fn answer_in(buf: &[u8]) -> Option<Answer> {
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let mut lines = head.split("\r\n");
     let status_line = lines.next()?.to_string();
-    let headers: BTreeMap<String, String> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
     let len: usize = headers.get("content-length")?.parse().ok()?;
     let body = buf.get(end + 4..end + 4 + len)?.to_vec();
     Some(Answer { status_line, headers, body })
@@ -158,12 +172,17 @@ fn assert_idle(d: &Daemon, ctx: &str) {
 // ---------------------------------------------------------------- the daemon as /proc sees it
 
 fn fds(pid: i32) -> Vec<String> {
-    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"));
-    dir.filter_map(|e| e.ok()).map(|e| std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default()).collect()
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"));
+    dir.filter_map(|e| e.ok())
+        .map(|e| std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default())
+        .collect()
 }
 
 fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
 }
 
 fn sockets(pid: i32) -> usize {
@@ -173,17 +192,29 @@ fn sockets(pid: i32) -> usize {
 /// A `kB` field of `/proc/PID/status` (`VmHWM`, `VmRSS`), in bytes.
 fn status_kb(pid: i32, field: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = text.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).unwrap_or_else(|| panic!("no {field} in:\n{text}"));
-    let kb: u64 = line.trim().strip_suffix("kB").and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("{field}: {line:?}"));
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} in:\n{text}"));
+    let kb: u64 = line
+        .trim()
+        .strip_suffix("kB")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field}: {line:?}"));
     kb * 1024
 }
 
 /// `(soft, hard)` "Max open files" of a process (`self` or a pid).
 fn nofile(pid: &str) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let line = text.lines().find(|l| l.starts_with("Max open files")).unwrap_or_else(|| panic!("/proc/{pid}/limits:\n{text}"));
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("/proc/{pid}/limits:\n{text}"));
     let words: Vec<&str> = line["Max open files".len()..].split_whitespace().collect();
-    let n = |w: &str| if w == "unlimited" { u64::MAX } else { w.parse().unwrap_or_else(|_| panic!("{line:?}")) };
+    let n = |w: &str| {
+        if w == "unlimited" { u64::MAX } else { w.parse().unwrap_or_else(|_| panic!("{line:?}")) }
+    };
     (n(words[0]), n(words[1]))
 }
 
@@ -205,7 +236,11 @@ fn raise_own_nofile(need: u64) {
         .arg(format!("--nofile={limit}:{limit}"))
         .output()
         .unwrap_or_else(|e| panic!("running prlimit: {e}"));
-    assert!(out.status.success(), "prlimit --pid self --nofile={limit}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "prlimit --pid self --nofile={limit}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (soft, _) = nofile("self");
     assert!(soft >= need, "soft RLIMIT_NOFILE still {soft} after prlimit");
 }
@@ -219,7 +254,12 @@ fn stalled_connections_beyond_the_fd_limit_do_not_lock_out_progress() {
     raise_own_nofile(1300);
     let rig = Rig::new();
     let d = Daemon::start_wrapped(&rig.env, None, &["prlimit", "--nofile=1024:1024"]);
-    assert_eq!(nofile(&d.pid.to_string()), (1024, 1024), "the wrapper did not limit the daemon (pid {})", d.pid);
+    assert_eq!(
+        nofile(&d.pid.to_string()),
+        (1024, 1024),
+        "the wrapper did not limit the daemon (pid {})",
+        d.pid
+    );
     assert_idle(&d, "before the flood");
     let addr = addr_of(&d);
     let fds_idle = fd_count(d.pid);
@@ -243,11 +283,15 @@ fn stalled_connections_beyond_the_fd_limit_do_not_lock_out_progress() {
     let asked = Instant::now();
     let answer = d.try_request("GET", "/api/v1.0/progress", None);
     let answered_in = asked.elapsed();
-    let (status, _, text) = answer.unwrap_or_else(|e| panic!("after {answered_in:?}: {e}\n{}", d.log_text()));
+    let (status, _, text) =
+        answer.unwrap_or_else(|e| panic!("after {answered_in:?}: {e}\n{}", d.log_text()));
     assert_eq!(status, 200, "{text}");
     let p = snap_of(&serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")));
     assert_eq!((p.code, p.stage.as_str()), (200, "idle"), "{p:?}");
-    assert!(answered_in < Duration::from_secs(15), "GET /progress took {answered_in:?} behind {STALLED} stalled connections");
+    assert!(
+        answered_in < Duration::from_secs(15),
+        "GET /progress took {answered_in:?} behind {STALLED} stalled connections"
+    );
     max_fds = max_fds.max(fd_count(d.pid));
     let hwm = status_kb(d.pid, "VmHWM");
 
@@ -257,7 +301,12 @@ fn stalled_connections_beyond_the_fd_limit_do_not_lock_out_progress() {
         held.push(stalled(addr));
     }
     let holding = wait_until(
-        || format!("the daemon to accept {AT_SIGTERM} stalled connections; it holds {} sockets", sockets(d.pid)),
+        || {
+            format!(
+                "the daemon to accept {AT_SIGTERM} stalled connections; it holds {} sockets",
+                sockets(d.pid)
+            )
+        },
         || Some(sockets(d.pid)).filter(|n| *n >= AT_SIGTERM),
     );
     max_fds = max_fds.max(fd_count(d.pid));
@@ -271,7 +320,12 @@ fn stalled_connections_beyond_the_fd_limit_do_not_lock_out_progress() {
         hwm >> 10
     );
     eprintln!("{seen}");
-    assert_eq!(st.code(), Some(0), "SIGTERM with stalled connections open: {seen}\n{}", d.log_text());
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "SIGTERM with stalled connections open: {seen}\n{}",
+        d.log_text()
+    );
     assert!(exited_in < Duration::from_secs(10), "slow exit after SIGTERM: {seen}");
     assert!(hwm < 32 << 20, "peak RSS too high: {seen}");
     // The cap bounds descriptors, not only table entries: the daemon never nears its limit.
@@ -307,11 +361,19 @@ fn a_stalled_head_is_closed_after_the_header_timeout() {
     );
     let closed_in = since.elapsed();
     assert_eq!(ended, Ended::Closed);
-    assert!(closed_in >= HEADER_TIMEOUT_FLOOR, "closed after {closed_in:?}: sooner than the header timeout");
-    assert!(closed_in < STALL_TIMEOUT, "closed after {closed_in:?}: not by the header timer (the sweeper would close it at 15 s)");
+    assert!(
+        closed_in >= HEADER_TIMEOUT_FLOOR,
+        "closed after {closed_in:?}: sooner than the header timeout"
+    );
+    assert!(
+        closed_in < STALL_TIMEOUT,
+        "closed after {closed_in:?}: not by the header timer (the sweeper would close it at 15 s)"
+    );
     assert!(polls > 0, "/progress was never asked while the head stalled");
     assert_idle(&d, "after the stalled head was closed");
-    eprintln!("half-sent head closed after {closed_in:?} ({polls} /progress answers meanwhile; bytes from the daemon: {got:?})");
+    eprintln!(
+        "half-sent head closed after {closed_in:?} ({polls} /progress answers meanwhile; bytes from the daemon: {got:?})"
+    );
 }
 
 #[test]
@@ -321,8 +383,21 @@ fn an_idle_keepalive_connection_is_closed_after_the_header_timeout() {
     let mut s = connect(addr_of(&d));
     s.write_all(FULL_HEAD).unwrap();
     let mut got = Vec::new();
-    let ended = read_until(&mut s, &mut got, Instant::now(), HANG, "the answer to GET /progress", |b| answer_in(b).is_some(), || {});
-    assert_eq!(ended, Ended::Complete, "the daemon closed before answering: {:?}", String::from_utf8_lossy(&got));
+    let ended = read_until(
+        &mut s,
+        &mut got,
+        Instant::now(),
+        HANG,
+        "the answer to GET /progress",
+        |b| answer_in(b).is_some(),
+        || {},
+    );
+    assert_eq!(
+        ended,
+        Ended::Complete,
+        "the daemon closed before answering: {:?}",
+        String::from_utf8_lossy(&got)
+    );
     let since = Instant::now();
     let a = answer_in(&got).unwrap();
     assert!(a.status_line.starts_with("HTTP/1.1 200"), "{a:?}");
@@ -334,13 +409,29 @@ fn an_idle_keepalive_connection_is_closed_after_the_header_timeout() {
     assert_eq!((p.code, p.stage.as_str()), (200, "idle"), "{p:?}");
 
     let mut after = Vec::new();
-    let ended = read_until(&mut s, &mut after, since, HANG, "the daemon to close an idle keep-alive connection", |_| false, || {});
+    let ended = read_until(
+        &mut s,
+        &mut after,
+        since,
+        HANG,
+        "the daemon to close an idle keep-alive connection",
+        |_| false,
+        || {},
+    );
     let closed_in = since.elapsed();
     assert_eq!(ended, Ended::Closed);
-    assert!(closed_in >= HEADER_TIMEOUT_FLOOR, "closed {closed_in:?} after the answer: sooner than the header timeout");
-    assert!(closed_in < STALL_TIMEOUT, "closed {closed_in:?} after the answer: not by the header timer (the sweeper would at 15 s)");
+    assert!(
+        closed_in >= HEADER_TIMEOUT_FLOOR,
+        "closed {closed_in:?} after the answer: sooner than the header timeout"
+    );
+    assert!(
+        closed_in < STALL_TIMEOUT,
+        "closed {closed_in:?} after the answer: not by the header timer (the sweeper would at 15 s)"
+    );
     assert_idle(&d, "after the idle connection was closed");
-    eprintln!("idle keep-alive connection closed {closed_in:?} after the answer (bytes meanwhile: {after:?})");
+    eprintln!(
+        "idle keep-alive connection closed {closed_in:?} after the answer (bytes meanwhile: {after:?})"
+    );
 }
 
 // ---------------------------------------------------------------- 3. the body timer
@@ -370,15 +461,29 @@ fn a_trickled_body_is_refused_after_the_body_timeout_and_starts_nothing() {
         },
     );
     let answered_in = since.elapsed();
-    assert_eq!(ended, Ended::Complete, "the daemon closed without answering: {:?}", String::from_utf8_lossy(&got));
+    assert_eq!(
+        ended,
+        Ended::Complete,
+        "the daemon closed without answering: {:?}",
+        String::from_utf8_lossy(&got)
+    );
     let a = answer_in(&got).unwrap();
-    assert!(a.status_line.starts_with("HTTP/1.1 200"), "the contract always answers HTTP 200: {a:?}");
-    assert!(a.headers.get("content-type").is_some_and(|c| c.starts_with("application/json")), "{a:?}");
+    assert!(
+        a.status_line.starts_with("HTTP/1.1 200"),
+        "the contract always answers HTTP 200: {a:?}"
+    );
+    assert!(
+        a.headers.get("content-type").is_some_and(|c| c.starts_with("application/json")),
+        "{a:?}"
+    );
     let v = a.json();
     assert_eq!(v["code"], 400, "{v}");
     let msg = v["msg"].as_str().unwrap_or_else(|| panic!("no msg: {v}"));
     assert!(msg.starts_with("VALIDATION_ERROR: request body not received within"), "{v}");
-    assert!(answered_in >= BODY_TIMEOUT_FLOOR, "answered after {answered_in:?}: sooner than the body timeout");
+    assert!(
+        answered_in >= BODY_TIMEOUT_FLOOR,
+        "answered after {answered_in:?}: sooner than the body timeout"
+    );
     assert!(polls > 0, "/progress was never asked while the body stalled");
 
     // Nothing started, nothing fetched.
@@ -451,18 +556,35 @@ fn a_report_receiver_that_never_answers_holds_up_neither_install_nor_progress() 
     download(&rig, &d, &pkg);
     // The first report's POST now hangs on the silent device-api: it started after
     // `started_at`, and lasts the reporter's whole timeout (REPORT_TIMEOUT_MS, 5 s).
-    let reached = wait_until(|| "the daemon to connect to the silent device-api".into(), || Some(hole.accepted()).filter(|n| *n > 0));
+    let reached = wait_until(
+        || "the daemon to connect to the silent device-api".into(),
+        || Some(hole.accepted()).filter(|n| *n > 0),
+    );
     install(&d, "2.0.0");
     let flow = started_at.elapsed();
     // So a flow shorter than that timeout ran its install while that POST hung, and waited
     // for no delivery (it takes well under a second; each report it waited for costs 5 s).
-    assert!(flow < REPORT_TIMEOUT, "download + install took {flow:?} with a silent device-api: it waited for a report");
+    assert!(
+        flow < REPORT_TIMEOUT,
+        "download + install took {flow:?} with a silent device-api: it waited for a report"
+    );
 
     for m in &modules {
-        assert_eq!(rig.env.read(m.rel).as_deref(), Some(&m.content[..]), "{} after the install", m.rel);
+        assert_eq!(
+            rig.env.read(m.rel).as_deref(),
+            Some(&m.content[..]),
+            "{} after the install",
+            m.rel
+        );
     }
     assert_eq!(current_version(&d.status()).as_deref(), Some("2.0.0"));
     assert_eq!(d.progress(), snap("success", 100, DONE));
-    assert!(rig.receiver.attempts().is_empty(), "the reports went to the answering receiver: {:?}", rig.receiver.attempts());
-    eprintln!("download + install with a silent device-api: {flow:?}; {reached} report connections held unanswered");
+    assert!(
+        rig.receiver.attempts().is_empty(),
+        "the reports went to the answering receiver: {:?}",
+        rig.receiver.attempts()
+    );
+    eprintln!(
+        "download + install with a silent device-api: {flow:?}; {reached} report connections held unanswered"
+    );
 }

@@ -75,7 +75,10 @@ mod armed {
             let parts: Vec<&str> = desc.split(' ').collect();
             match parts[0] {
                 "file" => {
-                    files.insert(rel, (parts[2].to_string(), u32::from_str_radix(parts[1], 8).unwrap()));
+                    files.insert(
+                        rel,
+                        (parts[2].to_string(), u32::from_str_radix(parts[1], 8).unwrap()),
+                    );
                 }
                 "dir" => {
                     dirs.insert(rel);
@@ -100,7 +103,12 @@ mod armed {
         let j = st.json();
         let current = match &j["current"] {
             serde_json::Value::Null => None,
-            c => Some(c["version"].as_str().unwrap_or_else(|| panic!("{ctx}: current without a version: {j}")).to_string()),
+            c => Some(
+                c["version"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{ctx}: current without a version: {j}"))
+                    .to_string(),
+            ),
         };
         (current, j["in_flight"].clone())
     }
@@ -109,14 +117,23 @@ mod armed {
     /// and mode; the whole tree equals that side (so no `.tope-` leftovers, no directory the
     /// transaction created when it is undone, nothing else touched); nothing is in flight
     /// and `current` is that side's version. Returns the side.
-    fn check_all_or_nothing(env: &Env, before: &DeviceState, after: &DeviceState, ctx: &str) -> Side {
+    fn check_all_or_nothing(
+        env: &Env,
+        before: &DeviceState,
+        after: &DeviceState,
+        ctx: &str,
+    ) -> Side {
         let (files, dirs, others) = observe(&env.root);
         let left = leftovers(&env.root);
         assert!(left.is_empty(), "{ctx}: temporary files left under the root: {left:?}");
         assert!(others.is_empty(), "{ctx}: unexpected non-regular entries: {others:?}");
 
-        let targets: BTreeSet<&String> =
-            before.files.keys().chain(after.files.keys()).filter(|p| before.files.get(*p) != after.files.get(*p)).collect();
+        let targets: BTreeSet<&String> = before
+            .files
+            .keys()
+            .chain(after.files.keys())
+            .filter(|p| before.files.get(*p) != after.files.get(*p))
+            .collect();
         assert!(!targets.is_empty(), "{ctx}: fixture error: the transaction changes nothing");
         let mut olds = Vec::new();
         let mut news = Vec::new();
@@ -134,7 +151,12 @@ mod armed {
                     Some(_) => "content that is neither old nor new (torn?)",
                     None => "absent, but should exist on both sides",
                 };
-                neither.push(format!("{t}: {why}: live {}, old {}, new {}", show(live), show(b), show(a)));
+                neither.push(format!(
+                    "{t}: {why}: live {}, old {}, new {}",
+                    show(live),
+                    show(b),
+                    show(a)
+                ));
             }
         }
         if !neither.is_empty() || (!olds.is_empty() && !news.is_empty()) {
@@ -143,23 +165,38 @@ mod armed {
                 neither.join("\n    ")
             );
         }
-        let (side, want) = if news.is_empty() { (Side::Before, before) } else { (Side::After, after) };
+        let (side, want) =
+            if news.is_empty() { (Side::Before, before) } else { (Side::After, after) };
 
         if files != want.files {
             let extra: Vec<_> = files.keys().filter(|k| !want.files.contains_key(*k)).collect();
             let missing: Vec<_> = want.files.keys().filter(|k| !files.contains_key(*k)).collect();
-            let differ: Vec<_> = files.iter().filter(|(k, v)| want.files.get(*k).is_some_and(|w| w != *v)).map(|(k, _)| k).collect();
-            panic!("{ctx}: targets are all {side:?}, but other files differ: extra {extra:?}, missing {missing:?}, changed {differ:?}");
+            let differ: Vec<_> = files
+                .iter()
+                .filter(|(k, v)| want.files.get(*k).is_some_and(|w| w != *v))
+                .map(|(k, _)| k)
+                .collect();
+            panic!(
+                "{ctx}: targets are all {side:?}, but other files differ: extra {extra:?}, missing {missing:?}, changed {differ:?}"
+            );
         }
         if dirs != want.dirs {
             let extra: Vec<_> = dirs.difference(&want.dirs).collect();
             let missing: Vec<_> = want.dirs.difference(&dirs).collect();
-            panic!("{ctx}: files are all {side:?}, but directories differ: left behind {extra:?}, missing {missing:?}");
+            panic!(
+                "{ctx}: files are all {side:?}, but directories differ: left behind {extra:?}, missing {missing:?}"
+            );
         }
 
         let (current, in_flight) = status(env, ctx);
-        assert!(in_flight.is_null(), "{ctx}: files are all {side:?} but a transaction is still in flight: {in_flight}");
-        assert_eq!(current, want.version, "{ctx}: files are all {side:?} but status shows current version {current:?}");
+        assert!(
+            in_flight.is_null(),
+            "{ctx}: files are all {side:?} but a transaction is still in flight: {in_flight}"
+        );
+        assert_eq!(
+            current, want.version,
+            "{ctx}: files are all {side:?} but status shows current version {current:?}"
+        );
         side
     }
 
@@ -185,7 +222,14 @@ mod armed {
     }
 
     impl Module {
-        fn file(name: &'static str, entry: &str, dst: &str, mode: Option<u32>, zip_mode: u32, content: Vec<u8>) -> Module {
+        fn file(
+            name: &'static str,
+            entry: &str,
+            dst: &str,
+            mode: Option<u32>,
+            zip_mode: u32,
+            content: Vec<u8>,
+        ) -> Module {
             Module {
                 name,
                 src: entry.into(),
@@ -196,7 +240,12 @@ mod armed {
         }
 
         /// `files`: (path relative to the prefix and to `dst`, zip mode, content).
-        fn dir(name: &'static str, prefix: &str, dst: &str, files: Vec<(String, u32, Vec<u8>)>) -> Module {
+        fn dir(
+            name: &'static str,
+            prefix: &str,
+            dst: &str,
+            files: Vec<(String, u32, Vec<u8>)>,
+        ) -> Module {
             assert!(prefix.ends_with('/'));
             let files = files
                 .into_iter()
@@ -229,18 +278,25 @@ mod armed {
     const V2: &str = "2.0.0";
 
     impl Fixture {
-        fn new(v1: Vec<(String, Vec<u8>, u32)>, modules: Vec<Module>, method: zip::CompressionMethod) -> Fixture {
+        fn new(
+            v1: Vec<(String, Vec<u8>, u32)>,
+            modules: Vec<Module>,
+            method: zip::CompressionMethod,
+        ) -> Fixture {
             let mut buf = std::io::Cursor::new(Vec::new());
             {
                 let mut z = zip::ZipWriter::new(&mut buf);
                 for d in modules.iter().flat_map(|m| &m.files) {
-                    let opts = zip::write::SimpleFileOptions::default().compression_method(method).unix_permissions(d.zip_mode);
+                    let opts = zip::write::SimpleFileOptions::default()
+                        .compression_method(method)
+                        .unix_permissions(d.zip_mode);
                     z.start_file(d.entry.as_str(), opts).unwrap();
                     z.write_all(&d.content).unwrap();
                 }
                 z.finish().unwrap();
             }
-            let old: BTreeMap<String, FileState> = v1.iter().map(|(p, c, m)| (p.clone(), (blake3_hex(c), *m))).collect();
+            let old: BTreeMap<String, FileState> =
+                v1.iter().map(|(p, c, m)| (p.clone(), (blake3_hex(c), *m))).collect();
             let mut new = old.clone();
             for m in &modules {
                 for d in &m.files {
@@ -267,17 +323,62 @@ mod armed {
                 ("opt/app/bin/app".to_string(), b"#!/bin/sh\necho app v1\n".to_vec(), 0o755),
                 ("opt/app/etc/app.conf".to_string(), b"level = 1\n".to_vec(), 0o640),
                 ("opt/app/lib/libfoo.so".to_string(), b"libfoo v1".to_vec(), 0o755),
-                ("opt/app/lib/libbar.so".to_string(), b"libbar v1, a little longer".to_vec(), 0o600),
-                ("opt/app/share/readme.txt".to_string(), b"not part of any package".to_vec(), 0o444),
+                (
+                    "opt/app/lib/libbar.so".to_string(),
+                    b"libbar v1, a little longer".to_vec(),
+                    0o600,
+                ),
+                (
+                    "opt/app/share/readme.txt".to_string(),
+                    b"not part of any package".to_vec(),
+                    0o444,
+                ),
                 ("etc/hostname".to_string(), b"printer-7\n".to_vec(), 0o644),
             ];
-            let pattern = |seed: u8, len: usize| (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>();
+            let pattern = |seed: u8, len: usize| {
+                (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>()
+            };
             let modules = vec![
-                Module::file("app", "files/app", "opt/app/bin/app", Some(0o750), 0o644, b"#!/bin/sh\necho app v2 (new)\n".to_vec()),
-                Module::file("conf", "files/app.conf", "opt/app/etc/app.conf", None, 0o644, b"level = 2\nextra = true\n".to_vec()),
-                Module::file("helper", "files/helper", "opt/app/bin/helper", None, 0o755, b"#!/bin/sh\necho helper\n".to_vec()),
-                Module::file("data", "files/data.bin", "opt/app/data/v2/nested/data.bin", Some(0o600), 0o644, pattern(7, 40_000)),
-                Module::file("unit", "files/tope.service", "etc/systemd/system/tope.service", None, 0o644, b"[Unit]\n".to_vec()),
+                Module::file(
+                    "app",
+                    "files/app",
+                    "opt/app/bin/app",
+                    Some(0o750),
+                    0o644,
+                    b"#!/bin/sh\necho app v2 (new)\n".to_vec(),
+                ),
+                Module::file(
+                    "conf",
+                    "files/app.conf",
+                    "opt/app/etc/app.conf",
+                    None,
+                    0o644,
+                    b"level = 2\nextra = true\n".to_vec(),
+                ),
+                Module::file(
+                    "helper",
+                    "files/helper",
+                    "opt/app/bin/helper",
+                    None,
+                    0o755,
+                    b"#!/bin/sh\necho helper\n".to_vec(),
+                ),
+                Module::file(
+                    "data",
+                    "files/data.bin",
+                    "opt/app/data/v2/nested/data.bin",
+                    Some(0o600),
+                    0o644,
+                    pattern(7, 40_000),
+                ),
+                Module::file(
+                    "unit",
+                    "files/tope.service",
+                    "etc/systemd/system/tope.service",
+                    None,
+                    0o644,
+                    b"[Unit]\n".to_vec(),
+                ),
                 Module::dir(
                     "lib",
                     "lib/",
@@ -303,7 +404,8 @@ mod armed {
         /// Target paths in the engine's order (sorted by absolute path; the root prefix is
         /// common to all).
         fn targets_sorted(&self) -> Vec<&str> {
-            let mut t: Vec<&str> = self.modules.iter().flat_map(|m| &m.files).map(|d| d.target.as_str()).collect();
+            let mut t: Vec<&str> =
+                self.modules.iter().flat_map(|m| &m.files).map(|d| d.target.as_str()).collect();
             t.sort();
             t
         }
@@ -313,23 +415,32 @@ mod armed {
         }
 
         fn n_old_targets(&self) -> u32 {
-            self.targets_sorted().iter().filter(|t| self.v1_state.files.contains_key(**t)).count() as u32
+            self.targets_sorted().iter().filter(|t| self.v1_state.files.contains_key(**t)).count()
+                as u32
         }
 
         /// The manifest for `env`, with every hash declared; `wrong_hash_for` names a target
         /// whose declared hash is wrong.
         fn manifest(&self, env: &Env, wrong_hash_for: Option<&str>) -> String {
             let hash = |d: &Deploy| {
-                if Some(d.target.as_str()) == wrong_hash_for { blake3_hex(b"not the content") } else { blake3_hex(&d.content) }
+                if Some(d.target.as_str()) == wrong_hash_for {
+                    blake3_hex(b"not the content")
+                } else {
+                    blake3_hex(&d.content)
+                }
             };
             let modules: Vec<serde_json::Value> = self
                 .modules
                 .iter()
                 .map(|m| {
-                    let mut j = serde_json::json!({"name": m.name, "src": m.src, "dst": env.dst(&m.dst)});
+                    let mut j =
+                        serde_json::json!({"name": m.name, "src": m.src, "dst": env.dst(&m.dst)});
                     if m.is_dir() {
-                        let files: serde_json::Map<String, serde_json::Value> =
-                            m.files.iter().map(|d| (d.entry[m.src.len()..].to_string(), hash(d).into())).collect();
+                        let files: serde_json::Map<String, serde_json::Value> = m
+                            .files
+                            .iter()
+                            .map(|d| (d.entry[m.src.len()..].to_string(), hash(d).into()))
+                            .collect();
                         j["files"] = files.into();
                     } else {
                         j["blake3"] = hash(&m.files[0]).into();
@@ -345,11 +456,16 @@ mod armed {
 
         /// Writes the package for `env` (outside the root) and returns its path.
         fn package(&self, env: &Env, wrong_hash_for: Option<&str>) -> String {
-            let path: PathBuf = env.pkg_path(if wrong_hash_for.is_some() { "bad.zip" } else { "v2.zip" });
+            let path: PathBuf =
+                env.pkg_path(if wrong_hash_for.is_some() { "bad.zip" } else { "v2.zip" });
             std::fs::write(&path, &self.base_zip).unwrap();
             let f = std::fs::File::options().read(true).write(true).open(&path).unwrap();
             let mut z = zip::ZipWriter::new_append(f).unwrap();
-            z.start_file("manifest.json", zip::write::SimpleFileOptions::default().unix_permissions(0o644)).unwrap();
+            z.start_file(
+                "manifest.json",
+                zip::write::SimpleFileOptions::default().unix_permissions(0o644),
+            )
+            .unwrap();
             z.write_all(self.manifest(env, wrong_hash_for).as_bytes()).unwrap();
             z.finish().unwrap();
             path.to_str().unwrap().to_string()
@@ -376,14 +492,31 @@ mod armed {
 
     /// `recover`, the invariant, the expected side, then a second `recover` that must find
     /// nothing to do and change nothing.
-    fn recover_and_check(env: &Env, before: &DeviceState, after: &DeviceState, expected: Side, ctx: &str) -> Side {
+    fn recover_and_check(
+        env: &Env,
+        before: &DeviceState,
+        after: &DeviceState,
+        expected: Side,
+        ctx: &str,
+    ) -> Side {
         let rec = env.run(&["recover", "--json"]);
-        assert!(matches!(rec.code, Some(0) | Some(4)), "{ctx}: recover should exit 0 or 4:\n{}", rec.describe());
+        assert!(
+            matches!(rec.code, Some(0) | Some(4)),
+            "{ctx}: recover should exit 0 or 4:\n{}",
+            rec.describe()
+        );
         let result = rec.json()["result"].as_str().unwrap_or_default().to_string();
         let side = check_all_or_nothing(env, before, after, &format!("{ctx}, after recover"));
-        assert_eq!(side, expected, "{ctx}: recover left the device all {side:?}, expected all {expected:?}:\n{}", rec.describe());
+        assert_eq!(
+            side,
+            expected,
+            "{ctx}: recover left the device all {side:?}, expected all {expected:?}:\n{}",
+            rec.describe()
+        );
         match (rec.code, side) {
-            (Some(4), Side::After) => panic!("{ctx}: recover reported a rollback (exit 4) but the device is all After"),
+            (Some(4), Side::After) => {
+                panic!("{ctx}: recover reported a rollback (exit 4) but the device is all After")
+            }
             (Some(0), Side::Before) => {
                 assert_eq!(
                     result,
@@ -396,10 +529,23 @@ mod armed {
         }
         let snapshot = tree(&env.root);
         let again = env.run(&["recover", "--json"]);
-        assert_eq!(again.code, Some(0), "{ctx}: a second recover should have nothing to do:\n{}", again.describe());
-        assert_eq!(again.json()["result"], "nothing", "{ctx}: a second recover did something:\n{}", again.describe());
+        assert_eq!(
+            again.code,
+            Some(0),
+            "{ctx}: a second recover should have nothing to do:\n{}",
+            again.describe()
+        );
+        assert_eq!(
+            again.json()["result"],
+            "nothing",
+            "{ctx}: a second recover did something:\n{}",
+            again.describe()
+        );
         assert_eq!(tree(&env.root), snapshot, "{ctx}: a second recover changed the tree");
-        assert_eq!(check_all_or_nothing(env, before, after, &format!("{ctx}, after a second recover")), side);
+        assert_eq!(
+            check_all_or_nothing(env, before, after, &format!("{ctx}, after a second recover")),
+            side
+        );
         side
     }
 
@@ -464,23 +610,44 @@ mod armed {
     fn baselines(fx: &Fixture) {
         let env = Env::new();
         fx.setup_v1(&env);
-        assert_eq!(check_all_or_nothing(&env, &fx.v1_state, &fx.v2_state, "baseline: v1 device"), Side::Before);
+        assert_eq!(
+            check_all_or_nothing(&env, &fx.v1_state, &fx.v2_state, "baseline: v1 device"),
+            Side::Before
+        );
         let pkg = fx.package(&env, None);
         env.ok(&["install", &pkg]);
-        assert_eq!(check_all_or_nothing(&env, &fx.v1_state, &fx.v2_state, "baseline: clean install"), Side::After);
+        assert_eq!(
+            check_all_or_nothing(&env, &fx.v1_state, &fx.v2_state, "baseline: clean install"),
+            Side::After
+        );
         env.ok(&["rollback", "--to", "factory"]);
-        assert_eq!(check_all_or_nothing(&env, &fx.v2_state, &fx.v1_state, "baseline: clean rollback to factory"), Side::After);
+        assert_eq!(
+            check_all_or_nothing(
+                &env,
+                &fx.v2_state,
+                &fx.v1_state,
+                "baseline: clean rollback to factory"
+            ),
+            Side::After
+        );
 
         let env = Env::new();
         fx.setup_v1(&env);
         let second = fx.targets_sorted()[1];
         let bad = fx.package(&env, Some(second));
         let r = env.run(&["install", &bad, "--json"]);
-        assert!(matches!(r.code, Some(3) | Some(4)), "baseline: a wrong hash must fail the install:\n{}", r.describe());
+        assert!(
+            matches!(r.code, Some(3) | Some(4)),
+            "baseline: a wrong hash must fail the install:\n{}",
+            r.describe()
+        );
         let j = r.json();
         assert_eq!(j["outcome"], "rolled_back", "baseline: wrong hash:\n{}", r.describe());
         assert_eq!(j["error"]["code"], "HASH_MISMATCH", "baseline: wrong hash:\n{}", r.describe());
-        assert_eq!(check_all_or_nothing(&env, &fx.v1_state, &fx.v2_state, "baseline: failed install"), Side::Before);
+        assert_eq!(
+            check_all_or_nothing(&env, &fx.v1_state, &fx.v2_state, "baseline: failed install"),
+            Side::Before
+        );
     }
 
     /// Install v2 over v1 with each point armed; `recover` resumes (default policy).
@@ -501,7 +668,8 @@ mod armed {
                 expect_killed(&run_armed(&env, &["install", &pkg], arm), arm, &ctx);
                 t.killed_by(arm, S);
                 // Before the journal knows the transaction there is nothing to resume.
-                let expected = if arm.point == "plan.copy_written" { Side::Before } else { Side::After };
+                let expected =
+                    if arm.point == "plan.copy_written" { Side::Before } else { Side::After };
                 recover_and_check(&env, &fx.v1_state, &fx.v2_state, expected, &ctx);
             });
         }
@@ -527,7 +695,8 @@ mod armed {
                 env.ok(&["install", &pkg]);
                 expect_killed(&run_armed(&env, &["rollback", "--to", "factory"], arm), arm, &ctx);
                 t.killed_by(arm, S);
-                let expected = if arm.point == "plan.copy_written" { Side::Before } else { Side::After };
+                let expected =
+                    if arm.point == "plan.copy_written" { Side::Before } else { Side::After };
                 recover_and_check(&env, &fx.v2_state, &fx.v1_state, expected, &ctx);
             });
         }
@@ -545,7 +714,14 @@ mod armed {
     impl Tx {
         /// Prepares a fresh device and crashes the transaction at `base`. Returns the states
         /// before and after the transaction.
-        fn crash<'f>(self, fx: &'f Fixture, env: &Env, base: Arm, t: &mut Tally, ctx: &str) -> (&'f DeviceState, &'f DeviceState) {
+        fn crash<'f>(
+            self,
+            fx: &'f Fixture,
+            env: &Env,
+            base: Arm,
+            t: &mut Tally,
+            ctx: &str,
+        ) -> (&'f DeviceState, &'f DeviceState) {
             fx.setup_v1(env);
             let pkg = fx.package(env, None);
             match self {
@@ -556,7 +732,11 @@ mod armed {
                 }
                 Tx::RollbackToFactory => {
                     env.ok(&["install", &pkg]);
-                    expect_killed(&run_armed(env, &["rollback", "--to", "factory"], base), base, ctx);
+                    expect_killed(
+                        &run_armed(env, &["rollback", "--to", "factory"], base),
+                        base,
+                        ctx,
+                    );
                     t.killed_by(base, "rollback");
                     (&fx.v2_state, &fx.v1_state)
                 }
@@ -579,14 +759,20 @@ mod armed {
     ) {
         for arm in arms(points, loops) {
             t.case(scenario, arm.to_string(), |t| {
-                let ctx = format!("[{scenario}] {tx:?} killed at {base}, then recover killed at {arm}");
+                let ctx =
+                    format!("[{scenario}] {tx:?} killed at {base}, then recover killed at {arm}");
                 let env = Env::with_config(config);
                 let (before, after) = tx.crash(fx, &env, base, t, &ctx);
                 expect_killed(&run_armed(&env, &["recover"], arm), arm, &ctx);
                 t.killed_by(arm, scenario);
                 let (_, in_flight) = status(&env, &ctx);
-                let ended = matches!(arm.point, "enter.Committed" | "commit.cleaned" | "enter.RolledBack");
-                assert_eq!(in_flight.is_null(), ended, "{ctx}: in flight after recover was killed: {in_flight}");
+                let ended =
+                    matches!(arm.point, "enter.Committed" | "commit.cleaned" | "enter.RolledBack");
+                assert_eq!(
+                    in_flight.is_null(),
+                    ended,
+                    "{ctx}: in flight after recover was killed: {in_flight}"
+                );
                 recover_and_check(&env, before, after, expected, &ctx);
             });
         }
@@ -594,11 +780,24 @@ mod armed {
 
     fn recovery_scenarios(fx: &Fixture, t: &mut Tally) {
         let n = fx.n_targets();
-        let install_loops = [("stage.file", n), ("backup.file", fx.n_old_targets()), ("swap.file", n), ("verify.file", n)];
-        let undo = ["recover.attempt", "enter.RollingBack", "rollback.file", "rollback.synced", "enter.RolledBack"];
+        let install_loops = [
+            ("stage.file", n),
+            ("backup.file", fx.n_old_targets()),
+            ("swap.file", n),
+            ("verify.file", n),
+        ];
+        let undo = [
+            "recover.attempt",
+            "enter.RollingBack",
+            "rollback.file",
+            "rollback.synced",
+            "enter.RolledBack",
+        ];
         // Crashed right after `Planned`: resuming redoes every forward step.
         let mut from_planned = vec!["recover.attempt"];
-        from_planned.extend(FORWARD_POINTS.iter().filter(|p| !matches!(**p, "plan.copy_written" | "enter.Planned")));
+        from_planned.extend(
+            FORWARD_POINTS.iter().filter(|p| !matches!(**p, "plan.copy_written" | "enter.Planned")),
+        );
         recovery_scenario(
             fx,
             t,
@@ -616,7 +815,15 @@ mod armed {
             "recover resuming mid-swap",
             "",
             (Tx::Install, Arm::new("swap.file", 3)),
-            &["recover.attempt", "swap.file", "swap.synced", "enter.Verified", "verify.file", "enter.Committed", "commit.cleaned"],
+            &[
+                "recover.attempt",
+                "swap.file",
+                "swap.synced",
+                "enter.Verified",
+                "verify.file",
+                "enter.Committed",
+                "commit.cleaned",
+            ],
             &install_loops,
             Side::After,
         );
@@ -692,7 +899,12 @@ mod armed {
         for (p, scenarios) in &t.killed {
             println!("  {p:<18} {scenarios:?}");
         }
-        println!("{} (scenario, point) runs in {:.1} s: {:?}", t.runs, started.elapsed().as_secs_f64(), t.per_scenario);
+        println!(
+            "{} (scenario, point) runs in {:.1} s: {:?}",
+            t.runs,
+            started.elapsed().as_secs_f64(),
+            t.per_scenario
+        );
         let mut problems = t.failures.clone();
         if !missing.is_empty() {
             problems.push(format!("crash points never reached by any scenario: {missing:?}"));
@@ -713,10 +925,19 @@ mod armed {
         expect_killed(&run_armed(&env, &["install", &pkg], base), base, "install");
         let attempt = Arm::new("recover.attempt", 1);
         for n in 1..=2 {
-            expect_killed(&run_armed(&env, &["recover"], attempt), attempt, &format!("recover attempt {n}"));
+            expect_killed(
+                &run_armed(&env, &["recover"], attempt),
+                attempt,
+                &format!("recover attempt {n}"),
+            );
         }
         let third = env.run(&["recover", "--json"]);
-        assert_eq!(third.code, Some(5), "the third recover (max_recovery_attempts = 2) must stop for an operator:\n{}", third.describe());
+        assert_eq!(
+            third.code,
+            Some(5),
+            "the third recover (max_recovery_attempts = 2) must stop for an operator:\n{}",
+            third.describe()
+        );
         let (_, in_flight) = status(&env, "after giving up");
         assert_eq!(in_flight["phase"], "RollbackFailed", "status after giving up: {in_flight}");
 
@@ -760,7 +981,11 @@ mod armed {
         let mut v1 = Vec::new();
         let mut tree_files = Vec::new();
         for i in 0..300u32 {
-            let rel = if i < 250 { format!("d{}/e{}/f{i:03}.dat", i % 5, i % 7) } else { format!("new/g{}/f{i:03}.dat", i % 4) };
+            let rel = if i < 250 {
+                format!("d{}/e{}/f{i:03}.dat", i % 5, i % 7)
+            } else {
+                format!("new/g{}/f{i:03}.dat", i % 4)
+            };
             let len = 1024 + rng.below(15 * 1024 + 1) as usize;
             if i < 250 && i % 3 == 0 {
                 let old_len = 1024 + rng.below(15 * 1024 + 1) as usize;
@@ -773,9 +998,30 @@ mod armed {
         v1.push(("opt/big/blob1.bin".into(), rng.bytes(MIB2), 0o640));
         let modules = vec![
             Module::dir("tree", "tree/", "opt/big/tree", tree_files),
-            Module::file("blob0", "blobs/blob0.bin", "opt/big/blob0.bin", None, 0o644, rng.bytes(MIB2)),
-            Module::file("blob1", "blobs/blob1.bin", "opt/big/blob1.bin", Some(0o600), 0o644, rng.bytes(MIB2)),
-            Module::file("blob2", "blobs/blob2.bin", "opt/big/new/deeper/blob2.bin", None, 0o755, rng.bytes(MIB2)),
+            Module::file(
+                "blob0",
+                "blobs/blob0.bin",
+                "opt/big/blob0.bin",
+                None,
+                0o644,
+                rng.bytes(MIB2),
+            ),
+            Module::file(
+                "blob1",
+                "blobs/blob1.bin",
+                "opt/big/blob1.bin",
+                Some(0o600),
+                0o644,
+                rng.bytes(MIB2),
+            ),
+            Module::file(
+                "blob2",
+                "blobs/blob2.bin",
+                "opt/big/new/deeper/blob2.bin",
+                None,
+                0o755,
+                rng.bytes(MIB2),
+            ),
         ];
         Fixture::new(v1, modules, zip::CompressionMethod::Stored)
     }
@@ -791,8 +1037,12 @@ mod armed {
     impl WatchedInstall {
         fn spawn(env: &Env, pkg: &str) -> WatchedInstall {
             use std::io::BufRead;
-            let mut child =
-                env.command(&["--log-level", "info", "install", pkg]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+            let mut child = env
+                .command(&["--log-level", "info", "install", pkg])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
             let spawned = Instant::now();
             let stderr = child.stderr.take().unwrap();
             let (tx, planned) = std::sync::mpsc::channel();
@@ -831,13 +1081,18 @@ mod armed {
             fx.setup_v1(&env);
             let pkg = fx.package(&env, None);
             let mut install = WatchedInstall::spawn(&env, &pkg);
-            let planned = install.wait_planned().expect("an uninterrupted install logs \"transaction planned\"");
+            let planned = install
+                .wait_planned()
+                .expect("an uninterrupted install logs \"transaction planned\"");
             let status = install.child.wait().unwrap();
             let end = Instant::now();
             totals.push(end - install.spawned);
             in_tx.push(end - planned);
             assert_eq!(status.code(), Some(0), "uninterrupted install: {status:?}");
-            assert_eq!(check_all_or_nothing(&env, &fx.v1_state, &fx.v2_state, "uninterrupted install"), Side::After);
+            assert_eq!(
+                check_all_or_nothing(&env, &fx.v1_state, &fx.v2_state, "uninterrupted install"),
+                Side::After
+            );
         }
         let full = *totals.iter().min().unwrap();
         let transaction = *in_tx.iter().min().unwrap();
@@ -877,27 +1132,53 @@ mod armed {
                     use std::os::unix::process::ExitStatusExt;
                     status.signal() == Some(9)
                 };
-                assert!(killed || status.code() == Some(0), "install neither finished nor was killed: {status:?}");
+                assert!(
+                    killed || status.code() == Some(0),
+                    "install neither finished nor was killed: {status:?}"
+                );
                 let anchor = if from_spawn { "the spawn" } else { "the transaction's beginning" };
-                let ctx = format!("iteration {i} (seed {seed:#x}, recovery {policy}, kill {} ms after {anchor})", delay.as_millis());
+                let ctx = format!(
+                    "iteration {i} (seed {seed:#x}, recovery {policy}, kill {} ms after {anchor})",
+                    delay.as_millis()
+                );
                 let rec = env.run(&["recover", "--json"]);
-                assert!(matches!(rec.code, Some(0) | Some(4)), "{ctx}: recover:\n{}", rec.describe());
+                assert!(
+                    matches!(rec.code, Some(0) | Some(4)),
+                    "{ctx}: recover:\n{}",
+                    rec.describe()
+                );
                 // In flight: the journal held a transaction begun and not ended, which only
                 // `recover` can tell (a kill before the journal was opened left nothing to do).
                 let in_flight = rec.json()["result"] != "nothing";
-                assert!(killed || !in_flight, "{ctx}: a finished install left a transaction in flight:\n{}", rec.describe());
+                assert!(
+                    killed || !in_flight,
+                    "{ctx}: a finished install left a transaction in flight:\n{}",
+                    rec.describe()
+                );
                 let side = check_all_or_nothing(&env, &fx.v1_state, &fx.v2_state, &ctx);
                 if in_flight {
                     // What recover reports is what the tree shows: exit 4 = rolled back to the
                     // old contents, exit 0 = finished; and resume never rolls back a readable
                     // package's install.
                     let expected = if rec.code == Some(4) { Side::Before } else { Side::After };
-                    assert_eq!(side, expected, "{ctx}: recover exit {:?} but the tree is all {side:?}", rec.code);
-                    assert!(policy == "rollback" || rec.code == Some(0), "{ctx}: recovery = resume rolled back:\n{}", rec.describe());
+                    assert_eq!(
+                        side, expected,
+                        "{ctx}: recover exit {:?} but the tree is all {side:?}",
+                        rec.code
+                    );
+                    assert!(
+                        policy == "rollback" || rec.code == Some(0),
+                        "{ctx}: recovery = resume rolled back:\n{}",
+                        rec.describe()
+                    );
                 }
                 let again = env.run(&["recover", "--json"]);
                 assert_eq!(again.code, Some(0), "{ctx}: second recover:\n{}", again.describe());
-                assert_eq!(again.json()["result"], "nothing", "{ctx}: second recover did something");
+                assert_eq!(
+                    again.json()["result"],
+                    "nothing",
+                    "{ctx}: second recover did something"
+                );
                 (killed, in_flight, rec.code, side, anchor)
             }));
             match result {
@@ -926,7 +1207,12 @@ mod armed {
         println!(
             "random kills: {ITERATIONS} iterations, {kills} killed, {in_flight_kills} of them with a transaction in flight, outcomes {sides:?}, seed {seed:#x}"
         );
-        assert!(failures.is_empty(), "{} iteration(s) failed (seed {seed:#x}):\n\n{}", failures.len(), failures.join("\n\n"));
+        assert!(
+            failures.is_empty(),
+            "{} iteration(s) failed (seed {seed:#x}):\n\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
         // Only a kill inside the transaction tests recovery; a kill before the journal opened
         // or after the end proves nothing about it. Twelve of the fifteen are aimed inside.
         assert!(

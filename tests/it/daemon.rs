@@ -43,8 +43,16 @@ pub(crate) const REPORT_PATH: &str = "/api/v1.0/ota/report";
 pub(crate) const READY: &str = "Package verified successfully, ready for installation";
 pub(crate) const DONE: &str = "Update completed successfully";
 /// Environment variables that would route the daemon's HTTP through a proxy.
-pub(crate) const PROXY_VARS: &[&str] =
-    &["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
+pub(crate) const PROXY_VARS: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -89,8 +97,10 @@ pub(crate) fn read_head(s: &mut TcpStream) -> Option<Head> {
             let text = String::from_utf8_lossy(&buf[..end]).into_owned();
             let mut lines = text.split("\r\n");
             let line = lines.next()?.to_string();
-            let headers =
-                lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+            let headers = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
             return Some(Head { line, headers, rest: buf[end + 4..].to_vec() });
         }
         if buf.len() > 64 * 1024 {
@@ -110,7 +120,11 @@ pub(crate) fn decode_chunked(data: &[u8]) -> Option<Vec<u8>> {
     let mut pos = 0;
     loop {
         let eol = find(&data[pos..], b"\r\n")? + pos;
-        let size = usize::from_str_radix(std::str::from_utf8(&data[pos..eol]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&data[pos..eol]).ok()?.split(';').next()?.trim(),
+            16,
+        )
+        .ok()?;
         if size == 0 {
             find(&data[eol..], b"\r\n\r\n")?;
             return Some(out);
@@ -154,7 +168,11 @@ pub(crate) fn read_body(s: &mut TcpStream, head: &Head) -> Option<Vec<u8>> {
 }
 
 /// Accepts on a non-blocking listener until `stop`, handing each connection to `handle`.
-pub(crate) fn accept_loop(listener: TcpListener, stop: &AtomicBool, mut handle: impl FnMut(TcpStream)) {
+pub(crate) fn accept_loop(
+    listener: TcpListener,
+    stop: &AtomicBool,
+    mut handle: impl FnMut(TcpStream),
+) {
     listener.set_nonblocking(true).unwrap();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -188,7 +206,14 @@ pub(crate) struct Serve {
 
 impl Default for Serve {
     fn default() -> Self {
-        Serve { chunk: 64 * 1024, delay: Duration::ZERO, gate: None, fail_next: 0, ignore_range: false, drop_at: None }
+        Serve {
+            chunk: 64 * 1024,
+            delay: Duration::ZERO,
+            gate: None,
+            fail_next: 0,
+            ignore_range: false,
+            drop_at: None,
+        }
     }
 }
 
@@ -276,7 +301,9 @@ pub(crate) fn serve_package(mut s: TcpStream, state: &Mutex<PkgState>, stop: &At
     let (status, file, start) = {
         let mut g = lock(state);
         let file = path.strip_prefix("/ota/").and_then(|n| g.files.get(n)).cloned();
-        let requested = range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.split('-').next()?.parse::<u64>().ok());
+        let requested = range
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes=")?.split('-').next()?.parse::<u64>().ok());
         let (status, start) = match (&file, requested) {
             _ if g.serve.fail_next > 0 => {
                 g.serve.fail_next -= 1;
@@ -297,10 +324,15 @@ pub(crate) fn serve_package(mut s: TcpStream, state: &Mutex<PkgState>, stop: &At
     };
     let len = file.as_ref().map_or(0, |f| f.len() as u64);
     let headers = match status {
-        503 => "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
-        404 => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
+        503 => "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            .to_string(),
+        404 => {
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+        }
         416 => {
-            format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            format!(
+                "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
         }
         206 => format!(
             "HTTP/1.1 206 Partial Content\r\nContent-Type: application/zip\r\nContent-Range: bytes {start}-{}/{len}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -375,7 +407,11 @@ pub(crate) struct Receiver {
 impl Receiver {
     pub(crate) fn start() -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let r = Receiver { port: listener.local_addr().unwrap().port(), state: Arc::default(), running: Mutex::new(None) };
+        let r = Receiver {
+            port: listener.local_addr().unwrap().port(),
+            state: Arc::default(),
+            running: Mutex::new(None),
+        };
         r.run(listener);
         r
     }
@@ -402,7 +438,10 @@ impl Receiver {
 
     /// Listens again on the same port.
     pub(crate) fn up(&self) {
-        let listener = wait_until(|| format!("port {} to be free again", self.port), || TcpListener::bind(("127.0.0.1", self.port)).ok());
+        let listener = wait_until(
+            || format!("port {} to be free again", self.port),
+            || TcpListener::bind(("127.0.0.1", self.port)).ok(),
+        );
         self.run(listener);
     }
 
@@ -442,7 +481,8 @@ pub(crate) fn receive_report(mut s: TcpStream, state: &Mutex<RecvState>) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let Some(head) = read_head(&mut s) else { return };
     let Some(raw) = read_body(&mut s, &head) else { return };
-    let body = serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned()));
+    let body = serde_json::from_slice(&raw)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned()));
     let acked = {
         let mut g = lock(state);
         let acked = g.nack_next == 0;
@@ -492,18 +532,29 @@ pub(crate) fn build_pkg(env: &Env, version: &str, modules: &[Module]) -> Pkg {
 }
 
 /// `build_pkg` with the manifest changed by `tweak` first.
-pub(crate) fn build_pkg_with(env: &Env, version: &str, modules: &[Module], tweak: impl FnOnce(&mut Value)) -> Pkg {
+pub(crate) fn build_pkg_with(
+    env: &Env,
+    version: &str,
+    modules: &[Module],
+    tweak: impl FnOnce(&mut Value),
+) -> Pkg {
     let srcs: Vec<String> = modules.iter().map(|m| format!("files/{}", m.rel)).collect();
     let dsts: Vec<String> = modules.iter().map(|m| env.dst(m.rel)).collect();
-    let triples: Vec<(&str, &str, &str)> =
-        modules.iter().zip(&srcs).zip(&dsts).map(|((m, s), d)| (m.name, s.as_str(), d.as_str())).collect();
+    let triples: Vec<(&str, &str, &str)> = modules
+        .iter()
+        .zip(&srcs)
+        .zip(&dsts)
+        .map(|((m, s), d)| (m.name, s.as_str(), d.as_str()))
+        .collect();
     let mut man: Value = serde_json::from_str(&manifest(version, &triples)).unwrap();
     tweak(&mut man);
     let man = man.to_string();
     let mut buf = std::io::Cursor::new(Vec::new());
     {
         let mut z = zip::ZipWriter::new(&mut buf);
-        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored).unix_permissions(0o644);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .unix_permissions(0o644);
         z.start_file("manifest.json", opts).unwrap();
         z.write_all(man.as_bytes()).unwrap();
         for (m, src) in modules.iter().zip(&srcs) {
@@ -513,7 +564,12 @@ pub(crate) fn build_pkg_with(env: &Env, version: &str, modules: &[Module], tweak
         z.finish().unwrap();
     }
     let bytes = buf.into_inner();
-    Pkg { version: version.into(), name: format!("tope-update-{version}.zip"), md5: md5_hex(&bytes), bytes }
+    Pkg {
+        version: version.into(),
+        name: format!("tope-update-{version}.zip"),
+        md5: md5_hex(&bytes),
+        bytes,
+    }
 }
 
 /// The tree a fresh device holding `factory` must end with after `packages` are installed in
@@ -521,7 +577,10 @@ pub(crate) fn build_pkg_with(env: &Env, version: &str, modules: &[Module], tweak
 /// file holds its content with its entry's mode (0644 in `build_pkg`'s packages), every
 /// directory on the way exists with mode 0755 (made so by `Env::put`, and by the engine for a
 /// directory a package creates), and a factory file no module names is kept as it was.
-pub(crate) fn reference_tree(factory: &[(&str, &[u8])], packages: &[(&str, &[Module])]) -> BTreeMap<String, String> {
+pub(crate) fn reference_tree(
+    factory: &[(&str, &[u8])],
+    packages: &[(&str, &[Module])],
+) -> BTreeMap<String, String> {
     let mut t = BTreeMap::new();
     let mut put = |rel: &str, content: &[u8]| {
         let mut dir = String::new();
@@ -558,7 +617,13 @@ pub(crate) struct Setup {
 
 impl Default for Setup {
     fn default() -> Self {
-        Setup { allow_http: true, retries: 3, result_hold_s: 600, trust_window_h: 24, api_extra: String::new() }
+        Setup {
+            allow_http: true,
+            retries: 3,
+            result_hold_s: 600,
+            trust_window_h: 24,
+            api_extra: String::new(),
+        }
     }
 }
 
@@ -624,7 +689,10 @@ impl Rig {
     /// fails at once) and waits until device-api has it: then every report pushed before it
     /// has been delivered too (delivery is in order). Returns the reports received.
     pub(crate) fn marker(&self, d: &Daemon) -> Vec<Value> {
-        let is_marker = |r: &Value| r["stage"] == "failed" && r["error"].as_str().is_some_and(|e| e.contains("marker-missing"));
+        let is_marker = |r: &Value| {
+            r["stage"] == "failed"
+                && r["error"].as_str().is_some_and(|e| e.contains("marker-missing"))
+        };
         let before = self.receiver.reports().iter().filter(|r| is_marker(r)).count();
         let body = json!({
             "version": "9.9.9",
@@ -639,7 +707,9 @@ impl Rig {
             || Some(d.post("/api/v1.0/download", &body.to_string())).filter(|v| v["code"] != 409),
         );
         assert_eq!(v, started("downloading"));
-        self.receiver.wait_for("the marker report (a failed download)", |r| r.iter().filter(|r| is_marker(r)).count() > before)
+        self.receiver.wait_for("the marker report (a failed download)", |r| {
+            r.iter().filter(|r| is_marker(r)).count() > before
+        })
     }
 }
 
@@ -661,7 +731,8 @@ pub(crate) fn bad<T>(v: &Value) -> T {
 }
 
 pub(crate) fn sorted_keys(v: &Value) -> Vec<&str> {
-    let mut keys: Vec<&str> = v.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
+    let mut keys: Vec<&str> =
+        v.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
     keys.sort_unstable();
     keys
 }
@@ -670,7 +741,11 @@ pub(crate) fn snap_of(v: &Value) -> Snap {
     match v["code"].as_i64() {
         Some(200) => {
             let d = &v["data"];
-            assert_eq!(sorted_keys(d), ["error", "message", "progress", "stage"], "GET /progress data fields: {v}");
+            assert_eq!(
+                sorted_keys(d),
+                ["error", "message", "progress", "stage"],
+                "GET /progress data fields: {v}"
+            );
             assert!(d["error"].is_null() || d["error"].is_string(), "{v}");
             Snap {
                 code: 200,
@@ -682,13 +757,25 @@ pub(crate) fn snap_of(v: &Value) -> Snap {
         }
         Some(code) => {
             // The contract's failed shape, plus `data` as the legacy GUI reads it.
-            assert_eq!(sorted_keys(v), ["code", "data", "msg", "progress", "stage"], "GET /progress failed shape: {v}");
+            assert_eq!(
+                sorted_keys(v),
+                ["code", "data", "msg", "progress", "stage"],
+                "GET /progress failed shape: {v}"
+            );
             assert_eq!(v["stage"], "failed", "{v}");
             let msg = v["msg"].as_str().unwrap_or_else(|| bad(v)).to_string();
             let d = &v["data"];
             // No `error` in it: the answer must match one branch of the contract's oneOf only.
-            assert_eq!(sorted_keys(d), ["message", "progress", "stage"], "GET /progress failed data: {v}");
-            assert_eq!((&d["stage"], &d["progress"], &d["message"]), (&v["stage"], &v["progress"], &v["msg"]), "failed data: {v}");
+            assert_eq!(
+                sorted_keys(d),
+                ["message", "progress", "stage"],
+                "GET /progress failed data: {v}"
+            );
+            assert_eq!(
+                (&d["stage"], &d["progress"], &d["message"]),
+                (&v["stage"], &v["progress"], &v["msg"]),
+                "failed data: {v}"
+            );
             Snap {
                 code,
                 stage: "failed".into(),
@@ -739,14 +826,19 @@ impl Daemon {
             None => Command::new(BIN),
         };
         cmd.arg("--config").arg(&env.config).arg("serve");
-        cmd.env("NO_COLOR", "1").env_remove("FAILPOINTS").env_remove("TOPE_BOOT_ID_FILE").env_remove("TOPE_UPDATER_CONFIG");
+        cmd.env("NO_COLOR", "1")
+            .env_remove("FAILPOINTS")
+            .env_remove("TOPE_BOOT_ID_FILE")
+            .env_remove("TOPE_UPDATER_CONFIG");
         for v in PROXY_VARS {
             cmd.env_remove(v);
         }
         if let Some(fp) = failpoints {
             cmd.env("FAILPOINTS", fp);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -768,10 +860,20 @@ impl Daemon {
             .timeout_global(Some(Duration::from_secs(60)))
             .build()
             .into();
-        let mut d = Daemon { pid: child.id() as i32, child: Mutex::new(child), base: String::new(), log, agent };
+        let mut d = Daemon {
+            pid: child.id() as i32,
+            child: Mutex::new(child),
+            base: String::new(),
+            log,
+            agent,
+        };
         match rx.recv_timeout(PATIENCE) {
             Ok(addr) => d.base = format!("http://{addr}"),
-            Err(e) => panic!("the daemon never printed `listening on ADDR` ({e}); exit {:?}\n{}", d.exited(), d.log_text()),
+            Err(e) => panic!(
+                "the daemon never printed `listening on ADDR` ({e}); exit {:?}\n{}",
+                d.exited(),
+                d.log_text()
+            ),
         }
         d
     }
@@ -781,26 +883,45 @@ impl Daemon {
     }
 
     /// One request; `Err` when the daemon could not be reached or did not answer.
-    pub(crate) fn try_request(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String, String), String> {
+    pub(crate) fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, String, String), String> {
         let url = format!("{}{path}", self.base);
         let resp = match (method, body) {
             ("GET", _) => self.agent.get(&url).call(),
-            (_, Some(b)) => self.agent.post(&url).header("Content-Type", "application/json").send(b),
+            (_, Some(b)) => {
+                self.agent.post(&url).header("Content-Type", "application/json").send(b)
+            }
             (_, None) => self.agent.post(&url).send_empty(),
         };
         let mut resp = resp.map_err(|e| format!("{method} {path}: {e}"))?;
         let status = resp.status().as_u16();
-        let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let text = resp.body_mut().read_to_string().map_err(|e| format!("{method} {path}: body: {e}"))?;
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let text =
+            resp.body_mut().read_to_string().map_err(|e| format!("{method} {path}: body: {e}"))?;
         Ok((status, ct, text))
     }
 
     /// A request that must be answered with HTTP 200 and JSON (the contract: always 200).
     pub(crate) fn json(&self, method: &str, path: &str, body: Option<&str>) -> Value {
-        let (status, ct, text) = self.try_request(method, path, body).unwrap_or_else(|e| panic!("{e}\n{}", self.log_text()));
-        assert_eq!(status, 200, "{method} {path}: HTTP {status} (the contract always answers 200): {text}");
+        let (status, ct, text) = self
+            .try_request(method, path, body)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.log_text()));
+        assert_eq!(
+            status, 200,
+            "{method} {path}: HTTP {status} (the contract always answers 200): {text}"
+        );
         assert!(ct.starts_with("application/json"), "{method} {path}: content-type {ct:?}");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"))
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"))
     }
 
     pub(crate) fn get(&self, path: &str) -> Value {
@@ -828,7 +949,10 @@ impl Daemon {
 
     /// Waits for the process to end by itself.
     pub(crate) fn wait_exit(&self) -> ExitStatus {
-        wait_until(|| format!("the daemon (pid {}) to exit; log:\n{}", self.pid, self.log_text()), || self.exited())
+        wait_until(
+            || format!("the daemon (pid {}) to exit; log:\n{}", self.pid, self.log_text()),
+            || self.exited(),
+        )
     }
 
     pub(crate) fn sigterm(&self) -> ExitStatus {
@@ -851,12 +975,20 @@ impl Daemon {
 
     /// `watch` right after a command: until its job publishes, /progress may still show
     /// `stale`, the snapshot from before the command (a stale `failed` is no failure).
-    pub(crate) fn watch_after(&self, stale: Option<&Snap>, what: &str, done: impl Fn(&Snap) -> bool) -> Vec<Snap> {
+    pub(crate) fn watch_after(
+        &self,
+        stale: Option<&Snap>,
+        what: &str,
+        done: impl Fn(&Snap) -> bool,
+    ) -> Vec<Snap> {
         let mut seen: Vec<Snap> = Vec::new();
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(st) = self.exited() {
-                panic!("the daemon exited ({st}) while waiting for {what}; seen {seen:#?}\nlog:\n{}", self.log_text());
+                panic!(
+                    "the daemon exited ({st}) while waiting for {what}; seen {seen:#?}\nlog:\n{}",
+                    self.log_text()
+                );
             }
             let s = self.progress();
             if seen.last() != Some(&s) {
@@ -869,7 +1001,10 @@ impl Daemon {
                 panic!("waiting for {what}, the daemon failed: {s:?}\nlog:\n{}", self.log_text());
             }
             if Instant::now() > deadline {
-                panic!("gave up after {PATIENCE:?} waiting for /progress to show {what}; seen: {seen:#?}\nlog:\n{}", self.log_text());
+                panic!(
+                    "gave up after {PATIENCE:?} waiting for /progress to show {what}; seen: {seen:#?}\nlog:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(POLL);
         }
@@ -913,7 +1048,10 @@ pub(crate) fn stages<'a>(stages: impl IntoIterator<Item = &'a str>) -> Vec<Strin
 pub(crate) fn assert_stage_order(snaps: &[Snap], order: &[&str]) {
     let mut at = 0;
     for s in snaps {
-        let i = order.iter().position(|o| *o == s.stage).unwrap_or_else(|| panic!("unexpected stage {s:?}; seen {snaps:#?}"));
+        let i = order
+            .iter()
+            .position(|o| *o == s.stage)
+            .unwrap_or_else(|| panic!("unexpected stage {s:?}; seen {snaps:#?}"));
         assert!(i >= at, "stage {} after {}: {snaps:#?}", s.stage, order[at]);
         at = i;
     }
@@ -944,12 +1082,24 @@ pub(crate) fn first_deliveries(got: &[Value], redeliveries: bool) -> Vec<Value> 
 
 /// The callback contract's body plus the extras (transaction id, boot id, seq, final).
 pub(crate) fn check_report(r: &Value, boot: &str) {
-    const STAGES: &[&str] = &["idle", "downloading", "verifying", "toInstall", "installing", "rebooting", "success", "failed"];
+    const STAGES: &[&str] = &[
+        "idle",
+        "downloading",
+        "verifying",
+        "toInstall",
+        "installing",
+        "rebooting",
+        "success",
+        "failed",
+    ];
     assert!(r["stage"].as_str().is_some_and(|s| STAGES.contains(&s)), "report stage: {r}");
     assert!(r["progress"].as_u64().is_some_and(|p| p <= 100), "report progress: {r}");
     assert!(r["message"].is_string(), "report message: {r}");
     let failed = r["stage"] == "failed";
-    assert!(if failed { r["error"].is_string() } else { r["error"].is_null() }, "report error (a string exactly when failed): {r}");
+    assert!(
+        if failed { r["error"].is_string() } else { r["error"].is_null() },
+        "report error (a string exactly when failed): {r}"
+    );
     assert!(r.get("tx_id").is_some_and(|t| t.is_null() || t.is_u64()), "report tx_id: {r}");
     assert_eq!(r["boot_id"], boot, "report boot_id: {r}");
     assert!(r["final"].is_boolean(), "report final: {r}");
@@ -958,8 +1108,16 @@ pub(crate) fn check_report(r: &Value, boot: &str) {
 /// Every POST went to the contract's path as JSON.
 pub(crate) fn check_attempts(receiver: &Receiver) {
     for a in receiver.attempts() {
-        assert!(a.line.starts_with(&format!("POST {REPORT_PATH} HTTP/1.1")), "report request line {:?}", a.line);
-        assert!(a.content_type.starts_with("application/json"), "report content-type {:?}", a.content_type);
+        assert!(
+            a.line.starts_with(&format!("POST {REPORT_PATH} HTTP/1.1")),
+            "report request line {:?}",
+            a.line
+        );
+        assert!(
+            a.content_type.starts_with("application/json"),
+            "report content-type {:?}",
+            a.content_type
+        );
     }
 }
 
@@ -1010,8 +1168,10 @@ pub(crate) fn small_modules(version: &str) -> Vec<Module> {
     ]
 }
 
-pub(crate) const FACTORY: &[(&str, &[u8])] =
-    &[("device-api/device-api", b"device-api factory\n"), ("voice-app/voice-app", b"voice-app factory\n")];
+pub(crate) const FACTORY: &[(&str, &[u8])] = &[
+    ("device-api/device-api", b"device-api factory\n"),
+    ("voice-app/voice-app", b"voice-app factory\n"),
+];
 
 // ---------------------------------------------------------------- 1. idle
 
@@ -1028,7 +1188,10 @@ fn progress_when_idle_is_the_legacy_idle_envelope() {
     assert_eq!((s.stage.as_str(), s.progress, s.error.as_ref()), ("idle", 0, None), "{v}");
     assert!(!s.message.is_empty(), "{v}");
     let st = d.status();
-    assert!(st["current"].is_null() && st["in_flight"].is_null(), "GET /status on a fresh device: {st}");
+    assert!(
+        st["current"].is_null() && st["in_flight"].is_null(),
+        "GET /status on a fresh device: {st}"
+    );
 }
 
 // ---------------------------------------------------------------- 2. validation
@@ -1058,9 +1221,19 @@ fn download_validation_errors_are_code_400_in_an_http_200() {
     let version_msg = "VALIDATION_ERROR: version must match semantic versioning pattern";
     // (case, body, exact message or a prefix the message must extend)
     let cases: Vec<(&str, String, &str, bool)> = vec![
-        ("md5 not hex", with("package_md5", json!("a1b2c3d4e5f6g7h8i9j0k1l2m3n4o5p6")), md5_msg, true),
+        (
+            "md5 not hex",
+            with("package_md5", json!("a1b2c3d4e5f6g7h8i9j0k1l2m3n4o5p6")),
+            md5_msg,
+            true,
+        ),
         ("md5 too short", with("package_md5", json!("0123456789abcdef")), md5_msg, true),
-        ("md5 upper case", with("package_md5", json!("0123456789ABCDEF0123456789ABCDEF")), md5_msg, true),
+        (
+            "md5 upper case",
+            with("package_md5", json!("0123456789ABCDEF0123456789ABCDEF")),
+            md5_msg,
+            true,
+        ),
         ("missing package_md5", without("package_md5"), "VALIDATION_ERROR: ", false),
         ("missing version", without("version"), "VALIDATION_ERROR: ", false),
         ("not JSON", "this is not json".to_string(), "VALIDATION_ERROR: ", false),
@@ -1071,7 +1244,12 @@ fn download_validation_errors_are_code_400_in_an_http_200() {
         ("size a string", with("package_size", json!("1000")), "VALIDATION_ERROR: ", false),
         ("version 1.2", with("version", json!("1.2")), version_msg, true),
         ("version v1.2.3", with("version", json!("v1.2.3")), version_msg, true),
-        ("ftp url", with("package_url", json!("ftp://127.0.0.1/p.zip")), "VALIDATION_ERROR: ", false),
+        (
+            "ftp url",
+            with("package_url", json!("ftp://127.0.0.1/p.zip")),
+            "VALIDATION_ERROR: ",
+            false,
+        ),
         ("name with a slash", with("package_name", json!("../p.zip")), "VALIDATION_ERROR: ", false),
         ("name ..", with("package_name", json!("..")), "VALIDATION_ERROR: ", false),
     ];
@@ -1086,7 +1264,12 @@ fn download_validation_errors_are_code_400_in_an_http_200() {
     }
     let v = d.post("/api/v1.0/update", &update_body("1.2"));
     assert_eq!(v, json!({"code": 400, "msg": version_msg}), "POST /update with a bad version");
-    assert_code(&d.post("/api/v1.0/update", "{}"), 400, "VALIDATION_ERROR: ", "POST /update without a version");
+    assert_code(
+        &d.post("/api/v1.0/update", "{}"),
+        400,
+        "VALIDATION_ERROR: ",
+        "POST /update without a version",
+    );
     // Nothing was started, fetched or written.
     assert_eq!(d.progress().stage, "idle");
     assert!(rig.server.hits().is_empty(), "{:?}", rig.server.hits());
@@ -1096,7 +1279,10 @@ fn download_validation_errors_are_code_400_in_an_http_200() {
     let strict = Rig::with(Setup { allow_http: false, ..Setup::default() });
     let d2 = strict.start();
     let v = d2.post("/api/v1.0/download", &base.to_string());
-    assert_eq!(v, json!({"code": 400, "msg": "VALIDATION_ERROR: package_url must use HTTPS protocol"}));
+    assert_eq!(
+        v,
+        json!({"code": 400, "msg": "VALIDATION_ERROR: package_url must use HTTPS protocol"})
+    );
     assert_eq!(d2.progress().stage, "idle");
     assert!(rig.server.hits().is_empty());
 }
@@ -1123,7 +1309,8 @@ fn download_then_update_with_progress_status_and_reports() {
     // With crash points compiled in, `sleep` actions hold the install in staging and before
     // the swap long enough for polling to see it (no crash: sleep only).
     let watch_install = cfg!(feature = "failpoints");
-    let d = rig.start_with(watch_install.then_some("stage.file=sleep(400);enter.Swapped=sleep(1000)"));
+    let d =
+        rig.start_with(watch_install.then_some("stage.file=sleep(400);enter.Swapped=sleep(1000)"));
     let boot = boot_id();
 
     // Downloading, held at half by the server.
@@ -1140,9 +1327,14 @@ fn download_then_update_with_progress_status_and_reports() {
     let mut all = seen.clone();
     all.append(&mut seen2);
     assert_stage_order(&all, &["idle", "downloading", "verifying", "toInstall"]);
-    let dl: Vec<u64> = all.iter().filter(|s| s.stage == "downloading").map(|s| s.progress).collect();
+    let dl: Vec<u64> =
+        all.iter().filter(|s| s.stage == "downloading").map(|s| s.progress).collect();
     assert!(dl.windows(2).all(|w| w[0] <= w[1]), "download progress went back: {dl:?}");
-    assert_eq!(std::fs::read(rig.downloaded(&pkg)).unwrap(), pkg.bytes, "the downloaded file is the package");
+    assert_eq!(
+        std::fs::read(rig.downloaded(&pkg)).unwrap(),
+        pkg.bytes,
+        "the downloaded file is the package"
+    );
     let hits = rig.server.hits();
     assert_eq!(hits.len(), 1, "one GET, no retry: {hits:?}");
     assert_eq!((hits[0].status, hits[0].range.as_deref()), (200, None));
@@ -1154,14 +1346,21 @@ fn download_then_update_with_progress_status_and_reports() {
     assert_eq!(seen.last(), Some(&snap("success", 100, DONE)));
     assert_stage_order(&seen, &["toInstall", "installing", "success"]);
     let inst: Vec<&Snap> = seen.iter().filter(|s| s.stage == "installing").collect();
-    assert!(inst.windows(2).all(|w| w[0].progress <= w[1].progress), "install progress went back: {inst:#?}");
+    assert!(
+        inst.windows(2).all(|w| w[0].progress <= w[1].progress),
+        "install progress went back: {inst:#?}"
+    );
     assert!(inst.iter().all(|s| s.progress < 100 && s.error.is_none()), "{inst:#?}");
     if watch_install {
         assert!(!inst.is_empty(), "installing never seen on /progress: {seen:#?}");
-        let deploying: Vec<&&Snap> = inst.iter().filter(|s| s.message.starts_with("Deploying module ")).collect();
+        let deploying: Vec<&&Snap> =
+            inst.iter().filter(|s| s.message.starts_with("Deploying module ")).collect();
         assert!(!deploying.is_empty(), "no `Deploying module NAME (i/n)` message: {inst:#?}");
         for s in deploying {
-            let ok = modules.iter().enumerate().any(|(i, m)| s.message == format!("Deploying module {} ({}/3)", m.name, i + 1));
+            let ok = modules
+                .iter()
+                .enumerate()
+                .any(|(i, m)| s.message == format!("Deploying module {} ({}/3)", m.name, i + 1));
             assert!(ok, "{s:?}");
         }
     }
@@ -1189,9 +1388,15 @@ fn download_then_update_with_progress_status_and_reports() {
         ["downloading", "verifying", "toInstall", "installing", "success"],
         "{reps:#?}"
     );
-    let dl: Vec<u64> = reps.iter().filter(|r| r["stage"] == "downloading").map(|r| r["progress"].as_u64().unwrap()).collect();
+    let dl: Vec<u64> = reps
+        .iter()
+        .filter(|r| r["stage"] == "downloading")
+        .map(|r| r["progress"].as_u64().unwrap())
+        .collect();
     assert_eq!(dl, (0..=100).step_by(5).collect::<Vec<u64>>(), "one download report every 5 %");
-    for r in reps.iter().filter(|r| r["stage"] == "downloading" || r["stage"] == "verifying" || r["stage"] == "toInstall") {
+    for r in reps.iter().filter(|r| {
+        r["stage"] == "downloading" || r["stage"] == "verifying" || r["stage"] == "toInstall"
+    }) {
         assert!(r["tx_id"].is_null(), "a download is not a transaction: {r}");
     }
     let by_stage = |s: &str| reps.iter().filter(|r| r["stage"] == s).cloned().collect::<Vec<_>>();
@@ -1199,9 +1404,15 @@ fn download_then_update_with_progress_status_and_reports() {
         (&by_stage("verifying")[0]["progress"], &by_stage("verifying")[0]["message"]),
         (&json!(100), &json!("Verifying package integrity..."))
     );
-    assert_eq!((&by_stage("toInstall")[0]["progress"], &by_stage("toInstall")[0]["message"]), (&json!(100), &json!(READY)));
+    assert_eq!(
+        (&by_stage("toInstall")[0]["progress"], &by_stage("toInstall")[0]["message"]),
+        (&json!(100), &json!(READY))
+    );
     for r in by_stage("installing") {
-        assert!(r["progress"].as_u64().unwrap() < 100 && (r["tx_id"].is_null() || r["tx_id"] == tx), "{r}");
+        assert!(
+            r["progress"].as_u64().unwrap() < 100 && (r["tx_id"].is_null() || r["tx_id"] == tx),
+            "{r}"
+        );
     }
     let finals: Vec<&Value> = reps.iter().filter(|r| r["final"] == true).collect();
     assert_eq!(finals.len(), 1, "exactly one final report: {reps:#?}");
@@ -1235,26 +1446,55 @@ fn update_is_refused_before_a_download_for_another_version_and_while_busy() {
     assert_eq!(d.post("/api/v1.0/download", &rig.request(&pkg)), started("downloading"));
     d.watch("half of the download", |s| s.progress >= 50);
     // Busy: the download job runs (held by the server).
-    assert_code(&d.post("/api/v1.0/update", &update_body("1.0.0")), 409, "OPERATION_IN_PROGRESS: ", "update while downloading");
+    assert_code(
+        &d.post("/api/v1.0/update", &update_body("1.0.0")),
+        409,
+        "OPERATION_IN_PROGRESS: ",
+        "update while downloading",
+    );
     // The same download again is that download (device-api repeating itself), not a conflict.
-    assert_eq!(d.post("/api/v1.0/download", &rig.request(&pkg)), started("downloading"), "the same download again");
+    assert_eq!(
+        d.post("/api/v1.0/download", &rig.request(&pkg)),
+        started("downloading"),
+        "the same download again"
+    );
     let other = build_pkg(&rig.env, "1.0.1", &small_modules("1.0.1"));
     let v = d.post("/api/v1.0/download", &rig.request(&other));
     assert_code(&v, 409, "OPERATION_IN_PROGRESS: ", "another download while downloading");
     assert_eq!(v["stage"], "downloading", "{v}");
     assert!(v["progress"].as_u64().is_some_and(|p| p >= 50), "{v}");
-    assert_code(&d.json("POST", "/api/v1.0/confirm", None), 409, "OPERATION_IN_PROGRESS: ", "confirm while downloading");
+    assert_code(
+        &d.json("POST", "/api/v1.0/confirm", None),
+        409,
+        "OPERATION_IN_PROGRESS: ",
+        "confirm while downloading",
+    );
     assert_eq!(d.progress().stage, "downloading");
     rig.server.set(|s| s.gate = None);
     d.wait_stage("toInstall");
-    assert_eq!(rig.server.hits().len(), 1, "one GET for the download asked for twice: {:?}", rig.server.hits());
+    assert_eq!(
+        rig.server.hits().len(),
+        1,
+        "one GET for the download asked for twice: {:?}",
+        rig.server.hits()
+    );
 
     // A verified package waits: another download is refused (the waiting package is kept).
     let v = d.post("/api/v1.0/download", &rig.request(&other));
-    assert_code(&v, 409, "OPERATION_IN_PROGRESS: ", "another download while a package waits in toInstall");
+    assert_code(
+        &v,
+        409,
+        "OPERATION_IN_PROGRESS: ",
+        "another download while a package waits in toInstall",
+    );
     assert_eq!((&v["stage"], &v["progress"]), (&json!("toInstall"), &json!(100)), "{v}");
     assert!(rig.downloaded(&pkg).exists(), "the waiting package is kept");
-    assert_code(&d.post("/api/v1.0/update", &update_body("1.0.1")), 400, "VALIDATION_ERROR: ", "update of another version");
+    assert_code(
+        &d.post("/api/v1.0/update", &update_body("1.0.1")),
+        400,
+        "VALIDATION_ERROR: ",
+        "update of another version",
+    );
     assert_eq!(d.progress(), snap("toInstall", 100, READY), "a refused update changes nothing");
     install(&d, "1.0.0");
     assert_eq!(rig.env.read("klippy/lib/klippy.py").unwrap(), b"klippy 1.0.0\n");
@@ -1281,18 +1521,31 @@ fn commands_right_after_a_result_are_not_refused_as_busy() {
             assert!(Instant::now() < deadline, "no toInstall");
         }
         let v = d.post("/api/v1.0/update", &update_body(&version));
-        assert_eq!(v, started("installing"), "round {i}: POST /update right after /progress showed toInstall");
+        assert_eq!(
+            v,
+            started("installing"),
+            "round {i}: POST /update right after /progress showed toInstall"
+        );
         while d.progress().stage != "success" {
             assert!(Instant::now() < deadline, "no success");
         }
         let v = d.json("POST", "/api/v1.0/confirm", None);
-        assert_eq!(v["code"], 200, "round {i}: POST /confirm right after /progress showed success: {v}");
+        assert_eq!(
+            v["code"], 200,
+            "round {i}: POST /confirm right after /progress showed success: {v}"
+        );
     }
     // The reports of each job come before those of the job started right after it.
-    let got = rig.receiver.wait_for("five final reports", |r| r.iter().filter(|r| r["final"] == true).count() == 5);
+    let got = rig
+        .receiver
+        .wait_for("five final reports", |r| r.iter().filter(|r| r["final"] == true).count() == 5);
     let reps = first_deliveries(&got, false);
     let one = ["downloading", "verifying", "toInstall", "installing", "success"];
-    assert_eq!(stages(reps.iter().map(|r| r["stage"].as_str().unwrap())), one.repeat(5), "{reps:#?}");
+    assert_eq!(
+        stages(reps.iter().map(|r| r["stage"].as_str().unwrap())),
+        one.repeat(5),
+        "{reps:#?}"
+    );
 }
 
 // ---------------------------------------------------------------- 5, 11, 12, 13, 14: download
@@ -1339,15 +1592,28 @@ fn sigkill_mid_download_resumes_with_range_at_the_next_start() {
     d.wait_stage("toInstall");
     let hits = rig.server.hits();
     assert_eq!(hits.len(), 2, "one more GET: {hits:?}");
-    let n = hits[1].range_start().unwrap_or_else(|| panic!("the resumed GET has no `Range: bytes=N-`: {hits:?}"));
-    assert!(n > 0 && n <= half, "resumed from byte {n}, the daemon had {half} when killed: {hits:?}");
+    let n = hits[1]
+        .range_start()
+        .unwrap_or_else(|| panic!("the resumed GET has no `Range: bytes=N-`: {hits:?}"));
+    assert!(
+        n > 0 && n <= half,
+        "resumed from byte {n}, the daemon had {half} when killed: {hits:?}"
+    );
     assert_eq!(hits[1].status, 206);
-    assert_eq!(std::fs::read(rig.downloaded(&pkg)).unwrap(), pkg.bytes, "the resumed file is the package");
+    assert_eq!(
+        std::fs::read(rig.downloaded(&pkg)).unwrap(),
+        pkg.bytes,
+        "the resumed file is the package"
+    );
     assert_eq!(md5_hex(&std::fs::read(rig.downloaded(&pkg)).unwrap()), pkg.md5);
     // A verified package survives a crash too: the next start offers it again.
     d.sigkill();
     let d = rig.start();
-    assert_eq!(d.progress(), snap("toInstall", 100, READY), "after a restart with a verified package");
+    assert_eq!(
+        d.progress(),
+        snap("toInstall", 100, READY),
+        "after a restart with a verified package"
+    );
     install(&d, "2.0.0");
     assert_eq!(rig.env.read("device-api/device-api").unwrap().len(), 2 << 20);
     assert_eq!(rig.server.hits().len(), 2, "no download after the verification");
@@ -1415,13 +1681,22 @@ fn http_503_is_retried_and_a_dead_server_fails_with_download_failed() {
     assert_eq!(f.code, 500, "{f:?}");
     assert!(f.message.starts_with("DOWNLOAD_FAILED: "), "{f:?}");
     assert_eq!(rig.server.hits().len(), 3 + 3, "{:?}", rig.server.hits());
-    let got = rig.receiver.wait_for("the failed report", |r| r.iter().any(|r| r["stage"] == "failed"));
+    let got =
+        rig.receiver.wait_for("the failed report", |r| r.iter().any(|r| r["stage"] == "failed"));
     let reps = first_deliveries(&got, false);
     let failed: Vec<&Value> = reps.iter().filter(|r| r["stage"] == "failed").collect();
     assert_eq!(failed.len(), 1, "{reps:#?}");
-    assert!(failed[0]["error"].as_str().is_some_and(|e| e.starts_with("DOWNLOAD_FAILED: ")), "{reps:#?}");
+    assert!(
+        failed[0]["error"].as_str().is_some_and(|e| e.starts_with("DOWNLOAD_FAILED: ")),
+        "{reps:#?}"
+    );
     assert_eq!((&failed[0]["final"], &failed[0]["tx_id"]), (&json!(false), &Value::Null));
-    assert_code(&d.post("/api/v1.0/update", &update_body("3.0.0")), 409, "DOWNLOAD_INCOMPLETE: ", "update after a failed download");
+    assert_code(
+        &d.post("/api/v1.0/update", &update_body("3.0.0")),
+        409,
+        "DOWNLOAD_INCOMPLETE: ",
+        "update after a failed download",
+    );
 
     // A failed download is not stuck: POSTing again once the server is back finishes it.
     rig.server.set(|s| s.fail_next = 0);
@@ -1451,7 +1726,12 @@ fn a_failed_download_is_not_restarted_by_the_next_start() {
     let pkg = download_pkg(&rig, 16);
     download(&rig, &d, &pkg);
     let gets = rig.server.hits().iter().filter(|h| h.line.contains("gone.zip")).count();
-    assert_eq!(gets, 1, "the failed URL was fetched again by the start-up: {:?}", rig.server.hits());
+    assert_eq!(
+        gets,
+        1,
+        "the failed URL was fetched again by the start-up: {:?}",
+        rig.server.hits()
+    );
     assert_ne!(s.stage, "downloading", "the start-up restarted the failed download: {s:?}");
 }
 
@@ -1466,12 +1746,24 @@ fn an_md5_mismatch_fails_and_deletes_the_file() {
     let seen = d.watch("stage failed", |s| s.stage == "failed");
     let f = seen.last().unwrap();
     assert_eq!((f.code, f.progress), (500, 100), "{f:?}");
-    assert!(f.message.starts_with(&format!("MD5_MISMATCH: expected {}", md5_hex(b"something else"))), "{f:?}");
+    assert!(
+        f.message.starts_with(&format!("MD5_MISMATCH: expected {}", md5_hex(b"something else"))),
+        "{f:?}"
+    );
     assert!(!rig.downloaded(&pkg).exists(), "the file is deleted");
-    let got = rig.receiver.wait_for("the failed report", |r| r.iter().any(|r| r["stage"] == "failed"));
+    let got =
+        rig.receiver.wait_for("the failed report", |r| r.iter().any(|r| r["stage"] == "failed"));
     let reps = first_deliveries(&got, false);
-    assert!(reps.last().unwrap()["error"].as_str().is_some_and(|e| e.starts_with("MD5_MISMATCH: ")), "{reps:#?}");
-    assert_code(&d.post("/api/v1.0/update", &update_body("2.0.0")), 409, "DOWNLOAD_INCOMPLETE: ", "update after an MD5 mismatch");
+    assert!(
+        reps.last().unwrap()["error"].as_str().is_some_and(|e| e.starts_with("MD5_MISMATCH: ")),
+        "{reps:#?}"
+    );
+    assert_code(
+        &d.post("/api/v1.0/update", &update_body("2.0.0")),
+        409,
+        "DOWNLOAD_INCOMPLETE: ",
+        "update after an MD5 mismatch",
+    );
 }
 
 // ---------------------------------------------------------------- 6. SIGKILL mid-install
@@ -1515,7 +1807,11 @@ pub(crate) fn sigkill_mid_install(point: &str, hit: u32) {
         download(&rig, &d, &pkg);
         // The crash may beat the answer.
         match d.try_request("POST", "/api/v1.0/update", Some(&update_body("2.0.0"))) {
-            Ok((200, _, text)) => assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), started("installing"), "{ctx}"),
+            Ok((200, _, text)) => assert_eq!(
+                serde_json::from_str::<Value>(&text).unwrap(),
+                started("installing"),
+                "{ctx}"
+            ),
             Ok(other) => panic!("{ctx}: POST /update answered {other:?}"),
             Err(_) => {}
         }
@@ -1538,12 +1834,15 @@ pub(crate) fn sigkill_mid_install(point: &str, hit: u32) {
     } else if files == old {
         false
     } else {
-        panic!("{ctx}: the tree is neither all old nor all new:\nlive {files:#?}\nold {old:#?}\nnew {new:#?}")
+        panic!(
+            "{ctx}: the tree is neither all old nor all new:\nlive {files:#?}\nold {old:#?}\nnew {new:#?}"
+        )
     };
     assert!(leftovers(&rig.env.root).is_empty(), "{ctx}");
     let st = d.status();
     assert!(st["in_flight"].is_null(), "{ctx}: {st}");
-    let tx = st["last"]["id"].as_u64().unwrap_or_else(|| panic!("{ctx}: no last transaction: {st}"));
+    let tx =
+        st["last"]["id"].as_u64().unwrap_or_else(|| panic!("{ctx}: no last transaction: {st}"));
     assert_eq!(current_version(&st).as_deref(), new_side.then_some("2.0.0"), "{ctx}: {st}");
     // Checked before the marker, which replaces the download record.
     let package_left = rig.downloaded(&pkg).exists();
@@ -1552,16 +1851,30 @@ pub(crate) fn sigkill_mid_install(point: &str, hit: u32) {
     let finals = finals_for(&reps, tx);
     assert_eq!(finals.len(), 1, "{ctx}: exactly one final report for tx {tx}: {reps:#?}");
     assert_eq!(finals[0]["stage"], if new_side { "success" } else { "failed" }, "{ctx}: {reps:#?}");
-    assert!(reps.iter().filter(|r| r["final"] == true).all(|r| r["tx_id"] == tx), "{ctx}: a final report for another tx: {reps:#?}");
+    assert!(
+        reps.iter().filter(|r| r["final"] == true).all(|r| r["tx_id"] == tx),
+        "{ctx}: a final report for another tx: {reps:#?}"
+    );
     let boot = boot_id();
     for r in &reps {
         check_report(r, &boot);
     }
     if new_side {
-        assert_eq!(s, snap("success", 100, DONE), "{ctx}: files are new, /progress after the restart");
-        assert!(!package_left, "{ctx}: the install committed, but its package is still in downloads/ (SPEC §3: cleaned up at the commit)");
+        assert_eq!(
+            s,
+            snap("success", 100, DONE),
+            "{ctx}: files are new, /progress after the restart"
+        );
+        assert!(
+            !package_left,
+            "{ctx}: the install committed, but its package is still in downloads/ (SPEC §3: cleaned up at the commit)"
+        );
     } else {
-        assert_eq!((s.code, s.stage.as_str()), (500, "failed"), "{ctx}: files are old, /progress after the restart: {s:?}");
+        assert_eq!(
+            (s.code, s.stage.as_str()),
+            (500, "failed"),
+            "{ctx}: files are old, /progress after the restart: {s:?}"
+        );
     }
 }
 
@@ -1606,7 +1919,8 @@ fn sigkill_inside_report_delivery_loses_no_report_and_redelivers_only_one_not_ye
             // removed from the outbox) before it stops.
             let d = rig.start();
             download(&rig, &d, &pkg);
-            rig.receiver.wait_for("the toInstall report", |r| r.iter().any(|r| r["stage"] == "toInstall"));
+            rig.receiver
+                .wait_for("the toInstall report", |r| r.iter().any(|r| r["stage"] == "toInstall"));
             std::thread::sleep(Duration::from_millis(500));
             assert_eq!(d.sigterm().code(), Some(0), "{ctx}");
         }
@@ -1617,30 +1931,55 @@ fn sigkill_inside_report_delivery_loses_no_report_and_redelivers_only_one_not_ye
             // device-api down, the first waits in the outbox until the install is held at
             // Swapped; device-api back, its delivery is the first (the crash point) and lands
             // while the transaction is in flight.
-            let d = rig.start_with(Some(&format!("{};enter.Swapped=sleep(8000)", kill_at(point, 1))));
+            let d =
+                rig.start_with(Some(&format!("{};enter.Swapped=sleep(8000)", kill_at(point, 1))));
             rig.receiver.down();
-            assert_eq!(d.post("/api/v1.0/update", &update_body("2.0.0")), started("installing"), "{ctx}");
+            assert_eq!(
+                d.post("/api/v1.0/update", &update_body("2.0.0")),
+                started("installing"),
+                "{ctx}"
+            );
             wait_until(
                 || format!("{ctx}: the install to be held at Swapped"),
                 || Some(()).filter(|_| d.status()["in_flight"]["phase"] == "Swapped"),
             );
             rig.receiver.up();
             let st = d.wait_exit();
-            assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9), "{ctx}: {st}\n{}", d.log_text());
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&st),
+                Some(9),
+                "{ctx}: {st}\n{}",
+                d.log_text()
+            );
             assert!(d.log_text().contains(&format!("crash point {point}: SIGKILL")), "{ctx}");
         }
         let got_at_kill = rig.receiver.reports();
-        assert_eq!(got_at_kill.len(), before + 1, "{ctx}: exactly one report was answered before the kill: {got_at_kill:#?}");
+        assert_eq!(
+            got_at_kill.len(),
+            before + 1,
+            "{ctx}: exactly one report was answered before the kill: {got_at_kill:#?}"
+        );
         // The kill landed inside the install: the journal (read by the CLI) holds it in flight.
         let between = rig.env.run(&["status", "--json"]).json();
-        assert_eq!(between["in_flight"]["kind"], "install", "{ctx}: the install was in flight at the kill: {between}");
+        assert_eq!(
+            between["in_flight"]["kind"], "install",
+            "{ctx}: the install was in flight at the kill: {between}"
+        );
         let killed = got_at_kill[before].clone();
-        assert_eq!((&killed["stage"], &killed["final"]), (&json!("installing"), &json!(false)), "{ctx}: {killed}");
+        assert_eq!(
+            (&killed["stage"], &killed["final"]),
+            (&json!("installing"), &json!(false)),
+            "{ctx}: {killed}"
+        );
 
         let d = rig.start();
         let got = rig.marker(&d);
         let seen = got.iter().filter(|r| r["seq"] == killed["seq"]).count();
-        assert_eq!(seen, times_seen, "{ctx}: report seq {} reached device-api {seen} times: {got:#?}", killed["seq"]);
+        assert_eq!(
+            seen, times_seen,
+            "{ctx}: report seq {} reached device-api {seen} times: {got:#?}",
+            killed["seq"]
+        );
         // Every seq from 1 on, in order, a repeat only with the same body.
         let reps = first_deliveries(&got, true);
         let st = d.status();
@@ -1655,7 +1994,10 @@ fn sigkill_inside_report_delivery_loses_no_report_and_redelivers_only_one_not_ye
             assert_eq!(files, old, "{ctx}: neither all old nor all new");
             "failed"
         };
-        assert_eq!(finals[0]["stage"], expected_stage, "{ctx}: the final report matches the tree: {reps:#?}");
+        assert_eq!(
+            finals[0]["stage"], expected_stage,
+            "{ctx}: the final report matches the tree: {reps:#?}"
+        );
     }
 }
 
@@ -1679,7 +2021,11 @@ fn reports_wait_in_the_outbox_while_device_api_is_down() {
     // The undelivered reports are kept across a restart of the daemon.
     assert_eq!(d.sigterm().code(), Some(0), "{}", d.log_text());
     let d = rig.start();
-    assert_eq!(rig.receiver.attempts().len(), before, "nothing can arrive while the port is closed");
+    assert_eq!(
+        rig.receiver.attempts().len(),
+        before,
+        "nothing can arrive while the port is closed"
+    );
     rig.receiver.up();
     let got = rig.receiver.wait_for("the final report", |r| r.iter().any(|r| r["final"] == true));
     let reps = first_deliveries(&got, false);
@@ -1735,9 +2081,13 @@ fn sigterm_mid_download_exits_0_and_the_next_start_resumes() {
     d.wait_stage("toInstall");
     let hits = rig.server.hits();
     assert_eq!(hits.len(), 2, "{hits:?}");
-    let n = hits[1].range_start().unwrap_or_else(|| panic!("no Range on the resumed GET: {hits:?}"));
+    let n =
+        hits[1].range_start().unwrap_or_else(|| panic!("no Range on the resumed GET: {hits:?}"));
     // On SIGTERM every byte received is made durable and journaled before the exit.
-    assert!(n >= half, "resumed from {n}, but {half} bytes had arrived before the SIGTERM: {hits:?}");
+    assert!(
+        n >= half,
+        "resumed from {n}, but {half} bytes had arrived before the SIGTERM: {hits:?}"
+    );
     assert_eq!(std::fs::read(rig.downloaded(&pkg)).unwrap(), pkg.bytes);
 }
 
@@ -1763,14 +2113,20 @@ fn sigterm_mid_install_exits_0_and_the_next_start_finishes_it() {
     let flying = &between["in_flight"];
     assert_eq!(flying["kind"], "install", "a transaction was in flight after SIGTERM: {between}");
     assert_eq!(flying["to_version"], "2.0.0", "{between}");
-    assert_eq!(flying["phase"], "BackedUp", "SIGTERM lands while the install is held at BackedUp: {between}");
+    assert_eq!(
+        flying["phase"], "BackedUp",
+        "SIGTERM lands while the install is held at BackedUp: {between}"
+    );
     let mid = tree(&rig.env.root);
     for (path, was) in &old {
         assert_eq!(mid.get(path), Some(was), "{path} was swapped before the restart: {mid:#?}");
     }
     for (path, what) in mid.iter().filter(|(p, _)| !old.contains_key(*p)) {
         let staged = path.rsplit('/').next().unwrap_or("").starts_with(".tope-");
-        assert!(staged || what.starts_with("dir "), "only staged files and their directories are new before the swap: {path} {what}");
+        assert!(
+            staged || what.starts_with("dir "),
+            "only staged files and their directories are new before the swap: {path} {what}"
+        );
     }
     // The next start's recovery resumes it (recovery = "resume", the default) to the end.
     let d = rig.start();
@@ -1778,7 +2134,11 @@ fn sigterm_mid_install_exits_0_and_the_next_start_finishes_it() {
     let st = d.status();
     assert!(st["in_flight"].is_null(), "{st}");
     let tx = st["last"]["id"].as_u64().unwrap();
-    assert_eq!(flying["tx"].as_u64(), Some(tx), "the transaction that finished is the one the SIGTERM interrupted: {st}");
+    assert_eq!(
+        flying["tx"].as_u64(),
+        Some(tx),
+        "the transaction that finished is the one the SIGTERM interrupted: {st}"
+    );
     assert_eq!(tree(&rig.env.root), new, "the resumed install left all new content");
     assert_eq!(current_version(&st).as_deref(), Some("2.0.0"), "{st}");
     assert_eq!(s, snap("success", 100, DONE));
@@ -1806,18 +2166,24 @@ fn rollback_through_the_api_restores_the_previous_version() {
     install(&d, "2.0.0");
     assert_eq!(rig.env.read("klippy/lib/klippy.py").unwrap(), b"klippy 2.0.0\n");
     assert_eq!(d.post("/api/v1.0/rollback", "{}"), started("installing"));
-    let seen = d.watch("the rollback's success", |s| s.stage == "success" && s.message.starts_with("Rolled back"));
+    let seen = d.watch("the rollback's success", |s| {
+        s.stage == "success" && s.message.starts_with("Rolled back")
+    });
     assert_eq!(seen.last(), Some(&snap("success", 100, "Rolled back to 1.0.0")));
     assert_eq!(tree(&rig.env.root), at_v1, "the 1.0.0 files are back");
     let st = d.status();
     assert_eq!(current_version(&st).as_deref(), Some("1.0.0"), "{st}");
     assert!(st["in_flight"].is_null(), "{st}");
     let tx = st["last"]["id"].as_u64().unwrap();
-    let got = rig.receiver.wait_for("the rollback's final report", |r| !finals_for(r, tx).is_empty());
+    let got =
+        rig.receiver.wait_for("the rollback's final report", |r| !finals_for(r, tx).is_empty());
     let reps = first_deliveries(&got, false);
     let f = finals_for(&reps, tx);
     assert_eq!(f.len(), 1, "{reps:#?}");
-    assert_eq!((&f[0]["stage"], &f[0]["message"]), (&json!("success"), &json!("Rolled back to 1.0.0")));
+    assert_eq!(
+        (&f[0]["stage"], &f[0]["message"]),
+        (&json!("success"), &json!("Rolled back to 1.0.0"))
+    );
 
     let v = d.post("/api/v1.0/confirm", "");
     assert_eq!(v, json!({"code": 200, "msg": "success", "data": {"result": "nothing_to_confirm"}}));
@@ -1829,16 +2195,46 @@ fn rollback_with_nothing_installed_is_404_and_confirm_has_nothing_to_confirm() {
     rig.put(FACTORY);
     let before = tree(&rig.env.root);
     let d = rig.start();
-    assert_code(&d.post("/api/v1.0/rollback", "{}"), 404, "NOTHING_TO_ROLL_BACK: ", "rollback on a fresh device");
-    assert_code(&d.json("POST", "/api/v1.0/rollback", None), 404, "NOTHING_TO_ROLL_BACK: ", "rollback without a body");
-    assert_code(&d.post("/api/v1.0/rollback", r#"{"to":"factory"}"#), 404, "NOTHING_TO_ROLL_BACK: ", "rollback to factory");
-    assert_code(&d.post("/api/v1.0/rollback", r#"{"to":"sideways"}"#), 400, "VALIDATION_ERROR: ", "rollback to nonsense");
+    assert_code(
+        &d.post("/api/v1.0/rollback", "{}"),
+        404,
+        "NOTHING_TO_ROLL_BACK: ",
+        "rollback on a fresh device",
+    );
+    assert_code(
+        &d.json("POST", "/api/v1.0/rollback", None),
+        404,
+        "NOTHING_TO_ROLL_BACK: ",
+        "rollback without a body",
+    );
+    assert_code(
+        &d.post("/api/v1.0/rollback", r#"{"to":"factory"}"#),
+        404,
+        "NOTHING_TO_ROLL_BACK: ",
+        "rollback to factory",
+    );
+    assert_code(
+        &d.post("/api/v1.0/rollback", r#"{"to":"sideways"}"#),
+        400,
+        "VALIDATION_ERROR: ",
+        "rollback to nonsense",
+    );
     // A body that is not an object is refused, not read as a rollback with no `to` (serde
     // reads a struct from an array; schemathesis found `[null]` answered 404).
     for body in ["[null]", "[]", r#"["factory"]"#, "null", "3", r#""factory""#] {
-        assert_code(&d.post("/api/v1.0/rollback", body), 400, "VALIDATION_ERROR: ", &format!("rollback with body {body}"));
+        assert_code(
+            &d.post("/api/v1.0/rollback", body),
+            400,
+            "VALIDATION_ERROR: ",
+            &format!("rollback with body {body}"),
+        );
     }
-    assert_code(&d.post("/api/v1.0/update", r#"["1.2.3"]"#), 400, "VALIDATION_ERROR: ", "update with an array body");
+    assert_code(
+        &d.post("/api/v1.0/update", r#"["1.2.3"]"#),
+        400,
+        "VALIDATION_ERROR: ",
+        "update with an array body",
+    );
     let v = d.json("POST", "/api/v1.0/confirm", None);
     assert_eq!(v, json!({"code": 200, "msg": "success", "data": {"result": "nothing_to_confirm"}}));
     assert_eq!(d.progress().stage, "idle");
@@ -1867,7 +2263,10 @@ fn the_cli_reads_status_and_is_refused_transactions_while_the_daemon_runs() {
     assert_eq!(r.code, Some(0), "`status --json` while the daemon runs:\n{}", r.describe());
     let cli = r.json();
     assert_eq!(current_version(&cli).as_deref(), Some("1.0.0"), "{cli}");
-    assert_eq!((&cli["current"], &cli["in_flight"], &cli["generations"]), (&api["current"], &api["in_flight"], &api["generations"]));
+    assert_eq!(
+        (&cli["current"], &cli["in_flight"], &cli["generations"]),
+        (&api["current"], &api["in_flight"], &api["generations"])
+    );
 
     let r = rig.env.run(&["install", p2.to_str().unwrap()]);
     assert_eq!(r.code, Some(6), "`install` while the daemon runs:\n{}", r.describe());
@@ -1892,9 +2291,15 @@ fn a_result_is_held_for_result_hold_s_then_progress_is_idle() {
     // proves it was reached.
     let seen = d.watch_after(Some(&before), "idle after the result", |s| s.stage == "idle");
     assert_stage_order(&seen, &["toInstall", "installing", "success", "idle"]);
-    rig.receiver.wait_for("the final success report", |r| r.iter().any(|r| r["final"] == true && r["stage"] == "success"));
+    rig.receiver.wait_for("the final success report", |r| {
+        r.iter().any(|r| r["final"] == true && r["stage"] == "success")
+    });
     let st = d.status();
-    assert_eq!(current_version(&st).as_deref(), Some("1.0.0"), "the last result stays in /status: {st}");
+    assert_eq!(
+        current_version(&st).as_deref(),
+        Some("1.0.0"),
+        "the last result stays in /status: {st}"
+    );
     assert_eq!(st["last"]["to_version"], "1.0.0", "{st}");
 }
 
@@ -1905,7 +2310,12 @@ fn the_same_download_request_again_is_answered_from_disk() {
     let d = rig.start();
     download(&rig, &d, &pkg);
     download(&rig, &d, &pkg);
-    assert_eq!(rig.server.hits().len(), 1, "a verified identical download is not fetched again: {:?}", rig.server.hits());
+    assert_eq!(
+        rig.server.hits().len(),
+        1,
+        "a verified identical download is not fetched again: {:?}",
+        rig.server.hits()
+    );
     assert_eq!(std::fs::read(rig.downloaded(&pkg)).unwrap(), pkg.bytes);
 }
 
@@ -1947,17 +2357,23 @@ fn a_package_refused_before_the_transaction_is_a_failed_stage_and_report() {
     let d = rig.start();
     download(&rig, &d, &pkg);
     assert_eq!(d.post("/api/v1.0/update", &update_body("1.0.0")), started("installing"));
-    let seen = d.watch_after(Some(&snap("toInstall", 100, READY)), "stage failed", |s| s.stage == "failed");
+    let seen = d
+        .watch_after(Some(&snap("toInstall", 100, READY)), "stage failed", |s| s.stage == "failed");
     let f = seen.last().unwrap();
     assert_eq!(f.code, 500, "{f:?}");
     // The legacy clients' code, the fine-grained one inside the text.
     assert!(f.message.starts_with("DEPLOYMENT_FAILED: PATH_NOT_ALLOWED: "), "{f:?}");
     assert_eq!(tree(&rig.env.root), before, "nothing touched");
     assert!(!outside.exists());
-    let got = rig.receiver.wait_for("the failed report", |r| r.iter().any(|r| r["stage"] == "failed"));
+    let got =
+        rig.receiver.wait_for("the failed report", |r| r.iter().any(|r| r["stage"] == "failed"));
     let reps = first_deliveries(&got, false);
     let failed = reps.last().unwrap();
-    assert_eq!((&failed["stage"], &failed["error"]), (&json!("failed"), &json!(f.message)), "{reps:#?}");
+    assert_eq!(
+        (&failed["stage"], &failed["error"]),
+        (&json!("failed"), &json!(f.message)),
+        "{reps:#?}"
+    );
     assert!(d.status()["in_flight"].is_null());
 }
 
@@ -1973,7 +2389,8 @@ fn an_install_that_fails_mid_transaction_is_rolled_back_and_reported_once() {
     let d = rig.start();
     download(&rig, &d, &pkg);
     assert_eq!(d.post("/api/v1.0/update", &update_body("1.0.0")), started("installing"));
-    let seen = d.watch_after(Some(&snap("toInstall", 100, READY)), "stage failed", |s| s.stage == "failed");
+    let seen = d
+        .watch_after(Some(&snap("toInstall", 100, READY)), "stage failed", |s| s.stage == "failed");
     let f = seen.last().unwrap();
     assert_eq!(f.code, 500, "{f:?}");
     // The legacy clients' code, the fine-grained one inside the text; alone in /status.
@@ -1987,8 +2404,16 @@ fn an_install_that_fails_mid_transaction_is_rolled_back_and_reported_once() {
     let reps = first_deliveries(&got, false);
     let finals = finals_for(&reps, tx);
     assert_eq!(finals.len(), 1, "{reps:#?}");
-    assert_eq!((&finals[0]["stage"], &finals[0]["error"]), (&json!("failed"), &json!(f.message)), "{reps:#?}");
-    assert_eq!(reps.iter().filter(|r| r["stage"] == "failed").count(), 1, "one failed report: {reps:#?}");
+    assert_eq!(
+        (&finals[0]["stage"], &finals[0]["error"]),
+        (&json!("failed"), &json!(f.message)),
+        "{reps:#?}"
+    );
+    assert_eq!(
+        reps.iter().filter(|r| r["stage"] == "failed").count(),
+        1,
+        "one failed report: {reps:#?}"
+    );
 }
 
 /// A transaction the daemon did not see end (the CLI ran it, or a crash came right after its
@@ -2018,7 +2443,11 @@ fn a_rollback_the_cli_ran_is_shown_and_reported_once_at_the_next_start() {
     assert_eq!(d.sigterm().code(), Some(0));
     let d = rig.start();
     let got = rig.marker(&d);
-    assert_eq!(first_deliveries(&got, false).iter().filter(|r| r["final"] == true).count(), 1, "{got:#?}");
+    assert_eq!(
+        first_deliveries(&got, false).iter().filter(|r| r["final"] == true).count(),
+        1,
+        "{got:#?}"
+    );
     assert_eq!((&last["tx_id"], &last["stage"]), (&json!(tx), &json!("success")), "{last}");
     assert_eq!(shown, snap("success", 100, "Rolled back to 1.0.0"), "/progress at the start");
     assert_eq!(last["message"], "Rolled back to 1.0.0", "the final report: {last}");

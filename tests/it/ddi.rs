@@ -26,7 +26,9 @@ const TOKEN: &str = "tok-3f9a";
 fn python() -> PathBuf {
     static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     VENV.get_or_init(|| {
-        let venv = std::env::var_os("DDI_VENV").map(PathBuf::from).unwrap_or_else(|| Path::new(REPO).join("target/ddi-venv"));
+        let venv = std::env::var_os("DDI_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(REPO).join("target/ddi-venv"));
         std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
         // flock: test processes (nextest) and CI steps may make it at the same time.
         let lock = venv.with_extension("lock");
@@ -66,7 +68,12 @@ fn wait_within<T>(patience: Duration, what: &str, mut f: impl FnMut() -> Option<
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).proxy(None).timeout_global(Some(Duration::from_secs(30))).build().into()
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
 }
 
 /// `spec_server.py serve` on a free port, killed on drop.
@@ -83,14 +90,23 @@ impl SpecServer {
             .arg(Path::new(REPO).join("tests/ddi/spec_server.py"))
             .args(["serve", "--state-dir"])
             .arg(dir)
-            .args(["--fresh-log", "--sleep", "00:00:01", "--target-token", &format!("{DEV}={TOKEN}")])
+            .args([
+                "--fresh-log",
+                "--sleep",
+                "00:00:01",
+                "--target-token",
+                &format!("{DEV}={TOKEN}"),
+            ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
             .spawn()
             .unwrap();
         let env_file = dir.join("server.env");
         let url = wait_for("spec_server.py to write server.env", || {
-            std::fs::read_to_string(&env_file).ok()?.lines().find_map(|l| l.strip_prefix("url=").map(str::to_string))
+            std::fs::read_to_string(&env_file)
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("url=").map(str::to_string))
         });
         SpecServer { child, url, dir: dir.to_path_buf() }
     }
@@ -99,7 +115,10 @@ impl SpecServer {
         let url = format!("{}/_ctl/{path}", self.url);
         let a = agent();
         let r = match body {
-            Some(b) => a.post(&url).header("Content-Type", "application/json").send(b.to_string().as_bytes()),
+            Some(b) => a
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .send(b.to_string().as_bytes()),
             None if method == "GET" => a.get(&url).call(),
             None => a.post(&url).send_empty(),
         };
@@ -204,7 +223,13 @@ fn course(action: &Value) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|f| format!("{}/{}", f["status"]["execution"].as_str().unwrap(), f["status"]["result"]["finished"].as_str().unwrap()))
+        .map(|f| {
+            format!(
+                "{}/{}",
+                f["status"]["execution"].as_str().unwrap(),
+                f["status"]["result"]["finished"].as_str().unwrap()
+            )
+        })
         .collect()
 }
 
@@ -230,7 +255,13 @@ fn show(what: &str, action: &Value) {
                 "{}/{} {:?}",
                 st["execution"].as_str().unwrap(),
                 st["result"]["finished"].as_str().unwrap(),
-                st["details"].as_array().cloned().unwrap_or_default().iter().map(|d| d.as_str().unwrap().to_string()).collect::<Vec<_>>()
+                st["details"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|d| d.as_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
             )
         })
         .collect();
@@ -238,9 +269,19 @@ fn show(what: &str, action: &Value) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|f| format!("{}/{}", f["status"]["execution"].as_str().unwrap(), f["status"]["result"]["finished"].as_str().unwrap()))
+        .map(|f| {
+            format!(
+                "{}/{}",
+                f["status"]["execution"].as_str().unwrap(),
+                f["status"]["result"]["finished"].as_str().unwrap()
+            )
+        })
         .collect();
-    println!("RECORDED {what}: status {} | deployment feedback: {} | cancel feedback: {cancel:?}", action["status"], lines.join(" -> "));
+    println!(
+        "RECORDED {what}: status {} | deployment feedback: {} | cancel feedback: {cancel:?}",
+        action["status"],
+        lines.join(" -> ")
+    );
 }
 
 /// The configData bodies the device PUT, in order.
@@ -254,7 +295,8 @@ fn config_puts(server: &SpecServer) -> Vec<Value> {
 }
 
 #[test]
-fn a_deployment_is_downloaded_installed_and_reported_closed_success_with_every_request_as_the_spec_says() {
+fn a_deployment_is_downloaded_installed_and_reported_closed_success_with_every_request_as_the_spec_says()
+ {
     let tmp = tempfile::tempdir().unwrap();
     let server = SpecServer::start(&tmp.path().join("spec"));
     let env = device(&server.url, "");
@@ -264,20 +306,32 @@ fn a_deployment_is_downloaded_installed_and_reported_closed_success_with_every_r
     let _d = Daemon::start(&env, None);
     server.deploy(7, &[&pkg], "1.1.0", json!({}));
 
-    let action = wait_for("action 7 to be closed", || Some(server.action(7)).filter(|a| a["active"] == false));
+    let action = wait_for("action 7 to be closed", || {
+        Some(server.action(7)).filter(|a| a["active"] == false)
+    });
     assert_eq!(action["status"], "FINISHED", "{action:#}");
     let course = course(&action);
     assert_eq!(course.first().map(String::as_str), Some("proceeding/none"), "{course:?}");
     assert_eq!(course.last().map(String::as_str), Some("closed/success"), "{course:?}");
-    assert_eq!(course.iter().filter(|c| c.starts_with("closed")).count(), 1, "exactly one final feedback: {course:?}");
+    assert_eq!(
+        course.iter().filter(|c| c.starts_with("closed")).count(),
+        1,
+        "exactly one final feedback: {course:?}"
+    );
     let details = details(&action);
-    assert!(details.iter().any(|d| d == "Downloaded 100%"), "download progress in gooseBit's wording: {details:?}");
+    assert!(
+        details.iter().any(|d| d == "Downloaded 100%"),
+        "download progress in gooseBit's wording: {details:?}"
+    );
     assert!(details.iter().any(|d| d == "installing: Swapped"), "install phases: {details:?}");
     assert_eq!(details.last().map(String::as_str), Some("installed 1.1.0"));
 
     // The tree is what the package says, from the package rules alone.
     let mut expected = before.clone();
-    expected.insert("app/bin".into(), format!("file 644 {}", blake3::hash(b"version 1.1.0 of the app").to_hex()));
+    expected.insert(
+        "app/bin".into(),
+        format!("file 644 {}", blake3::hash(b"version 1.1.0 of the app").to_hex()),
+    );
     assert_eq!(tree(&env.root), expected);
 
     // The server's view is brought in line: configData names the new version.
@@ -285,14 +339,24 @@ fn a_deployment_is_downloaded_installed_and_reported_closed_success_with_every_r
         let p = config_puts(&server);
         p.iter().any(|b| b["data"]["sw_version"] == "1.1.0").then_some(p)
     });
-    assert_eq!(puts[0]["data"]["sw_version"], "factory", "the first configData names the factory state: {puts:?}");
-    assert!(puts.iter().all(|b| b["data"]["engine"].as_str().unwrap().starts_with("tope-updater ")), "{puts:?}");
+    assert_eq!(
+        puts[0]["data"]["sw_version"], "factory",
+        "the first configData names the factory state: {puts:?}"
+    );
+    assert!(
+        puts.iter().all(|b| b["data"]["engine"].as_str().unwrap().starts_with("tope-updater ")),
+        "{puts:?}"
+    );
     assert_eq!(server.violations(), json!([]), "every request conformed to the DDI spec");
     // The token went with every request; the artifact was downloaded once, whole.
     let log = server.log();
     let token = format!("TargetToken {TOKEN}");
-    assert!(log.iter().all(|r| r["auth"] == token.as_str()), "a request without the token: {log:#?}");
-    let downloads = log.iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).count();
+    assert!(
+        log.iter().all(|r| r["auth"] == token.as_str()),
+        "a request without the token: {log:#?}"
+    );
+    let downloads =
+        log.iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).count();
     assert_eq!(downloads, 1, "{log:#?}");
 }
 
@@ -318,9 +382,15 @@ fn a_trial_install_is_not_reported_success_until_confirmed_and_then_exactly_once
     server.deploy(8, &[&pkg], "1.2.0", json!({}));
     let awaiting = wait_for("the awaiting-confirmation feedback", || {
         let a = server.action(8);
-        details(&a).iter().any(|d| d.starts_with("installed; the result is final once")).then_some(a)
+        details(&a)
+            .iter()
+            .any(|d| d.starts_with("installed; the result is final once"))
+            .then_some(a)
     });
-    assert_eq!(awaiting["active"], true, "not closed before confirm (rauc-hawkbit-updater #161): {awaiting:#}");
+    assert_eq!(
+        awaiting["active"], true,
+        "not closed before confirm (rauc-hawkbit-updater #161): {awaiting:#}"
+    );
     assert_eq!(env.read("app/bin").unwrap(), b"trial build");
     // No final feedback however long the trial runs: two more polls at least.
     std::thread::sleep(Duration::from_secs(12));
@@ -329,7 +399,9 @@ fn a_trial_install_is_not_reported_success_until_confirmed_and_then_exactly_once
 
     let r = d.post("/api/v1.0/confirm", "{}");
     assert_eq!(r["code"], 200, "{r}");
-    let done = wait_for("action 8 closed after confirm", || Some(server.action(8)).filter(|a| a["active"] == false));
+    let done = wait_for("action 8 closed after confirm", || {
+        Some(server.action(8)).filter(|a| a["active"] == false)
+    });
     assert_eq!(done["status"], "FINISHED");
     let c = course(&done);
     assert_eq!(c.iter().filter(|c| c.starts_with("closed")).count(), 1, "{c:?}");
@@ -341,7 +413,8 @@ fn a_trial_install_is_not_reported_success_until_confirmed_and_then_exactly_once
 }
 
 #[test]
-fn a_trial_rolled_back_before_confirmation_is_reported_closed_failure_and_configdata_names_the_old_version() {
+fn a_trial_rolled_back_before_confirmation_is_reported_closed_failure_and_configdata_names_the_old_version()
+ {
     let tmp = tempfile::tempdir().unwrap();
     let server = SpecServer::start(&tmp.path().join("spec"));
     let (env, before) = v1_device(&server, "confirm_required = true");
@@ -349,7 +422,10 @@ fn a_trial_rolled_back_before_confirmation_is_reported_closed_failure_and_config
     let d = Daemon::start(&env, None);
     server.deploy(9, &[&pkg], "1.3.0", json!({}));
     wait_for("the awaiting-confirmation feedback", || {
-        details(&server.action(9)).iter().any(|d| d.starts_with("installed; the result is final once")).then_some(())
+        details(&server.action(9))
+            .iter()
+            .any(|d| d.starts_with("installed; the result is final once"))
+            .then_some(())
     });
     // The server first hears of 1.3.0 at the poll after the commit, which may come after the
     // feedback above: roll back only once it has (else the device never had to name 1.3.0,
@@ -359,7 +435,9 @@ fn a_trial_rolled_back_before_confirmation_is_reported_closed_failure_and_config
     });
     let r = d.post("/api/v1.0/rollback", "{}");
     assert_eq!(r["code"], 200, "{r}");
-    let done = wait_for("action 9 closed after the rollback", || Some(server.action(9)).filter(|a| a["active"] == false));
+    let done = wait_for("action 9 closed after the rollback", || {
+        Some(server.action(9)).filter(|a| a["active"] == false)
+    });
     assert_eq!(done["status"], "ERROR", "{done:#}");
     let c = course(&done);
     assert_eq!(c.last().map(String::as_str), Some("closed/failure"), "{c:?}");
@@ -381,12 +459,16 @@ fn a_failed_install_is_reported_once_with_its_error_code_and_never_retried() {
     let pkg = package(&env, "1.4.0", b"fails after the swap", json!({"post_cmds": ["exit 3"]}));
     let _d = Daemon::start(&env, None);
     server.deploy(10, &[&pkg], "1.4.0", json!({}));
-    let done = wait_for("action 10 closed", || Some(server.action(10)).filter(|a| a["active"] == false));
+    let done =
+        wait_for("action 10 closed", || Some(server.action(10)).filter(|a| a["active"] == false));
     assert_eq!(done["status"], "ERROR", "{done:#}");
     let c = course(&done);
     assert_eq!(c.last().map(String::as_str), Some("closed/failure"), "{c:?}");
     let last = details(&done).last().cloned().unwrap();
-    assert!(last.starts_with("POST_CMD_FAILED: "), "the stable error code leads the detail: {last}");
+    assert!(
+        last.starts_with("POST_CMD_FAILED: "),
+        "the stable error code leads the detail: {last}"
+    );
     assert_eq!(tree(&env.root), before, "rolled back to v1");
     // The server stops offering it; the device neither downloads nor reports it again.
     std::thread::sleep(Duration::from_secs(12));
@@ -408,13 +490,18 @@ fn an_artifact_whose_bytes_do_not_match_the_deployment_hash_fails_the_action_and
     bytes[last] ^= 0xff;
     std::fs::write(&pkg, &bytes).unwrap();
     let _d = Daemon::start(&env, None);
-    let done = wait_for("action 11 closed", || Some(server.action(11)).filter(|a| a["active"] == false));
+    let done =
+        wait_for("action 11 closed", || Some(server.action(11)).filter(|a| a["active"] == false));
     assert_eq!(course(&done).last().map(String::as_str), Some("closed/failure"));
     let last = details(&done).last().cloned().unwrap();
-    assert!(last.starts_with("HASH_MISMATCH: sha256 mismatch"), "sha256 is the strongest hash given: {last}");
+    assert!(
+        last.starts_with("HASH_MISMATCH: sha256 mismatch"),
+        "sha256 is the strongest hash given: {last}"
+    );
     assert_eq!(tree(&env.root), before);
-    let left: Vec<_> =
-        std::fs::read_dir(env.state.join("downloads")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(env.state.join("downloads"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "the mismatching download is deleted: {left:?}");
 }
 
@@ -435,8 +522,15 @@ fn a_deployment_of_three_artifacts_is_rejected_whole_before_any_download() {
     let why = details(&rejected).join("|");
     assert!(why.contains("3 artifacts") && why.contains("all or nothing"), "{why}");
     std::thread::sleep(Duration::from_secs(7));
-    assert_eq!(course(&server.action(12)), vec!["rejected/failure".to_string()], "rejected once, not in a loop");
-    assert!(!server.log().iter().any(|r| r["path"].as_str().unwrap().contains("/artifacts/")), "nothing downloaded");
+    assert_eq!(
+        course(&server.action(12)),
+        vec!["rejected/failure".to_string()],
+        "rejected once, not in a loop"
+    );
+    assert!(
+        !server.log().iter().any(|r| r["path"].as_str().unwrap().contains("/artifacts/")),
+        "nothing downloaded"
+    );
     assert_eq!(tree(&env.root), before);
     assert_eq!(server.violations(), json!([]));
 }
@@ -453,7 +547,8 @@ fn deployment_gets(server: &SpecServer, action: u32) -> Vec<i64> {
 }
 
 #[test]
-fn a_deployment_withdrawn_between_the_poll_and_the_fetch_is_not_refused_and_installs_when_offered_again() {
+fn a_deployment_withdrawn_between_the_poll_and_the_fetch_is_not_refused_and_installs_when_offered_again()
+ {
     let tmp = tempfile::tempdir().unwrap();
     let server = SpecServer::start(&tmp.path().join("spec"));
     let (env, before) = v1_device(&server, "");
@@ -463,7 +558,8 @@ fn a_deployment_withdrawn_between_the_poll_and_the_fetch_is_not_refused_and_inst
     let _d = Daemon::start(&env, None);
     // hawkBit's 404, then gooseBit's `null`: neither is the device's to refuse (the offer
     // changed after the poll); it asks again at the next polls.
-    let answered = |status: i64| deployment_gets(&server, 16).iter().filter(|s| **s == status).count();
+    let answered =
+        |status: i64| deployment_gets(&server, 16).iter().filter(|s| **s == status).count();
     wait_for("two deploymentBase fetches answered 404", || (answered(404) >= 2).then_some(()));
     server.ctl("POST", "withdraw", Some(json!({"actionId": 16, "answer": "null"})));
     wait_for("two deploymentBase fetches answered null", || (answered(200) >= 2).then_some(()));
@@ -473,7 +569,8 @@ fn a_deployment_withdrawn_between_the_poll_and_the_fetch_is_not_refused_and_inst
     assert_eq!(tree(&env.root), before);
 
     server.ctl("POST", "withdraw", Some(json!({"actionId": 16, "answer": null})));
-    let done = wait_for("action 16 closed", || Some(server.action(16)).filter(|a| a["active"] == false));
+    let done =
+        wait_for("action 16 closed", || Some(server.action(16)).filter(|a| a["active"] == false));
     assert_eq!(done["status"], "FINISHED", "{done:#}");
     assert_eq!(course(&done).last().map(String::as_str), Some("closed/success"));
     assert_eq!(tree(&env.root).get("app/bin"), Some(&file_entry(b"offered again")));
@@ -481,21 +578,29 @@ fn a_deployment_withdrawn_between_the_poll_and_the_fetch_is_not_refused_and_inst
 }
 
 #[test]
-fn outside_the_maintenance_window_it_downloads_only_then_installs_when_the_window_opens_without_downloading_again() {
+fn outside_the_maintenance_window_it_downloads_only_then_installs_when_the_window_opens_without_downloading_again()
+ {
     let tmp = tempfile::tempdir().unwrap();
     let server = SpecServer::start(&tmp.path().join("spec"));
     let (env, before) = v1_device(&server, "");
     let pkg = package(&env, "1.7.0", b"installed in the window", json!({}));
     let _d = Daemon::start(&env, None);
     server.deploy(13, &[&pkg], "1.7.0", json!({"maintenanceWindow": "unavailable"}));
-    wait_for("the downloaded feedback", || course(&server.action(13)).iter().any(|c| c == "downloaded/none").then_some(()));
+    wait_for("the downloaded feedback", || {
+        course(&server.action(13)).iter().any(|c| c == "downloaded/none").then_some(())
+    });
     std::thread::sleep(Duration::from_secs(7));
     assert_eq!(tree(&env.root), before, "nothing installed outside the window");
     server.ctl("POST", "maintenance", Some(json!({"actionId": 13, "window": "available"})));
-    let done = wait_for("action 13 closed", || Some(server.action(13)).filter(|a| a["active"] == false));
+    let done =
+        wait_for("action 13 closed", || Some(server.action(13)).filter(|a| a["active"] == false));
     assert_eq!(done["status"], "FINISHED", "{:?}", course(&done));
     assert_eq!(tree(&env.root).get("app/bin"), Some(&file_entry(b"installed in the window")));
-    let downloads: Vec<_> = server.log().into_iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).collect();
+    let downloads: Vec<_> = server
+        .log()
+        .into_iter()
+        .filter(|r| r["path"].as_str().unwrap().contains("/artifacts/"))
+        .collect();
     assert_eq!(downloads.len(), 1, "the verified download is reused: {downloads:#?}");
     assert_eq!(server.violations(), json!([]));
 }
@@ -509,19 +614,29 @@ fn a_cancel_before_the_install_is_confirmed_and_after_the_install_is_refused_wit
     let _d = Daemon::start(&env, None);
     // Downloaded, waiting for the window: canceled.
     server.deploy(14, &[&pkg], "1.8.0", json!({"maintenanceWindow": "unavailable"}));
-    wait_for("the downloaded feedback", || course(&server.action(14)).iter().any(|c| c == "downloaded/none").then_some(()));
+    wait_for("the downloaded feedback", || {
+        course(&server.action(14)).iter().any(|c| c == "downloaded/none").then_some(())
+    });
     server.ctl("POST", "cancel", Some(json!({"actionId": 14})));
-    let canceled = wait_for("action 14 canceled", || Some(server.action(14)).filter(|a| a["status"] == "CANCELED"));
+    let canceled = wait_for("action 14 canceled", || {
+        Some(server.action(14)).filter(|a| a["status"] == "CANCELED")
+    });
     let fb = canceled["cancelFeedback"].as_array().unwrap();
     assert_eq!(fb.len(), 1, "{canceled:#}");
-    assert_eq!((&fb[0]["status"]["execution"], &fb[0]["status"]["result"]["finished"]), (&json!("closed"), &json!("success")));
+    assert_eq!(
+        (&fb[0]["status"]["execution"], &fb[0]["status"]["result"]["finished"]),
+        (&json!("closed"), &json!("success"))
+    );
     assert_eq!(tree(&env.root), before);
 
     // Installed (a trial awaiting confirmation): the cancel is refused, the action goes on.
     let pkg2 = package(&env, "1.9.0", b"installed, then a cancel", json!({}));
     server.deploy(15, &[&pkg2], "1.9.0", json!({}));
     wait_for("the awaiting-confirmation feedback", || {
-        details(&server.action(15)).iter().any(|d| d.starts_with("installed; the result is final once")).then_some(())
+        details(&server.action(15))
+            .iter()
+            .any(|d| d.starts_with("installed; the result is final once"))
+            .then_some(())
     });
     server.ctl("POST", "cancel", Some(json!({"actionId": 15})));
     let refused = wait_for("the cancel refused", || {
@@ -557,8 +672,11 @@ impl GooseBit {
         let one = ONE.lock().unwrap_or_else(|p| p.into_inner());
         std::fs::create_dir_all(dir).unwrap();
         let out = goosebit_sh(dir, &["start", dir.to_str().unwrap()]);
-        let url =
-            out.split_whitespace().find_map(|w| w.strip_prefix("url=")).unwrap_or_else(|| panic!("goosebit.sh start: {out}")).to_string();
+        let url = out
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("url="))
+            .unwrap_or_else(|| panic!("goosebit.sh start: {out}"))
+            .to_string();
         GooseBit { dir: dir.to_path_buf(), url, _one: one }
     }
 
@@ -577,7 +695,14 @@ impl GooseBit {
     }
 
     fn device(&self) -> Value {
-        serde_json::from_str(&self.script(&["show", self.dir.to_str().unwrap(), "device", "--device", DEV])).unwrap()
+        serde_json::from_str(&self.script(&[
+            "show",
+            self.dir.to_str().unwrap(),
+            "device",
+            "--device",
+            DEV,
+        ]))
+        .unwrap()
     }
 
     /// Requests to the artifact download resource in gooseBit's access log.
@@ -592,7 +717,11 @@ impl GooseBit {
 
 impl Drop for GooseBit {
     fn drop(&mut self) {
-        let _ = Command::new(Path::new(REPO).join("tests/ddi/goosebit.sh")).arg("stop").arg(&self.dir).env("DDI_VENV", venv_dir()).output();
+        let _ = Command::new(Path::new(REPO).join("tests/ddi/goosebit.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .env("DDI_VENV", venv_dir())
+            .output();
     }
 }
 
@@ -621,7 +750,8 @@ fn goosebit_sh(dir: &Path, args: &[&str]) -> String {
 }
 
 #[test]
-fn against_goosebit_an_assignment_is_installed_and_the_server_records_finished_then_a_failure_is_recorded_and_not_retried() {
+fn against_goosebit_an_assignment_is_installed_and_the_server_records_finished_then_a_failure_is_recorded_and_not_retried()
+ {
     let tmp = tempfile::tempdir().unwrap();
     let gb = GooseBit::start(&tmp.path().join("gb"));
     let env = device(&gb.url, "");
@@ -630,12 +760,14 @@ fn against_goosebit_an_assignment_is_installed_and_the_server_records_finished_t
     let pkg = package(&env, "1.1.0", b"from goosebit", json!({}));
     gb.assign(&pkg, "1.1.0");
     let d = Daemon::start(&env, None);
-    let dev = wait_within(GOOSEBIT_PATIENCE, "gooseBit to record the device finished on 1.1.0", || {
-        let dev = gb.device();
-        (dev["last_state_name"] == "finished" && dev["sw_version"] == "1.1.0").then_some(dev)
-    });
+    let dev =
+        wait_within(GOOSEBIT_PATIENCE, "gooseBit to record the device finished on 1.1.0", || {
+            let dev = gb.device();
+            (dev["last_state_name"] == "finished" && dev["sw_version"] == "1.1.0").then_some(dev)
+        });
     assert_eq!(dev["progress"], 100, "{dev:#}");
-    let log: Vec<&str> = dev["last_log_lines"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    let log: Vec<&str> =
+        dev["last_log_lines"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
     assert!(log.contains(&"Downloaded 100%") && log.contains(&"installed 1.1.0"), "{log:?}");
     let mut expected = before.clone();
     expected.insert("app/bin".into(), file_entry(b"from goosebit"));
@@ -645,8 +777,9 @@ fn against_goosebit_an_assignment_is_installed_and_the_server_records_finished_t
     // A failing update: recorded as an error with the code, and not offered or fetched again.
     let bad = package(&env, "1.2.0", b"fails", json!({"post_cmds": ["exit 3"]}));
     gb.assign(&bad, "1.2.0");
-    let dev =
-        wait_within(GOOSEBIT_PATIENCE, "gooseBit to record the error", || Some(gb.device()).filter(|d| d["last_state_name"] == "error"));
+    let dev = wait_within(GOOSEBIT_PATIENCE, "gooseBit to record the error", || {
+        Some(gb.device()).filter(|d| d["last_state_name"] == "error")
+    });
     assert!(dev["last_log"].as_str().unwrap().contains("POST_CMD_FAILED"), "{dev:#}");
     assert_eq!(dev["sw_version"], "1.1.0", "gooseBit keeps the version the device still runs");
     assert_eq!(tree(&env.root), expected, "rolled back to 1.1.0");
@@ -658,7 +791,8 @@ fn against_goosebit_an_assignment_is_installed_and_the_server_records_finished_t
 
 #[cfg(feature = "failpoints")]
 #[test]
-fn a_daemon_killed_mid_swap_finishes_the_install_at_its_next_start_and_reports_closed_success_exactly_once() {
+fn a_daemon_killed_mid_swap_finishes_the_install_at_its_next_start_and_reports_closed_success_exactly_once()
+ {
     let tmp = tempfile::tempdir().unwrap();
     let server = SpecServer::start(&tmp.path().join("spec"));
     let (env, _) = v1_device(&server, "");
@@ -667,12 +801,21 @@ fn a_daemon_killed_mid_swap_finishes_the_install_at_its_next_start_and_reports_c
     run_until_killed(&env, "swap.file");
     let mid = server.action(21);
     assert_eq!(mid["active"], true, "{mid:#}");
-    assert!(!course(&mid).iter().any(|c| c.starts_with("closed")), "no final feedback before the end: {:?}", course(&mid));
+    assert!(
+        !course(&mid).iter().any(|c| c.starts_with("closed")),
+        "no final feedback before the end: {:?}",
+        course(&mid)
+    );
     let st = env.run(&["status", "--json"]).json();
-    assert_eq!(st["in_flight"]["phase"], "Swapped", "the kill landed inside the transaction, in its swap: {st:#}");
+    assert_eq!(
+        st["in_flight"]["phase"], "Swapped",
+        "the kill landed inside the transaction, in its swap: {st:#}"
+    );
 
     let _second = Daemon::start(&env, None);
-    let done = wait_for("action 21 closed after the restart", || Some(server.action(21)).filter(|a| a["active"] == false));
+    let done = wait_for("action 21 closed after the restart", || {
+        Some(server.action(21)).filter(|a| a["active"] == false)
+    });
     assert_eq!(done["status"], "FINISHED", "{done:#}");
     let c = course(&done);
     assert_eq!(c.iter().filter(|c| c.starts_with("closed")).count(), 1, "{c:?}");
@@ -701,7 +844,12 @@ fn pack_app(env: &Env, name: &str, version: &str, content: &[u8], bases: &[&Path
     let man = json!({"version": version, "modules": [{"name": "app", "src": "files/bin", "dst": env.dst("app/bin")}]});
     std::fs::write(src.join("manifest.json"), man.to_string()).unwrap();
     let out = env.pkg_path(&format!("{name}.zip"));
-    let mut args = vec!["pack".to_string(), src.to_str().unwrap().into(), "-o".into(), out.to_str().unwrap().into()];
+    let mut args = vec![
+        "pack".to_string(),
+        src.to_str().unwrap().into(),
+        "-o".into(),
+        out.to_str().unwrap().into(),
+    ];
     for b in bases {
         args.extend(["--delta-from".to_string(), b.to_str().unwrap().to_string()]);
     }
@@ -720,7 +868,8 @@ fn delta_set(env: &Env) -> (Vec<u8>, PathBuf, Vec<u8>, PathBuf, PathBuf) {
     let full1 = pack_app(env, "app-1.0.0", "1.0.0", &v1, &[]);
     let full2 = pack_app(env, "app-2.0.0", "2.0.0", &v2, &[]);
     let delta2 = pack_app(env, "app-2.0.0-delta", "2.0.0", &v2, &[&full1]);
-    let (d, f) = (std::fs::metadata(&delta2).unwrap().len(), std::fs::metadata(&full2).unwrap().len());
+    let (d, f) =
+        (std::fs::metadata(&delta2).unwrap().len(), std::fs::metadata(&full2).unwrap().len());
     assert!(d * 4 < f, "the delta ({d} B) is much smaller than the full package ({f} B)");
     (v1, full1, v2, full2, delta2)
 }
@@ -743,15 +892,21 @@ fn a_delta_and_its_full_twin_install_from_the_delta_alone_when_the_device_holds_
     env.ok(&["install", full1.to_str().unwrap()]);
     let _d = Daemon::start(&env, None);
     server.deploy(31, &[&full2, &delta2], "2.0.0", json!({}));
-    let done = wait_for("action 31 closed", || Some(server.action(31)).filter(|a| a["active"] == false));
+    let done =
+        wait_for("action 31 closed", || Some(server.action(31)).filter(|a| a["active"] == false));
     assert_eq!(done["status"], "FINISHED", "{:?}", course(&done));
     assert_eq!(env.read("app/bin").unwrap(), v2);
-    assert_eq!(artifact_gets(&server), vec!["app-2.0.0-delta.zip".to_string()], "only the delta was downloaded");
+    assert_eq!(
+        artifact_gets(&server),
+        vec!["app-2.0.0-delta.zip".to_string()],
+        "only the delta was downloaded"
+    );
     assert_eq!(server.violations(), json!([]));
 }
 
 #[test]
-fn without_the_base_the_delta_is_refused_untouched_and_the_full_twin_is_installed_without_a_failure_report() {
+fn without_the_base_the_delta_is_refused_untouched_and_the_full_twin_is_installed_without_a_failure_report()
+ {
     let tmp = tempfile::tempdir().unwrap();
     let server = SpecServer::start(&tmp.path().join("spec"));
     let env = device(&server.url, "");
@@ -759,7 +914,8 @@ fn without_the_base_the_delta_is_refused_untouched_and_the_full_twin_is_installe
     let (_, _, v2, full2, delta2) = delta_set(&env);
     let _d = Daemon::start(&env, None);
     server.deploy(32, &[&full2, &delta2], "2.0.0", json!({}));
-    let done = wait_for("action 32 closed", || Some(server.action(32)).filter(|a| a["active"] == false));
+    let done =
+        wait_for("action 32 closed", || Some(server.action(32)).filter(|a| a["active"] == false));
     assert_eq!(done["status"], "FINISHED", "{:?} {:?}", course(&done), details(&done));
     let c = course(&done);
     assert!(!c.iter().any(|c| c.ends_with("/failure")), "the fallback is not a failure: {c:?}");
@@ -807,7 +963,10 @@ fn a_trial_rolled_back_at_the_next_boot_is_reported_closed_failure_after_the_fac
     let d = Daemon::start(&env, None);
     server.deploy(41, &[&pkg], "4.0.0", json!({}));
     wait_for("the awaiting-confirmation feedback", || {
-        details(&server.action(41)).iter().any(|d| d.starts_with("installed; the result is final once")).then_some(())
+        details(&server.action(41))
+            .iter()
+            .any(|d| d.starts_with("installed; the result is final once"))
+            .then_some(())
     });
     // Power down (the daemon stops), then the next boot: its recover unit counts the boot and
     // rolls the unconfirmed trial back before the daemon starts.
@@ -815,14 +974,21 @@ fn a_trial_rolled_back_at_the_next_boot_is_reported_closed_failure_after_the_fac
     assert!(status.success(), "{status:?}");
     let boot = env.tmp.path().join("next-boot-id");
     std::fs::write(&boot, "a-later-boot\n").unwrap();
-    let rec = Run::from(env.command(&["recover", "--at-boot", "--json"]).env("TOPE_BOOT_ID_FILE", &boot).output().unwrap());
+    let rec = Run::from(
+        env.command(&["recover", "--at-boot", "--json"])
+            .env("TOPE_BOOT_ID_FILE", &boot)
+            .output()
+            .unwrap(),
+    );
     assert_eq!(rec.code, Some(4), "exit 4: rolled back\n{}", rec.describe());
     assert_eq!(rec.json()["result"], "trial_expired", "{}", rec.describe());
     assert_eq!(tree(&env.root), before, "the trial was rolled back at boot");
     assert_eq!(server.action(41)["active"], true, "the server has not heard yet");
 
     let _d = Daemon::start(&env, None);
-    let done = wait_for("action 41 closed after the boot", || Some(server.action(41)).filter(|a| a["active"] == false));
+    let done = wait_for("action 41 closed after the boot", || {
+        Some(server.action(41)).filter(|a| a["active"] == false)
+    });
     assert_eq!(done["status"], "ERROR", "{done:#}");
     let c = course(&done);
     assert_eq!(c.last().map(String::as_str), Some("closed/failure"), "{c:?}");
@@ -850,7 +1016,9 @@ fn a_daemon_killed_mid_download_resumes_with_range_and_the_server_sees_exactly_o
     let d = Daemon::start(&env, None);
     let part = env.state.join("downloads").join(pkg.file_name().unwrap());
     // Past the first durable checkpoint (a sixteenth of the package), well before the end.
-    wait_for("a third of the download", || std::fs::metadata(&part).ok().filter(|m| m.len() > total / 3).map(|_| ()));
+    wait_for("a third of the download", || {
+        std::fs::metadata(&part).ok().filter(|m| m.len() > total / 3).map(|_| ())
+    });
     d.sigkill();
     let got = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
     assert!(got < total, "killed mid-download ({got} of {total} bytes)");
@@ -858,14 +1026,27 @@ fn a_daemon_killed_mid_download_resumes_with_range_and_the_server_sees_exactly_o
 
     server.ctl("POST", "throttle", Some(json!({"bytesPerSecond": 0})));
     let _d = Daemon::start(&env, None);
-    let done = wait_for("action 51 closed after the restart", || Some(server.action(51)).filter(|a| a["active"] == false));
+    let done = wait_for("action 51 closed after the restart", || {
+        Some(server.action(51)).filter(|a| a["active"] == false)
+    });
     assert_eq!(done["status"], "FINISHED", "{:?}", course(&done));
     assert_eq!(course(&done).iter().filter(|c| c.starts_with("closed")).count(), 1);
     assert_eq!(env.read("app/bin").unwrap(), content);
-    let gets: Vec<Value> = server.log().into_iter().filter(|r| r["path"].as_str().unwrap().contains("/artifacts/")).collect();
+    let gets: Vec<Value> = server
+        .log()
+        .into_iter()
+        .filter(|r| r["path"].as_str().unwrap().contains("/artifacts/"))
+        .collect();
     assert_eq!(gets.len(), 2, "{gets:#?}");
-    let resumed_at: u64 = gets[1]["range"].as_str().and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()).unwrap_or(0);
-    assert!(resumed_at > 0 && resumed_at < total, "the second GET resumed with Range from the journaled offset: {:?}", gets[1]);
+    let resumed_at: u64 = gets[1]["range"]
+        .as_str()
+        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        resumed_at > 0 && resumed_at < total,
+        "the second GET resumed with Range from the journaled offset: {:?}",
+        gets[1]
+    );
     assert_eq!(server.violations(), json!([]));
 }
 
@@ -878,18 +1059,27 @@ fn with_the_server_down_for_a_while_the_feedback_waits_and_is_delivered_in_order
     server.ctl("POST", "throttle", Some(json!({"bytesPerSecond": 500_000})));
     server.deploy(61, &[&pkg], "6.0.0", json!({}));
     let _d = Daemon::start(&env, None);
-    wait_for("the first feedback", || (!server.action(61)["feedback"].as_array().unwrap().is_empty()).then_some(()));
+    wait_for("the first feedback", || {
+        (!server.action(61)["feedback"].as_array().unwrap().is_empty()).then_some(())
+    });
     // Down while the device downloads and installs: its feedback cannot be delivered.
     server.ctl("POST", "down", Some(json!({"seconds": 8})));
-    wait_for("the install to finish on the device", || (env.read("app/bin").as_deref() == Some(content.as_slice())).then_some(()));
-    let done = wait_for("action 61 closed once the server is back", || Some(server.action(61)).filter(|a| a["active"] == false));
+    wait_for("the install to finish on the device", || {
+        (env.read("app/bin").as_deref() == Some(content.as_slice())).then_some(())
+    });
+    let done = wait_for("action 61 closed once the server is back", || {
+        Some(server.action(61)).filter(|a| a["active"] == false)
+    });
     assert_eq!(done["status"], "FINISHED");
     let c = course(&done);
     assert_eq!(c.iter().filter(|c| c.starts_with("closed")).count(), 1, "{c:?}");
     assert_eq!(c.last().map(String::as_str), Some("closed/success"), "{c:?}");
     // In order: download progress only grows, then the install's phases, then the result.
     let d = details(&done);
-    let pct: Vec<u32> = d.iter().filter_map(|x| x.strip_prefix("Downloaded ")?.strip_suffix('%')?.parse().ok()).collect();
+    let pct: Vec<u32> = d
+        .iter()
+        .filter_map(|x| x.strip_prefix("Downloaded ")?.strip_suffix('%')?.parse().ok())
+        .collect();
     assert!(pct.windows(2).all(|w| w[0] <= w[1]), "{d:?}");
     let first_install = d.iter().position(|x| x.starts_with("installing")).unwrap();
     let last_download = d.iter().rposition(|x| x.starts_with("Downloaded")).unwrap();
@@ -910,17 +1100,32 @@ fn a_cancel_during_the_install_before_its_swap_rolls_it_back_and_is_confirmed() 
     let pkg = package(&env, "7.0.0", b"canceled mid-install", json!({}));
     let d = Daemon::start(&env, Some("enter.BackedUp=sleep(9000)"));
     server.deploy(71, &[&pkg], "7.0.0", json!({}));
-    wait_for("the install to reach BackedUp", || (d.status()["in_flight"]["phase"] == "BackedUp").then_some(()));
+    wait_for("the install to reach BackedUp", || {
+        (d.status()["in_flight"]["phase"] == "BackedUp").then_some(())
+    });
     server.ctl("POST", "cancel", Some(json!({"actionId": 71})));
-    let canceled = wait_for("action 71 canceled", || Some(server.action(71)).filter(|a| a["status"] == "CANCELED"));
+    let canceled = wait_for("action 71 canceled", || {
+        Some(server.action(71)).filter(|a| a["status"] == "CANCELED")
+    });
     let fb = canceled["cancelFeedback"].as_array().unwrap();
     assert_eq!(fb.len(), 1, "{canceled:#}");
-    assert_eq!((&fb[0]["status"]["execution"], &fb[0]["status"]["result"]["finished"]), (&json!("closed"), &json!("success")));
-    assert!(!course(&canceled).iter().any(|c| c.starts_with("closed")), "no deployment result besides the cancel: {:?}", course(&canceled));
+    assert_eq!(
+        (&fb[0]["status"]["execution"], &fb[0]["status"]["result"]["finished"]),
+        (&json!("closed"), &json!("success"))
+    );
+    assert!(
+        !course(&canceled).iter().any(|c| c.starts_with("closed")),
+        "no deployment result besides the cancel: {:?}",
+        course(&canceled)
+    );
     assert_eq!(tree(&env.root), before, "rolled back: nothing was swapped");
     let history = env.run(&["history", "--json"]).json();
     let last = &history.as_array().unwrap()[0];
-    assert_eq!((&last["phase"], &last["error"]["code"]), (&json!("RolledBack"), &json!("CANCELED")), "{history:#}");
+    assert_eq!(
+        (&last["phase"], &last["error"]["code"]),
+        (&json!("RolledBack"), &json!("CANCELED")),
+        "{history:#}"
+    );
     assert_eq!(server.violations(), json!([]));
 }
 
@@ -937,16 +1142,31 @@ fn against_goosebit_a_trial_rolled_back_at_the_next_boot_becomes_an_error_and_th
     let pkg = package(&env, "1.1.0", b"a trial nobody confirms", json!({}));
     gb.assign(&pkg, "1.1.0");
     let d = Daemon::start(&env, None);
-    let running = wait_within(GOOSEBIT_PATIENCE, "gooseBit to show the trial awaiting confirmation", || {
-        let dev = gb.device();
-        dev["last_log"].as_str().unwrap_or("").contains("installed; the result is final once").then_some(dev)
-    });
+    let running =
+        wait_within(GOOSEBIT_PATIENCE, "gooseBit to show the trial awaiting confirmation", || {
+            let dev = gb.device();
+            dev["last_log"]
+                .as_str()
+                .unwrap_or("")
+                .contains("installed; the result is final once")
+                .then_some(dev)
+        });
     assert_eq!(running["last_state_name"], "running", "not finished before confirm: {running:#}");
     assert!(d.sigterm().success());
     let boot = env.tmp.path().join("next-boot-id");
     std::fs::write(&boot, "a-later-boot\n").unwrap();
-    let rec = Run::from(env.command(&["recover", "--at-boot", "--json"]).env("TOPE_BOOT_ID_FILE", &boot).output().unwrap());
-    assert_eq!((rec.code, rec.json()["result"].clone()), (Some(4), json!("trial_expired")), "{}", rec.describe());
+    let rec = Run::from(
+        env.command(&["recover", "--at-boot", "--json"])
+            .env("TOPE_BOOT_ID_FILE", &boot)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        (rec.code, rec.json()["result"].clone()),
+        (Some(4), json!("trial_expired")),
+        "{}",
+        rec.describe()
+    );
     assert_eq!(tree(&env.root), before);
     let _d = Daemon::start(&env, None);
     let dev = wait_within(GOOSEBIT_PATIENCE, "gooseBit to record the error after the boot", || {
@@ -961,7 +1181,8 @@ fn against_goosebit_a_trial_rolled_back_at_the_next_boot_becomes_an_error_and_th
 
 #[cfg(feature = "failpoints")]
 #[test]
-fn against_goosebit_a_daemon_killed_mid_swap_finishes_at_its_next_start_and_goosebit_records_it_finished() {
+fn against_goosebit_a_daemon_killed_mid_swap_finishes_at_its_next_start_and_goosebit_records_it_finished()
+ {
     let tmp = tempfile::tempdir().unwrap();
     let gb = GooseBit::start(&tmp.path().join("gb"));
     let env = device(&gb.url, "");
@@ -972,9 +1193,11 @@ fn against_goosebit_a_daemon_killed_mid_swap_finishes_at_its_next_start_and_goos
     assert_eq!(env.run(&["status", "--json"]).json()["in_flight"]["phase"], "Swapped");
     assert_ne!(gb.device()["last_state_name"], "finished");
     let _d = Daemon::start(&env, None);
-    let dev = wait_within(GOOSEBIT_PATIENCE, "gooseBit to record the device finished on 1.1.0", || {
-        Some(gb.device()).filter(|d| d["last_state_name"] == "finished" && d["sw_version"] == "1.1.0")
-    });
+    let dev =
+        wait_within(GOOSEBIT_PATIENCE, "gooseBit to record the device finished on 1.1.0", || {
+            Some(gb.device())
+                .filter(|d| d["last_state_name"] == "finished" && d["sw_version"] == "1.1.0")
+        });
     assert_eq!(env.read("app/bin").unwrap(), b"survives a kill, with gooseBit");
     assert_eq!(gb.downloads(), 1, "resumed from the journal, not downloaded again: {dev:#}");
 }
@@ -983,7 +1206,8 @@ fn against_goosebit_a_daemon_killed_mid_swap_finishes_at_its_next_start_and_goos
 /// transaction began (`plan.copy_written`): nothing touched; the next start installs it.
 #[cfg(feature = "failpoints")]
 #[test]
-fn a_daemon_killed_before_the_transaction_began_installs_at_its_next_start_from_the_kept_download() {
+fn a_daemon_killed_before_the_transaction_began_installs_at_its_next_start_from_the_kept_download()
+{
     let tmp = tempfile::tempdir().unwrap();
     let server = SpecServer::start(&tmp.path().join("spec"));
     let (env, before) = v1_device(&server, "");
@@ -992,7 +1216,9 @@ fn a_daemon_killed_before_the_transaction_began_installs_at_its_next_start_from_
     run_until_killed(&env, "plan.copy_written");
     assert_eq!(tree(&env.root), before, "nothing touched");
     let _second = Daemon::start(&env, None);
-    let done = wait_for("action 22 closed after the restart", || Some(server.action(22)).filter(|a| a["active"] == false));
+    let done = wait_for("action 22 closed after the restart", || {
+        Some(server.action(22)).filter(|a| a["active"] == false)
+    });
     assert_eq!(done["status"], "FINISHED", "{:?}", course(&done));
     assert!(!course(&done).iter().any(|c| c.ends_with("/failure")), "{:?}", course(&done));
     assert_eq!(env.read("app/bin").unwrap(), b"installed after a kill before the begin");

@@ -43,9 +43,19 @@ impl Version {
         let mut v: Vec<NewFile> = self
             .app
             .iter()
-            .map(|(rel, c, mode)| NewFile { rel: format!("app/{rel}"), content: c, manifest_mode: None, zip_mode: Some(*mode) })
+            .map(|(rel, c, mode)| NewFile {
+                rel: format!("app/{rel}"),
+                content: c,
+                manifest_mode: None,
+                zip_mode: Some(*mode),
+            })
             .collect();
-        v.push(NewFile { rel: "fw.bin".into(), content: &self.fw, manifest_mode: None, zip_mode: Some(0o644) });
+        v.push(NewFile {
+            rel: "fw.bin".into(),
+            content: &self.fw,
+            manifest_mode: None,
+            zip_mode: Some(0o644),
+        });
         v
     }
 }
@@ -54,7 +64,12 @@ impl Version {
 fn pack(env: &Env, v: &Version, out: &str, bases: &[&Path]) -> String {
     let src = v.source(env);
     let out = env.pkg_path(out);
-    let mut args = vec!["pack".to_string(), src.to_str().unwrap().into(), "-o".into(), out.to_str().unwrap().into()];
+    let mut args = vec![
+        "pack".to_string(),
+        src.to_str().unwrap().into(),
+        "-o".into(),
+        out.to_str().unwrap().into(),
+    ];
     for b in bases {
         args.extend(["--delta-from".to_string(), b.to_str().unwrap().to_string()]);
     }
@@ -127,8 +142,10 @@ fn a_delta_install_gives_the_full_install_tree_from_a_tenth_of_the_bytes() {
     // The new script and the 10-byte config whole (a patch would not pay), the library and
     // the firmware as patches, the unchanged library not at all.
     assert!(report.contains("2 files shipped whole, 2 as patches, 1 not shipped"), "{report}");
-    let (delta_len, full_len) =
-        (std::fs::metadata(a.pkg_path("v2-delta.zip")).unwrap().len(), std::fs::metadata(b.pkg_path("v2.zip")).unwrap().len());
+    let (delta_len, full_len) = (
+        std::fs::metadata(a.pkg_path("v2-delta.zip")).unwrap().len(),
+        std::fs::metadata(b.pkg_path("v2.zip")).unwrap().len(),
+    );
     assert!(delta_len * 10 <= full_len, "delta {delta_len} bytes, full {full_len}");
 
     for (env, pkg) in [(&a, "v2-delta.zip"), (&b, "v2.zip")] {
@@ -165,8 +182,16 @@ fn files_that_already_hold_their_new_content_are_not_rewritten_by_delta_or_full_
         let changed_ino = std::fs::metadata(env.path("app/lib/libapp.so")).unwrap().ino();
         env.ok(&["install", env.pkg_path(pkg).to_str().unwrap()]);
         let m = std::fs::metadata(&same).unwrap();
-        assert_eq!((m.ino(), (m.mtime(), m.mtime_nsec())), (ino, mtime), "{pkg}: the unchanged file was rewritten");
-        assert_ne!(std::fs::metadata(env.path("app/lib/libapp.so")).unwrap().ino(), changed_ino, "{pkg}: a changed file is a new inode");
+        assert_eq!(
+            (m.ino(), (m.mtime(), m.mtime_nsec())),
+            (ino, mtime),
+            "{pkg}: the unchanged file was rewritten"
+        );
+        assert_ne!(
+            std::fs::metadata(env.path("app/lib/libapp.so")).unwrap().ino(),
+            changed_ino,
+            "{pkg}: a changed file is a new inode"
+        );
         env.ok(&["rollback"]);
     }
 }
@@ -193,7 +218,8 @@ fn a_base_held_only_in_the_backup_store_still_builds_the_new_version() {
 #[test]
 fn a_delta_against_two_bases_installs_on_a_device_at_either() {
     let (v1, v2) = versions();
-    let v1b = Version { name: "v1b", version: "1.0.1", app: v1.app.clone(), fw: edited(&v1.fw, 13) };
+    let v1b =
+        Version { name: "v1b", version: "1.0.1", app: v1.app.clone(), fw: edited(&v1.fw, 13) };
     for at in ["v1.zip", "v1b.zip"] {
         let env = Env::new();
         let (b1, b1b) = (env.pkg_path("v1.zip"), env.pkg_path("v1b.zip"));
@@ -202,9 +228,14 @@ fn a_delta_against_two_bases_installs_on_a_device_at_either() {
         let report = pack(&env, &v2, "v2-delta.zip", &[&b1, &b1b]);
         assert!(report.contains("delta from 1.0.1, 1.0.1"), "{report}");
         // Two firmware bases: two patches for it in the one package.
-        let m: Value =
-            serde_json::from_slice(&read_zip(&env.pkg_path("v2-delta.zip")).into_iter().find(|(n, _)| n == "manifest.json").unwrap().1)
-                .unwrap();
+        let m: Value = serde_json::from_slice(
+            &read_zip(&env.pkg_path("v2-delta.zip"))
+                .into_iter()
+                .find(|(n, _)| n == "manifest.json")
+                .unwrap()
+                .1,
+        )
+        .unwrap();
         assert_eq!(m["delta"]["files"]["fw.bin"]["patches"].as_array().unwrap().len(), 2);
         env.ok(&["install", env.pkg_path(at).to_str().unwrap()]);
         let before = tree(&env.root);
@@ -227,7 +258,11 @@ fn a_drifted_base_is_delta_base_missing_and_nothing_is_touched() {
     let r = env.run(&["install", env.pkg_path("v2-delta.zip").to_str().unwrap()]);
     assert_eq!(r.code, Some(3), "{}", r.describe());
     assert_eq!(r.error_code().as_deref(), Some("DELTA_BASE_MISSING"), "{}", r.describe());
-    assert!(r.stderr.contains("libapp.so") && r.stderr.contains("full package of version 1.0.2"), "{}", r.describe());
+    assert!(
+        r.stderr.contains("libapp.so") && r.stderr.contains("full package of version 1.0.2"),
+        "{}",
+        r.describe()
+    );
     assert_eq!(tree(&env.root), before);
     assert_eq!(history_len(&env), txs, "no transaction was begun");
 }
@@ -248,7 +283,12 @@ fn read_zip(path: &Path) -> Vec<(String, Vec<u8>)> {
 fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
     let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
     for (name, data) in entries {
-        z.start_file(name.as_str(), zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+        z.start_file(
+            name.as_str(),
+            zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored),
+        )
+        .unwrap();
         z.write_all(data).unwrap();
     }
     z.finish().unwrap();
@@ -258,7 +298,12 @@ fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
 type Edit = dyn FnOnce(&mut Value, &mut Vec<(String, Vec<u8>)>);
 
 /// A copy of the delta package at `from`, with its manifest and entries passed through `edit`.
-fn tampered(env: &Env, from: &Path, name: &str, edit: impl FnOnce(&mut Value, &mut Vec<(String, Vec<u8>)>)) -> PathBuf {
+fn tampered(
+    env: &Env,
+    from: &Path,
+    name: &str,
+    edit: impl FnOnce(&mut Value, &mut Vec<(String, Vec<u8>)>),
+) -> PathBuf {
     let mut entries = read_zip(from);
     let i = entries.iter().position(|(n, _)| n == "manifest.json").unwrap();
     let mut m: Value = serde_json::from_slice(&entries[i].1).unwrap();
@@ -286,7 +331,12 @@ fn device_at_v1() -> (Env, PathBuf) {
 fn refused(env: &Env, pkg: &Path, code: &str, why: &str) {
     let (before, txs) = (tree(&env.root), history_len(env));
     let r = env.run(&["install", pkg.to_str().unwrap()]);
-    assert_eq!((r.code, r.error_code().as_deref()), (Some(3), Some(code)), "{why}:\n{}", r.describe());
+    assert_eq!(
+        (r.code, r.error_code().as_deref()),
+        (Some(3), Some(code)),
+        "{why}:\n{}",
+        r.describe()
+    );
     assert_eq!(tree(&env.root), before, "{why}: the tree changed");
     assert!(leftovers(&env.root).is_empty(), "{why}: leftovers");
     // A refusal at staging ran a transaction (rolled back); one at validation ran none.
@@ -316,7 +366,11 @@ fn hostile_delta_packages_are_refused_before_anything_is_touched() {
     let patch_of = |m: &Value, key: &str| m["delta"]["files"][key]["patches"][0].clone();
     let pdst = env.dst("p");
     let cases: Vec<(&str, &str, Box<Edit>)> = vec![
-        ("a patch entry missing from the archive", "INVALID_PACKAGE", Box::new(|_, e| e.retain(|(n, _)| !n.starts_with(".tope-delta/")))),
+        (
+            "a patch entry missing from the archive",
+            "INVALID_PACKAGE",
+            Box::new(|_, e| e.retain(|(n, _)| !n.starts_with(".tope-delta/"))),
+        ),
         (
             "a module that does not pin its files",
             "INVALID_MANIFEST",
@@ -337,11 +391,22 @@ fn hostile_delta_packages_are_refused_before_anything_is_touched() {
             Box::new(move |m, e| {
                 let entry = patch_of(m, "fw.bin")["entry"].as_str().unwrap().to_string();
                 let pinned = blake3_hex(&e.iter().find(|(n, _)| *n == entry).unwrap().1);
-                m["delta"]["modules"].as_array_mut().unwrap().push(json!({"name": "p", "src": entry, "dst": pdst, "blake3": pinned}));
+                m["delta"]["modules"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"name": "p", "src": entry, "dst": pdst, "blake3": pinned}));
             }),
         ),
-        ("an unknown delta format", "INVALID_MANIFEST", Box::new(|m, _| m["delta"]["format"] = json!(2))),
-        ("modules outside delta as well", "INVALID_MANIFEST", Box::new(|m, _| m["modules"] = m["delta"]["modules"].clone())),
+        (
+            "an unknown delta format",
+            "INVALID_MANIFEST",
+            Box::new(|m, _| m["delta"]["format"] = json!(2)),
+        ),
+        (
+            "modules outside delta as well",
+            "INVALID_MANIFEST",
+            Box::new(|m, _| m["modules"] = m["delta"]["modules"].clone()),
+        ),
         (
             "a declared size other than the patch makes",
             "INVALID_PACKAGE",
@@ -371,7 +436,8 @@ fn a_patch_naming_a_base_that_is_not_its_own_is_refused() {
     // (which the device holds, so planning finds it); the patch itself says otherwise.
     let conf = blake3_hex(&env.read("app/etc/app.conf").unwrap());
     let bad = tampered(&env, &delta, "wrong-base.zip", |m, entries| {
-        let entry = m["delta"]["files"]["fw.bin"]["patches"][0]["entry"].as_str().unwrap().to_string();
+        let entry =
+            m["delta"]["files"]["fw.bin"]["patches"][0]["entry"].as_str().unwrap().to_string();
         // Make fw.bin's live content the claimed base: the config's bytes.
         m["delta"]["files"]["fw.bin"]["patches"][0]["base"] = json!(conf);
         assert!(entries.iter().any(|(n, _)| *n == entry));
@@ -386,7 +452,10 @@ fn a_patch_naming_a_base_that_is_not_its_own_is_refused() {
 #[test]
 fn engines_that_do_not_know_deltas_refuse_the_package_whole() {
     let (env, delta) = device_at_v1();
-    let m: Value = serde_json::from_slice(&read_zip(&delta).into_iter().find(|(n, _)| n == "manifest.json").unwrap().1).unwrap();
+    let m: Value = serde_json::from_slice(
+        &read_zip(&delta).into_iter().find(|(n, _)| n == "manifest.json").unwrap().1,
+    )
+    .unwrap();
     // The top-level modules list is empty: the legacy service's schema (modules: at least
     // one) and every engine before deltas refuse it before touching anything.
     assert_eq!(m["modules"], json!([]));
@@ -406,7 +475,11 @@ fn a_package_without_hashes_whose_content_is_already_there_leaves_nothing_staged
     let env = Env::new();
     env.put("app/conf", b"same\n", 0o644);
     let pkg = env.pkg_path("legacy.zip");
-    write_package(&pkg, &manifest("1.0.0", &[("conf", "conf", &env.dst("app/conf"))]), &[("conf", b"same\n")]);
+    write_package(
+        &pkg,
+        &manifest("1.0.0", &[("conf", "conf", &env.dst("app/conf"))]),
+        &[("conf", b"same\n")],
+    );
     let before = tree(&env.root);
     env.ok(&["install", pkg.to_str().unwrap()]);
     assert_eq!(tree(&env.root), before);
@@ -428,7 +501,12 @@ fn a_kept_file_edited_in_place_neither_damages_a_backup_nor_blocks_a_rollback() 
     let same = env.path("app/lib/libsame.so");
     for blob in std::fs::read_dir(env.state.join("backups")).unwrap() {
         let blob = blob.unwrap().path();
-        assert_ne!(std::fs::metadata(&blob).unwrap().ino(), std::fs::metadata(&same).unwrap().ino(), "{} is the live file", blob.display());
+        assert_ne!(
+            std::fs::metadata(&blob).unwrap().ino(),
+            std::fs::metadata(&same).unwrap().ino(),
+            "{} is the live file",
+            blob.display()
+        );
     }
     let mut f = std::fs::OpenOptions::new().append(true).open(&same).unwrap();
     f.write_all(b"edited in place").unwrap();

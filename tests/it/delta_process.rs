@@ -14,7 +14,9 @@
 //!
 //! Run with `cargo test --features failpoints --test it delta_process -- --nocapture`.
 
-use crate::daemon::{Daemon, Pkg, Rig, Snap, download, install, md5_hex, snap, started, update_body};
+use crate::daemon::{
+    Daemon, Pkg, Rig, Snap, download, install, md5_hex, snap, started, update_body,
+};
 use crate::support::*;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,7 +29,8 @@ const V1: &str = "1.0.0";
 const V2: &str = "1.0.1";
 
 /// A file no package names: every test checks it is left exactly as it was.
-const FACTORY: (&str, &[u8], u32) = ("etc/machine-id", b"0123456789abcdef0123456789abcdef\n", 0o444);
+const FACTORY: (&str, &[u8], u32) =
+    ("etc/machine-id", b"0123456789abcdef0123456789abcdef\n", 0o444);
 
 // ---------------------------------------------------------------- the two versions
 
@@ -115,7 +118,10 @@ fn versions() -> Versions {
             // Another mode in the sources: the device keeps its own (SPEC §3), so this file
             // is unchanged on the device and must be neither shipped nor rewritten.
             (f("app/share/same.dat", "opt/app/share/same.dat", same, 0o600), Ship::OnDevice),
-            (f("app/etc/app.conf", "opt/app/etc/app.conf", b"level = 2\n".to_vec(), 0o600), Ship::Whole),
+            (
+                f("app/etc/app.conf", "opt/app/etc/app.conf", b"level = 2\n".to_vec(), 0o600),
+                Ship::Whole,
+            ),
             (f("app/plugins/new.so", "opt/app/plugins/new.so", plugin, 0o750), Ship::Whole),
             (f("lib/libfoo.so", "opt/lib/libfoo.so", lib2, 0o700), Ship::Patch),
             (f("etc/hostname", "etc/hostname", host, 0o644), Ship::OnDevice),
@@ -131,7 +137,12 @@ impl Versions {
 
 /// Writes a source directory (files with their modes, and the manifest template) for
 /// destinations under `root`.
-fn write_sources<'a>(dir: &Path, version: &str, files: impl Iterator<Item = &'a SrcFile>, root: &Path) {
+fn write_sources<'a>(
+    dir: &Path,
+    version: &str,
+    files: impl Iterator<Item = &'a SrcFile>,
+    root: &Path,
+) {
     use std::os::unix::fs::PermissionsExt;
     for f in files {
         let p = dir.join(f.src);
@@ -139,7 +150,11 @@ fn write_sources<'a>(dir: &Path, version: &str, files: impl Iterator<Item = &'a 
         std::fs::write(&p, &f.content).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode)).unwrap();
     }
-    std::fs::write(dir.join("manifest.json"), json!({"version": version, "modules": modules(root)}).to_string()).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        json!({"version": version, "modules": modules(root)}).to_string(),
+    )
+    .unwrap();
 }
 
 /// `tope-updater --json pack DIR -o OUT [--delta-from BASE]`; its scratch files stay in `work`.
@@ -149,7 +164,10 @@ fn pack(work: &Path, dir: &Path, out: &Path, delta_from: Option<&Path>) -> Value
     if let Some(base) = delta_from {
         c.arg("--delta-from").arg(base);
     }
-    c.env("TMPDIR", work).env_remove("FAILPOINTS").env_remove("TOPE_UPDATER_CONFIG").env("NO_COLOR", "1");
+    c.env("TMPDIR", work)
+        .env_remove("FAILPOINTS")
+        .env_remove("TOPE_UPDATER_CONFIG")
+        .env("NO_COLOR", "1");
     let r = Run::from(c.output().unwrap());
     assert_eq!(r.code, Some(0), "pack {}:\n{}", dir.display(), r.describe());
     r.json()
@@ -220,16 +238,36 @@ fn check_delta_shape(p: &Packages, vs: &Versions, report: &Value) {
     let mut patch_entries = BTreeSet::new();
     for (f, ship) in &vs.v2 {
         let d = files.get(f.src);
-        let patches = d.map(|d| d["patches"].as_array().unwrap_or_else(|| panic!("{}: no patches list: {m:#}", f.src)));
+        let patches = d.map(|d| {
+            d["patches"].as_array().unwrap_or_else(|| panic!("{}: no patches list: {m:#}", f.src))
+        });
         match ship {
             Ship::Whole => {
-                assert!(d.is_none(), "{} must be shipped whole, not built on the device: {m:#}", f.src);
-                assert!(names.contains(f.src), "{} is not an entry of the delta package: {names:?}", f.src);
-                assert_eq!(zip_entry(&mut zip, f.src), f.content, "{}: the entry is not the file", f.src);
+                assert!(
+                    d.is_none(),
+                    "{} must be shipped whole, not built on the device: {m:#}",
+                    f.src
+                );
+                assert!(
+                    names.contains(f.src),
+                    "{} is not an entry of the delta package: {names:?}",
+                    f.src
+                );
+                assert_eq!(
+                    zip_entry(&mut zip, f.src),
+                    f.content,
+                    "{}: the entry is not the file",
+                    f.src
+                );
             }
             Ship::OnDevice | Ship::Patch => {
-                let d = d.unwrap_or_else(|| panic!("{} should be built on the device: {m:#}", f.src));
-                assert!(!names.contains(f.src), "{} is shipped whole although the device has its base", f.src);
+                let d =
+                    d.unwrap_or_else(|| panic!("{} should be built on the device: {m:#}", f.src));
+                assert!(
+                    !names.contains(f.src),
+                    "{} is shipped whole although the device has its base",
+                    f.src
+                );
                 assert_eq!(d["size"], f.content.len(), "{}: {d}", f.src);
                 let patches = patches.unwrap();
                 if *ship == Ship::OnDevice {
@@ -237,10 +275,19 @@ fn check_delta_shape(p: &Packages, vs: &Versions, report: &Value) {
                 } else {
                     assert_eq!(patches.len(), 1, "{}: one patch (one base): {d}", f.src);
                     let base = vs.v1.iter().find(|o| o.target == f.target).unwrap();
-                    assert_eq!(patches[0]["base"], blake3_hex(&base.content), "{}: the patch's base is its v1 content", f.src);
+                    assert_eq!(
+                        patches[0]["base"],
+                        blake3_hex(&base.content),
+                        "{}: the patch's base is its v1 content",
+                        f.src
+                    );
                     let entry = patches[0]["entry"].as_str().unwrap().to_string();
                     let bytes = zip_entry(&mut zip, &entry);
-                    assert!(!f.content.starts_with(&bytes[..bytes.len().min(64)]), "{}: patch entry {entry} holds the file itself", f.src);
+                    assert!(
+                        !f.content.starts_with(&bytes[..bytes.len().min(64)]),
+                        "{}: patch entry {entry} holds the file itself",
+                        f.src
+                    );
                     assert!(
                         bytes.len() * 4 < f.content.len(),
                         "{}: a patch of {} bytes for {} bytes of small changes",
@@ -254,7 +301,10 @@ fn check_delta_shape(p: &Packages, vs: &Versions, report: &Value) {
         }
     }
     let big = vs.v2.iter().map(|(f, _)| f).find(|f| f.src == "app/bin/big.bin").unwrap();
-    assert!(big.content.len() as u64 > tope_updater::limits::DELTA_WINDOW_BYTES, "the big file must span several patch windows");
+    assert!(
+        big.content.len() as u64 > tope_updater::limits::DELTA_WINDOW_BYTES,
+        "the big file must span several patch windows"
+    );
     let expected: BTreeSet<String> = ["manifest.json".to_string()]
         .into_iter()
         .chain(vs.v2.iter().filter(|(_, s)| *s == Ship::Whole).map(|(f, _)| f.src.to_string()))
@@ -279,9 +329,18 @@ fn check_delta_shape(p: &Packages, vs: &Versions, report: &Value) {
 // ---------------------------------------------------------------- the oracle
 
 /// The tree after installing `files` over `before`, by the package rules alone.
-fn oracle<'a>(before: &BTreeMap<String, String>, files: impl Iterator<Item = &'a SrcFile>) -> BTreeMap<String, String> {
-    let files: Vec<NewFile> =
-        files.map(|f| NewFile { rel: f.target.to_string(), content: &f.content, manifest_mode: None, zip_mode: Some(f.mode) }).collect();
+fn oracle<'a>(
+    before: &BTreeMap<String, String>,
+    files: impl Iterator<Item = &'a SrcFile>,
+) -> BTreeMap<String, String> {
+    let files: Vec<NewFile> = files
+        .map(|f| NewFile {
+            rel: f.target.to_string(),
+            content: &f.content,
+            manifest_mode: None,
+            zip_mode: Some(f.mode),
+        })
+        .collect();
     after_install(before, &files)
 }
 
@@ -313,9 +372,15 @@ fn factory(root: &Path) {
 }
 
 /// What differs between the live tree and the two expected ones, path by path.
-fn explain(live: &BTreeMap<String, String>, old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> String {
+fn explain(
+    live: &BTreeMap<String, String>,
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+) -> String {
     let keys: BTreeSet<&String> = live.keys().chain(old.keys()).chain(new.keys()).collect();
-    let show = |m: &BTreeMap<String, String>, k: &str| m.get(k).map_or("absent".to_string(), |v| v.chars().take(22).collect());
+    let show = |m: &BTreeMap<String, String>, k: &str| {
+        m.get(k).map_or("absent".to_string(), |v| v.chars().take(22).collect())
+    };
     let mut out = Vec::new();
     for k in keys {
         let (l, o, n) = (live.get(k), old.get(k), new.get(k));
@@ -325,7 +390,12 @@ fn explain(live: &BTreeMap<String, String>, old: &BTreeMap<String, String>, new:
                 (_, true) => "new",
                 _ => "NEITHER",
             };
-            out.push(format!("  {k}: {verdict} (live {}, old {}, new {})", show(live, k), show(old, k), show(new, k)));
+            out.push(format!(
+                "  {k}: {verdict} (live {}, old {}, new {})",
+                show(live, k),
+                show(old, k),
+                show(new, k)
+            ));
         }
     }
     out.join("\n")
@@ -351,7 +421,13 @@ mod crash_points {
 
     /// The crash points only a rollback or `recover` passes; every other point of
     /// `CRASH_POINTS` is on a delta install's way and must kill it.
-    const NOT_ON_AN_INSTALL: &[&str] = &["enter.RollingBack", "rollback.file", "rollback.synced", "enter.RolledBack", "recover.attempt"];
+    const NOT_ON_AN_INSTALL: &[&str] = &[
+        "enter.RollingBack",
+        "rollback.file",
+        "rollback.synced",
+        "enter.RolledBack",
+        "recover.attempt",
+    ];
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
     enum Side {
@@ -478,12 +554,23 @@ mod crash_points {
             } else if live == self.trees.new {
                 Side::New
             } else {
-                panic!("{ctx}: the tree is neither all old nor all new:\n{}", explain(&live, old, &self.trees.new));
+                panic!(
+                    "{ctx}: the tree is neither all old nor all new:\n{}",
+                    explain(&live, old, &self.trees.new)
+                );
             };
             let st = status_of(dev, ctx);
-            assert!(st["in_flight"].is_null(), "{ctx}: all {side:?}, but a transaction is in flight: {}", st["in_flight"]);
+            assert!(
+                st["in_flight"].is_null(),
+                "{ctx}: all {side:?}, but a transaction is in flight: {}",
+                st["in_flight"]
+            );
             let want = if side == Side::Old { V1 } else { V2 };
-            assert_eq!(st["current"]["version"], want, "{ctx}: all {side:?}, but status shows {}", st["current"]);
+            assert_eq!(
+                st["current"]["version"], want,
+                "{ctx}: all {side:?}, but status shows {}",
+                st["current"]
+            );
             side
         }
 
@@ -521,7 +608,11 @@ mod crash_points {
             expect_killed(&run_armed(&dev, &["recover"], arm), arm, &ctx);
         }
         let rec = dev.run(&["recover", "--json"]);
-        assert!(matches!(rec.code, Some(0) | Some(4)), "{ctx}: recover should exit 0 or 4:\n{}", rec.describe());
+        assert!(
+            matches!(rec.code, Some(0) | Some(4)),
+            "{ctx}: recover should exit 0 or 4:\n{}",
+            rec.describe()
+        );
         let result = rec.json()["result"].as_str().unwrap_or_default().to_string();
         let side = lab.judge(&dev, c.start, &format!("{ctx}, after recover"));
         let expected = match c.recover {
@@ -529,15 +620,30 @@ mod crash_points {
             Some(a) if matches!(a.point, "enter.Committed" | "commit.cleaned") => Side::New,
             _ => c.policy.expected(c.install.point),
         };
-        assert_eq!(side, expected, "{ctx}: recover left the device all {side:?}, expected {expected:?}:\n{}", rec.describe());
+        assert_eq!(
+            side,
+            expected,
+            "{ctx}: recover left the device all {side:?}, expected {expected:?}:\n{}",
+            rec.describe()
+        );
         match (rec.code, side) {
-            (Some(4), Side::New) => panic!("{ctx}: recover reported a rollback (exit 4) but the device is all new"),
-            (Some(0), Side::Old) => assert_eq!(result, "nothing", "{ctx}: exit 0 and all old, yet recover did something"),
+            (Some(4), Side::New) => {
+                panic!("{ctx}: recover reported a rollback (exit 4) but the device is all new")
+            }
+            (Some(0), Side::Old) => assert_eq!(
+                result, "nothing",
+                "{ctx}: exit 0 and all old, yet recover did something"
+            ),
             _ => {}
         }
         let again = dev.run(&["recover", "--json"]);
         assert_eq!(again.code, Some(0), "{ctx}: a second recover:\n{}", again.describe());
-        assert_eq!(again.json()["result"], "nothing", "{ctx}: a second recover did something:\n{}", again.describe());
+        assert_eq!(
+            again.json()["result"],
+            "nothing",
+            "{ctx}: a second recover did something:\n{}",
+            again.describe()
+        );
         assert_eq!(lab.judge(&dev, c.start, &format!("{ctx}, after a second recover")), side);
         lab.verify(&dev, side, &format!("{ctx}, after recover"));
 
@@ -552,16 +658,31 @@ mod crash_points {
                     r.describe()
                 );
                 assert!(r.stderr.contains("--force"), "{ctx}:\n{}", r.describe());
-                assert_eq!(lab.judge(&dev, c.start, &format!("{ctx}, after a refused reinstall")), Side::Old);
+                assert_eq!(
+                    lab.judge(&dev, c.start, &format!("{ctx}, after a refused reinstall")),
+                    Side::Old
+                );
             }
             let r = dev.run(&["install", delta, "--force", "--json"]);
-            assert_eq!(r.code, Some(0), "{ctx}: installing the delta again on the old device:\n{}", r.describe());
-            assert_eq!(lab.judge(&dev, c.start, &format!("{ctx}, after installing the delta again")), Side::New);
+            assert_eq!(
+                r.code,
+                Some(0),
+                "{ctx}: installing the delta again on the old device:\n{}",
+                r.describe()
+            );
+            assert_eq!(
+                lab.judge(&dev, c.start, &format!("{ctx}, after installing the delta again")),
+                Side::New
+            );
             lab.verify(&dev, Side::New, &format!("{ctx}, after installing the delta again"));
         }
         let r = dev.run(&["rollback", "--json"]);
         assert_eq!(r.code, Some(0), "{ctx}: rollback:\n{}", r.describe());
-        assert_eq!(lab.judge(&dev, c.start, &format!("{ctx}, after the rollback")), Side::Old, "{ctx}: rollback");
+        assert_eq!(
+            lab.judge(&dev, c.start, &format!("{ctx}, after the rollback")),
+            Side::Old,
+            "{ctx}: rollback"
+        );
         lab.verify(&dev, Side::Old, &format!("{ctx}, after the rollback"));
         side
     }
@@ -596,17 +717,34 @@ mod crash_points {
         let factory_tree = tree(&root);
         let trees = Trees::of(&root, &vs);
         let hotfix_tree = oracle(&trees.old, vs.hotfix.iter());
-        assert_eq!(oracle(&hotfix_tree, vs.v2_files()), trees.new, "fixture: v2 over the hotfix is v2 over v1");
+        assert_eq!(
+            oracle(&hotfix_tree, vs.v2_files()),
+            trees.new,
+            "fixture: v2 over the hotfix is v2 over v1"
+        );
         let pkgs = Packages::build(work.path(), &root, &vs);
-        let lab = Lab { work, root, pkgs, factory_tree, trees, hotfix_tree, devices: std::cell::Cell::new(0) };
+        let lab = Lab {
+            work,
+            root,
+            pkgs,
+            factory_tree,
+            trees,
+            hotfix_tree,
+            devices: std::cell::Cell::new(0),
+        };
 
         // The baselines, with no crash. Over the hotfix, the live big file and library are
         // not the patches' bases: the install can only succeed from the backup store.
         for start in [Start::V1, Start::Hotfix] {
             let ctx = format!("baseline from {start:?}");
             let dev = lab.prepared(start, "", &ctx);
-            let live_big = blake3_hex(&std::fs::read(lab.root.join("opt/app/bin/big.bin")).unwrap());
-            assert_eq!(live_big == blake3_hex(&vs.v1[0].content), start == Start::V1, "{ctx}: fixture");
+            let live_big =
+                blake3_hex(&std::fs::read(lab.root.join("opt/app/bin/big.bin")).unwrap());
+            assert_eq!(
+                live_big == blake3_hex(&vs.v1[0].content),
+                start == Start::V1,
+                "{ctx}: fixture"
+            );
             dev.ok(&["install", path(&lab.pkgs.delta)]);
             assert_eq!(lab.judge(&dev, start, &ctx), Side::New);
             lab.verify(&dev, Side::New, &ctx);
@@ -616,7 +754,8 @@ mod crash_points {
         // changes is staged and swapped (and only those: SPEC §3), each distinct old content
         // that changes is backed up once, every target is verified.
         let (old, new) = (&lab.trees.old, &lab.trees.new);
-        let targets: BTreeSet<&str> = vs.v1.iter().map(|f| f.target).chain(vs.v2_files().map(|f| f.target)).collect();
+        let targets: BTreeSet<&str> =
+            vs.v1.iter().map(|f| f.target).chain(vs.v2_files().map(|f| f.target)).collect();
         let changed = targets.iter().filter(|t| old.get(**t) != new.get(**t)).count() as u32;
         // Only targets that change are backed up (a kept file is never linked into the store).
         let old_contents: BTreeSet<&str> = targets
@@ -631,11 +770,16 @@ mod crash_points {
             ("swap.file", changed),
             ("verify.file", targets.len() as u32),
         ];
-        assert!(changed >= 4 && (changed as usize) < targets.len(), "fixture: {changed} of {} targets change", targets.len());
+        assert!(
+            changed >= 4 && (changed as usize) < targets.len(),
+            "fixture: {changed} of {} targets change",
+            targets.len()
+        );
 
         // 1. Every crash point of the install (loop points at their first, third and last
         //    pass), under both recovery policies.
-        let points: Vec<&'static str> = CRASH_POINTS.iter().copied().filter(|p| !NOT_ON_AN_INSTALL.contains(p)).collect();
+        let points: Vec<&'static str> =
+            CRASH_POINTS.iter().copied().filter(|p| !NOT_ON_AN_INSTALL.contains(p)).collect();
         let mut cases = Vec::new();
         for policy in [Policy::Resume, Policy::Rollback] {
             for &point in &points {
@@ -645,7 +789,12 @@ mod crash_points {
                     hits.sort();
                     hits.dedup();
                 }
-                cases.extend(hits.into_iter().map(|hit| Case { start: Start::V1, policy, install: Arm::new(point, hit), recover: None }));
+                cases.extend(hits.into_iter().map(|hit| Case {
+                    start: Start::V1,
+                    policy,
+                    install: Arm::new(point, hit),
+                    recover: None,
+                }));
             }
         }
         // 2. The bases only in the backup store: killed while patching from them, mid-swap,
@@ -660,7 +809,12 @@ mod crash_points {
                 ("swap.file", 2),
                 ("verify.file", 1),
             ] {
-                cases.push(Case { start: Start::Hotfix, policy, install: Arm::new(point, hit), recover: None });
+                cases.push(Case {
+                    start: Start::Hotfix,
+                    policy,
+                    install: Arm::new(point, hit),
+                    recover: None,
+                });
             }
         }
         // 3. Killed right after `Planned`, so that `recover` applies every patch itself; then
@@ -704,7 +858,9 @@ mod crash_points {
             let arm = Arm::new(point, n + 1);
             match catch_unwind(AssertUnwindSafe(|| one_past_the_last_pass(&lab, arm))) {
                 Ok(()) => println!("  ok   {arm} (one past the last pass) did not fire"),
-                Err(e) => failures.push(format!("{arm} (one past the last pass): {}", panic_text(&*e))),
+                Err(e) => {
+                    failures.push(format!("{arm} (one past the last pass): {}", panic_text(&*e)))
+                }
             }
         }
 
@@ -714,10 +870,18 @@ mod crash_points {
             lab.devices.get(),
             started.elapsed().as_secs_f64()
         );
-        assert!(failures.is_empty(), "{} case(s) failed:\n\n{}", failures.len(), failures.join("\n\n"));
+        assert!(
+            failures.is_empty(),
+            "{} case(s) failed:\n\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
         let missed: Vec<&&str> = points.iter().filter(|p| !killed.contains(**p)).collect();
         assert!(missed.is_empty(), "crash points that never killed a delta install: {missed:?}");
-        assert!(sides.contains_key(&Side::Old) && sides.contains_key(&Side::New), "the cases must end both ways: {sides:?}");
+        assert!(
+            sides.contains_key(&Side::Old) && sides.contains_key(&Side::New),
+            "the cases must end both ways: {sides:?}"
+        );
     }
 
     fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
@@ -814,7 +978,11 @@ fn a_delta_package_downloaded_through_the_legacy_api_installs_like_the_full_one(
     };
     twin.ok(&["install", twin_pkgs.0.to_str().unwrap()]);
     twin.ok(&["install", twin_pkgs.1.to_str().unwrap()]);
-    assert_eq!(tree(&twin.root), lab.trees.new, "the full v2 installed by the CLI is the expected tree");
+    assert_eq!(
+        tree(&twin.root),
+        lab.trees.new,
+        "the full v2 installed by the CLI is the expected tree"
+    );
 
     let d = rig.start();
     download(rig, &d, &lab.v1);
@@ -825,23 +993,47 @@ fn a_delta_package_downloaded_through_the_legacy_api_installs_like_the_full_one(
 
     // The delta, the way device-api asks for any package: its md5 and size.
     let body: Value = serde_json::from_str(&rig.request(&lab.delta)).unwrap();
-    assert_eq!((&body["package_size"], &body["package_md5"]), (&json!(lab.delta.bytes.len()), &json!(lab.delta.md5)));
+    assert_eq!(
+        (&body["package_size"], &body["package_md5"]),
+        (&json!(lab.delta.bytes.len()), &json!(lab.delta.md5))
+    );
     download(rig, &d, &lab.delta);
-    assert_eq!(std::fs::read(rig.downloaded(&lab.delta)).unwrap(), lab.delta.bytes, "the downloaded file is the delta package");
-    let served_delta: Vec<_> = rig.server.hits().into_iter().filter(|h| h.line.contains(&lab.delta.name)).collect();
+    assert_eq!(
+        std::fs::read(rig.downloaded(&lab.delta)).unwrap(),
+        lab.delta.bytes,
+        "the downloaded file is the delta package"
+    );
+    let served_delta: Vec<_> =
+        rig.server.hits().into_iter().filter(|h| h.line.contains(&lab.delta.name)).collect();
     assert_eq!(served_delta.len(), 1, "one GET of the delta: {served_delta:?}");
     let seen = install(&d, V2);
     assert!(seen.iter().all(|s| s.error.is_none()), "{seen:#?}");
 
     // The tree: exactly the full package's, by hash and mode (and the same as the twin's).
     let live = tree(lab.root());
-    assert_eq!(live, lab.trees.new, "the delta through the daemon:\n{}", explain(&live, &lab.trees.old, &lab.trees.new));
+    assert_eq!(
+        live,
+        lab.trees.new,
+        "the delta through the daemon:\n{}",
+        explain(&live, &lab.trees.old, &lab.trees.new)
+    );
     assert_eq!(live, tree(&twin.root), "the delta install differs from the full install");
     assert!(leftovers(lab.root()).is_empty());
     // Files the device already held were not rewritten (SPEC §3), the factory file neither.
     let now = inodes(lab.root(), false);
-    for rel in lab.vs.v2.iter().filter(|(_, s)| *s == Ship::OnDevice).map(|(f, _)| f.target).chain([FACTORY.0]) {
-        assert_eq!(now.get(rel), old_inodes.get(rel), "{rel} was rewritten although its content did not change");
+    for rel in lab
+        .vs
+        .v2
+        .iter()
+        .filter(|(_, s)| *s == Ship::OnDevice)
+        .map(|(f, _)| f.target)
+        .chain([FACTORY.0])
+    {
+        assert_eq!(
+            now.get(rel),
+            old_inodes.get(rel),
+            "{rel} was rewritten although its content did not change"
+        );
     }
     assert!(!rig.downloaded(&lab.delta).exists(), "the package is cleaned up after the commit");
 
@@ -855,11 +1047,22 @@ fn a_delta_package_downloaded_through_the_legacy_api_installs_like_the_full_one(
         (&json!(tx), &json!(V2), &json!(V1), &json!("Committed")),
         "{last}"
     );
-    assert_eq!(last["kind"]["Install"]["package"]["size"], lab.delta.bytes.len(), "the transaction installed the delta: {last}");
-    let got = rig.receiver.wait_for("the final report of the delta install", |r| r.iter().any(|r| r["final"] == true && r["tx_id"] == tx));
-    let finals: Vec<&Value> = got.iter().filter(|r| r["final"] == true && r["tx_id"] == tx).collect();
+    assert_eq!(
+        last["kind"]["Install"]["package"]["size"],
+        lab.delta.bytes.len(),
+        "the transaction installed the delta: {last}"
+    );
+    let got = rig.receiver.wait_for("the final report of the delta install", |r| {
+        r.iter().any(|r| r["final"] == true && r["tx_id"] == tx)
+    });
+    let finals: Vec<&Value> =
+        got.iter().filter(|r| r["final"] == true && r["tx_id"] == tx).collect();
     assert_eq!(finals.len(), 1, "{got:#?}");
-    assert_eq!((&finals[0]["stage"], &finals[0]["error"]), (&json!("success"), &Value::Null), "{got:#?}");
+    assert_eq!(
+        (&finals[0]["stage"], &finals[0]["error"]),
+        (&json!("success"), &Value::Null),
+        "{got:#?}"
+    );
     drop(d);
 
     // And the CLI sees the same, once the daemon is gone.
@@ -868,7 +1071,12 @@ fn a_delta_package_downloaded_through_the_legacy_api_installs_like_the_full_one(
     assert_eq!(h.json()[0]["to_version"], V2, "{}", h.describe());
     let v = rig.env.run(&["verify", "--json"]);
     assert_eq!(v.code, Some(0), "{}", v.describe());
-    assert_eq!((&v.json()["version"], &v.json()["mismatches"]), (&json!(V2), &json!([])), "{}", v.describe());
+    assert_eq!(
+        (&v.json()["version"], &v.json()["mismatches"]),
+        (&json!(V2), &json!([])),
+        "{}",
+        v.describe()
+    );
     println!(
         "delta {} bytes against full {} bytes; test took {} ms",
         lab.delta.bytes.len(),
@@ -899,7 +1107,12 @@ fn a_delta_package_whose_base_is_missing_is_refused_by_the_daemon_and_nothing_ch
 
     // The CLI refuses it too, with its stable code and exit 3.
     let r = rig.env.run(&["install", lab.paths.delta.to_str().unwrap()]);
-    assert_eq!((r.code, r.error_code().as_deref()), (Some(3), Some("DELTA_BASE_MISSING")), "{}", r.describe());
+    assert_eq!(
+        (r.code, r.error_code().as_deref()),
+        (Some(3), Some("DELTA_BASE_MISSING")),
+        "{}",
+        r.describe()
+    );
     assert_eq!(tree(lab.root()), before);
 
     let d = rig.start();
@@ -911,8 +1124,14 @@ fn a_delta_package_whose_base_is_missing_is_refused_by_the_daemon_and_nothing_ch
     let f = seen.last().unwrap();
     assert_eq!(f.code, 500, "{f:?}");
     assert!(f.message.contains("DELTA_BASE_MISSING"), "the failure must name the code: {f:?}");
-    assert!(f.message.contains(&lab.root().join(drifted).display().to_string()), "the failure must name the file: {f:?}");
-    assert!(f.message.contains(&format!("full package of version {V2}")), "the failure must say which full package would do: {f:?}");
+    assert!(
+        f.message.contains(&lab.root().join(drifted).display().to_string()),
+        "the failure must name the file: {f:?}"
+    );
+    assert!(
+        f.message.contains(&format!("full package of version {V2}")),
+        "the failure must say which full package would do: {f:?}"
+    );
 
     // Nothing changed: every byte, mode, inode and timestamp; no temporary file; no
     // transaction; still v1.
@@ -922,9 +1141,14 @@ fn a_delta_package_whose_base_is_missing_is_refused_by_the_daemon_and_nothing_ch
     assert_eq!(st["current"]["version"], V1, "{st}");
     assert!(st["in_flight"].is_null(), "{st}");
     // Refused while planning: no transaction was begun (the last one is still v1's).
-    assert_eq!((&st["last"]["to_version"], &st["last"]["phase"]), (&json!(V1), &json!("Committed")), "{st}");
+    assert_eq!(
+        (&st["last"]["to_version"], &st["last"]["phase"]),
+        (&json!(V1), &json!("Committed")),
+        "{st}"
+    );
     println!("the refusal, as /progress shows it: {}", f.message);
-    let got = rig.receiver.wait_for("the failed report", |r| r.iter().any(|r| r["stage"] == "failed"));
+    let got =
+        rig.receiver.wait_for("the failed report", |r| r.iter().any(|r| r["stage"] == "failed"));
     let failed: Vec<&Value> = got.iter().filter(|r| r["stage"] == "failed").collect();
     assert_eq!(failed.len(), 1, "{got:#?}");
     assert_eq!(failed[0]["error"], json!(f.message), "{got:#?}");
@@ -933,6 +1157,11 @@ fn a_delta_package_whose_base_is_missing_is_refused_by_the_daemon_and_nothing_ch
     download(rig, &d, &lab.full);
     install(&d, V2);
     let live = tree(lab.root());
-    assert_eq!(live, lab.trees.new, "the full v2 over the drifted device:\n{}", explain(&live, &lab.trees.old, &lab.trees.new));
+    assert_eq!(
+        live,
+        lab.trees.new,
+        "the full v2 over the drifted device:\n{}",
+        explain(&live, &lab.trees.old, &lab.trees.new)
+    );
     println!("test took {} ms", t0.elapsed().as_millis());
 }

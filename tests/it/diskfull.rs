@@ -54,7 +54,10 @@ const V2: &str = "2.0.0";
 // ---------------------------------------------------------------- root and loop devices
 
 fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd} (needed by the disk-full tests): {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (needed by the disk-full tests): {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed ({}):\n{}{}",
@@ -83,7 +86,11 @@ impl LoopFs {
         // the host's disk, and the tests stay fast. The filesystem under test is the same.
         let shm = Path::new("/dev/shm");
         let dir = match shm.is_dir() {
-            true => tempfile::Builder::new().prefix("tope-diskfull-").tempdir_in(shm).or_else(|_| tempfile::tempdir()).unwrap(),
+            true => tempfile::Builder::new()
+                .prefix("tope-diskfull-")
+                .tempdir_in(shm)
+                .or_else(|_| tempfile::tempdir())
+                .unwrap(),
             false => tempfile::tempdir().unwrap(),
         };
         let image = dir.path().join("fs.img");
@@ -137,7 +144,8 @@ fn syncfs(path: &Path) {
 /// extent tree needs blocks too) is retried in smaller pieces.
 fn fill_to(fs: &LoopFs, want: u64) -> u64 {
     let path = fs.filler();
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).unwrap();
+    let f =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).unwrap();
     syncfs(&fs.mnt);
     let mut cap = u64::MAX;
     for _ in 0..32 {
@@ -148,10 +156,18 @@ fn fill_to(fs: &LoopFs, want: u64) -> u64 {
         }
         if have > want {
             let more = (have - want).min(cap).max(BLOCK);
-            match nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), len as i64, more as i64) {
+            match nix::fcntl::fallocate(
+                &f,
+                nix::fcntl::FallocateFlags::empty(),
+                len as i64,
+                more as i64,
+            ) {
                 Ok(()) => {}
                 Err(nix::errno::Errno::ENOSPC) => cap = (more / 2).next_multiple_of(BLOCK),
-                Err(e) => panic!("fallocate {more} more bytes in {} ({have} available): {e}", path.display()),
+                Err(e) => panic!(
+                    "fallocate {more} more bytes in {} ({have} available): {e}",
+                    path.display()
+                ),
             }
         } else {
             f.set_len(len.saturating_sub(want - have)).unwrap();
@@ -219,14 +235,19 @@ impl Fixture {
 
     /// Bytes the install writes beside its targets.
     fn new_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.2.len() as u64).sum::<u64>() + self.www.iter().map(|f| f.1.len() as u64).sum::<u64>()
+        self.files.iter().map(|f| f.2.len() as u64).sum::<u64>()
+            + self.www.iter().map(|f| f.1.len() as u64).sum::<u64>()
     }
 
     /// Bytes of old content the install replaces: what the backup store copies when it is on
     /// another filesystem.
     fn old_bytes(&self) -> u64 {
-        let targets: BTreeSet<String> =
-            self.files.iter().map(|f| f.1.to_string()).chain(self.www.iter().map(|(rel, _)| format!("www/{rel}"))).collect();
+        let targets: BTreeSet<String> = self
+            .files
+            .iter()
+            .map(|f| f.1.to_string())
+            .chain(self.www.iter().map(|(rel, _)| format!("www/{rel}")))
+            .collect();
         self.v1.iter().filter(|(p, _, _)| targets.contains(p)).map(|(_, c, _)| c.len() as u64).sum()
     }
 
@@ -245,7 +266,8 @@ impl Fixture {
             mods.push(json!({"name": name, "src": src, "dst": env.dst(dst), "blake3": blake3_hex(content)}));
             entries.push((src, content));
         }
-        let hashes: BTreeMap<&str, String> = self.www.iter().map(|(rel, c)| (rel.as_str(), blake3_hex(c))).collect();
+        let hashes: BTreeMap<&str, String> =
+            self.www.iter().map(|(rel, c)| (rel.as_str(), blake3_hex(c))).collect();
         mods.push(json!({"name": "www", "src": "www/", "dst": env.dst("www"), "files": hashes}));
         entries.extend(self.www.iter().map(|(rel, c)| (format!("www/{rel}"), c.as_slice())));
         let manifest = json!({"version": V2, "modules": mods}).to_string();
@@ -357,8 +379,16 @@ fn no_temp_files(env: &Env, ctx: &str) {
 /// The journal holds no transaction, no plan, and no transaction id was used up.
 fn nothing_journaled(env: &Env, ctx: &str) {
     let dump: Value = serde_json::from_str(&env.ok(&["journal"])).unwrap();
-    assert!(dump["transactions"] == json!([]) && dump["plans"] == json!([]), "{ctx}: a transaction was journaled: {dump}");
-    let next = dump["counters"].as_array().unwrap().iter().find(|c| c[0] == "next_tx_id").map(|c| c[1].clone());
+    assert!(
+        dump["transactions"] == json!([]) && dump["plans"] == json!([]),
+        "{ctx}: a transaction was journaled: {dump}"
+    );
+    let next = dump["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c[0] == "next_tx_id")
+        .map(|c| c[1].clone());
     assert_eq!(next, Some(json!(1)), "{ctx}: a transaction id was used: {dump}");
     assert!(status(env, ctx)["in_flight"].is_null(), "{ctx}: something is in flight");
     assert!(!env.state.join("inflight.plan").exists(), "{ctx}: a plan copy was written");
@@ -366,17 +396,36 @@ fn nothing_journaled(env: &Env, ctx: &str) {
 
 /// A preflight refusal: exit 3, `DISK_FULL` with the free space named, nothing touched,
 /// nothing journaled, no temporary file anywhere. Returns the bytes the preflight said it needs.
-fn refused_by_preflight(env: &Env, r: &Run, free: u64, old: &BTreeMap<String, String>, ctx: &str) -> u64 {
+fn refused_by_preflight(
+    env: &Env,
+    r: &Run,
+    free: u64,
+    old: &BTreeMap<String, String>,
+    ctx: &str,
+) -> u64 {
     assert_eq!(r.code, Some(3), "{ctx}: refused, nothing touched: exit 3:\n{}", r.describe());
     assert_eq!(r.error_code().as_deref(), Some("DISK_FULL"), "{ctx}:\n{}", r.describe());
     let message = r.stderr.lines().find_map(|l| l.strip_prefix("error: DISK_FULL: ")).unwrap_or("");
-    assert!(message.ends_with(&format!(" {free} available")), "{ctx}: the message names the free space ({free}):\n{}", r.describe());
+    assert!(
+        message.ends_with(&format!(" {free} available")),
+        "{ctx}: the message names the free space ({free}):\n{}",
+        r.describe()
+    );
     let need = message
         .split_once(" needs ")
         .and_then(|(_, rest)| rest.split_whitespace().next())
         .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("{ctx}: the message names the bytes needed (\"... needs N bytes ...\"):\n{}", r.describe()));
-    assert!(need > free, "{ctx}: refused although {free} bytes were available for {need}:\n{}", r.describe());
+        .unwrap_or_else(|| {
+            panic!(
+                "{ctx}: the message names the bytes needed (\"... needs N bytes ...\"):\n{}",
+                r.describe()
+            )
+        });
+    assert!(
+        need > free,
+        "{ctx}: refused although {free} bytes were available for {need}:\n{}",
+        r.describe()
+    );
     assert_eq!(tree(&env.root), *old, "{ctx}: the tree was touched");
     no_temp_files(env, ctx);
     // The preflight runs before the plan is journaled: no transaction, no plan, no id used.
@@ -387,10 +436,16 @@ fn refused_by_preflight(env: &Env, r: &Run, free: u64, old: &BTreeMap<String, St
 // ---------------------------------------------------------------- tests: the preflight
 
 #[test]
-#[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
+#[cfg_attr(
+    tope_unprivileged,
+    ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+)]
 fn a_package_bigger_than_the_free_space_is_refused_by_the_preflight_before_anything_is_journaled() {
     const T: &str = "preflight";
-    crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
+    crate::support::require_root(
+        T,
+        "it loop-mounts small ext4 images (losetup, mount) to run out of space",
+    );
     let fx = Fixture::new();
     for layout in [Layout::Same, Layout::Cross] {
         let dev = Device::new(layout);
@@ -400,7 +455,8 @@ fn a_package_bigger_than_the_free_space_is_refused_by_the_preflight_before_anyth
         let old = tree(&env.root);
         // Less free space than the new content alone.
         let free = fill_to(&dev.a, fx.new_bytes() / 2 / BLOCK * BLOCK);
-        let ctx = format!("{:?} layout, {free} bytes free for {} new bytes", dev.layout, fx.new_bytes());
+        let ctx =
+            format!("{:?} layout, {free} bytes free for {} new bytes", dev.layout, fx.new_bytes());
         let r = env.run(&["install", pkg.to_str().unwrap()]);
         refused_by_preflight(env, &r, free, &old, &ctx);
 
@@ -409,10 +465,17 @@ fn a_package_bigger_than_the_free_space_is_refused_by_the_preflight_before_anyth
             remove_filler(&dev.a);
             let state_fs = dev.state_fs();
             let free = fill_to(state_fs, (fx.old_bytes() + HEADROOM / 2) / BLOCK * BLOCK);
-            let ctx = format!("Cross layout, {free} bytes free on the state dir's filesystem for {} old bytes", fx.old_bytes());
+            let ctx = format!(
+                "Cross layout, {free} bytes free on the state dir's filesystem for {} old bytes",
+                fx.old_bytes()
+            );
             let r = env.run(&["install", pkg.to_str().unwrap()]);
             refused_by_preflight(env, &r, free, &old, &ctx);
-            assert!(r.stderr.contains(env.state.to_str().unwrap()), "{ctx}: the message names the state dir:\n{}", r.describe());
+            assert!(
+                r.stderr.contains(env.state.to_str().unwrap()),
+                "{ctx}: the message names the state dir:\n{}",
+                r.describe()
+            );
         }
 
         // With the space back, the same package installs.
@@ -423,10 +486,16 @@ fn a_package_bigger_than_the_free_space_is_refused_by_the_preflight_before_anyth
 }
 
 #[test]
-#[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
+#[cfg_attr(
+    tope_unprivileged,
+    ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+)]
 fn many_tiny_files_whose_bytes_fit_but_whose_blocks_do_not_are_refused_by_the_preflight() {
     const T: &str = "preflight counts blocks";
-    crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
+    crate::support::require_root(
+        T,
+        "it loop-mounts small ext4 images (losetup, mount) to run out of space",
+    );
     const FILES: u64 = 400;
     const SIZE: usize = 16;
     let dev = Device::new(Layout::Same);
@@ -436,8 +505,12 @@ fn many_tiny_files_whose_bytes_fit_but_whose_blocks_do_not_are_refused_by_the_pr
     let old = tree(&env.root);
     // A directory module of 400 new 16-byte files: 6400 bytes, but 400 blocks once written.
     let mut rng = XorShift::new(0x7111_F11E);
-    let tiny: Vec<(String, Vec<u8>)> = (0..FILES).map(|i| (format!("tiny/t{i:03}"), rng.bytes(SIZE))).collect();
-    let hashes: BTreeMap<String, String> = tiny.iter().map(|(n, c)| (n.trim_start_matches("tiny/").to_string(), blake3_hex(c))).collect();
+    let tiny: Vec<(String, Vec<u8>)> =
+        (0..FILES).map(|i| (format!("tiny/t{i:03}"), rng.bytes(SIZE))).collect();
+    let hashes: BTreeMap<String, String> = tiny
+        .iter()
+        .map(|(n, c)| (n.trim_start_matches("tiny/").to_string(), blake3_hex(c)))
+        .collect();
     let manifest = json!({"version": V2, "modules": [{"name": "tiny", "src": "tiny/", "dst": env.dst("tiny"), "files": hashes}]});
     let files: Vec<(&str, &[u8])> = tiny.iter().map(|(n, c)| (n.as_str(), c.as_slice())).collect();
     let pkg = env.pkg_path("tiny.zip");
@@ -447,17 +520,30 @@ fn many_tiny_files_whose_bytes_fit_but_whose_blocks_do_not_are_refused_by_the_pr
     // Room for the bytes, the headroom and a generous 1 KiB per target for the journal, with
     // half a MiB to spare: a byte-counting preflight passes this; the blocks do not fit.
     let free = fill_to(&dev.a, (bytes + HEADROOM + FILES * KIB + MIB / 2).next_multiple_of(BLOCK));
-    assert!(free > bytes + HEADROOM + FILES * KIB && free < blocks + HEADROOM, "fixture error: {free} bytes free");
-    let ctx = format!("{FILES} files of {SIZE} bytes ({bytes} bytes, {blocks} in blocks), {free} bytes free");
+    assert!(
+        free > bytes + HEADROOM + FILES * KIB && free < blocks + HEADROOM,
+        "fixture error: {free} bytes free"
+    );
+    let ctx = format!(
+        "{FILES} files of {SIZE} bytes ({bytes} bytes, {blocks} in blocks), {free} bytes free"
+    );
     let r = env.run(&["install", pkg.to_str().unwrap()]);
     let need = refused_by_preflight(env, &r, free, &old, &ctx);
-    assert!(need >= blocks + HEADROOM, "{ctx}: the preflight asked for {need} bytes, less than the blocks plus the headroom");
+    assert!(
+        need >= blocks + HEADROOM,
+        "{ctx}: the preflight asked for {need} bytes, less than the blocks plus the headroom"
+    );
 
     // Exactly what the preflight asked for is enough: it passes, and the install commits.
     let free = fill_to(&dev.a, need);
     assert_eq!(free, need, "fixture error: could not leave exactly {need} bytes free");
     let r = env.run(&["install", pkg.to_str().unwrap(), "--json"]);
-    assert_eq!(r.code, Some(0), "{ctx}: with the {need} bytes the preflight asked for, the install must commit:\n{}", r.describe());
+    assert_eq!(
+        r.code,
+        Some(0),
+        "{ctx}: with the {need} bytes the preflight asked for, the install must commit:\n{}",
+        r.describe()
+    );
     let s = status(env, &ctx);
     assert_eq!(s["current"]["version"], V2, "{ctx}: {s}");
     assert!(s["in_flight"].is_null(), "{ctx}: {s}");
@@ -572,11 +658,23 @@ mod starved {
             } else if have == self.new {
                 Side::New
             } else {
-                let keys: BTreeSet<&String> = have.keys().chain(self.old.keys()).chain(self.new.keys()).collect();
-                let not_old: Vec<&String> = keys.into_iter().filter(|k| have.get(*k) != self.old.get(*k)).collect();
-                let (now_new, neither): (Vec<&String>, Vec<&String>) = not_old.into_iter().partition(|k| have.get(*k) == self.new.get(*k));
+                let keys: BTreeSet<&String> =
+                    have.keys().chain(self.old.keys()).chain(self.new.keys()).collect();
+                let not_old: Vec<&String> =
+                    keys.into_iter().filter(|k| have.get(*k) != self.old.get(*k)).collect();
+                let (now_new, neither): (Vec<&String>, Vec<&String>) =
+                    not_old.into_iter().partition(|k| have.get(*k) == self.new.get(*k));
                 let show = |v: &[&String]| {
-                    v.iter().take(8).map(|k| format!("\n    {k}: have {:?}, old {:?}", have.get(*k), self.old.get(*k))).collect::<String>()
+                    v.iter()
+                        .take(8)
+                        .map(|k| {
+                            format!(
+                                "\n    {k}: have {:?}, old {:?}",
+                                have.get(*k),
+                                self.old.get(*k)
+                            )
+                        })
+                        .collect::<String>()
                 };
                 panic!(
                     "{ctx}: the tree is neither all old nor all new: {} paths are new, {} neither old nor new{}{}",
@@ -595,25 +693,55 @@ mod starved {
         /// temporary file under the root or in the state dir, no plan copy.
         fn consistent(&self, env: &Env, side: Side, have: &BTreeMap<String, String>, ctx: &str) {
             let s = status(env, ctx);
-            assert!(s["in_flight"].is_null(), "{ctx}: a transaction is still in flight: {}", s["in_flight"]);
-            assert_eq!(&s["current"]["version"], self.version(side), "{ctx}: the tree is all {side:?} but status says {s}");
+            assert!(
+                s["in_flight"].is_null(),
+                "{ctx}: a transaction is still in flight: {}",
+                s["in_flight"]
+            );
+            assert_eq!(
+                &s["current"]["version"],
+                self.version(side),
+                "{ctx}: the tree is all {side:?} but status says {s}"
+            );
             let v = env.run(&["verify"]);
-            assert_eq!(v.code, Some(0), "{ctx}: verify disagrees with the journal:\n{}", v.describe());
+            assert_eq!(
+                v.code,
+                Some(0),
+                "{ctx}: verify disagrees with the journal:\n{}",
+                v.describe()
+            );
             let r = env.run(&["recover", "--json"]);
-            assert_eq!(r.code, Some(0), "{ctx}: recover must find nothing to do:\n{}", r.describe());
-            assert_eq!(r.json()["result"], "nothing", "{ctx}: recover did something:\n{}", r.describe());
+            assert_eq!(
+                r.code,
+                Some(0),
+                "{ctx}: recover must find nothing to do:\n{}",
+                r.describe()
+            );
+            assert_eq!(
+                r.json()["result"],
+                "nothing",
+                "{ctx}: recover did something:\n{}",
+                r.describe()
+            );
             assert_eq!(tree(&env.root), *have, "{ctx}: recover changed the tree");
             no_temp_files(env, ctx);
-            assert!(!env.state.join("inflight.plan").exists(), "{ctx}: the plan copy outlived its transaction");
+            assert!(
+                !env.state.join("inflight.plan").exists(),
+                "{ctx}: the plan copy outlived its transaction"
+            );
         }
 
         /// While a transaction is in flight the tree may mix old and new paths, but every path
         /// holds its whole old or whole new state (staged `.tope-` files aside): recoverable.
         fn recoverable(&self, env: &Env, ctx: &str) -> usize {
             let have = tree(&env.root);
-            let keys: BTreeSet<&String> = have.keys().chain(self.old.keys()).chain(self.new.keys()).collect();
+            let keys: BTreeSet<&String> =
+                have.keys().chain(self.old.keys()).chain(self.new.keys()).collect();
             let mut new = 0;
-            for k in keys.into_iter().filter(|k| !k.rsplit('/').next().unwrap_or("").starts_with(".tope-")) {
+            for k in keys
+                .into_iter()
+                .filter(|k| !k.rsplit('/').next().unwrap_or("").starts_with(".tope-"))
+            {
                 let h = have.get(k);
                 assert!(
                     h == self.old.get(k) || h == self.new.get(k),
@@ -648,7 +776,10 @@ mod starved {
     fn place_of(r: &Run) -> String {
         let first = r.stderr.lines().find(|l| l.contains("phase failed")).and_then(|l| {
             let phase = l.split_once("phase=")?.1.split_whitespace().next()?.to_string();
-            Some(format!("{phase}: {}", what_of(l.split_once("error=").map(|(_, e)| e).unwrap_or(""))))
+            Some(format!(
+                "{phase}: {}",
+                what_of(l.split_once("error=").map(|(_, e)| e).unwrap_or(""))
+            ))
         });
         let last = r.stderr.lines().find_map(|l| l.strip_prefix("error: ")).map(what_of);
         match (first, last) {
@@ -666,7 +797,8 @@ mod starved {
             _ => message,
         };
         let op = m.split_whitespace().next().unwrap_or("?");
-        let path = m.split_whitespace().find(|w| w.starts_with('/')).unwrap_or("").trim_end_matches(':');
+        let path =
+            m.split_whitespace().find(|w| w.starts_with('/')).unwrap_or("").trim_end_matches(':');
         if m.starts_with("journal") || path.ends_with("journal.redb") {
             "journal commit".into()
         } else if path.contains("/backups/") {
@@ -700,7 +832,11 @@ mod starved {
         let report = match tx {
             Tx::Recover { .. } if doc["result"] == "finished" => &doc["report"],
             Tx::Recover { .. } if doc["result"].is_string() => {
-                return Reported { outcome: doc["result"].as_str().unwrap_or("?").to_string(), tx: None, code: String::new() };
+                return Reported {
+                    outcome: doc["result"].as_str().unwrap_or("?").to_string(),
+                    tx: None,
+                    code: String::new(),
+                };
             }
             _ => &doc,
         };
@@ -709,7 +845,11 @@ mod starved {
             None if !doc["error"].is_null() => ("error".to_string(), &doc["error"]),
             None => ("?".to_string(), &Value::Null),
         };
-        Reported { outcome, tx: report["tx"].as_u64(), code: error["code"].as_str().unwrap_or("").to_string() }
+        Reported {
+            outcome,
+            tx: report["tx"].as_u64(),
+            code: error["code"].as_str().unwrap_or("").to_string(),
+        }
     }
 
     /// (free, exit, code, outcome, place) of one run's command.
@@ -733,8 +873,12 @@ mod starved {
         fn sides(&self, tx: Tx) -> Sides {
             let (v1, v2) = (self.v1.clone(), self.v2.clone());
             match tx {
-                Tx::Install | Tx::Recover { .. } => Sides { old: v1, new: v2, old_version: Value::Null, new_version: json!(V2) },
-                Tx::RollbackToFactory => Sides { old: v2, new: v1, old_version: json!(V2), new_version: Value::Null },
+                Tx::Install | Tx::Recover { .. } => {
+                    Sides { old: v1, new: v2, old_version: Value::Null, new_version: json!(V2) }
+                }
+                Tx::RollbackToFactory => {
+                    Sides { old: v2, new: v1, old_version: json!(V2), new_version: Value::Null }
+                }
             }
         }
 
@@ -753,7 +897,8 @@ mod starved {
                 Tx::RollbackToFactory => v2.into_values().collect(),
                 // Installing replaces the v1 files the package overwrites.
                 Tx::Install | Tx::Recover { .. } => {
-                    let v1: BTreeMap<&str, u64> = self.fx.v1.iter().map(|(p, c, _)| (p.as_str(), c.len() as u64)).collect();
+                    let v1: BTreeMap<&str, u64> =
+                        self.fx.v1.iter().map(|(p, c, _)| (p.as_str(), c.len() as u64)).collect();
                     v2.keys().filter_map(|p| v1.get(p.as_str()).copied()).collect()
                 }
             }
@@ -780,15 +925,31 @@ mod starved {
                     vec!["rollback", "--to", "factory", "--json"]
                 }
                 Tx::Recover { crash } => {
-                    let r = Run::from(env.command(&["install", pkg]).env("FAILPOINTS", crash).output().unwrap());
-                    assert_eq!(r.signal, Some(9), "fixture error: the install was not killed at {crash}:\n{}", r.describe());
-                    assert!(!status(env, "after the crash")["in_flight"].is_null(), "fixture error: nothing in flight after {crash}");
+                    let r = Run::from(
+                        env.command(&["install", pkg]).env("FAILPOINTS", crash).output().unwrap(),
+                    );
+                    assert_eq!(
+                        r.signal,
+                        Some(9),
+                        "fixture error: the install was not killed at {crash}:\n{}",
+                        r.describe()
+                    );
+                    assert!(
+                        !status(env, "after the crash")["in_flight"].is_null(),
+                        "fixture error: nothing in flight after {crash}"
+                    );
                     vec!["recover", "--json"]
                 }
             };
             let sides = self.sides(sc.tx);
             let fs = self.fill_fs(sc);
-            let paused = match spawn_paused(env.command(&args), sc.pause, sleep_ms, &env.state, env.tmp.path()) {
+            let paused = match spawn_paused(
+                env.command(&args),
+                sc.pause,
+                sleep_ms,
+                &env.state,
+                env.tmp.path(),
+            ) {
                 Spawned::Paused(p) => p,
                 Spawned::Missed => {
                     self.missed.set(self.missed.get() + 1);
@@ -800,12 +961,17 @@ mod starved {
                     self.missed.set(self.missed.get() + 1);
                     return None;
                 }
-                Spawned::Exited(r) => panic!("{args:?} ended without pausing at {}:\n{}", sc.pause, r.describe()),
+                Spawned::Exited(r) => {
+                    panic!("{args:?} ended without pausing at {}:\n{}", sc.pause, r.describe())
+                }
             };
             let free = fill_to(fs, level);
             let ctx = format!("{}: {free} bytes free (level {level})", sc.name(self.dev.layout));
             let filler = std::fs::metadata(fs.filler()).map_or(0, |m| m.len());
-            assert!(free == level || free < level && filler == 0, "{ctx}: could not leave exactly {level} bytes free");
+            assert!(
+                free == level || free < level && filler == 0,
+                "{ctx}: could not leave exactly {level} bytes free"
+            );
             let r = paused.finish();
             let Reported { outcome, tx, code } = reported(&r, sc.tx);
             let mut findings = Vec::new();
@@ -816,9 +982,15 @@ mod starved {
                 ));
             }
             let place = if outcome == "committed" { String::new() } else { place_of(&r) };
-            let engine = r.stderr.lines().find_map(|l| l.strip_prefix("error: ")).unwrap_or("no error line").to_string();
+            let engine = r
+                .stderr
+                .lines()
+                .find_map(|l| l.strip_prefix("error: "))
+                .unwrap_or("no error line")
+                .to_string();
             let ctx = format!("{ctx}: exit {:?} {code} {outcome} ({place}) [{engine}]", r.code);
-            *self.seen.borrow_mut() = Some((free, r.code, code.clone(), outcome.clone(), place.clone()));
+            *self.seen.borrow_mut() =
+                Some((free, r.code, code.clone(), outcome.clone(), place.clone()));
             assert_eq!(r.signal, None, "{ctx}: the command was killed:\n{}", r.describe());
             let end = match outcome.as_str() {
                 "committed" => {
@@ -833,22 +1005,56 @@ mod starved {
                         Tx::RollbackToFactory => &[5],
                         Tx::Recover { .. } => &[4],
                     };
-                    assert!(r.code.is_some_and(|c| exits.contains(&c)), "{ctx}: a rollback exits {exits:?}:\n{}", r.describe());
-                    assert_eq!(code, "DISK_FULL", "{ctx}: running out of space is DISK_FULL:\n{}", r.describe());
-                    assert_eq!(sides.settled(env, &ctx), Side::Old, "{ctx}: rolled back:\n{}", r.describe());
+                    assert!(
+                        r.code.is_some_and(|c| exits.contains(&c)),
+                        "{ctx}: a rollback exits {exits:?}:\n{}",
+                        r.describe()
+                    );
+                    assert_eq!(
+                        code,
+                        "DISK_FULL",
+                        "{ctx}: running out of space is DISK_FULL:\n{}",
+                        r.describe()
+                    );
+                    assert_eq!(
+                        sides.settled(env, &ctx),
+                        Side::Old,
+                        "{ctx}: rolled back:\n{}",
+                        r.describe()
+                    );
                     let history = env.run(&["history", "--json"]).json();
-                    let rec = history.as_array().and_then(|h| h.iter().find(|t| t["id"].as_u64() == tx));
-                    let rec = rec.unwrap_or_else(|| panic!("{ctx}: transaction {tx:?} is not in the history: {history}"));
+                    let rec =
+                        history.as_array().and_then(|h| h.iter().find(|t| t["id"].as_u64() == tx));
+                    let rec = rec.unwrap_or_else(|| {
+                        panic!("{ctx}: transaction {tx:?} is not in the history: {history}")
+                    });
                     assert_eq!(rec["phase"], "RolledBack", "{ctx}: {rec}");
-                    assert_eq!(rec["error"]["code"], "DISK_FULL", "{ctx}: the history names the cause: {rec}");
+                    assert_eq!(
+                        rec["error"]["code"], "DISK_FULL",
+                        "{ctx}: the history names the cause: {rec}"
+                    );
                     "all old".to_string()
                 }
                 "interrupted" | "error" => {
                     // The journal itself could not be written (or, for `recover`, not even its
                     // attempt): the transaction stays in flight for the next `recover`.
-                    assert!(outcome == "interrupted" || matches!(sc.tx, Tx::Recover { .. }), "{ctx}:\n{}", r.describe());
-                    assert_eq!(r.code, Some(1), "{ctx}: an interrupted transaction exits 1:\n{}", r.describe());
-                    assert_eq!(code, "DISK_FULL", "{ctx}: running out of space is DISK_FULL:\n{}", r.describe());
+                    assert!(
+                        outcome == "interrupted" || matches!(sc.tx, Tx::Recover { .. }),
+                        "{ctx}:\n{}",
+                        r.describe()
+                    );
+                    assert_eq!(
+                        r.code,
+                        Some(1),
+                        "{ctx}: an interrupted transaction exits 1:\n{}",
+                        r.describe()
+                    );
+                    assert_eq!(
+                        code,
+                        "DISK_FULL",
+                        "{ctx}: running out of space is DISK_FULL:\n{}",
+                        r.describe()
+                    );
                     after_interruption(env, fs, &sides, &ctx)
                 }
                 _ => panic!("{ctx}: unexpected outcome:\n{}", r.describe()),
@@ -867,7 +1073,12 @@ mod starved {
                         return row;
                     }
                 }
-                panic!("{}: the pause at {} was missed {} times", sc.name(self.dev.layout), sc.pause, SLEEPS_MS.len());
+                panic!(
+                    "{}: the pause at {} was missed {} times",
+                    sc.name(self.dev.layout),
+                    sc.pause,
+                    SLEEPS_MS.len()
+                );
             }));
             result.unwrap_or_else(|e| {
                 let msg = e
@@ -879,9 +1090,23 @@ mod starved {
                 // The failed check is at the end of the message (the context comes first).
                 let first: Vec<char> = msg.lines().next().unwrap_or("").chars().collect();
                 let why: String = first[first.len().saturating_sub(150)..].iter().collect();
-                let (free, exit, code, outcome, place) =
-                    self.seen.borrow_mut().take().unwrap_or((level, None, String::new(), String::new(), String::new()));
-                Row { free, exit, code, outcome, place, end: format!("FAILED: ...{why}"), committed: false, findings: Vec::new() }
+                let (free, exit, code, outcome, place) = self.seen.borrow_mut().take().unwrap_or((
+                    level,
+                    None,
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ));
+                Row {
+                    free,
+                    exit,
+                    code,
+                    outcome,
+                    place,
+                    end: format!("FAILED: ...{why}"),
+                    committed: false,
+                    findings: Vec::new(),
+                }
             })
         }
 
@@ -909,7 +1134,9 @@ mod starved {
                         x *= 2;
                     }
                     if let Some(mut hi) = first_ok {
-                        if let Some(mut lo) = rows.range(..hi).rev().find(|(_, r)| !r.committed).map(|(k, _)| *k) {
+                        if let Some(mut lo) =
+                            rows.range(..hi).rev().find(|(_, r)| !r.committed).map(|(k, _)| *k)
+                        {
                             while hi - lo > BLOCK {
                                 let mid = (lo + (hi - lo) / 2) / BLOCK * BLOCK;
                                 if ok(mid, &mut rows, failures) {
@@ -944,14 +1171,23 @@ mod starved {
             let mut grouped: BTreeMap<&str, (Vec<u64>, &str)> = BTreeMap::new();
             for (level, row) in &rows {
                 for (kind, example) in &row.findings {
-                    grouped.entry(kind.as_str()).or_insert_with(|| (Vec::new(), example.as_str())).0.push(*level);
+                    grouped
+                        .entry(kind.as_str())
+                        .or_insert_with(|| (Vec::new(), example.as_str()))
+                        .0
+                        .push(*level);
                 }
             }
             for (kind, (levels, example)) in grouped {
-                failures.push(format!("{name}: {kind}: at {} level(s) {levels:?}; e.g. at {example}", levels.len()));
+                failures.push(format!(
+                    "{name}: {kind}: at {} level(s) {levels:?}; e.g. at {example}",
+                    levels.len()
+                ));
             }
             if first_ok.is_none() {
-                failures.push(format!("{name}: no level up to {cap} bytes free let the transaction commit"));
+                failures.push(format!(
+                    "{name}: no level up to {cap} bytes free let the transaction commit"
+                ));
             }
             if !rows.values().any(|r| !r.outcome.is_empty() && r.outcome != "committed") {
                 failures.push(format!("{name}: no level ran out of space after the pause: the scenario exercised nothing"));
@@ -963,13 +1199,24 @@ mod starved {
     /// must not make it worse, and with the space back `recover` must end it on one side.
     fn after_interruption(env: &Env, fs: &LoopFs, sides: &Sides, ctx: &str) -> String {
         let s = status(env, ctx);
-        assert!(!s["in_flight"].is_null(), "{ctx}: an interrupted transaction must still be in flight: {s}");
+        assert!(
+            !s["in_flight"].is_null(),
+            "{ctx}: an interrupted transaction must still be in flight: {s}"
+        );
         let phase = s["in_flight"]["phase"].as_str().unwrap_or("?").to_string();
         sides.recoverable(env, &format!("{ctx}, in flight in {phase}"));
         let full = env.run(&["recover", "--json"]);
         let full_code = full.error_code().unwrap_or_default();
-        let ctx = format!("{ctx}, in flight in {phase}, then recover on the full disk: exit {:?} {full_code}", full.code);
-        assert_eq!(full.signal, None, "{ctx}: recover on the full disk was killed:\n{}", full.describe());
+        let ctx = format!(
+            "{ctx}, in flight in {phase}, then recover on the full disk: exit {:?} {full_code}",
+            full.code
+        );
+        assert_eq!(
+            full.signal,
+            None,
+            "{ctx}: recover on the full disk was killed:\n{}",
+            full.describe()
+        );
         let s = status(env, &ctx);
         let full_note = if s["in_flight"].is_null() {
             let side = sides.settled(env, &ctx);
@@ -979,7 +1226,10 @@ mod starved {
             format!("full: recover exit {} {full_code} -> all {side:?}", exit_str(full.code))
         } else {
             let now = s["in_flight"]["phase"].as_str().unwrap_or("?");
-            assert_ne!(now, "RollbackFailed", "{ctx}: recover on a full disk gave up (RollbackFailed needs an operator): {s}");
+            assert_ne!(
+                now, "RollbackFailed",
+                "{ctx}: recover on a full disk gave up (RollbackFailed needs an operator): {s}"
+            );
             sides.recoverable(env, &ctx);
             format!("full: recover exit {} {full_code}, in flight in {now}", exit_str(full.code))
         };
@@ -1002,18 +1252,26 @@ mod starved {
         if fin.code == Some(4) {
             assert_eq!(side, Side::Old, "{ctx}: recover reported a rollback");
         }
-        format!("in flight ({phase}); {full_note}; freed: recover exit {} -> all {side:?}", exit_str(fin.code))
+        format!(
+            "in flight ({phase}); {full_note}; freed: recover exit {} -> all {side:?}",
+            exit_str(fin.code)
+        )
     }
 
     /// One line per run of equal results: the free-space range, exit, code, outcome, where it
     /// ran out, and the end after any recovery.
     fn print_table(test: &str, name: &str, rows: &BTreeMap<u64, Row>, took: Duration) {
-        let mut out = format!("[{test}] {name}: {} runs, {:.1} s\n", rows.len(), took.as_secs_f64());
+        let mut out =
+            format!("[{test}] {name}: {} runs, {:.1} s\n", rows.len(), took.as_secs_f64());
         let mut groups: Vec<(u64, u64, &Row, usize)> = Vec::new();
         for row in rows.values() {
             match groups.last_mut() {
                 Some((_, hi, r, n))
-                    if r.exit == row.exit && r.code == row.code && r.outcome == row.outcome && r.place == row.place && r.end == row.end =>
+                    if r.exit == row.exit
+                        && r.code == row.code
+                        && r.outcome == row.outcome
+                        && r.place == row.place
+                        && r.end == row.end =>
                 {
                     *hi = row.free;
                     *n += 1;
@@ -1050,7 +1308,12 @@ mod starved {
         let files: Vec<NewFile> = fx
             .files
             .iter()
-            .map(|(_, dst, content)| NewFile { rel: dst.to_string(), content, manifest_mode: None, zip_mode: Some(0o644) })
+            .map(|(_, dst, content)| NewFile {
+                rel: dst.to_string(),
+                content,
+                manifest_mode: None,
+                zip_mode: Some(0o644),
+            })
             .chain(fx.www.iter().map(|(rel, content)| NewFile {
                 rel: format!("www/{rel}"),
                 content,
@@ -1062,7 +1325,16 @@ mod starved {
         assert_ne!(v1, v2);
         dev.env.ok(&["install", pkg.to_str().unwrap()]);
         assert_eq!(tree(&dev.env.root), v2, "a clean install ends at the package's tree");
-        let b = Bench { test, dev: &dev, fx: &fx, pkg: &pkg, v1, v2, missed: Default::default(), seen: Default::default() };
+        let b = Bench {
+            test,
+            dev: &dev,
+            fx: &fx,
+            pkg: &pkg,
+            v1,
+            v2,
+            missed: Default::default(),
+            seen: Default::default(),
+        };
         let mut failures = Vec::new();
         for sc in scenarios {
             b.scenario(*sc, &mut failures);
@@ -1073,7 +1345,12 @@ mod starved {
             started.elapsed().as_secs_f64(),
             b.missed.get()
         );
-        assert!(failures.is_empty(), "{test}: {} failure(s):\n\n{}", failures.len(), failures.join("\n\n"));
+        assert!(
+            failures.is_empty(),
+            "{test}: {} failure(s):\n\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
     }
 
     const fn install(pause: &'static str, fill: Fill) -> Scenario {
@@ -1085,7 +1362,12 @@ mod starved {
     }
 
     const fn recover(crash: &'static str, fill: Fill) -> Scenario {
-        Scenario { tx: Tx::Recover { crash }, pause: "recover.attempt", fill, levels: Levels::Explore }
+        Scenario {
+            tx: Tx::Recover { crash },
+            pause: "recover.attempt",
+            fill,
+            levels: Levels::Explore,
+        }
     }
 
     /// The install killed in the middle of staging (the 6th staged file): `recover` restages.
@@ -1094,10 +1376,17 @@ mod starved {
     const CRASH_MID_SWAP: &str = "swap.file=19*off->return";
 
     #[test]
-    #[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
-    fn an_install_starved_after_each_phase_commit_on_one_filesystem_commits_or_rolls_back_cleanly_or_recover_finishes_it() {
+    #[cfg_attr(
+        tope_unprivileged,
+        ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+    )]
+    fn an_install_starved_after_each_phase_commit_on_one_filesystem_commits_or_rolls_back_cleanly_or_recover_finishes_it()
+     {
         const T: &str = "one fs, install";
-        crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
+        crate::support::require_root(
+            T,
+            "it loop-mounts small ext4 images (losetup, mount) to run out of space",
+        );
         bench(
             T,
             Layout::Same,
@@ -1112,42 +1401,86 @@ mod starved {
     }
 
     #[test]
-    #[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
+    #[cfg_attr(
+        tope_unprivileged,
+        ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+    )]
     fn a_rollback_and_a_recover_starved_on_one_filesystem_end_all_old_or_all_new() {
         const T: &str = "one fs, rollback/recover";
-        crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
+        crate::support::require_root(
+            T,
+            "it loop-mounts small ext4 images (losetup, mount) to run out of space",
+        );
         bench(
             T,
             Layout::Same,
-            &[rollback("enter.Planned", Fill::Root), recover(CRASH_MID_STAGING, Fill::Root), recover(CRASH_MID_SWAP, Fill::Root)],
+            &[
+                rollback("enter.Planned", Fill::Root),
+                recover(CRASH_MID_STAGING, Fill::Root),
+                recover(CRASH_MID_SWAP, Fill::Root),
+            ],
         );
     }
 
     #[test]
-    #[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
-    fn staging_and_restoring_starved_on_the_roots_filesystem_with_the_state_dir_elsewhere_roll_back_cleanly() {
+    #[cfg_attr(
+        tope_unprivileged,
+        ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+    )]
+    fn staging_and_restoring_starved_on_the_roots_filesystem_with_the_state_dir_elsewhere_roll_back_cleanly()
+     {
         const T: &str = "cross, root full";
-        crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
-        bench(T, Layout::Cross, &[install("enter.Staged", Fill::Root), rollback("enter.Planned", Fill::Root)]);
-    }
-
-    #[test]
-    #[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
-    fn backup_copies_and_journal_commits_starved_on_the_state_filesystem_roll_back_cleanly_or_recover_finishes_them() {
-        const T: &str = "cross, state full";
-        crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
-        bench(T, Layout::Cross, &[install("enter.BackedUp", Fill::State), recover(CRASH_MID_STAGING, Fill::State)]);
-    }
-
-    #[test]
-    #[cfg_attr(tope_unprivileged, ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)")]
-    fn each_backup_copy_of_a_rollback_taking_the_last_free_block_ends_cleanly_with_no_temporary_blob_left() {
-        const T: &str = "cross, each copy";
-        crate::support::require_root(T, "it loop-mounts small ext4 images (losetup, mount) to run out of space");
+        crate::support::require_root(
+            T,
+            "it loop-mounts small ext4 images (losetup, mount) to run out of space",
+        );
         bench(
             T,
             Layout::Cross,
-            &[Scenario { tx: Tx::RollbackToFactory, pause: "enter.BackedUp", fill: Fill::State, levels: Levels::EachBackupCopy }],
+            &[install("enter.Staged", Fill::Root), rollback("enter.Planned", Fill::Root)],
+        );
+    }
+
+    #[test]
+    #[cfg_attr(
+        tope_unprivileged,
+        ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+    )]
+    fn backup_copies_and_journal_commits_starved_on_the_state_filesystem_roll_back_cleanly_or_recover_finishes_them()
+     {
+        const T: &str = "cross, state full";
+        crate::support::require_root(
+            T,
+            "it loop-mounts small ext4 images (losetup, mount) to run out of space",
+        );
+        bench(
+            T,
+            Layout::Cross,
+            &[install("enter.BackedUp", Fill::State), recover(CRASH_MID_STAGING, Fill::State)],
+        );
+    }
+
+    #[test]
+    #[cfg_attr(
+        tope_unprivileged,
+        ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+    )]
+    fn each_backup_copy_of_a_rollback_taking_the_last_free_block_ends_cleanly_with_no_temporary_blob_left()
+     {
+        const T: &str = "cross, each copy";
+        crate::support::require_root(
+            T,
+            "it loop-mounts small ext4 images (losetup, mount) to run out of space",
+        );
+        bench(
+            T,
+            Layout::Cross,
+            &[Scenario {
+                tx: Tx::RollbackToFactory,
+                pause: "enter.BackedUp",
+                fill: Fill::State,
+                levels: Levels::EachBackupCopy,
+            }],
         );
     }
 }

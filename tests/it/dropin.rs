@@ -35,17 +35,27 @@ fn legacy_gui(d: &Daemon) -> (String, Value) {
 fn the_legacy_gui_exits_after_a_failed_and_after_a_successful_install() {
     let rig = Rig::new();
     rig.put(FACTORY);
-    let bad = build_pkg_with(&rig.env, "1.0.0", &small_modules("1.0.0"), |m| m["modules"][0]["post_cmds"] = json!(["exit 3"]));
+    let bad = build_pkg_with(&rig.env, "1.0.0", &small_modules("1.0.0"), |m| {
+        m["modules"][0]["post_cmds"] = json!(["exit 3"])
+    });
     let good = build_pkg(&rig.env, "1.0.1", &small_modules("1.0.1"));
     rig.server.add(&bad);
     rig.server.add(&good);
     let d = rig.start();
 
     download(&rig, &d, &bad);
-    assert_eq!(d.post("/api/v1.0/update", &json!({"version": "1.0.0"}).to_string()), started("installing"));
+    assert_eq!(
+        d.post("/api/v1.0/update", &json!({"version": "1.0.0"}).to_string()),
+        started("installing")
+    );
     let (stage, data) = legacy_gui(&d);
     assert_eq!(stage, "failed", "{data}");
-    assert!(data["message"].as_str().is_some_and(|e| e.starts_with("DEPLOYMENT_FAILED: POST_CMD_FAILED: ")), "{data}");
+    assert!(
+        data["message"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("DEPLOYMENT_FAILED: POST_CMD_FAILED: ")),
+        "{data}"
+    );
     // The contract's failed shape stays, with the same values at the root.
     let v = d.get("/api/v1.0/progress");
     assert_eq!(
@@ -55,22 +65,38 @@ fn the_legacy_gui_exits_after_a_failed_and_after_a_successful_install() {
     );
 
     download(&rig, &d, &good);
-    assert_eq!(d.post("/api/v1.0/update", &json!({"version": "1.0.1"}).to_string()), started("installing"));
+    assert_eq!(
+        d.post("/api/v1.0/update", &json!({"version": "1.0.1"}).to_string()),
+        started("installing")
+    );
     let (stage, data) = legacy_gui(&d);
     assert_eq!(stage, "success", "{data}");
     assert_eq!(rig.env.read("voice-app/voice-app").unwrap(), b"voice-app 1.0.1\n");
 
     // The newest GUI's goodbye: the result reads as idle at once (result_hold_s is 600 s here).
     assert_eq!(d.progress().stage, "success");
-    assert_eq!(d.post("/api/v1.0/return-to-system", "{}"), json!({"code": 200, "msg": "success", "data": null}));
+    assert_eq!(
+        d.post("/api/v1.0/return-to-system", "{}"),
+        json!({"code": 200, "msg": "success", "data": null})
+    );
     assert_eq!(d.progress().stage, "idle");
-    assert_eq!(current_version(&d.status()).as_deref(), Some("1.0.1"), "the result stays in /status");
+    assert_eq!(
+        current_version(&d.status()).as_deref(),
+        Some("1.0.1"),
+        "the result stays in /status"
+    );
 
     // Every report names the version its job is about, as the Python service's did.
-    let reports = rig.receiver.wait_for("the success report", |r| r.iter().any(|r| r["stage"] == "success"));
+    let reports =
+        rig.receiver.wait_for("the success report", |r| r.iter().any(|r| r["stage"] == "success"));
     let versions: Vec<(&str, &str)> = reports
         .iter()
-        .map(|r| (r["stage"].as_str().unwrap(), r["version"].as_str().unwrap_or_else(|| panic!("no version: {r}"))))
+        .map(|r| {
+            (
+                r["stage"].as_str().unwrap(),
+                r["version"].as_str().unwrap_or_else(|| panic!("no version: {r}")),
+            )
+        })
         .collect();
     let first_good = reports.iter().position(|r| r["version"] == "v1.0.1").unwrap();
     assert!(versions[..first_good].iter().all(|(_, v)| *v == "v1.0.0"), "{versions:?}");
@@ -90,18 +116,36 @@ fn a_package_size_that_is_not_the_servers_fails_at_once_and_keeps_nothing() {
         assert_eq!(d.post("/api/v1.0/download", &req.to_string()), started("downloading"));
         let seen = d.watch_after(None, "the download to fail", |s| s.stage == "failed");
         let f = seen.last().unwrap();
-        let want = format!("PACKAGE_SIZE_MISMATCH: expected 999999 bytes, but the server's file has {} bytes", pkg.bytes.len());
-        assert_eq!((f.progress, f.error.as_deref()), (0, Some(want.as_str())), "attempt {attempt}: {seen:?}");
+        let want = format!(
+            "PACKAGE_SIZE_MISMATCH: expected 999999 bytes, but the server's file has {} bytes",
+            pkg.bytes.len()
+        );
+        assert_eq!(
+            (f.progress, f.error.as_deref()),
+            (0, Some(want.as_str())),
+            "attempt {attempt}: {seen:?}"
+        );
         // No retry: one GET per request, and each request starts afresh (no Range).
         let hits = rig.server.hits();
         assert_eq!(hits.len(), attempt, "{hits:?}");
         assert!(hits.iter().all(|h| h.range.is_none()), "{hits:?}");
         assert!(!rig.downloaded(&pkg).exists(), "the file is removed");
     }
-    let report = rig.receiver.wait_for("the failed report", |r| r.iter().any(|r| r["stage"] == "failed"));
+    let report =
+        rig.receiver.wait_for("the failed report", |r| r.iter().any(|r| r["stage"] == "failed"));
     let failed = report.iter().find(|r| r["stage"] == "failed").unwrap();
-    assert!(failed["error"].as_str().unwrap().starts_with("PACKAGE_SIZE_MISMATCH: expected 999999 bytes"), "{failed}");
-    assert_code_is(&d.post("/api/v1.0/update", &json!({"version": "1.0.0"}).to_string()), 409, "DOWNLOAD_INCOMPLETE: ");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("PACKAGE_SIZE_MISMATCH: expected 999999 bytes"),
+        "{failed}"
+    );
+    assert_code_is(
+        &d.post("/api/v1.0/update", &json!({"version": "1.0.0"}).to_string()),
+        409,
+        "DOWNLOAD_INCOMPLETE: ",
+    );
 }
 
 /// A server that sends more than `package_size` (no Content-Length, the body ends at close).
@@ -116,7 +160,9 @@ fn a_body_longer_than_package_size_is_a_size_mismatch() {
         let (mut s, _) = listener.accept().unwrap();
         let mut head = [0u8; 4096];
         let _ = s.read(&mut head);
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/zip\r\nConnection: close\r\n\r\n");
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/zip\r\nConnection: close\r\n\r\n",
+        );
         let _ = s.write_all(&body);
     });
     let req = json!({
@@ -129,7 +175,11 @@ fn a_body_longer_than_package_size_is_a_size_mismatch() {
     assert_eq!(d.post("/api/v1.0/download", &req.to_string()), started("downloading"));
     let seen = d.watch_after(None, "the download to fail", |s| s.stage == "failed");
     let f = seen.last().unwrap();
-    assert_eq!(f.error.as_deref(), Some("PACKAGE_SIZE_MISMATCH: expected 4000 bytes, but the server sent more bytes"), "{seen:?}");
+    assert_eq!(
+        f.error.as_deref(),
+        Some("PACKAGE_SIZE_MISMATCH: expected 4000 bytes, but the server sent more bytes"),
+        "{seen:?}"
+    );
     assert!(!rig.env.state.join("downloads/long.zip").exists());
     server.join().unwrap();
 }
@@ -145,24 +195,43 @@ fn a_dst_through_a_regular_file_is_deployment_failed_and_touches_nothing() {
     env.put("app", b"a file where the package wants a directory\n", 0o644);
     let before = tree(&env.root);
     let path = env.pkg_path("p.zip");
-    write_package(&path, &manifest("1.0.0", &[("app", "files/bin", &env.dst("app/bin"))]), &[("files/bin", b"new\n")]);
+    write_package(
+        &path,
+        &manifest("1.0.0", &[("app", "files/bin", &env.dst("app/bin"))]),
+        &[("files/bin", b"new\n")],
+    );
     let r = env.run(&["install", path.to_str().unwrap()]);
-    assert_eq!((r.code, r.error_code().as_deref()), (Some(3), Some("DEPLOYMENT_FAILED")), "{}", r.describe());
+    assert_eq!(
+        (r.code, r.error_code().as_deref()),
+        (Some(3), Some("DEPLOYMENT_FAILED")),
+        "{}",
+        r.describe()
+    );
     assert!(r.stderr.contains("is not a directory"), "{}", r.describe());
     assert_eq!(tree(&env.root), before);
 
     // Through the daemon: the code the legacy clients know, not wrapped twice.
     let rig = Rig::new();
     rig.put(&[("app", b"a file\n")]);
-    let pkg = build_pkg(&rig.env, "1.0.0", &[Module { name: "app", rel: "app/bin", content: b"new\n".to_vec() }]);
+    let pkg = build_pkg(
+        &rig.env,
+        "1.0.0",
+        &[Module { name: "app", rel: "app/bin", content: b"new\n".to_vec() }],
+    );
     rig.server.add(&pkg);
     let d = rig.start();
     download(&rig, &d, &pkg);
-    assert_eq!(d.post("/api/v1.0/update", &json!({"version": "1.0.0"}).to_string()), started("installing"));
+    assert_eq!(
+        d.post("/api/v1.0/update", &json!({"version": "1.0.0"}).to_string()),
+        started("installing")
+    );
     let (stage, data) = legacy_gui(&d);
     assert_eq!(stage, "failed");
     let e = data["message"].as_str().unwrap();
-    assert!(e.starts_with("DEPLOYMENT_FAILED: destination ") && e.contains("is not a directory"), "{data}");
+    assert!(
+        e.starts_with("DEPLOYMENT_FAILED: destination ") && e.contains("is not a directory"),
+        "{data}"
+    );
 }
 
 #[test]
@@ -171,7 +240,10 @@ fn get_root_is_the_health_document() {
     let d = rig.start();
     let v = d.get("/");
     assert_eq!((&v["status"], &v["service"]), (&json!("ok"), &json!("tope-updater")), "{v}");
-    assert!(v["version"].is_string() && v["features"].as_array().is_some_and(|f| !f.is_empty()), "{v}");
+    assert!(
+        v["version"].is_string() && v["features"].as_array().is_some_and(|f| !f.is_empty()),
+        "{v}"
+    );
 }
 
 /// device-api sends its download again after our restart: the download the restart resumed
@@ -210,13 +282,21 @@ fn a_resumed_download_whose_file_changed_size_is_a_size_mismatch() {
     }
     let mut longer = pkg.bytes.clone();
     longer.extend_from_slice(&[0u8; 1000]);
-    rig.server.add(&Pkg { version: pkg.version.clone(), name: pkg.name.clone(), md5: pkg.md5.clone(), bytes: longer });
+    rig.server.add(&Pkg {
+        version: pkg.version.clone(),
+        name: pkg.name.clone(),
+        md5: pkg.md5.clone(),
+        bytes: longer,
+    });
     rig.server.set(|s| s.gate = None);
     let d = rig.start();
     let seen = d.watch_after(None, "the resumed download to fail", |s| s.stage == "failed");
     let f = seen.last().unwrap();
-    let want =
-        format!("PACKAGE_SIZE_MISMATCH: expected {} bytes, but the server's file has {} bytes", pkg.bytes.len(), pkg.bytes.len() + 1000);
+    let want = format!(
+        "PACKAGE_SIZE_MISMATCH: expected {} bytes, but the server's file has {} bytes",
+        pkg.bytes.len(),
+        pkg.bytes.len() + 1000
+    );
     assert_eq!((f.progress, f.error.as_deref()), (0, Some(want.as_str())), "{seen:?}");
     let hits = rig.server.hits();
     assert_eq!(hits.len(), 2, "no retry: {hits:?}");

@@ -36,12 +36,27 @@ fn assert_rejected(env: &Env, args: &[&str], code: &str, installed: Option<&str>
     let mut full = vec!["--json"];
     full.extend_from_slice(args);
     let run = env.run(&full);
-    assert_eq!(run.code, Some(3), "{args:?}: expected exit status 3 (rejected)\n{}", run.describe());
-    assert_eq!(run.error_code().as_deref(), Some(code), "{args:?}: expected `error: {code}: ...` on stderr\n{}", run.describe());
+    assert_eq!(
+        run.code,
+        Some(3),
+        "{args:?}: expected exit status 3 (rejected)\n{}",
+        run.describe()
+    );
+    assert_eq!(
+        run.error_code().as_deref(),
+        Some(code),
+        "{args:?}: expected `error: {code}: ...` on stderr\n{}",
+        run.describe()
+    );
     let json = run.json();
     assert_eq!(json["error"]["code"], code, "{args:?}: JSON on stdout\n{}", run.describe());
     assert_eq!(tree(&env.root), before, "{args:?}: the target tree changed\n{}", run.describe());
-    assert_eq!(leftovers(&env.root), Vec::<String>::new(), "{args:?}: temporary files left behind\n{}", run.describe());
+    assert_eq!(
+        leftovers(&env.root),
+        Vec::<String>::new(),
+        "{args:?}: temporary files left behind\n{}",
+        run.describe()
+    );
 
     let status = env.run(&["--json", "status"]);
     assert_eq!(status.code, Some(0), "status failed:\n{}", status.describe());
@@ -86,7 +101,9 @@ fn stored_zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
     let mut buf = std::io::Cursor::new(Vec::new());
     {
         let mut z = zip::ZipWriter::new(&mut buf);
-        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored).unix_permissions(0o644);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .unix_permissions(0o644);
         for (name, data) in entries {
             z.start_file(*name, opts).unwrap();
             z.write_all(data).unwrap();
@@ -115,7 +132,10 @@ const CENTRAL_UNCOMPRESSED: usize = 24;
 /// (local header offset, central record offset) of entry `name`, found by walking the central
 /// directory from the end-of-central-directory record.
 fn headers_of(zip: &[u8], name: &str) -> (usize, usize) {
-    let eocd = zip.windows(4).rposition(|w| w == b"PK\x05\x06").expect("no end of central directory record");
+    let eocd = zip
+        .windows(4)
+        .rposition(|w| w == b"PK\x05\x06")
+        .expect("no end of central directory record");
     let count = u16_at(zip, eocd + 10);
     let mut at = u32_at(zip, eocd + 16);
     for _ in 0..count {
@@ -143,8 +163,17 @@ fn patch_u32(zip: &mut [u8], name: &str, local_field: usize, central_field: usiz
 /// Renames an entry in place (same length), in its local header and its central record.
 fn rename_entry(zip: &mut [u8], from: &str, to: &str) {
     assert_eq!(from.len(), to.len(), "same-length names only");
-    let hits: Vec<usize> = zip.windows(from.len()).enumerate().filter(|(_, w)| *w == from.as_bytes()).map(|(i, _)| i).collect();
-    assert_eq!(hits.len(), 2, "{from:?} must appear exactly in the local header and the central record");
+    let hits: Vec<usize> = zip
+        .windows(from.len())
+        .enumerate()
+        .filter(|(_, w)| *w == from.as_bytes())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        hits.len(),
+        2,
+        "{from:?} must appear exactly in the local header and the central record"
+    );
     for i in hits {
         zip[i..i + to.len()].copy_from_slice(to.as_bytes());
     }
@@ -153,7 +182,8 @@ fn rename_entry(zip: &mut [u8], from: &str, to: &str) {
 /// Checks that a lenient reader (the zip crate without header validation) can open the archive,
 /// so the hostile package is damaged only in the way the test means.
 fn assert_zip_opens(zip: &[u8]) {
-    zip::ZipArchive::new(std::io::Cursor::new(zip.to_vec())).expect("the crafted archive should still parse as a ZIP");
+    zip::ZipArchive::new(std::io::Cursor::new(zip.to_vec()))
+        .expect("the crafted archive should still parse as a ZIP");
 }
 
 fn crc32(data: &[u8]) -> u32 {
@@ -232,7 +262,10 @@ fn hand_package(manifest: &str, payload: &[u8]) -> Vec<u8> {
     let mut body = local_entry("manifest.json", manifest.as_bytes());
     let payload_at = body.len();
     body.extend(local_entry("payload/tool", payload));
-    hand_zip(&body, &[("manifest.json", manifest.as_bytes(), 0), ("payload/tool", payload, payload_at)])
+    hand_zip(
+        &body,
+        &[("manifest.json", manifest.as_bytes(), 0), ("payload/tool", payload, payload_at)],
+    )
 }
 
 // ---- control: the builders make packages the engine accepts ----
@@ -241,7 +274,9 @@ fn hand_package(manifest: &str, payload: &[u8]) -> Vec<u8> {
 fn untampered_packages_from_the_same_builders_install() {
     type Builder = fn(&str, &[u8]) -> Vec<u8>;
     let builders: [(&str, Builder); 3] = [
-        ("deflate", |m, p| zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", p)])),
+        ("deflate", |m, p| {
+            zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", p)])
+        }),
         ("stored", |m, p| stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", p)])),
         ("by hand", hand_package),
     ];
@@ -249,7 +284,12 @@ fn untampered_packages_from_the_same_builders_install() {
         let env = device("");
         let pkg = save(&env, "good.zip", &build(&tool_manifest(&env, "1.0.0"), NEW_TOOL));
         let out = env.run(&["install", &pkg]);
-        assert_eq!(out.code, Some(0), "{what}: a well-formed package must install\n{}", out.describe());
+        assert_eq!(
+            out.code,
+            Some(0),
+            "{what}: a well-formed package must install\n{}",
+            out.describe()
+        );
         assert_eq!(env.read(TOOL).as_deref(), Some(NEW_TOOL), "{what}");
     }
 }
@@ -259,13 +299,22 @@ fn untampered_packages_from_the_same_builders_install() {
 #[test]
 fn entries_with_parent_dir_components_are_rejected_and_nothing_changes() {
     let env = device("");
-    for (i, evil) in ["../evil", "a/../../evil", "payload/../../../evil", "payload/.."].iter().enumerate() {
+    for (i, evil) in
+        ["../evil", "a/../../evil", "payload/../../../evil", "payload/.."].iter().enumerate()
+    {
         let m = tool_manifest(&env, "1.0.0");
-        let zip =
-            zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", NEW_TOOL), Entry::File(evil, b"pwned")]);
+        let zip = zip_with(&[
+            Entry::File("manifest.json", m.as_bytes()),
+            Entry::File("payload/tool", NEW_TOOL),
+            Entry::File(evil, b"pwned"),
+        ]);
         let pkg = save(&env, &format!("dotdot-{i}.zip"), &zip);
         assert_install_rejected(&env, &pkg, "INVALID_PACKAGE");
-        assert!(!env.tmp.path().join("evil").exists() && !env.tmp.path().parent().unwrap().join("evil").exists(), "{evil}");
+        assert!(
+            !env.tmp.path().join("evil").exists()
+                && !env.tmp.path().parent().unwrap().join("evil").exists(),
+            "{evil}"
+        );
     }
 }
 
@@ -273,8 +322,11 @@ fn entries_with_parent_dir_components_are_rejected_and_nothing_changes() {
 fn absolute_entry_name_is_rejected_and_nothing_changes() {
     let env = device("");
     let m = tool_manifest(&env, "1.0.0");
-    let mut zip =
-        zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", NEW_TOOL), Entry::File("Xetc/evil", b"pwned")]);
+    let mut zip = zip_with(&[
+        Entry::File("manifest.json", m.as_bytes()),
+        Entry::File("payload/tool", NEW_TOOL),
+        Entry::File("Xetc/evil", b"pwned"),
+    ]);
     rename_entry(&mut zip, "Xetc/evil", "/etc/evil");
     assert_zip_opens(&zip);
     let pkg = save(&env, "absolute.zip", &zip);
@@ -285,7 +337,9 @@ fn absolute_entry_name_is_rejected_and_nothing_changes() {
 fn symlink_entry_is_rejected_even_when_no_module_uses_it() {
     let env = device("");
     let m = tool_manifest(&env, "1.0.0");
-    for (i, (name, target)) in [("payload/link", "/etc/passwd"), ("payload/tool", "/etc/shadow")].iter().enumerate() {
+    for (i, (name, target)) in
+        [("payload/link", "/etc/passwd"), ("payload/tool", "/etc/shadow")].iter().enumerate()
+    {
         // First: an unreferenced symlink beside a good payload; second: the module's src itself.
         let mut entries = vec![Entry::File("manifest.json", m.as_bytes())];
         if *name != "payload/tool" {
@@ -301,7 +355,11 @@ fn symlink_entry_is_rejected_even_when_no_module_uses_it() {
 fn duplicate_entry_names_are_rejected_and_nothing_changes() {
     let env = device("");
     let m = tool_manifest(&env, "1.0.0");
-    let mut zip = stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", NEW_TOOL), ("payload/toox", b"the other twin\n")]);
+    let mut zip = stored_zip(&[
+        ("manifest.json", m.as_bytes()),
+        ("payload/tool", NEW_TOOL),
+        ("payload/toox", b"the other twin\n"),
+    ]);
     rename_entry(&mut zip, "payload/toox", "payload/tool");
     assert_zip_opens(&zip);
     let pkg = save(&env, "duplicate.zip", &zip);
@@ -313,7 +371,11 @@ fn two_manifests_under_one_name_are_rejected() {
     let env = device("");
     let first = tool_manifest(&env, "1.0.0");
     let second = manifest("1.0.0", &[("tool", "payload/tool", &env.dst("app/etc/app.conf"))]);
-    let mut zip = stored_zip(&[("manifest.json", first.as_bytes()), ("manifest.jsoX", second.as_bytes()), ("payload/tool", NEW_TOOL)]);
+    let mut zip = stored_zip(&[
+        ("manifest.json", first.as_bytes()),
+        ("manifest.jsoX", second.as_bytes()),
+        ("payload/tool", NEW_TOOL),
+    ]);
     rename_entry(&mut zip, "manifest.jsoX", "manifest.json");
     assert_zip_opens(&zip);
     let pkg = save(&env, "two-manifests.zip", &zip);
@@ -360,8 +422,15 @@ fn zip_bomb_by_compression_ratio_is_rejected() {
     let env = device("max_compression_ratio = 100");
     let zeros = vec![0u8; 4 * 1024 * 1024];
     let m = tool_manifest(&env, "1.0.0");
-    let zip = zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", &zeros)]);
-    assert!(zip.len() * 100 < zeros.len(), "the bomb should compress more than 100:1 ({} bytes)", zip.len());
+    let zip = zip_with(&[
+        Entry::File("manifest.json", m.as_bytes()),
+        Entry::File("payload/tool", &zeros),
+    ]);
+    assert!(
+        zip.len() * 100 < zeros.len(),
+        "the bomb should compress more than 100:1 ({} bytes)",
+        zip.len()
+    );
     let pkg = save(&env, "ratio-bomb.zip", &zip);
     assert_install_rejected(&env, &pkg, "INVALID_PACKAGE");
 }
@@ -371,7 +440,10 @@ fn package_unpacking_beyond_max_unpacked_bytes_is_rejected() {
     let env = device("max_unpacked_bytes = 4096");
     let m = tool_manifest(&env, "1.0.0");
     let payload = noise(b"big", 8192);
-    let zip = zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", &payload)]);
+    let zip = zip_with(&[
+        Entry::File("manifest.json", m.as_bytes()),
+        Entry::File("payload/tool", &payload),
+    ]);
     let pkg = save(&env, "too-big-unpacked.zip", &zip);
     assert_install_rejected(&env, &pkg, "INVALID_PACKAGE");
 }
@@ -380,7 +452,10 @@ fn package_unpacking_beyond_max_unpacked_bytes_is_rejected() {
 fn package_larger_than_max_package_bytes_is_rejected() {
     let env = device("max_package_bytes = 256");
     let m = tool_manifest(&env, "1.0.0");
-    let zip = zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", NEW_TOOL)]);
+    let zip = zip_with(&[
+        Entry::File("manifest.json", m.as_bytes()),
+        Entry::File("payload/tool", NEW_TOOL),
+    ]);
     assert!(zip.len() > 256, "the package must exceed the limit ({} bytes)", zip.len());
     let pkg = save(&env, "too-big.zip", &zip);
     assert_install_rejected(&env, &pkg, "INVALID_PACKAGE");
@@ -388,7 +463,10 @@ fn package_larger_than_max_package_bytes_is_rejected() {
 
 fn good_zip(env: &Env) -> Vec<u8> {
     let m = tool_manifest(env, "1.0.0");
-    zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", &noise(b"tool", 5000))])
+    zip_with(&[
+        Entry::File("manifest.json", m.as_bytes()),
+        Entry::File("payload/tool", &noise(b"tool", 5000)),
+    ])
 }
 
 #[test]
@@ -412,8 +490,11 @@ fn archive_missing_its_last_bytes_is_rejected_and_nothing_changes() {
 #[test]
 fn file_that_is_not_a_zip_is_rejected() {
     let env = device("");
-    let cases: [(&str, Vec<u8>); 3] =
-        [("text", b"{\"version\":\"1.0.0\"}\nthis is not a zip\n".to_vec()), ("empty", Vec::new()), ("noise", noise(b"not a zip", 4096))];
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("text", b"{\"version\":\"1.0.0\"}\nthis is not a zip\n".to_vec()),
+        ("empty", Vec::new()),
+        ("noise", noise(b"not a zip", 4096)),
+    ];
     for (what, bytes) in cases {
         let pkg = save(&env, &format!("not-a-zip-{what}.zip"), &bytes);
         assert_install_rejected(&env, &pkg, "INVALID_PACKAGE");
@@ -444,7 +525,11 @@ fn manifest_over_one_mebibyte_is_rejected_as_invalid_manifest() {
     m["padding"] = serde_json::Value::String(blake3_hex(b"x").repeat(1024 * 1024 / 64 + 1));
     let m = m.to_string();
     assert!(m.len() > 1024 * 1024);
-    let pkg = save(&env, "big-manifest.zip", &stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", NEW_TOOL)]));
+    let pkg = save(
+        &env,
+        "big-manifest.zip",
+        &stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", NEW_TOOL)]),
+    );
     assert_install_rejected(&env, &pkg, "INVALID_MANIFEST");
 }
 
@@ -454,7 +539,11 @@ fn non_utf8_manifest_is_rejected_as_invalid_manifest() {
     let m = tool_manifest(&env, "1.0.0").replace("\"tool\"", "\"to\u{1}ol\"");
     let bytes: Vec<u8> = m.bytes().map(|b| if b == 1 { 0xff } else { b }).collect();
     assert!(std::str::from_utf8(&bytes).is_err());
-    let pkg = save(&env, "latin1.zip", &stored_zip(&[("manifest.json", &bytes), ("payload/tool", NEW_TOOL)]));
+    let pkg = save(
+        &env,
+        "latin1.zip",
+        &stored_zip(&[("manifest.json", &bytes), ("payload/tool", NEW_TOOL)]),
+    );
     assert_install_rejected(&env, &pkg, "INVALID_MANIFEST");
 }
 
@@ -462,18 +551,32 @@ fn non_utf8_manifest_is_rejected_as_invalid_manifest() {
 fn json_nesting_bomb_in_the_manifest_is_rejected_without_crashing() {
     let env = device("");
     let good = tool_manifest(&env, "1.0.0");
-    let bomb = format!("{},\"x\":{}{}}}", &good[..good.len() - 1], "[".repeat(100_000), "]".repeat(100_000));
+    let bomb = format!(
+        "{},\"x\":{}{}}}",
+        &good[..good.len() - 1],
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
     // Stored: 200 KB of brackets would otherwise trip the compression-ratio limit first.
-    let pkg = save(&env, "nesting.zip", &stored_zip(&[("manifest.json", bomb.as_bytes()), ("payload/tool", NEW_TOOL)]));
+    let pkg = save(
+        &env,
+        "nesting.zip",
+        &stored_zip(&[("manifest.json", bomb.as_bytes()), ("payload/tool", NEW_TOOL)]),
+    );
     assert_install_rejected(&env, &pkg, "INVALID_MANIFEST");
 }
 
 #[test]
 fn malformed_version_string_is_rejected_as_invalid_manifest() {
     let env = device("");
-    for (i, v) in ["1.0", "v1.0.0", "1.0.0-rc1", "1.0.0.0", "", " 1.0.0", "1.a.0"].iter().enumerate() {
+    for (i, v) in
+        ["1.0", "v1.0.0", "1.0.0-rc1", "1.0.0.0", "", " 1.0.0", "1.a.0"].iter().enumerate()
+    {
         let m = tool_manifest(&env, v);
-        let zip = zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", NEW_TOOL)]);
+        let zip = zip_with(&[
+            Entry::File("manifest.json", m.as_bytes()),
+            Entry::File("payload/tool", NEW_TOOL),
+        ]);
         let pkg = save(&env, &format!("version-{i}.zip"), &zip);
         assert_install_rejected(&env, &pkg, "INVALID_MANIFEST");
     }
@@ -483,14 +586,27 @@ fn malformed_version_string_is_rejected_as_invalid_manifest() {
 fn manifest_with_no_modules_is_rejected_as_invalid_manifest() {
     let env = device("");
     let m = manifest("1.0.0", &[]);
-    let pkg = save(&env, "empty.zip", &zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", NEW_TOOL)]));
+    let pkg = save(
+        &env,
+        "empty.zip",
+        &zip_with(&[
+            Entry::File("manifest.json", m.as_bytes()),
+            Entry::File("payload/tool", NEW_TOOL),
+        ]),
+    );
     assert_install_rejected(&env, &pkg, "INVALID_MANIFEST");
 }
 
 #[test]
 fn duplicate_module_names_are_rejected_as_invalid_manifest() {
     let env = device("");
-    let m = manifest("1.0.0", &[("tool", "payload/tool", &env.dst(TOOL)), ("tool", "payload/other", &env.dst("app/bin/other"))]);
+    let m = manifest(
+        "1.0.0",
+        &[
+            ("tool", "payload/tool", &env.dst(TOOL)),
+            ("tool", "payload/other", &env.dst("app/bin/other")),
+        ],
+    );
     let zip = zip_with(&[
         Entry::File("manifest.json", m.as_bytes()),
         Entry::File("payload/tool", NEW_TOOL),
@@ -503,8 +619,17 @@ fn duplicate_module_names_are_rejected_as_invalid_manifest() {
 #[test]
 fn module_src_missing_from_the_zip_is_rejected_as_invalid_package() {
     let env = device("");
-    let m = manifest("1.0.0", &[("tool", "payload/tool", &env.dst(TOOL)), ("ghost", "payload/ghost", &env.dst("app/bin/ghost"))]);
-    let zip = zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", NEW_TOOL)]);
+    let m = manifest(
+        "1.0.0",
+        &[
+            ("tool", "payload/tool", &env.dst(TOOL)),
+            ("ghost", "payload/ghost", &env.dst("app/bin/ghost")),
+        ],
+    );
+    let zip = zip_with(&[
+        Entry::File("manifest.json", m.as_bytes()),
+        Entry::File("payload/tool", NEW_TOOL),
+    ]);
     let pkg = save(&env, "missing-src.zip", &zip);
     assert_install_rejected(&env, &pkg, "INVALID_PACKAGE");
 }
@@ -513,7 +638,10 @@ fn module_src_missing_from_the_zip_is_rejected_as_invalid_package() {
 
 /// A package with a good module for `TOOL` and a second module deploying to `dst`.
 fn package_with_dst(env: &Env, name: &str, dst: &str) -> String {
-    let m = manifest("1.0.0", &[("tool", "payload/tool", &env.dst(TOOL)), ("evil", "payload/evil", dst)]);
+    let m = manifest(
+        "1.0.0",
+        &[("tool", "payload/tool", &env.dst(TOOL)), ("evil", "payload/evil", dst)],
+    );
     let zip = zip_with(&[
         Entry::File("manifest.json", m.as_bytes()),
         Entry::File("payload/tool", NEW_TOOL),
@@ -529,7 +657,11 @@ fn dst_outside_the_allowed_roots_is_rejected() {
     std::fs::create_dir_all(&outside).unwrap();
     let root = env.root.to_str().unwrap();
     // A sibling directory, a name sharing the root's string prefix, and the root itself.
-    let dsts = [outside.join("evil").to_str().unwrap().to_string(), format!("{root}kit/evil"), root.to_string()];
+    let dsts = [
+        outside.join("evil").to_str().unwrap().to_string(),
+        format!("{root}kit/evil"),
+        root.to_string(),
+    ];
     for (i, dst) in dsts.iter().enumerate() {
         let pkg = package_with_dst(&env, &format!("outside-{i}.zip"), dst);
         assert_install_rejected(&env, &pkg, "PATH_NOT_ALLOWED");
@@ -551,7 +683,11 @@ fn relative_dst_is_rejected() {
 fn dst_with_dot_or_dot_dot_components_is_rejected() {
     let env = device("");
     // Both stay inside the root after normalisation, and both are refused anyway.
-    for (i, dst) in [env.dst("app/../app/bin/new"), env.dst("app/bin/../../app/evil"), env.dst("app/./bin/new")].iter().enumerate() {
+    for (i, dst) in
+        [env.dst("app/../app/bin/new"), env.dst("app/bin/../../app/evil"), env.dst("app/./bin/new")]
+            .iter()
+            .enumerate()
+    {
         let pkg = package_with_dst(&env, &format!("dotdot-dst-{i}.zip"), dst);
         assert_install_rejected(&env, &pkg, "PATH_NOT_ALLOWED");
     }
@@ -560,7 +696,11 @@ fn dst_with_dot_or_dot_dot_components_is_rejected() {
 #[test]
 fn dst_with_empty_component_is_rejected() {
     let env = device("");
-    for (i, dst) in [env.dst("app//bin/new"), env.dst("app/bin/new/"), format!("/{}", env.dst("app/bin/new"))].iter().enumerate() {
+    for (i, dst) in
+        [env.dst("app//bin/new"), env.dst("app/bin/new/"), format!("/{}", env.dst("app/bin/new"))]
+            .iter()
+            .enumerate()
+    {
         let pkg = package_with_dst(&env, &format!("slashes-{i}.zip"), dst);
         assert_install_rejected(&env, &pkg, "PATH_NOT_ALLOWED");
     }
@@ -580,11 +720,22 @@ fn dst_through_a_symlink_leaving_the_root_is_rejected() {
     std::fs::create_dir_all(&outside).unwrap();
     std::os::unix::fs::symlink(&outside, env.path("app/escape")).unwrap();
     std::os::unix::fs::symlink("../outside", env.path("escape-relative")).unwrap();
-    for (i, dst) in [env.dst("app/escape/evil"), env.dst("escape-relative/evil"), env.dst("app/escape/sub/evil")].iter().enumerate() {
+    for (i, dst) in [
+        env.dst("app/escape/evil"),
+        env.dst("escape-relative/evil"),
+        env.dst("app/escape/sub/evil"),
+    ]
+    .iter()
+    .enumerate()
+    {
         let pkg = package_with_dst(&env, &format!("escape-{i}.zip"), dst);
         assert_install_rejected(&env, &pkg, "PATH_NOT_ALLOWED");
     }
-    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "something was written outside the root");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "something was written outside the root"
+    );
 }
 
 #[test]
@@ -616,8 +767,16 @@ fn dst_that_is_an_existing_symlink_is_rejected() {
     // One symlink that stays inside the root, one that points out of it, one dangling.
     std::os::unix::fs::symlink("tool", env.path("app/bin/tool-link")).unwrap();
     std::os::unix::fs::symlink(&outside, env.path("app/bin/out-link")).unwrap();
-    std::os::unix::fs::symlink(env.tmp.path().join("nowhere"), env.path("app/bin/dangling-link")).unwrap();
-    for (i, dst) in [env.dst("app/bin/tool-link"), env.dst("app/bin/out-link"), env.dst("app/bin/dangling-link")].iter().enumerate() {
+    std::os::unix::fs::symlink(env.tmp.path().join("nowhere"), env.path("app/bin/dangling-link"))
+        .unwrap();
+    for (i, dst) in [
+        env.dst("app/bin/tool-link"),
+        env.dst("app/bin/out-link"),
+        env.dst("app/bin/dangling-link"),
+    ]
+    .iter()
+    .enumerate()
+    {
         let pkg = package_with_dst(&env, &format!("link-{i}.zip"), dst);
         assert_install_rejected(&env, &pkg, "PATH_NOT_ALLOWED");
     }
@@ -652,7 +811,10 @@ fn module_content_not_matching_its_blake3_is_rejected_and_no_module_is_deployed(
     let pkg = save(&env, "hash.zip", &zip);
     assert_install_rejected(&env, &pkg, "HASH_MISMATCH");
     assert_eq!(env.read(TOOL).as_deref(), Some(TOOL_OLD));
-    assert!(!env.path("app/lib").exists() && !env.path("app/zz").exists(), "directories created for staging were left");
+    assert!(
+        !env.path("app/lib").exists() && !env.path("app/zz").exists(),
+        "directories created for staging were left"
+    );
 }
 
 /// A pinned Stored entry over 4 MiB is staged by pieces read straight from the package (not
@@ -691,7 +853,14 @@ fn compatible_package(env: &Env) -> String {
     let mut m: serde_json::Value = serde_json::from_str(&tool_manifest(env, "1.0.0")).unwrap();
     m["compatible"] = "printer-x1".into();
     let m = m.to_string();
-    save(env, "compatible.zip", &zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", NEW_TOOL)]))
+    save(
+        env,
+        "compatible.zip",
+        &zip_with(&[
+            Entry::File("manifest.json", m.as_bytes()),
+            Entry::File("payload/tool", NEW_TOOL),
+        ]),
+    )
 }
 
 #[test]
@@ -718,7 +887,10 @@ fn downgrade_is_refused_without_allow_downgrade_and_allowed_with_it() {
         save(
             &env,
             &format!("{version}.zip"),
-            &zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", content)]),
+            &zip_with(&[
+                Entry::File("manifest.json", m.as_bytes()),
+                Entry::File("payload/tool", content),
+            ]),
         )
     };
     let pkg2 = build("2.0.0", v2);
@@ -749,8 +921,14 @@ fn entry_hidden_inside_another_entrys_data_is_rejected() {
     let outer_at = body.len();
     body.extend(local_entry("payload/outer", &inner));
     let inner_at = outer_at + 30 + "payload/outer".len();
-    let zip =
-        hand_zip(&body, &[("manifest.json", m.as_bytes(), 0), ("payload/outer", &inner, outer_at), ("payload/tool", NEW_TOOL, inner_at)]);
+    let zip = hand_zip(
+        &body,
+        &[
+            ("manifest.json", m.as_bytes(), 0),
+            ("payload/outer", &inner, outer_at),
+            ("payload/tool", NEW_TOOL, inner_at),
+        ],
+    );
     // A naive reader would happily extract payload/tool from inside payload/outer.
     let mut a = zip::ZipArchive::new(std::io::Cursor::new(zip.clone())).unwrap();
     let mut got = Vec::new();
@@ -763,12 +941,24 @@ fn entry_hidden_inside_another_entrys_data_is_rejected() {
 #[test]
 fn two_central_records_for_one_local_header_are_rejected() {
     let env = device("");
-    let m = manifest("1.0.0", &[("tool", "payload/tool", &env.dst(TOOL)), ("twin", "payload/twin", &env.dst("app/bin/twin"))]);
+    let m = manifest(
+        "1.0.0",
+        &[
+            ("tool", "payload/tool", &env.dst(TOOL)),
+            ("twin", "payload/twin", &env.dst("app/bin/twin")),
+        ],
+    );
     let mut body = local_entry("manifest.json", m.as_bytes());
     let tool_at = body.len();
     body.extend(local_entry("payload/tool", NEW_TOOL));
-    let zip =
-        hand_zip(&body, &[("manifest.json", m.as_bytes(), 0), ("payload/tool", NEW_TOOL, tool_at), ("payload/twin", NEW_TOOL, tool_at)]);
+    let zip = hand_zip(
+        &body,
+        &[
+            ("manifest.json", m.as_bytes(), 0),
+            ("payload/tool", NEW_TOOL, tool_at),
+            ("payload/twin", NEW_TOOL, tool_at),
+        ],
+    );
     assert_zip_opens(&zip);
     let pkg = save(&env, "twin-records.zip", &zip);
     assert_install_rejected(&env, &pkg, "INVALID_PACKAGE");
@@ -815,11 +1005,25 @@ fn a_package_changed_after_validation_is_refused_at_staging_and_nothing_changes(
         }
         drop(file);
         let run = paused.finish();
-        assert_eq!(run.code, Some(3), "{ctx}: expected exit status 3 (rejected)\n{}", run.describe());
-        assert_eq!(run.error_code().as_deref(), Some(code), "{ctx}: expected `error: {code}: ...`\n{}", run.describe());
+        assert_eq!(
+            run.code,
+            Some(3),
+            "{ctx}: expected exit status 3 (rejected)\n{}",
+            run.describe()
+        );
+        assert_eq!(
+            run.error_code().as_deref(),
+            Some(code),
+            "{ctx}: expected `error: {code}: ...`\n{}",
+            run.describe()
+        );
         assert_eq!(run.json()["error"]["code"], code, "{ctx}\n{}", run.describe());
         assert_eq!(tree(&env.root), before, "{ctx}: the target tree changed\n{}", run.describe());
-        assert_eq!(leftovers(&env.root), Vec::<String>::new(), "{ctx}: temporary files left behind");
+        assert_eq!(
+            leftovers(&env.root),
+            Vec::<String>::new(),
+            "{ctx}: temporary files left behind"
+        );
         let s = env.run(&["--json", "status"]).json();
         assert!(s["in_flight"].is_null() && s["current"].is_null(), "{ctx}: {s}");
         let history = env.run(&["--json", "history"]).json();
@@ -834,7 +1038,9 @@ fn a_package_changed_after_validation_is_refused_at_staging_and_nothing_changes(
 /// the install run on, so each retry starts over on a fresh device with a longer sleep.
 /// Returns the device, the package path and length, the tree before, and the paused install.
 #[cfg(feature = "failpoints")]
-fn install_paused_at_staging(pinned: bool) -> (Env, String, u64, std::collections::BTreeMap<String, String>, crate::pause::Paused) {
+fn install_paused_at_staging(
+    pinned: bool,
+) -> (Env, String, u64, std::collections::BTreeMap<String, String>, crate::pause::Paused) {
     use crate::pause::{SLEEPS_MS, Spawned, spawn_paused};
     let payload = noise(b"changed later", 5 * 1024 * 1024 + 17);
     for sleep_ms in SLEEPS_MS {
@@ -846,11 +1052,20 @@ fn install_paused_at_staging(pinned: bool) -> (Env, String, u64, std::collection
             stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", &payload)])
         } else {
             let m = tool_manifest(&env, "1.0.0");
-            zip_with(&[Entry::File("manifest.json", m.as_bytes()), Entry::File("payload/tool", &payload)])
+            zip_with(&[
+                Entry::File("manifest.json", m.as_bytes()),
+                Entry::File("payload/tool", &payload),
+            ])
         };
         let pkg = save(&env, "changed.zip", &zip);
         let before = tree(&env.root);
-        match spawn_paused(env.command(&["--json", "install", &pkg]), "enter.Staged", sleep_ms, &env.state, env.tmp.path()) {
+        match spawn_paused(
+            env.command(&["--json", "install", &pkg]),
+            "enter.Staged",
+            sleep_ms,
+            &env.state,
+            env.tmp.path(),
+        ) {
             Spawned::Paused(p) => return (env, pkg, zip.len() as u64, before, p),
             Spawned::Exited(r) if sleep_ms == *SLEEPS_MS.last().unwrap() => {
                 panic!("the install ended without pausing at enter.Staged:\n{}", r.describe())

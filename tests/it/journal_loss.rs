@@ -95,7 +95,11 @@ mod armed {
         let mut entries = Vec::new();
         for (name, dst, content, mode) in modules() {
             let src = format!("files/{name}");
-            let hash = if failing && name == WRONG { blake3_hex(b"something else") } else { blake3_hex(&content) };
+            let hash = if failing && name == WRONG {
+                blake3_hex(b"something else")
+            } else {
+                blake3_hex(&content)
+            };
             let mut m = json!({"name": name, "src": src, "dst": env.dst(dst), "blake3": hash});
             if let Some(mode) = mode {
                 m["mode"] = json!(mode);
@@ -104,7 +108,8 @@ mod armed {
             entries.push((src, content));
         }
         let manifest = json!({"version": V2, "modules": mods}).to_string();
-        let files: Vec<(&str, &[u8])> = entries.iter().map(|(n, c)| (n.as_str(), c.as_slice())).collect();
+        let files: Vec<(&str, &[u8])> =
+            entries.iter().map(|(n, c)| (n.as_str(), c.as_slice())).collect();
         let path = env.pkg_path(if failing { "v2-bad.zip" } else { "v2.zip" });
         write_package(&path, &manifest, &files);
         path
@@ -141,8 +146,17 @@ mod armed {
         env.ok(&["install", p(&package(&env, false))]);
         assert_eq!(tree(&env.root), new, "a clean install ends at the package's tree");
         let bad = env.run(&["install", p(&package(&env, true)), "--json"]);
-        assert!(matches!(bad.code, Some(3) | Some(4)), "fixture error: the failing package must fail:\n{}", bad.describe());
-        assert_eq!(bad.json()["error"]["code"], "HASH_MISMATCH", "fixture error:\n{}", bad.describe());
+        assert!(
+            matches!(bad.code, Some(3) | Some(4)),
+            "fixture error: the failing package must fail:\n{}",
+            bad.describe()
+        );
+        assert_eq!(
+            bad.json()["error"]["code"],
+            "HASH_MISMATCH",
+            "fixture error:\n{}",
+            bad.describe()
+        );
         Sides { old, new }
     }
 
@@ -161,11 +175,19 @@ mod armed {
         if have == sides.new {
             return Side::New;
         }
-        let keys: BTreeSet<&String> = have.keys().chain(sides.old.keys()).chain(sides.new.keys()).collect();
+        let keys: BTreeSet<&String> =
+            have.keys().chain(sides.old.keys()).chain(sides.new.keys()).collect();
         let diff: Vec<String> = keys
             .into_iter()
             .filter(|k| have.get(*k) != sides.old.get(*k) || have.get(*k) != sides.new.get(*k))
-            .map(|k| format!("  {k}: have {:?}, old {:?}, new {:?}", have.get(k), sides.old.get(k), sides.new.get(k)))
+            .map(|k| {
+                format!(
+                    "  {k}: have {:?}, old {:?}, new {:?}",
+                    have.get(k),
+                    sides.old.get(k),
+                    sides.new.get(k)
+                )
+            })
             .collect();
         panic!("{ctx}: the tree is neither all old nor all new:\n{}", diff.join("\n"));
     }
@@ -195,7 +217,11 @@ mod armed {
     impl fmt::Display for Arm {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             let which = if self.failing { "failing install" } else { "install" };
-            if self.hit == 1 { write!(f, "{which} at {}", self.point) } else { write!(f, "{which} at {}#{}", self.point, self.hit) }
+            if self.hit == 1 {
+                write!(f, "{which} at {}", self.point)
+            } else {
+                write!(f, "{which} at {}#{}", self.point, self.hit)
+            }
         }
     }
 
@@ -227,10 +253,24 @@ mod armed {
         let env = Env::new();
         seed_v1(&env);
         let pkg = package(&env, arm.failing);
-        let r = Run::from(env.command(&["install", p(&pkg)]).env("FAILPOINTS", arm.spec()).output().unwrap());
-        assert_eq!(r.signal, Some(9), "{ctx}: the install must be killed at its crash point (never reached?):\n{}", r.describe());
-        assert!(r.stderr.contains(&format!("crash point {}: SIGKILL", arm.point)), "{ctx}: killed by another point:\n{}", r.describe());
-        assert!(plan_copy(&env).exists(), "{ctx}: the plan copy must exist while the transaction is in flight");
+        let r = Run::from(
+            env.command(&["install", p(&pkg)]).env("FAILPOINTS", arm.spec()).output().unwrap(),
+        );
+        assert_eq!(
+            r.signal,
+            Some(9),
+            "{ctx}: the install must be killed at its crash point (never reached?):\n{}",
+            r.describe()
+        );
+        assert!(
+            r.stderr.contains(&format!("crash point {}: SIGKILL", arm.point)),
+            "{ctx}: killed by another point:\n{}",
+            r.describe()
+        );
+        assert!(
+            plan_copy(&env).exists(),
+            "{ctx}: the plan copy must exist while the transaction is in flight"
+        );
         env
     }
 
@@ -247,7 +287,9 @@ mod armed {
         let mut v: Vec<PathBuf> = std::fs::read_dir(&env.state)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("journal.redb.corrupt-"))
+            .filter(|p| {
+                p.file_name().unwrap().to_str().unwrap().starts_with("journal.redb.corrupt-")
+            })
             .collect();
         v.sort();
         v
@@ -354,22 +396,56 @@ mod armed {
             Side::Old => Value::Null,
             Side::New => json!(V2),
         };
-        assert_eq!(s["current"]["version"], want_version, "{ctx}: the tree is all {side:?} but status says {s}");
+        assert_eq!(
+            s["current"]["version"], want_version,
+            "{ctx}: the tree is all {side:?} but status says {s}"
+        );
         let snapshot = tree(&env.root);
         let again = env.run(&["recover", "--json"]);
-        assert_eq!(again.code, Some(0), "{ctx}: a second recover must have nothing to do:\n{}", again.describe());
-        assert_eq!(again.json()["result"], "nothing", "{ctx}: a second recover did something:\n{}", again.describe());
+        assert_eq!(
+            again.code,
+            Some(0),
+            "{ctx}: a second recover must have nothing to do:\n{}",
+            again.describe()
+        );
+        assert_eq!(
+            again.json()["result"],
+            "nothing",
+            "{ctx}: a second recover did something:\n{}",
+            again.describe()
+        );
         assert_eq!(tree(&env.root), snapshot, "{ctx}: a second recover changed the tree");
-        assert!(leftovers(&env.root).is_empty(), "{ctx}: temporary files left under the root: {:?}", leftovers(&env.root));
-        assert!(leftovers(&env.state).is_empty(), "{ctx}: temporary files left in the state dir: {:?}", leftovers(&env.state));
+        assert!(
+            leftovers(&env.root).is_empty(),
+            "{ctx}: temporary files left under the root: {:?}",
+            leftovers(&env.root)
+        );
+        assert!(
+            leftovers(&env.state).is_empty(),
+            "{ctx}: temporary files left in the state dir: {:?}",
+            leftovers(&env.state)
+        );
         assert!(!plan_copy(env).exists(), "{ctx}: the plan copy outlived its transaction");
 
         let pkg = package(env, false);
         let r = env.run(&["install", p(&pkg), "--force", "--json"]);
-        assert_eq!(r.code, Some(0), "{ctx}: a fresh install with --force must succeed:\n{}", r.describe());
-        assert_eq!(side_of(env, sides, ctx), Side::New, "{ctx}: the fresh install did not leave the tree all new");
+        assert_eq!(
+            r.code,
+            Some(0),
+            "{ctx}: a fresh install with --force must succeed:\n{}",
+            r.describe()
+        );
+        assert_eq!(
+            side_of(env, sides, ctx),
+            Side::New,
+            "{ctx}: the fresh install did not leave the tree all new"
+        );
         assert_eq!(status(env, ctx)["current"]["version"], V2, "{ctx}: after the fresh install");
-        assert!(leftovers(&env.root).is_empty(), "{ctx}: the fresh install left temporary files: {:?}", leftovers(&env.root));
+        assert!(
+            leftovers(&env.root).is_empty(),
+            "{ctx}: the fresh install left temporary files: {:?}",
+            leftovers(&env.root)
+        );
         let v = env.run(&["verify"]);
         assert_eq!(v.code, Some(0), "{ctx}: verify after the fresh install:\n{}", v.describe());
     }
@@ -386,29 +462,63 @@ mod armed {
     /// `recover` after the journal was damaged: either it reports `JOURNAL_CORRUPT` (exit 4,
     /// rolled back from the plan copy, all old, the damaged file kept aside), or redb still
     /// opened the file and recovery was normal (all old or all new).
-    fn recover_after_damage(env: &Env, sides: &Sides, d: Damage, damaged: Option<&[u8]>, ctx: &str) -> (bool, Option<i32>, Side) {
+    fn recover_after_damage(
+        env: &Env,
+        sides: &Sides,
+        d: Damage,
+        damaged: Option<&[u8]>,
+        ctx: &str,
+    ) -> (bool, Option<i32>, Side) {
         let r = env.run(&["recover", "--json"]);
         let j = r.json();
         let detected = j["journal_lost"]["code"] == "JOURNAL_CORRUPT";
         let aside = asides(env);
         if detected {
-            assert_eq!(r.code, Some(4), "{ctx}: JOURNAL_CORRUPT means rolled back from the plan copy (exit 4):\n{}", r.describe());
+            assert_eq!(
+                r.code,
+                Some(4),
+                "{ctx}: JOURNAL_CORRUPT means rolled back from the plan copy (exit 4):\n{}",
+                r.describe()
+            );
             assert_eq!(j["result"], "finished", "{ctx}:\n{}", r.describe());
             assert_eq!(j["report"]["outcome"], "rolled_back", "{ctx}:\n{}", r.describe());
-            assert_eq!(j["report"]["error"]["code"], "JOURNAL_CORRUPT", "{ctx}: the rollback names its cause:\n{}", r.describe());
+            assert_eq!(
+                j["report"]["error"]["code"],
+                "JOURNAL_CORRUPT",
+                "{ctx}: the rollback names its cause:\n{}",
+                r.describe()
+            );
             let side = side_of(env, sides, ctx);
-            assert_eq!(side, Side::Old, "{ctx}: rolled back from the plan copy, so every target must be old:\n{}", r.describe());
+            assert_eq!(
+                side,
+                Side::Old,
+                "{ctx}: rolled back from the plan copy, so every target must be old:\n{}",
+                r.describe()
+            );
             match damaged {
-                None => assert!(aside.is_empty(), "{ctx}: nothing to move aside for a deleted journal: {aside:?}"),
+                None => assert!(
+                    aside.is_empty(),
+                    "{ctx}: nothing to move aside for a deleted journal: {aside:?}"
+                ),
                 Some(bytes) => {
-                    assert_eq!(aside.len(), 1, "{ctx}: the damaged journal must be moved aside once: {aside:?}");
-                    assert!(std::fs::read(&aside[0]).unwrap() == bytes, "{ctx}: the journal moved aside is not the damaged file as it was");
+                    assert_eq!(
+                        aside.len(),
+                        1,
+                        "{ctx}: the damaged journal must be moved aside once: {aside:?}"
+                    );
+                    assert!(
+                        std::fs::read(&aside[0]).unwrap() == bytes,
+                        "{ctx}: the journal moved aside is not the damaged file as it was"
+                    );
                 }
             }
             let h = env.run(&["history", "--json"]);
             assert_eq!(h.code, Some(0), "{ctx}: history on the fresh journal:\n{}", h.describe());
             let last = &h.json()[0];
-            assert_eq!(last["phase"], "RolledBack", "{ctx}: the fresh journal records the rolled-back transaction: {last}");
+            assert_eq!(
+                last["phase"], "RolledBack",
+                "{ctx}: the fresh journal records the rolled-back transaction: {last}"
+            );
             (true, r.code, side)
         } else {
             assert!(
@@ -416,11 +526,24 @@ mod armed {
                 "{ctx}: a journal {d:?} cannot be readable, yet recover did not report JOURNAL_CORRUPT:\n{}",
                 r.describe()
             );
-            assert!(aside.is_empty(), "{ctx}: a journal was moved aside but JOURNAL_CORRUPT was not reported: {aside:?}\n{}", r.describe());
-            assert!(matches!(r.code, Some(0) | Some(4)), "{ctx}: normal recovery must exit 0 or 4:\n{}", r.describe());
+            assert!(
+                aside.is_empty(),
+                "{ctx}: a journal was moved aside but JOURNAL_CORRUPT was not reported: {aside:?}\n{}",
+                r.describe()
+            );
+            assert!(
+                matches!(r.code, Some(0) | Some(4)),
+                "{ctx}: normal recovery must exit 0 or 4:\n{}",
+                r.describe()
+            );
             let side = side_of(env, sides, ctx);
             if r.code == Some(4) {
-                assert_eq!(side, Side::Old, "{ctx}: recover reported a rollback but the tree is all new:\n{}", r.describe());
+                assert_eq!(
+                    side,
+                    Side::Old,
+                    "{ctx}: recover reported a rollback but the tree is all new:\n{}",
+                    r.describe()
+                );
             }
             (false, r.code, side)
         }
@@ -442,7 +565,8 @@ mod armed {
                     let env = crashed(arm, &ctx);
                     let (what, damaged) = damage_journal(&env, d, &mut rng);
                     let ctx = format!("{ctx}: journal {what}");
-                    let (detected, exit, side) = recover_after_damage(&env, &sides, d, damaged.as_deref(), &ctx);
+                    let (detected, exit, side) =
+                        recover_after_damage(&env, &sides, d, damaged.as_deref(), &ctx);
                     after_recovery(&env, &sides, side, &ctx);
                     Seen { label: label.clone(), damage: what, detected, exit, side }
                 }));
@@ -477,35 +601,50 @@ mod armed {
             started.elapsed().as_secs_f64(),
             failures.len()
         );
-        assert!(failures.is_empty(), "{} case(s) failed (seed {seed:#x}):\n\n{}", failures.len(), failures.join("\n\n"));
+        assert!(
+            failures.is_empty(),
+            "{} case(s) failed (seed {seed:#x}):\n\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
         seen
     }
 
     // ---------------------------------------------------------------- tests
 
     #[test]
-    fn a_journal_deleted_emptied_or_zeroed_mid_transaction_is_reported_corrupt_and_rolled_back_from_the_plan_copy() {
+    fn a_journal_deleted_emptied_or_zeroed_mid_transaction_is_reported_corrupt_and_rolled_back_from_the_plan_copy()
+     {
         // `recover_after_damage` refuses a missed detection for these three.
         matrix("deleted/emptied/zeroed", 1, &[Damage::Delete, Damage::Empty, Damage::Zeroed]);
     }
 
     #[test]
-    fn a_journal_truncated_at_a_random_length_mid_transaction_is_rolled_back_from_the_plan_copy_unless_redb_still_reads_it() {
+    fn a_journal_truncated_at_a_random_length_mid_transaction_is_rolled_back_from_the_plan_copy_unless_redb_still_reads_it()
+     {
         let seen = matrix("truncated", 2, &[Damage::Truncate, Damage::Truncate]);
-        assert!(seen.iter().any(|s| s.detected), "no truncation was detected at all: the test exercised nothing");
+        assert!(
+            seen.iter().any(|s| s.detected),
+            "no truncation was detected at all: the test exercised nothing"
+        );
     }
 
     #[test]
-    fn a_journal_with_a_random_page_overwritten_mid_transaction_is_rolled_back_from_the_plan_copy_unless_redb_still_reads_it() {
+    fn a_journal_with_a_random_page_overwritten_mid_transaction_is_rolled_back_from_the_plan_copy_unless_redb_still_reads_it()
+     {
         let seen = matrix("page overwritten", 3, &[Damage::OverwritePage, Damage::OverwritePage]);
-        assert!(seen.iter().any(|s| s.detected), "no overwritten page was detected at all: the test exercised nothing");
+        assert!(
+            seen.iter().any(|s| s.detected),
+            "no overwritten page was detected at all: the test exercised nothing"
+        );
     }
 
     /// Journal and plan copy both damaged: nothing records what to undo, so `recover` must stop
     /// for an operator (exit 5, `ROLLBACK_FAILED`) without touching the targets — and keep
     /// saying so on the next `recover` rather than forget the half-done transaction.
     #[test]
-    fn a_damaged_plan_copy_together_with_a_lost_journal_needs_an_operator_and_recover_touches_nothing() {
+    fn a_damaged_plan_copy_together_with_a_lost_journal_needs_an_operator_and_recover_touches_nothing()
+     {
         let (seed, mut rng) = rng("plan copy and journal", 4);
         let mut failures = Vec::new();
         let cases = [
@@ -536,7 +675,11 @@ mod armed {
                     );
                     assert_eq!(r.code, Some(5), "{why}");
                     assert_eq!(r.error_code().as_deref(), Some("ROLLBACK_FAILED"), "{why}");
-                    assert_eq!(tree(&env.root), before, "{ctx}: {attempt} recover changed the targets without a plan");
+                    assert_eq!(
+                        tree(&env.root),
+                        before,
+                        "{ctx}: {attempt} recover changed the targets without a plan"
+                    );
                     assert_eq!(
                         std::fs::read(plan_copy(&env)).ok().as_deref(),
                         Some(copy.as_slice()),
@@ -549,16 +692,31 @@ mod armed {
                     };
                 }
                 let st = env.run(&["status"]);
-                assert!(matches!(st.code, Some(0) | Some(1) | Some(5)), "{ctx}: status must not crash:\n{}", st.describe());
-                println!("  ok   {label}: {jwhat}; {pwhat}; recover exit 5 twice; status exit {:?}", st.code);
+                assert!(
+                    matches!(st.code, Some(0) | Some(1) | Some(5)),
+                    "{ctx}: status must not crash:\n{}",
+                    st.describe()
+                );
+                println!(
+                    "  ok   {label}: {jwhat}; {pwhat}; recover exit 5 twice; status exit {:?}",
+                    st.code
+                );
             }));
             if let Err(e) = result {
-                let msg = e.downcast_ref::<String>().cloned().unwrap_or_else(|| "non-string panic".into());
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| "non-string panic".into());
                 println!("  FAIL {label}");
                 failures.push(msg);
             }
         }
-        assert!(failures.is_empty(), "{} case(s) failed (seed {seed:#x}):\n\n{}", failures.len(), failures.join("\n\n"));
+        assert!(
+            failures.is_empty(),
+            "{} case(s) failed (seed {seed:#x}):\n\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
     }
 
     /// The plan copy damaged but the journal sound: the journal holds the plan, so recovery is
@@ -575,24 +733,45 @@ mod armed {
                 let pwhat = damage_plan_copy(&env, &mut rng);
                 let ctx = format!("{label} (seed {seed:#x}): {pwhat}");
                 let r = env.run(&["recover", "--json"]);
-                assert!(matches!(r.code, Some(0) | Some(4)), "{ctx}: recover must succeed:\n{}", r.describe());
+                assert!(
+                    matches!(r.code, Some(0) | Some(4)),
+                    "{ctx}: recover must succeed:\n{}",
+                    r.describe()
+                );
                 let j = r.json();
-                assert!(j["journal_lost"].is_null(), "{ctx}: the journal is sound, yet recover reported it lost:\n{}", r.describe());
+                assert!(
+                    j["journal_lost"].is_null(),
+                    "{ctx}: the journal is sound, yet recover reported it lost:\n{}",
+                    r.describe()
+                );
                 assert!(asides(&env).is_empty(), "{ctx}: a sound journal was moved aside");
                 let side = side_of(&env, &sides, &ctx);
                 // Resume is the default policy: past `Planned` an install with every input
                 // present goes forward; the failing install can only roll back.
                 let want = if arm.failing { Side::Old } else { Side::New };
-                assert_eq!(side, want, "{ctx}: recover left the tree all {side:?}:\n{}", r.describe());
+                assert_eq!(
+                    side,
+                    want,
+                    "{ctx}: recover left the tree all {side:?}:\n{}",
+                    r.describe()
+                );
                 after_recovery(&env, &sides, side, &ctx);
                 println!("  ok   {label}: {pwhat}; recover exit {:?}, all {side:?}", r.code);
             }));
             if let Err(e) = result {
-                let msg = e.downcast_ref::<String>().cloned().unwrap_or_else(|| "non-string panic".into());
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| "non-string panic".into());
                 println!("  FAIL {label}");
                 failures.push(msg);
             }
         }
-        assert!(failures.is_empty(), "{} case(s) failed (seed {seed:#x}):\n\n{}", failures.len(), failures.join("\n\n"));
+        assert!(
+            failures.is_empty(),
+            "{} case(s) failed (seed {seed:#x}):\n\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
     }
 }

@@ -12,13 +12,19 @@ type Graph = BTreeMap<String, BTreeSet<String>>;
 /// `crate::{a, b::c}`).
 fn referenced_modules(text: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
-    let ident = |s: &str| s.chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect::<String>();
+    let ident = |s: &str| {
+        s.chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect::<String>()
+    };
     for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
         for (i, _) in line.match_indices("crate::") {
             let rest = &line[i + "crate::".len()..];
             if let Some(group) = rest.strip_prefix('{') {
                 let group = group.split('}').next().unwrap_or("");
-                found.extend(group.split(',').map(|item| ident(item.trim())).filter(|m| !m.is_empty()));
+                found.extend(
+                    group.split(',').map(|item| ident(item.trim())).filter(|m| !m.is_empty()),
+                );
             } else {
                 let m = ident(rest);
                 if !m.is_empty() {
@@ -46,13 +52,22 @@ fn module_graph(src: &Path) -> Graph {
                 continue;
             }
             let rel = path.strip_prefix(src).unwrap();
-            let top = rel.components().next().unwrap().as_os_str().to_str().unwrap().trim_end_matches(".rs").to_string();
+            let top = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_str()
+                .unwrap()
+                .trim_end_matches(".rs")
+                .to_string();
             if top == "lib" || top == "main" {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
             let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
-            let refs: Vec<String> = referenced_modules(code).into_iter().filter(|m| *m != top).collect();
+            let refs: Vec<String> =
+                referenced_modules(code).into_iter().filter(|m| *m != top).collect();
             graph.entry(top).or_default().extend(refs);
         }
     }
@@ -61,7 +76,12 @@ fn module_graph(src: &Path) -> Graph {
 
 /// A cycle of the graph as the path that closes it (`a -> b -> a`), if there is one.
 fn find_cycle(graph: &Graph) -> Option<Vec<String>> {
-    fn visit(g: &Graph, node: &str, path: &mut Vec<String>, done: &mut BTreeSet<String>) -> Option<Vec<String>> {
+    fn visit(
+        g: &Graph,
+        node: &str,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
         if let Some(at) = path.iter().position(|n| n == node) {
             let mut cycle = path[at..].to_vec();
             cycle.push(node.to_string());
@@ -122,12 +142,17 @@ fn the_modules_of_src_form_layers_without_a_cycle() {
 
 #[test]
 fn the_scan_reads_grouped_paths_skips_comments_and_finds_a_loop() {
-    let refs = referenced_modules("use crate::{journal::Journal, error};\n// crate::daemon\nlet x = crate::clock::now_unix_ms();");
+    let refs = referenced_modules(
+        "use crate::{journal::Journal, error};\n// crate::daemon\nlet x = crate::clock::now_unix_ms();",
+    );
     assert_eq!(refs.into_iter().collect::<Vec<_>>(), ["clock", "error", "journal"]);
-    let graph: Graph = [("a", "b"), ("b", "c"), ("c", "a"), ("d", "a")].into_iter().fold(Graph::new(), |mut g, (from, to)| {
-        g.entry(from.into()).or_default().insert(to.into());
-        g
-    });
+    let graph: Graph = [("a", "b"), ("b", "c"), ("c", "a"), ("d", "a")].into_iter().fold(
+        Graph::new(),
+        |mut g, (from, to)| {
+            g.entry(from.into()).or_default().insert(to.into());
+            g
+        },
+    );
     assert_eq!(find_cycle(&graph), Some(vec!["a".into(), "b".into(), "c".into(), "a".into()]));
     let mut acyclic = graph.clone();
     acyclic.get_mut("c").unwrap().clear();

@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// The application's files: a binary and a directory of pages.
-const FILES: &[&str] = &["app/bin/app", "app/www/index.html", "app/www/a.html", "app/www/b.html", "app/www/c.html"];
+const FILES: &[&str] =
+    &["app/bin/app", "app/www/index.html", "app/www/a.html", "app/www/b.html", "app/www/c.html"];
 
 /// What `file` holds in `version` ("factory" for the baseline): distinct per version and file,
 /// a few KiB, deterministic.
@@ -42,7 +43,8 @@ fn put_factory(env: &Env) {
 /// One package: a single-file module for the binary, a directory module for the pages.
 fn package(env: &Env, version: &str) -> std::path::PathBuf {
     let files = tree_of(version);
-    let entries: Vec<(String, &[u8])> = files.iter().map(|(f, c)| (format!("files/{f}"), c.as_slice())).collect();
+    let entries: Vec<(String, &[u8])> =
+        files.iter().map(|(f, c)| (format!("files/{f}"), c.as_slice())).collect();
     let m = serde_json::json!({
         "version": version,
         "modules": [
@@ -83,7 +85,10 @@ fn bytes_under(dir: &Path) -> u64 {
 }
 
 fn blobs(env: &Env) -> BTreeSet<String> {
-    std::fs::read_dir(env.state.join("backups")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
+    std::fs::read_dir(env.state.join("backups"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
 }
 
 fn hashes_of(version: &str) -> BTreeSet<String> {
@@ -124,24 +129,42 @@ fn hundreds_of_updates_and_rollbacks_stay_within_the_bound_and_every_kept_genera
         // At rest, the store holds at most the factory baseline and K generations' content.
         let store = bytes_under(&env.state.join("backups"));
         let journal = std::fs::metadata(env.state.join("journal.redb")).unwrap().len();
-        assert!(store <= bound, "after update {i}: backups {store} B > factory + {K} generations = {bound} B");
-        assert!(journal <= JOURNAL_CEILING, "after update {i}: journal.redb {journal} B > {JOURNAL_CEILING} B");
+        assert!(
+            store <= bound,
+            "after update {i}: backups {store} B > factory + {K} generations = {bound} B"
+        );
+        assert!(
+            journal <= JOURNAL_CEILING,
+            "after update {i}: journal.redb {journal} B > {JOURNAL_CEILING} B"
+        );
         worst = (worst.0.max(store), worst.1.max(journal));
     }
-    eprintln!("{UPDATES} updates: backups at most {} B (bound {bound} B), journal at most {} B", worst.0, worst.1);
+    eprintln!(
+        "{UPDATES} updates: backups at most {} B (bound {bound} B), journal at most {} B",
+        worst.0, worst.1
+    );
     let total = bytes_under(&env.state);
     assert!(total <= bound + JOURNAL_CEILING, "state dir {total} B");
 
     // The store holds exactly what the kept generations and the factory need.
     let st: Value = env.run(&["status", "--json"]).json();
-    let kept: Vec<String> = st["generations"].as_array().unwrap().iter().map(|g| g["version"].as_str().unwrap().to_string()).collect();
+    let kept: Vec<String> = st["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["version"].as_str().unwrap().to_string())
+        .collect();
     assert!(!kept.is_empty() && kept.len() as u64 <= K, "{st}");
     let mut needed: BTreeSet<String> = hashes_of("factory");
     for v in &kept {
         needed.extend(hashes_of(v));
     }
     let have = blobs(&env);
-    assert!(have.is_subset(&needed), "blobs nothing needs: {:?}", have.difference(&needed).collect::<Vec<_>>());
+    assert!(
+        have.is_subset(&needed),
+        "blobs nothing needs: {:?}",
+        have.difference(&needed).collect::<Vec<_>>()
+    );
     assert_eq!(st["backups"]["blobs"], serde_json::json!(have.len()), "{st}");
     // Some transactions freed what they released.
     let h = env.run(&["history", "--json", "--limit", "50"]).json();
@@ -174,7 +197,8 @@ fn collection_kill_tests_need_the_failpoints_feature() {
 #[test]
 fn a_kill_inside_the_collection_loses_no_needed_blob() {
     use tope_updater::failpoint::GC_CRASH_POINTS;
-    let arms: Vec<(&str, u32)> = GC_CRASH_POINTS.iter().map(|p| (*p, 1)).chain([("gc.unlinked_one", 3)]).collect();
+    let arms: Vec<(&str, u32)> =
+        GC_CRASH_POINTS.iter().map(|p| (*p, 1)).chain([("gc.unlinked_one", 3)]).collect();
     for (point, hit) in arms {
         let env = Env::with_config("keep_generations = 2");
         put_factory(&env);
@@ -184,14 +208,23 @@ fn a_kill_inside_the_collection_loses_no_needed_blob() {
         // Installing 1.0.2 prunes 1.0.0: its content, backed up when 1.0.1 replaced it, goes.
         assert!(hashes_of("1.0.0").is_subset(&blobs(&env)));
         let pkg = package(&env, "1.0.2");
-        let r: Run = env.command(&["install", pkg.to_str().unwrap()]).env("FAILPOINTS", kill_at(point, hit)).output().unwrap().into();
+        let r: Run = env
+            .command(&["install", pkg.to_str().unwrap()])
+            .env("FAILPOINTS", kill_at(point, hit))
+            .output()
+            .unwrap()
+            .into();
         assert_eq!(r.signal, Some(9), "{point} (hit {hit}) never reached: {}", r.describe());
         assert_holds(&env, "1.0.2", &format!("killed at {point}: the install is committed"));
 
         env.ok(&["recover"]);
         let mut needed = hashes_of("factory");
         needed.extend(hashes_of("1.0.1"));
-        assert_eq!(blobs(&env), needed, "after a kill at {point} (hit {hit}) and recover: exactly what is needed");
+        assert_eq!(
+            blobs(&env),
+            needed,
+            "after a kill at {point} (hit {hit}) and recover: exactly what is needed"
+        );
         let last = &env.run(&["history", "--json"]).json()[0];
         assert_eq!(last["freed_blobs"], serde_json::json!(hashes_of("1.0.0").len()), "{last}");
 

@@ -9,12 +9,23 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn subcommands() -> Vec<String> {
-    tope_updater::cli::Cli::command().get_subcommands().filter(|s| !s.is_hide_set()).map(|s| s.get_name().to_string()).collect()
+    tope_updater::cli::Cli::command()
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .map(|s| s.get_name().to_string())
+        .collect()
 }
 
 /// The binary with no configuration at all (and none needed).
 fn bare(args: &[&str]) -> Run {
-    Run::from(Command::new(BIN).args(args).env_remove("TOPE_UPDATER_CONFIG").env("NO_COLOR", "1").output().unwrap())
+    Run::from(
+        Command::new(BIN)
+            .args(args)
+            .env_remove("TOPE_UPDATER_CONFIG")
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap(),
+    )
 }
 
 #[test]
@@ -25,9 +36,16 @@ fn every_subcommand_help_shows_examples() {
         let r = bare(&[sub, "--help"]);
         assert_eq!(r.code, Some(0), "{}", r.describe());
         assert!(r.stdout.contains("Example"), "`{sub} --help` has no examples:\n{}", r.stdout);
-        assert!(r.stdout.contains(&format!("tope-updater {sub}")), "`{sub} --help` examples use the command:\n{}", r.stdout);
+        assert!(
+            r.stdout.contains(&format!("tope-updater {sub}")),
+            "`{sub} --help` examples use the command:\n{}",
+            r.stdout
+        );
     }
-    assert!(bare(&["--help"]).stdout.contains("Exit statuses"), "the top-level help names the exit statuses");
+    assert!(
+        bare(&["--help"]).stdout.contains("Exit statuses"),
+        "the top-level help names the exit statuses"
+    );
 }
 
 #[test]
@@ -36,7 +54,12 @@ fn completions_for_bash_zsh_and_fish_need_no_configuration() {
         // A config that cannot be read does not matter: completions come from the definitions.
         let r = bare(&["--config", "/nonexistent/config.toml", "completions", shell]);
         assert_eq!(r.code, Some(0), "{shell}: {}", r.describe());
-        assert!(r.stdout.contains("tope-updater") && r.stdout.contains("rollback") && r.stdout.contains("allow-downgrade"), "{shell}");
+        assert!(
+            r.stdout.contains("tope-updater")
+                && r.stdout.contains("rollback")
+                && r.stdout.contains("allow-downgrade"),
+            "{shell}"
+        );
     }
     assert_eq!(bare(&["completions", "tcsh"]).code, Some(2), "an unknown shell is a usage error");
 }
@@ -56,7 +79,12 @@ fn the_man_page_is_roff_and_mentions_every_subcommand() {
     // man(1) renders it, when it is installed.
     let page = std::env::temp_dir().join(format!("tope-updater-{}.1", std::process::id()));
     std::fs::write(&page, &r.stdout).unwrap();
-    if let Ok(o) = Command::new("man").arg("-l").arg(&page).env("MANWIDTH", "80").env("MANPAGER", "cat").output()
+    if let Ok(o) = Command::new("man")
+        .arg("-l")
+        .arg(&page)
+        .env("MANWIDTH", "80")
+        .env("MANPAGER", "cat")
+        .output()
         && o.status.success()
     {
         let text = String::from_utf8_lossy(&o.stdout);
@@ -67,15 +95,32 @@ fn the_man_page_is_roff_and_mentions_every_subcommand() {
 
 #[test]
 fn config_says_which_keys_came_from_the_file() {
-    let env = Env::with_config("keep_generations = 2\n[api]\nlisten = \"127.0.0.1:1\"\n[services.klippy]\nstart = \"run\"");
+    let env = Env::with_config(
+        "keep_generations = 2\n[api]\nlisten = \"127.0.0.1:1\"\n[services.klippy]\nstart = \"run\"",
+    );
     let j = env.run(&["config", "--json"]).json();
     assert_eq!(j["source"], env.config.to_str().unwrap());
     assert_eq!(j["config"]["keep_generations"], 2);
     let keys = &j["keys"];
-    for k in ["state_dir", "allowed_roots", "service_manager", "keep_generations", "api.listen", "services.klippy.start"] {
+    for k in [
+        "state_dir",
+        "allowed_roots",
+        "service_manager",
+        "keep_generations",
+        "api.listen",
+        "services.klippy.start",
+    ] {
         assert_eq!(keys[k], "file", "{k}: {keys}");
     }
-    for k in ["max_recovery_attempts", "api.result_hold_s", "log.level", "log.file", "compatible", "gui.command", "services.klippy.exe"] {
+    for k in [
+        "max_recovery_attempts",
+        "api.result_hold_s",
+        "log.level",
+        "log.file",
+        "compatible",
+        "gui.command",
+        "services.klippy.exe",
+    ] {
         assert_eq!(keys[k], "default", "{k}: {keys}");
     }
 
@@ -85,8 +130,12 @@ fn config_says_which_keys_came_from_the_file() {
     assert!(body.lines().any(|l| l == "keep_generations = 2  # file"), "{out}");
     assert!(body.lines().any(|l| l == "max_recovery_attempts = 5  # default"), "{out}");
     assert!(body.lines().any(|l| l == "listen = \"127.0.0.1:1\"  # file"), "{out}");
-    assert!(body.lines().any(|l| l == "# compatible: unset  # default"), "unset keys are listed:\n{out}");
-    let t: toml::Table = toml::from_str(body).unwrap_or_else(|e| panic!("still TOML ({e}):\n{out}"));
+    assert!(
+        body.lines().any(|l| l == "# compatible: unset  # default"),
+        "unset keys are listed:\n{out}"
+    );
+    let t: toml::Table =
+        toml::from_str(body).unwrap_or_else(|e| panic!("still TOML ({e}):\n{out}"));
     assert_eq!(t["api"]["result_hold_s"].as_integer(), Some(60));
 }
 
@@ -96,17 +145,30 @@ fn config_from_an_empty_file_says_every_key_is_the_default() {
     let tmp = tempfile::tempdir().unwrap();
     let empty = tmp.path().join("empty.toml");
     std::fs::write(&empty, "").unwrap();
-    let r = Run::from(Command::new(BIN).args(["config", "--json"]).env("TOPE_UPDATER_CONFIG", &empty).output().unwrap());
+    let r = Run::from(
+        Command::new(BIN)
+            .args(["config", "--json"])
+            .env("TOPE_UPDATER_CONFIG", &empty)
+            .output()
+            .unwrap(),
+    );
     let j = r.json();
     let keys = j["keys"].as_object().unwrap();
-    assert!(keys.len() >= 25 && keys.contains_key("state_dir") && keys.contains_key("api.listen"), "{keys:?}");
+    assert!(
+        keys.len() >= 25 && keys.contains_key("state_dir") && keys.contains_key("api.listen"),
+        "{keys:?}"
+    );
     assert!(keys.values().all(|v| v == "default"), "{keys:?}");
 }
 
 fn one_file_package(env: &Env, version: &str) -> String {
     let pkg = env.pkg_path(&format!("app-{version}.zip"));
     let content = format!("app {version}");
-    write_package(&pkg, &manifest(version, &[("app", "app", &env.dst("bin/app"))]), &[("app", content.as_bytes())]);
+    write_package(
+        &pkg,
+        &manifest(version, &[("app", "app", &env.dst("bin/app"))]),
+        &[("app", content.as_bytes())],
+    );
     pkg.to_str().unwrap().to_string()
 }
 
@@ -158,7 +220,10 @@ fn a_missing_failing_crashing_or_slow_gui_changes_nothing_about_the_install() {
         let r = env.run(&["install", &one_file_package(&env, "2.0.0"), "--json"]);
         assert_eq!(r.code, Some(0), "{command}: {}", r.describe());
         assert_eq!(r.json()["outcome"], "committed", "{command}");
-        assert!(started.elapsed() < Duration::from_secs(30), "{command}: the install did not wait for the GUI");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{command}: the install did not wait for the GUI"
+        );
         assert_eq!(env.read("bin/app").as_deref(), Some(&b"app 2.0.0"[..]));
         // A rejected package stays rejected (exit 3), nothing touched.
         env.ok(&["rollback"]);
@@ -169,7 +234,11 @@ fn a_missing_failing_crashing_or_slow_gui_changes_nothing_about_the_install() {
         assert_eq!(r.code, Some(3), "{command}: {}", r.describe());
         assert_eq!(tree(&env.root), before);
         if command.starts_with("/nonexistent") || command.starts_with("no-such") {
-            assert!(r.stderr.contains("program not found"), "a missing program is a warning:\n{}", r.describe());
+            assert!(
+                r.stderr.contains("program not found"),
+                "a missing program is a warning:\n{}",
+                r.describe()
+            );
         }
     }
     // The slow GUI outlived the install that started it, in a process group of its own (not
@@ -177,10 +246,18 @@ fn a_missing_failing_crashing_or_slow_gui_changes_nothing_about_the_install() {
     assert!(wait_for(&pidfile), "the slow GUI started");
     let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let pgrp: i32 = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(2)).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pgrp: i32 = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(2))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     assert!(pgrp > 0, "the slow GUI is still running: {stat:?}");
     assert_ne!(pgrp, nix::unistd::getpgrp().as_raw(), "the GUI has a process group of its own");
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgrp), nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgrp),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 fn log_file_env(log: &Path) -> Env {
@@ -195,9 +272,15 @@ fn the_log_file_gets_timestamped_lines_and_its_absence_is_only_a_warning() {
     env.put("bin/app", b"app 1", 0o755);
     env.ok(&["install", &one_file_package(&env, "2.0.0")]);
     let text = std::fs::read_to_string(&log).unwrap();
-    let line = text.lines().find(|l| l.contains("transaction committed")).unwrap_or_else(|| panic!("{text}"));
+    let line = text
+        .lines()
+        .find(|l| l.contains("transaction committed"))
+        .unwrap_or_else(|| panic!("{text}"));
     let stamp = line.split_whitespace().next().unwrap();
-    assert!(stamp.len() >= 20 && stamp.as_bytes()[10] == b'T' && stamp.ends_with('Z'), "ISO 8601 UTC: {line}");
+    assert!(
+        stamp.len() >= 20 && stamp.as_bytes()[10] == b'T' && stamp.ends_with('Z'),
+        "ISO 8601 UTC: {line}"
+    );
     assert_eq!(line.split_whitespace().nth(1), Some("INFO"), "{line}");
     assert!(!text.contains('\x1b'), "no colour in the file");
 
@@ -208,7 +291,11 @@ fn the_log_file_gets_timestamped_lines_and_its_absence_is_only_a_warning() {
     let r = env.run(&["install", &one_file_package(&env, "2.0.0")]);
     assert_eq!(r.code, Some(0), "{}", r.describe());
     assert!(r.stderr.contains("warning: log file"), "{}", r.describe());
-    assert!(r.stderr.contains("transaction committed"), "stderr still has the log:\n{}", r.describe());
+    assert!(
+        r.stderr.contains("transaction committed"),
+        "stderr still has the log:\n{}",
+        r.describe()
+    );
 }
 
 #[test]
@@ -236,12 +323,27 @@ fn when_stderr_is_the_journal_each_line_carries_its_priority_and_no_timestamp() 
     let err_path = env.tmp.path().join("journal-stream");
     let err = std::fs::File::create(&err_path).unwrap();
     let meta = err.metadata().unwrap();
-    let o = env.command(&["install", &pkg]).env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino())).stderr(err).output().unwrap();
+    let o = env
+        .command(&["install", &pkg])
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(err)
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(0));
     let text = std::fs::read_to_string(&err_path).unwrap();
-    let line = text.lines().find(|l| l.contains("transaction committed")).unwrap_or_else(|| panic!("{text}"));
-    assert!(line.starts_with("<6>") && line.contains("INFO") && line.contains("tx=1"), "priority prefix, level, fields: {line}");
-    assert_eq!(line[3..].split_whitespace().next(), Some("INFO"), "journald stamps entries itself, no timestamp: {line}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("transaction committed"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.starts_with("<6>") && line.contains("INFO") && line.contains("tx=1"),
+        "priority prefix, level, fields: {line}"
+    );
+    assert_eq!(
+        line[3..].split_whitespace().next(),
+        Some("INFO"),
+        "journald stamps entries itself, no timestamp: {line}"
+    );
     // The same stream, redirected: JOURNAL_STREAM no longer matches, plain lines.
     let other = env.tmp.path().join("other");
     let o = env
@@ -261,10 +363,20 @@ fn without_a_terminal_install_draws_no_progress_bar_and_logs_without_colour() {
     env.put("bin/app", b"app 1", 0o755);
     let pkg = one_file_package(&env, "2.0.0");
     // No NO_COLOR here: colour must depend on the terminal alone.
-    let o = Command::new(BIN).arg("--config").arg(&env.config).args(["install", &pkg]).env_remove("NO_COLOR").output().unwrap();
+    let o = Command::new(BIN)
+        .arg("--config")
+        .arg(&env.config)
+        .args(["install", &pkg])
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
     let r = Run::from(o);
     assert_eq!(r.code, Some(0), "{}", r.describe());
-    assert!(!r.stderr.contains('\r') && !r.stderr.contains("Validating"), "no bar:\n{}", r.describe());
+    assert!(
+        !r.stderr.contains('\r') && !r.stderr.contains("Validating"),
+        "no bar:\n{}",
+        r.describe()
+    );
     assert!(!r.stderr.contains('\x1b'), "no escapes in a pipe:\n{:?}", r.stderr);
     assert!(r.stderr.contains(" INFO transaction committed"), "{}", r.describe());
 }

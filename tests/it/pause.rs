@@ -90,7 +90,13 @@ impl Drop for Paused {
 
 /// Starts `cmd` with `point` armed to sleep `sleep_ms`, waits until its plan copy exists
 /// and it sleeps there, and stops it.
-pub fn spawn_paused(mut cmd: Command, point: &str, sleep_ms: u64, state: &Path, scratch: &Path) -> Spawned {
+pub fn spawn_paused(
+    mut cmd: Command,
+    point: &str,
+    sleep_ms: u64,
+    state: &Path,
+    scratch: &Path,
+) -> Spawned {
     let out = scratch.join("stdout");
     let err = scratch.join("stderr");
     cmd.env("FAILPOINTS", format!("{point}=1*sleep({sleep_ms})"))

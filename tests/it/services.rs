@@ -77,7 +77,9 @@ fn proc_stat(pid: i32) -> Option<ProcStat> {
 }
 
 fn comm(pid: i32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|c| c.trim_end_matches('\n').to_string())
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim_end_matches('\n').to_string())
 }
 
 /// Every process (zombies included) whose comm is `name`, by pid.
@@ -204,7 +206,10 @@ fn parse_events(text: &str) -> Vec<Ev> {
             let mut w = l.split_whitespace();
             let kind = w.next().unwrap_or("").to_string();
             let name = w.next().unwrap_or("").to_string();
-            let kv = w.filter_map(|x| x.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let kv = w
+                .filter_map(|x| x.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
             Ev { kind, name, kv }
         })
         .collect()
@@ -271,7 +276,10 @@ impl Drop for Lab {
         let names = self.names.borrow().clone();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let pids: Vec<(String, i32)> = names.iter().flat_map(|n| live(n).into_iter().map(move |p| (n.clone(), p))).collect();
+            let pids: Vec<(String, i32)> = names
+                .iter()
+                .flat_map(|n| live(n).into_iter().map(move |p| (n.clone(), p)))
+                .collect();
             if pids.is_empty() {
                 break;
             }
@@ -289,13 +297,23 @@ impl Drop for Lab {
 
 impl Lab {
     fn new() -> Lab {
-        assert!(Path::new(PERL).exists(), "the service tests run Perl scripts as services: {PERL} is missing");
+        assert!(
+            Path::new(PERL).exists(),
+            "the service tests run Perl scripts as services: {PERL} is missing"
+        );
         let env = Env::new();
         let log = env.tmp.path().join("events.log");
         let boot_file = env.tmp.path().join("boot_id");
         let helpers = env.tmp.path().join("helpers");
         std::fs::create_dir_all(&helpers).unwrap();
-        let lab = Lab { env, log, boot_file, helpers, names: RefCell::new(vec![]), children: RefCell::new(vec![]) };
+        let lab = Lab {
+            env,
+            log,
+            boot_file,
+            helpers,
+            names: RefCell::new(vec![]),
+            children: RefCell::new(vec![]),
+        };
         lab.set_boot(1);
         lab
     }
@@ -326,7 +344,12 @@ impl Lab {
     }
 
     fn start_cmd(&self, s: &Svc) -> String {
-        format!("{} {} {}", self.env.path(&s.rel()).display(), self.log.display(), self.watch().display())
+        format!(
+            "{} {} {}",
+            self.env.path(&s.rel()).display(),
+            self.log.display(),
+            self.watch().display()
+        )
     }
 
     /// Writes the config: the process backend, `extra` top-level keys (overriding the test
@@ -337,7 +360,9 @@ impl Lab {
             self.env.state.to_str().unwrap(),
             self.env.root.to_str().unwrap()
         );
-        for (k, v) in [("start_settle_ms", "300"), ("start_timeout_s", "30"), ("stop_timeout_s", "10")] {
+        for (k, v) in
+            [("start_settle_ms", "300"), ("start_timeout_s", "30"), ("stop_timeout_s", "10")]
+        {
             if !extra.lines().any(|l| l.trim_start().starts_with(&format!("{k} "))) {
                 c += &format!("{k} = {v}\n");
             }
@@ -380,7 +405,8 @@ impl Lab {
 
     fn package(&self, file: &str, version: &str, mods: Vec<Mod>) -> String {
         let manifest = json!({"version": version, "modules": mods.iter().map(|m| m.json.clone()).collect::<Vec<_>>()}).to_string();
-        let files: Vec<(&str, &[u8])> = mods.iter().map(|m| (m.entry.as_str(), m.content.as_slice())).collect();
+        let files: Vec<(&str, &[u8])> =
+            mods.iter().map(|m| (m.entry.as_str(), m.content.as_slice())).collect();
         let path = self.env.pkg_path(file);
         write_package(&path, &manifest, &files);
         path.to_str().unwrap().to_string()
@@ -425,13 +451,18 @@ impl Lab {
     /// Runs, but gives up (kills it and fails) if it has not returned within `limit`: a hang
     /// detector, not a measurement.
     fn run_bounded(&self, args: &[&str], limit: Duration) -> Run {
-        let mut child = self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child =
+            self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let deadline = Instant::now() + limit;
         while child.try_wait().unwrap().is_none() {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let out = child.wait_with_output().unwrap();
-                panic!("{args:?} did not return within {limit:?}:\n{}\nevents:\n{}", Run::from(out).describe(), self.dump());
+                panic!(
+                    "{args:?} did not return within {limit:?}:\n{}\nevents:\n{}",
+                    Run::from(out).describe(),
+                    self.dump()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -468,7 +499,10 @@ impl Lab {
             return None;
         }
         Some((
-            t["version"].as_str().unwrap_or_else(|| panic!("trial without version: {s}")).to_string(),
+            t["version"]
+                .as_str()
+                .unwrap_or_else(|| panic!("trial without version: {s}"))
+                .to_string(),
             t["boots"].as_u64().unwrap_or_else(|| panic!("trial without boots: {s}")),
             t["max_boots"].as_u64().unwrap_or_else(|| panic!("trial without max_boots: {s}")),
         ))
@@ -496,7 +530,12 @@ impl Lab {
     fn version_of(&self, pid: i32) -> String {
         wait_until(
             || format!("the start line of pid {pid} in the events log:\n{}", self.dump()),
-            || self.events().into_iter().find(|e| e.kind == "start" && e.get("pid") == pid.to_string()).map(|e| e.v().to_string()),
+            || {
+                self.events()
+                    .into_iter()
+                    .find(|e| e.kind == "start" && e.get("pid") == pid.to_string())
+                    .map(|e| e.v().to_string())
+            },
         )
     }
 
@@ -511,7 +550,14 @@ impl Lab {
             self.dump()
         );
         let v = self.version_of(pids[0]);
-        assert_eq!(v, version, "{ctx}: {} (pid {}) runs version {v}, expected {version}\nevents:\n{}", s.name, pids[0], self.dump());
+        assert_eq!(
+            v,
+            version,
+            "{ctx}: {} (pid {}) runs version {v}, expected {version}\nevents:\n{}",
+            s.name,
+            pids[0],
+            self.dump()
+        );
         pids[0]
     }
 
@@ -533,7 +579,12 @@ impl Lab {
     fn wait_started(&self, pid: i32) {
         wait_until(
             || format!("pid {pid} to log its start:\n{}", self.dump()),
-            || self.events().iter().any(|e| e.kind == "start" && e.get("pid") == pid.to_string()).then_some(()),
+            || {
+                self.events()
+                    .iter()
+                    .any(|e| e.kind == "start" && e.get("pid") == pid.to_string())
+                    .then_some(())
+            },
         )
     }
 }
@@ -541,12 +592,23 @@ impl Lab {
 /// The stable code and exit status of a failed transaction; with `--json` output, the report
 /// says rolled back with that code.
 fn assert_failed(r: &Run, exit: i32, code: &str, lab: &Lab) {
-    assert_eq!(r.code, Some(exit), "expected exit {exit} ({code}):\n{}\nevents:\n{}", r.describe(), lab.dump());
+    assert_eq!(
+        r.code,
+        Some(exit),
+        "expected exit {exit} ({code}):\n{}\nevents:\n{}",
+        r.describe(),
+        lab.dump()
+    );
     assert_eq!(r.error_code().as_deref(), Some(code), "expected {code}:\n{}", r.describe());
     if let Ok(j) = serde_json::from_str::<Value>(r.stdout.trim())
         && j.get("outcome").is_some()
     {
-        assert_eq!((j["outcome"].as_str(), j["error"]["code"].as_str()), (Some("rolled_back"), Some(code)), "{}", r.describe());
+        assert_eq!(
+            (j["outcome"].as_str(), j["error"]["code"].as_str()),
+            (Some("rolled_back"), Some(code)),
+            "{}",
+            r.describe()
+        );
     }
 }
 
@@ -578,7 +640,9 @@ fn services_are_stopped_in_descending_and_started_in_ascending_restart_order_aro
     let c = lab.svc(None);
     lab.configure("", &[&a, &b, &c], "");
     let pkg = |file: &str, version: &str| {
-        let conf = lab.file_mod("a-conf", "etc/a.conf", format!("a conf {version}\n").as_bytes()).owned_by(&a.name, Some(2));
+        let conf = lab
+            .file_mod("a-conf", "etc/a.conf", format!("a conf {version}\n").as_bytes())
+            .owned_by(&a.name, Some(2));
         let mods = vec![
             lab.svc_mod(&a, version, Beh::ExitOnTerm),
             lab.svc_mod(&b, version, Beh::ExitOnTerm),
@@ -591,7 +655,8 @@ fn services_are_stopped_in_descending_and_started_in_ascending_restart_order_aro
     let (pkg1, pkg2) = (pkg("v1.zip", V1), pkg("v2.zip", V2));
 
     lab.install_ok(&pkg1);
-    let old: Vec<i32> = [&a, &b, &c].iter().map(|s| lab.assert_running(s, V1, "after installing v1")).collect();
+    let old: Vec<i32> =
+        [&a, &b, &c].iter().map(|s| lab.assert_running(s, V1, "after installing v1")).collect();
     let mark = lab.events().len();
 
     lab.install_ok(&pkg2);
@@ -601,29 +666,48 @@ fn services_are_stopped_in_descending_and_started_in_ascending_restart_order_aro
     // Stopped in descending order (the unordered service first), each once, before the swap.
     let terms: Vec<&Ev> = evs.iter().filter(|e| e.kind == "term").collect();
     let stop_order: Vec<&str> = terms.iter().map(|e| e.name.as_str()).collect();
-    assert_eq!(stop_order, [c.name.as_str(), b.name.as_str(), a.name.as_str()], "stop order c, b, a:\n{d}");
+    assert_eq!(
+        stop_order,
+        [c.name.as_str(), b.name.as_str(), a.name.as_str()],
+        "stop order c, b, a:\n{d}"
+    );
     for (t, (s, pid)) in terms.iter().zip([(&c, old[2]), (&b, old[1]), (&a, old[0])]) {
-        assert_eq!((t.pid(), t.v(), t.disk()), (pid, V1, V1), "{} was stopped while the old files were in place:\n{d}", s.name);
+        assert_eq!(
+            (t.pid(), t.v(), t.disk()),
+            (pid, V1, V1),
+            "{} was stopped while the old files were in place:\n{d}",
+            s.name
+        );
     }
 
     // Started once each, as the new version, with every new file in place.
     for s in [&a, &b, &c] {
-        let starts: Vec<&Ev> = evs.iter().filter(|e| e.kind == "start" && e.name == s.name).collect();
+        let starts: Vec<&Ev> =
+            evs.iter().filter(|e| e.kind == "start" && e.name == s.name).collect();
         assert_eq!(starts.len(), 1, "{} started once:\n{d}", s.name);
-        assert_eq!((starts[0].v(), starts[0].disk()), (V2, V2), "{} started from the new files:\n{d}", s.name);
+        assert_eq!(
+            (starts[0].v(), starts[0].disk()),
+            (V2, V2),
+            "{} started from the new files:\n{d}",
+            s.name
+        );
     }
     let last_stop = evs.iter().rposition(|e| e.kind == "term").unwrap();
     let first_start = evs.iter().position(|e| e.kind == "start").unwrap();
     assert!(last_stop < first_start, "every service is stopped before any is started:\n{d}");
 
-    let new: Vec<i32> = [&a, &b, &c].iter().map(|s| lab.assert_running(s, V2, "after installing v2")).collect();
+    let new: Vec<i32> =
+        [&a, &b, &c].iter().map(|s| lab.assert_running(s, V2, "after installing v2")).collect();
     for (s, pid) in [&a, &b, &c].iter().zip(&old) {
         assert!(!alive_as(*pid, &s.name), "the old {} (pid {pid}) is gone", s.name);
     }
     // Started in ascending order: a (2), b (3), c (unordered, last). The updater starts the
     // next one only after the previous settled, so the creation times are strictly ordered.
     let ticks: Vec<u64> = new.iter().map(|p| start_ticks(*p)).collect();
-    assert!(ticks[0] < ticks[1] && ticks[1] < ticks[2], "start order a, b, c: creation ticks {ticks:?}\n{d}");
+    assert!(
+        ticks[0] < ticks[1] && ticks[1] < ticks[2],
+        "start order a, b, c: creation ticks {ticks:?}\n{d}"
+    );
     assert_eq!(lab.current().as_deref(), Some(V2));
 }
 
@@ -648,7 +732,11 @@ fn a_service_that_ignores_sigterm_is_killed_after_stop_timeout_and_the_install_c
         [format!("ignored {} {V1}", s.name), format!("start {} {V2}", s.name)],
         "SIGTERM (ignored), then the new version:\n{d}"
     );
-    assert_eq!((evs[0].pid(), evs[0].disk()), (old, V1), "the old process got SIGTERM before the swap:\n{d}");
+    assert_eq!(
+        (evs[0].pid(), evs[0].disk()),
+        (old, V1),
+        "the old process got SIGTERM before the swap:\n{d}"
+    );
     assert_eq!(evs[1].disk(), V2);
     assert!(!alive_as(old, &s.name), "the process that ignored SIGTERM was killed");
     lab.assert_running(&s, V2, "after installing v2");
@@ -673,7 +761,10 @@ fn chown_tree(p: &Path, uid: u32, gid: u32) {
 )]
 fn a_process_the_updater_may_not_signal_is_process_kill_failed_and_nothing_changes() {
     const T: &str = "a_process_the_updater_may_not_signal";
-    crate::support::require_root(T, "it runs a process as root and the updater as nobody (setpriv)");
+    crate::support::require_root(
+        T,
+        "it runs a process as root and the updater as nobody (setpriv)",
+    );
     const NOBODY: u32 = 65534;
     let lab = Lab::new();
     let s = lab.svc(Some(1));
@@ -689,7 +780,13 @@ fn a_process_the_updater_may_not_signal_is_process_kill_failed_and_nothing_chang
 
     // The updater runs as nobody: it may read /proc but not signal root's process.
     let out = Command::new("setpriv")
-        .args([&format!("--reuid={NOBODY}"), &format!("--regid={NOBODY}"), "--clear-groups", BIN, "--config"])
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            BIN,
+            "--config",
+        ])
         .arg(&lab.env.config)
         .args(["install", &pkg2, "--json"])
         .env_remove("FAILPOINTS")
@@ -720,21 +817,31 @@ fn a_zombie_left_by_a_parent_that_never_reaps_counts_as_gone() {
 
     // A parent that forks the service and never waits for it.
     let holder = Command::new(PERL)
-        .args(["-e", "if (fork() == 0) { exec { $ARGV[0] } @ARGV or die \"exec: $!\" } sleep 1 while 1;"])
+        .args([
+            "-e",
+            "if (fork() == 0) { exec { $ARGV[0] } @ARGV or die \"exec: $!\" } sleep 1 while 1;",
+        ])
         .arg(lab.env.path(&s.rel()))
         .args([&lab.log, &lab.watch()])
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
     lab.children.borrow_mut().push(holder);
-    let child = wait_until(|| format!("the forked {} to start:\n{}", s.name, lab.dump()), || live(&s.name).first().copied());
+    let child = wait_until(
+        || format!("the forked {} to start:\n{}", s.name, lab.dump()),
+        || live(&s.name).first().copied(),
+    );
     lab.wait_started(child);
     let mark = lab.events().len();
 
     lab.install_ok(&pkg2);
     let evs = lab.events_since(mark);
     let d = lab.dump();
-    assert_eq!(shorts(&evs), [format!("term {} {V1}", s.name), format!("start {} {V2}", s.name)], "{d}");
+    assert_eq!(
+        shorts(&evs),
+        [format!("term {} {V1}", s.name), format!("start {} {V2}", s.name)],
+        "{d}"
+    );
     assert_eq!(evs[0].pid(), child, "{d}");
     assert_eq!(
         proc_stat(child).map(|st| st.state),
@@ -789,8 +896,15 @@ fn a_service_that_does_not_come_back_rolls_the_install_back_and_restarts_the_old
 
     // y: stopped, its v2 died at once (perhaps more than once), then v1 came back.
     let ys: Vec<Ev> = evs.iter().filter(|e| e.name == y.name).cloned().collect();
-    assert_eq!((ys[0].short(), ys[0].pid(), ys[0].disk()), (format!("term {} {V1}", y.name), old_y, V1), "{d}");
-    assert!(ys.iter().any(|e| e.short() == format!("exit {} {V2}", y.name)), "the new y was started and died:\n{d}");
+    assert_eq!(
+        (ys[0].short(), ys[0].pid(), ys[0].disk()),
+        (format!("term {} {V1}", y.name), old_y, V1),
+        "{d}"
+    );
+    assert!(
+        ys.iter().any(|e| e.short() == format!("exit {} {V2}", y.name)),
+        "the new y was started and died:\n{d}"
+    );
     let last = ys.last().unwrap();
     assert_eq!((last.short(), last.disk()), (format!("start {} {V1}", y.name), V1), "{d}");
     assert!(!ys.iter().any(|e| e.short() == format!("term {} {V2}", y.name)), "{d}");
@@ -836,7 +950,11 @@ fn post_commands_run_in_manifest_order_after_the_swap_between_the_stop_and_the_s
     );
     assert_eq!(evs[0].pid(), old);
     for p in &evs[1..4] {
-        assert_eq!((p.get("tx"), p.get("cwd"), p.disk()), (tx.as_str(), "/", V2), "TOPE_TX_ID, cwd / and the new files: {p:?}");
+        assert_eq!(
+            (p.get("tx"), p.get("cwd"), p.disk()),
+            (tx.as_str(), "/", V2),
+            "TOPE_TX_ID, cwd / and the new files: {p:?}"
+        );
     }
     lab.assert_running(&s, V2, "after the install");
     assert_eq!(lab.current().as_deref(), Some(V2));
@@ -848,7 +966,12 @@ fn a_failing_post_command_rolls_back_to_the_old_files_and_the_old_services() {
     let s = lab.svc(Some(1));
     lab.configure("", &[&s], "");
     let pkg1 = lab.standard("v1.zip", V1, &[(&s, Beh::ExitOnTerm)], &[]);
-    let pkg2 = lab.standard("v2.zip", V2, &[(&s, Beh::ExitOnTerm)], &[lab.post_cmd("p1"), "exit 1".into(), lab.post_cmd("p3")]);
+    let pkg2 = lab.standard(
+        "v2.zip",
+        V2,
+        &[(&s, Beh::ExitOnTerm)],
+        &[lab.post_cmd("p1"), "exit 1".into(), lab.post_cmd("p3")],
+    );
     lab.install_ok(&pkg1);
     let t1 = tree(&lab.env.root);
     lab.assert_running(&s, V1, "v1");
@@ -861,7 +984,11 @@ fn a_failing_post_command_rolls_back_to_the_old_files_and_the_old_services() {
     let d = lab.dump();
     assert_eq!(
         shorts(&evs),
-        [format!("term {} {V1}", s.name), format!("post p1 {V2}"), format!("start {} {V1}", s.name)],
+        [
+            format!("term {} {V1}", s.name),
+            format!("post p1 {V2}"),
+            format!("start {} {V1}", s.name)
+        ],
         "p1 ran, p3 never; the old version came back (the rollback runs no post commands):\n{d}"
     );
     assert_eq!(evs[2].disk(), V1, "restarted on the restored files:\n{d}");
@@ -876,7 +1003,12 @@ fn a_post_command_exceeding_post_cmd_timeout_s_is_post_cmd_failed() {
     lab.configure("post_cmd_timeout_s = 1", &[&s], "");
     let (hang_name, hang) = lab.sleeper("hg");
     let pkg1 = lab.standard("v1.zip", V1, &[(&s, Beh::ExitOnTerm)], &[]);
-    let pkg2 = lab.standard("v2.zip", V2, &[(&s, Beh::ExitOnTerm)], &[lab.post_cmd("p1"), format!("{} 3600", hang.display())]);
+    let pkg2 = lab.standard(
+        "v2.zip",
+        V2,
+        &[(&s, Beh::ExitOnTerm)],
+        &[lab.post_cmd("p1"), format!("{} 3600", hang.display())],
+    );
     lab.install_ok(&pkg1);
     let t1 = tree(&lab.env.root);
     lab.assert_running(&s, V1, "v1");
@@ -889,12 +1021,20 @@ fn a_post_command_exceeding_post_cmd_timeout_s_is_post_cmd_failed() {
     let evs = lab.events_since(mark);
     assert_eq!(
         shorts(&evs),
-        [format!("term {} {V1}", s.name), format!("post p1 {V2}"), format!("start {} {V1}", s.name)],
+        [
+            format!("term {} {V1}", s.name),
+            format!("post p1 {V2}"),
+            format!("start {} {V1}", s.name)
+        ],
         "{}",
         lab.dump()
     );
     lab.assert_running(&s, V1, "after the rollback");
-    assert!(live(&hang_name).is_empty(), "the timed-out post command was killed, not left running: {:?}", live(&hang_name));
+    assert!(
+        live(&hang_name).is_empty(),
+        "the timed-out post command was killed, not left running: {:?}",
+        live(&hang_name)
+    );
 }
 
 // ---------------------------------------------------------------- 7. no start command
@@ -922,7 +1062,11 @@ fn a_process_name_without_a_start_command_is_rejected_before_anything_is_touched
     assert_eq!(r.error_code().as_deref(), Some("SERVICE_START_FAILED"), "{}", r.describe());
     assert!(r.stderr.contains(&ghost), "the message names the service:\n{}", r.describe());
     assert_tree(&lab, &t1, "after the rejection");
-    assert!(lab.events_since(mark).is_empty(), "no service was stopped, no post command ran:\n{}", lab.dump());
+    assert!(
+        lab.events_since(mark).is_empty(),
+        "no service was stopped, no post command ran:\n{}",
+        lab.dump()
+    );
     assert!(alive_as(pid, &s.name), "the running service was left alone");
     assert_eq!(lab.current().as_deref(), Some(V1));
 }
@@ -955,17 +1099,26 @@ fn rollback_stops_and_starts_the_services_owning_the_paths_it_changes_and_runs_n
         [(b.name.as_str(), pb, V2, V2), (a.name.as_str(), pa, V2, V2)],
         "stopped in descending order before the files were restored:\n{d}"
     );
-    let mut starts: Vec<(String, String, String)> =
-        evs.iter().filter(|e| e.kind == "start").map(|e| (e.name.clone(), e.v().to_string(), e.disk().to_string())).collect();
+    let mut starts: Vec<(String, String, String)> = evs
+        .iter()
+        .filter(|e| e.kind == "start")
+        .map(|e| (e.name.clone(), e.v().to_string(), e.disk().to_string()))
+        .collect();
     starts.sort();
-    let mut want = vec![(a.name.clone(), V1.to_string(), V1.to_string()), (b.name.clone(), V1.to_string(), V1.to_string())];
+    let mut want = vec![
+        (a.name.clone(), V1.to_string(), V1.to_string()),
+        (b.name.clone(), V1.to_string(), V1.to_string()),
+    ];
     want.sort();
     assert_eq!(starts, want, "each started once, as v1, on the restored files:\n{d}");
     assert!(evs.iter().all(|e| e.kind != "post"), "a rollback runs no post commands:\n{d}");
     let last_stop = evs.iter().rposition(|e| e.kind == "term").unwrap();
     let first_start = evs.iter().position(|e| e.kind == "start").unwrap();
     assert!(last_stop < first_start, "{d}");
-    let (na, nb) = (lab.assert_running(&a, V1, "after the rollback"), lab.assert_running(&b, V1, "after the rollback"));
+    let (na, nb) = (
+        lab.assert_running(&a, V1, "after the rollback"),
+        lab.assert_running(&b, V1, "after the rollback"),
+    );
     assert!(start_ticks(na) < start_ticks(nb), "started in ascending order:\n{d}");
     assert_eq!(lab.current().as_deref(), Some(V1));
 }
@@ -991,7 +1144,10 @@ fn a_package_replacing_the_running_updater_binary_commits_and_the_updater_surviv
     let other = Command::new(&sibling).arg("3600").stdin(Stdio::null()).spawn().unwrap();
     let other_pid = other.id() as i32;
     lab.children.borrow_mut().push(other);
-    wait_until(|| format!("the sibling {name} to run"), || alive_as(other_pid, &name).then_some(()));
+    wait_until(
+        || format!("the sibling {name} to run"),
+        || alive_as(other_pid, &name).then_some(()),
+    );
 
     let new_bytes = b"#!/bin/sh\necho 'tope-updater, the next build'\n".to_vec();
     let manifest = json!({"version": V2, "modules": [
@@ -1012,7 +1168,12 @@ fn a_package_replacing_the_running_updater_binary_commits_and_the_updater_surviv
         .output()
         .unwrap();
     let r = Run::from(out);
-    assert_eq!((r.code, r.signal), (Some(0), None), "the updater finished by itself:\n{}", r.describe());
+    assert_eq!(
+        (r.code, r.signal),
+        (Some(0), None),
+        "the updater finished by itself:\n{}",
+        r.describe()
+    );
     assert_eq!(r.json()["outcome"], "committed", "{}", r.describe());
     assert_eq!(std::fs::read(&me).unwrap(), new_bytes, "the new bytes are in place");
     assert_ne!(old_bytes, new_bytes);
@@ -1044,10 +1205,16 @@ mod armed {
     // ---- 9. trial installs
 
     /// v1 installed and confirmed, then v2 installed as a trial; service `s` runs v2.
-    fn trial_lab(max_boots: u32) -> (Lab, Svc, BTreeMap<String, String>, BTreeMap<String, String>, String, u64) {
+    fn trial_lab(
+        max_boots: u32,
+    ) -> (Lab, Svc, BTreeMap<String, String>, BTreeMap<String, String>, String, u64) {
         let lab = Lab::new();
         let s = lab.svc(Some(1));
-        lab.configure(&format!("confirm_required = true\nmax_trial_boots = {max_boots}"), &[&s], "");
+        lab.configure(
+            &format!("confirm_required = true\nmax_trial_boots = {max_boots}"),
+            &[&s],
+            "",
+        );
         let pkg1 = lab.standard("v1.zip", V1, &[(&s, Beh::ExitOnTerm)], &[]);
         let pkg2 = lab.standard("v2.zip", V2, &[(&s, Beh::ExitOnTerm)], &[]);
         lab.install_ok(&pkg1);
@@ -1063,13 +1230,21 @@ mod armed {
     fn an_unconfirmed_trial_counts_boots_and_is_rolled_back_when_they_are_used_up() {
         let (lab, s, t1, t2, pkg2, tx) = trial_lab(2);
         let st = lab.status();
-        assert_eq!(st["trial"], json!({"tx": tx, "version": V2, "boots": 1, "max_boots": 2}), "{st}");
+        assert_eq!(
+            st["trial"],
+            json!({"tx": tx, "version": V2, "boots": 1, "max_boots": 2}),
+            "{st}"
+        );
         let pid = lab.assert_running(&s, V2, "trial");
         let mark = lab.events().len();
 
         // Same boot: nothing changes.
         lab.ok(&["recover"]);
-        assert_eq!(lab.trial(), Some((V2.into(), 1, 2)), "a recover in the same boot counts nothing");
+        assert_eq!(
+            lab.trial(),
+            Some((V2.into(), 1, 2)),
+            "a recover in the same boot counts nothing"
+        );
         assert_tree(&lab, &t2, "recover in the install's boot");
 
         // Second boot: counted, still installed.
@@ -1080,23 +1255,40 @@ mod armed {
         assert_tree(&lab, &t2, "recover in the second boot");
         lab.ok(&["recover"]);
         assert_eq!(lab.trial(), Some((V2.into(), 2, 2)), "the same boot is counted once");
-        assert!(lab.events_since(mark).is_empty(), "counting boots touches no service:\n{}", lab.dump());
+        assert!(
+            lab.events_since(mark).is_empty(),
+            "counting boots touches no service:\n{}",
+            lab.dump()
+        );
         assert!(alive_as(pid, &s.name));
 
         // Third boot: the boots are used up, the trial is rolled back.
         lab.set_boot(3);
         let r = lab.run(&["recover", "--json"]);
-        assert_eq!(r.code, Some(4), "the install failed its trial and was rolled back:\n{}", r.describe());
+        assert_eq!(
+            r.code,
+            Some(4),
+            "the install failed its trial and was rolled back:\n{}",
+            r.describe()
+        );
         assert_eq!(r.json()["result"], "trial_expired", "{}", r.describe());
         assert_tree(&lab, &t1, "after the trial rollback");
         assert_eq!(lab.current().as_deref(), Some(V1));
         assert_eq!(lab.trial(), None);
         let h = lab.history();
-        assert!(h[0]["kind"].get("Rollback").is_some(), "the newest transaction is a rollback: {}", h[0]);
+        assert!(
+            h[0]["kind"].get("Rollback").is_some(),
+            "the newest transaction is a rollback: {}",
+            h[0]
+        );
         assert_eq!(h[0]["phase"], "Committed", "{}", h[0]);
         let evs = lab.events_since(mark);
         let d = lab.dump();
-        assert_eq!(shorts(&evs), [format!("term {} {V2}", s.name), format!("start {} {V1}", s.name)], "{d}");
+        assert_eq!(
+            shorts(&evs),
+            [format!("term {} {V2}", s.name), format!("start {} {V1}", s.name)],
+            "{d}"
+        );
         assert_eq!((evs[0].pid(), evs[0].disk(), evs[1].disk()), (pid, V2, V1), "{d}");
         lab.assert_running(&s, V1, "after the trial rollback");
 
@@ -1107,7 +1299,12 @@ mod armed {
         assert!(r.stderr.contains("--force"), "{}", r.describe());
         assert_tree(&lab, &t1, "refused reinstall");
         let r = lab.run(&["recover", "--json"]);
-        assert_eq!((r.code, r.json()["result"].as_str()), (Some(0), Some("nothing")), "{}", r.describe());
+        assert_eq!(
+            (r.code, r.json()["result"].as_str()),
+            (Some(0), Some("nothing")),
+            "{}",
+            r.describe()
+        );
     }
 
     #[test]
@@ -1149,7 +1346,12 @@ mod armed {
         assert_eq!(lab.current().as_deref(), Some(V1), "same boot: kept");
         lab.set_boot(2);
         let r = lab.run(&["recover"]);
-        assert_eq!(r.code, Some(4), "the install failed its trial and was rolled back:\n{}", r.describe());
+        assert_eq!(
+            r.code,
+            Some(4),
+            "the install failed its trial and was rolled back:\n{}",
+            r.describe()
+        );
         assert_tree(&lab, &t0, "rolled back at the next boot");
         assert_eq!((lab.current(), lab.trial()), (None, None));
     }
@@ -1163,7 +1365,11 @@ mod armed {
         assert_eq!(r.signal, Some(9), "killed at trial.boot_counted:\n{}", r.describe());
         assert!(r.stderr.contains("crash point trial.boot_counted: SIGKILL"), "{}", r.describe());
         lab.ok(&["recover"]);
-        assert_eq!(lab.trial(), Some((V2.into(), 2, 2)), "the second boot was counted exactly once");
+        assert_eq!(
+            lab.trial(),
+            Some((V2.into(), 2, 2)),
+            "the second boot was counted exactly once"
+        );
         assert_tree(&lab, &t2, "still the trial version");
         lab.assert_running(&s, V2, "after recover");
 
@@ -1190,7 +1396,8 @@ mod armed {
         let b = lab.svc(Some(2));
         lab.configure("start_timeout_s = 5", &[&a, &b], "");
         let post = [lab.post_cmd("p1"), lab.post_cmd("p2")];
-        let pkg1 = lab.standard("v1.zip", V1, &[(&a, Beh::ExitOnTerm), (&b, Beh::ExitOnTerm)], &post);
+        let pkg1 =
+            lab.standard("v1.zip", V1, &[(&a, Beh::ExitOnTerm), (&b, Beh::ExitOnTerm)], &post);
         let b2 = if failing_start { Beh::ExitAtOnce } else { Beh::ExitOnTerm };
         let pkg2 = lab.standard("v2.zip", V2, &[(&a, Beh::ExitOnTerm), (&b, b2)], &post);
         lab.install_ok(&pkg1);
@@ -1199,9 +1406,11 @@ mod armed {
         let t1 = tree(&lab.env.root);
         // v2 changes the content of the same three files; modes stay (0755 scripts, 0644).
         let mut t2 = t1.clone();
-        for (rel, content) in
-            [(a.rel(), script(V2, Beh::ExitOnTerm)), (b.rel(), script(V2, b2)), ("etc/version".to_string(), format!("{V2}\n").into_bytes())]
-        {
+        for (rel, content) in [
+            (a.rel(), script(V2, Beh::ExitOnTerm)),
+            (b.rel(), script(V2, b2)),
+            ("etc/version".to_string(), format!("{V2}\n").into_bytes()),
+        ] {
             let old = t2.get(&rel).unwrap_or_else(|| panic!("{rel} not in {t1:?}")).clone();
             let mode = old.split(' ').nth(1).unwrap();
             t2.insert(rel, format!("file {mode} {}", blake3_hex(&content)));
@@ -1209,8 +1418,18 @@ mod armed {
         let mark = lab.events().len();
 
         let r = lab.run_armed(&["install", &pkg2], point, hit);
-        assert_eq!(r.signal, Some(9), "{ctx}: the point was never reached (or fewer times):\n{}\nevents:\n{}", r.describe(), lab.dump());
-        assert!(r.stderr.contains(&format!("crash point {point}: SIGKILL")), "{ctx}: killed, but not there:\n{}", r.describe());
+        assert_eq!(
+            r.signal,
+            Some(9),
+            "{ctx}: the point was never reached (or fewer times):\n{}\nevents:\n{}",
+            r.describe(),
+            lab.dump()
+        );
+        assert!(
+            r.stderr.contains(&format!("crash point {point}: SIGKILL")),
+            "{ctx}: killed, but not there:\n{}",
+            r.describe()
+        );
 
         let rec = lab.run(&["recover", "--json"]);
         let have = tree(&lab.env.root);
@@ -1219,13 +1438,25 @@ mod armed {
         } else if have == t2 {
             (V2, 0)
         } else {
-            assert_tree(&lab, &t2, &format!("{ctx}: after recover the tree is neither all v1 nor all v2; against v2"));
+            assert_tree(
+                &lab,
+                &t2,
+                &format!("{ctx}: after recover the tree is neither all v1 nor all v2; against v2"),
+            );
             unreachable!()
         };
-        assert_eq!(rec.code, Some(exit), "{ctx}: recover ended at {version}:\n{}\nevents:\n{}", rec.describe(), lab.dump());
+        assert_eq!(
+            rec.code,
+            Some(exit),
+            "{ctx}: recover ended at {version}:\n{}\nevents:\n{}",
+            rec.describe(),
+            lab.dump()
+        );
         if failing_start {
             assert_eq!(version, V1, "{ctx}: v2 cannot start, so the end is v1");
-        } else if !point.starts_with("enter.ServicesStopped") && !point.starts_with("services.stopped") {
+        } else if !point.starts_with("enter.ServicesStopped")
+            && !point.starts_with("services.stopped")
+        {
             // SPEC §3: a transaction that had swapped resumes forward (recovery = "resume").
             assert_eq!(version, V2, "{ctx}: the files had been swapped, so recover resumes to v2");
         }
@@ -1236,12 +1467,24 @@ mod armed {
         let pb = lab.assert_running(&b, version, &ctx);
 
         let evs = lab.events_since(mark);
-        let count = |label: &str| evs.iter().filter(|e| e.kind == "post" && e.name == label && e.v() == V2).count();
+        let count = |label: &str| {
+            evs.iter().filter(|e| e.kind == "post" && e.name == label && e.v() == V2).count()
+        };
         if version == V2 {
             let p1_max = if point == "post_cmd.ran" && hit == 1 { 2 } else { 1 };
-            assert!((1..=p1_max).contains(&count("p1")), "{ctx}: p1 ran {} times\n{}", count("p1"), lab.dump());
+            assert!(
+                (1..=p1_max).contains(&count("p1")),
+                "{ctx}: p1 ran {} times\n{}",
+                count("p1"),
+                lab.dump()
+            );
             let p2_max = if point == "post_cmd.ran" && hit == 2 { 2 } else { 1 };
-            assert!((1..=p2_max).contains(&count("p2")), "{ctx}: p2 ran {} times\n{}", count("p2"), lab.dump());
+            assert!(
+                (1..=p2_max).contains(&count("p2")),
+                "{ctx}: p2 ran {} times\n{}",
+                count("p2"),
+                lab.dump()
+            );
             for p in evs.iter().filter(|e| e.kind == "post") {
                 assert_eq!(p.disk(), V2, "{ctx}: post commands run on the new files: {p:?}");
             }
@@ -1249,7 +1492,12 @@ mod armed {
 
         // A second recover has nothing to do and leaves the services alone.
         let again = lab.run(&["recover", "--json"]);
-        assert_eq!((again.code, again.json()["result"].as_str()), (Some(0), Some("nothing")), "{ctx}: {}", again.describe());
+        assert_eq!(
+            (again.code, again.json()["result"].as_str()),
+            (Some(0), Some("nothing")),
+            "{ctx}: {}",
+            again.describe()
+        );
         assert!(alive_as(pa, &a.name) && alive_as(pb, &b.name), "{ctx}: the services still run");
     }
 
@@ -1268,7 +1516,10 @@ mod armed {
         let t1 = tree(&lab.env.root);
         let r = lab.run_armed(&["install", &pkg2], "swap.file", 1);
         assert_eq!(r.signal, Some(9), "never reached swap.file:\n{}", r.describe());
-        assert!(live(&a.name).is_empty() && live(&b.name).is_empty(), "the services were stopped before the swap");
+        assert!(
+            live(&a.name).is_empty() && live(&b.name).is_empty(),
+            "the services were stopped before the swap"
+        );
         std::fs::remove_file(lab.env.state.join("journal.redb")).unwrap();
 
         let rec = lab.run(&["recover"]);

@@ -26,7 +26,10 @@ fn signed_device(extra: &str) -> Signed {
     std::fs::write(src.join("bin/app"), b"app v2").unwrap();
     std::fs::write(
         src.join("manifest.json"),
-        format!(r#"{{"version":"2.0.0","modules":[{{"name":"app","src":"bin/app","dst":"{}"}}]}}"#, env.dst("bin/app")),
+        format!(
+            r#"{{"version":"2.0.0","modules":[{{"name":"app","src":"bin/app","dst":"{}"}}]}}"#,
+            env.dst("bin/app")
+        ),
     )
     .unwrap();
     env.put("bin/app", b"app v1", 0o755);
@@ -39,7 +42,10 @@ fn assert_refused(env: &Env, pkg: &Path, code: &str) {
     assert_eq!(r.code, Some(3), "{}", r.describe());
     assert_eq!(r.error_code().as_deref(), Some(code), "{}", r.describe());
     assert_eq!(tree(&env.root), before, "the tree changed after a refused package");
-    assert!(env.ok(&["status", "--json"]).contains("\"current\":null"), "something was recorded as installed");
+    assert!(
+        env.ok(&["status", "--json"]).contains("\"current\":null"),
+        "something was recorded as installed"
+    );
 }
 
 /// Rewrites a package with one entry replaced (or dropped with `None`), keeping the rest.
@@ -73,7 +79,14 @@ fn read_entry(pkg: &Path, name: &str) -> Vec<u8> {
 
 fn pack_signed(s: &Signed) -> PathBuf {
     let pkg = s.env.pkg_path("signed.zip");
-    let out = s.env.ok(&["pack", s.src.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--sign", s.key.to_str().unwrap()]);
+    let out = s.env.ok(&[
+        "pack",
+        s.src.to_str().unwrap(),
+        "-o",
+        pkg.to_str().unwrap(),
+        "--sign",
+        s.key.to_str().unwrap(),
+    ]);
     assert!(out.contains("signed"), "{out}");
     pkg
 }
@@ -91,7 +104,8 @@ fn a_package_signed_by_a_trusted_key_installs() {
 fn a_manifest_changed_after_signing_is_refused() {
     let s = signed_device("");
     let pkg = pack_signed(&s);
-    let manifest = String::from_utf8(read_entry(&pkg, "manifest.json")).unwrap().replace("2.0.0", "2.0.1");
+    let manifest =
+        String::from_utf8(read_entry(&pkg, "manifest.json")).unwrap().replace("2.0.0", "2.0.1");
     let bad = s.env.pkg_path("tampered.zip");
     rewrite(&pkg, &bad, "manifest.json", Some(manifest.as_bytes()));
     assert_refused(&s.env, &bad, "SIGNATURE_INVALID");
@@ -115,7 +129,9 @@ fn a_missing_signature_is_refused_when_required_and_accepted_otherwise() {
     assert_refused(&s.env, &unsigned, "SIGNATURE_INVALID");
     // The same package on a device that does not require signatures installs.
     let lax = Env::with_config(&format!("trusted_keys = [{:?}]", s.public.to_str().unwrap()));
-    let m = String::from_utf8(read_entry(&unsigned, "manifest.json")).unwrap().replace(&s.env.dst("bin/app"), &lax.dst("bin/app"));
+    let m = String::from_utf8(read_entry(&unsigned, "manifest.json"))
+        .unwrap()
+        .replace(&s.env.dst("bin/app"), &lax.dst("bin/app"));
     let lax_pkg = lax.pkg_path("unsigned.zip");
     rewrite(&unsigned, &lax_pkg, "manifest.json", Some(m.as_bytes()));
     lax.ok(&["install", lax_pkg.to_str().unwrap()]);
@@ -127,7 +143,14 @@ fn a_signature_by_an_untrusted_key_is_refused() {
     let other = s.env.tmp.path().join("other");
     s.env.ok(&["keygen", "-o", other.to_str().unwrap()]);
     let pkg = s.env.pkg_path("other.zip");
-    s.env.ok(&["pack", s.src.to_str().unwrap(), "-o", pkg.to_str().unwrap(), "--sign", &format!("{}.key", other.display())]);
+    s.env.ok(&[
+        "pack",
+        s.src.to_str().unwrap(),
+        "-o",
+        pkg.to_str().unwrap(),
+        "--sign",
+        &format!("{}.key", other.display()),
+    ]);
     assert_refused(&s.env, &pkg, "SIGNATURE_INVALID");
 }
 

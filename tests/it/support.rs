@@ -47,7 +47,11 @@ impl Env {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.arg("--config").arg(&self.config).args(args).env_remove("FAILPOINTS").env("NO_COLOR", "1");
+        c.arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("FAILPOINTS")
+            .env("NO_COLOR", "1");
         c
     }
 
@@ -102,15 +106,23 @@ impl From<Output> for Run {
 impl Run {
     /// The stable code from the `error: CODE: message` line on stderr.
     pub fn error_code(&self) -> Option<String> {
-        self.stderr.lines().find_map(|l| l.strip_prefix("error: ")).and_then(|rest| rest.split(':').next()).map(str::to_string)
+        self.stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("error: "))
+            .and_then(|rest| rest.split(':').next())
+            .map(str::to_string)
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.describe()))
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.describe()))
     }
 
     pub fn describe(&self) -> String {
-        format!("exit {:?} signal {:?}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.signal, self.stdout, self.stderr)
+        format!(
+            "exit {:?} signal {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.signal, self.stdout, self.stderr
+        )
     }
 }
 
@@ -127,7 +139,8 @@ pub fn zip_with(entries: &[Entry]) -> Vec<u8> {
     let mut buf = std::io::Cursor::new(Vec::new());
     {
         let mut z = zip::ZipWriter::new(&mut buf);
-        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
         for e in entries {
             match e {
                 Entry::File(name, data) => {
@@ -149,7 +162,10 @@ pub fn zip_with(entries: &[Entry]) -> Vec<u8> {
 
 /// A manifest with file modules `(name, src, dst)`.
 pub fn manifest(version: &str, modules: &[(&str, &str, &str)]) -> String {
-    let mods: Vec<serde_json::Value> = modules.iter().map(|(n, s, d)| serde_json::json!({"name": n, "src": s, "dst": d})).collect();
+    let mods: Vec<serde_json::Value> = modules
+        .iter()
+        .map(|(n, s, d)| serde_json::json!({"name": n, "src": s, "dst": d}))
+        .collect();
     serde_json::json!({"version": version, "modules": mods}).to_string()
 }
 
@@ -177,7 +193,10 @@ pub fn tree(dir: &Path) -> BTreeMap<String, String> {
             } else if m.file_type().is_symlink() {
                 out.insert(rel, format!("symlink {}", std::fs::read_link(&p).unwrap().display()));
             } else {
-                out.insert(rel, format!("file {mode:o} {}", blake3::hash(&std::fs::read(&p).unwrap()).to_hex()));
+                out.insert(
+                    rel,
+                    format!("file {mode:o} {}", blake3::hash(&std::fs::read(&p).unwrap()).to_hex()),
+                );
             }
         }
     }
@@ -200,14 +219,20 @@ pub struct NewFile<'a> {
 /// `mode`, else the mode of the file it replaces, else its ZIP entry's, else 0644 (README,
 /// "Build and sign a package"); a directory the install creates is 0755; everything else
 /// stays as it was.
-pub fn after_install(before: &BTreeMap<String, String>, files: &[NewFile]) -> BTreeMap<String, String> {
+pub fn after_install(
+    before: &BTreeMap<String, String>,
+    files: &[NewFile],
+) -> BTreeMap<String, String> {
     let mut t = before.clone();
     for f in files {
         let old_mode = t
             .get(&f.rel)
             .and_then(|s| s.strip_prefix("file "))
             .and_then(|s| s.split(' ').next())
-            .map(|m| u32::from_str_radix(m, 8).unwrap_or_else(|e| panic!("oracle: bad mode {m:?} of {} ({e})", f.rel)));
+            .map(|m| {
+                u32::from_str_radix(m, 8)
+                    .unwrap_or_else(|e| panic!("oracle: bad mode {m:?} of {} ({e})", f.rel))
+            });
         let mode = f.manifest_mode.or(old_mode).or(f.zip_mode).unwrap_or(0o644);
         let mut dir = String::new();
         for part in f.rel.split('/').collect::<Vec<_>>().split_last().expect("a path").1 {
@@ -224,7 +249,10 @@ pub fn after_install(before: &BTreeMap<String, String>, files: &[NewFile]) -> BT
 
 /// Names of leftover temporary files (the engine's `.tope-` prefix) under `dir`.
 pub fn leftovers(dir: &Path) -> Vec<String> {
-    tree(dir).into_keys().filter(|k| k.rsplit('/').next().unwrap_or("").starts_with(".tope-")).collect()
+    tree(dir)
+        .into_keys()
+        .filter(|k| k.rsplit('/').next().unwrap_or("").starts_with(".tope-"))
+        .collect()
 }
 
 pub fn blake3_hex(data: &[u8]) -> String {
@@ -299,7 +327,10 @@ pub struct Arm {
 impl Arm {
     #[cfg(feature = "failpoints")]
     pub fn new(point: &'static str, hit: u32) -> Arm {
-        assert!(tope_updater::failpoint::CRASH_POINTS.contains(&point), "{point} is not in CRASH_POINTS");
+        assert!(
+            tope_updater::failpoint::CRASH_POINTS.contains(&point),
+            "{point} is not in CRASH_POINTS"
+        );
         Arm { point, hit }
     }
 
@@ -311,7 +342,11 @@ impl Arm {
 
 impl std::fmt::Display for Arm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.hit == 1 { write!(f, "{}", self.point) } else { write!(f, "{}#{}", self.point, self.hit) }
+        if self.hit == 1 {
+            write!(f, "{}", self.point)
+        } else {
+            write!(f, "{}#{}", self.point, self.hit)
+        }
     }
 }
 
@@ -331,7 +366,11 @@ pub fn expect_killed(run: &Run, arm: Arm, ctx: &str) {
         run.describe()
     );
     let marker = format!("crash point {}: SIGKILL", arm.point);
-    assert!(run.stderr.contains(&marker), "{ctx}: killed, but not by crash point {arm}:\n{}", run.describe());
+    assert!(
+        run.stderr.contains(&marker),
+        "{ctx}: killed, but not by crash point {arm}:\n{}",
+        run.describe()
+    );
 }
 
 // ---------------------------------------------------------------- root-only tests

@@ -36,14 +36,16 @@ fn build(env: &Env, file: &str, version: &str, modules: &[M]) -> PathBuf {
             }
             M::Dir(name, dst, files) => {
                 let src = format!("trees/{name}/");
-                let hashes: BTreeMap<&str, String> = files.iter().map(|(rel, c)| (*rel, blake3_hex(c))).collect();
+                let hashes: BTreeMap<&str, String> =
+                    files.iter().map(|(rel, c)| (*rel, blake3_hex(c))).collect();
                 mods.push(json!({"name": name, "src": src, "dst": env.dst(dst), "files": hashes}));
                 entries.extend(files.iter().map(|(rel, c)| (format!("{src}{rel}"), c.to_vec())));
             }
         }
     }
     let manifest = json!({"version": version, "modules": mods}).to_string();
-    let files: Vec<(&str, &[u8])> = entries.iter().map(|(n, c)| (n.as_str(), c.as_slice())).collect();
+    let files: Vec<(&str, &[u8])> =
+        entries.iter().map(|(n, c)| (n.as_str(), c.as_slice())).collect();
     let path = env.pkg_path(file);
     write_package(&path, &manifest, &files);
     path
@@ -88,7 +90,12 @@ fn v2(env: &Env) -> PathBuf {
             M::Dir(
                 "lib",
                 "lib/tope",
-                &[("a.so", b"a v2\n"), ("sub/b.so", b"b v1\n"), ("sub/c.so", b"c v2\n"), ("sub/deep/d.so", b"d v2\n")],
+                &[
+                    ("a.so", b"a v2\n"),
+                    ("sub/b.so", b"b v1\n"),
+                    ("sub/c.so", b"c v2\n"),
+                    ("sub/deep/d.so", b"d v2\n"),
+                ],
             ),
             M::File("data", "var/data/v2only", b"data v2\n", None),
         ],
@@ -113,10 +120,19 @@ fn v3(env: &Env) -> PathBuf {
 }
 
 /// Contents that only v3 ever deployed.
-const V3_ONLY: &[&[u8]] = &[b"app v3\n", b"conf v3\n", b"a v3\n", b"e v3\n", b"tool v3\n", b"v3 only\n"];
+const V3_ONLY: &[&[u8]] =
+    &[b"app v3\n", b"conf v3\n", b"a v3\n", b"e v3\n", b"tool v3\n", b"v3 only\n"];
 
 fn v4(env: &Env) -> PathBuf {
-    build(env, "v4.zip", "4.0.0", &[M::File("app", "bin/app", b"app v4\n", Some("0705")), M::File("four", "n4/deep/file", b"four\n", None)])
+    build(
+        env,
+        "v4.zip",
+        "4.0.0",
+        &[
+            M::File("app", "bin/app", b"app v4\n", Some("0705")),
+            M::File("four", "n4/deep/file", b"four\n", None),
+        ],
+    )
 }
 
 // ---- small helpers ----
@@ -152,7 +168,10 @@ fn journal_dump(env: &Env) -> Value {
 }
 
 fn blobs(env: &Env) -> BTreeSet<String> {
-    std::fs::read_dir(env.state.join("backups")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
+    std::fs::read_dir(env.state.join("backups"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
 }
 
 /// Asserts the tree under the root equals `want`, naming the paths that differ.
@@ -173,7 +192,12 @@ fn assert_tree(env: &Env, want: &BTreeMap<String, String>, what: &str) {
 fn assert_tx_failed(r: &Run, exit: i32, code: &str) {
     assert_eq!(r.code, Some(exit), "expected exit {exit}:\n{}", r.describe());
     let j = r.json();
-    assert_eq!((j["outcome"].as_str(), j["error"]["code"].as_str()), (Some("rolled_back"), Some(code)), "{}", r.describe());
+    assert_eq!(
+        (j["outcome"].as_str(), j["error"]["code"].as_str()),
+        (Some("rolled_back"), Some(code)),
+        "{}",
+        r.describe()
+    );
 }
 
 fn assert_code(r: &Run, exit: i32, code: &str) {
@@ -215,14 +239,20 @@ fn each_rollback_restores_the_previous_generation_exactly_down_to_the_factory_tr
     assert_eq!(current_version(&env).as_deref(), Some("2.0.0"));
     assert!(!env.path("srv").exists(), "directories v3 created are removed");
     assert!(!env.path("lib/tope/v3").exists());
-    assert_eq!((env.read("etc/app.conf").unwrap(), mode_of(&env, "etc/app.conf")), (b"conf v1\n".to_vec(), 0o640));
+    assert_eq!(
+        (env.read("etc/app.conf").unwrap(), mode_of(&env, "etc/app.conf")),
+        (b"conf v1\n".to_vec(), 0o640)
+    );
 
     env.ok(&["rollback"]);
     assert_tree(&env, &t1, "rollback from v2");
     assert_eq!(current_version(&env).as_deref(), Some("1.0.0"));
     assert!(!env.path("var").exists() && !env.path("lib/tope/sub/deep").exists());
     assert!(!env.path("lib/tope/sub/c.so").exists(), "a file v2 added is deleted");
-    assert_eq!((env.read("etc/secret").unwrap(), mode_of(&env, "etc/secret")), (b"factory secret\n".to_vec(), 0o600));
+    assert_eq!(
+        (env.read("etc/secret").unwrap(), mode_of(&env, "etc/secret")),
+        (b"factory secret\n".to_vec(), 0o600)
+    );
 
     env.ok(&["rollback"]);
     assert_tree(&env, &t0, "rollback from v1");
@@ -258,7 +288,10 @@ fn rollback_to_factory_from_v3_restores_the_pre_install_tree_and_modes_exactly()
     }
     assert_eq!(mode_of(&env, "etc"), 0o750, "a pre-existing directory keeps its mode");
     for created in ["lib", "opt", "var", "srv"] {
-        assert!(!env.path(created).exists(), "{created} was created by the installs and must be gone");
+        assert!(
+            !env.path(created).exists(),
+            "{created} was created by the installs and must be gone"
+        );
     }
     let s = status(&env);
     assert!(s["current"].is_null(), "{s}");
@@ -287,10 +320,19 @@ fn rollback_to_a_named_version_restores_that_generation_and_drops_the_newer_ones
     assert_tree(&env, &t1, "rollback --to 1.0.0");
     let s = status(&env);
     assert_eq!(s["current"]["version"], "1.0.0", "{s}");
-    let kept: Vec<&str> = s["generations"].as_array().unwrap().iter().map(|g| g["version"].as_str().unwrap()).collect();
+    let kept: Vec<&str> = s["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["version"].as_str().unwrap())
+        .collect();
     assert_eq!(kept, ["1.0.0"], "generations newer than the target are dropped");
 
-    for (to, why) in [("1.0.0", "the current version"), ("2.0.0", "a dropped generation"), ("9.9.9", "a never installed version")] {
+    for (to, why) in [
+        ("1.0.0", "the current version"),
+        ("2.0.0", "a dropped generation"),
+        ("9.9.9", "a never installed version"),
+    ] {
         let r = env.run(&["rollback", "--to", to]);
         assert_code(&r, 1, "NOTHING_TO_ROLL_BACK");
         assert_tree(&env, &t1, why);
@@ -302,7 +344,12 @@ fn rollback_with_nothing_installed_is_nothing_to_roll_back_and_touches_nothing()
     let env = Env::new();
     seed_factory(&env);
     let t0 = tree(&env.root);
-    for args in [&["rollback"][..], &["rollback", "--to", "factory"], &["rollback", "--to", "previous"], &["rollback", "--to", "1.0.0"]] {
+    for args in [
+        &["rollback"][..],
+        &["rollback", "--to", "factory"],
+        &["rollback", "--to", "previous"],
+        &["rollback", "--to", "1.0.0"],
+    ] {
         let r = env.run(args);
         assert_code(&r, 1, "NOTHING_TO_ROLL_BACK");
         assert_tree(&env, &t0, &format!("{args:?}"));
@@ -323,7 +370,12 @@ fn keep_generations_prunes_old_generations_but_factory_rollback_still_restores_e
         trees.push(tree(&env.root));
     }
     let s = status(&env);
-    let kept: Vec<&str> = s["generations"].as_array().unwrap().iter().map(|g| g["version"].as_str().unwrap()).collect();
+    let kept: Vec<&str> = s["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["version"].as_str().unwrap())
+        .collect();
     assert_eq!(kept, ["3.0.0", "4.0.0"], "{s}");
 
     let r = env.run(&["rollback", "--to", "1.0.0"]);
@@ -373,7 +425,12 @@ fn the_end_of_a_rollback_collects_exactly_the_blobs_no_kept_generation_needs() {
     // `gc` stays for operators; after the automatic collection it finds nothing.
     let r = env.run(&["gc", "--json"]);
     assert_eq!(r.code, Some(0), "{}", r.describe());
-    assert_eq!((&r.json()["removed"], &r.json()["kept"]), (&json!(0), &json!(before.len())), "{}", r.describe());
+    assert_eq!(
+        (&r.json()["removed"], &r.json()["kept"]),
+        (&json!(0), &json!(before.len())),
+        "{}",
+        r.describe()
+    );
     assert_eq!(blobs(&env), before);
 
     // What remains is enough for every rollback that is still offered.
@@ -393,7 +450,8 @@ fn gc_keeps_the_factory_blobs_when_every_generation_is_pruned() {
     }
     // Each install's end pruned the generation before it and collected its backups.
     let h = env.run(&["history", "--json"]).json();
-    let freed: Vec<u64> = h.as_array().unwrap().iter().rev().map(|t| t["freed_blobs"].as_u64().unwrap()).collect();
+    let freed: Vec<u64> =
+        h.as_array().unwrap().iter().rev().map(|t| t["freed_blobs"].as_u64().unwrap()).collect();
     assert_eq!(freed[0], 0, "the first install prunes nothing: {h}");
     assert!(freed[1] > 0 && freed[2] > 0, "v1's and v2's backups are no longer needed: {h}");
     let r = env.run(&["gc", "--json"]);
@@ -410,7 +468,10 @@ fn gc_keeps_the_factory_blobs_when_every_generation_is_pruned() {
 
 /// Journal commits of the transaction with id `tx`, from `history --json`.
 fn commits_of(env: &Env, tx: u64) -> (u64, u64) {
-    let rec = history(env).into_iter().find(|r| r["id"] == json!(tx)).unwrap_or_else(|| panic!("no tx {tx} in history"));
+    let rec = history(env)
+        .into_iter()
+        .find(|r| r["id"] == json!(tx))
+        .unwrap_or_else(|| panic!("no tx {tx} in history"));
     (rec["commits"].as_u64().unwrap(), rec["targets"].as_u64().unwrap())
 }
 
@@ -424,8 +485,9 @@ fn install_json(env: &Env, pkg: &Path) -> Value {
 fn journal_commits_per_transaction_are_bounded_and_do_not_grow_with_the_file_count() {
     let env = Env::new();
     // Ten single-file modules.
-    let small: Vec<(String, String, Vec<u8>)> =
-        (0..10).map(|i| (format!("m{i}"), format!("small/f{i}"), format!("small {i}\n").into_bytes())).collect();
+    let small: Vec<(String, String, Vec<u8>)> = (0..10)
+        .map(|i| (format!("m{i}"), format!("small/f{i}"), format!("small {i}\n").into_bytes()))
+        .collect();
     let mods: Vec<M> = small.iter().map(|(n, d, c)| M::File(n, d, c, None)).collect();
     let pkg_small = build(&env, "small.zip", "1.0.0", &mods);
 
@@ -443,7 +505,11 @@ fn journal_commits_per_transaction_are_bounded_and_do_not_grow_with_the_file_cou
 
     let small_report = install_json(&env, &pkg_small);
     let big_report = install_json(&env, &pkg_big);
-    assert_eq!(env.read("many/d6/f496").unwrap(), b"big file 496\n", "a directory module keeps the relative layout");
+    assert_eq!(
+        env.read("many/d6/f496").unwrap(),
+        b"big file 496\n",
+        "a directory module keeps the relative layout"
+    );
 
     let (small_commits, small_targets) = commits_of(&env, small_report["tx"].as_u64().unwrap());
     let (big_commits, big_targets) = commits_of(&env, big_report["tx"].as_u64().unwrap());
@@ -461,7 +527,11 @@ fn journal_commits_per_transaction_are_bounded_and_do_not_grow_with_the_file_cou
         assert!((2..=12).contains(&c), "transaction {} made {c} commits", rec["id"]);
     }
     assert_eq!(h[0]["targets"], 500, "the rollback undid 500 files: {}", h[0]);
-    assert_eq!(h[0]["commits"], json!(big_commits), "a 500-file rollback takes as many commits as an install");
+    assert_eq!(
+        h[0]["commits"],
+        json!(big_commits),
+        "a 500-file rollback takes as many commits as an install"
+    );
 }
 
 // ---- 6. verify ----
@@ -487,7 +557,11 @@ fn verify_detects_tampered_content_modes_and_missing_files_and_passes_once_resto
     assert_eq!(env.run(&["verify"]).code, Some(0), "restored content verifies");
 
     std::fs::set_permissions(env.path("bin/app"), std::fs::Permissions::from_mode(0o777)).unwrap();
-    assert_eq!(env.run(&["verify"]).error_code().as_deref(), Some("HASH_MISMATCH"), "a changed mode is a mismatch");
+    assert_eq!(
+        env.run(&["verify"]).error_code().as_deref(),
+        Some("HASH_MISMATCH"),
+        "a changed mode is a mismatch"
+    );
     std::fs::set_permissions(env.path("bin/app"), std::fs::Permissions::from_mode(0o755)).unwrap();
     assert_eq!(env.run(&["verify"]).code, Some(0));
 
@@ -511,16 +585,37 @@ fn a_second_caller_gets_operation_in_progress_while_the_state_lock_is_held() {
     let pkg2 = v2(&env);
     let journal_before = std::fs::read(env.state.join("journal.redb")).unwrap();
 
-    let lock_file = std::fs::File::options().create(true).truncate(false).write(true).open(env.state.join("lock")).unwrap();
-    let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| e).unwrap();
+    let lock_file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(env.state.join("lock"))
+        .unwrap();
+    let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .unwrap();
 
-    for args in [&["install", p(&pkg2)][..], &["rollback"], &["rollback", "--to", "factory"], &["gc"], &["recover"]] {
+    for args in [
+        &["install", p(&pkg2)][..],
+        &["rollback"],
+        &["rollback", "--to", "factory"],
+        &["gc"],
+        &["recover"],
+    ] {
         let r = env.run(args);
         assert_code(&r, 6, "OPERATION_IN_PROGRESS");
     }
     assert_tree(&env, &t1, "while busy");
-    assert_eq!(std::fs::read(env.state.join("journal.redb")).unwrap(), journal_before, "the journal is untouched");
-    assert_eq!(current_version(&env).as_deref(), Some("1.0.0"), "status still answers beside the lock");
+    assert_eq!(
+        std::fs::read(env.state.join("journal.redb")).unwrap(),
+        journal_before,
+        "the journal is untouched"
+    );
+    assert_eq!(
+        current_version(&env).as_deref(),
+        Some("1.0.0"),
+        "status still answers beside the lock"
+    );
 
     drop(lock);
     env.ok(&["install", p(&pkg2)]);
@@ -551,7 +646,11 @@ fn a_package_whose_install_was_rolled_back_is_refused_again_unless_forced() {
     ]})
     .to_string();
     let bad = env.pkg_path("bad.zip");
-    write_package(&bad, &manifest, &[("app", b"app v1\n"), ("conf", b"conf v1\n"), ("new", b"new\n")]);
+    write_package(
+        &bad,
+        &manifest,
+        &[("app", b"app v1\n"), ("conf", b"conf v1\n"), ("new", b"new\n")],
+    );
     let bad_hash = blake3_hex(&std::fs::read(&bad).unwrap());
 
     let r = env.run(&["install", p(&bad), "--json"]);
@@ -563,7 +662,11 @@ fn a_package_whose_install_was_rolled_back_is_refused_again_unless_forced() {
     assert_eq!(failed[0].0, bad_hash, "the package is remembered by the blake3 of its bytes");
     let h = history(&env);
     assert_eq!((h.len(), h[0]["phase"].as_str()), (1, Some("RolledBack")), "{h:?}");
-    assert_eq!(failed[0].1, h[0]["id"].as_u64().unwrap(), "remembered with the transaction that rolled it back");
+    assert_eq!(
+        failed[0].1,
+        h[0]["id"].as_u64().unwrap(),
+        "remembered with the transaction that rolled it back"
+    );
 
     let r = env.run(&["install", p(&bad)]);
     assert_code(&r, 3, "VALIDATION_ERROR");
@@ -577,13 +680,21 @@ fn a_package_whose_install_was_rolled_back_is_refused_again_unless_forced() {
     assert_eq!(history(&env).len(), 2, "--force ran a second transaction");
     assert_tree(&env, &t0, "forced reinstall that fails again");
     let forced_tx = history(&env)[0]["id"].as_u64().unwrap();
-    assert_eq!(failed_packages(&env), vec![(bad_hash.clone(), forced_tx)], "remembered now by the latest rollback");
+    assert_eq!(
+        failed_packages(&env),
+        vec![(bad_hash.clone(), forced_tx)],
+        "remembered now by the latest rollback"
+    );
 
     // A different package (fixed hashes) is not affected by the memory of the bad one.
     let good = v1(&env);
     env.ok(&["install", p(&good)]);
     assert_eq!(current_version(&env).as_deref(), Some("1.0.0"));
-    assert_eq!(failed_packages(&env), vec![(bad_hash, forced_tx)], "a good install does not forget the bad package");
+    assert_eq!(
+        failed_packages(&env),
+        vec![(bad_hash, forced_tx)],
+        "a good install does not forget the bad package"
+    );
 }
 
 #[test]
@@ -609,7 +720,12 @@ fn reinstalling_a_package_that_succeeded_is_not_refused() {
     env.ok(&["install", p(&pkg)]);
     let t1 = tree(&env.root);
     let r = env.run(&["install", p(&pkg)]);
-    assert_eq!(r.code, Some(0), "the same version again is not a downgrade and not a failed package:\n{}", r.describe());
+    assert_eq!(
+        r.code,
+        Some(0),
+        "the same version again is not a downgrade and not a failed package:\n{}",
+        r.describe()
+    );
     assert_tree(&env, &t1, "reinstall");
     assert!(failed_packages(&env).is_empty());
     assert_eq!(history(&env).len(), 2);
@@ -631,7 +747,9 @@ fn a_corrupt_journal_is_reported_and_only_recover_replaces_it() {
     std::fs::write(&journal, &bytes).unwrap();
     let pkg2 = v2(&env);
 
-    for args in [&["status"][..], &["history"], &["verify"], &["install", p(&pkg2)], &["rollback"], &["gc"]] {
+    for args in
+        [&["status"][..], &["history"], &["verify"], &["install", p(&pkg2)], &["rollback"], &["gc"]]
+    {
         let r = env.run(args);
         assert_code(&r, 1, "JOURNAL_CORRUPT");
     }
@@ -652,7 +770,11 @@ fn a_corrupt_journal_is_reported_and_only_recover_replaces_it() {
 
     let s = status(&env);
     assert!(s["current"].is_null() && s["in_flight"].is_null(), "a fresh journal: {s}");
-    assert_eq!(env.run(&["recover"]).code, Some(0), "recover on the fresh journal has nothing to do");
+    assert_eq!(
+        env.run(&["recover"]).code,
+        Some(0),
+        "recover on the fresh journal has nothing to do"
+    );
     env.ok(&["install", p(&pkg2)]);
     assert_eq!(current_version(&env).as_deref(), Some("2.0.0"));
     assert_eq!(env.read("etc/secret").unwrap(), b"secret v2\n");
@@ -665,7 +787,11 @@ fn crash_during_swap(env: &Env) -> (BTreeMap<String, String>, PathBuf) {
     env.ok(&["install", p(&v1(env))]);
     let t1 = tree(&env.root);
     let pkg2 = v2(env);
-    let out = env.command(&["install", p(&pkg2)]).env("FAILPOINTS", "swap.file=1*off->return").output().unwrap();
+    let out = env
+        .command(&["install", p(&pkg2)])
+        .env("FAILPOINTS", "swap.file=1*off->return")
+        .output()
+        .unwrap();
     let r = Run::from(out);
     assert_eq!(r.signal, Some(9), "the install must die at the crash point:\n{}", r.describe());
     assert!(env.state.join("inflight.plan").exists(), "the plan copy exists while in flight");
@@ -677,7 +803,11 @@ fn crash_during_swap(env: &Env) -> (BTreeMap<String, String>, PathBuf) {
 fn recover_after_journal_loss(env: &Env, t1: &BTreeMap<String, String>, pkg2: &Path) {
     let r = env.run(&["recover"]);
     assert_eq!(r.code, Some(4), "rolled back:\n{}", r.describe());
-    assert!(r.stdout.contains("JOURNAL_CORRUPT") || r.stderr.contains("JOURNAL_CORRUPT"), "{}", r.describe());
+    assert!(
+        r.stdout.contains("JOURNAL_CORRUPT") || r.stderr.contains("JOURNAL_CORRUPT"),
+        "{}",
+        r.describe()
+    );
     assert_tree(env, t1, "recover after losing the journal");
     assert!(leftovers(&env.root).is_empty(), "{:?}", leftovers(&env.root));
     assert!(!env.state.join("inflight.plan").exists(), "the plan copy is removed once rolled back");
@@ -700,16 +830,17 @@ fn recover_after_journal_loss(env: &Env, t1: &BTreeMap<String, String>, pkg2: &P
 fn recover_rolls_back_from_the_plan_copy_when_the_journal_is_truncated_mid_transaction() {
     let env = Env::new();
     let (t1, pkg2) = crash_during_swap(&env);
-    let journal = std::fs::File::options().write(true).open(env.state.join("journal.redb")).unwrap();
+    let journal =
+        std::fs::File::options().write(true).open(env.state.join("journal.redb")).unwrap();
     journal.set_len(100).unwrap();
     drop(journal);
 
     let r = env.run(&["status"]);
     assert_code(&r, 1, "JOURNAL_CORRUPT");
     recover_after_journal_loss(&env, &t1, &pkg2);
-    let aside = std::fs::read_dir(&env.state)
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_str().unwrap().starts_with("journal.redb.corrupt-"));
+    let aside = std::fs::read_dir(&env.state).unwrap().filter(|e| {
+        e.as_ref().unwrap().file_name().to_str().unwrap().starts_with("journal.redb.corrupt-")
+    });
     assert_eq!(aside.count(), 1, "the truncated journal is kept aside for inspection");
 }
 
@@ -759,12 +890,28 @@ fn manifest_mode_is_applied_else_an_old_file_keeps_its_mode_else_the_zip_mode_is
     std::fs::write(&pkg, zip).unwrap();
     env.ok(&["install", p(&pkg)]);
 
-    assert_eq!(mode_of(&env, "bin/keep"), 0o751, "no manifest mode: the overwritten file keeps its mode, not the zip's");
-    assert_eq!(mode_of(&env, "bin/set"), 0o705, "the manifest mode wins over the old and the zip mode");
-    assert_eq!(mode_of(&env, "bin/new"), 0o711, "a new file without manifest mode gets the zip entry's mode");
+    assert_eq!(
+        mode_of(&env, "bin/keep"),
+        0o751,
+        "no manifest mode: the overwritten file keeps its mode, not the zip's"
+    );
+    assert_eq!(
+        mode_of(&env, "bin/set"),
+        0o705,
+        "the manifest mode wins over the old and the zip mode"
+    );
+    assert_eq!(
+        mode_of(&env, "bin/new"),
+        0o711,
+        "a new file without manifest mode gets the zip entry's mode"
+    );
     assert_eq!(mode_of(&env, "bin/newset"), 0o604, "the manifest mode wins over the zip mode");
     assert_eq!(mode_of(&env, "bin/setgid"), 0o2750, "special bits in a manifest mode are applied");
-    assert_eq!((mode_of(&env, "share/tree/a"), mode_of(&env, "share/tree/sub/b")), (0o710, 0o710), "a directory module's mode");
+    assert_eq!(
+        (mode_of(&env, "share/tree/a"), mode_of(&env, "share/tree/sub/b")),
+        (0o710, 0o710),
+        "a directory module's mode"
+    );
     assert_eq!(env.read("bin/keep").unwrap(), b"new keep\n");
     assert_eq!(env.run(&["verify"]).code, Some(0));
 
@@ -774,13 +921,21 @@ fn manifest_mode_is_applied_else_an_old_file_keeps_its_mode_else_the_zip_mode_is
 }
 
 #[test]
-#[cfg_attr(tope_unprivileged, ignore = "needs root: changes file owners; run as root (README.md: Tests that need root)")]
+#[cfg_attr(
+    tope_unprivileged,
+    ignore = "needs root: changes file owners; run as root (README.md: Tests that need root)"
+)]
 fn manifest_owner_is_applied_and_the_old_owner_comes_back_on_rollback() {
-    crate::support::require_root("manifest_owner_is_applied_and_the_old_owner_comes_back_on_rollback", "it chowns files to other users");
+    crate::support::require_root(
+        "manifest_owner_is_applied_and_the_old_owner_comes_back_on_rollback",
+        "it chowns files to other users",
+    );
     let env = Env::new();
     env.put("bin/owned", b"old owned\n", 0o640);
     env.put("bin/kept", b"old kept\n", 0o640);
-    let chown = |rel: &str, uid: u32, gid: u32| std::os::unix::fs::chown(env.path(rel), Some(uid), Some(gid)).unwrap();
+    let chown = |rel: &str, uid: u32, gid: u32| {
+        std::os::unix::fs::chown(env.path(rel), Some(uid), Some(gid)).unwrap()
+    };
     let owner = |rel: &str| {
         let m = std::fs::metadata(env.path(rel)).unwrap();
         (m.uid(), m.gid())
@@ -794,10 +949,18 @@ fn manifest_owner_is_applied_and_the_old_owner_comes_back_on_rollback() {
     ]})
     .to_string();
     let pkg = env.pkg_path("owners.zip");
-    write_package(&pkg, &manifest, &[("owned", b"new owned\n"), ("kept", b"new kept\n"), ("fresh", b"new fresh\n")]);
+    write_package(
+        &pkg,
+        &manifest,
+        &[("owned", b"new owned\n"), ("kept", b"new kept\n"), ("fresh", b"new fresh\n")],
+    );
     env.ok(&["install", p(&pkg)]);
     assert_eq!(owner("bin/owned"), (4321, 4322));
-    assert_eq!(mode_of(&env, "bin/owned"), 0o4750, "the mode is applied after chown, so set-uid survives");
+    assert_eq!(
+        mode_of(&env, "bin/owned"),
+        0o4750,
+        "the mode is applied after chown, so set-uid survives"
+    );
     assert_eq!(owner("bin/kept"), (2221, 2222), "no uid/gid: the old owner is kept");
     assert_eq!(owner("bin/fresh"), (5555, 5556));
 
@@ -815,7 +978,10 @@ fn config_prints_the_effective_settings_as_toml_and_as_json() {
     let env = Env::with_config("keep_generations = 2");
     let out = env.ok(&["config"]);
     let (head, body) = out.split_once('\n').unwrap();
-    assert!(head.starts_with('#') && head.contains(p(&env.config)), "the first line names the source: {head}");
+    assert!(
+        head.starts_with('#') && head.contains(p(&env.config)),
+        "the first line names the source: {head}"
+    );
     let t: toml::Table = toml::from_str(body).unwrap_or_else(|e| panic!("not TOML ({e}):\n{out}"));
     assert_eq!(t["keep_generations"].as_integer(), Some(2), "a value from the file");
     assert_eq!(t["state_dir"].as_str(), Some(p(&env.state)));
@@ -841,7 +1007,11 @@ fn an_unknown_config_key_is_a_validation_error_for_every_command() {
     for args in [&["config"][..], &["status"], &["install", p(&pkg)], &["recover"]] {
         let r = env.run(args);
         assert_code(&r, 1, "VALIDATION_ERROR");
-        assert!(r.stderr.contains("keep_generationz"), "the message names the key:\n{}", r.describe());
+        assert!(
+            r.stderr.contains("keep_generationz"),
+            "the message names the key:\n{}",
+            r.describe()
+        );
     }
     let r = env.run(&["config", "--json"]);
     assert_eq!(r.json()["error"]["code"], "VALIDATION_ERROR", "{}", r.describe());
@@ -880,9 +1050,17 @@ fn a_journal_written_by_format_version_1_still_opens_and_reads() {
     assert_eq!(s["in_flight"], serde_json::Value::Null, "{s}");
 
     let h = env.run(&["history", "--json"]).json();
-    let kinds: Vec<&str> = h.as_array().unwrap().iter().map(|r| r["kind"].as_object().unwrap().keys().next().unwrap().as_str()).collect();
+    let kinds: Vec<&str> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_object().unwrap().keys().next().unwrap().as_str())
+        .collect();
     assert_eq!(kinds, ["Rollback", "Install", "Install"], "{h}");
-    assert!(h.as_array().unwrap().iter().all(|r| r["phase"] == "Committed" && r["commits"] == 6), "{h}");
+    assert!(
+        h.as_array().unwrap().iter().all(|r| r["phase"] == "Committed" && r["commits"] == 6),
+        "{h}"
+    );
 
     let dump: serde_json::Value = serde_json::from_str(&env.ok(&["journal"])).unwrap();
     assert_eq!(dump["format_version"], 1);

@@ -23,9 +23,15 @@ fn packages(env: &Env) -> (PathBuf, PathBuf) {
 
 /// The engine's own count of targets verified by identity and by reading (its debug log).
 fn verified_counts(stderr: &str) -> (usize, usize) {
-    let line = stderr.lines().find(|l| l.contains("targets verified")).unwrap_or_else(|| panic!("no verification line:\n{stderr}"));
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("targets verified"))
+        .unwrap_or_else(|| panic!("no verification line:\n{stderr}"));
     let field = |name: &str| -> usize {
-        line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))).and_then(|v| v.parse().ok()).unwrap()
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
     };
     (field("by_identity"), field("read"))
 }
@@ -60,19 +66,29 @@ mod changed_after_the_swap {
 
     /// Installs v2 over v1, paused right after the swap's flush; `change` runs there; returns
     /// the install's result and the tree v1 left.
-    fn install_changed_after_swap(change: impl Fn(&Env)) -> (Env, Run, std::collections::BTreeMap<String, String>) {
+    fn install_changed_after_swap(
+        change: impl Fn(&Env),
+    ) -> (Env, Run, std::collections::BTreeMap<String, String>) {
         for sleep_ms in SLEEPS_MS {
             let env = Env::new();
             let (v1, v2) = packages(&env);
             env.ok(&["install", v1.to_str().unwrap()]);
             let before = tree(&env.root);
-            match spawn_paused(env.command(&["install", v2.to_str().unwrap()]), "swap.synced", sleep_ms, &env.state, env.tmp.path()) {
+            match spawn_paused(
+                env.command(&["install", v2.to_str().unwrap()]),
+                "swap.synced",
+                sleep_ms,
+                &env.state,
+                env.tmp.path(),
+            ) {
                 Spawned::Paused(p) => {
                     change(&env);
                     let r = p.finish();
                     return (env, r, before);
                 }
-                Spawned::Exited(r) if sleep_ms == *SLEEPS_MS.last().unwrap() => panic!("never paused at swap.synced:\n{}", r.describe()),
+                Spawned::Exited(r) if sleep_ms == *SLEEPS_MS.last().unwrap() => {
+                    panic!("never paused at swap.synced:\n{}", r.describe())
+                }
                 Spawned::Exited(_) | Spawned::Missed => {}
             }
         }
@@ -83,9 +99,19 @@ mod changed_after_the_swap {
     fn a_target_edited_in_place_after_the_swap_is_caught_and_the_install_rolled_back() {
         let (env, r, before) = install_changed_after_swap(|env| {
             use std::io::Write;
-            std::fs::OpenOptions::new().append(true).open(env.path("a")).unwrap().write_all(b"tampered").unwrap();
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(env.path("a"))
+                .unwrap()
+                .write_all(b"tampered")
+                .unwrap();
         });
-        assert_eq!((r.code, r.error_code().as_deref()), (Some(4), Some("HASH_MISMATCH")), "{}", r.describe());
+        assert_eq!(
+            (r.code, r.error_code().as_deref()),
+            (Some(4), Some("HASH_MISMATCH")),
+            "{}",
+            r.describe()
+        );
         assert_eq!(tree(&env.root), before, "rolled back to v1");
     }
 
@@ -96,7 +122,12 @@ mod changed_after_the_swap {
             std::fs::write(&tmp, b"a3\n").unwrap();
             std::fs::rename(&tmp, env.path("a")).unwrap();
         });
-        assert_eq!((r.code, r.error_code().as_deref()), (Some(4), Some("HASH_MISMATCH")), "{}", r.describe());
+        assert_eq!(
+            (r.code, r.error_code().as_deref()),
+            (Some(4), Some("HASH_MISMATCH")),
+            "{}",
+            r.describe()
+        );
         assert_eq!(tree(&env.root), before, "rolled back to v1");
     }
 
@@ -106,7 +137,8 @@ mod changed_after_the_swap {
         let (env, r, _) = install_changed_after_swap(|env| {
             let tmp = env.path("a.same");
             std::fs::write(&tmp, b"a2\n").unwrap();
-            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .unwrap();
             std::fs::rename(&tmp, env.path("a")).unwrap();
         });
         assert_eq!(r.code, Some(0), "{}", r.describe());
