@@ -7,8 +7,7 @@ use crate::error::{Error, ErrorCode, Result};
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The kernel's id of the current boot; a new one every boot.

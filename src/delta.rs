@@ -21,7 +21,10 @@
 //! declared. A patch made for other content (a forged manifest) yields an error or other
 //! bytes, which the target hash refuses.
 
-use crate::limits::*;
+use crate::limits::{
+    DELTA_BSDIFF_STREAM_BYTES_MAX, DELTA_HEADER_BYTES_MAX, DELTA_PAYLOAD_BYTES_MAX,
+    DELTA_REF_BYTES_MAX, DELTA_REF_MARGIN_BYTES, DELTA_WINDOW_BYTES, DELTA_ZSTD_WINDOW_LOG_MAX,
+};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -144,7 +147,9 @@ fn unzstd(reference: &[u8], payload: &[u8], out_len: u64) -> Result<Vec<u8>, Pat
             )));
         }
         _ => {
-            return Err(PatchError::Invalid("a window's zstd frame does not state its size".into()));
+            return Err(PatchError::Invalid(
+                "a window's zstd frame does not state its size".into(),
+            ));
         }
     }
     // Exactly one frame: anything after it (another frame, a skippable one) is not part of
@@ -192,7 +197,9 @@ fn unbsdiff(reference: &[u8], payload: &[u8], out_len: u64) -> Result<Vec<u8>, P
             )));
         }
         _ => {
-            return Err(PatchError::Invalid("a window's zstd frame does not state its size".into()));
+            return Err(PatchError::Invalid(
+                "a window's zstd frame does not state its size".into(),
+            ));
         }
     };
     let stream = unzstd(&[], payload, stream_len)?;
@@ -304,7 +311,7 @@ pub fn apply(
     out: &mut impl Write,
 ) -> Result<(), PatchError> {
     let base_size = base.metadata().map_err(|e| PatchError::Base(format!("stat: {e}")))?.len();
-    let _one_at_a_time = APPLYING.lock().unwrap_or_else(|p| p.into_inner());
+    let _one_at_a_time = APPLYING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     for span in spans(target_size, base_size) {
         let w: WindowHeader = decode(patch)?;
         if w.payload_len > DELTA_PAYLOAD_BYTES_MAX {

@@ -415,24 +415,21 @@ fn fetch_tuned(
             Prior::Nothing => None,
         };
     preflight(&dir, size - resumable.as_ref().map_or(0, |r| r.offset))?;
-    let rec = match resumable {
-        Some(mut rec) => {
-            rec.failed = false;
-            rec
-        }
-        None => {
-            let rec = DownloadRecord {
-                request: req.clone(),
-                path: path_str.to_string(),
-                offset: 0,
-                verified_at_unix_ms: None,
-                started_unix_ms: now,
-                updated_unix_ms: now,
-                failed: false,
-            };
-            journal.put_download(&rec)?;
-            rec
-        }
+    let rec = if let Some(mut rec) = resumable {
+        rec.failed = false;
+        rec
+    } else {
+        let rec = DownloadRecord {
+            request: req.clone(),
+            path: path_str.to_string(),
+            offset: 0,
+            verified_at_unix_ms: None,
+            started_unix_ms: now,
+            updated_unix_ms: now,
+            failed: false,
+        };
+        journal.put_download(&rec)?;
+        rec
     };
 
     let file = open_package_file(&cfg.state_dir, &dir, &path)?;
@@ -478,8 +475,10 @@ fn prior_download(
 ) -> Result<Prior> {
     Ok(match journal.download()? {
         Some(old) if old.request == *req && old.path == path_str => {
-            let on_disk =
-                std::fs::symlink_metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len());
+            let on_disk = std::fs::symlink_metadata(path)
+                .ok()
+                .filter(std::fs::Metadata::is_file)
+                .map(|m| m.len());
             match old.verified_at_unix_ms {
                 Some(at)
                     if within_trust_window(at, now, trust_window_h)
@@ -1103,18 +1102,13 @@ mod tests {
         }
     }
 
-    fn serve(
-        stream: TcpStream,
-        body: &[u8],
-        reply: Reply,
-        seen: &Mutex<Vec<Seen>>,
-        journal: &Mutex<Option<Arc<Journal>>>,
-    ) {
+    /// The request line and the Range header's value; `None` for a connection closed first.
+    fn read_request(stream: &TcpStream) -> Option<(String, Option<String>)> {
         stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut request_line = String::new();
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
-            return;
+            return None;
         }
         let mut range = None;
         loop {
@@ -1128,6 +1122,17 @@ mod tests {
                 range = Some(value.trim().to_string());
             }
         }
+        Some((request_line, range))
+    }
+
+    fn serve(
+        stream: TcpStream,
+        body: &[u8],
+        reply: Reply,
+        seen: &Mutex<Vec<Seen>>,
+        journal: &Mutex<Option<Arc<Journal>>>,
+    ) {
+        let Some((request_line, range)) = read_request(&stream) else { return };
         let journaled_offset =
             journal.lock().unwrap().as_ref().and_then(|j| j.download().unwrap()).map(|r| r.offset);
         seen.lock().unwrap().push(Seen {
@@ -1484,8 +1489,8 @@ mod tests {
         assert_eq!(std::fs::read(package_path(&cfg, "goose.swu")).unwrap(), body);
     }
 
-    /// Each kind: the file goes, the record goes, and the code is MD5_MISMATCH for MD5 (the
-    /// legacy message) or HASH_MISMATCH naming the algorithm, the expected and the got digest.
+    /// Each kind: the file goes, the record goes, and the code is `MD5_MISMATCH` for MD5 (the
+    /// legacy message) or `HASH_MISMATCH` naming the algorithm, the expected and the got digest.
     #[test]
     fn each_kind_of_hash_mismatch_deletes_the_file_and_clears_the_record() {
         let body = package(100_000);
@@ -1754,6 +1759,7 @@ mod tests {
 
     #[test]
     fn validation_errors_have_their_codes_and_messages() {
+        type Change = fn(&mut DownloadRequest);
         let mut cfg = Config::default();
         let ok = DownloadRequest {
             version: "1.2.3".into(),
@@ -1764,7 +1770,6 @@ mod tests {
             package_md5: "0123456789abcdef0123456789abcdef".into(),
         };
         validate(&ok, &cfg).unwrap();
-        type Change = fn(&mut DownloadRequest);
         let cases: &[(Change, &str)] = &[
             (
                 |r| r.package_url = "http://s3.example.com/p.zip".into(),
@@ -1797,7 +1802,7 @@ mod tests {
             (|r| r.package_name = "a/b.zip".into(), "package_name must be a plain file name"),
             (|r| r.package_name = "..".into(), "package_name must be a plain file name"),
             (|r| r.package_name = ".".into(), "package_name must be a plain file name"),
-            (|r| r.package_name = "".into(), "package_name must be a plain file name"),
+            (|r| r.package_name = String::new(), "package_name must be a plain file name"),
             (
                 |r| r.package_name = "../../etc/passwd".into(),
                 "package_name must be a plain file name",

@@ -262,7 +262,7 @@ pub fn existing_ancestor(path: &Path) -> &Path {
     p
 }
 
-/// One syncfs(2) per distinct filesystem among `paths` (st_dev of the nearest existing
+/// One syncfs(2) per distinct filesystem among `paths` (`st_dev` of the nearest existing
 /// ancestor). syncfs writes back every dirty page and inode of that filesystem and commits
 /// its journal, so one call makes a whole batch of new files, renames and directory entries
 /// durable: the cost is per filesystem, not per file. Returns the number of syncfs calls.
@@ -323,7 +323,7 @@ pub fn available_bytes_and_block(path: &Path) -> Result<(u64, u64)> {
     Ok(((st.blocks_available() as u64).saturating_mul(block), block))
 }
 
-/// st_dev of the filesystem holding `path` (or its nearest existing ancestor).
+/// `st_dev` of the filesystem holding `path` (or its nearest existing ancestor).
 pub fn device_of(path: &Path) -> Result<u64> {
     let anchor = existing_ancestor(path);
     Ok(std::fs::metadata(anchor)

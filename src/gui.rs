@@ -53,7 +53,7 @@ pub fn spawn(command: &str) -> Option<u32> {
     let reaper =
         std::thread::Builder::new().name("gui-reaper".into()).spawn(move || match child.wait() {
             Ok(status) if !status.success() => {
-                tracing::warn!(command, %status, "gui.command ended with a failure")
+                tracing::warn!(command, %status, "gui.command ended with a failure");
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(command, error = %e, "gui.command: waiting for it failed"),

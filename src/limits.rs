@@ -10,13 +10,13 @@ pub const TARGETS_MAX: usize = 100_000;
 pub const MODULES_MAX: usize = 10_000;
 /// A path (zip entry name or destination), in bytes.
 pub const PATH_BYTES_MAX: usize = 4096;
-/// One path component, in bytes (NAME_MAX on Linux).
+/// One path component, in bytes (`NAME_MAX` on Linux).
 pub const PATH_COMPONENT_BYTES_MAX: usize = 255;
 /// A version string such as `1.2.3`.
 pub const VERSION_BYTES_MAX: usize = 64;
 /// A module name, process name, or `compatible` string.
 pub const NAME_BYTES_MAX: usize = 256;
-/// post_cmds per module and bytes per command.
+/// `post_cmds` per module and bytes per command.
 pub const POST_CMDS_MAX: usize = 64;
 pub const POST_CMD_BYTES_MAX: usize = 4096;
 /// A journal record other than a plan.
@@ -140,5 +140,5 @@ pub const DDI_FEEDBACK_BACKOFF_S_MAX: u64 = 60;
 pub const DDI_FEEDBACK_BATCH: usize = 64;
 /// With nothing to deliver, the DDI feedback sender looks again this often even unnotified.
 pub const DDI_FEEDBACK_IDLE_POLL_S: u64 = 30;
-/// One DDI feedback body (details are bounded by DDI_DETAILS_MAX x DDI_DETAIL_BYTES_MAX).
+/// One DDI feedback body (details are bounded by `DDI_DETAILS_MAX` x `DDI_DETAIL_BYTES_MAX`).
 pub const DDI_FEEDBACK_BODY_BYTES_MAX: usize = 16 * 1024;

@@ -156,7 +156,7 @@ where
 /// write would take it past `max_bytes`. Each event is one write, so lines are never split.
 /// Write errors are reported once on stderr and the line is dropped: logging never fails
 /// the caller.
-/// (Not the file-rotate crate: it brings chrono and flate2's default miniz_oxide backend beside
+/// (Not the file-rotate crate: it brings chrono and flate2's default `miniz_oxide` backend beside
 /// our zlib-rs, for what is these 60 lines.)
 pub struct RotatingFile {
     path: PathBuf,
@@ -301,7 +301,7 @@ impl InstallProgress {
 
     /// Erases the bar, so the result line takes its place.
     pub fn finish(&self) {
-        let _state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let _state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut err = io::stderr().lock();
         if BAR_SHOWN.swap(false, Ordering::Relaxed) {
             let _ = err.write_all(CLEAR_LINE);
@@ -310,7 +310,7 @@ impl InstallProgress {
     }
 
     fn redraw(&self, force: bool) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
         if !force && s.drawn.is_some_and(|t| now.duration_since(t) < BAR_REDRAW) && s.done < s.total
         {
@@ -345,7 +345,7 @@ impl InstallProgress {
 impl Observer for InstallProgress {
     fn phase(&self, _tx: u64, phase: Phase) {
         {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             s.phase = phase.name();
             // Which module was staged last means nothing after staging.
             s.modules = 0;
@@ -355,7 +355,7 @@ impl Observer for InstallProgress {
 
     fn staged(&self, module: &str, index: usize, modules: usize, done: u64, total: u64) {
         {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             // Staging runs on several threads: keep the furthest count.
             s.done = s.done.max(done);
             s.total = total;
@@ -383,6 +383,7 @@ pub fn render_bar(
     } else {
         (done.min(total) as f64) / (total as f64)
     };
+    #[allow(clippy::cast_sign_loss, reason = "fraction is in 0..=1")]
     let filled = (fraction * BAR_WIDTH as f64).round() as usize;
     let mut bar = "=".repeat(filled);
     if filled < BAR_WIDTH {
@@ -390,7 +391,9 @@ pub fn render_bar(
         bar.push_str(&" ".repeat(BAR_WIDTH - filled - 1));
     }
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let mut line = format!("{phase:<15} [{bar}] {:>3}%", (fraction * 100.0).round() as u32);
+    #[allow(clippy::cast_sign_loss, reason = "fraction is in 0..=1")]
+    let percent = (fraction * 100.0).round() as u32;
+    let mut line = format!("{phase:<15} [{bar}] {percent:>3}%");
     if total > 0 {
         line += &format!("  {:.1}/{:.1} MiB", mib(done), mib(total));
     }
@@ -464,7 +467,7 @@ mod tests {
         let yoe = y - era * 400;
         let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
         let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        era * 146097 + doe - 719468
+        era * 146_097 + doe - 719_468
     }
 
     /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction]Z` strictly; returns Unix seconds.
@@ -514,9 +517,8 @@ mod tests {
         let stamp = words.next().unwrap();
         let secs = parse_iso8601_utc(stamp)
             .unwrap_or_else(|| panic!("not ISO 8601 UTC: {stamp:?} in {line:?}"));
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-                as i64;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        let now = i64::try_from(now.as_secs()).unwrap();
         assert!((now - secs).abs() < 120, "the timestamp is now, in UTC: {stamp} vs {now}");
         assert_eq!(words.next(), Some("WARN"), "{line}");
         assert!(line.contains("something to see") && line.contains("tx=7"), "{line}");
@@ -527,7 +529,7 @@ mod tests {
     #[test]
     fn the_iso8601_checker_rejects_what_is_not() {
         assert_eq!(parse_iso8601_utc("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_iso8601_utc("2000-03-01T00:00:01.5Z"), Some(951868801));
+        assert_eq!(parse_iso8601_utc("2000-03-01T00:00:01.5Z"), Some(951_868_801));
         for bad in [
             "2026-11-26 22:20:57Z",
             "2026-11-26T22:20:57",
@@ -540,7 +542,7 @@ mod tests {
 
     #[test]
     fn stderr_is_the_journal_only_when_journal_stream_names_it() {
-        let me = Some((64769, 123456));
+        let me = Some((64769, 123_456));
         assert!(stderr_is_journal(Some("64769:123456"), me));
         assert!(stderr_is_journal(Some("64769:123456\n"), me));
         assert!(!stderr_is_journal(Some("64769:999"), me), "redirected after systemd connected it");

@@ -4,7 +4,10 @@
 
 use crate::engine::Hash;
 use crate::error::{Error, ErrorCode, Result};
-use crate::limits::*;
+use crate::limits::{
+    DELTA_BASES_MAX, MANIFEST_BYTES_MAX, MODULES_MAX, NAME_BYTES_MAX, PATH_BYTES_MAX,
+    PATH_COMPONENT_BYTES_MAX, POST_CMD_BYTES_MAX, POST_CMDS_MAX,
+};
 use crate::version::Version;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -270,7 +273,7 @@ fn validate_delta(
 }
 
 fn check_name(what: &str, s: &str) -> Result<()> {
-    if s.is_empty() || s.len() > NAME_BYTES_MAX || s.chars().any(|c| c.is_control()) {
+    if s.is_empty() || s.len() > NAME_BYTES_MAX || s.chars().any(char::is_control) {
         return Err(invalid(format!(
             "{what} {s:?} must be 1..{NAME_BYTES_MAX} bytes without control characters"
         )));

@@ -167,9 +167,15 @@ pub fn signature(m: &Metadata) -> StatSignature {
         dev: m.dev(),
         ino: m.ino(),
         size: m.size(),
-        mtime: Timestamp { sec: m.mtime(), nsec: m.mtime_nsec() as u32 },
-        ctime: Timestamp { sec: m.ctime(), nsec: m.ctime_nsec() as u32 },
+        mtime: Timestamp { sec: m.mtime(), nsec: nanos(m.mtime_nsec()) },
+        ctime: Timestamp { sec: m.ctime(), nsec: nanos(m.ctime_nsec()) },
     }
+}
+
+/// The kernel's nanoseconds field, always below `1_000_000_000` (a value out of range, which
+/// no kernel gives, reads as 0).
+fn nanos(n: i64) -> u32 {
+    u32::try_from(n).unwrap_or(0)
 }
 
 fn file_meta(m: &Metadata, hash: Hash) -> FileMeta {
@@ -188,21 +194,21 @@ pub fn wait_past(mark: Timestamp) {
     }
 }
 
-/// The precise wall clock (CLOCK_REALTIME): no file change made before this reading has a
+/// The precise wall clock (`CLOCK_REALTIME`): no file change made before this reading has a
 /// timestamp after it.
 pub fn precise_now() -> Timestamp {
     match nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME) {
-        Ok(t) => Timestamp { sec: t.tv_sec(), nsec: t.tv_nsec() as u32 },
+        Ok(t) => Timestamp { sec: t.tv_sec(), nsec: nanos(t.tv_nsec()) },
         Err(_) => coarse_now(),
     }
 }
 
-/// The clock file timestamps are taken from (CLOCK_REALTIME_COARSE: the kernel stamps
+/// The clock file timestamps are taken from (`CLOCK_REALTIME_COARSE`: the kernel stamps
 /// inodes with the current tick). Multigrain kernels may stamp finer, but from the current
 /// time, so never at or after the next tick of this clock.
 pub fn coarse_now() -> Timestamp {
     match nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME_COARSE) {
-        Ok(t) => Timestamp { sec: t.tv_sec(), nsec: t.tv_nsec() as u32 },
+        Ok(t) => Timestamp { sec: t.tv_sec(), nsec: nanos(t.tv_nsec()) },
         // No coarse clock: nothing counts as settled, so nothing is recorded.
         Err(_) => Timestamp { sec: i64::MIN, nsec: 0 },
     }
@@ -253,7 +259,7 @@ mod tests {
         write(&files[1], &big);
         write(&files[3], b"");
         let ps = paths(&files);
-        let refs: Vec<&str> = ps.iter().map(|s| s.as_str()).collect();
+        let refs: Vec<&str> = ps.iter().map(std::string::String::as_str).collect();
         let got = observe_all(&refs, Source::ReadAll).unwrap();
         assert_eq!(got[0].state.hash(), Some(Hash::of(b"hello")));
         assert_eq!(got[1].state.hash(), Some(Hash::of(&big)));

@@ -78,11 +78,11 @@ pub fn pack(
     let bytes = write_package(
         output,
         &manifest_bytes,
-        signature.as_ref().map(|s| s.as_slice()),
+        signature.as_ref().map(<[u8; 64]>::as_slice),
         &shipped,
         &patches,
     )?;
-    let package_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    let package_bytes = std::fs::metadata(output).map_or(0, |m| m.len());
     if let Some(r) = delta_report.as_mut() {
         measure_delta(r, &found, output)?;
     }
@@ -186,9 +186,9 @@ fn make_delta(
                     patches.push((entry, bytes));
                 }
                 if list.is_empty() {
-                    report.on_device += 1
+                    report.on_device += 1;
                 } else {
-                    report.patched += 1
+                    report.patched += 1;
                 }
                 files.insert(f.entry.clone(), serde_json::json!({"size": f.size, "mode": format!("{:04o}", f.mode), "patches": list}));
             }
@@ -311,7 +311,7 @@ fn compresses(path: &Path) -> Result<bool> {
     }
     let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(&sample)
-        .and_then(|_| enc.finish())
+        .and_then(|()| enc.finish())
         .map(|out| out.len() * 10 < sample.len() * 9)
         .map_err(|e| Error::internal(format!("deflate sample: {e}")))
 }

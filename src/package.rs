@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::engine::Hash;
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
-use crate::limits::*;
+use crate::limits::{MANIFEST_BYTES_MAX, TARGETS_MAX, ZIP_ENTRIES_MAX};
 use crate::manifest::{Manifest, ModuleSrc, check_relative};
 use crate::paths::AllowedRoots;
 use crate::posreader::PosReader;
@@ -479,7 +479,7 @@ fn resolve_files(
                 files.extend(dir.delta_files(delta, &mut used, roots, &mut cache)?);
             }
             ModuleSrc::Dir(prefix) => {
-                files.extend(DirModule { module, m, prefix, entries }.files(roots, &mut cache)?)
+                files.extend(DirModule { module, m, prefix, entries }.files(roots, &mut cache)?);
             }
         }
         if files.len() > TARGETS_MAX {
@@ -793,7 +793,7 @@ mod tests {
     fn a_large_unpinned_package_is_hashed_by_pieces_to_the_hash_of_its_bytes() {
         let (d, root) = device();
         let big: Vec<u8> = (0..9 * 1024 * 1024 + 12345u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         let path = package(
             d.path(),

@@ -16,11 +16,14 @@ pub fn reserve_cores(n: usize) {
 /// Worker threads: the available cores less the reserved ones, at most 4 (the work is mostly
 /// I/O-bound beyond that).
 pub fn workers() -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     cores.saturating_sub(RESERVED_CORES.load(Ordering::Relaxed)).clamp(1, 4)
 }
 
 /// `f` over `items`, each worker with its own state from `init` (e.g. its own archive reader).
+///
+/// # Panics
+/// If `f` or `init` panics in a worker (the panic is carried to the caller).
 pub fn try_map_with<T, S, R>(
     items: &[T],
     init: impl Fn() -> Result<S> + Sync,
@@ -77,7 +80,7 @@ pub fn try_map<T: Sync, R: Send>(
     items: &[T],
     f: impl Fn(&T) -> Result<R> + Sync,
 ) -> Result<Vec<R>> {
-    try_map_with(items, || Ok(()), |_, t| f(t))
+    try_map_with(items, || Ok(()), |(), t| f(t))
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ impl AllowedRoots {
                 // A root may itself be a symlink (/opt/tope -> /data/tope): resolve it fully.
                 let resolved = std::fs::canonicalize(r)
                     .or_else(|_| resolve_existing_prefix(r).map_err(|_| ()))
-                    .unwrap_or_else(|_| r.clone());
+                    .unwrap_or_else(|()| r.clone());
                 (r.clone(), resolved)
             })
             .collect();
@@ -84,42 +84,41 @@ impl AllowedRoots {
         let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
             return Err(not_allowed(dst, "has no parent directory"));
         };
-        let resolved_parent = match cache.parents.get(parent) {
-            Some(r) => r.clone(),
-            None => {
-                let r = resolve_existing_prefix(&path)
-                    .map(|p| p.parent().map(Path::to_path_buf).unwrap_or(p))
-                    .map_err(|e| match e {
-                        // The path is allowed, but this device holds a file where the package
-                        // needs a directory: the package cannot be deployed here (what the legacy
-                        // service said, DEPLOYMENT_FAILED), found before anything is touched.
-                        PrefixError::NotADirectory { existing, resolved }
-                            if self
-                                .roots
-                                .iter()
-                                .any(|(_, root)| is_strictly_under(&resolved, root)) =>
-                        {
-                            Error::new(
-                                ErrorCode::DeploymentFailed,
-                                format!(
-                                    "destination {dst:?} cannot be created: {} is not a directory",
-                                    existing.display()
-                                ),
-                            )
-                        }
-                        PrefixError::NotADirectory { existing, resolved } => not_allowed(
-                            dst,
-                            &format!(
-                                "resolves through {} to {}, outside the allowed roots",
-                                existing.display(),
-                                resolved.display()
+        let resolved_parent = if let Some(r) = cache.parents.get(parent) {
+            r.clone()
+        } else {
+            let r = resolve_existing_prefix(&path)
+                .map(|p| p.parent().map(Path::to_path_buf).unwrap_or(p))
+                .map_err(|e| match e {
+                    // The path is allowed, but this device holds a file where the package
+                    // needs a directory: the package cannot be deployed here (what the legacy
+                    // service said, DEPLOYMENT_FAILED), found before anything is touched.
+                    PrefixError::NotADirectory { existing, resolved }
+                        if self
+                            .roots
+                            .iter()
+                            .any(|(_, root)| is_strictly_under(&resolved, root)) =>
+                    {
+                        Error::new(
+                            ErrorCode::DeploymentFailed,
+                            format!(
+                                "destination {dst:?} cannot be created: {} is not a directory",
+                                existing.display()
                             ),
+                        )
+                    }
+                    PrefixError::NotADirectory { existing, resolved } => not_allowed(
+                        dst,
+                        &format!(
+                            "resolves through {} to {}, outside the allowed roots",
+                            existing.display(),
+                            resolved.display()
                         ),
-                        PrefixError::Io(e) => not_allowed(dst, &format!("cannot be resolved: {e}")),
-                    })?;
-                cache.parents.insert(parent.to_path_buf(), r.clone());
-                r
-            }
+                    ),
+                    PrefixError::Io(e) => not_allowed(dst, &format!("cannot be resolved: {e}")),
+                })?;
+            cache.parents.insert(parent.to_path_buf(), r.clone());
+            r
         };
         let resolved = resolved_parent.join(name);
         if !self.roots.iter().any(|(_, root)| is_strictly_under(&resolved, root)) {

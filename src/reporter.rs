@@ -402,7 +402,7 @@ pub(crate) mod tests {
                             std::thread::spawn(move || serve(stream, &inner));
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(2))
+                            std::thread::sleep(Duration::from_millis(2));
                         }
                         Err(e) => panic!("accept: {e}"),
                     }
@@ -457,7 +457,7 @@ pub(crate) mod tests {
             let (k, v) = l.split_once(':').unwrap();
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
-        let len: usize = headers.get("content-length").map(|v| v.parse().unwrap()).unwrap_or(0);
+        let len: usize = headers.get("content-length").map_or(0, |v| v.parse().unwrap());
         while buf.len() < head_end + len {
             match stream.read(&mut chunk) {
                 Ok(0) | Err(_) => return,

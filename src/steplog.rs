@@ -1,5 +1,5 @@
 //! The post-command step log: `<state_dir>/inflight.steps`, one line per completed post
-//! command of the transaction in flight (SPEC §3: "each completed post_cmds entry is
+//! command of the transaction in flight (SPEC §3: "each completed `post_cmds` entry is
 //! journaled"). It lives beside the journal rather than in it so that journal commits per
 //! install stay at most 12 whatever the number of modules (SPEC §7).
 //!

@@ -63,7 +63,7 @@ impl BackupStore {
     /// Ensures the blob `hash` exists, taking it from `src`, which holds that content.
     pub fn put(&self, src: &Path, hash: &Hash) -> Result<Put> {
         let blob = self.blob_path(hash);
-        if self.existing_blob_is_sound(&blob, src, hash)? {
+        if Self::existing_blob_is_sound(&blob, src, hash)? {
             return Ok(Put::AlreadyThere);
         }
         match std::fs::hard_link(src, &blob) {
@@ -82,7 +82,7 @@ impl BackupStore {
         // Copy under a temporary name and rename, so a blob name only ever holds whole content.
         let tmp = self.dir.join(format!("{TEMP_PREFIX}{}.tmp", hash.to_hex()));
         fsutil::remove_if_present(&tmp)?;
-        let copied = self.copy_in(src, hash, &tmp).and_then(|()| {
+        let copied = Self::copy_in(src, hash, &tmp).and_then(|()| {
             std::fs::rename(&tmp, &blob)
                 .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "rename", &blob, &e))
         });
@@ -95,7 +95,7 @@ impl BackupStore {
     }
 
     /// Copies `src` to `tmp`, verifying that it still has content `hash`.
-    fn copy_in(&self, src: &Path, hash: &Hash, tmp: &Path) -> Result<()> {
+    fn copy_in(src: &Path, hash: &Hash, tmp: &Path) -> Result<()> {
         let out = fsutil::create_exclusive(tmp)
             .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "create", tmp, &e))?;
         let input =
@@ -122,7 +122,7 @@ impl BackupStore {
     /// the file just observed) or has no other link (only this store can change it). A blob
     /// that shares its inode with some other live file may have been modified in place
     /// through that file: it is re-hashed, and replaced when it no longer matches.
-    fn existing_blob_is_sound(&self, blob: &Path, src: &Path, hash: &Hash) -> Result<bool> {
+    fn existing_blob_is_sound(blob: &Path, src: &Path, hash: &Hash) -> Result<bool> {
         use std::os::unix::fs::MetadataExt;
         let Ok(b) = std::fs::symlink_metadata(blob) else { return Ok(false) };
         if b.nlink() == 1 {
@@ -239,7 +239,7 @@ impl BackupStore {
             let entry = entry
                 .map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
             let Ok(name) = entry.file_name().into_string() else { continue };
-            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            let len = entry.metadata().map_or(0, |m| m.len());
             out.push((name, len));
         }
         Ok(out)

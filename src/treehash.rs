@@ -65,9 +65,10 @@ impl PieceHasher {
     }
 
     pub fn finish(self) -> PieceHash {
-        match self.root {
-            true => PieceHash::Root(self.h.finalize().into()),
-            false => PieceHash::Subtree(self.h.finalize_non_root()),
+        if self.root {
+            PieceHash::Root(self.h.finalize().into())
+        } else {
+            PieceHash::Subtree(self.h.finalize_non_root())
         }
     }
 }

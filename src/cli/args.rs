@@ -1,5 +1,8 @@
 //! The command line's arguments (clap): every subcommand, its options and its examples.
 
+// Doc comments here are clap's --help text, shown as written (no Markdown).
+#![allow(clippy::doc_markdown)]
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 

@@ -157,7 +157,7 @@ fn status(cfg: &Config, out: &Output) -> Exit {
             in_flight: None,
             last: None,
             trial: None,
-            backups: Default::default(),
+            backups: driver::reports::BackupUsage::default(),
         },
         // The daemon holds the journal for its lifetime: ask it.
         Err(e) if e.code == ErrorCode::OperationInProgress => {
@@ -233,6 +233,7 @@ fn gc(cfg: Config, out: &Output) -> Exit {
     Ok(exit::DONE)
 }
 
+#[allow(clippy::unnecessary_wraps, reason = "every command returns Exit, for dispatch")]
 fn config(cfg: &Config, source: &ConfigSource, origins: &KeyOrigins, out: &Output) -> Exit {
     let src = match source {
         ConfigSource::Defaults => "built-in defaults (no config file)".to_string(),

@@ -123,7 +123,7 @@ impl Output {
             RecoverReport::Nothing => "recover: nothing in flight".into(),
             RecoverReport::NeedsOperator { tx, error } => format!(
                 "recover: transaction {tx} NEEDS AN OPERATOR: {}\n  fix the cause, then run `tope-updater recover --retry`",
-                error.as_ref().map(|e| e.to_string()).unwrap_or_default()
+                error.as_ref().map(std::string::ToString::to_string).unwrap_or_default()
             ),
             RecoverReport::Finished { report, journal_lost } => {
                 let lost = journal_lost.as_ref().map(|e| format!("recover: {e}\n")).unwrap_or_default();
@@ -148,7 +148,7 @@ impl Output {
                     o += &format!(
                         "current:     {} (generation {}, {} files)\n",
                         g.version, g.id, g.files
-                    )
+                    );
                 }
                 None => o += "current:     factory baseline (nothing installed)\n",
             }
@@ -173,7 +173,7 @@ impl Output {
                         f.to_version.as_deref().unwrap_or("factory"),
                         f.phase,
                         f.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
-                    )
+                    );
                 }
                 None => o += "in flight:   none\n",
             }
@@ -281,9 +281,7 @@ fn render_tx(r: &TxReport) -> String {
 
 /// For `demo`: a path relative to the demo root, for readable output.
 pub fn short(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root)
-        .map(|r| format!("/{}", r.display()))
-        .unwrap_or_else(|_| p.display().to_string())
+    p.strip_prefix(root).map_or_else(|_| p.display().to_string(), |r| format!("/{}", r.display()))
 }
 
 /// `1.5 MiB`, `300 B`: sizes as people read them.

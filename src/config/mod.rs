@@ -288,7 +288,7 @@ impl Config {
             return bad("[log] level must be one of off, error, warn, info, debug, trace");
         }
         self.api.validate()?;
-        self.ddi.as_ref().map_or(Ok(()), |d| d.validate())
+        self.ddi.as_ref().map_or(Ok(()), ddi::DdiConfig::validate)
     }
 
     pub fn to_toml(&self) -> String {
@@ -339,7 +339,7 @@ fn collect_origins(
         let in_file = file.and_then(|t| t.get(key));
         match value {
             serde_json::Value::Object(inner) if !inner.is_empty() => {
-                collect_origins(inner, in_file.and_then(|v| v.as_table()), &name, out)
+                collect_origins(inner, in_file.and_then(|v| v.as_table()), &name, out);
             }
             _ => {
                 out.insert(

@@ -45,7 +45,7 @@ fn err(e: &Error) -> Response {
 
 /// An error answer of the legacy operations (`/download`, `/update`): a conflict (409) or an
 /// expired package (410) also names the current stage and progress at the root, as the
-/// legacy contract's ErrorResponse and the Python service do ("for operation state errors").
+/// legacy contract's `ErrorResponse` and the Python service do ("for operation state errors").
 /// The new operations answer `CodedErrorResponse`, which has no such fields.
 fn err_in(d: &Daemon, e: &Error) -> Response {
     let code = http_code(e.code);
@@ -275,7 +275,7 @@ async fn update(State(d): Shared, body: axum::body::Body) -> Response {
     reply_in(
         &d,
         d.start_job("install", jobs::install_started(), move |d| {
-            jobs::install_job(&d, package, req.version)
+            jobs::install_job(&d, package, req.version);
         })
         .map(|()| json!({ "status": "installing" })),
     )

@@ -75,7 +75,7 @@ impl Conns {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Closes the connection idle the longest (one in a handler only if none is idle).
@@ -334,14 +334,14 @@ async fn serve_conn(
     );
     tokio::select! {
         _ = conn.as_mut() => {}
-        _ = close.notified() => {}
+        () = close.notified() => {}
         _ = stop.changed() => {
             if in_handler.load(Ordering::SeqCst) > 0 {
                 // A request is being handled: let it answer, then close.
                 conn.as_mut().graceful_shutdown();
                 tokio::select! {
                     _ = conn.as_mut() => {}
-                    _ = close.notified() => {}
+                    () = close.notified() => {}
                 }
             }
         }
@@ -384,7 +384,7 @@ pub async fn serve(
         // At the cap, a socket must really be closed before the next is accepted: the fd
         // count stays bounded however fast connections arrive (the backlog waits meanwhile).
         let accepted = tokio::select! {
-            _ = &mut shutdown => break,
+            () = &mut shutdown => break,
             a = async {
                 conns.below(API_CONNECTIONS_MAX).await;
                 listener.accept().await

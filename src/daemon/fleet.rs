@@ -18,6 +18,7 @@ use crate::driver::{InstallOptions, Observer, Outcome};
 use crate::engine::Phase;
 use crate::journal::Journal;
 use crate::journal::ddi::{DdiAction, DdiActionState, FeedbackTarget};
+use crate::journal::records::TxRecord;
 use crate::wakeup::{Wakeup, Worker};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -65,18 +66,16 @@ fn poll_loop(d: &Arc<Daemon>, client: &Arc<Client>, w: &Wakeup) {
 fn jitter() -> f64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+        .map_or(0, |d| d.subsec_nanos());
     let h = blake3::hash(&[nanos.to_le_bytes(), std::process::id().to_le_bytes()].concat());
     let v = u32::from_le_bytes(h.as_bytes()[..4].try_into().unwrap_or([0; 4]));
-    (v as f64 / u32::MAX as f64) * 2.0 - 1.0
+    (f64::from(v) / f64::from(u32::MAX)) * 2.0 - 1.0
 }
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The version installed now, as configData names it (`factory` before any install).
@@ -86,11 +85,10 @@ fn installed_version(journal: &Journal) -> crate::error::Result<String> {
         .generations()?
         .into_iter()
         .find(|g| Some(g.id) == id)
-        .map(|g| g.version)
-        .unwrap_or_else(|| "factory".into()))
+        .map_or_else(|| "factory".into(), |g| g.version))
 }
 
-fn known(journal: &Journal, config_sent_for: &Option<String>) -> crate::error::Result<Known> {
+fn known(journal: &Journal, config_sent_for: Option<&str>) -> crate::error::Result<Known> {
     let actions = journal.ddi_actions()?;
     Ok(Known {
         finished_actions: actions
@@ -99,7 +97,7 @@ fn known(journal: &Journal, config_sent_for: &Option<String>) -> crate::error::R
             .map(|a| a.id.clone())
             .collect(),
         current: actions.iter().find(|a| !a.state.is_final()).map(|a| a.id.clone()),
-        config_sent_for: config_sent_for.clone(),
+        config_sent_for: config_sent_for.map(str::to_string),
         installed_version: installed_version(journal)?,
     })
 }
@@ -111,7 +109,7 @@ fn on_poll(
     config_sent_for: &mut Option<String>,
 ) -> crate::error::Result<()> {
     let journal = &d.held.journal;
-    let known = known(journal, config_sent_for)?;
+    let known = known(journal, config_sent_for.as_deref())?;
     for step in decide::on_poll(poll, &known) {
         match step {
             Step::PutConfigData => {
@@ -122,7 +120,7 @@ fn on_poll(
             }
             Step::FetchCancel { action } => on_cancel(d, client, &action)?,
             Step::AlreadyFinished { action } => {
-                tracing::debug!(action, "DDI: the server still lists a finished action")
+                tracing::debug!(action, "DDI: the server still lists a finished action");
             }
             Step::FetchDeployment { action } => on_deployment(d, client, &action)?,
         }
@@ -220,14 +218,7 @@ fn on_deployment(d: &Arc<Daemon>, client: &Arc<Client>, action: &str) -> crate::
             return Ok(());
         }
         Err(ClientError::Refused(why)) => {
-            let a = existing.unwrap_or_else(|| new_action(action, "", ""));
-            record(
-                d,
-                &a,
-                DdiActionState::Rejected,
-                &Course::Rejected { reason: why.clone() },
-                FeedbackTarget::Deployment,
-            );
+            reject(d, &existing.unwrap_or_else(|| new_action(action, "", "")), why);
             return Ok(());
         }
     };
@@ -238,62 +229,54 @@ fn on_deployment(d: &Arc<Daemon>, client: &Arc<Client>, action: &str) -> crate::
     let a = existing.unwrap_or_else(|| new_action(action, &version, &artifact_name));
     match decide::allowed(&deployment) {
         Allowed::Wait => tracing::info!(action, "DDI: download: skip; waiting"),
-        Allowed::Reject(reason) => {
-            record(
-                d,
-                &a,
-                DdiActionState::Rejected,
-                &Course::Rejected { reason },
-                FeedbackTarget::Deployment,
-            );
-        }
+        Allowed::Reject(reason) => reject(d, &a, reason),
         Allowed::DownloadOnly if a.state == DdiActionState::Downloaded => {
             tracing::debug!(
                 action,
                 "DDI: downloaded; waiting for the update permission or the maintenance window"
-            )
+            );
         }
-        allowed => {
-            let install = allowed == Allowed::Install;
-            let specs = match specs_of(&deployment) {
-                Ok(s) => s,
-                Err(reason) => {
-                    record(
-                        d,
-                        &a,
-                        DdiActionState::Rejected,
-                        &Course::Rejected { reason },
-                        FeedbackTarget::Deployment,
-                    );
-                    return Ok(());
-                }
-            };
-            if let Some(e) = specs
-                .iter()
-                .find_map(|spec| crate::download::validate_spec(spec, &download_config(d)).err())
-            {
-                let reason = format!("action {action}: {e}");
-                record(
-                    d,
-                    &a,
-                    DdiActionState::Rejected,
-                    &Course::Rejected { reason },
-                    FeedbackTarget::Deployment,
-                );
-                return Ok(());
-            }
-            d.fleet_cancel.store(false, Ordering::SeqCst);
-            d.fleet_abort.store(false, Ordering::SeqCst);
-            let client = client.clone();
-            let started = d.start_job("ddi", jobs::download_started(), move |d| {
-                deployment_job(&d, &client, a, specs, install)
-            });
-            if let Err(e) = started {
-                tracing::debug!(action, error = %e, "DDI: the job slot was taken meanwhile; next poll");
-            }
-        }
+        allowed => start_deployment(d, client, a, &deployment, allowed == Allowed::Install),
     }
     Ok(())
+}
+
+/// Records the action rejected for `reason`, with its feedback to the deployment.
+fn reject(d: &Daemon, a: &DdiAction, reason: String) {
+    let course = Course::Rejected { reason };
+    record(d, a, DdiActionState::Rejected, &course, FeedbackTarget::Deployment);
+}
+
+/// Checks the deployment's artifacts (rejecting the action whole if any is refused), then
+/// starts the job that downloads and, when `install`, installs them.
+fn start_deployment(
+    d: &Arc<Daemon>,
+    client: &Arc<Client>,
+    a: DdiAction,
+    deployment: &DeploymentBase,
+    install: bool,
+) {
+    let specs = match specs_of(deployment) {
+        Ok(s) => s,
+        Err(reason) => return reject(d, &a, reason),
+    };
+    if let Some(e) = specs
+        .iter()
+        .find_map(|spec| crate::download::validate_spec(spec, &download_config(d)).err())
+    {
+        let reason = format!("action {}: {e}", a.id);
+        return reject(d, &a, reason);
+    }
+    d.fleet_cancel.store(false, Ordering::SeqCst);
+    d.fleet_abort.store(false, Ordering::SeqCst);
+    let client = client.clone();
+    let action = a.id.clone();
+    let started = d.start_job("ddi", jobs::download_started(), move |d| {
+        deployment_job(&d, &client, a, specs, install);
+    });
+    if let Err(e) = started {
+        tracing::debug!(action, error = %e, "DDI: the job slot was taken meanwhile; next poll");
+    }
 }
 
 /// The download rules for the server's artifacts: `[download]`'s, except that `[ddi]
@@ -448,31 +431,7 @@ fn download_for(
         FeedbackTarget::Deployment,
     );
     let reported = AtomicU32::new(0);
-    let progress = |done: u64, total: u64| {
-        let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u32;
-        d.progress.set(Snapshot {
-            stage: Stage::Downloading,
-            progress: pct as u8,
-            message: format!(
-                "Downloading package... {:.1} MB / {:.1} MB",
-                done as f64 / 1e6,
-                total as f64 / 1e6
-            ),
-            error: None,
-        });
-        // Every 10 %: a server keeps a bounded number of status entries per action.
-        let step = pct / 10 * 10;
-        if step > reported.load(Ordering::Relaxed) {
-            reported.store(step, Ordering::Relaxed);
-            record(
-                d,
-                action,
-                DdiActionState::Downloading,
-                &Course::Downloading { done, total },
-                FeedbackTarget::Deployment,
-            );
-        }
-    };
+    let progress = |done: u64, total: u64| download_progress(d, action, &reported, done, total);
     let fetched = crate::download::fetch_authorized(
         &d.held.journal,
         &download_config(d),
@@ -504,13 +463,38 @@ fn download_for(
             None
         }
         Err(e) => {
-            let course =
-                Course::Failed { code: e.code.as_str().into(), message: e.message.clone() };
-            record(d, action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
+            record(d, action, DdiActionState::Failed, &failed(&e), FeedbackTarget::Deployment);
             jobs::publish_end(d, jobs::failed_job(&e, 0, super::progress::Job::Download));
             None
         }
     }
+}
+
+/// Shows the download's progress, and sends it to the server every 10 %: a server keeps a
+/// bounded number of status entries per action.
+fn download_progress(d: &Daemon, action: &DdiAction, reported: &AtomicU32, done: u64, total: u64) {
+    let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u32;
+    d.progress.set(Snapshot {
+        stage: Stage::Downloading,
+        progress: pct as u8,
+        message: format!(
+            "Downloading package... {:.1} MB / {:.1} MB",
+            done as f64 / 1e6,
+            total as f64 / 1e6
+        ),
+        error: None,
+    });
+    let step = pct / 10 * 10;
+    if step > reported.load(Ordering::Relaxed) {
+        reported.store(step, Ordering::Relaxed);
+        let course = Course::Downloading { done, total };
+        record(d, action, DdiActionState::Downloading, &course, FeedbackTarget::Deployment);
+    }
+}
+
+/// The failure feedback for an error: its stable code and its message.
+fn failed(e: &crate::error::Error) -> Course {
+    Course::Failed { code: e.code.as_str().into(), message: e.message.clone() }
 }
 
 /// Installs the package as one transaction and records how it ended. `false` only when
@@ -558,56 +542,52 @@ fn install_for(
         });
     match result {
         Ok(r) => {
-            match &r.outcome {
-                Outcome::Committed => {
-                    if let Err(e) = d.held.journal.clear_download() {
-                        tracing::warn!(error = %e, "could not clear the download record");
-                    }
-                    let _ = std::fs::remove_file(&package);
-                    conclude_committed(d, &action);
-                }
-                Outcome::RolledBack { error, .. }
-                    if error.code == crate::error::ErrorCode::Canceled =>
-                {
-                    record(
-                        d,
-                        &action,
-                        DdiActionState::Canceled,
-                        &Course::Canceled,
-                        FeedbackTarget::Cancel,
-                    );
-                }
-                Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } => {
-                    let course = Course::Failed {
-                        code: error.code.as_str().into(),
-                        message: error.message.clone(),
-                    };
-                    record(d, &action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
-                }
-                // Shutdown mid-transaction: the next start finishes it; `reconcile` reports it.
-                Outcome::Interrupted { .. } => {}
-            }
-            let canceled = matches!(&r.outcome, Outcome::RolledBack { error, .. } if error.code == crate::error::ErrorCode::Canceled);
-            if d.fleet_abort.load(Ordering::SeqCst) && !canceled {
-                // The cancel came when the swap had begun: refused, the update stands as it ended.
-                refuse_cancel(d, &action.id, decide::SWAP_BEGUN);
-            }
+            record_outcome(d, &action, &package, &r.outcome);
             jobs::ended(d, &r);
         }
         Err(e) if fallback && e.code == crate::error::ErrorCode::DeltaBaseMissing => {
-            tracing::info!(action = action.id, error = %e, "DDI: delta package refused before anything was touched");
+            tracing::info!(
+                action = action.id,
+                error = %e,
+                "DDI: delta package refused before anything was touched"
+            );
             let _ = std::fs::remove_file(&package);
             return false;
         }
         Err(e) => {
             // Refused before the transaction began: nothing was touched.
-            let course =
-                Course::Failed { code: e.code.as_str().into(), message: e.message.clone() };
-            record(d, &action, DdiActionState::Failed, &course, FeedbackTarget::Deployment);
+            record(d, &action, DdiActionState::Failed, &failed(&e), FeedbackTarget::Deployment);
             jobs::publish_end(d, jobs::failed(&e, 0));
         }
     }
     true
+}
+
+/// Records how the action's transaction ended (an interrupted one is reported by `reconcile`
+/// after the next start finishes it), and refuses a cancel that came after the swap began.
+fn record_outcome(d: &Arc<Daemon>, action: &DdiAction, package: &std::path::Path, o: &Outcome) {
+    let canceled = matches!(o, Outcome::RolledBack { error, .. }
+        if error.code == crate::error::ErrorCode::Canceled);
+    match o {
+        Outcome::Committed => {
+            if let Err(e) = d.held.journal.clear_download() {
+                tracing::warn!(error = %e, "could not clear the download record");
+            }
+            let _ = std::fs::remove_file(package);
+            conclude_committed(d, action);
+        }
+        Outcome::RolledBack { .. } if canceled => {
+            record(d, action, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
+        }
+        Outcome::RolledBack { error, .. } | Outcome::RollbackFailed { error } => {
+            record(d, action, DdiActionState::Failed, &failed(error), FeedbackTarget::Deployment);
+        }
+        Outcome::Interrupted { .. } => {}
+    }
+    if d.fleet_abort.load(Ordering::SeqCst) && !canceled {
+        // The cancel came when the swap had begun: refused, the update stands as it ended.
+        refuse_cancel(d, &action.id, decide::SWAP_BEGUN);
+    }
 }
 
 /// The phases of an install as `proceeding` progress counts them (Planned .. Committed).
@@ -684,88 +664,61 @@ pub fn reconcile(d: &Daemon) -> crate::error::Result<()> {
         if in_flight == Some(tx) {
             continue;
         }
-        let trial = journal.trial()?;
-        let is_trial = |tx: u64| trial.as_ref().is_some_and(|t| t.tx == tx);
+        let is_trial = journal.trial()?.is_some_and(|t| t.tx == tx);
         // The id was taken before the transaction began: a record of another version under
         // it is a later transaction (the legacy API's), not this action's.
         let rec = journal.tx(tx)?.filter(|r| r.to_version.as_deref() == Some(a.version.as_str()));
-        match (rec, a.state) {
-            (None, _) => {
-                // Stopped before its transaction began: nothing was touched, and the verified
-                // download is kept. Back to downloaded; the server's next offer installs it.
-                let mut back = a.clone();
-                back.tx = None;
-                record(
-                    d,
-                    &back,
-                    DdiActionState::Downloaded,
-                    &Course::Downloaded,
-                    FeedbackTarget::Deployment,
-                );
-            }
-            (Some(rec), state) => match rec.phase {
-                Phase::Confirmed => {
-                    record(
-                        d,
-                        &a,
-                        DdiActionState::Succeeded,
-                        &Course::Succeeded { version: a.version.clone() },
-                        FeedbackTarget::Deployment,
-                    );
-                }
-                // Still a trial: its final feedback waits for `confirm` or its rollback.
-                Phase::Committed if is_trial(tx) && state != DdiActionState::AwaitingConfirm => {
-                    record(
-                        d,
-                        &a,
-                        DdiActionState::AwaitingConfirm,
-                        &Course::AwaitingConfirm,
-                        FeedbackTarget::Deployment,
-                    );
-                }
-                Phase::Committed if is_trial(tx) => {}
-                Phase::Committed if state == DdiActionState::AwaitingConfirm => {
-                    // The trial ended without `confirm`: a later transaction rolled it back.
-                    let (code, message) = rolled_back_by(journal, tx)?;
-                    record(
-                        d,
-                        &a,
-                        DdiActionState::Failed,
-                        &Course::Failed { code, message },
-                        FeedbackTarget::Deployment,
-                    );
-                }
-                Phase::Committed => conclude_committed(d, &a),
-                Phase::RolledBack
-                    if rec
-                        .error
-                        .as_ref()
-                        .is_some_and(|e| e.code == crate::error::ErrorCode::Canceled) =>
-                {
-                    record(
-                        d,
-                        &a,
-                        DdiActionState::Canceled,
-                        &Course::Canceled,
-                        FeedbackTarget::Cancel,
-                    );
-                }
-                Phase::RolledBack | Phase::RollbackFailed => {
-                    let (code, message) =
-                        rec.error.map(|e| (e.code.as_str().to_string(), e.message)).unwrap_or_else(
-                            || ("ROLLED_BACK".into(), "the install was rolled back".into()),
-                        );
-                    record(
-                        d,
-                        &a,
-                        DdiActionState::Failed,
-                        &Course::Failed { code, message },
-                        FeedbackTarget::Deployment,
-                    );
-                }
-                _ => {}
-            },
+        reconcile_one(d, a, rec, is_trial)?;
+    }
+    Ok(())
+}
+
+/// Records what the journal says of one install action's transaction `rec`, if it says more
+/// than the action's state.
+fn reconcile_one(
+    d: &Daemon,
+    a: DdiAction,
+    rec: Option<TxRecord>,
+    is_trial: bool,
+) -> crate::error::Result<()> {
+    let deployment = FeedbackTarget::Deployment;
+    let Some(rec) = rec else {
+        // Stopped before its transaction began: nothing was touched, and the verified
+        // download is kept. Back to downloaded; the server's next offer installs it.
+        let mut back = a;
+        back.tx = None;
+        record(d, &back, DdiActionState::Downloaded, &Course::Downloaded, deployment);
+        return Ok(());
+    };
+    let awaiting = a.state == DdiActionState::AwaitingConfirm;
+    let canceled = rec.error.as_ref().is_some_and(|e| e.code == crate::error::ErrorCode::Canceled);
+    match rec.phase {
+        Phase::Confirmed => {
+            let course = Course::Succeeded { version: a.version.clone() };
+            record(d, &a, DdiActionState::Succeeded, &course, deployment);
         }
+        // Still a trial: its final feedback waits for `confirm` or its rollback.
+        Phase::Committed if is_trial && !awaiting => {
+            record(d, &a, DdiActionState::AwaitingConfirm, &Course::AwaitingConfirm, deployment);
+        }
+        Phase::Committed if is_trial => {}
+        Phase::Committed if awaiting => {
+            // The trial ended without `confirm`: a later transaction rolled it back.
+            let (code, message) = rolled_back_by(&d.held.journal, rec.id)?;
+            record(d, &a, DdiActionState::Failed, &Course::Failed { code, message }, deployment);
+        }
+        Phase::Committed => conclude_committed(d, &a),
+        Phase::RolledBack if canceled => {
+            record(d, &a, DdiActionState::Canceled, &Course::Canceled, FeedbackTarget::Cancel);
+        }
+        Phase::RolledBack | Phase::RollbackFailed => {
+            let (code, message) = rec.error.map_or_else(
+                || ("ROLLED_BACK".into(), "the install was rolled back".into()),
+                |e| (e.code.as_str().to_string(), e.message),
+            );
+            record(d, &a, DdiActionState::Failed, &Course::Failed { code, message }, deployment);
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -803,7 +756,7 @@ fn on_cancel(d: &Arc<Daemon>, client: &Client, cancel_id: &str) -> crate::error:
     let a = journal.ddi_action(&stop_id)?;
     match decide::on_cancel(a.as_ref().map(|a| a.state), d.busy(), swap_begun(journal)?) {
         CancelStep::Nothing => {
-            tracing::debug!(stop_id, "DDI: canceled already; its confirmation stands")
+            tracing::debug!(stop_id, "DDI: canceled already; its confirmation stands");
         }
         CancelStep::CancelNow => {
             let a = a.unwrap_or_else(|| new_action(&stop_id, "", ""));

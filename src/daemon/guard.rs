@@ -63,7 +63,7 @@ impl Refusal {
             Refusal::Uid(PeerUid::Known(u)) => u.to_string(),
             Refusal::Uid(_) => "unknown".into(),
             Refusal::Host(v) | Refusal::ContentType(v) => {
-                v.as_deref().map(quote).unwrap_or_else(|| "(none)".into())
+                v.as_deref().map_or_else(|| "(none)".into(), quote)
             }
             Refusal::Origin(v) => quote(v),
         }
@@ -205,8 +205,8 @@ mod tests {
 
     fn policy(origins: &[&str], hosts: &[&str], uids: &[u32]) -> Policy {
         Policy::new(&ApiConfig {
-            allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
-            allowed_hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            allowed_origins: origins.iter().map(std::string::ToString::to_string).collect(),
+            allowed_hosts: hosts.iter().map(std::string::ToString::to_string).collect(),
             allowed_uids: uids.to_vec(),
             ..ApiConfig::default()
         })

@@ -86,7 +86,7 @@ pub(super) fn ended(d: &Daemon, r: &TxReport) {
                     "Rolled back to {}",
                     r.to_version.as_deref().unwrap_or("the factory state")
                 ),
-                _ => "Update completed successfully".into(),
+                TxAction::Install => "Update completed successfully".into(),
             },
             error: None,
         },
@@ -368,7 +368,7 @@ pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
             );
         }
         Err(_) if d.cancel.load(Ordering::SeqCst) => {
-            tracing::info!("download paused for shutdown; it resumes at the next start")
+            tracing::info!("download paused for shutdown; it resumes at the next start");
         }
         Err(e) => {
             // Not resumed by itself at the next start (the same request again resumes it).

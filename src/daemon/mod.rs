@@ -4,7 +4,7 @@
 //! or hands work to blocking threads; at most one job thread (download, install, rollback)
 //! runs at a time; the reporter thread delivers the outbox. The state-dir lock and the one
 //! journal handle (`Held`) live as long as the process, so the CLI cannot start a second
-//! transaction meanwhile (it gets OPERATION_IN_PROGRESS) and reads state through the API.
+//! transaction meanwhile (it gets `OPERATION_IN_PROGRESS`) and reads state through the API.
 
 pub mod api;
 pub mod conns;
@@ -62,28 +62,32 @@ impl Daemon {
 
     /// The job has shown its result: another may start.
     pub fn release(&self) {
-        *self.downloading.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.downloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.running.store(false, Ordering::SeqCst);
     }
 
     pub fn set_job_version(&self, v: Option<String>) {
-        *self.job_version.lock().unwrap_or_else(|p| p.into_inner()) = v;
+        *self.job_version.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = v;
     }
 
     pub fn job_version(&self) -> Option<String> {
-        self.job_version.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.job_version.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// The request of the download that holds the slot, if one does.
     pub fn running_download(&self) -> Option<crate::download::DownloadRequest> {
-        self.downloading.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|_| self.busy())
+        self.downloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .filter(|_| self.busy())
     }
 
     /// Starts a download job (see `start_job`).
     pub fn start_download(self: &Arc<Self>, req: crate::download::DownloadRequest) -> Result<()> {
         let r = req.clone();
         self.start_job_for("download", Some(req), jobs::download_started(), move |d| {
-            jobs::download_job(&d, r)
+            jobs::download_job(&d, r);
         })
     }
 
@@ -92,7 +96,7 @@ impl Daemon {
     /// one's, and a caller reacting to this report (or to `/progress`) is never refused as busy.
     pub fn end_job(&self, result: Snapshot, queue: impl FnOnce()) {
         {
-            let _slot = self.job.lock().unwrap_or_else(|p| p.into_inner());
+            let _slot = self.job.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             queue();
             self.release();
             self.progress.set(result);
@@ -119,7 +123,7 @@ impl Daemon {
         first: Snapshot,
         work: impl FnOnce(Arc<Daemon>) + Send + 'static,
     ) -> Result<()> {
-        let mut slot = self.job.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.job.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.cancel.load(Ordering::SeqCst)
             || self
                 .running
@@ -131,7 +135,7 @@ impl Daemon {
                 format!("Cannot start {what}, another operation is in progress"),
             ));
         }
-        *self.downloading.lock().unwrap_or_else(|p| p.into_inner()) = download;
+        *self.downloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = download;
         // The previous thread has released the slot and may still be queuing its last report
         // (a quick commit); it is not joined here, on the runtime thread.
         self.progress.set(first);
@@ -161,20 +165,24 @@ impl Daemon {
 
     /// Wakes the DDI poller: reconcile and poll now (no-op without `[ddi]`).
     pub fn notify_ddi_poller(&self) {
-        if let Some(w) = self.ddi_poller.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(w) =
+            self.ddi_poller.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref()
+        {
             w.notify();
         }
     }
 
     /// Wakes the DDI feedback sender after a push (no-op without `[ddi]`).
     pub fn notify_ddi_feedback(&self) {
-        if let Some(w) = self.ddi_feedback.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(w) =
+            self.ddi_feedback.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref()
+        {
             w.notify();
         }
     }
 
     fn join_job(&self) {
-        let handle = self.job.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = self.job.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if let Some(h) = handle {
             let _ = h.join();
         }
@@ -226,7 +234,7 @@ pub fn serve(cfg: Config) -> Result<()> {
     jobs::resume_download_if_any(&daemon);
     if let Some(c) = ddi_client {
         tracing::info!(controller = c.controller_url(), "DDI client started");
-        *daemon.ddi_poller.lock().unwrap_or_else(|p| p.into_inner()) =
+        *daemon.ddi_poller.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some(fleet::start_poller(&daemon, c));
     }
 
@@ -244,12 +252,13 @@ pub fn serve(cfg: Config) -> Result<()> {
     daemon.cancel.store(true, Ordering::SeqCst);
     daemon.fleet_cancel.store(true, Ordering::SeqCst);
     // The poller holds the daemon: taken out and stopped here, not left to a drop.
-    let poller = daemon.ddi_poller.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let poller = daemon.ddi_poller.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     if let Some(p) = poller {
         p.stop();
     }
     daemon.join_job();
-    let sender = daemon.ddi_feedback.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let sender =
+        daemon.ddi_feedback.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     if let Some(s) = sender {
         s.stop();
     }

@@ -79,8 +79,7 @@ mod tests {
             // IPv6 disabled in this kernel: the path is covered by the parser test below.
             assert!(
                 std::fs::read_to_string("/proc/net/if_inet6")
-                    .map(|t| !t.contains("00000000000000000000000000000001"))
-                    .unwrap_or(true)
+                    .map_or(true, |t| !t.contains("00000000000000000000000000000001"))
             );
             return;
         };

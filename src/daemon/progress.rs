@@ -70,7 +70,7 @@ impl Progress {
     /// The snapshot as the GUI should see it: a result stays visible for `result_hold_s`,
     /// then the stage returns to idle (the last result stays in `/status`).
     pub fn get(&self) -> Snapshot {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match g.1 {
             Some(t) if t.elapsed() >= self.hold => Snapshot::idle(),
             _ => g.0.clone(),
@@ -80,7 +80,7 @@ impl Progress {
     /// The GUI has shown the result (`POST /return-to-system`): a `success` or `failed` reads
     /// as idle from now on, as once `result_hold_s` has passed; any other stage stays.
     pub fn acknowledge(&self) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if matches!(g.0.stage, Stage::Success | Stage::Failed) {
             *g = (Snapshot::idle(), None);
         }
@@ -88,7 +88,7 @@ impl Progress {
 
     /// Sets the snapshot; returns whether the stage changed (a report is due).
     pub fn set(&self, s: Snapshot) -> bool {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let changed = g.0.stage != s.stage;
         let result = matches!(s.stage, Stage::Success | Stage::Failed);
         g.1 = if result { Some(Instant::now()) } else { None };
@@ -130,7 +130,10 @@ pub enum Job {
 /// fine-grained code is still in the text. `/status`, `/history`, the CLI and the journal keep
 /// the fine-grained code alone.
 pub fn legacy_error_text(e: &crate::error::Error, job: Job) -> String {
-    use crate::error::ErrorCode::*;
+    use crate::error::ErrorCode::{
+        DeploymentFailed, DiskFull, DownloadFailed, InvalidManifest, Md5Mismatch,
+        PackageSizeMismatch, ProcessKillFailed,
+    };
     let known = match job {
         Job::Download => {
             matches!(e.code, DownloadFailed | Md5Mismatch | DiskFull | PackageSizeMismatch)

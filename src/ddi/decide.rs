@@ -52,7 +52,7 @@ pub fn action_of(href: &str) -> Option<&str> {
     if resource != "deploymentBase" && resource != "cancelAction" {
         return None;
     }
-    check_action_id(id).ok().map(|_| id)
+    check_action_id(id).ok().map(|()| id)
 }
 
 /// The steps a poll answer asks for. A link whose action id is malformed is ignored (and
@@ -432,7 +432,7 @@ mod tests {
         );
         match allowed(&deployment("forced", "forced", None, 3)) {
             Allowed::Reject(why) => {
-                assert!(why.contains("3 artifacts (p0.zip, p1.zip, p2.zip)"), "{why}")
+                assert!(why.contains("3 artifacts (p0.zip, p1.zip, p2.zip)"), "{why}");
             }
             other => panic!("three packages must be refused whole, got {other:?}"),
         }

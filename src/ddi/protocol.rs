@@ -482,13 +482,13 @@ mod tests {
             Finished::None,
             Some(Progress { cnt: 2, of: 5 }),
             details,
-            Some(1627997501890),
+            Some(1_627_997_501_890),
         );
         let v = serde_json::to_value(&f).unwrap();
         assert_eq!(v["status"]["execution"], "proceeding");
         assert_eq!(v["status"]["result"]["finished"], "none");
         assert_eq!(v["status"]["result"]["progress"], serde_json::json!({"cnt": 2, "of": 5}));
-        assert_eq!(v["timestamp"], 1627997501890u64);
+        assert_eq!(v["timestamp"], 1_627_997_501_890_u64);
         let d = v["status"]["details"].as_array().unwrap();
         assert_eq!(d.len(), DDI_DETAILS_MAX);
         assert!(d[0].as_str().unwrap().len() <= DDI_DETAIL_BYTES_MAX);

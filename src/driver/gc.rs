@@ -60,11 +60,11 @@ impl Updater {
                     bytes = s.removed_bytes,
                     kept = s.kept,
                     "backup blobs collected"
-                )
+                );
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "could not collect backup blobs; the next transaction tries again")
+                tracing::warn!(error = %e, "could not collect backup blobs; the next transaction tries again");
             }
         }
     }

@@ -193,7 +193,7 @@ pub struct Updater {
     /// is too late: the update finishes or rolls back as one transaction.
     abort: Option<Arc<AtomicBool>>,
     /// `None` when the caller holds the state-dir lock itself (the daemon, for its lifetime).
-    _lock: Option<Flock<File>>,
+    lock: Option<Flock<File>>,
 }
 
 /// The state dir held open by a long-running process: the lock and the one journal handle
@@ -286,7 +286,7 @@ impl Updater {
             observer: None,
             cancel: None,
             abort: None,
-            _lock: lock,
+            lock,
         })
     }
 
@@ -298,7 +298,7 @@ impl Updater {
     /// Keeps the lock and the journal for the process's lifetime (the daemon after recovery).
     pub fn into_held(self) -> Option<Held> {
         let journal = self.journal;
-        self._lock.map(|lock| Held { lock, journal })
+        self.lock.map(|lock| Held { lock, journal })
     }
 
     pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Updater {

@@ -12,7 +12,7 @@ use crate::package::{Content, DeployFile, Package};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use super::*;
+use super::{InstallOptions, Journal, RollbackTo, TxReport, Updater, path_string};
 
 impl Updater {
     pub fn install(&mut self, package: &Path, opts: &InstallOptions) -> Result<TxReport> {
@@ -237,8 +237,7 @@ impl Updater {
             return Err(Error::new(
                 ErrorCode::ValidationError,
                 format!(
-                    "this package ({}) was installed by transaction {tx} and rolled back; use --force to try it again",
-                    blake3
+                    "this package ({blake3}) was installed by transaction {tx} and rolled back; use --force to try it again"
                 ),
             ));
         }

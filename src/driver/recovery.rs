@@ -10,7 +10,7 @@ use crate::package::Package;
 use std::path::Path;
 
 use super::transaction::Transaction;
-use super::*;
+use super::{Outcome, RecoverReport, Updater, report};
 
 impl Updater {
     /// Finishes or rolls back the transaction in flight, if any (SPEC §3).
@@ -76,8 +76,7 @@ impl Updater {
                         tx.rec
                             .error
                             .as_ref()
-                            .map(|e| e.to_string())
-                            .unwrap_or_else(|| "none".into())
+                            .map_or_else(|| "none".into(), std::string::ToString::to_string)
                     ),
                 );
                 tx.rec.error = Some(err.clone());

@@ -9,7 +9,7 @@ use crate::journal::records::TxRecord;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-use super::*;
+use super::TxAction;
 
 /// Live files against the current generation (or the factory baseline).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,7 +32,7 @@ pub fn verify_live(journal: &Journal) -> Result<VerifyReport> {
             Ok(have) if have == want => {}
             Ok(PathState::Absent) => mismatches.push(format!("{path}: missing")),
             Ok(_) if want == PathState::Absent => {
-                mismatches.push(format!("{path}: should not exist"))
+                mismatches.push(format!("{path}: should not exist"));
             }
             Ok(_) => mismatches.push(format!("{path}: content, mode or owner differs")),
             Err(e) => mismatches.push(format!("{path}: {e}")),

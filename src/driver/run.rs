@@ -18,7 +18,7 @@ use crate::steplog;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::*;
+use super::{Outcome, TxAction, TxReport, Updater, report};
 
 use super::effects::{split_stage, stage_one, swap_one, undo_one};
 use super::transaction::Transaction;
@@ -116,7 +116,7 @@ impl Updater {
                 rec.freed_bytes = g.bytes();
             }
             Err(e) => {
-                tracing::warn!(tx = rec.id, error = %e, "could not list the backup store before the end commit")
+                tracing::warn!(tx = rec.id, error = %e, "could not list the backup store before the end commit");
             }
         }
     }
@@ -132,13 +132,13 @@ impl Updater {
             }
             Phase::BackedUp => self.back_up(&tx.plan),
             Phase::Swapped => {
-                tx.learnt.swapped_at = Some(self.swap(&tx.plan)?);
+                tx.learnt.swapped_at = Some(Self::swap(&tx.plan)?);
                 Ok(())
             }
             Phase::Verified => {
                 let swapped_at = tx.learnt.swapped_at.take();
                 let staged = std::mem::take(&mut tx.learnt.staged);
-                tx.learnt.verified = self.verify(&tx.plan, swapped_at, &staged)?;
+                tx.learnt.verified = Self::verify(&tx.plan, swapped_at, &staged)?;
                 Ok(())
             }
             Phase::Committed => {
@@ -214,8 +214,7 @@ impl Updater {
         let progress = |t: &Target| {
             if let (Some(o), NewState::File(f)) = (observer, t.new) {
                 let now = done.fetch_add(f.size, std::sync::atomic::Ordering::Relaxed) + f.size;
-                let name =
-                    plan.modules.get(t.module as usize).map(|m| m.name.as_str()).unwrap_or("");
+                let name = plan.modules.get(t.module as usize).map_or("", |m| m.name.as_str());
                 o.staged(name, t.module as usize + 1, plan.modules.len(), now, total);
             }
         };
@@ -306,7 +305,7 @@ impl Updater {
     /// directories a rollback empties, then one syncfs per filesystem. Directories are
     /// worked on in parallel (renames in one directory serialise on its lock anyway).
     /// Returns a clock reading taken after the last rename.
-    pub(super) fn swap(&self, plan: &Plan) -> Result<Timestamp> {
+    pub(super) fn swap(plan: &Plan) -> Result<Timestamp> {
         let mut by_dir: BTreeMap<&Path, Vec<&Target>> = BTreeMap::new();
         for t in &plan.targets {
             let p = Path::new(&t.path);
@@ -335,7 +334,6 @@ impl Updater {
     /// Returns the targets seen with a settled signature: they become known-file records at
     /// the commit.
     pub(super) fn verify(
-        &self,
         plan: &Plan,
         swapped_at: Option<Timestamp>,
         staged: &BTreeMap<String, StagedIdentity>,
@@ -396,11 +394,10 @@ impl Updater {
                 let factory = self.journal.factory()?;
                 let mut ids: Vec<u64> = gens.iter().map(|g| g.id).collect();
                 ids.push(id);
-                let trial = match self.cfg.confirm_required {
-                    true => {
-                        Some(Trial::begin(id, &version, package.blake3, &crate::clock::boot_id()?))
-                    }
-                    false => None,
+                let trial = if self.cfg.confirm_required {
+                    Some(Trial::begin(id, &version, package.blake3, &crate::clock::boot_id()?))
+                } else {
+                    None
                 };
                 Ok(CommitEffects {
                     factory_additions: generation::factory_additions(&factory, plan),
@@ -487,7 +484,7 @@ impl Updater {
                     Ok(()) => self.collect_garbage(),
                     // The end is durable; the next open removes the stale copy.
                     Err(e) => {
-                        tracing::warn!(tx = tx.rec.id, error = %e, "rolled back, but the plan copy could not be removed yet")
+                        tracing::warn!(tx = tx.rec.id, error = %e, "rolled back, but the plan copy could not be removed yet");
                     }
                 }
                 tracing::warn!(tx = tx.rec.id, error = %error, "transaction rolled back");
@@ -497,7 +494,7 @@ impl Updater {
             Err(e) => {
                 let err = Error::new(
                     ErrorCode::RollbackFailed,
-                    format!("{}; it was rolling back because of {error}", e),
+                    format!("{e}; it was rolling back because of {error}"),
                 );
                 tx.rec.error = Some(err.clone());
                 tx.advance(self, Event::Failed)?;

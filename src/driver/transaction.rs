@@ -75,7 +75,7 @@ pub(super) fn commit_phase<'a>(
         PhaseCommit::Record { plan } => journal.enter_phase(rec, plan)?,
         PhaseCommit::Committed(fx) => journal.finish_committed(rec, *fx)?,
         PhaseCommit::RolledBack { failed_package } => {
-            journal.finish_rolled_back(rec, failed_package)?
+            journal.finish_rolled_back(rec, failed_package)?;
         }
         PhaseCommit::Confirmed => journal.confirm_trial(Some(rec))?,
     }

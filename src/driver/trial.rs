@@ -6,7 +6,7 @@ use crate::failpoint::hit;
 use serde::Serialize;
 
 use super::transaction::{PhaseCommit, commit_phase};
-use super::*;
+use super::{RecoverReport, RollbackTo, Updater, boot_id};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "result", rename_all = "snake_case")]

@@ -97,20 +97,18 @@ pub fn rollback_modules(
         let owners = [current, target].into_iter().flatten().filter_map(|g| g.services.get(*path));
         let mut first = 0;
         for s in owners {
-            let i = match modules
-                .iter()
-                .position(|m| m.process_name.as_deref() == Some(s.name.as_str()))
+            let i = if let Some(i) =
+                modules.iter().position(|m| m.process_name.as_deref() == Some(s.name.as_str()))
             {
-                Some(i) => i,
-                None => {
-                    modules.push(ModulePlan {
-                        name: s.name.clone(),
-                        process_name: Some(s.name.clone()),
-                        restart_order: s.restart_order,
-                        post_cmds: Vec::new(),
-                    });
-                    modules.len() - 1
-                }
+                i
+            } else {
+                modules.push(ModulePlan {
+                    name: s.name.clone(),
+                    process_name: Some(s.name.clone()),
+                    restart_order: s.restart_order,
+                    post_cmds: Vec::new(),
+                });
+                modules.len() - 1
             };
             if first == 0 {
                 first = i;
@@ -146,8 +144,8 @@ pub fn managed_paths<'a>(
 /// first.
 pub fn dirs_to_remove(current: Option<&Generation>, target: Option<&Generation>) -> Vec<String> {
     let empty = BTreeSet::new();
-    let now = current.map(|g| &g.dirs).unwrap_or(&empty);
-    let keep = target.map(|g| &g.dirs).unwrap_or(&empty);
+    let now = current.map_or(&empty, |g| &g.dirs);
+    let keep = target.map_or(&empty, |g| &g.dirs);
     let mut out: Vec<String> = now.difference(keep).cloned().collect();
     // Longer paths first: a child is always longer than its parent.
     out.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
@@ -222,7 +220,7 @@ mod tests {
                     source: Source::Package { entry: p.to_string() },
                 })
                 .collect(),
-            created_dirs: dirs.iter().map(|d| d.to_string()).collect(),
+            created_dirs: dirs.iter().map(std::string::ToString::to_string).collect(),
             removed_dirs: vec![],
             controls_services: false,
             runs_post_cmds: false,
@@ -270,7 +268,10 @@ mod tests {
             tx_id: 1,
             parent: None,
             files: BTreeMap::new(),
-            dirs: ["/r/a", "/r/a/b/c", "/r/a/b"].iter().map(|s| s.to_string()).collect(),
+            dirs: ["/r/a", "/r/a/b/c", "/r/a/b"]
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
             services: BTreeMap::new(),
         };
         assert_eq!(dirs_to_remove(Some(&g), None), vec!["/r/a/b/c", "/r/a/b", "/r/a"]);
@@ -330,8 +331,8 @@ mod tests {
             tx_id: id,
             parent: None,
             files: [("/a".to_string(), meta(h))].into(),
-            dirs: Default::default(),
-            services: Default::default(),
+            dirs: BTreeSet::default(),
+            services: BTreeMap::default(),
         };
         let factory: Factory = [("/a".to_string(), PathState::File(meta(9)))].into();
         let gens = [g(1, 1), g(2, 2)];

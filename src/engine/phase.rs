@@ -80,7 +80,7 @@ impl Phase {
         Phase::Confirmed,
     ];
 
-    /// No further transition: the transaction is over (RollbackFailed waits for an operator).
+    /// No further transition: the transaction is over (`RollbackFailed` waits for an operator).
     pub fn is_terminal(self) -> bool {
         match self {
             Phase::Committed | Phase::RolledBack | Phase::RollbackFailed | Phase::Confirmed => true,
@@ -141,6 +141,11 @@ impl fmt::Display for Phase {
 }
 
 /// The next phase. Exhaustive: every (phase, event) pair is either a transition or an error.
+#[allow(
+    clippy::too_many_lines,
+    clippy::match_same_arms,
+    reason = "the transition table: one arm per (phase, event), read row by row"
+)]
 pub fn transition(from: Phase, event: Event, shape: Shape) -> Result<Phase, InvalidTransition> {
     let invalid = Err(InvalidTransition { from, event });
     let services = |p| if shape.controls_services { p } else { skip(p, shape) };

@@ -21,7 +21,7 @@ pub fn start_order(modules: &[ModulePlan]) -> Vec<ServiceRef> {
         match out.iter_mut().find(|(s, _)| s.name == *name) {
             Some((s, _)) => s.restart_order = lowest(s.restart_order, m.restart_order),
             None => {
-                out.push((ServiceRef { name: name.clone(), restart_order: m.restart_order }, i))
+                out.push((ServiceRef { name: name.clone(), restart_order: m.restart_order }, i));
             }
         }
     }
@@ -77,7 +77,7 @@ mod tests {
             name: name.into(),
             process_name: service.map(str::to_string),
             restart_order: order,
-            post_cmds: cmds.iter().map(|c| c.to_string()).collect(),
+            post_cmds: cmds.iter().map(std::string::ToString::to_string).collect(),
         }
     }
 

@@ -217,11 +217,8 @@ impl Journal {
             )));
         }
         let mut c = wt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
-        let seq = c
-            .get(DDI_FEEDBACK_NEXT_SEQ)
-            .map_err(|e| self.storage(e))?
-            .map(|v| v.value())
-            .unwrap_or(1);
+        let seq =
+            c.get(DDI_FEEDBACK_NEXT_SEQ).map_err(|e| self.storage(e))?.map_or(1, |v| v.value());
         c.insert(DDI_FEEDBACK_NEXT_SEQ, seq + 1).map_err(|e| self.storage(e))?;
         let mut t = wt.open_table(DDI_FEEDBACK).map_err(|e| self.storage(e))?;
         if t.len().map_err(|e| self.storage(e))? >= cap {

@@ -392,7 +392,9 @@ impl Journal {
         paths: impl IntoIterator<Item = &'a str>,
     ) -> Result<std::collections::BTreeMap<String, KnownFile>> {
         let rt = self.read()?;
-        let Some(t) = self.later_table(&rt, KNOWN_FILES)? else { return Ok(Default::default()) };
+        let Some(t) = self.later_table(&rt, KNOWN_FILES)? else {
+            return Ok(std::collections::BTreeMap::new());
+        };
         let mut out = std::collections::BTreeMap::new();
         for p in paths {
             if let Some(v) = t.get(p).map_err(|e| self.storage(e))? {
@@ -583,8 +585,7 @@ impl Journal {
         {
             let mut c = wt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
             c.insert(ACTIVE_TX, rec.id).map_err(|e| self.storage(e))?;
-            let next =
-                c.get(NEXT_TX_ID).map_err(|e| self.storage(e))?.map(|v| v.value()).unwrap_or(1);
+            let next = c.get(NEXT_TX_ID).map_err(|e| self.storage(e))?.map_or(1, |v| v.value());
             c.insert(NEXT_TX_ID, next.max(rec.id + 1)).map_err(|e| self.storage(e))?;
         }
         self.commit(wt)

@@ -153,8 +153,7 @@ impl Journal {
             truncate(e, REPORT_TEXT_BYTES_MAX);
         }
         let mut c = wt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
-        let seq =
-            c.get(OUTBOX_NEXT_SEQ).map_err(|e| self.storage(e))?.map(|v| v.value()).unwrap_or(1);
+        let seq = c.get(OUTBOX_NEXT_SEQ).map_err(|e| self.storage(e))?.map_or(1, |v| v.value());
         c.insert(OUTBOX_NEXT_SEQ, seq + 1).map_err(|e| self.storage(e))?;
         r.seq = seq;
         let mut t = wt.open_table(OUTBOX).map_err(|e| self.storage(e))?;

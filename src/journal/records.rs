@@ -50,7 +50,7 @@ impl Record for crate::engine::Generation {
                     files: v1.files,
                     dirs: v1.dirs,
                     // Version 1 had no service control: no path has a service.
-                    services: Default::default(),
+                    services: std::collections::BTreeMap::default(),
                 })
             }
             other => Err(format!("unknown record version {other}")),

@@ -87,6 +87,7 @@ pub fn run(mut cmd: Command, limit: Duration) -> std::io::Result<Finished> {
         std::thread::sleep(Duration::from_millis(10));
     };
     if status.is_none() {
+        #[allow(clippy::cast_possible_wrap, reason = "a pid is below pid_max, at most 2^22")]
         let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         let _ = child.wait();
@@ -111,7 +112,7 @@ pub fn run(mut cmd: Command, limit: Duration) -> std::io::Result<Finished> {
 
 /// The last line of some output, trimmed, for one-line error messages.
 pub fn last_line(output: &str) -> &str {
-    output.lines().rev().find(|l| !l.trim().is_empty()).map(str::trim).unwrap_or("")
+    output.lines().rev().find(|l| !l.trim().is_empty()).map_or("", str::trim)
 }
 
 #[cfg(test)]

@@ -29,15 +29,14 @@ pub enum Matcher {
 
 impl Matcher {
     pub fn for_service(name: &str, cfg: Option<&ServiceConfig>) -> Matcher {
-        match cfg.and_then(|c| c.exe.clone()) {
-            Some(exe) => Matcher::Exe(exe),
-            None => {
-                let mut end = name.len().min(COMM_MAX);
-                while !name.is_char_boundary(end) {
-                    end -= 1;
-                }
-                Matcher::Comm(name[..end].to_string())
+        if let Some(exe) = cfg.and_then(|c| c.exe.clone()) {
+            Matcher::Exe(exe)
+        } else {
+            let mut end = name.len().min(COMM_MAX);
+            while !name.is_char_boundary(end) {
+                end -= 1;
             }
+            Matcher::Comm(name[..end].to_string())
         }
     }
 
@@ -128,7 +127,7 @@ pub fn stop(name: &str, matcher: &Matcher, timeout: Duration) -> Result<()> {
             return Ok(());
         }
         if Instant::now() >= kill_until {
-            let pids: Vec<String> = live.iter().map(|p| p.to_string()).collect();
+            let pids: Vec<String> = live.iter().map(std::string::ToString::to_string).collect();
             return Err(Error::new(
                 ErrorCode::ProcessKillFailed,
                 format!(

@@ -112,7 +112,7 @@ fn armed(setup: Setup) -> Armed {
     rig.put(FACTORY);
     let marker = rig.env.tmp.path().join("post-cmd-ran");
     let with_marker = |m: &mut Value| {
-        m["modules"][0]["post_cmds"] = json!([format!("touch {}", marker.display())])
+        m["modules"][0]["post_cmds"] = json!([format!("touch {}", marker.display())]);
     };
     let v1 = build_pkg(&rig.env, "1.0.0", &small_modules("1.0.0"));
     let p1 = rig.env.pkg_path(&v1.name);

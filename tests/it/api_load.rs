@@ -174,14 +174,14 @@ fn assert_idle(d: &Daemon, ctx: &str) {
 fn fds(pid: i32) -> Vec<String> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"));
-    dir.filter_map(|e| e.ok())
+    dir.filter_map(std::result::Result::ok)
         .map(|e| std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default())
         .collect()
 }
 
 fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
+        .map(std::iter::Iterator::count)
         .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
 }
 
@@ -218,7 +218,7 @@ fn nofile(pid: &str) -> (u64, u64) {
     (n(words[0]), n(words[1]))
 }
 
-/// Raises this test process's soft RLIMIT_NOFILE to its hard limit, which must be at least
+/// Raises this test process's soft `RLIMIT_NOFILE` to its hard limit, which must be at least
 /// `need`. (Through prlimit(1) on our own pid: the crate's nix lacks its `resource` feature.)
 fn raise_own_nofile(need: u64) {
     let (soft, hard) = nofile("self");

@@ -159,12 +159,11 @@ mod armed {
                 ));
             }
         }
-        if !neither.is_empty() || (!olds.is_empty() && !news.is_empty()) {
-            panic!(
-                "{ctx}: targets are NOT all old or all new\n  old: {olds:?}\n  new: {news:?}\n  neither:\n    {}",
-                neither.join("\n    ")
-            );
-        }
+        assert!(
+            !(!neither.is_empty() || (!olds.is_empty() && !news.is_empty())),
+            "{ctx}: targets are NOT all old or all new\n  old: {olds:?}\n  new: {news:?}\n  neither:\n    {}",
+            neither.join("\n    ")
+        );
         let (side, want) =
             if news.is_empty() { (Side::Before, before) } else { (Side::After, after) };
 
@@ -406,7 +405,7 @@ mod armed {
         fn targets_sorted(&self) -> Vec<&str> {
             let mut t: Vec<&str> =
                 self.modules.iter().flat_map(|m| &m.files).map(|d| d.target.as_str()).collect();
-            t.sort();
+            t.sort_unstable();
             t
         }
 
@@ -482,7 +481,7 @@ mod armed {
             if let Some((_, n)) = loops.iter().find(|(l, _)| l == p) {
                 assert!(*n >= 1, "fixture error: loop point {p} has no pass");
                 hits.extend([3.min(*n), *n]);
-                hits.sort();
+                hits.sort_unstable();
                 hits.dedup();
             }
             out.extend(hits.into_iter().map(|h| Arm::new(p, h)));
@@ -501,7 +500,7 @@ mod armed {
     ) -> Side {
         let rec = env.run(&["recover", "--json"]);
         assert!(
-            matches!(rec.code, Some(0) | Some(4)),
+            matches!(rec.code, Some(0 | 4)),
             "{ctx}: recover should exit 0 or 4:\n{}",
             rec.describe()
         );
@@ -523,7 +522,7 @@ mod armed {
                     "nothing",
                     "{ctx}: recover exit 0 and the device is all Before, yet it did something:\n{}",
                     rec.describe()
-                )
+                );
             }
             _ => {}
         }
@@ -575,7 +574,7 @@ mod armed {
                 let msg = e
                     .downcast_ref::<String>()
                     .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .or_else(|| e.downcast_ref::<&str>().map(std::string::ToString::to_string))
                     .unwrap_or_else(|| "non-string panic".into());
                 self.failures.push(format!("[{scenario}] {label}: {msg}"));
                 println!("  FAIL [{scenario}] {label}");
@@ -637,7 +636,7 @@ mod armed {
         let bad = fx.package(&env, Some(second));
         let r = env.run(&["install", &bad, "--json"]);
         assert!(
-            matches!(r.code, Some(3) | Some(4)),
+            matches!(r.code, Some(3 | 4)),
             "baseline: a wrong hash must fail the install:\n{}",
             r.describe()
         );
@@ -852,7 +851,7 @@ mod armed {
         );
     }
 
-    /// The second target's declared hash is wrong: staging fails with HASH_MISMATCH and the
+    /// The second target's declared hash is wrong: staging fails with `HASH_MISMATCH` and the
     /// install rolls itself back; crash it anywhere on that path.
     fn failing_install_scenario(fx: &Fixture, t: &mut Tally) {
         const S: &str = "failing install";
@@ -1048,7 +1047,9 @@ mod armed {
             let (tx, planned) = std::sync::mpsc::channel();
             // Drains stderr to the end so that the child never blocks on a full pipe.
             std::thread::spawn(move || {
-                for line in std::io::BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                for line in
+                    std::io::BufReader::new(stderr).lines().map_while(std::result::Result::ok)
+                {
                     if line.contains("transaction planned") {
                         let _ = tx.send(Instant::now());
                     }
@@ -1099,8 +1100,8 @@ mod armed {
         println!(
             "uninterrupted install of {} files: {:?} ms from the spawn, {:?} ms of them in the transaction",
             fx.n_targets(),
-            totals.iter().map(|d| d.as_millis()).collect::<Vec<_>>(),
-            in_tx.iter().map(|d| d.as_millis()).collect::<Vec<_>>(),
+            totals.iter().map(std::time::Duration::as_millis).collect::<Vec<_>>(),
+            in_tx.iter().map(std::time::Duration::as_millis).collect::<Vec<_>>(),
         );
 
         let mut sides = BTreeMap::new();
@@ -1142,11 +1143,7 @@ mod armed {
                     delay.as_millis()
                 );
                 let rec = env.run(&["recover", "--json"]);
-                assert!(
-                    matches!(rec.code, Some(0) | Some(4)),
-                    "{ctx}: recover:\n{}",
-                    rec.describe()
-                );
+                assert!(matches!(rec.code, Some(0 | 4)), "{ctx}: recover:\n{}", rec.describe());
                 // In flight: the journal held a transaction begun and not ended, which only
                 // `recover` can tell (a kill before the journal was opened left nothing to do).
                 let in_flight = rec.json()["result"] != "nothing";

@@ -11,7 +11,7 @@
 //!   (`contracts/device-api-callbacks.yaml`), records every body in arrival order, can answer
 //!   `code 500` (not acknowledged), and can be taken down and brought back on the same port.
 //!
-//! Every daemon is a `Daemon` guard: SIGKILLed and reaped when dropped, also when an
+//! Every daemon is a `Daemon` guard: `SIGKILLed` and reaped when dropped, also when an
 //! assertion fails (then its log is printed). Nothing is asserted by sleeping: every wait
 //! polls with a generous deadline (`PATIENCE`), and mid-download events are pinned by the
 //! package server's gate rather than by timing. The crash tests and the tests that watch the
@@ -55,7 +55,7 @@ pub(crate) const PROXY_VARS: &[&str] = &[
 ];
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub(crate) fn wait_until<T>(what: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
@@ -64,9 +64,7 @@ pub(crate) fn wait_until<T>(what: impl Fn() -> String, mut f: impl FnMut() -> Op
         if let Some(v) = f() {
             return v;
         }
-        if Instant::now() > deadline {
-            panic!("gave up after {PATIENCE:?} waiting for {}", what());
-        }
+        assert!(Instant::now() <= deadline, "gave up after {PATIENCE:?} waiting for {}", what());
         std::thread::sleep(POLL);
     }
 }
@@ -259,7 +257,7 @@ impl PkgServer {
                 let (st, stop) = (st.clone(), stop.clone());
                 // One thread per connection: a held (gated) body must not block the next request.
                 std::thread::spawn(move || serve_package(s, &st, &stop));
-            })
+            });
         });
         PkgServer { port, state, stop, accept: Some(accept) }
     }
@@ -597,7 +595,7 @@ pub(crate) fn reference_tree(
         put(rel, content);
     }
     for (_, modules) in packages {
-        for m in modules.iter() {
+        for m in *modules {
             put(m.rel, &m.content);
         }
     }
@@ -997,15 +995,16 @@ impl Daemon {
             if done(&s) {
                 return seen;
             }
-            if s.stage == "failed" && Some(&s) != stale {
-                panic!("waiting for {what}, the daemon failed: {s:?}\nlog:\n{}", self.log_text());
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "gave up after {PATIENCE:?} waiting for /progress to show {what}; seen: {seen:#?}\nlog:\n{}",
-                    self.log_text()
-                );
-            }
+            assert!(
+                !(s.stage == "failed" && Some(&s) != stale),
+                "waiting for {what}, the daemon failed: {s:?}\nlog:\n{}",
+                self.log_text()
+            );
+            assert!(
+                Instant::now() <= deadline,
+                "gave up after {PATIENCE:?} waiting for /progress to show {what}; seen: {seen:#?}\nlog:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(POLL);
         }
     }
@@ -1941,7 +1940,7 @@ fn sigkill_inside_report_delivery_loses_no_report_and_redelivers_only_one_not_ye
             );
             wait_until(
                 || format!("{ctx}: the install to be held at Swapped"),
-                || Some(()).filter(|_| d.status()["in_flight"]["phase"] == "Swapped"),
+                || Some(()).filter(|()| d.status()["in_flight"]["phase"] == "Swapped"),
             );
             rig.receiver.up();
             let st = d.wait_exit();

@@ -669,7 +669,7 @@ impl GooseBit {
         // starting together were slow enough to trip over each other's port choice
         // (goosebit.sh now also checks the socket is its own), and each is a heavy process.
         static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let one = ONE.lock().unwrap_or_else(|p| p.into_inner());
+        let one = ONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         std::fs::create_dir_all(dir).unwrap();
         let out = goosebit_sh(dir, &["start", dir.to_str().unwrap()]);
         let url = out

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 /// file module), each with its mode in the source tree.
 struct Version {
     name: &'static str,
+    #[allow(clippy::struct_field_names, reason = "the manifest's key of the same name")]
     version: &'static str,
     app: Vec<(&'static str, Vec<u8>, u32)>,
     fw: Vec<u8>,

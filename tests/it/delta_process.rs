@@ -609,7 +609,7 @@ mod crash_points {
         }
         let rec = dev.run(&["recover", "--json"]);
         assert!(
-            matches!(rec.code, Some(0) | Some(4)),
+            matches!(rec.code, Some(0 | 4)),
             "{ctx}: recover should exit 0 or 4:\n{}",
             rec.describe()
         );
@@ -786,7 +786,7 @@ mod crash_points {
                 let mut hits = vec![1];
                 if let Some((_, n)) = loops.iter().find(|(l, _)| *l == point) {
                     hits.extend([3.min(*n), *n]);
-                    hits.sort();
+                    hits.sort_unstable();
                     hits.dedup();
                 }
                 cases.extend(hits.into_iter().map(|hit| Case {
@@ -859,7 +859,7 @@ mod crash_points {
             match catch_unwind(AssertUnwindSafe(|| one_past_the_last_pass(&lab, arm))) {
                 Ok(()) => println!("  ok   {arm} (one past the last pass) did not fire"),
                 Err(e) => {
-                    failures.push(format!("{arm} (one past the last pass): {}", panic_text(&*e)))
+                    failures.push(format!("{arm} (one past the last pass): {}", panic_text(&*e)));
                 }
             }
         }
@@ -887,7 +887,7 @@ mod crash_points {
     fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
         e.downcast_ref::<String>()
             .cloned()
-            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .or_else(|| e.downcast_ref::<&str>().map(std::string::ToString::to_string))
             .unwrap_or_else(|| "non-string panic".into())
     }
 }

@@ -36,7 +36,7 @@ fn the_legacy_gui_exits_after_a_failed_and_after_a_successful_install() {
     let rig = Rig::new();
     rig.put(FACTORY);
     let bad = build_pkg_with(&rig.env, "1.0.0", &small_modules("1.0.0"), |m| {
-        m["modules"][0]["post_cmds"] = json!(["exit 3"])
+        m["modules"][0]["post_cmds"] = json!(["exit 3"]);
     });
     let good = build_pkg(&rig.env, "1.0.1", &small_modules("1.0.1"));
     rig.server.add(&bad);

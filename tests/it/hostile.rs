@@ -227,7 +227,7 @@ fn hand_zip(body: &[u8], central: &[(&str, &[u8], usize)]) -> Vec<u8> {
     let cd_start = z.len();
     for (name, data, offset) in central {
         z.extend_from_slice(b"PK\x01\x02");
-        z.extend_from_slice(&((3u16 << 8) | 20).to_le_bytes()); // made by: Unix
+        z.extend_from_slice(&((3u16 << 8) | 0x14).to_le_bytes()); // made by: Unix, zip 2.0
         z.extend_from_slice(&20u16.to_le_bytes());
         z.extend_from_slice(&0u16.to_le_bytes());
         z.extend_from_slice(&0u16.to_le_bytes());
@@ -241,7 +241,7 @@ fn hand_zip(body: &[u8], central: &[(&str, &[u8], usize)]) -> Vec<u8> {
         z.extend_from_slice(&0u16.to_le_bytes()); // comment
         z.extend_from_slice(&0u16.to_le_bytes()); // disk
         z.extend_from_slice(&0u16.to_le_bytes()); // internal attributes
-        z.extend_from_slice(&(0o100644u32 << 16).to_le_bytes()); // regular file, 0644
+        z.extend_from_slice(&(0o100_644_u32 << 16).to_le_bytes()); // regular file, 0644
         z.extend_from_slice(&(*offset as u32).to_le_bytes());
         z.extend_from_slice(name.as_bytes());
     }
@@ -831,7 +831,7 @@ fn a_large_pinned_stored_entry_claiming_another_size_is_rejected_and_nothing_cha
             {"name": "tool", "src": "payload/tool", "dst": env.dst(TOOL), "blake3": blake3_hex(&payload)}]})
         .to_string();
         let mut zip = stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", &payload)]);
-        let declared = (payload.len() as i64 + delta) as u32;
+        let declared = u32::try_from(payload.len() as i64 + delta).unwrap();
         patch_u32(&mut zip, "payload/tool", LOCAL_UNCOMPRESSED, CENTRAL_UNCOMPRESSED, declared);
         patch_u32(&mut zip, "payload/tool", LOCAL_COMPRESSED, CENTRAL_COMPRESSED, declared);
         let pkg = save(&env, &format!("large{delta}.zip"), &zip);

@@ -147,7 +147,7 @@ mod armed {
         assert_eq!(tree(&env.root), new, "a clean install ends at the package's tree");
         let bad = env.run(&["install", p(&package(&env, true)), "--json"]);
         assert!(
-            matches!(bad.code, Some(3) | Some(4)),
+            matches!(bad.code, Some(3 | 4)),
             "fixture error: the failing package must fail:\n{}",
             bad.describe()
         );
@@ -351,7 +351,7 @@ mod armed {
                 format!("replaced by an empty file (was {len} bytes)")
             }
             Damage::Zeroed => {
-                bytes.iter_mut().for_each(|b| *b = 0);
+                bytes.fill(0);
                 format!("all {len} bytes zeroed")
             }
         };
@@ -532,7 +532,7 @@ mod armed {
                 r.describe()
             );
             assert!(
-                matches!(r.code, Some(0) | Some(4)),
+                matches!(r.code, Some(0 | 4)),
                 "{ctx}: normal recovery must exit 0 or 4:\n{}",
                 r.describe()
             );
@@ -586,7 +586,9 @@ mod armed {
                         let msg = e
                             .downcast_ref::<String>()
                             .cloned()
-                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .or_else(|| {
+                                e.downcast_ref::<&str>().map(std::string::ToString::to_string)
+                            })
                             .unwrap_or_else(|| "non-string panic".into());
                         println!("  FAIL {label}");
                         failures.push(msg);
@@ -693,7 +695,7 @@ mod armed {
                 }
                 let st = env.run(&["status"]);
                 assert!(
-                    matches!(st.code, Some(0) | Some(1) | Some(5)),
+                    matches!(st.code, Some(0 | 1 | 5)),
                     "{ctx}: status must not crash:\n{}",
                     st.describe()
                 );
@@ -734,7 +736,7 @@ mod armed {
                 let ctx = format!("{label} (seed {seed:#x}): {pwhat}");
                 let r = env.run(&["recover", "--json"]);
                 assert!(
-                    matches!(r.code, Some(0) | Some(4)),
+                    matches!(r.code, Some(0 | 4)),
                     "{ctx}: recover must succeed:\n{}",
                     r.describe()
                 );

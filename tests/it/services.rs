@@ -118,9 +118,7 @@ fn wait_until<T>(what: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) ->
         if let Some(v) = f() {
             return v;
         }
-        if Instant::now() > deadline {
-            panic!("gave up after {PATIENCE:?} waiting for {}", what());
-        }
+        assert!(Instant::now() <= deadline, "gave up after {PATIENCE:?} waiting for {}", what());
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -585,7 +583,7 @@ impl Lab {
                     .any(|e| e.kind == "start" && e.get("pid") == pid.to_string())
                     .then_some(())
             },
-        )
+        );
     }
 }
 
@@ -888,7 +886,7 @@ fn a_service_that_does_not_come_back_rolls_the_install_back_and_restarts_the_old
         "{d}"
     );
     assert_eq!(
-        xs.iter().map(|e| e.disk()).collect::<Vec<_>>(),
+        xs.iter().map(Ev::disk).collect::<Vec<_>>(),
         [V1, V2, V2, V1],
         "stopped before the swap, started after it, stopped before the restore, started after it:\n{d}"
     );

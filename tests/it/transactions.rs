@@ -934,7 +934,7 @@ fn manifest_owner_is_applied_and_the_old_owner_comes_back_on_rollback() {
     env.put("bin/owned", b"old owned\n", 0o640);
     env.put("bin/kept", b"old kept\n", 0o640);
     let chown = |rel: &str, uid: u32, gid: u32| {
-        std::os::unix::fs::chown(env.path(rel), Some(uid), Some(gid)).unwrap()
+        std::os::unix::fs::chown(env.path(rel), Some(uid), Some(gid)).unwrap();
     };
     let owner = |rel: &str| {
         let m = std::fs::metadata(env.path(rel)).unwrap();
