@@ -356,18 +356,7 @@ mod tests {
         f
     }
 
-    /// Deterministic pseudo-random bytes (xorshift), incompressible like code.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::testdata::noise;
 
     fn roundtrip(base: &[u8], target: &[u8]) -> (Vec<u8>, Vec<u8>) {
         let (b, t) = (file_with(base), file_with(target));

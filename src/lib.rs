@@ -32,6 +32,8 @@ pub mod services;
 pub mod signing;
 pub mod steplog;
 pub mod store;
+#[cfg(test)]
+mod testdata;
 pub mod treehash;
 pub mod version;
 pub mod wakeup;

@@ -154,15 +154,7 @@ mod tests {
     use std::io::Write;
 
     fn data(len: usize) -> Vec<u8> {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::testdata::noise(len, 0x2545_f491_4f6c_dd1d)
     }
 
     /// Lengths around every boundary the split can meet: empty, one chunk, one piece, just

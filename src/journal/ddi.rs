@@ -102,22 +102,8 @@ pub(super) fn create_tables(wt: &WriteTransaction) -> std::result::Result<(), re
 impl Journal {
     /// Every action this device knows, in id order. A journal without the table has none.
     pub fn ddi_actions(&self) -> Result<Vec<DdiAction>> {
-        let rt = self.read()?;
-        let Some(t) = self.later_table(&rt, DDI_ACTIONS)? else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        for item in t.iter().map_err(|e| self.storage(e))? {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
-            let a: DdiAction = decode(v.value(), Size::Small, "ddi action")?;
-            if a.id != k.value() {
-                return Err(self.corrupt(format!(
-                    "ddi_actions row {:?} holds action {:?}",
-                    k.value(),
-                    a.id
-                )));
-            }
-            out.push(a);
-        }
-        Ok(out)
+        let own_key = |a: &DdiAction, id: &&str| a.id == *id;
+        self.keyed_records(DDI_ACTIONS, usize::MAX, "ddi action", own_key)
     }
 
     pub fn ddi_action(&self, id: &str) -> Result<Option<DdiAction>> {
@@ -257,22 +243,9 @@ impl Journal {
 
     /// Up to `limit` waiting feedbacks, oldest first.
     pub fn ddi_feedback_pending(&self, limit: usize) -> Result<Vec<DdiFeedback>> {
-        let rt = self.read()?;
-        let Some(t) = self.later_table(&rt, DDI_FEEDBACK)? else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        for item in t.iter().map_err(|e| self.storage(e))?.take(limit) {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
-            let f: DdiFeedback = decode(v.value(), Size::Small, "ddi feedback")?;
-            if f.seq != k.value() {
-                return Err(self.corrupt(format!(
-                    "ddi_feedback row {} holds seq {}",
-                    k.value(),
-                    f.seq
-                )));
-            }
-            out.push(f);
-        }
-        Ok(out)
+        self.keyed_records(DDI_FEEDBACK, limit, "ddi feedback", |f: &DdiFeedback, seq| {
+            f.seq == *seq
+        })
     }
 
     /// Removes the given feedbacks (delivered, coalesced away, or refused for good by the

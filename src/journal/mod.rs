@@ -280,6 +280,38 @@ impl Journal {
         }
     }
 
+    /// The first `limit` rows of a table of small records, in key order, decoded; each row's
+    /// key repeats a field of its record, and `own_key` says that field: a record under
+    /// another key is a damaged journal. A journal without the table (opened read-only before
+    /// it existed) has none.
+    fn keyed_records<K, T>(
+        &self,
+        def: TableDefinition<K, &'static [u8]>,
+        limit: usize,
+        what: &str,
+        own_key: impl for<'a> Fn(&T, &K::SelfType<'a>) -> bool,
+    ) -> Result<Vec<T>>
+    where
+        K: redb::Key + 'static,
+        for<'a> K::SelfType<'a>: std::fmt::Debug,
+        T: records::Record,
+    {
+        let rt = self.read()?;
+        let Some(t) = self.later_table(&rt, def)? else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.storage(e))?.take(limit) {
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            let r: T = records::decode(v.value(), records::Size::Small, what)?;
+            if !own_key(&r, &k.value()) {
+                return Err(
+                    self.corrupt(format!("{what} row {:?} holds another's record", k.value()))
+                );
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+
     fn counter(&self, rt: &ReadTransaction, key: &str) -> Result<Option<u64>> {
         let t = rt.open_table(COUNTERS).map_err(|e| self.storage(e))?;
         Ok(t.get(key).map_err(|e| self.storage(e))?.map(|v| v.value()))

@@ -198,22 +198,7 @@ impl Journal {
     /// Up to `limit` waiting reports, oldest (lowest `seq`) first. A journal without the
     /// table (opened read-only before it existed) has none.
     pub fn outbox_pending(&self, limit: usize) -> Result<Vec<Report>> {
-        let rt = self.read()?;
-        let Some(t) = self.later_table(&rt, OUTBOX)? else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        for item in t.iter().map_err(|e| self.storage(e))?.take(limit) {
-            let (k, v) = item.map_err(|e| self.storage(e))?;
-            let r: Report = decode(v.value(), Size::Small, "outbox")?;
-            if r.seq != k.value() {
-                return Err(self.corrupt(format!(
-                    "outbox row {} holds a report with seq {}",
-                    k.value(),
-                    r.seq
-                )));
-            }
-            out.push(r);
-        }
-        Ok(out)
+        self.keyed_records(OUTBOX, limit, "outbox", |r: &Report, seq| r.seq == *seq)
     }
 
     /// Number of waiting reports.
