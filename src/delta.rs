@@ -240,10 +240,10 @@ fn bsdiff_output_len(stream: &[u8]) -> Option<u64> {
 }
 
 /// Whether a window is small, or its quick zstd patch large enough, that more effort may pay:
-/// a large window that barely changed (a firmware image with a few blocks rewritten) is a few literals that
-/// zstd -19 and bsdiff would not shrink, at 100 times the time (2.7 s against 27 ms at level 1 for a
-/// window of random data with one changed block, measured; for a relinked library -19 and
-/// bsdiff save a third or more).
+/// a large window that barely changed (a firmware image with a few blocks rewritten) is a few
+/// literals that zstd -19 and bsdiff would not shrink, at 100 times the time (2.7 s against 27 ms
+/// at level 1 for a window of random data with one changed block, measured; for a relinked
+/// library -19 and bsdiff save a third or more).
 fn worth_more_effort(quick_len: usize, out_len: usize) -> bool {
     // A window of at most 1 MiB costs milliseconds at -19, and small files are where a few
     // hundred bytes are a large share.

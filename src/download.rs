@@ -28,9 +28,9 @@
 //!   SHA-256). A match journals `verified_at_unix_ms` (the start of the trust window checked
 //!   by [`check_installable`]).
 //! - **Requests.** A request identical to the journaled one (same URL, name, size, expected
-//!   hash and version) resumes it; an already verified identical download within the trust window is
-//!   returned as is, without network. Any other request replaces the record and deletes the
-//!   old file (also a verified one past its trust window: "please re-download").
+//!   hash and version) resumes it; an already verified identical download within the trust
+//!   window is returned as is, without network. Any other request replaces the record and
+//!   deletes the old file (also a verified one past its trust window: "please re-download").
 //!
 //! Two entry points: [`run`] for the legacy `POST /download` body ([`DownloadRequest`], MD5),
 //! and [`fetch`] for any [`DownloadSpec`] (the DDI client's artifacts). `run` is `fetch` of the
@@ -38,15 +38,18 @@
 //!
 //! Errors and the legacy API's `code` (the daemon maps them; the HTTP status is always 200):
 //!
-//! | error code | API `code` | where |
-//! |---|---|---|
-//! | `VALIDATION_ERROR` | 400 | [`validate`] (`POST /download`), [`check_installable`] (`POST /update`: bad version, or not the downloaded one) |
-//! | `DOWNLOAD_INCOMPLETE` | 409 | [`check_installable`]; also [`run`] interrupted by `cancel` (resumable, not a failure) |
-//! | `MD5_NOT_VERIFIED` | 409 | [`check_installable`] |
-//! | `PACKAGE_EXPIRED` | 410 | [`check_installable`] |
-//! | `DOWNLOAD_FAILED`, `MD5_MISMATCH`, `DISK_FULL`, `INTERNAL_ERROR`, `JOURNAL_CORRUPT` | 500 | [`run`] (reported through `/progress` with stage `failed`) |
-//! | `HASH_MISMATCH` | 500 | [`fetch`] of a SHA-1 or SHA-256 [`ExpectedHash`] (never from the legacy [`run`]) |
-//! | `PACKAGE_SIZE_MISMATCH` | 500 | [`run`]: a `Content-Length` (200), `Content-Range` total (206) or body that is not `package_size`; at once, no retry, file and record removed |
+//! - `VALIDATION_ERROR`, 400: [`validate`] (`POST /download`), [`check_installable`]
+//!   (`POST /update`: bad version, or not the downloaded one).
+//! - `DOWNLOAD_INCOMPLETE`, 409: [`check_installable`]; also [`run`] interrupted by `cancel`
+//!   (resumable, not a failure).
+//! - `MD5_NOT_VERIFIED`, 409: [`check_installable`].
+//! - `PACKAGE_EXPIRED`, 410: [`check_installable`].
+//! - `DOWNLOAD_FAILED`, `MD5_MISMATCH`, `DISK_FULL`, `INTERNAL_ERROR`, `JOURNAL_CORRUPT`, 500:
+//!   [`run`] (reported through `/progress` with stage `failed`).
+//! - `HASH_MISMATCH`, 500: [`fetch`] of a SHA-1 or SHA-256 [`ExpectedHash`] (never from the
+//!   legacy [`run`]).
+//! - `PACKAGE_SIZE_MISMATCH`, 500: [`run`]: a `Content-Length` (200), `Content-Range` total
+//!   (206) or body that is not `package_size`; at once, no retry, file and record removed.
 
 use crate::config::Config;
 use crate::error::{Error, ErrorCode, Result};
@@ -153,7 +156,8 @@ fn validate_fields(version: &str, url: &str, name: &str, size: u64, cfg: &Config
         || name.chars().any(|c| c == '/' || c.is_control())
     {
         return Err(validation(format!(
-            "package_name must be a plain file name (1 to {PATH_COMPONENT_BYTES_MAX} bytes, no '/', not '.' or '..')"
+            "package_name must be a plain file name (1 to {PATH_COMPONENT_BYTES_MAX} bytes, no \
+            '/', not '.' or '..')"
         )));
     }
     if size == 0 {
@@ -234,7 +238,8 @@ pub fn check_installable(
         return Err(Error::new(
             ErrorCode::PackageExpired,
             format!(
-                "Package verified at {} has exceeded {trust_window_h}-hour trust window, please re-download",
+                "Package verified at {} has exceeded {trust_window_h}-hour trust window, please \
+                re-download",
                 iso8601_utc(verified_at)
             ),
         ));
@@ -513,7 +518,8 @@ fn preflight(dir: &Path, remaining: u64) -> Result<()> {
         return Err(Error::new(
             ErrorCode::DiskFull,
             format!(
-                "{} needs {needed} bytes free ({remaining} to download + {FREE_SPACE_RESERVE_BYTES} reserve), {available} available",
+                "{} needs {needed} bytes free ({remaining} to download + \
+                {FREE_SPACE_RESERVE_BYTES} reserve), {available} available",
                 dir.display()
             ),
         ));
@@ -609,7 +615,8 @@ impl Transfer<'_> {
     fn resume_prefix(&mut self, cancel: &AtomicBool) -> Result<()> {
         let len = self.file.metadata().map_err(|e| file_error("fstat", &self.path, &e))?.len();
         if len < self.rec.offset {
-            tracing::warn!(path = %self.path.display(), len, offset = self.rec.offset, "package file shorter than its journaled offset; starting over");
+            tracing::warn!(path = %self.path.display(), len, offset = self.rec.offset, "package \
+                file shorter than its journaled offset; starting over");
             self.rec.offset = 0;
             self.commit()?;
         }
@@ -978,7 +985,11 @@ fn continues_at(content_range: &str, offset: u64, size: u64) -> bool {
         let (start, end) = range.split_once('-')?;
         Some((number(start)?, number(end)?, if total == "*" { None } else { Some(number(total)?) }))
     })();
-    matches!(parsed, Some((start, end, total)) if start == offset && end + 1 == size && total.is_none_or(|t| t == size))
+    let total_fits = |total: Option<u64>| total.is_none_or(|t| t == size);
+    matches!(
+        parsed,
+        Some((start, end, total)) if start == offset && end + 1 == size && total_fits(total)
+    )
 }
 
 /// A URL without its query and fragment: presigned URLs carry credentials there, and
@@ -1165,14 +1176,16 @@ mod tests {
             Some(n) if n >= len => {
                 let _ = write!(
                     out,
-                    "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes \
+                    */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 );
                 return;
             }
             Some(n) => {
                 let claimed = if matches!(reply, Reply::BadContentRange) { n + 1 } else { n };
                 format!(
-                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {claimed}-{}/{len}\r\nContent-Length: {}\r\n",
+                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes \
+                    {claimed}-{}/{len}\r\nContent-Length: {}\r\n",
                     len - 1,
                     len - n
                 )
@@ -1889,7 +1902,8 @@ mod tests {
         let expired = check_installable(Some(&good), "1.2.3", 24, at + 25 * H).unwrap_err();
         assert_eq!(
             expired.to_string(),
-            "PACKAGE_EXPIRED: Package verified at 2025-11-26T10:30:00Z has exceeded 24-hour trust window, please re-download"
+            "PACKAGE_EXPIRED: Package verified at 2025-11-26T10:30:00Z has exceeded 24-hour trust \
+            window, please re-download"
         );
         assert_eq!(
             check_installable(Some(&good), "1.2.4", 24, at).unwrap_err().to_string(),

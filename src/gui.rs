@@ -114,9 +114,12 @@ mod tests {
     fn an_existing_command_runs_detached_in_its_own_process_group() {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("marker");
-        let pid =
-            spawn(&format!("/bin/sh -c 'read -r _ _ _ _ pgrp _ < /proc/$$/stat; echo $pgrp > {}.tmp; mv {0}.tmp {0}'", marker.display()))
-                .expect("started");
+        let pid = spawn(&format!(
+            "/bin/sh -c 'read -r _ _ _ _ pgrp _ < /proc/$$/stat; echo $pgrp > \
+                {}.tmp; mv {0}.tmp {0}'",
+            marker.display()
+        ))
+        .expect("started");
         assert!(wait_for(&marker), "the command ran");
         let pgid: u32 = std::fs::read_to_string(&marker).unwrap().trim().parse().unwrap_or(0);
         // `sh -c CMD` may exec CMD: either way the group is the one spawn created.

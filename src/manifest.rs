@@ -185,12 +185,14 @@ impl Manifest {
             Some(d) => {
                 if !raw.modules.is_empty() {
                     return Err(invalid(
-                        "a delta package keeps its modules in delta.modules; the top-level modules must be empty",
+                        "a delta package keeps its modules in delta.modules; the top-level \
+                        modules must be empty",
                     ));
                 }
                 if d.format != DELTA_FORMAT {
                     return Err(invalid(format!(
-                        "delta format {} is not supported by this engine (it reads format {DELTA_FORMAT}); install the full package",
+                        "delta format {} is not supported by this engine (it reads format \
+                        {DELTA_FORMAT}); install the full package",
                         d.format
                     )));
                 }
@@ -392,8 +394,9 @@ mod tests {
     #[test]
     fn legacy_manifest_is_accepted_unchanged() {
         let m = parse(
-            r#"{ "version": "1.2.3", "modules": [ { "name": "device-api", "src": "modules/device-api/device-api",
-            "dst": "/opt/tope/device-api/device-api", "process_name": "device-api", "restart_order": 1,
+            r#"{ "version": "1.2.3", "modules": [ { "name": "device-api",
+            "src": "modules/device-api/device-api", "dst": "/opt/tope/device-api/device-api",
+            "process_name": "device-api", "restart_order": 1,
             "post_cmds": ["systemctl daemon-reload"] } ] }"#,
         )
         .unwrap();
@@ -404,7 +407,11 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_reported_not_rejected() {
-        let m = parse(r#"{"version":"1.0.0","builder":"ci","modules":[{"name":"a","src":"a","dst":"/opt/tope/a","x":1}]}"#).unwrap();
+        let m = parse(
+            r#"{"version":"1.0.0","builder":"ci",
+                "modules":[{"name":"a","src":"a","dst":"/opt/tope/a","x":1}]}"#,
+        )
+        .unwrap();
         assert_eq!(m.unknown_fields, vec!["builder".to_string(), "modules[0].x".to_string()]);
     }
 
@@ -413,12 +420,14 @@ mod tests {
         let cases = [
             r#"{"version":"1.0","modules":[{"name":"a","src":"a","dst":"/opt/tope/a"}]}"#,
             r#"{"version":"1.0.0","modules":[]}"#,
-            r#"{"version":"1.0.0","modules":[{"name":"a","src":"a","dst":"/x"},{"name":"a","src":"b","dst":"/y"}]}"#,
+            r#"{"version":"1.0.0","modules":[{"name":"a","src":"a","dst":"/x"},
+                {"name":"a","src":"b","dst":"/y"}]}"#,
             r#"{"version":"1.0.0","modules":[{"name":"a","src":"../a","dst":"/x"}]}"#,
             r#"{"version":"1.0.0","modules":[{"name":"a","src":"/a","dst":"/x"}]}"#,
             r#"{"version":"1.0.0","modules":[{"name":"a","src":"a","dst":"/x","mode":"999"}]}"#,
             r#"{"version":"1.0.0","modules":[{"name":"a","src":"a","dst":"/x","blake3":"00"}]}"#,
-            r#"{"version":"1.0.0","modules":[{"name":"a","src":"d/","dst":"/x","blake3":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#,
+            r#"{"version":"1.0.0","modules":[{"name":"a","src":"d/","dst":"/x",
+                "blake3":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#,
             r#"{"version":"1.0.0"}"#,
             "not json",
         ];

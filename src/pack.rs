@@ -190,7 +190,9 @@ fn make_delta(
                 } else {
                     report.patched += 1;
                 }
-                files.insert(f.entry.clone(), serde_json::json!({"size": f.size, "mode": format!("{:04o}", f.mode), "patches": list}));
+                let mode = format!("{:04o}", f.mode);
+                let file = serde_json::json!({"size": f.size, "mode": mode, "patches": list});
+                files.insert(f.entry.clone(), file);
             }
         }
     }
@@ -204,7 +206,12 @@ fn make_delta(
         .unwrap_or_default();
     root.insert(
         "delta".into(),
-        serde_json::json!({"format": crate::manifest::DELTA_FORMAT, "from_versions": from_versions, "modules": mods, "files": files}),
+        serde_json::json!({
+            "format": crate::manifest::DELTA_FORMAT,
+            "from_versions": from_versions,
+            "modules": mods,
+            "files": files
+        }),
     );
     Ok((whole, report))
 }

@@ -326,7 +326,8 @@ fn validate(
         return Err(Error::new(
             ErrorCode::SignatureInvalid,
             format!(
-                "the signed manifest has no blake3 for {} (entry {:?}): every deployed byte must be signed",
+                "the signed manifest has no blake3 for {} (entry {:?}): every deployed byte must \
+                be signed",
                 f.dst.display(),
                 f.entry
             ),
@@ -404,7 +405,8 @@ fn scan_entries(archive: &mut Archive, cfg: &Config) -> Result<BTreeMap<String, 
             && size / e.compressed_size().max(1) > cfg.max_compression_ratio
         {
             return Err(invalid(format!(
-                "entry {name:?} expands {} bytes to {size} (ratio above max_compression_ratio = {})",
+                "entry {name:?} expands {} bytes to {size} (ratio above \
+                max_compression_ratio = {})",
                 e.compressed_size(),
                 cfg.max_compression_ratio
             )));

@@ -249,7 +249,8 @@ fn deliver_loop(journal: &Journal, s: &Settings, shared: &Wakeup) {
         let batch = match journal.outbox_pending(s.batch) {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!(error = %e, "report outbox unreadable: the reporter stops; reports stay in the journal");
+                tracing::error!(error = %e, "report outbox unreadable: the reporter stops; \
+                    reports stay in the journal");
                 return;
             }
         };
@@ -302,7 +303,8 @@ fn deliver_loop(journal: &Journal, s: &Settings, shared: &Wakeup) {
                     // body): delivery is at least once, device-api deduplicates by seq.
                     crate::failpoint::hit("outbox.delivered");
                     if let Err(e) = journal.outbox_ack(r.seq) {
-                        tracing::error!(error = %e, seq = r.seq, "cannot remove a delivered report from the outbox: the reporter stops");
+                        tracing::error!(error = %e, seq = r.seq, "cannot remove a delivered \
+                            report from the outbox: the reporter stops");
                         return;
                     }
                     crate::failpoint::hit("outbox.acked");
@@ -497,7 +499,8 @@ pub(crate) mod tests {
         let reply = reply.to_string();
         let _ = write!(
             stream,
-            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: \
+            {}\r\nConnection: close\r\n\r\n{reply}",
             reply.len()
         );
     }
@@ -568,9 +571,10 @@ pub(crate) mod tests {
         assert_eq!(judge_response(200, ""), Verdict::Acknowledged);
         assert_eq!(judge_response(204, ""), Verdict::Acknowledged);
         assert_eq!(judge_response(200, "OK"), Verdict::Acknowledged);
-        assert!(
-            matches!(judge_response(200, r#"{"code":400,"msg":"VALIDATION_ERROR: stage"}"#), Verdict::Rejected(m) if m.contains("VALIDATION_ERROR"))
-        );
+        assert!(matches!(
+            judge_response(200, r#"{"code":400,"msg":"VALIDATION_ERROR: stage"}"#),
+            Verdict::Rejected(m) if m.contains("VALIDATION_ERROR")
+        ));
         assert!(matches!(
             judge_response(200, r#"{"code":500,"msg":"INTERNAL_ERROR: db"}"#),
             Verdict::RetryLater(_)
@@ -605,7 +609,11 @@ pub(crate) mod tests {
         r.version = Some("1.2.3".into());
         assert_eq!(
             String::from_utf8(body_json(&r)).unwrap(),
-            r#"{"stage":"failed","progress":100,"message":"failed 120","error":"MD5_MISMATCH: x","version":"v1.2.3","tx_id":4,"boot_id":"boot-a","seq":9,"final":true}"#
+            concat!(
+                r#"{"stage":"failed","progress":100,"message":"failed 120","#,
+                r#""error":"MD5_MISMATCH: x","version":"v1.2.3","tx_id":4,"boot_id":"boot-a","#,
+                r#""seq":9,"final":true}"#
+            )
         );
         let v: Value = serde_json::from_slice(&body_json(&report("idle", 0))).unwrap();
         assert_eq!(

@@ -136,7 +136,8 @@ impl BackupStore {
         match fsutil::hash_file(blob) {
             Ok((h, _)) if h == *hash => Ok(true),
             _ => {
-                tracing::warn!(blob = %blob.display(), "backup blob no longer matches its name; replacing it");
+                tracing::warn!(blob = %blob.display(), "backup blob no longer matches its name; \
+                    replacing it");
                 fsutil::remove_if_present(blob)?;
                 Ok(false)
             }

@@ -76,7 +76,8 @@ impl Worker {
         {
             Ok(t) => Some(t),
             Err(e) => {
-                tracing::error!(thread = name, error = %e, "cannot start a thread; its work waits in the journal for the next start");
+                tracing::error!(thread = name, error = %e, "cannot start a thread; its work waits \
+                    in the journal for the next start");
                 None
             }
         };

@@ -7,9 +7,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "tope-updater", version, about = "Transactional over-the-air updates for embedded Linux", after_help = EXAMPLES)]
+#[command(name = "tope-updater", version, about = "Transactional over-the-air updates for \
+    embedded Linux", after_help = EXAMPLES)]
 pub struct Cli {
-    /// Configuration file (default: $TOPE_UPDATER_CONFIG, else /etc/tope-updater/config.toml if it exists).
+    /// Configuration file (default: $TOPE_UPDATER_CONFIG, else /etc/tope-updater/config.toml if
+    /// it exists).
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Machine-readable output on stdout.

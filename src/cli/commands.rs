@@ -243,7 +243,8 @@ fn config(cfg: &Config, source: &ConfigSource, origins: &KeyOrigins, out: &Outpu
         println!("{}", serde_json::json!({ "source": src, "config": cfg, "keys": origins }));
     } else {
         println!(
-            "# effective configuration, from {src}; each key says whether it came from the file or is the default\n{}",
+            "# effective configuration, from {src}; each key says whether it came from the file \
+            or is the default\n{}",
             annotate_config(&cfg.to_toml(), origins)
         );
     }
@@ -261,10 +262,15 @@ fn pack(
     let r = crate::pack::pack(dir, output, version, sign, delta_from)?;
     out.emit(&r, || {
         let signed = if r.signed { ", signed" } else { "" };
-        let mut s = format!("packed {} files ({} bytes), version {}, into {}{signed}", r.files, r.bytes, r.version, r.output);
+        let mut s = format!(
+            "packed {} files ({} bytes), version {}, into {}{signed}",
+            r.files, r.bytes, r.version, r.output
+        );
         if let Some(d) = &r.delta {
             s += &format!(
-                "\ndelta from {}: {} files shipped whole, {} as patches, {} not shipped (already on the device); entries {} bytes against {} for the full package ({:.1}x smaller), package {} bytes",
+                "\ndelta from {}: {} files shipped whole, {} as patches, {} not shipped (already \
+                on the device); entries {} bytes against {} for the full package ({:.1}x \
+                smaller), package {} bytes",
                 d.from_versions.join(", "),
                 d.whole,
                 d.patched,
@@ -284,7 +290,8 @@ fn keygen(out: &Output, output: &Path) -> Exit {
     let r = crate::signing::keygen(output)?;
     out.emit(&r, || {
         format!(
-            "secret key: {} (keep it off the devices)\npublic key: {} (list it in trusted_keys on the devices)",
+            "secret key: {} (keep it off the devices)\npublic key: {} (list it in trusted_keys on \
+            the devices)",
             r.secret_key, r.public_key
         )
     });

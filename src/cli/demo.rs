@@ -137,7 +137,8 @@ fn run_in(root: &Path, json: bool) -> Result<u8> {
     show_tree("\n8. the device after the rollback:", &after);
     let identical = after == v1;
     println!(
-        "\n   byte-identical to version 1 (content and modes, created files and directories gone): {}",
+        "\n   byte-identical to version 1 (content and modes, created files and directories \
+        gone): {}",
         if identical { "yes" } else { "NO" }
     );
     if identical && v.mismatches.is_empty() {
@@ -155,7 +156,8 @@ fn manifest(root: &Path) -> String {
         "modules": [
             { "name": "demo-app", "src": "modules/demo-app/demo-app", "dst": dst("bin/demo-app"),
               "process_name": null, "restart_order": 1 },
-            { "name": "demo-app-conf", "src": "modules/demo-app/demo-app.conf", "dst": dst("etc/demo-app.conf") },
+            { "name": "demo-app-conf", "src": "modules/demo-app/demo-app.conf",
+              "dst": dst("etc/demo-app.conf") },
             { "name": "web", "src": "modules/web/", "dst": dst("share/web") }
         ]
     })

@@ -122,18 +122,22 @@ impl Output {
         self.emit(r, || match r {
             RecoverReport::Nothing => "recover: nothing in flight".into(),
             RecoverReport::NeedsOperator { tx, error } => format!(
-                "recover: transaction {tx} NEEDS AN OPERATOR: {}\n  fix the cause, then run `tope-updater recover --retry`",
+                "recover: transaction {tx} NEEDS AN OPERATOR: {}\n  fix the cause, then run \
+                `tope-updater recover --retry`",
                 error.as_ref().map(std::string::ToString::to_string).unwrap_or_default()
             ),
             RecoverReport::Finished { report, journal_lost } => {
-                let lost = journal_lost.as_ref().map(|e| format!("recover: {e}\n")).unwrap_or_default();
+                let lost =
+                    journal_lost.as_ref().map(|e| format!("recover: {e}\n")).unwrap_or_default();
                 format!("{lost}recover: {}", render_tx(report))
             }
             RecoverReport::Trial { tx, version, boots, max_boots } => format!(
-                "recover: nothing in flight; trial install of {version} (tx {tx}) not confirmed yet: boot {boots} of {max_boots} (run `tope-updater confirm` to keep it)"
+                "recover: nothing in flight; trial install of {version} (tx {tx}) not confirmed \
+                yet: boot {boots} of {max_boots} (run `tope-updater confirm` to keep it)"
             ),
             RecoverReport::TrialExpired { version, boots, report } => format!(
-                "recover: trial install of {version} was not confirmed in {} boot(s) after its install: rolling it back\nrecover: {}",
+                "recover: trial install of {version} was not confirmed in {} boot(s) after its \
+                install: rolling it back\nrecover: {}",
                 boots - 1,
                 render_tx(report)
             ),
@@ -273,7 +277,8 @@ fn render_tx(r: &TxReport) -> String {
             )
         }
         Outcome::Interrupted { error } => format!(
-            "{} {from} -> {to}: INTERRUPTED (tx {}), still in flight: fix the cause, then run `tope-updater recover`: {error}",
+            "{} {from} -> {to}: INTERRUPTED (tx {}), still in flight: fix the cause, then run \
+            `tope-updater recover`: {error}",
             r.kind, r.tx
         ),
     }

@@ -96,7 +96,8 @@ impl DdiConfig {
         }
         if !is_path_id(&self.controller_id) {
             return bad(format!(
-                "controller_id {:?}: letters, digits, '-', '_' or '.', at most {DDI_ID_BYTES_MAX} bytes",
+                "controller_id {:?}: letters, digits, '-', '_' or '.', at most {DDI_ID_BYTES_MAX} \
+                bytes",
                 self.controller_id
             ));
         }

@@ -305,20 +305,23 @@ impl ApiConfig {
             || self.allowed_uids.len() > max
         {
             return bad(format!(
-                "[api] allowed_origins, allowed_hosts and allowed_uids hold at most {max} entries each"
+                "[api] allowed_origins, allowed_hosts and allowed_uids hold at most {max} entries \
+                each"
             ));
         }
         for o in &self.allowed_origins {
             if !is_origin(o) {
                 return bad(format!(
-                    "[api] allowed_origins entry {o:?}: expected scheme://host[:port] (http or https, no path); \"null\" is never allowed"
+                    "[api] allowed_origins entry {o:?}: expected scheme://host[:port] (http or \
+                    https, no path); \"null\" is never allowed"
                 ));
             }
         }
         for h in &self.allowed_hosts {
             if !is_host_name(h) {
                 return bad(format!(
-                    "[api] allowed_hosts entry {h:?}: expected a host name or IP address without a port"
+                    "[api] allowed_hosts entry {h:?}: expected a host name or IP address without \
+                    a port"
                 ));
             }
         }
@@ -408,7 +411,8 @@ mod tests {
     #[test]
     fn key_origins_say_which_keys_the_file_set_nested_tables_too() {
         let o = origins_of(
-            "keep_generations = 2\n[api]\nlisten = \"0.0.0.0:1\"\n[services.klippy]\nstart = \"run\"\n",
+            "keep_generations = 2\n[api]\nlisten = \"0.0.0.0:1\"\n[services.klippy]\nstart = \
+            \"run\"\n",
         );
         assert_eq!(o["keep_generations"], KeyOrigin::File);
         assert_eq!(o["state_dir"], KeyOrigin::Default);

@@ -53,7 +53,9 @@ fn err_in(d: &Daemon, e: &Error) -> Response {
         return err(e);
     }
     let s = d.progress.get();
-    Json(json!({ "code": code, "msg": format!("{}: {}", e.code, e.message), "stage": s.stage, "progress": s.progress })).into_response()
+    let msg = format!("{}: {}", e.code, e.message);
+    Json(json!({ "code": code, "msg": msg, "stage": s.stage, "progress": s.progress }))
+        .into_response()
 }
 
 fn reply_in(d: &Daemon, r: Result<Value>) -> Response {
@@ -133,7 +135,8 @@ async fn health() -> Response {
         "status": "ok",
         "service": "tope-updater",
         "version": env!("CARGO_PKG_VERSION"),
-        "features": ["Transactional Installs", "Rollback", "Progress Reporting", "systemd Integration"],
+        "features": ["Transactional Installs", "Rollback", "Progress Reporting", "systemd \
+        Integration"],
     }))
     .into_response()
 }
@@ -155,7 +158,10 @@ async fn progress(State(d): Shared) -> Response {
         // `oneOf` (ProgressResponse and ErrorResponse) and so neither.
         let msg = s.error.clone().unwrap_or_else(|| s.message.clone());
         let data = json!({ "stage": s.stage, "progress": s.progress, "message": msg });
-        return Json(json!({ "code": 500, "msg": msg, "data": data, "stage": "failed", "progress": s.progress })).into_response();
+        let body = json!({
+            "code": 500, "msg": msg, "data": data, "stage": "failed", "progress": s.progress
+        });
+        return Json(body).into_response();
     }
     ok(json!({ "stage": s.stage, "progress": s.progress, "message": s.message, "error": s.error }))
 }
@@ -202,7 +208,8 @@ async fn download(State(d): Shared, body: axum::body::Body) -> Response {
                 let e = Error::new(
                     ErrorCode::OperationInProgress,
                     format!(
-                        "Cannot start download, package {} (version {}) is verified and waits for POST /update",
+                        "Cannot start download, package {} (version {}) is verified and waits for \
+                        POST /update",
                         rec.request.package_name, rec.request.version
                     ),
                 );
@@ -440,10 +447,14 @@ fn warn_if_open_to_every_local_user(cfg: &crate::config::Config, addr: std::net:
         return;
     }
     if !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "the API listens beyond loopback and accepts unsigned packages: anyone who reaches {addr} can run commands as root through a package's post_cmds; set require_signature = true with trusted_keys (SECURITY.md)");
+        tracing::warn!(%addr, "the API listens beyond loopback and accepts unsigned packages: \
+            anyone who reaches {addr} can run commands as root through a package's post_cmds; set \
+            require_signature = true with trusted_keys (SECURITY.md)");
     } else if cfg.api.allowed_uids.is_empty() {
         tracing::warn!(
-            "the API accepts unsigned packages from every local user: any local process can run commands as root through a package's post_cmds; set api.allowed_uids and require_signature = true with trusted_keys (SECURITY.md)"
+            "the API accepts unsigned packages from every local user: any local process can run \
+            commands as root through a package's post_cmds; set api.allowed_uids and \
+            require_signature = true with trusted_keys (SECURITY.md)"
         );
     }
 }

@@ -267,7 +267,8 @@ impl Drop for InHandler {
 /// closed.
 fn refused(r: &Refusal) -> Response<Body> {
     let code = crate::error::ErrorCode::RequestRefused;
-    let body = serde_json::json!({ "code": super::api::http_code(code), "msg": format!("{code}: {}", r.message()) }).to_string();
+    let msg = format!("{code}: {}", r.message());
+    let body = serde_json::json!({ "code": super::api::http_code(code), "msg": msg }).to_string();
     let mut resp = Response::new(Body::from(body));
     let h = resp.headers_mut();
     h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
@@ -282,7 +283,14 @@ async fn handle(
     let _in = InHandler::enter(&ctx.in_handler);
     if let Err(r) = ctx.policy.admit(req.method(), req.uri(), req.headers(), ctx.peer_uid()) {
         // The refused header and value only: the body is never read, and never logged.
-        tracing::warn!(peer = %ctx.peer, method = %req.method(), path = req.uri().path(), header = r.header(), value = %r.value(), "request refused");
+        tracing::warn!(
+            peer = %ctx.peer,
+            method = %req.method(),
+            path = req.uri().path(),
+            header = r.header(),
+            value = %r.value(),
+            "request refused"
+        );
         return Ok(refused(&r));
     }
     let mut router = ctx.router.clone();

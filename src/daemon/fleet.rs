@@ -38,7 +38,10 @@ fn poll_loop(d: &Arc<Daemon>, client: &Arc<Client>, w: &Wakeup) {
     let mut server_sleep = None;
     while !w.stopping() {
         if let Err(e) = reconcile(d) {
-            tracing::warn!(error = %e, "DDI: cannot reconcile the server's actions with the journal");
+            tracing::warn!(
+                error = %e,
+                "DDI: cannot reconcile the server's actions with the journal"
+            );
         }
         match client.poll() {
             Ok(poll) => {

@@ -94,9 +94,14 @@ mod tests {
     #[test]
     fn kernel_lines_parse_in_both_families() {
         // Lines as a little-endian kernel prints them (x86, arm64 as deployed).
-        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-                  0: 0100007F:3039 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n\
-                  1: 0100007F:D431 0100007F:3039 01 00000000:00000000 00:00000000 00000000  1000        0 2 1 0 20 4 30 10 -1\n";
+        let v4 = concat!(
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  ",
+            "timeout inode\n",
+            "   0: 0100007F:3039 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0  ",
+            "      0 1 1 0 100 0 0 10 0\n",
+            "   1: 0100007F:D431 0100007F:3039 01 00000000:00000000 00:00000000 00000000  1000  ",
+            "      0 2 1 0 20 4 30 10 -1\n",
+        );
         let l: SocketAddr = "127.0.0.1:54321".parse().unwrap();
         let r: SocketAddr = "127.0.0.1:12345".parse().unwrap();
         if cfg!(target_endian = "little") {
@@ -111,8 +116,13 @@ mod tests {
                 ),
                 Some(1000)
             );
-            let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-                      0: 00000000000000000000000001000000:D431 00000000000000000000000001000000:3039 01 00000000:00000000 00:00000000 00000000    65534        0 3 1\n";
+            let v6 = concat!(
+                "  sl  local_address                         remote_address                     ",
+                "   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n",
+                "   0: 00000000000000000000000001000000:D431 ",
+                "00000000000000000000000001000000:3039 ",
+                "01 00000000:00000000 00:00000000 00000000    65534        0 3 1\n",
+            );
             assert_eq!(
                 find_uid(v6, "[::1]:54321".parse().unwrap(), "[::1]:12345".parse().unwrap()),
                 Some(65534)

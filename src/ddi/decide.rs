@@ -102,7 +102,8 @@ pub fn allowed(d: &DeploymentBase) -> Allowed {
     let packages: Vec<&str> = d.artifacts().map(|(_, a)| a.filename.as_str()).collect();
     if packages.is_empty() || packages.len() > 2 {
         return Allowed::Reject(format!(
-            "action {}: {} artifacts ({}); tope-updater installs one package per action (or a delta package and its full twin), all or nothing",
+            "action {}: {} artifacts ({}); tope-updater installs one package per action (or a \
+            delta package and its full twin), all or nothing",
             d.id,
             packages.len(),
             packages.join(", ")
@@ -136,8 +137,14 @@ pub fn pair_check(index: usize, kind: &PackageKind, version: &str) -> Result<(),
     }
     match (index, kind.delta) {
         (0, true) | (1, false) => Ok(()),
-        (0, false) => Err("of two artifacts the smaller is not a delta package: two full packages are not one transaction".into()),
-        _ => Err("of two artifacts both are delta packages: no full package to fall back on".into()),
+        (0, false) => {
+            Err("of two artifacts the smaller is not a delta package: two full packages \
+            are not one transaction"
+                .into())
+        }
+        _ => {
+            Err("of two artifacts both are delta packages: no full package to fall back on".into())
+        }
     }
 }
 
@@ -403,9 +410,20 @@ mod tests {
         artifacts: usize,
     ) -> DeploymentBase {
         let arts: Vec<serde_json::Value> = (0..artifacts)
-            .map(|i| serde_json::json!({"filename": format!("p{i}.zip"), "hashes": {"sha1": "986a1ade8b8a2f758ce951340cc5e21335cc2a00"}, "_links": {"download": {"href": "https://h/p"}}}))
+            .map(|i| {
+                serde_json::json!({
+                    "filename": format!("p{i}.zip"),
+                    "hashes": {"sha1": "986a1ade8b8a2f758ce951340cc5e21335cc2a00"},
+                    "_links": {"download": {"href": "https://h/p"}}
+                })
+            })
             .collect();
-        let mut d = serde_json::json!({"id": "5", "deployment": {"download": download, "update": update, "chunks": [{"part": "os", "version": "2.0.0", "name": "app", "artifacts": arts}]}});
+        let chunk =
+            serde_json::json!({"part": "os", "version": "2.0.0", "name": "app", "artifacts": arts});
+        let mut d = serde_json::json!({
+            "id": "5",
+            "deployment": {"download": download, "update": update, "chunks": [chunk]}
+        });
         if let Some(w) = window {
             d["deployment"]["maintenanceWindow"] = w.into();
         }
@@ -549,7 +567,10 @@ mod tests {
         assert_eq!(on_cancel(Some(S::Canceled), false, false), CancelStep::Nothing);
         for s in [S::Succeeded, S::Failed, S::Rejected] {
             assert!(
-                matches!(on_cancel(Some(s), false, false), CancelStep::Refuse(r) if r.contains("has ended")),
+                matches!(
+                    on_cancel(Some(s), false, false),
+                    CancelStep::Refuse(r) if r.contains("has ended")
+                ),
                 "{s:?}"
             );
         }
@@ -596,9 +617,10 @@ mod tests {
         let offered: ControllerBase =
             serde_json::from_slice(&fixture("goosebit-poll-deployment.json")).unwrap();
         assert_eq!(offered.sleep(), Some(Duration::from_secs(60)));
-        assert!(
-            matches!(&on_poll(&offered, &k)[..], [Step::FetchDeployment { action, .. }] if action == "1")
-        );
+        assert!(matches!(
+            &on_poll(&offered, &k)[..],
+            [Step::FetchDeployment { action, .. }] if action == "1"
+        ));
         let idle: ControllerBase =
             serde_json::from_slice(&fixture("goosebit-poll-after-success.json")).unwrap();
         assert_eq!(on_poll(&idle, &k), vec![]);
@@ -623,7 +645,8 @@ mod tests {
         let c: crate::ddi::protocol::Cancel =
             serde_json::from_slice(&fixture("spec-cancelaction.json")).unwrap();
         assert_eq!(c.cancel_action.stop_id, "8");
-        // gooseBit answers `null` for a deploymentBase with nothing behind it: an error, not an action.
+        // gooseBit answers `null` for a deploymentBase with nothing behind it: an error, not an
+        // action.
         assert!(DeploymentBase::parse(b"null").is_err());
     }
 }

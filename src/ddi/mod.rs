@@ -8,31 +8,12 @@
 //! - `decide`: the pure decisions (what a poll asks for, what a deployment allows now, poll
 //!   timing, the feedback of each step, coalescing);
 //! - `sender`: delivery of the journaled feedback outbox (`journal::ddi`).
+//!
+//! The poller that runs them in `serve`, the deployment jobs and `reconcile` (the result of an
+//! install learnt after the fact: a crash, `confirm`, a trial rolled back at boot) live in
+//! `daemon/fleet.rs`; the actions and their feedback outbox in `journal/ddi.rs`.
 
 pub mod client;
 pub mod decide;
 pub mod protocol;
 pub mod sender;
-
-// Still to build (issue 15), in this order; the decisions above are what it calls:
-//
-// 1. (done: journal/ddi.rs) Journal: a `ddi_actions` table (action id → the artifact, the download record, the tx
-//    that installed it, the course so far, whether the final feedback is queued) and a
-//    `ddi_feedback` outbox (seq → action, cancel flag, `Feedback`), each push one durable
-//    commit, in journal-format.md in the same change. `Known` is read from them.
-// 2. (done: download::fetch) download.rs: an expected hash that is sha256, sha1 or md5 (today: the legacy MD5 only),
-//    so an artifact is checked with the strongest hash its deployment gives.
-// 3. A poller thread in `serve` when `[ddi]` is set: poll → `decide::on_poll` → configData,
-//    cancel, deploymentBase → `decide::allowed` → the daemon's existing download and install
-//    jobs (one job slot: the legacy API and the DDI client never run two transactions); the
-//    jobs' course pushed into `ddi_feedback` beside device-api's outbox.
-// 4. (sender.rs: one round; the thread and its tests remain) A sender thread: `ddi_feedback` in seq order, `decide::coalesce`d, backoff on transient
-//    errors, a 4xx for a gone action drops its rows (logged).
-// 5. The truth after the fact: `confirm` (CLI or API) pushes the final success of a trial;
-//    a trial rolled back by `recover --at-boot`, or any later rollback, pushes `closed/failure`
-//    (once per action) and a configData naming the version now installed.
-// 6. Cancel: while downloading, the download job stops; while installing, the driver checks a
-//    cancel flag before `BackedUp` (nothing swapped yet) and rolls back; later, `rejected`
-//    feedback on the cancel action with the reason from `decide::on_cancel`.
-// 7. Delta-aware: two artifacts where one is a delta package for the installed version → try
-//    it first, the full one on DELTA_BASE_MISSING without a failure feedback.

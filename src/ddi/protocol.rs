@@ -405,11 +405,15 @@ mod tests {
 
     #[test]
     fn a_hawkbit_deployment_parses_with_both_links_and_all_hashes() {
-        let body = br#"{"id":"8","deployment":{"download":"forced","update":"attempt","maintenanceWindow":"unavailable",
-          "chunks":[{"part":"os","version":"2.0.0","name":"app","artifacts":[{"filename":"app-2.0.0.zip",
-          "hashes":{"sha1":"986a1ade8b8a2f758ce951340cc5e21335cc2a00","md5":"d04440e6533863247655ac5fd4345bcc",
+        let body = br#"{"id":"8","deployment":{"download":"forced","update":"attempt",
+          "maintenanceWindow":"unavailable",
+          "chunks":[{"part":"os","version":"2.0.0","name":"app","artifacts":[{
+          "filename":"app-2.0.0.zip",
+          "hashes":{"sha1":"986a1ade8b8a2f758ce951340cc5e21335cc2a00",
+          "md5":"d04440e6533863247655ac5fd4345bcc",
           "sha256":"b3a04740a19e36057ccf25870192e3e2d0cd5b9a6e1d7b3e9ef9b32b6d4bd1a6"},"size":3,
-          "_links":{"download":{"href":"https://h/x"},"download-http":{"href":"http://h/x"},"md5sum":{"href":"https://h/x.MD5SUM"}}}]}]},
+          "_links":{"download":{"href":"https://h/x"},"download-http":{"href":"http://h/x"},
+          "md5sum":{"href":"https://h/x.MD5SUM"}}}]}]},
           "actionHistory":{"status":"RUNNING","messages":["x"]},"_links":{}}"#;
         let d = DeploymentBase::parse(body).unwrap();
         assert_eq!(d.id, "8");
@@ -425,7 +429,12 @@ mod tests {
     fn deployments_a_device_cannot_act_on_safely_are_refused() {
         let art = |links: &str, hashes: &str| {
             format!(
-                r#"{{"id":"7","deployment":{{"chunks":[{{"part":"os","version":"1","name":"n","artifacts":[{{"filename":"a.zip","hashes":{hashes},"_links":{links}}}]}}]}}}}"#
+                concat!(
+                    r#"{{"id":"7","deployment":{{"chunks":[{{"part":"os","version":"1","name":"n","#,
+                    r#""artifacts":[{{"filename":"a.zip","hashes":{hashes},"_links":{links}}}]}}]}}}}"#
+                ),
+                hashes = hashes,
+                links = links
             )
         };
         let good_links = r#"{"download-http":{"href":"http://h/a"}}"#;
@@ -464,7 +473,10 @@ mod tests {
             .collect();
         refused(
             format!(
-                r#"{{"id":"7","deployment":{{"chunks":[{{"part":"os","version":"1","name":"n","artifacts":[{}]}}]}}}}"#,
+                concat!(
+                    r#"{{"id":"7","deployment":{{"#,
+                    r#""chunks":[{{"part":"os","version":"1","name":"n","artifacts":[{}]}}]}}}}"#
+                ),
                 many.join(",")
             ),
             "artifacts, at most",
@@ -503,14 +515,18 @@ mod tests {
         .unwrap();
         assert_eq!(
             closed,
-            serde_json::json!({"status": {"execution": "closed", "result": {"finished": "success"}}})
+            serde_json::json!({
+                "status": {"execution": "closed", "result": {"finished": "success"}}
+            })
         );
     }
 
     #[test]
     fn a_poll_answer_gives_its_links_and_sleep() {
         let p: ControllerBase = serde_json::from_str(
-            r#"{"config":{"polling":{"sleep":"00:00:10"}},"_links":{"configData":{"href":"http://h/DEFAULT/controller/v1/dev1/configData"}}}"#,
+            r#"{"config":{"polling":{"sleep":"00:00:10"}},
+                "_links":{"configData":{
+                    "href":"http://h/DEFAULT/controller/v1/dev1/configData"}}}"#,
         )
         .unwrap();
         assert_eq!(p.sleep(), Some(Duration::from_secs(10)));

@@ -26,7 +26,8 @@ fn deliver_loop(journal: &Journal, client: &Client, w: &Wakeup) {
         let round = match deliver_round(journal, client, DDI_FEEDBACK_BATCH) {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "the DDI feedback outbox cannot be read; delivery stops until the next start");
+                tracing::error!(error = %e, "the DDI feedback outbox cannot be read; delivery \
+                    stops until the next start");
                 return;
             }
         };

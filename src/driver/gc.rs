@@ -64,7 +64,8 @@ impl Updater {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "could not collect backup blobs; the next transaction tries again");
+                tracing::warn!(error = %e, "could not collect backup blobs; the next transaction \
+                    tries again");
             }
         }
     }

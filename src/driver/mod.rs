@@ -215,7 +215,8 @@ impl Updater {
         {
             return Err(Error::new(
                 ErrorCode::JournalCorrupt,
-                "the journal is missing but a transaction was in flight; run `tope-updater recover`",
+                "the journal is missing but a transaction was in flight; run \
+                `tope-updater recover`",
             ));
         }
         let journal = Journal::open(&cfg.state_dir)?;
@@ -248,14 +249,16 @@ impl Updater {
             Error::new(
                 ErrorCode::RollbackFailed,
                 format!(
-                    "journal lost ({}) and the plan copy is unusable ({}): an operator must check the target files",
+                    "journal lost ({}) and the plan copy is unusable ({}): an operator must check \
+                    the target files",
                     lost.message, copy_err.message
                 ),
             )
         })?;
         if path.exists() {
             let aside = cfg.state_dir.join(format!("journal.redb.corrupt-{}", now_ms()));
-            tracing::error!(error = %lost, moved_to = %aside.display(), "journal unreadable; starting a fresh one");
+            tracing::error!(error = %lost, moved_to = %aside.display(), "journal unreadable; \
+                starting a fresh one");
             std::fs::rename(&path, &aside)
                 .map_err(|io| Error::io(ErrorCode::JournalCorrupt, "move aside", &path, &io))?;
             fsutil::fsync_dir(&cfg.state_dir)?;
@@ -334,7 +337,8 @@ impl Updater {
             Ok(None) => return Ok(()),
             Ok(Some(p)) => Some(p.tx_id),
             Err(e) => {
-                tracing::warn!(error = %e, "removing an unreadable plan copy (the journal holds the plan)");
+                tracing::warn!(error = %e, "removing an unreadable plan copy (the journal holds \
+                    the plan)");
                 None
             }
         };
@@ -353,7 +357,8 @@ impl Updater {
             Some((rec, _)) if rec.phase == Phase::RollbackFailed => Err(Error::new(
                 ErrorCode::RollbackFailed,
                 format!(
-                    "transaction {} could not be rolled back and needs an operator; fix the cause, then run `tope-updater recover --retry`",
+                    "transaction {} could not be rolled back and needs an operator; fix the \
+                    cause, then run `tope-updater recover --retry`",
                     rec.id
                 ),
             )),

@@ -121,7 +121,9 @@ impl Updater {
         Err(Error::new(
             ErrorCode::DeltaBaseMissing,
             format!(
-                "{}: this delta package builds it from the content of {from} ({}) or finds its new content ({}), and this device holds neither, there or in its backups (the file holds {}); nothing was changed: install the full package of version {}",
+                "{}: this delta package builds it from the content of {from} ({}) or finds its \
+                new content ({}), and this device holds neither, there or in its backups (the \
+                file holds {}); nothing was changed: install the full package of version {}",
                 f.dst.display(),
                 if patches.is_empty() {
                     "no patch".to_string()
@@ -220,7 +222,8 @@ impl Updater {
                 ));
             }
         } else if let Some(min) = m.min_from_version {
-            tracing::warn!(%min, "min_from_version set but no installed version is recorded (factory baseline); accepting");
+            tracing::warn!(%min, "min_from_version set but no installed version is recorded \
+                (factory baseline); accepting");
         }
         Ok(())
     }
@@ -237,7 +240,8 @@ impl Updater {
             return Err(Error::new(
                 ErrorCode::ValidationError,
                 format!(
-                    "this package ({blake3}) was installed by transaction {tx} and rolled back; use --force to try it again"
+                    "this package ({blake3}) was installed by transaction {tx} and rolled back; \
+                    use --force to try it again"
                 ),
             ));
         }
@@ -316,7 +320,8 @@ impl Updater {
                             // that edit, which `verify` reports, rather than fail as a whole.
                             tracing::warn!(
                                 path,
-                                "edited since it was installed, and no backup holds its recorded content: left as it is"
+                                "edited since it was installed, and no backup holds its recorded \
+                                content: left as it is"
                             );
                             continue;
                         }

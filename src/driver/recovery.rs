@@ -10,7 +10,7 @@ use crate::package::Package;
 use std::path::Path;
 
 use super::transaction::Transaction;
-use super::{Outcome, RecoverReport, Updater, report};
+use super::{Outcome, RecoverReport, TxReport, Updater, report};
 
 impl Updater {
     /// Finishes or rolls back the transaction in flight, if any (SPEC §3).
@@ -39,52 +39,60 @@ impl Updater {
             self.cfg.recovery,
             &inputs,
         );
-        tracing::info!(tx = tx.rec.id, phase = %tx.phase(), attempt = tx.rec.attempts, ?decision, "recovering");
+        tracing::info!(
+            tx = tx.rec.id,
+            phase = %tx.phase(),
+            attempt = tx.rec.attempts,
+            ?decision,
+            "recovering"
+        );
         let report = match decision {
             Decision::Nothing => return Ok(RecoverReport::Nothing),
-            Decision::Resume => {
-                // Services stopped before the crash may have been started again by the
-                // reboot; the files must not change under them, and ServicesStarted must
-                // start them on the new version. Stopping is idempotent.
-                let stopped_before =
-                    matches!(tx.phase(), Phase::BackedUp | Phase::Swapped | Phase::PostCommands);
-                if tx.plan.controls_services
-                    && stopped_before
-                    && let Err(e) = self.stop_services(&tx.plan)
-                {
-                    tx.rec.error = Some(e);
-                    tx.advance(self, Event::Failed)?;
-                }
-                self.drive(tx, pkg)?
-            }
-            Decision::RollBack { reason } => {
-                if tx.phase() != Phase::RollingBack {
-                    super::run::discard_staged(&tx.plan);
-                    tx.rec.error = Some(Error::new(
-                        ErrorCode::DeploymentFailed,
-                        format!("interrupted in phase {}; {reason}", tx.phase()),
-                    ));
-                    tx.advance(self, Event::Failed)?;
-                }
-                self.roll_back(tx)?
-            }
-            Decision::GiveUp { reason } => {
-                let err = Error::new(
-                    ErrorCode::RollbackFailed,
-                    format!(
-                        "{reason}; last error: {}",
-                        tx.rec
-                            .error
-                            .as_ref()
-                            .map_or_else(|| "none".into(), std::string::ToString::to_string)
-                    ),
-                );
-                tx.rec.error = Some(err.clone());
-                tx.advance(self, Event::GaveUp)?;
-                report(&tx.rec, &tx.plan, Outcome::RollbackFailed { error: err })
-            }
+            Decision::Resume => self.resume(tx, pkg)?,
+            Decision::RollBack { reason } => self.roll_back_interrupted(tx, &reason)?,
+            Decision::GiveUp { reason } => self.give_up(tx, &reason)?,
         };
         Ok(RecoverReport::Finished { report, journal_lost: None })
+    }
+
+    /// Finishes the transaction from its last committed phase.
+    fn resume(&mut self, mut tx: Transaction, pkg: Option<Package>) -> Result<TxReport> {
+        // Services stopped before the crash may have been started again by the reboot; the
+        // files must not change under them, and ServicesStarted must start them on the new
+        // version. Stopping is idempotent.
+        let stopped_before =
+            matches!(tx.phase(), Phase::BackedUp | Phase::Swapped | Phase::PostCommands);
+        if tx.plan.controls_services
+            && stopped_before
+            && let Err(e) = self.stop_services(&tx.plan)
+        {
+            tx.rec.error = Some(e);
+            tx.advance(self, Event::Failed)?;
+        }
+        self.drive(tx, pkg)
+    }
+
+    /// Rolls the transaction back (entering `RollingBack` first unless a rollback was already
+    /// under way).
+    fn roll_back_interrupted(&mut self, mut tx: Transaction, reason: &str) -> Result<TxReport> {
+        if tx.phase() != Phase::RollingBack {
+            super::run::discard_staged(&tx.plan);
+            tx.rec.error = Some(Error::new(
+                ErrorCode::DeploymentFailed,
+                format!("interrupted in phase {}; {reason}", tx.phase()),
+            ));
+            tx.advance(self, Event::Failed)?;
+        }
+        self.roll_back(tx)
+    }
+
+    /// Stops trying: the transaction waits in `RollbackFailed` for an operator.
+    fn give_up(&mut self, mut tx: Transaction, reason: &str) -> Result<TxReport> {
+        let last = tx.rec.error.as_ref().map_or_else(|| "none".into(), ToString::to_string);
+        let err = Error::new(ErrorCode::RollbackFailed, format!("{reason}; last error: {last}"));
+        tx.rec.error = Some(err.clone());
+        tx.advance(self, Event::GaveUp)?;
+        Ok(report(&tx.rec, &tx.plan, Outcome::RollbackFailed { error: err }))
     }
 
     /// Whether what resuming needs is there (`ResumeNeeds`), and the reopened package.

@@ -32,7 +32,13 @@ impl Updater {
         let mut tx = Transaction::planned(plan);
         self.journal.begin(&mut tx.rec, &tx.plan)?;
         hit("enter.Planned");
-        tracing::info!(tx = tx.rec.id, kind = %TxAction::of(&tx.plan.kind), targets = tx.plan.targets.len(), to = ?tx.plan.to_version, "transaction planned");
+        tracing::info!(
+            tx = tx.rec.id,
+            kind = %TxAction::of(&tx.plan.kind),
+            targets = tx.plan.targets.len(),
+            to = ?tx.plan.to_version,
+            "transaction planned"
+        );
         let summary = interrupted_summary(&tx);
         self.drive(tx, pkg).or_else(|error| {
             let shutdown =
@@ -49,10 +55,20 @@ impl Updater {
             }
             let started = std::time::Instant::now();
             let performed = self.perform(&mut tx, pkg.as_ref());
-            tracing::debug!(tx = tx.rec.id, phase = %tx.phase(), elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "phase effects done");
+            tracing::debug!(
+                tx = tx.rec.id,
+                phase = %tx.phase(),
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "phase effects done"
+            );
             match performed {
                 Ok(()) if tx.phase() == Phase::Committed => {
-                    tracing::info!(tx = tx.rec.id, to = ?tx.plan.to_version, commits = tx.rec.commits, "transaction committed");
+                    tracing::info!(
+                        tx = tx.rec.id,
+                        to = ?tx.plan.to_version,
+                        commits = tx.rec.commits,
+                        "transaction committed"
+                    );
                     // The end is durable and the plan copy gone: what it released can go.
                     self.collect_garbage();
                     return Ok(report(&tx.rec, &tx.plan, Outcome::Committed));
@@ -60,7 +76,8 @@ impl Updater {
                 Err(e) if tx.phase() == Phase::Committed => {
                     // The commit is durable; only the plan copy's removal failed. The next
                     // open removes the stale copy (it names a transaction not in flight).
-                    tracing::warn!(tx = tx.rec.id, error = %e, "committed, but the plan copy could not be removed yet");
+                    tracing::warn!(tx = tx.rec.id, error = %e, "committed, but the plan copy \
+                        could not be removed yet");
                     return Ok(report(&tx.rec, &tx.plan, Outcome::Committed));
                 }
                 Ok(())
@@ -95,7 +112,8 @@ impl Updater {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(tx = tx.rec.id, phase = %tx.phase(), error = %e, "phase failed; rolling back");
+                    tracing::error!(tx = tx.rec.id, phase = %tx.phase(), error = %e, "phase \
+                        failed; rolling back");
                     // Staged files are never the only copy of anything (the package or the
                     // blobs are): dropping them first frees the space a full disk needs for
                     // the RollingBack commit. A crash right here is recovered like any other.
@@ -116,7 +134,8 @@ impl Updater {
                 rec.freed_bytes = g.bytes();
             }
             Err(e) => {
-                tracing::warn!(tx = rec.id, error = %e, "could not list the backup store before the end commit");
+                tracing::warn!(tx = rec.id, error = %e, "could not list the backup store before \
+                    the end commit");
             }
         }
     }
@@ -455,7 +474,8 @@ impl Updater {
                 // The files are restored even if a process will not die: old files under a
                 // stuck process beat new ones, and the start below reports the service.
                 if let Err(e) = self.services.stop(&s) {
-                    tracing::error!(tx = tx.rec.id, service = s.name, error = %e, "could not stop the service for the rollback");
+                    tracing::error!(tx = tx.rec.id, service = s.name, error = %e, "could not stop \
+                        the service for the rollback");
                 }
             }
         }
@@ -484,7 +504,8 @@ impl Updater {
                     Ok(()) => self.collect_garbage(),
                     // The end is durable; the next open removes the stale copy.
                     Err(e) => {
-                        tracing::warn!(tx = tx.rec.id, error = %e, "rolled back, but the plan copy could not be removed yet");
+                        tracing::warn!(tx = tx.rec.id, error = %e, "rolled back, but the plan \
+                            copy could not be removed yet");
                     }
                 }
                 tracing::warn!(tx = tx.rec.id, error = %error, "transaction rolled back");
@@ -498,7 +519,8 @@ impl Updater {
                 );
                 tx.rec.error = Some(err.clone());
                 tx.advance(self, Event::Failed)?;
-                tracing::error!(tx = tx.rec.id, error = %err, "ROLLBACK FAILED: an operator is needed");
+                tracing::error!(tx = tx.rec.id, error = %err, "ROLLBACK FAILED: an operator is \
+                    needed");
                 Ok(report(&tx.rec, &tx.plan, Outcome::RollbackFailed { error: err }))
             }
         }
@@ -609,9 +631,11 @@ impl InterruptedSummary {
     /// it) failed.
     pub(super) fn with(mut self, error: Error, shutdown: bool) -> TxReport {
         if shutdown && error.code == ErrorCode::OperationInProgress {
-            tracing::info!(tx = self.0.tx, reason = %error, "stopped between two steps for shutdown; the next start or `tope-updater recover` resumes it");
+            tracing::info!(tx = self.0.tx, reason = %error, "stopped between two steps for \
+                shutdown; the next start or `tope-updater recover` resumes it");
         } else {
-            tracing::error!(tx = self.0.tx, error = %error, "transaction interrupted; `tope-updater recover` will finish it");
+            tracing::error!(tx = self.0.tx, error = %error, "transaction interrupted; \
+                `tope-updater recover` will finish it");
         }
         self.0.outcome = Outcome::Interrupted { error };
         self.0

@@ -34,8 +34,8 @@ impl DownloadRequest {
 }
 
 /// The hash a downloaded package must have, as lower-case hex digits: 32 for MD5, 40 for
-/// SHA-1, 64 for SHA-256. A variant built directly is checked by `download::fetch` (and by the journal
-/// when a record is written or read); the constructors check at once.
+/// SHA-1, 64 for SHA-256. A variant built directly is checked by `download::fetch` (and by the
+/// journal when a record is written or read); the constructors check at once.
 ///
 /// The variant index is part of the journal format (journal-format.md §3: 0 Md5, 1 Sha1,
 /// 2 Sha256); new algorithms go at the end.

@@ -322,8 +322,9 @@ mod tests {
         // A final report also makes room by dropping progress only.
         assert!(j.outbox_push_final_capped(2, report("failed", 15), cap).unwrap()); // seq 6
         assert_eq!(seqs(&j), vec![1, 4, 5, 6]);
+        // seqs 7, 8, 9
         for tx in 3..=5 {
-            assert!(j.outbox_push_final_capped(tx, report("success", 100), cap).unwrap()); // seqs 7, 8, 9
+            assert!(j.outbox_push_final_capped(tx, report("success", 100), cap).unwrap());
         }
         // Only final reports are left, and they exceed the cap rather than being dropped.
         assert_eq!(seqs(&j), vec![1, 6, 7, 8, 9]);

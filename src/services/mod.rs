@@ -34,7 +34,8 @@ impl Services {
                 return Err(Error::new(
                     ErrorCode::ServiceStartFailed,
                     format!(
-                        "the package stops service {:?}, but the process backend cannot start it again: no [services.{:?}] start in the config",
+                        "the package stops service {:?}, but the process backend cannot start it \
+                        again: no [services.{:?}] start in the config",
                         s.name, s.name
                     ),
                 ));

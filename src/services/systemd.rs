@@ -76,7 +76,8 @@ impl Systemctl {
         if own_unit().as_deref() == Some(unit) {
             tracing::warn!(
                 unit,
-                "this is tope-updater's own unit: not stopped (its new files take effect at its next restart)"
+                "this is tope-updater's own unit: not stopped (its new files take effect at its \
+                next restart)"
             );
             return Ok(());
         }
@@ -86,7 +87,12 @@ impl Systemctl {
             .map_err(|e| failed(format!("cannot run {}: {e}", self.program)))?;
         if !stopped.success() {
             // Judged by the state below: "not loaded" is fine, anything else shows there.
-            tracing::info!(unit, result = %stopped.describe(timeout), output = command::last_line(stopped.output()), "systemctl stop");
+            tracing::info!(
+                unit,
+                result = %stopped.describe(timeout),
+                output = command::last_line(stopped.output()),
+                "systemctl stop"
+            );
         }
         loop {
             let state = self
