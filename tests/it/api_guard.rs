@@ -185,7 +185,8 @@ fn browser_borne_and_rebinding_requests_are_refused_at_every_endpoint_and_touch_
         let ans = raw(
             d,
             &format!(
-                "POST http://evil.example:{p}{path} HTTP/1.1\r\n{local}\r\nContent-Type: application/json"
+                "POST http://evil.example:{p}{path} HTTP/1.1\r\n{local}\r\n\
+                 Content-Type: application/json"
             ),
             &body,
         );
@@ -272,7 +273,8 @@ fn legacy_callers_loopback_hosts_and_listed_origins_are_served() {
     let ans = raw(
         &d,
         &format!(
-            "POST /api/v1.0/confirm HTTP/1.1\r\n{local}\r\nOrigin: http://kiosk.local:8080\r\nContent-Type: application/json"
+            "POST /api/v1.0/confirm HTTP/1.1\r\n{local}\r\nOrigin: http://kiosk.local:8080\r\n\
+             Content-Type: application/json"
         ),
         "{}",
     );
@@ -293,7 +295,8 @@ fn legacy_callers_loopback_hosts_and_listed_origins_are_served() {
     let ans = raw(
         &d,
         &format!(
-            "POST /api/v1.0/rollback HTTP/1.1\r\n{local}\r\nContent-Type: application/json; charset=utf-8"
+            "POST /api/v1.0/rollback HTTP/1.1\r\n{local}\r\n\
+             Content-Type: application/json; charset=utf-8"
         ),
         "{}",
     );

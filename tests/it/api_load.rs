@@ -224,7 +224,8 @@ fn raise_own_nofile(need: u64) {
     let (soft, hard) = nofile("self");
     assert!(
         hard >= need,
-        "this test opens about {need} sockets at once, but the hard RLIMIT_NOFILE of the test process is {hard}: run it where `ulimit -Hn` is at least {need}"
+        "this test opens about {need} sockets at once, but the hard RLIMIT_NOFILE of the test \
+         process is {hard}: run it where `ulimit -Hn` is at least {need}"
     );
     if soft >= need {
         return;
@@ -245,7 +246,7 @@ fn raise_own_nofile(need: u64) {
     assert!(soft >= need, "soft RLIMIT_NOFILE still {soft} after prlimit");
 }
 
-// ---------------------------------------------------------------- 1. more stalled connections than descriptors
+// ---------------------------------------------------- 1. more stalled connections than descriptors
 
 #[test]
 fn stalled_connections_beyond_the_fd_limit_do_not_lock_out_progress() {
@@ -315,8 +316,9 @@ fn stalled_connections_beyond_the_fd_limit_do_not_lock_out_progress() {
     let st = d.sigterm();
     let exited_in = termed.elapsed();
     let seen = format!(
-        "{STALLED} stalled connections opened in {opened_in:?}; GET /progress answered in {answered_in:?}; daemon fds {fds_idle} idle, \
-         at most {max_fds} under the flood; VmHWM {} KiB; {holding} sockets at SIGTERM, exit {st} after {exited_in:?}",
+        "{STALLED} stalled connections opened in {opened_in:?}; GET /progress answered in \
+         {answered_in:?}; daemon fds {fds_idle} idle, at most {max_fds} under the flood; \
+         VmHWM {} KiB; {holding} sockets at SIGTERM, exit {st} after {exited_in:?}",
         hwm >> 10
     );
     eprintln!("{seen}");
@@ -372,7 +374,8 @@ fn a_stalled_head_is_closed_after_the_header_timeout() {
     assert!(polls > 0, "/progress was never asked while the head stalled");
     assert_idle(&d, "after the stalled head was closed");
     eprintln!(
-        "half-sent head closed after {closed_in:?} ({polls} /progress answers meanwhile; bytes from the daemon: {got:?})"
+        "half-sent head closed after {closed_in:?} ({polls} /progress answers meanwhile; \
+         bytes from the daemon: {got:?})"
     );
 }
 
@@ -430,7 +433,8 @@ fn an_idle_keepalive_connection_is_closed_after_the_header_timeout() {
     );
     assert_idle(&d, "after the idle connection was closed");
     eprintln!(
-        "idle keep-alive connection closed {closed_in:?} after the answer (bytes meanwhile: {after:?})"
+        "idle keep-alive connection closed {closed_in:?} after the answer \
+         (bytes meanwhile: {after:?})"
     );
 }
 
@@ -443,7 +447,8 @@ fn a_trickled_body_is_refused_after_the_body_timeout_and_starts_nothing() {
     let since = Instant::now();
     let mut s = connect(addr_of(&d));
     s.write_all(
-        b"POST /api/v1.0/download HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"version\"",
+        b"POST /api/v1.0/download HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+          Content-Length: 1000\r\n\r\n{\"version\"",
     )
     .unwrap();
     let mut polls = 0;
@@ -585,6 +590,7 @@ fn a_report_receiver_that_never_answers_holds_up_neither_install_nor_progress() 
         rig.receiver.attempts()
     );
     eprintln!(
-        "download + install with a silent device-api: {flow:?}; {reached} report connections held unanswered"
+        "download + install with a silent device-api: {flow:?}; \
+         {reached} report connections held unanswered"
     );
 }

@@ -161,7 +161,8 @@ mod armed {
         }
         assert!(
             !(!neither.is_empty() || (!olds.is_empty() && !news.is_empty())),
-            "{ctx}: targets are NOT all old or all new\n  old: {olds:?}\n  new: {news:?}\n  neither:\n    {}",
+            "{ctx}: targets are NOT all old or all new\n  old: {olds:?}\n  new: {news:?}\n  \
+             neither:\n    {}",
             neither.join("\n    ")
         );
         let (side, want) =
@@ -176,14 +177,16 @@ mod armed {
                 .map(|(k, _)| k)
                 .collect();
             panic!(
-                "{ctx}: targets are all {side:?}, but other files differ: extra {extra:?}, missing {missing:?}, changed {differ:?}"
+                "{ctx}: targets are all {side:?}, but other files differ: extra {extra:?}, \
+                 missing {missing:?}, changed {differ:?}"
             );
         }
         if dirs != want.dirs {
             let extra: Vec<_> = dirs.difference(&want.dirs).collect();
             let missing: Vec<_> = want.dirs.difference(&dirs).collect();
             panic!(
-                "{ctx}: files are all {side:?}, but directories differ: left behind {extra:?}, missing {missing:?}"
+                "{ctx}: files are all {side:?}, but directories differ: left behind {extra:?}, \
+                 missing {missing:?}"
             );
         }
 
@@ -1098,7 +1101,8 @@ mod armed {
         let full = *totals.iter().min().unwrap();
         let transaction = *in_tx.iter().min().unwrap();
         println!(
-            "uninterrupted install of {} files: {:?} ms from the spawn, {:?} ms of them in the transaction",
+            "uninterrupted install of {} files: {:?} ms from the spawn, \
+             {:?} ms of them in the transaction",
             fx.n_targets(),
             totals.iter().map(std::time::Duration::as_millis).collect::<Vec<_>>(),
             in_tx.iter().map(std::time::Duration::as_millis).collect::<Vec<_>>(),
@@ -1181,7 +1185,8 @@ mod armed {
             match result {
                 Ok((killed, in_flight, code, side, anchor)) => {
                     println!(
-                        "  iteration {i:>2}: kill {:>5} ms after {anchor} (of {} ms): {}; recover ({policy}) exit {code:?}; all {side:?}",
+                        "  iteration {i:>2}: kill {:>5} ms after {anchor} (of {} ms): {}; \
+                         recover ({policy}) exit {code:?}; all {side:?}",
                         delay.as_millis(),
                         scale.as_millis(),
                         match (killed, in_flight) {
@@ -1202,7 +1207,8 @@ mod armed {
             }
         }
         println!(
-            "random kills: {ITERATIONS} iterations, {kills} killed, {in_flight_kills} of them with a transaction in flight, outcomes {sides:?}, seed {seed:#x}"
+            "random kills: {ITERATIONS} iterations, {kills} killed, {in_flight_kills} of them \
+             with a transaction in flight, outcomes {sides:?}, seed {seed:#x}"
         );
         assert!(
             failures.is_empty(),
@@ -1214,7 +1220,8 @@ mod armed {
         // or after the end proves nothing about it. Twelve of the fifteen are aimed inside.
         assert!(
             in_flight_kills >= ITERATIONS / 2,
-            "only {in_flight_kills} of {ITERATIONS} kills landed inside the transaction (seed {seed:#x}): the test exercised too little"
+            "only {in_flight_kills} of {ITERATIONS} kills landed inside the transaction \
+             (seed {seed:#x}): the test exercised too little"
         );
     }
 }

@@ -329,16 +329,20 @@ pub(crate) fn serve_package(mut s: TcpStream, state: &Mutex<PkgState>, stop: &At
         }
         416 => {
             format!(
-                "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
             )
         }
         206 => format!(
-            "HTTP/1.1 206 Partial Content\r\nContent-Type: application/zip\r\nContent-Range: bytes {start}-{}/{len}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 206 Partial Content\r\nContent-Type: application/zip\r\n\
+             Content-Range: bytes {start}-{}/{len}\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n",
             len - 1,
             len - start
         ),
         _ => format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/zip\r\nAccept-Ranges: bytes\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nContent-Type: application/zip\r\nAccept-Ranges: bytes\r\n\
+             Content-Length: {len}\r\nConnection: close\r\n\r\n"
         ),
     };
     if s.write_all(headers.as_bytes()).is_err() || method == "HEAD" {
@@ -497,7 +501,8 @@ pub(crate) fn receive_report(mut s: TcpStream, state: &Mutex<RecvState>) {
     .to_string();
     let _ = write!(
         s,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{answer}",
         answer.len()
     );
     let _ = s.flush();
@@ -641,7 +646,9 @@ impl Rig {
         let receiver = Receiver::start();
         let server = PkgServer::start();
         let env = Env::with_config(&format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\nresult_hold_s = {}\n{}\n[reporter]\nurl = {:?}\n[download]\nallow_http = {}\nretries = {}\ntrust_window_h = {}\n",
+            "[api]\nlisten = \"127.0.0.1:0\"\nresult_hold_s = {}\n{}\n\
+             [reporter]\nurl = {:?}\n\
+             [download]\nallow_http = {}\nretries = {}\ntrust_window_h = {}\n",
             s.result_hold_s,
             s.api_extra,
             receiver.url(),
@@ -1002,7 +1009,8 @@ impl Daemon {
             );
             assert!(
                 Instant::now() <= deadline,
-                "gave up after {PATIENCE:?} waiting for /progress to show {what}; seen: {seen:#?}\nlog:\n{}",
+                "gave up after {PATIENCE:?} waiting for /progress to show {what}; \
+                 seen: {seen:#?}\nlog:\n{}",
                 self.log_text()
             );
             std::thread::sleep(POLL);
@@ -1433,7 +1441,12 @@ fn update_is_refused_before_a_download_for_another_version_and_while_busy() {
     // A conflict names the current stage and progress at the root, as the legacy service did.
     assert_eq!(
         v,
-        json!({"code": 409, "msg": "DOWNLOAD_INCOMPLETE: Cannot install, package download not completed", "stage": "idle", "progress": 0})
+        json!({
+            "code": 409,
+            "msg": "DOWNLOAD_INCOMPLETE: Cannot install, package download not completed",
+            "stage": "idle",
+            "progress": 0,
+        })
     );
 
     let mut modules = small_modules("1.0.0");
@@ -1773,7 +1786,8 @@ fn an_md5_mismatch_fails_and_deletes_the_file() {
 #[test]
 fn daemon_kill_and_sigterm_tests_need_the_failpoints_feature() {
     panic!(
-        "the daemon's SIGKILL and SIGTERM tests need the named crash points compiled in: run `cargo test --features failpoints --test it daemon`"
+        "the daemon's SIGKILL and SIGTERM tests need the named crash points compiled in: \
+         run `cargo test --features failpoints --test it daemon`"
     );
 }
 
@@ -1834,7 +1848,8 @@ pub(crate) fn sigkill_mid_install(point: &str, hit: u32) {
         false
     } else {
         panic!(
-            "{ctx}: the tree is neither all old nor all new:\nlive {files:#?}\nold {old:#?}\nnew {new:#?}"
+            "{ctx}: the tree is neither all old nor all new:\nlive {files:#?}\n\
+             old {old:#?}\nnew {new:#?}"
         )
     };
     assert!(leftovers(&rig.env.root).is_empty(), "{ctx}");
@@ -1866,7 +1881,8 @@ pub(crate) fn sigkill_mid_install(point: &str, hit: u32) {
         );
         assert!(
             !package_left,
-            "{ctx}: the install committed, but its package is still in downloads/ (SPEC §3: cleaned up at the commit)"
+            "{ctx}: the install committed, but its package is still in downloads/ \
+             (SPEC §3: cleaned up at the commit)"
         );
     } else {
         assert_eq!(

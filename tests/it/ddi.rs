@@ -191,7 +191,9 @@ fn device(url: &str, top: &str) -> Env {
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     let mut cfg = std::fs::read_to_string(&env.config).unwrap();
     cfg.push_str(&format!(
-        "\n[api]\nlisten = \"127.0.0.1:0\"\n\n[ddi]\nserver_url = {url:?}\ncontroller_id = {DEV:?}\ntoken_file = {:?}\nallow_http = true\n",
+        "\n[api]\nlisten = \"127.0.0.1:0\"\n\n\
+         [ddi]\nserver_url = {url:?}\ncontroller_id = {DEV:?}\n\
+         token_file = {:?}\nallow_http = true\n",
         token.to_str().unwrap()
     ));
     std::fs::write(&env.config, cfg).unwrap();
@@ -841,7 +843,10 @@ fn pack_app(env: &Env, name: &str, version: &str, content: &[u8], bases: &[&Path
     let src = env.tmp.path().join(format!("src-{name}"));
     std::fs::create_dir_all(src.join("files")).unwrap();
     std::fs::write(src.join("files/bin"), content).unwrap();
-    let man = json!({"version": version, "modules": [{"name": "app", "src": "files/bin", "dst": env.dst("app/bin")}]});
+    let man = json!({
+        "version": version,
+        "modules": [{"name": "app", "src": "files/bin", "dst": env.dst("app/bin")}],
+    });
     std::fs::write(src.join("manifest.json"), man.to_string()).unwrap();
     let out = env.pkg_path(&format!("{name}.zip"));
     let mut args = vec![

@@ -409,7 +409,8 @@ fn explain(
 #[test]
 fn the_delta_crash_test_needs_the_failpoints_feature() {
     panic!(
-        "the delta crash-point test needs the named crash points compiled in: run `cargo test --features failpoints --test it delta_process`"
+        "the delta crash-point test needs the named crash points compiled in: \
+         run `cargo test --features failpoints --test it delta_process`"
     );
 }
 

@@ -17,8 +17,8 @@
 //! the state dir on one filesystem or on two (filling either). X steps from 0 upward in 4 KiB
 //! steps (where the journal commits and directory blocks live), then doubles until the
 //! transaction commits, then bisects the last gap down to 4 KiB and takes one more 4 KiB step
-//! either side of the edge; one scenario instead gives each backup copy of a rollback in turn exactly the
-//! last free blocks. Every run must end in one of:
+//! either side of the edge; one scenario instead gives each backup copy of a rollback in turn
+//! exactly the last free blocks. Every run must end in one of:
 //!
 //! - committed: all new, journal consistent;
 //! - rolled back with `DISK_FULL`: all old, the transaction `RolledBack` in the history with
@@ -201,7 +201,9 @@ const OLD_SMALL: usize = 32;
 const NEW_SMALL: usize = 8;
 /// Long names make the plan, the generation and the factory rows big enough that the later
 /// journal commits need new blocks, without the cost of more files.
-const LONG: &str = "a-long-file-name-that-makes-every-journal-record-of-this-target-bigger-so-that-the-later-commits-of-the-transaction-need-new-blocks-of-the-journal-file-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+const LONG: &str = "a-long-file-name-that-makes-every-journal-record-of-this-target-bigger-\
+                    so-that-the-later-commits-of-the-transaction-need-new-blocks-of-the-\
+                    journal-file-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 
 impl Fixture {
     fn new() -> Fixture {
@@ -264,7 +266,12 @@ impl Fixture {
         let mut entries: Vec<(String, &[u8])> = Vec::new();
         for (name, dst, content) in &self.files {
             let src = format!("files/{name}");
-            mods.push(json!({"name": name, "src": src, "dst": env.dst(dst), "blake3": blake3_hex(content)}));
+            mods.push(json!({
+                "name": name,
+                "src": src,
+                "dst": env.dst(dst),
+                "blake3": blake3_hex(content),
+            }));
             entries.push((src, content));
         }
         let hashes: BTreeMap<&str, String> =
@@ -512,7 +519,10 @@ fn many_tiny_files_whose_bytes_fit_but_whose_blocks_do_not_are_refused_by_the_pr
         .iter()
         .map(|(n, c)| (n.trim_start_matches("tiny/").to_string(), blake3_hex(c)))
         .collect();
-    let manifest = json!({"version": V2, "modules": [{"name": "tiny", "src": "tiny/", "dst": env.dst("tiny"), "files": hashes}]});
+    let manifest = json!({
+        "version": V2,
+        "modules": [{"name": "tiny", "src": "tiny/", "dst": env.dst("tiny"), "files": hashes}],
+    });
     let files: Vec<(&str, &[u8])> = tiny.iter().map(|(n, c)| (n.as_str(), c.as_slice())).collect();
     let pkg = env.pkg_path("tiny.zip");
     write_package(&pkg, &manifest.to_string(), &files);
@@ -554,14 +564,14 @@ fn many_tiny_files_whose_bytes_fit_but_whose_blocks_do_not_are_refused_by_the_pr
     println!("{T}: {ctx}: refused (needs {need}); with {need} free the install committed");
 }
 
-// ---------------------------------------------------------------- tests: ENOSPC after the preflight
+// ------------------------------------------------------------- tests: ENOSPC after the preflight
 
 #[cfg(not(feature = "failpoints"))]
 #[test]
 fn disk_full_tests_need_the_failpoints_feature() {
     panic!(
-        "the disk-full tests pause the real binary at crash points to fill the disk after the preflight: \
-         run `cargo test --features failpoints --test it diskfull -- --nocapture`"
+        "the disk-full tests pause the real binary at crash points to fill the disk after the \
+         preflight: run `cargo test --features failpoints --test it diskfull -- --nocapture`"
     );
 }
 
@@ -678,7 +688,8 @@ mod starved {
                         .collect::<String>()
                 };
                 panic!(
-                    "{ctx}: the tree is neither all old nor all new: {} paths are new, {} neither old nor new{}{}",
+                    "{ctx}: the tree is neither all old nor all new: {} paths are new, \
+                     {} neither old nor new{}{}",
                     now_new.len(),
                     neither.len(),
                     show(&now_new),
@@ -978,7 +989,11 @@ mod starved {
             let mut findings = Vec::new();
             if outcome != "committed" && r.error_code().as_deref() != Some(code.as_str()) {
                 findings.push((
-                    format!("{} ended {outcome} with {code} but stderr has no `error: {code}: ...` line (SPEC §6)", args[0]),
+                    format!(
+                        "{} ended {outcome} with {code} but stderr has no \
+                         `error: {code}: ...` line (SPEC §6)",
+                        args[0]
+                    ),
                     format!("{} bytes free:\n{}", level, r.describe()),
                 ));
             }
@@ -1191,7 +1206,10 @@ mod starved {
                 ));
             }
             if !rows.values().any(|r| !r.outcome.is_empty() && r.outcome != "committed") {
-                failures.push(format!("{name}: no level ran out of space after the pause: the scenario exercised nothing"));
+                failures.push(format!(
+                    "{name}: no level ran out of space after the pause: \
+                     the scenario exercised nothing"
+                ));
             }
         }
     }
@@ -1243,8 +1261,8 @@ mod starved {
             let free = avail(&fs.mnt);
             let again = env.run(&["recover", "--json"]);
             panic!(
-                "{ctx}: recover must end the transaction once space is freed ({free} bytes available):\n{}\n\
-                 (a second recover then: {})",
+                "{ctx}: recover must end the transaction once space is freed \
+                 ({free} bytes available):\n{}\n(a second recover then: {})",
                 fin.describe(),
                 again.describe()
             );
@@ -1379,7 +1397,8 @@ mod starved {
     #[test]
     #[cfg_attr(
         tope_unprivileged,
-        ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+        ignore = "needs root: loop-mounts ext4 images; run as root \
+                  (README.md: Tests that need root)"
     )]
     fn an_install_starved_after_each_phase_commit_on_one_filesystem_commits_or_rolls_back_cleanly_or_recover_finishes_it()
      {
@@ -1404,7 +1423,8 @@ mod starved {
     #[test]
     #[cfg_attr(
         tope_unprivileged,
-        ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+        ignore = "needs root: loop-mounts ext4 images; run as root \
+                  (README.md: Tests that need root)"
     )]
     fn a_rollback_and_a_recover_starved_on_one_filesystem_end_all_old_or_all_new() {
         const T: &str = "one fs, rollback/recover";
@@ -1426,7 +1446,8 @@ mod starved {
     #[test]
     #[cfg_attr(
         tope_unprivileged,
-        ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+        ignore = "needs root: loop-mounts ext4 images; run as root \
+                  (README.md: Tests that need root)"
     )]
     fn staging_and_restoring_starved_on_the_roots_filesystem_with_the_state_dir_elsewhere_roll_back_cleanly()
      {
@@ -1445,7 +1466,8 @@ mod starved {
     #[test]
     #[cfg_attr(
         tope_unprivileged,
-        ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+        ignore = "needs root: loop-mounts ext4 images; run as root \
+                  (README.md: Tests that need root)"
     )]
     fn backup_copies_and_journal_commits_starved_on_the_state_filesystem_roll_back_cleanly_or_recover_finishes_them()
      {
@@ -1464,7 +1486,8 @@ mod starved {
     #[test]
     #[cfg_attr(
         tope_unprivileged,
-        ignore = "needs root: loop-mounts ext4 images; run as root (README.md: Tests that need root)"
+        ignore = "needs root: loop-mounts ext4 images; run as root \
+                  (README.md: Tests that need root)"
     )]
     fn each_backup_copy_of_a_rollback_taking_the_last_free_block_ends_cleanly_with_no_temporary_blob_left()
      {

@@ -21,8 +21,17 @@ fn stored_package(
     mods: &[(&str, &str, &[u8])],
     content_in_zip: &[(&str, &[u8])],
 ) -> PathBuf {
-    let modules: Vec<Value> =
-        mods.iter().map(|(n, d, c)| json!({"name": n, "src": format!("m/{n}"), "dst": env.dst(d), "blake3": blake3_hex(c)})).collect();
+    let modules: Vec<Value> = mods
+        .iter()
+        .map(|(n, d, c)| {
+            json!({
+                "name": n,
+                "src": format!("m/{n}"),
+                "dst": env.dst(d),
+                "blake3": blake3_hex(c),
+            })
+        })
+        .collect();
     let manifest = json!({"version": version, "modules": modules}).to_string();
     let path = env.pkg_path(file);
     let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());

@@ -796,9 +796,24 @@ fn module_content_not_matching_its_blake3_is_rejected_and_no_module_is_deployed(
     let m = serde_json::json!({
         "version": "1.0.0",
         "modules": [
-            {"name": "tool", "src": "payload/tool", "dst": env.dst(TOOL), "blake3": blake3_hex(NEW_TOOL)},
-            {"name": "lib", "src": "payload/lib.so", "dst": env.dst("app/lib/lib.so"), "blake3": blake3_hex(&lib)},
-            {"name": "bad", "src": "payload/bad", "dst": env.dst("app/zz/bad"), "blake3": blake3_hex(b"something else")},
+            {
+                "name": "tool",
+                "src": "payload/tool",
+                "dst": env.dst(TOOL),
+                "blake3": blake3_hex(NEW_TOOL),
+            },
+            {
+                "name": "lib",
+                "src": "payload/lib.so",
+                "dst": env.dst("app/lib/lib.so"),
+                "blake3": blake3_hex(&lib),
+            },
+            {
+                "name": "bad",
+                "src": "payload/bad",
+                "dst": env.dst("app/zz/bad"),
+                "blake3": blake3_hex(b"something else"),
+            },
         ]
     })
     .to_string();
@@ -827,8 +842,15 @@ fn a_large_pinned_stored_entry_claiming_another_size_is_rejected_and_nothing_cha
     for (delta, code) in [(-4096i64, "HASH_MISMATCH"), (4096, "INVALID_PACKAGE")] {
         let env = device("");
         let payload = noise(b"large", 5 * 1024 * 1024 + 17);
-        let m = serde_json::json!({"version": "1.0.0", "modules": [
-            {"name": "tool", "src": "payload/tool", "dst": env.dst(TOOL), "blake3": blake3_hex(&payload)}]})
+        let m = serde_json::json!({
+            "version": "1.0.0",
+            "modules": [{
+                "name": "tool",
+                "src": "payload/tool",
+                "dst": env.dst(TOOL),
+                "blake3": blake3_hex(&payload),
+            }],
+        })
         .to_string();
         let mut zip = stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", &payload)]);
         let declared = u32::try_from(payload.len() as i64 + delta).unwrap();
@@ -972,7 +994,8 @@ fn two_central_records_for_one_local_header_are_rejected() {
 #[test]
 fn package_changed_after_validation_tests_need_the_failpoints_feature() {
     panic!(
-        "the package-changed-after-validation tests need the named crash points compiled in: run `cargo test --features failpoints --test it hostile`"
+        "the package-changed-after-validation tests need the named crash points compiled in: \
+         run `cargo test --features failpoints --test it hostile`"
     );
 }
 
@@ -1046,8 +1069,15 @@ fn install_paused_at_staging(
     for sleep_ms in SLEEPS_MS {
         let env = device("");
         let zip = if pinned {
-            let m = serde_json::json!({"version": "1.0.0", "modules": [
-                {"name": "tool", "src": "payload/tool", "dst": env.dst(TOOL), "blake3": blake3_hex(&payload)}]})
+            let m = serde_json::json!({
+                "version": "1.0.0",
+                "modules": [{
+                    "name": "tool",
+                    "src": "payload/tool",
+                    "dst": env.dst(TOOL),
+                    "blake3": blake3_hex(&payload),
+                }],
+            })
             .to_string();
             stored_zip(&[("manifest.json", m.as_bytes()), ("payload/tool", &payload)])
         } else {

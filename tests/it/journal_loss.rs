@@ -523,12 +523,14 @@ mod armed {
         } else {
             assert!(
                 d.may_leave_it_readable(),
-                "{ctx}: a journal {d:?} cannot be readable, yet recover did not report JOURNAL_CORRUPT:\n{}",
+                "{ctx}: a journal {d:?} cannot be readable, \
+                 yet recover did not report JOURNAL_CORRUPT:\n{}",
                 r.describe()
             );
             assert!(
                 aside.is_empty(),
-                "{ctx}: a journal was moved aside but JOURNAL_CORRUPT was not reported: {aside:?}\n{}",
+                "{ctx}: a journal was moved aside but JOURNAL_CORRUPT was not reported: \
+                 {aside:?}\n{}",
                 r.describe()
             );
             assert!(
@@ -598,7 +600,8 @@ mod armed {
         }
         let detected = seen.iter().filter(|s| s.detected).count();
         println!(
-            "{test}: {} cases in {:.1} s, {detected} reported JOURNAL_CORRUPT, {} failed (seed {seed:#x})",
+            "{test}: {} cases in {:.1} s, {detected} reported JOURNAL_CORRUPT, \
+             {} failed (seed {seed:#x})",
             seen.len() + failures.len(),
             started.elapsed().as_secs_f64(),
             failures.len()
@@ -670,8 +673,10 @@ mod armed {
                 for attempt in ["first", "second"] {
                     let r = env.run(&["recover"]);
                     let why = format!(
-                        "{ctx}: {attempt} recover must stop for an operator (exit 5, ROLLBACK_FAILED) and touch nothing; \
-                         status after the previous recover said: {seen_by_status}; {} temporary files under the root\n{}",
+                        "{ctx}: {attempt} recover must stop for an operator \
+                         (exit 5, ROLLBACK_FAILED) and touch nothing; \
+                         status after the previous recover said: {seen_by_status}; \
+                         {} temporary files under the root\n{}",
                         leftovers(&env.root).len(),
                         r.describe()
                     );
@@ -685,7 +690,8 @@ mod armed {
                     assert_eq!(
                         std::fs::read(plan_copy(&env)).ok().as_deref(),
                         Some(copy.as_slice()),
-                        "{ctx}: {attempt} recover removed or changed the damaged plan copy (the operator's evidence)"
+                        "{ctx}: {attempt} recover removed or changed the damaged plan copy \
+                         (the operator's evidence)"
                     );
                     let st = env.run(&["status", "--json"]);
                     seen_by_status = match st.code {

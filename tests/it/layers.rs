@@ -143,7 +143,9 @@ fn the_modules_of_src_form_layers_without_a_cycle() {
 #[test]
 fn the_scan_reads_grouped_paths_skips_comments_and_finds_a_loop() {
     let refs = referenced_modules(
-        "use crate::{journal::Journal, error};\n// crate::daemon\nlet x = crate::clock::now_unix_ms();",
+        "use crate::{journal::Journal, error};\n\
+         // crate::daemon\n\
+         let x = crate::clock::now_unix_ms();",
     );
     assert_eq!(refs.into_iter().collect::<Vec<_>>(), ["clock", "error", "journal"]);
     let graph: Graph = [("a", "b"), ("b", "c"), ("c", "a"), ("d", "a")].into_iter().fold(

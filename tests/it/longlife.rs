@@ -186,7 +186,8 @@ fn hundreds_of_updates_and_rollbacks_stay_within_the_bound_and_every_kept_genera
 #[test]
 fn collection_kill_tests_need_the_failpoints_feature() {
     panic!(
-        "the kills inside the automatic collection need the named crash points compiled in: run `cargo test --features failpoints --test it longlife`"
+        "the kills inside the automatic collection need the named crash points compiled in: \
+         run `cargo test --features failpoints --test it longlife`"
     );
 }
 

@@ -19,7 +19,10 @@ pub fn syscall_of(pid: i32) -> Option<i64> {
 /// The fail crate's `sleep(ms)` is `thread::sleep`: `nanosleep`/`clock_nanosleep`. The
 /// engine sleeps nowhere else.
 pub fn sleeping(pid: i32) -> bool {
-    matches!(syscall_of(pid), Some(n) if n == nix::libc::SYS_clock_nanosleep || n == nix::libc::SYS_nanosleep)
+    matches!(
+        syscall_of(pid),
+        Some(n) if n == nix::libc::SYS_clock_nanosleep || n == nix::libc::SYS_nanosleep
+    )
 }
 
 pub fn stopped(pid: i32) -> bool {

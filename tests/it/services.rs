@@ -379,8 +379,14 @@ impl Lab {
     fn svc_mod(&self, s: &Svc, version: &str, beh: Beh) -> Mod {
         let content = script(version, beh);
         let entry = format!("svc/{}", s.name);
-        let mut j = json!({"name": format!("svc-{}", s.name), "src": entry, "dst": self.env.dst(&s.rel()),
-            "process_name": s.name, "mode": "0755", "blake3": blake3_hex(&content)});
+        let mut j = json!({
+            "name": format!("svc-{}", s.name),
+            "src": entry,
+            "dst": self.env.dst(&s.rel()),
+            "process_name": s.name,
+            "mode": "0755",
+            "blake3": blake3_hex(&content),
+        });
         if let Some(o) = s.order {
             j["restart_order"] = json!(o);
         }
@@ -390,7 +396,12 @@ impl Lab {
     fn file_mod(&self, name: &str, rel: &str, content: &[u8]) -> Mod {
         let entry = format!("files/{name}");
         Mod {
-            json: json!({"name": name, "src": entry, "dst": self.env.dst(rel), "blake3": blake3_hex(content)}),
+            json: json!({
+                "name": name,
+                "src": entry,
+                "dst": self.env.dst(rel),
+                "blake3": blake3_hex(content),
+            }),
             entry,
             content: content.to_vec(),
         }
@@ -402,7 +413,11 @@ impl Lab {
     }
 
     fn package(&self, file: &str, version: &str, mods: Vec<Mod>) -> String {
-        let manifest = json!({"version": version, "modules": mods.iter().map(|m| m.json.clone()).collect::<Vec<_>>()}).to_string();
+        let manifest = json!({
+            "version": version,
+            "modules": mods.iter().map(|m| m.json.clone()).collect::<Vec<_>>(),
+        })
+        .to_string();
         let files: Vec<(&str, &[u8])> =
             mods.iter().map(|m| (m.entry.as_str(), m.content.as_slice())).collect();
         let path = self.env.pkg_path(file);
@@ -543,7 +558,8 @@ impl Lab {
         assert_eq!(
             pids.len(),
             1,
-            "{ctx}: expected exactly one running {} (version {version}), found {pids:?}\nevents:\n{}",
+            "{ctx}: expected exactly one running {} (version {version}), \
+             found {pids:?}\nevents:\n{}",
             s.name,
             self.dump()
         );
@@ -755,7 +771,8 @@ fn chown_tree(p: &Path, uid: u32, gid: u32) {
 #[test]
 #[cfg_attr(
     tope_unprivileged,
-    ignore = "needs root: runs a process as root and the updater as nobody; run as root (README.md: Tests that need root)"
+    ignore = "needs root: runs a process as root and the updater as nobody; \
+              run as root (README.md: Tests that need root)"
 )]
 fn a_process_the_updater_may_not_signal_is_process_kill_failed_and_nothing_changes() {
     const T: &str = "a_process_the_updater_may_not_signal";
@@ -844,7 +861,8 @@ fn a_zombie_left_by_a_parent_that_never_reaps_counts_as_gone() {
     assert_eq!(
         proc_stat(child).map(|st| st.state),
         Some('Z'),
-        "the stopped child is still a zombie (its parent never reaps): the updater treated it as gone"
+        "the stopped child is still a zombie (its parent never reaps): \
+         the updater treated it as gone"
     );
     let new = lab.assert_running(&s, V2, "after the install");
     assert_ne!(new, child);
@@ -888,7 +906,8 @@ fn a_service_that_does_not_come_back_rolls_the_install_back_and_restarts_the_old
     assert_eq!(
         xs.iter().map(Ev::disk).collect::<Vec<_>>(),
         [V1, V2, V2, V1],
-        "stopped before the swap, started after it, stopped before the restore, started after it:\n{d}"
+        "stopped before the swap, started after it, \
+         stopped before the restore, started after it:\n{d}"
     );
     assert_eq!(xs[0].pid(), old_x);
 
@@ -1148,10 +1167,17 @@ fn a_package_replacing_the_running_updater_binary_commits_and_the_updater_surviv
     );
 
     let new_bytes = b"#!/bin/sh\necho 'tope-updater, the next build'\n".to_vec();
-    let manifest = json!({"version": V2, "modules": [
-        {"name": "updater", "src": "updater", "dst": me.to_str().unwrap(), "process_name": name, "mode": "0755",
-         "blake3": blake3_hex(&new_bytes)},
-    ]})
+    let manifest = json!({
+        "version": V2,
+        "modules": [{
+            "name": "updater",
+            "src": "updater",
+            "dst": me.to_str().unwrap(),
+            "process_name": name,
+            "mode": "0755",
+            "blake3": blake3_hex(&new_bytes),
+        }],
+    })
     .to_string();
     let pkg = lab.env.pkg_path("self.zip");
     write_package(&pkg, &manifest, &[("updater", &new_bytes)]);
@@ -1190,8 +1216,8 @@ fn a_package_replacing_the_running_updater_binary_commits_and_the_updater_surviv
 #[test]
 fn service_crash_and_trial_tests_need_the_failpoints_feature() {
     panic!(
-        "the service crash-point and trial-install tests need the crash points and the TOPE_BOOT_ID_FILE seam: \
-         run `cargo test --features failpoints --test it services`"
+        "the service crash-point and trial-install tests need the crash points and the \
+         TOPE_BOOT_ID_FILE seam: run `cargo test --features failpoints --test it services`"
     );
 }
 
@@ -1541,9 +1567,11 @@ mod armed {
             /// assert that each kill really happened); `trial.boot_counted` has its own test.
             #[test]
             fn every_service_crash_point_has_a_kill_test() {
-                let mut covered: std::collections::BTreeSet<&str> = [$($point),*].into_iter().collect();
+                let mut covered: std::collections::BTreeSet<&str> =
+                    [$($point),*].into_iter().collect();
                 covered.insert("trial.boot_counted");
-                let all: std::collections::BTreeSet<&str> = SERVICE_CRASH_POINTS.iter().copied().collect();
+                let all: std::collections::BTreeSet<&str> =
+                    SERVICE_CRASH_POINTS.iter().copied().collect();
                 assert_eq!(covered, all, "service crash points without a kill test");
             }
         };
@@ -1556,11 +1584,13 @@ mod armed {
         kill_on_entering_post_commands: "enter.PostCommands", 1, false;
         kill_after_the_first_post_command_ran_before_it_was_journaled: "post_cmd.ran", 1, false;
         kill_after_the_second_post_command_ran_before_it_was_journaled: "post_cmd.ran", 2, false;
-        kill_after_the_first_post_command_was_journaled_reruns_only_the_second: "post_cmd.recorded", 1, false;
+        kill_after_the_first_post_command_was_journaled_reruns_only_the_second:
+            "post_cmd.recorded", 1, false;
         kill_after_the_last_post_command_was_journaled: "post_cmd.recorded", 2, false;
         kill_on_entering_services_started: "enter.ServicesStarted", 1, false;
         kill_after_the_first_service_started: "services.started_one", 1, false;
         kill_after_the_last_service_started: "services.started_one", 2, false;
-        kill_after_a_failed_start_rolled_back_and_restarted_the_old_services: "rollback.services_started", 1, true;
+        kill_after_a_failed_start_rolled_back_and_restarted_the_old_services:
+            "rollback.services_started", 1, true;
     }
 }

@@ -381,8 +381,8 @@ pub fn expect_killed(run: &Run, arm: Arm, ctx: &str) {
 pub fn require_root(test: &str, why: &str) {
     assert!(
         nix::unistd::geteuid().is_root(),
-        "{test} needs root ({why}), but this build was made as root and runs as uid {}: rebuild as this user \
-         (touch build.rs), or run the tests as root",
+        "{test} needs root ({why}), but this build was made as root and runs as uid {}: \
+         rebuild as this user (touch build.rs), or run the tests as root",
         nix::unistd::geteuid()
     );
 }
@@ -397,7 +397,8 @@ fn the_build_knows_whether_the_tests_run_as_root() {
     assert_eq!(
         built_for_root,
         running_as_root,
-        "the root-only tests were built {} but the tests run as uid {}: touch build.rs and run again",
+        "the root-only tests were built {} but the tests run as uid {}: \
+         touch build.rs and run again",
         if built_for_root { "to run (as root)" } else { "as ignored (not root)" },
         nix::unistd::geteuid()
     );

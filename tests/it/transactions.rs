@@ -27,7 +27,12 @@ fn build(env: &Env, file: &str, version: &str, modules: &[M]) -> PathBuf {
         match m {
             M::File(name, dst, content, mode) => {
                 let src = format!("modules/{name}");
-                let mut v = json!({"name": name, "src": src, "dst": env.dst(dst), "blake3": blake3_hex(content)});
+                let mut v = json!({
+                    "name": name,
+                    "src": src,
+                    "dst": env.dst(dst),
+                    "blake3": blake3_hex(content),
+                });
                 if let Some(mode) = mode {
                     v["mode"] = json!(mode);
                 }
@@ -498,7 +503,10 @@ fn journal_commits_per_transaction_are_bounded_and_do_not_grow_with_the_file_cou
         std::fs::create_dir_all(f.parent().unwrap()).unwrap();
         std::fs::write(&f, format!("big file {i}\n")).unwrap();
     }
-    let template = json!({"version": "0.0.0", "modules": [{"name": "many", "src": "app/", "dst": env.dst("many")}]});
+    let template = json!({
+        "version": "0.0.0",
+        "modules": [{"name": "many", "src": "app/", "dst": env.dst("many")}],
+    });
     std::fs::write(src.join("manifest.json"), template.to_string()).unwrap();
     let pkg_big = env.pkg_path("big.zip");
     env.ok(&["pack", p(&src), "-o", p(&pkg_big), "--version", "2.0.0"]);
@@ -640,8 +648,19 @@ fn a_package_whose_install_was_rolled_back_is_refused_again_unless_forced() {
     let t0 = tree(&env.root);
     // "conf" promises a hash its content does not have: staging fails, the install rolls back.
     let manifest = json!({"version": "1.0.0", "modules": [
-        {"name": "app", "src": "app", "dst": env.dst("bin/app"), "blake3": blake3_hex(b"app v1\n"), "mode": "0755"},
-        {"name": "conf", "src": "conf", "dst": env.dst("etc/app.conf"), "blake3": blake3_hex(b"something else")},
+        {
+            "name": "app",
+            "src": "app",
+            "dst": env.dst("bin/app"),
+            "blake3": blake3_hex(b"app v1\n"),
+            "mode": "0755",
+        },
+        {
+            "name": "conf",
+            "src": "conf",
+            "dst": env.dst("etc/app.conf"),
+            "blake3": blake3_hex(b"something else"),
+        },
         {"name": "new", "src": "new", "dst": env.dst("newdir/sub/file")},
     ]})
     .to_string();
@@ -703,7 +722,12 @@ fn a_failed_install_names_its_error_code_on_stderr_like_every_other_error() {
     let env = Env::new();
     seed_factory(&env);
     let manifest = json!({"version": "1.0.0", "modules": [
-        {"name": "conf", "src": "conf", "dst": env.dst("etc/app.conf"), "blake3": blake3_hex(b"something else")},
+        {
+            "name": "conf",
+            "src": "conf",
+            "dst": env.dst("etc/app.conf"),
+            "blake3": blake3_hex(b"something else"),
+        },
     ]})
     .to_string();
     let bad = env.pkg_path("bad.zip");
@@ -943,7 +967,14 @@ fn manifest_owner_is_applied_and_the_old_owner_comes_back_on_rollback() {
     chown("bin/owned", 1111, 1112);
     chown("bin/kept", 2221, 2222);
     let manifest = json!({"version": "1.0.0", "modules": [
-        {"name": "owned", "src": "owned", "dst": env.dst("bin/owned"), "uid": 4321, "gid": 4322, "mode": "4750"},
+        {
+            "name": "owned",
+            "src": "owned",
+            "dst": env.dst("bin/owned"),
+            "uid": 4321,
+            "gid": 4322,
+            "mode": "4750",
+        },
         {"name": "kept", "src": "kept", "dst": env.dst("bin/kept")},
         {"name": "fresh", "src": "fresh", "dst": env.dst("bin/fresh"), "uid": 5555, "gid": 5556},
     ]})

@@ -10,8 +10,17 @@ fn packages(env: &Env) -> (PathBuf, PathBuf) {
     let v1 = env.pkg_path("v1.zip");
     let v2 = env.pkg_path("v2.zip");
     let m = |v: &str, files: &[(&str, &[u8])]| {
-        let mods: Vec<serde_json::Value> =
-            files.iter().map(|(n, c)| serde_json::json!({"name": n, "src": n, "dst": env.dst(n), "blake3": blake3_hex(c)})).collect();
+        let mods: Vec<serde_json::Value> = files
+            .iter()
+            .map(|(n, c)| {
+                serde_json::json!({
+                    "name": n,
+                    "src": n,
+                    "dst": env.dst(n),
+                    "blake3": blake3_hex(c),
+                })
+            })
+            .collect();
         serde_json::json!({"version": v, "modules": mods}).to_string()
     };
     let one: &[(&str, &[u8])] = &[("a", b"a1\n"), ("b", b"b1\n"), ("c", b"kept\n")];
