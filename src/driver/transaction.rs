@@ -72,7 +72,7 @@ pub(super) fn commit_phase<'a>(
     rec.phases.push(next);
     rec.updated_unix_ms = now_ms();
     match with(next, rec)? {
-        PhaseCommit::Record { plan } => journal.enter_phase(rec, plan)?,
+        PhaseCommit::Record { plan } => journal.save_tx(rec, plan)?,
         PhaseCommit::Committed(fx) => journal.finish_committed(rec, *fx)?,
         PhaseCommit::RolledBack { failed_package } => {
             journal.finish_rolled_back(rec, failed_package)?;
@@ -171,6 +171,6 @@ impl Transaction {
     pub fn note_attempt(&mut self, journal: &Journal) -> Result<()> {
         self.rec.attempts += 1;
         self.rec.updated_unix_ms = now_ms();
-        journal.enter_phase(&mut self.rec, None)
+        journal.save_tx(&mut self.rec, None)
     }
 }

@@ -502,9 +502,10 @@ impl Journal {
         self.commit(wt)
     }
 
-    /// Enters `rec.phase` (already set by the caller), rewriting the plan when staging has
-    /// filled in new hashes.
-    pub fn enter_phase(&self, rec: &mut TxRecord, plan: Option<&Plan>) -> Result<()> {
+    /// Writes `rec` as it is (a phase the caller set: only `driver::transaction::commit_phase`
+    /// changes it; or an attempt count), and the plan when staging has filled in new hashes,
+    /// in one commit.
+    pub fn save_tx(&self, rec: &mut TxRecord, plan: Option<&Plan>) -> Result<()> {
         let wt = self.write()?;
         self.put_tx(&wt, rec)?;
         if let Some(p) = plan {
