@@ -1773,7 +1773,7 @@ mod tests {
     #[test]
     fn validation_errors_have_their_codes_and_messages() {
         type Change = fn(&mut DownloadRequest);
-        let mut cfg = Config::default();
+        let cfg = Config::default();
         let ok = DownloadRequest {
             version: "1.2.3".into(),
             package_url: "https://s3.example.com/ota/tope-update-1.2.3.zip?X-Amz-Signature=abc"
@@ -1832,12 +1832,22 @@ mod tests {
             assert_eq!(err.code, ErrorCode::ValidationError, "{r:?}");
             assert!(err.message.contains(message), "{r:?}: {err}");
         }
-        // http:// only with download.allow_http.
-        let http =
-            DownloadRequest { package_url: "http://10.0.0.2:8080/p.zip".into(), ..ok.clone() };
+    }
+
+    #[test]
+    fn plain_http_is_valid_only_with_allow_http() {
+        let mut cfg = Config::default();
+        let http = DownloadRequest {
+            version: "1.2.3".into(),
+            package_url: "http://10.0.0.2:8080/p.zip".into(),
+            package_name: "p.zip".into(),
+            package_size: 1,
+            package_md5: "0123456789abcdef0123456789abcdef".into(),
+        };
+        assert!(validate(&http, &cfg).is_err());
         cfg.download.allow_http = true;
         validate(&http, &cfg).unwrap();
-        let ftp = DownloadRequest { package_url: "ftp://10.0.0.2/p.zip".into(), ..ok };
+        let ftp = DownloadRequest { package_url: "ftp://10.0.0.2/p.zip".into(), ..http };
         assert_eq!(
             validate(&ftp, &cfg).unwrap_err().message,
             "package_url must use HTTP or HTTPS protocol"

@@ -488,6 +488,17 @@ fn resolve_files(
             return Err(invalid(format!("more than {TARGETS_MAX} files")));
         }
     }
+    check_resolved(&files, delta, &used)?;
+    Ok(files)
+}
+
+/// What holds only across all modules: one file per destination; with a delta, every file
+/// the delta names is deployed and no patch entry is deployed as a file.
+fn check_resolved(
+    files: &[DeployFile],
+    delta: Option<&crate::manifest::Delta>,
+    used: &BTreeSet<&str>,
+) -> Result<()> {
     let mut seen_dst = BTreeSet::new();
     if let Some(f) = files.iter().find(|f| !seen_dst.insert(f.dst.clone())) {
         return Err(Error::new(
@@ -514,7 +525,7 @@ fn resolve_files(
             ));
         }
     }
-    Ok(files)
+    Ok(())
 }
 
 /// A directory module (`src` ending in `/`) being expanded into its files.

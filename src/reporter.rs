@@ -267,16 +267,7 @@ fn deliver_loop(journal: &Journal, s: &Settings, shared: &Wakeup) {
             match post(&agent, &s.url, r) {
                 Verdict::RetryLater(why) => {
                     failures += 1;
-                    if failures == 1 {
-                        tracing::warn!(
-                            seq = r.seq,
-                            stage = r.stage,
-                            why,
-                            "report not delivered; retrying with backoff"
-                        );
-                    } else {
-                        tracing::debug!(seq = r.seq, failures, why, "report not delivered");
-                    }
+                    log_retry(r, failures, &why);
                     if shared.sleep(backoff, false) {
                         return;
                     }
@@ -285,33 +276,58 @@ fn deliver_loop(journal: &Journal, s: &Settings, shared: &Wakeup) {
                     continue 'outer;
                 }
                 verdict => {
-                    if let Verdict::Rejected(why) = &verdict {
-                        tracing::error!(
-                            seq = r.seq,
-                            stage = r.stage,
-                            tx = r.tx,
-                            why,
-                            "device-api rejected the report: dropped"
-                        );
-                    }
                     if failures > 0 {
                         tracing::info!(seq = r.seq, failures, "report delivered after retries");
                     }
                     failures = 0;
                     backoff = s.backoff_base;
-                    // A crash here delivers the report again at the next start (same seq and
-                    // body): delivery is at least once, device-api deduplicates by seq.
-                    crate::failpoint::hit("outbox.delivered");
-                    if let Err(e) = journal.outbox_ack(r.seq) {
-                        tracing::error!(error = %e, seq = r.seq, "cannot remove a delivered \
-                            report from the outbox: the reporter stops");
+                    if !remove_answered(journal, r, &verdict) {
                         return;
                     }
-                    crate::failpoint::hit("outbox.acked");
                 }
             }
         }
     }
+}
+
+fn log_retry(r: &Report, failures: u32, why: &str) {
+    if failures == 1 {
+        tracing::warn!(
+            seq = r.seq,
+            stage = r.stage,
+            why,
+            "report not delivered; retrying with backoff"
+        );
+    } else {
+        tracing::debug!(seq = r.seq, failures, why, "report not delivered");
+    }
+}
+
+/// Removes a report device-api answered (acknowledged, or rejected for good: logged and
+/// dropped) from the outbox; `false` when the journal refuses, and the reporter must stop.
+fn remove_answered(journal: &Journal, r: &Report, verdict: &Verdict) -> bool {
+    if let Verdict::Rejected(why) = verdict {
+        tracing::error!(
+            seq = r.seq,
+            stage = r.stage,
+            tx = r.tx,
+            why,
+            "device-api rejected the report: dropped"
+        );
+    }
+    // A crash here delivers the report again at the next start (same seq and body): delivery
+    // is at least once, device-api deduplicates by seq.
+    crate::failpoint::hit("outbox.delivered");
+    if let Err(e) = journal.outbox_ack(r.seq) {
+        tracing::error!(
+            error = %e,
+            seq = r.seq,
+            "cannot remove a delivered report from the outbox: the reporter stops"
+        );
+        return false;
+    }
+    crate::failpoint::hit("outbox.acked");
+    true
 }
 
 #[cfg(test)]

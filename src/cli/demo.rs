@@ -70,6 +70,21 @@ pub fn run(keep: bool, json: bool) -> Result<u8> {
     result
 }
 
+/// The source tree of version 2 under `root/build` (what a vendor packs).
+fn write_version_2(root: &Path) -> Result<std::path::PathBuf> {
+    let src = root.join("build/demo-app-2.0.0");
+    write(&src.join("manifest.json"), &manifest(root), 0o644)?;
+    write(
+        &src.join("modules/demo-app/demo-app"),
+        "#!/bin/sh\necho 'demo-app 2.0.0, now with a web UI'\n",
+        0o755,
+    )?;
+    write(&src.join("modules/demo-app/demo-app.conf"), "greeting = hello\nweb = on\n", 0o640)?;
+    write(&src.join("modules/web/index.html"), "<h1>demo-app 2</h1>\n", 0o644)?;
+    write(&src.join("modules/web/js/app.js"), "console.log('v2');\n", 0o644)?;
+    Ok(src)
+}
+
 fn run_in(root: &Path, json: bool) -> Result<u8> {
     let out = Output { json };
     let app = root.join("opt/tope/demo-app");
@@ -90,16 +105,7 @@ fn run_in(root: &Path, json: bool) -> Result<u8> {
     let v1 = snapshot(&app)?;
     show_tree("1. version 1 is on the device (nothing installed by tope-updater yet):", &v1);
 
-    let src = root.join("build/demo-app-2.0.0");
-    write(&src.join("manifest.json"), &manifest(root), 0o644)?;
-    write(
-        &src.join("modules/demo-app/demo-app"),
-        "#!/bin/sh\necho 'demo-app 2.0.0, now with a web UI'\n",
-        0o755,
-    )?;
-    write(&src.join("modules/demo-app/demo-app.conf"), "greeting = hello\nweb = on\n", 0o640)?;
-    write(&src.join("modules/web/index.html"), "<h1>demo-app 2</h1>\n", 0o644)?;
-    write(&src.join("modules/web/js/app.js"), "console.log('v2');\n", 0o644)?;
+    let src = write_version_2(root)?;
     let pkg = root.join("build/demo-app-2.0.0.zip");
     println!("\n2. $ tope-updater pack build/demo-app-2.0.0 -o build/demo-app-2.0.0.zip");
     let r = crate::pack::pack(&src, &pkg, None, None, &[])?;

@@ -374,19 +374,7 @@ pub async fn serve(
     });
     let policy = Arc::new(policy);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sweeper = {
-        let conns = conns.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(API_STALL_TIMEOUT_MS / 4));
-            loop {
-                tick.tick().await;
-                let n = conns.close_idle_for(API_STALL_TIMEOUT_MS);
-                if n > 0 {
-                    tracing::debug!(closed = n, "closed stalled API connections");
-                }
-            }
-        })
-    };
+    let sweeper = tokio::spawn(sweep(conns.clone()));
     tokio::pin!(shutdown);
     loop {
         // At the cap, a socket must really be closed before the next is accepted: the fd
@@ -423,19 +411,36 @@ pub async fn serve(
     drop(listener);
     sweeper.abort();
     let _ = stop_tx.send(true);
-    let waited = async {
-        loop {
-            let closed = conns.closed.notified();
-            if conns.live() == 0 {
-                return;
-            }
-            closed.await;
-        }
-    };
-    if tokio::time::timeout(Duration::from_millis(API_SHUTDOWN_GRACE_MS), waited).await.is_err() {
+    if tokio::time::timeout(Duration::from_millis(API_SHUTDOWN_GRACE_MS), all_closed(&conns))
+        .await
+        .is_err()
+    {
         tracing::warn!(
             open = conns.live(),
             "requests still in handlers after the shutdown grace; closing them"
         );
+    }
+}
+
+/// Closes connections stalled for `API_STALL_TIMEOUT_MS`, checking four times per timeout.
+async fn sweep(conns: Arc<Conns>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(API_STALL_TIMEOUT_MS / 4));
+    loop {
+        tick.tick().await;
+        let n = conns.close_idle_for(API_STALL_TIMEOUT_MS);
+        if n > 0 {
+            tracing::debug!(closed = n, "closed stalled API connections");
+        }
+    }
+}
+
+/// Resolves when no connection is left open.
+async fn all_closed(conns: &Conns) {
+    loop {
+        let closed = conns.closed.notified();
+        if conns.live() == 0 {
+            return;
+        }
+        closed.await;
     }
 }

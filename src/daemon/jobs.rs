@@ -316,35 +316,34 @@ pub fn rollback_started() -> Snapshot {
     Snapshot { stage: Stage::Installing, progress: 0, message: "Rolling back".into(), error: None }
 }
 
+/// Shows a legacy download's progress; every 5 % goes to device-api too.
+fn download_progress(d: &Daemon, last_reported: &AtomicU8, done: u64, total: u64) {
+    let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u8;
+    let msg = format!(
+        "Downloading package... {:.1} MB / {:.1} MB",
+        done as f64 / 1e6,
+        total as f64 / 1e6
+    );
+    d.progress.set(Snapshot {
+        stage: Stage::Downloading,
+        progress: pct,
+        message: msg.clone(),
+        error: None,
+    });
+    let step = pct / 5 * 5;
+    if step > last_reported.load(Ordering::Relaxed) {
+        last_reported.store(step, Ordering::Relaxed);
+        let report =
+            Snapshot { stage: Stage::Downloading, progress: step, message: msg, error: None };
+        push_report(d, &report, None, false);
+    }
+}
+
 pub fn download_job(d: &Arc<Daemon>, req: DownloadRequest) {
     d.set_job_version(Some(req.version.clone()));
     push_report(d, &download_started(), None, false);
     let last_reported = AtomicU8::new(0);
-    let progress = |done: u64, total: u64| {
-        let pct = (done.min(total) * 100).checked_div(total).unwrap_or(0) as u8;
-        let msg = format!(
-            "Downloading package... {:.1} MB / {:.1} MB",
-            done as f64 / 1e6,
-            total as f64 / 1e6
-        );
-        d.progress.set(Snapshot {
-            stage: Stage::Downloading,
-            progress: pct,
-            message: msg.clone(),
-            error: None,
-        });
-        // Every 5 % goes to device-api too.
-        let step = pct / 5 * 5;
-        if step > last_reported.load(Ordering::Relaxed) {
-            last_reported.store(step, Ordering::Relaxed);
-            push_report(
-                d,
-                &Snapshot { stage: Stage::Downloading, progress: step, message: msg, error: None },
-                None,
-                false,
-            );
-        }
-    };
+    let progress = |done: u64, total: u64| download_progress(d, &last_reported, done, total);
     match download::run(&d.held.journal, &d.cfg, &req, &progress, &d.cancel) {
         Ok(_) => {
             publish(

@@ -248,7 +248,13 @@ pub fn serve(cfg: Config) -> Result<()> {
         .map_err(|e| Error::internal(format!("cannot start the runtime: {e}")))?;
     let d = daemon.clone();
     rt.block_on(async move { api::run(d).await })?;
-    // The server stopped (SIGTERM): let the job finish its current step, then leave.
+    stop(&daemon);
+    Ok(())
+}
+
+/// After the server stopped (SIGTERM): lets the job finish its current step, stops the DDI
+/// threads, then leaves.
+fn stop(daemon: &Daemon) {
     daemon.cancel.store(true, Ordering::SeqCst);
     daemon.fleet_cancel.store(true, Ordering::SeqCst);
     // The poller holds the daemon: taken out and stopped here, not left to a drop.
@@ -264,7 +270,6 @@ pub fn serve(cfg: Config) -> Result<()> {
     }
     let _ = std::fs::remove_file(addr_file(&daemon.cfg.state_dir));
     tracing::info!("stopped");
-    Ok(())
 }
 
 /// `<state_dir>/api.addr`: the address the running daemon listens on.

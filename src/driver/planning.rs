@@ -295,6 +295,42 @@ impl Updater {
         Ok(())
     }
 
+    /// How a rollback puts back `want` at `path`: from its backup blob, or by removing the
+    /// file. `None`: nothing to do, because the blob is missing for a file no transaction
+    /// changed between the two generations (`current_state` is `want` too).
+    fn restore(
+        &self,
+        path: &str,
+        want: &PathState,
+        current_state: impl FnOnce() -> PathState,
+    ) -> Result<Option<(NewState, Source)>> {
+        let m = match want {
+            PathState::Absent => return Ok(Some((NewState::Absent, Source::Nothing))),
+            PathState::File(m) => m,
+        };
+        if !self.store.has(&m.hash) {
+            if current_state() == *want {
+                // No transaction between the two generations changed this path (an install
+                // that kept a file's content keeps no backup of it): it was edited by hand
+                // since. A rollback reverses transactions; it leaves that edit, which `verify`
+                // reports, rather than fail as a whole.
+                tracing::warn!(
+                    path,
+                    "edited since it was installed, and no backup holds its recorded content: \
+                    left as it is"
+                );
+                return Ok(None);
+            }
+            return Err(Error::new(
+                ErrorCode::RollbackFailed,
+                format!("the backup of {path} ({}) is missing; nothing was changed", m.hash),
+            ));
+        }
+        let file =
+            NewFile { hash: Some(m.hash), size: m.size, mode: m.mode, uid: m.uid, gid: m.gid };
+        Ok(Some((NewState::File(file), Source::Blob)))
+    }
+
     pub fn rollback(&mut self, to: &RollbackTo) -> Result<TxReport> {
         self.refuse_if_in_flight()?;
         let (gens, current) = self.current_generation()?;
@@ -309,42 +345,8 @@ impl Updater {
             if have == want {
                 continue;
             }
-            let (new, source) = match want {
-                PathState::Absent => (NewState::Absent, Source::Nothing),
-                PathState::File(m) => {
-                    if !self.store.has(&m.hash) {
-                        if generation::desired_state(path, current.as_ref(), &factory) == want {
-                            // No transaction between the two generations changed this path (an
-                            // install that kept a file's content keeps no backup of it): it was
-                            // edited by hand since. A rollback reverses transactions; it leaves
-                            // that edit, which `verify` reports, rather than fail as a whole.
-                            tracing::warn!(
-                                path,
-                                "edited since it was installed, and no backup holds its recorded \
-                                content: left as it is"
-                            );
-                            continue;
-                        }
-                        return Err(Error::new(
-                            ErrorCode::RollbackFailed,
-                            format!(
-                                "the backup of {path} ({}) is missing; nothing was changed",
-                                m.hash
-                            ),
-                        ));
-                    }
-                    (
-                        NewState::File(NewFile {
-                            hash: Some(m.hash),
-                            size: m.size,
-                            mode: m.mode,
-                            uid: m.uid,
-                            gid: m.gid,
-                        }),
-                        Source::Blob,
-                    )
-                }
-            };
+            let current_state = || generation::desired_state(path, current.as_ref(), &factory);
+            let Some((new, source)) = self.restore(path, &want, current_state)? else { continue };
             targets.push(Target { path: path.to_string(), module: 0, old: have, new, source });
         }
         let paths: Vec<&str> = targets.iter().map(|t| t.path.as_str()).collect();

@@ -41,8 +41,7 @@ impl Updater {
         );
         let summary = interrupted_summary(&tx);
         self.drive(tx, pkg).or_else(|error| {
-            let shutdown =
-                self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst));
+            let shutdown = is_set(self.cancel.as_ref());
             Ok(summary.with(error, shutdown))
         })
     }
@@ -81,29 +80,19 @@ impl Updater {
                     return Ok(report(&tx.rec, &tx.plan, Outcome::Committed));
                 }
                 Ok(())
-                    if tx.peek(Event::Done)? == Phase::Swapped
-                        && self
-                            .abort
-                            .as_ref()
-                            .is_some_and(|a| a.load(std::sync::atomic::Ordering::SeqCst)) =>
+                    if tx.peek(Event::Done)? == Phase::Swapped && is_set(self.abort.as_ref()) =>
                 {
                     // Canceled with nothing swapped yet: undone like a failed phase.
                     tracing::info!(tx = tx.rec.id, "canceled before the swap; rolling back");
-                    discard_staged(&tx.plan);
-                    tx.rec.error = Some(Error::new(
+                    let canceled = Error::new(
                         ErrorCode::Canceled,
                         "canceled by the fleet server before anything was swapped",
-                    ));
-                    tx.advance(self, Event::Failed)?;
+                    );
+                    self.fail_phase(&mut tx, canceled)?;
                 }
                 Ok(()) => {
                     let next = tx.advance(self, Event::Done)?;
-                    if self
-                        .cancel
-                        .as_ref()
-                        .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
-                        && next != Phase::Committed
-                    {
+                    if is_set(self.cancel.as_ref()) && next != Phase::Committed {
                         // Shutdown requested: the phase is journaled, nothing of it has run.
                         return Err(Error::new(
                             ErrorCode::OperationInProgress,
@@ -114,15 +103,19 @@ impl Updater {
                 Err(e) => {
                     tracing::error!(tx = tx.rec.id, phase = %tx.phase(), error = %e, "phase \
                         failed; rolling back");
-                    // Staged files are never the only copy of anything (the package or the
-                    // blobs are): dropping them first frees the space a full disk needs for
-                    // the RollingBack commit. A crash right here is recovered like any other.
-                    discard_staged(&tx.plan);
-                    tx.rec.error = Some(e);
-                    tx.advance(self, Event::Failed)?;
+                    self.fail_phase(&mut tx, e)?;
                 }
             }
         }
+    }
+
+    /// Enters `RollingBack` for `error`. Staged files are never the only copy of anything (the
+    /// package or the blobs are): dropping them first frees the space a full disk needs for
+    /// the `RollingBack` commit. A crash right here is recovered like any other.
+    fn fail_phase(&self, tx: &mut Transaction, error: Error) -> Result<()> {
+        discard_staged(&tx.plan);
+        tx.rec.error = Some(error);
+        tx.advance(self, Event::Failed).map(drop)
     }
 
     /// Records in the end commit what it leaves unreferenced (`history` shows it). Only a
@@ -257,29 +250,7 @@ impl Updater {
                 Ok(Staging::Done(h))
             },
         )?;
-        // Pass 2: the pieces of every split target, all in one pool.
-        let lens: Vec<Option<u64>> = first
-            .iter()
-            .map(|s| if let Staging::Split(split) = s { Some(split.size) } else { None })
-            .collect();
-        let merged = crate::treehash::hash_split(&lens, |i, off, len| match &first[i] {
-            Staging::Split(split) => split.copy_piece(off, len),
-            Staging::Done(_) => Err(Error::internal("piece of a target staged whole")),
-        })?;
-        let mut hashes = Vec::with_capacity(first.len());
-        for ((s, t), merged) in first.into_iter().zip(&plan.targets).zip(merged) {
-            hashes.push(match (s, merged) {
-                (Staging::Done(h), _) => h,
-                (Staging::Split(split), Some(h)) => {
-                    split.finish(t, h)?;
-                    progress(t);
-                    Some(h)
-                }
-                (Staging::Split(_), None) => {
-                    return Err(Error::internal("a split target without its hash"));
-                }
-            });
-        }
+        let hashes = stage_split_pieces(first, &plan.targets, &progress)?;
         for (t, hash) in plan.targets.iter_mut().zip(hashes) {
             if let (NewState::File(nf), Some(h)) = (&mut t.new, hash) {
                 nf.hash = Some(h);
@@ -640,4 +611,41 @@ impl InterruptedSummary {
         self.0.outcome = Outcome::Interrupted { error };
         self.0
     }
+}
+
+/// Whether an optional flag (shutdown, or a fleet server's cancel) is raised.
+fn is_set(flag: Option<&std::sync::Arc<std::sync::atomic::AtomicBool>>) -> bool {
+    flag.is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// Staging's second pass: the pieces of every split target, all in one pool; then each split
+/// target finished with its merged hash. Returns the new hash of every target, in order.
+fn stage_split_pieces(
+    first: Vec<Staging>,
+    targets: &[Target],
+    progress: &dyn Fn(&Target),
+) -> Result<Vec<Option<crate::engine::Hash>>> {
+    let lens: Vec<Option<u64>> = first
+        .iter()
+        .map(|s| if let Staging::Split(split) = s { Some(split.size) } else { None })
+        .collect();
+    let merged = crate::treehash::hash_split(&lens, |i, off, len| match &first[i] {
+        Staging::Split(split) => split.copy_piece(off, len),
+        Staging::Done(_) => Err(Error::internal("piece of a target staged whole")),
+    })?;
+    let mut hashes = Vec::with_capacity(first.len());
+    for ((s, t), merged) in first.into_iter().zip(targets).zip(merged) {
+        hashes.push(match (s, merged) {
+            (Staging::Done(h), _) => h,
+            (Staging::Split(split), Some(h)) => {
+                split.finish(t, h)?;
+                progress(t);
+                Some(h)
+            }
+            (Staging::Split(_), None) => {
+                return Err(Error::internal("a split target without its hash"));
+            }
+        });
+    }
+    Ok(hashes)
 }
