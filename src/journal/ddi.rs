@@ -17,23 +17,26 @@ pub(super) const DDI_FEEDBACK: TableDefinition<u64, &[u8]> = TableDefinition::ne
 /// `counters` key: the `seq` the next feedback gets (absent: 1); never decreases.
 const DDI_FEEDBACK_NEXT_SEQ: &str = "ddi_feedback_next_seq";
 
-/// Where an action stands on this device.
+/// Where an action stands on this device. The discriminant is the bincode index on disk:
+/// never renumber; a new state takes the next number (pinned by
+/// `journal::records::tests::on_disk_enum_indexes_are_their_discriminants`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
 pub enum DdiActionState {
     /// Its package is being downloaded.
-    Downloading,
+    Downloading = 0,
     /// Downloaded and validated; waiting for the server's update permission or window.
-    Downloaded,
+    Downloaded = 1,
     /// Its install transaction (`DdiAction::tx`) has begun.
-    Installing,
+    Installing = 2,
     /// Committed, waiting for `confirm` (`confirm_required`): not final yet.
-    AwaitingConfirm,
+    AwaitingConfirm = 3,
     /// Final: installed (and confirmed when required).
-    Succeeded,
+    Succeeded = 4,
     /// Final: failed, refused, rolled back (also after the fact), or canceled.
-    Failed,
-    Canceled,
-    Rejected,
+    Failed = 5,
+    Canceled = 6,
+    Rejected = 7,
 }
 
 impl DdiActionState {
@@ -68,13 +71,14 @@ pub struct DdiAction {
 
 impl Record for DdiAction {}
 
-/// Which resource a feedback goes to.
+/// Which resource a feedback goes to. The discriminant is the bincode index on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
 pub enum FeedbackTarget {
     /// `deploymentBase/{action}/feedback`
-    Deployment,
+    Deployment = 0,
     /// `cancelAction/{action}/feedback`
-    Cancel,
+    Cancel = 1,
 }
 
 /// One feedback waiting in `ddi_feedback`, keyed by `seq`.

@@ -298,6 +298,8 @@ mod tests {
             check::<crate::engine::Phase>(|p| p as u8) as usize,
             crate::engine::Phase::ALL.len()
         );
+        assert_eq!(check::<crate::journal::ddi::DdiActionState>(|s| s as u8), 8);
+        assert_eq!(check::<crate::journal::ddi::FeedbackTarget>(|t| t as u8), 2);
     }
 
     /// `ErrorCode` indices are part of the format (journal-format.md): new codes only at the end.
@@ -336,6 +338,33 @@ mod tests {
             bincode::serde::decode_from_slice::<Source, _>(&golden, SMALL).unwrap().0,
             delta
         );
+    }
+
+    /// The variant index (the first byte) of every variant of the other on-disk enums with
+    /// fields: appended only, never renumbered (journal-format.md §7).
+    #[test]
+    fn variant_indexes_of_the_enums_with_fields() {
+        use crate::engine::plan::{NewFile, PackageRef};
+        use crate::engine::{NewState, RollbackTarget};
+        use crate::journal::downloads::ExpectedHash;
+        fn first<T: serde::Serialize>(v: &T) -> u8 {
+            bincode::serde::encode_to_vec(v, SMALL).unwrap()[0]
+        }
+        let meta = FileMeta { hash: Hash([0; 32]), size: 0, mode: 0, uid: 0, gid: 0 };
+        assert_eq!([first(&PathState::Absent), first(&PathState::File(meta))], [0, 1]);
+        let file = NewFile { hash: None, size: 0, mode: 0, uid: 0, gid: 0 };
+        assert_eq!([first(&NewState::Absent), first(&NewState::File(file))], [0, 1]);
+        let to = [RollbackTarget::Generation(1), RollbackTarget::Factory];
+        assert_eq!(to.map(|t| first(&t)), [0, 1]);
+        let package = PackageRef { path: String::new(), blake3: Hash([0; 32]), size: 0 };
+        let kinds = [TxKind::Install { package }, TxKind::Rollback { to: RollbackTarget::Factory }];
+        assert_eq!(kinds.map(|k| first(&k)), [0, 1]);
+        let hashes = [
+            ExpectedHash::Md5(String::new()),
+            ExpectedHash::Sha1(String::new()),
+            ExpectedHash::Sha256(String::new()),
+        ];
+        assert_eq!(hashes.map(|h| first(&h)), [0, 1, 2]);
     }
 
     #[test]
