@@ -25,6 +25,9 @@ pub const RECORD_BYTES_MAX: usize = 1024 * 1024;
 pub const PLAN_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Finished transactions kept in the journal for `history`.
 pub const HISTORY_TX_MAX: usize = 200;
+/// ZIP entries this small are exempt from `max_compression_ratio`: a few KiB of zeros
+/// legitimately compress 1000:1 and cannot hurt.
+pub const RATIO_EXEMPT_BYTES: u64 = 64 * 1024;
 /// Read/write buffer for streaming copies and hashing.
 pub const IO_BUFFER_BYTES: usize = 256 * 1024;
 // Delta patches (src/delta.rs): what applying one holds in memory is bounded by these, whatever

@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::engine::Hash;
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
-use crate::limits::{MANIFEST_BYTES_MAX, TARGETS_MAX, ZIP_ENTRIES_MAX};
+use crate::limits::{MANIFEST_BYTES_MAX, RATIO_EXEMPT_BYTES, TARGETS_MAX, ZIP_ENTRIES_MAX};
 use crate::manifest::{Manifest, ModuleSrc, check_relative};
 use crate::paths::AllowedRoots;
 use crate::posreader::PosReader;
@@ -22,10 +22,6 @@ use zip::ZipArchive;
 pub type Archive = ZipArchive<PosReader>;
 
 pub const MANIFEST_NAME: &str = "manifest.json";
-
-/// Entries this small are exempt from the compression-ratio limit: a few KiB of zeros
-/// legitimately compress 1000:1 and cannot hurt.
-const RATIO_EXEMPT_BYTES: u64 = 64 * 1024;
 
 /// One file the package deploys.
 #[derive(Debug, Clone)]
