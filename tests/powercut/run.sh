@@ -80,54 +80,9 @@ build_bin() {
 
 # ------------------------------------------------------------------ kernel
 
-# Sets KVER, KMODDIR (a lib/modules/KVER with modules.dep), VMLINUX.
-prep_kernel() {
-    local vmlinuz=
-    KVER=
-    for f in /boot/vmlinuz-*-amd64; do
-        [ "${PC_KERNEL:-}" = download ] && break
-        [ -e "$f" ] || continue
-        local v=${f#/boot/vmlinuz-}
-        [ -e "/lib/modules/$v/modules.dep" ] && { KVER=$v; vmlinuz=$f; KMODDIR=/lib/modules/$v; }
-    done
-    if [ -z "$KVER" ]; then
-        # No Debian kernel installed: fetch the package and unpack it in the cache (this does
-        # not touch the host's /boot or its boot loader).
-        local pkg
-        pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -1)
-        [ -n "$pkg" ] || { apt-get update >/dev/null; pkg=$(apt-cache depends linux-image-amd64 | sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -1); }
-        [ -n "$pkg" ] || die "cannot find the Debian kernel package"
-        local kdir=$CACHE/kernel-$pkg
-        if [ ! -d "$kdir/lib/modules" ]; then
-            log "downloading $pkg"
-            rm -rf "$kdir.tmp" && mkdir -p "$kdir.tmp"
-            (cd "$kdir.tmp" && apt-get -o APT::Sandbox::User=root download "$pkg" >/dev/null && dpkg-deb -x ./*.deb root)
-            KVER=$(ls "$kdir.tmp/root/lib/modules")
-            depmod -b "$kdir.tmp/root" "$KVER"
-            mv "$kdir.tmp/root" "$kdir" && rm -rf "$kdir.tmp"
-        fi
-        KVER=$(ls "$kdir/lib/modules")
-        vmlinuz=$(ls "$kdir"/boot/vmlinuz-*)
-        KMODDIR=$kdir/lib/modules/$KVER
-    fi
-    local key
-    key=$(sha "$vmlinuz" | cut -c1-16)
-    VMLINUX=$CACHE/vmlinux-$KVER-$key
-    if [ ! -s "$VMLINUX" ]; then
-        log "extracting vmlinux from $vmlinuz"
-        # As scripts/extract-vmlinux: find the xz stream and decompress it.
-        local off
-        for off in $(LC_ALL=C grep -obUaP '\xfd\x37\x7a\x58\x5a\x00' "$vmlinuz" | cut -d: -f1); do
-            tail -c +$((off + 1)) "$vmlinuz" | xz -dc >"$VMLINUX.tmp" 2>/dev/null || true
-            if [ "$(head -c4 "$VMLINUX.tmp" | od -An -tx1 | tr -d ' ')" = 7f454c46 ]; then
-                mv "$VMLINUX.tmp" "$VMLINUX"
-                break
-            fi
-        done
-        rm -f "$VMLINUX.tmp"
-        [ -s "$VMLINUX" ] || die "could not extract vmlinux from $vmlinuz"
-    fi
-}
+# prep_kernel (sets KVER, KMODDIR, VMLINUX) and copy_modules: shared with tests/systemd.
+# shellcheck source=../guest/kernel.sh
+. "$PCDIR/../guest/kernel.sh"
 
 # ------------------------------------------------------------------ initramfs
 
@@ -156,7 +111,7 @@ prep_initramfs() {
     cp "$PCDIR/guest/init" "$d/init"
     chmod 755 "$d/init"
     # Module groups, each in load order (modprobe --show-depends prints dependencies first).
-    local group mods m
+    local group mods
     for group in base xfs dm; do
         case $group in
             base) mods="virtio_pci virtio_blk crc32c_generic ext4" ;;
@@ -164,12 +119,8 @@ prep_initramfs() {
             dm) mods="dm_mod dm_snapshot dm_flakey dm_log_writes" ;;
         esac
         : >"$d/modules/$group.list"
-        for m in $mods; do
-            modprobe -d "${KMODDIR%/lib/modules/*}" -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'
-        done | awk '!seen[$0]++' | while read -r ko; do
-            local name
-            name=$(basename "$ko")
-            case $name in *.xz) xz -dc "$ko" >"$d/modules/${name%.xz}"; name=${name%.xz} ;; *) cp "$ko" "$d/modules/$name" ;; esac
+        # shellcheck disable=SC2086 # $mods: a word list
+        copy_modules "$d/modules" $mods | while read -r name; do
             # Earlier groups already loaded it: skip duplicates across groups.
             grep -qx "/modules/$name" "$d"/modules/*.list 2>/dev/null || echo "/modules/$name" >>"$d/modules/$group.list"
         done
@@ -604,7 +555,7 @@ prep_fs_images() {
 
 prep_all() {
     local fslist=("$@")
-    prep_kernel
+    prep_kernel "${PC_KERNEL:-}"
     prep_initramfs
     prep_images "${fslist[@]}"
     # Mark what this run uses, so pruning keeps it.
