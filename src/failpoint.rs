@@ -64,6 +64,12 @@ pub fn hit(name: &str) {
             || name.starts_with("enter."),
         "unregistered crash point {name}"
     );
+    // With TOPE_FAILPOINT_MARK set (tests/it/pause.rs), each point reached is written there
+    // before it is evaluated: a test waiting for an armed point's sleep tells it from any
+    // other sleep of the engine (the clock-tick waits of observe.rs).
+    if let Some(mark) = std::env::var_os("TOPE_FAILPOINT_MARK") {
+        let _ = std::fs::write(mark, name);
+    }
     if fail::eval(name, |_| ()).is_some() {
         eprintln!("crash point {name}: SIGKILL");
         let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);

@@ -534,6 +534,12 @@ fn after_staging_flush(
 ) -> Result<BTreeMap<String, crate::engine::known::StagedIdentity>> {
     use std::os::unix::fs::MetadataExt;
     let mut ids = BTreeMap::new();
+    if !from_media {
+        // Every staging write is done: once the coarse clock has passed this reading (a tick
+        // at most, usually already over after the flush), each staged file's mtime is older
+        // than any stamp a later write can get, so an unchanged mtime means unwritten.
+        crate::observe::wait_past(crate::observe::precise_now());
+    }
     for t in plan.targets.iter().filter(|t| !t.unchanged()) {
         let (NewState::File(nf), Some(hash)) = (&t.new, t.new.settled().and_then(|s| s.hash()))
         else {
@@ -555,6 +561,8 @@ fn after_staging_flush(
             })?;
             continue;
         }
+        // Read before the stat: a write after it is stamped at or after this tick.
+        let clock_before = crate::observe::coarse_now();
         let m = std::fs::symlink_metadata(&tmp)
             .map_err(|e| Error::io(ErrorCode::DeploymentFailed, "stat", &tmp, &e))?;
         let sig = crate::observe::signature(&m);
@@ -563,6 +571,11 @@ fn after_staging_flush(
                 ErrorCode::DeploymentFailed,
                 format!("{} changed size after it was staged", tmp.display()),
             ));
+        }
+        if !crate::engine::known::StagedIdentity::settled(sig.mtime, clock_before) {
+            // Written in this very tick after all (the wait above timed out, or the clock
+            // stepped): `Verified` reads it instead.
+            continue;
         }
         ids.insert(
             t.path.clone(),

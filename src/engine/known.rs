@@ -55,6 +55,14 @@ pub struct StagedIdentity {
 }
 
 impl StagedIdentity {
+    /// Whether an identity may be taken from a staged file whose last write is stamped
+    /// `mtime`, given `clock_before`, a coarse clock reading taken before its stat: only when
+    /// that write is older than the reading. A write in the same tick as `mtime` (a later
+    /// one included) could keep the same stamp and size; then the file is read at `Verified`.
+    pub fn settled(mtime: Timestamp, clock_before: Timestamp) -> bool {
+        mtime < clock_before
+    }
+
     /// Whether a target whose stat gives `now` (and `mode`, `uid`, `gid`) is still that inode,
     /// unwritten: the rename of the swap changes only its ctime.
     pub fn still_is(&self, now: &StatSignature, mode: u32, uid: u32, gid: u32) -> bool {
@@ -106,6 +114,16 @@ mod tests {
         for c in changed {
             assert!(!k.vouches_for(&c), "{c:?} must not be vouched for");
         }
+    }
+
+    #[test]
+    fn an_identity_is_taken_only_from_a_file_last_written_before_the_current_tick() {
+        assert!(StagedIdentity::settled(ts(100, 5), ts(100, 6)));
+        assert!(StagedIdentity::settled(ts(99, 999_999_999), ts(100, 0)));
+        // Written in the tick of the reading (or stamped after it): a same-size write now
+        // could keep that mtime, so no identity.
+        assert!(!StagedIdentity::settled(ts(100, 6), ts(100, 6)));
+        assert!(!StagedIdentity::settled(ts(100, 7), ts(100, 6)));
     }
 
     #[test]

@@ -102,19 +102,25 @@ pub fn spawn_paused(
 ) -> Spawned {
     let out = scratch.join("stdout");
     let err = scratch.join("stderr");
+    let mark = scratch.join("failpoint.mark");
+    let _ = std::fs::remove_file(&mark);
     cmd.env("FAILPOINTS", format!("{point}=1*sleep({sleep_ms})"))
+        .env("TOPE_FAILPOINT_MARK", &mark)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&err).unwrap());
     let mut p = Paused { child: Some(cmd.spawn().unwrap()), out, err };
     let pid = p.child.as_ref().map(|c| c.id() as i32).unwrap_or_default();
     let plan_copy = state.join("inflight.plan");
+    // The last point the engine reached is `point`: a sleep now is the armed one (the engine
+    // sleeps elsewhere too, waiting out clock ticks).
+    let at_point = || std::fs::read(&mark).is_ok_and(|m| m == point.as_bytes());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if p.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_some()) {
             return Spawned::Exited(p.finish());
         }
-        if plan_copy.exists() && sleeping(pid) {
+        if plan_copy.exists() && at_point() && sleeping(pid) {
             signal(pid, nix::sys::signal::Signal::SIGSTOP);
             let stop_deadline = Instant::now() + Duration::from_secs(10);
             while !stopped(pid) {
@@ -122,7 +128,7 @@ pub fn spawn_paused(
                 std::thread::sleep(Duration::from_micros(200));
             }
             // Still in the sleep: nothing after the point has run.
-            if sleeping(pid) {
+            if at_point() && sleeping(pid) {
                 return Spawned::Paused(p);
             }
             let _ = p.finish();
