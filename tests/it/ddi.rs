@@ -321,8 +321,10 @@ fn a_deployment_is_downloaded_installed_and_reported_closed_success_with_every_r
         "exactly one final feedback: {course:?}"
     );
     let details = details(&action);
+    // The 100 % feedback may be coalesced into the next one when the sender is still busy
+    // with the one before (decide::coalesce), so only the wording is asserted.
     assert!(
-        details.iter().any(|d| d == "Downloaded 100%"),
+        details.iter().any(|d| downloaded_percent(d).is_some()),
         "download progress in gooseBit's wording: {details:?}"
     );
     assert!(details.iter().any(|d| d == "installing: Swapped"), "install phases: {details:?}");
@@ -751,6 +753,11 @@ fn goosebit_sh(dir: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The percentage of a download progress detail in gooseBit's wording (`Downloaded N%`).
+fn downloaded_percent(detail: &str) -> Option<u32> {
+    detail.strip_prefix("Downloaded ")?.strip_suffix('%')?.parse().ok().filter(|p| *p <= 100)
+}
+
 #[test]
 fn against_goosebit_an_assignment_is_installed_and_the_server_records_finished_then_a_failure_is_recorded_and_not_retried()
  {
@@ -770,7 +777,12 @@ fn against_goosebit_an_assignment_is_installed_and_the_server_records_finished_t
     assert_eq!(dev["progress"], 100, "{dev:#}");
     let log: Vec<&str> =
         dev["last_log_lines"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
-    assert!(log.contains(&"Downloaded 100%") && log.contains(&"installed 1.1.0"), "{log:?}");
+    // Download progress is in gooseBit's wording; which percentages arrive depends on how fast
+    // gooseBit answered (a progress feedback still waiting when the next one comes is
+    // coalesced into it: decide::coalesce), so none is required.
+    let progress: Vec<&&str> = log.iter().filter(|l| l.starts_with("Downloaded")).collect();
+    assert!(progress.iter().all(|l| downloaded_percent(l).is_some()), "{log:?}");
+    assert!(log.contains(&"installed 1.1.0"), "{log:?}");
     let mut expected = before.clone();
     expected.insert("app/bin".into(), file_entry(b"from goosebit"));
     assert_eq!(tree(&env.root), expected);
