@@ -1073,7 +1073,10 @@ fn with_the_server_down_for_a_while_the_feedback_waits_and_is_delivered_in_order
     let server = SpecServer::start(&tmp.path().join("spec"));
     let (env, _) = v1_device(&server, "");
     let (pkg, content) = big_package(&env, "6.0.0", 1024 * 1024);
-    server.ctl("POST", "throttle", Some(json!({"bytesPerSecond": 500_000})));
+    // A 7 s download: the server goes down while it runs even when this test's thread is slow
+    // to act on the first feedback (CI under load took over 2 s, after a 2 s download had
+    // ended and every feedback was delivered).
+    server.ctl("POST", "throttle", Some(json!({"bytesPerSecond": 150_000})));
     server.deploy(61, &[&pkg], "6.0.0", json!({}));
     let _d = Daemon::start(&env, None);
     wait_for("the first feedback", || {
