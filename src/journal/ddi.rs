@@ -282,6 +282,21 @@ mod tests {
         }
     }
 
+    /// A row whose record names another action is a damaged journal, not an action.
+    #[test]
+    fn an_action_stored_under_another_id_is_journal_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.ddi_record(&action("7", DdiActionState::Downloading, 1), None).unwrap();
+        let other = encode(&action("8", DdiActionState::Downloading, 1), Size::Small).unwrap();
+        let wt = j.write().unwrap();
+        wt.open_table(DDI_ACTIONS).unwrap().insert("7", other.as_slice()).unwrap();
+        j.commit(wt).unwrap();
+        let err = j.ddi_actions().unwrap_err();
+        assert_eq!(err.code, crate::error::ErrorCode::JournalCorrupt, "{err}");
+        assert!(err.message.contains(r#"ddi action row "7" holds another's record"#), "{err}");
+    }
+
     #[test]
     fn an_action_and_its_feedback_are_written_together_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();

@@ -261,6 +261,22 @@ mod tests {
         );
     }
 
+    /// A row whose record names another seq is a damaged journal, not a report to send.
+    #[test]
+    fn a_report_stored_under_another_seq_is_journal_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.outbox_push(report("downloading", 0)).unwrap();
+        j.outbox_push(report("downloading", 5)).unwrap();
+        let second = encode(&j.outbox_pending(2).unwrap()[1], Size::Small).unwrap();
+        let wt = j.write().unwrap();
+        wt.open_table(OUTBOX).unwrap().insert(1, second.as_slice()).unwrap();
+        j.commit(wt).unwrap();
+        let err = j.outbox_pending(10).unwrap_err();
+        assert_eq!(err.code, crate::error::ErrorCode::JournalCorrupt, "{err}");
+        assert!(err.message.contains("outbox row 1 holds another's record"), "{err}");
+    }
+
     #[test]
     fn outbox_pending_is_oldest_first_and_limited() {
         let dir = tempfile::tempdir().unwrap();
