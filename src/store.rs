@@ -192,13 +192,16 @@ impl BackupStore {
     }
 
     /// Every entry of the store that is not a blob in `keep` (stray temporaries included),
-    /// with its size, and how many are kept: what a collection would remove.
+    /// with its size, and how many are kept: what a collection would remove. Only the
+    /// entries to remove are stat'ed: `recover` runs this at every boot and each install at
+    /// its end, and a store of thousands of kept blobs must not cost thousands of stats.
     pub fn garbage(&self, keep: &BTreeSet<Hash>) -> Result<Garbage> {
         let mut g = Garbage::default();
-        for (name, len) in self.entries()? {
+        for name in self.names()? {
             if Hash::from_hex(&name).is_some_and(|h| keep.contains(&h)) {
                 g.kept += 1;
             } else {
+                let len = std::fs::symlink_metadata(self.dir.join(&name)).map_or(0, |m| m.len());
                 g.entries.push((name, len));
             }
         }
@@ -230,18 +233,30 @@ impl BackupStore {
         Ok((entries.len() as u64, entries.iter().map(|(_, len)| len).sum()))
     }
 
-    /// Every entry's name and size (a name that is not UTF-8 is kept out: the store never
-    /// writes one).
+    /// Every entry's name and size.
     fn entries(&self) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .names()?
+            .into_iter()
+            .map(|name| {
+                let len = std::fs::symlink_metadata(self.dir.join(&name)).map_or(0, |m| m.len());
+                (name, len)
+            })
+            .collect())
+    }
+
+    /// Every entry's name, from the directory alone (a name that is not UTF-8 is kept out:
+    /// the store never writes one).
+    fn names(&self) -> Result<Vec<String>> {
         let rd = std::fs::read_dir(&self.dir)
             .map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
         let mut out = Vec::new();
         for entry in rd {
             let entry = entry
                 .map_err(|e| Error::io(ErrorCode::InternalError, "read dir", &self.dir, &e))?;
-            let Ok(name) = entry.file_name().into_string() else { continue };
-            let len = entry.metadata().map_or(0, |m| m.len());
-            out.push((name, len));
+            if let Ok(name) = entry.file_name().into_string() {
+                out.push(name);
+            }
         }
         Ok(out)
     }
