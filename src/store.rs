@@ -201,7 +201,7 @@ impl BackupStore {
             if Hash::from_hex(&name).is_some_and(|h| keep.contains(&h)) {
                 g.kept += 1;
             } else {
-                let len = std::fs::symlink_metadata(self.dir.join(&name)).map_or(0, |m| m.len());
+                let len = self.entry_len(&name);
                 g.entries.push((name, len));
             }
         }
@@ -239,10 +239,15 @@ impl BackupStore {
             .names()?
             .into_iter()
             .map(|name| {
-                let len = std::fs::symlink_metadata(self.dir.join(&name)).map_or(0, |m| m.len());
+                let len = self.entry_len(&name);
                 (name, len)
             })
             .collect())
+    }
+
+    /// The size of the entry `name` (0 when it went away meanwhile), its symlink not followed.
+    fn entry_len(&self, name: &str) -> u64 {
+        std::fs::symlink_metadata(self.dir.join(name)).map_or(0, |m| m.len())
     }
 
     /// Every entry's name, from the directory alone (a name that is not UTF-8 is kept out:
@@ -275,5 +280,36 @@ pub struct Garbage {
 impl Garbage {
     pub fn bytes(&self) -> u64 {
         self.entries.iter().map(|(_, len)| len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_is_every_entry_but_the_kept_blobs_each_with_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BackupStore::open(dir.path()).unwrap();
+        let blob = |content: &[u8]| {
+            let hash = Hash(*blake3::hash(content).as_bytes());
+            std::fs::write(store.blob_path(&hash), content).unwrap();
+            hash
+        };
+        let kept = blob(b"kept content");
+        let dropped = blob(b"content no generation needs");
+        let stray = format!("{TEMP_PREFIX}left-by-a-cut");
+        std::fs::write(store.dir().join(&stray), b"half").unwrap();
+        let g = store.garbage(&BTreeSet::from([kept])).unwrap();
+        let mut entries = g.entries.clone();
+        entries.sort();
+        let mut want = vec![(dropped.to_hex(), 27), (stray, 4)];
+        want.sort();
+        assert_eq!(entries, want);
+        assert_eq!((g.kept, g.bytes()), (1, 31));
+        // Collected: the kept blob alone stays, and the store's usage says so.
+        let stats = store.remove(&g).unwrap();
+        assert_eq!((stats.removed, stats.removed_bytes, stats.kept), (2, 31, 1));
+        assert_eq!(store.usage().unwrap(), (1, 12));
     }
 }
