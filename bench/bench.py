@@ -631,7 +631,12 @@ def main():
     rss_bytes = 64 * MiB if a.quick else 1024 * MiB
     global DEVICE
     memory = HostMemoryPinned() if os.geteuid() == 0 else None
-    ws = Workspace(2, prefill=False) if a.quick else Workspace(8, prefill=True)
+    try:
+        ws = Workspace(2, prefill=False) if a.quick else Workspace(8, prefill=True)
+    except BaseException:
+        if memory:
+            memory.close()
+        raise
     ws.memory = memory.state if memory else "free page reporting: left as it is (not root)"
     DEVICE = ws.counter
     rows = []
