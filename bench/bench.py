@@ -35,7 +35,15 @@ SETTLE_S = 1.0
 
 
 PAGE_REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
-NO_REPORTING_ORDER = "11"  # above MAX_PAGE_ORDER (10): no free block is ever large enough
+
+
+def no_reporting_order():
+    """An order above the kernel's largest buddy order (MAX_PAGE_ORDER, 10 on x86 but a build
+    option), so that no free block is ever large enough to be reported: /proc/buddyinfo has
+    one count per order, 0 to MAX_PAGE_ORDER."""
+    with open("/proc/buddyinfo") as f:
+        counts = f.readline().split(",", 1)[1].split()[2:]  # "zone", its name, then the counts
+    return str(len(counts))
 
 
 class HostMemoryPinned:
@@ -51,14 +59,15 @@ class HostMemoryPinned:
             self.state = "free page reporting: not in this kernel"
             return
         try:
+            order = no_reporting_order()
             with open(PAGE_REPORTING_ORDER, "w") as f:
-                f.write(NO_REPORTING_ORDER)
+                f.write(order)
         except OSError as e:
             self.old, self.state = None, f"free page reporting: on (could not turn it off: {e.strerror}; new files' timings may swing)"
             return
         # 2 GiB touched and freed: host-backed pages at the head of the free lists.
         sh(["dd", "if=/dev/zero", "of=/dev/null", "bs=2G", "count=1", "iflag=fullblock", "status=none"])
-        self.state = f"free page reporting: off for the run (order {self.old} restored after)"
+        self.state = f"free page reporting: off for the run (order {order}; {self.old} restored after)"
 
     def close(self):
         if self.old is not None:
