@@ -297,6 +297,22 @@ mod tests {
         assert!(err.message.contains(r#"ddi action row "7" holds another's record"#), "{err}");
     }
 
+    /// A feedback row whose record names another seq is a damaged journal, not one to send.
+    #[test]
+    fn a_feedback_stored_under_another_seq_is_journal_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.ddi_push_feedback("8", FeedbackTarget::Deployment, true, b"{}".to_vec()).unwrap();
+        j.ddi_push_feedback("8", FeedbackTarget::Deployment, false, b"{}".to_vec()).unwrap();
+        let second = encode(&j.ddi_feedback_pending(2).unwrap()[1], Size::Small).unwrap();
+        let wt = j.write().unwrap();
+        wt.open_table(DDI_FEEDBACK).unwrap().insert(1, second.as_slice()).unwrap();
+        j.commit(wt).unwrap();
+        let err = j.ddi_feedback_pending(10).unwrap_err();
+        assert_eq!(err.code, crate::error::ErrorCode::JournalCorrupt, "{err}");
+        assert!(err.message.contains("ddi feedback row 1 holds another's record"), "{err}");
+    }
+
     #[test]
     fn an_action_and_its_feedback_are_written_together_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
